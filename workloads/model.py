@@ -1,0 +1,169 @@
+"""A compact nanoGPT-style GPT, the reference workload for vramscope.
+
+Follows karpathy/nanoGPT closely so that memory numbers are comparable with it.
+Module attribute names matter: they become the module paths that the profiler
+attributes memory to (``blocks.0.attn.qkv``, ``blocks.3.mlp.fc``, ``lm_head`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(kw_only=True, slots=True)
+class GPTConfig:
+    """Model shape plus the batch shape that one training step uses."""
+
+    n_layer: int
+    """Number of transformer blocks."""
+    n_head: int
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int
+    """Model width (d_model)."""
+    vocab_size: int
+    """Vocabulary size; 50304 is GPT-2's 50257 rounded up to a multiple of 64."""
+    block_size: int
+    """Maximum sequence length, i.e. rows of the position embedding."""
+    batch_size: int
+    """Sequences per training step."""
+    seq_len: int
+    """Tokens per sequence in a training step; at most ``block_size``."""
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.seq_len > self.block_size:
+            raise ValueError(f"seq_len={self.seq_len} exceeds block_size={self.block_size}")
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # Small enough for a fraction of a second per step on a 2-core CPU.
+    "tiny": GPTConfig(
+        n_layer=2, n_head=2, n_embd=64, vocab_size=256, block_size=64, batch_size=4, seq_len=32
+    ),
+    # GPT-2 124M, as in nanoGPT's train_gpt2 config (batch 8 x 1024 tokens).
+    "gpt2-small": GPTConfig(
+        n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024, batch_size=8, seq_len=1024
+    ),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """Return a fresh copy of a named config, so callers may modify it freely."""
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        # One matmul for q, k and v together, as in nanoGPT's c_attn.
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        # A module rather than F.gelu so its activation shows up under its own path.
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))  # (B, T, 4C) inside, (B, T, C) out
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Weight tying: the output projection is the token embedding.
+        self.lm_head.weight = self.wte.weight
+
+        # Uses the global RNG, so torch.manual_seed alone makes init reproducible.
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections so the residual stream's
+        # variance does not grow with depth (two residual adds per block).
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # LayerNorm keeps PyTorch's default (weight 1, bias 0).
+
+    def num_params(self) -> int:
+        """Number of parameters; the tied embedding/head weight counts once."""
+        # parameters() already deduplicates shared tensors.
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.size()
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            # Computed here rather than by the caller so that a memory profiler
+            # attributes the (large, fp32) loss buffers to the model.
+            V = logits.size(-1)
+            loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
+        return logits, loss
