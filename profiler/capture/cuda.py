@@ -1,0 +1,198 @@
+"""CUDA backend: the caching allocator's own memory history, drained as a stream.
+
+The allocator keeps its trace in a ring buffer that overwrites silently when
+full. We drain it at every step boundary (and on a timer during long stretches
+without steps): snapshot, then re-enable with `clear_history`, so each drain
+costs only the events since the last one and host memory stays bounded.
+Drops are never silent: the allocator's cumulative allocation counter says how
+many allocs happened, and any the drained stream lacks are counted as dropped.
+
+Costs measured on an H100 (torch 2.11): a snapshot is about 1 us per entry with
+Python stacks; `_cuda_memoryStats` is 24 us where `memory_stats()` is 310 us.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from profiler.capture.frames import StackInterner
+
+_memory = torch.cuda.memory
+_KEEP_STATS = (
+    ("allocated_bytes", "allocated_bytes", "current"),
+    ("reserved_bytes", "reserved_bytes", "current"),
+    ("active_bytes", "active_bytes", "current"),
+    ("inactive_split_bytes", "inactive_split_bytes", "current"),
+    ("max_allocated_bytes", "allocated_bytes", "peak"),
+    ("max_reserved_bytes", "reserved_bytes", "peak"),
+)
+
+
+def _all(stats: dict, key: str, which: str) -> int:
+    return int(stats.get(key, {}).get("all", {}).get(which, 0))
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, device=None, stacks: bool = True, max_entries: int = 1_000_000):
+        self.device = torch.device("cuda", torch.cuda.current_device() if device is None
+                                   else torch.device(device).index or 0)
+        self.index = self.device.index
+        self.stacks = stacks
+        self.max_entries = max_entries
+        self.set_tag = torch._C._cuda_setMemoryMetadata
+        self.interner = StackInterner()
+        self.events_seen = 0
+        self.dropped = 0
+        self._allocs_seen = 0
+        self._allocs_at_start = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _enable(self, clear: bool) -> None:
+        _memory._record_memory_history(
+            "all",
+            context="alloc" if self.stacks else None,  # frees inherit their alloc's stack
+            stacks="python",
+            max_entries=self.max_entries,
+            device=self.device,
+            clear_history=clear,
+        )
+
+    def start(self) -> dict:
+        """Begin recording; returns run-level facts for meta.json."""
+        with torch.cuda.device(self.device):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._enable(clear=True)
+            self.set_tag("")
+            stats = torch._C._cuda_memoryStats(self.index)
+            self._allocs_at_start = _all(stats, "allocation", "allocated")
+            snap = _memory._snapshot(self.device)
+            self._enable(clear=True)  # the snapshot left an entry of its own
+        self.start_segments = self.segment_rows(snap, "start", 0, 0)
+        props = torch.cuda.get_device_properties(self.device)
+        return dict(
+            device=props.name,
+            device_total_bytes=int(props.total_memory),
+            allocator_settings=snap.get("allocator_settings") or {},
+            baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
+            baseline_reserved_bytes=_all(stats, "reserved_bytes", "current"),
+        )
+
+    def stop(self) -> None:
+        _memory._record_memory_history(None, device=self.device)
+        self.set_tag("")
+
+    # -- draining -------------------------------------------------------------------
+    def drain(self, step: int) -> dict | None:
+        """Events since the last drain, as writer columns (None when there are none)."""
+        snap = _memory._snapshot(self.device)
+        self._enable(clear=True)
+        stats = torch._C._cuda_memoryStats(self.index)
+        self._last_stats = stats
+        trace = snap["device_traces"][self.index] if snap["device_traces"] else []
+        self._last_segments = snap["segments"]
+        # The drain's own snapshot entry is bookkeeping, not program behaviour.
+        trace = [e for e in trace if e["action"] != "snapshot"]
+        self._count_drops(trace, stats)
+        if not trace:
+            return None
+        n = len(trace)
+        self.events_seen += n
+        cols = {
+            "ts_us": [e["time_us"] for e in trace],
+            "action": [e["action"] for e in trace],
+            "addr": [e["addr"] for e in trace],
+            "size_bytes": [e["size"] for e in trace],
+            "stream": [e["stream"] for e in trace],
+            "step": [step] * n,
+            "tag": [e.get("user_metadata") or "" for e in trace],
+            "stack_id": self._stack_ids(trace) if self.stacks else None,
+        }
+        return cols
+
+    def _count_drops(self, trace: list, stats: dict) -> None:
+        self._allocs_seen += sum(1 for e in trace if e["action"] == "alloc")
+        expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
+        self.dropped = max(self.dropped, expected - self._allocs_seen)
+
+    def _stack_ids(self, trace: list) -> list:
+        # Identical frame lists arrive as distinct objects, but their frame dicts are
+        # compared by content once per distinct id tuple within this snapshot.
+        by_ids: dict[tuple, int] = {}
+        out = []
+        intern = self.interner
+        for e in trace:
+            frames = e.get("frames")
+            if not frames:
+                out.append(None)
+                continue
+            key = tuple(map(id, frames))
+            sid = by_ids.get(key)
+            if sid is None:
+                sid = intern.stack(tuple(intern.frame(f["filename"], f["line"], f["name"])
+                                         for f in frames))
+                by_ids[key] = sid
+            out.append(sid)
+        return out
+
+    def stats_row(self) -> dict:
+        s = getattr(self, "_last_stats", None) or torch._C._cuda_memoryStats(self.index)
+        row = {name: _all(s, key, which) for name, key, which in _KEEP_STATS}
+        row["num_alloc_retries"] = int(s.get("num_alloc_retries", 0))
+        row["num_ooms"] = int(s.get("num_ooms", 0))
+        return row
+
+    def peaks(self) -> dict:
+        s = torch._C._cuda_memoryStats(self.index)
+        return dict(max_allocated_bytes=_all(s, "allocated_bytes", "peak"),
+                    max_reserved_bytes=_all(s, "reserved_bytes", "peak"))
+
+    # -- segment maps ----------------------------------------------------------------
+    def segment_rows(self, snap: dict, kind: str, ts_us: int, event_index: int) -> dict:
+        cols: dict[str, list] = {k: [] for k in (
+            "snapshot", "ts_us", "event_index", "segment_addr", "segment_bytes", "stream",
+            "segment_type", "is_expandable", "block_addr", "block_bytes", "requested_bytes",
+            "state", "stack_id")}
+        for seg in snap.get("segments", []):
+            if seg.get("device", self.index) != self.index:
+                continue
+            for blk in seg["blocks"]:
+                frames = blk.get("frames") if self.stacks else None
+                sid = None
+                if frames:
+                    sid = self.interner.stack(tuple(
+                        self.interner.frame(f["filename"], f["line"], f["name"]) for f in frames))
+                for k, v in (("snapshot", kind), ("ts_us", ts_us), ("event_index", event_index),
+                             ("segment_addr", seg["address"]), ("segment_bytes", seg["total_size"]),
+                             ("stream", seg["stream"]), ("segment_type", seg["segment_type"]),
+                             ("is_expandable", bool(seg.get("is_expandable", False))),
+                             ("block_addr", blk["address"]), ("block_bytes", blk["size"]),
+                             ("requested_bytes", blk.get("requested_size")),
+                             ("state", blk["state"]), ("stack_id", sid)):
+                    cols[k].append(v)
+        return cols
+
+    def current_segments(self, kind: str, ts_us: int, event_index: int) -> dict:
+        """Segment map as of the last drain (drain first for an exact position)."""
+        return self.segment_rows({"segments": self._last_segments}, kind, ts_us, event_index)
+
+
+_observers: list = []
+
+
+def on_oom(callback) -> None:
+    """Route the allocator's OOM observer (which cannot be detached) to `callback`."""
+    if not _observers:
+        torch._C._cuda_attach_out_of_memory_observer(_dispatch_oom)
+    _observers.clear()
+    _observers.append(callback)
+
+
+def clear_oom() -> None:
+    _observers.clear()
+
+
+def _dispatch_oom(device, alloc_bytes, device_allocated, device_free):
+    for cb in list(_observers):
+        cb(device, alloc_bytes, device_allocated, device_free)

@@ -1,0 +1,192 @@
+"""Module and phase attribution: which layer, in which phase, made each allocation.
+
+Every allocation is stamped with a tag ("phase|module|category") through the
+backend's `set_tag`; on CUDA that is `_set_memory_metadata`, which is
+thread-local, so each thread's tag is set by hooks that run on that thread:
+
+- forward: global forward pre/post hooks on the thread that runs forward;
+- backward: a pre-hook on the `grad_fn` of each module's output, which runs on
+  autograd's worker thread just before that module's backward starts;
+- recompute: a forward hook that fires inside a backward graph task is
+  activation checkpointing re-running forward.
+
+Hooks run thousands of times a step, so they do dictionary lookups and one
+C call each; tag strings are built once per (phase, module, hint).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from profiler.schema import Phase
+from profiler.tables import make_tag
+
+_FORWARD = Phase.FORWARD.value
+_BACKWARD = Phase.BACKWARD.value
+_RECOMPUTE = Phase.RECOMPUTE.value
+_BUILTIN = {p.value for p in Phase}
+_in_backward = torch._C._current_graph_task_id
+
+
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.stack: list[str] = []  # module names, innermost last
+        self.hint: str | None = None  # category hint (profiler.category)
+
+
+class ModuleTracer:
+    """Installs the hooks and keeps names; `recorder` owns phases and steps."""
+
+    def __init__(self, recorder, set_tag):
+        self.recorder = recorder
+        self.set_tag = set_tag
+        self.names: dict[nn.Module, str] = {}
+        self.roots: list[nn.Module] = []
+        self.local = _ThreadState()
+        self._tags: dict[tuple, str] = {}
+        self._bw_hooks: dict[str, object] = {}
+        # grad_fns of recent root outputs, so that backward() knows the loss's
+        # own backward is already stamped with the root module's name.
+        self.root_output_fns: dict[int, str] = {}
+        self._handles = []
+
+    # -- lifecycle ----------------------------------------------------------------
+    def install(self) -> None:
+        self._handles = [
+            nn_module.register_module_forward_pre_hook(self._pre_forward),
+            nn_module.register_module_forward_hook(self._post_forward),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- tags ---------------------------------------------------------------------
+    def tag(self, phase: str | None, module: str | None, hint: str | None = None) -> str:
+        key = (phase, module, hint)
+        t = self._tags.get(key)
+        if t is None:
+            t = self._tags[key] = make_tag(phase, module, hint)
+        return t
+
+    def retag(self) -> None:
+        """Re-stamp this thread after a phase or hint change."""
+        st = self.local
+        self.set_tag(self.tag(self.recorder.phase, st.stack[-1] if st.stack else None, st.hint))
+
+    # -- naming -------------------------------------------------------------------
+    def _discover(self, module: nn.Module) -> str:
+        stack = self.local.stack
+        if stack:
+            # Not a registered submodule of a known root (built on the fly):
+            # name it under the module that called it.
+            name = f"{stack[-1]}.{type(module).__name__}"
+            self._add(module, name, parent=stack[-1], depth=stack[-1].count(".") + 1)
+            return name
+        # A new outermost module. The first root's children keep their plain
+        # paths (blocks.3.attn.qkv); later roots are prefixed by class name.
+        root_name = type(module).__name__
+        taken = set(self.names.values())
+        if root_name in taken:
+            i = 2
+            while f"{root_name}#{i}" in taken:
+                i += 1
+            root_name = f"{root_name}#{i}"
+        prefix = "" if not self.roots else root_name + "."
+        self.roots.append(module)
+        self._add(module, root_name, parent=None, depth=0)
+        for path, sub in module.named_modules(remove_duplicate=True):
+            if path and sub not in self.names:
+                parent = path.rpartition(".")[0]
+                parent_name = (prefix + parent) if parent else root_name
+                self._add(sub, prefix + path, parent=parent_name, depth=path.count(".") + 1)
+        self.recorder.on_new_root(module, root_name, prefix)
+        return root_name
+
+    def _add(self, module: nn.Module, name: str, parent: str | None, depth: int) -> None:
+        self.names[module] = name
+        self.recorder.on_new_module(module, name, parent, depth)
+
+    # -- hooks (hot path) -----------------------------------------------------------
+    def _pre_forward(self, module, args):
+        name = self.names.get(module)
+        if name is None:
+            name = self._discover(module)
+        st = self.local
+        rec = self.recorder
+        if _in_backward() != -1:
+            phase = _RECOMPUTE
+        else:
+            phase = rec.phase
+            if phase is None or phase == _BACKWARD or phase == "optimizer":
+                if not st.stack:
+                    rec.enter_phase(_FORWARD)
+                phase = rec.phase
+        st.stack.append(name)
+        self.set_tag(self.tag(phase, name, st.hint))
+
+    def _post_forward(self, module, args, output):
+        st = self.local
+        if not st.stack:
+            return None
+        name = st.stack.pop()
+        recompute = _in_backward() != -1
+        phase = _RECOMPUTE if recompute else self.recorder.phase
+        self.set_tag(self.tag(phase, st.stack[-1] if st.stack else None, st.hint))
+        if not recompute and torch.is_grad_enabled():
+            fns = self._hook_backward(name, output)
+            if fns and not st.stack:
+                if len(self.root_output_fns) > 64:
+                    self.root_output_fns.clear()
+                for fn in fns:
+                    self.root_output_fns[id(fn)] = name
+        if not st.stack:
+            self.recorder.on_root_exit()
+        return None
+
+    def _hook_backward(self, name: str, output):
+        """Stamp `name` on the autograd thread when this module's backward begins.
+
+        Every differentiable output is hooked: a model that returns (logits, loss)
+        starts its backward at the loss, not at the first output.
+        """
+        if isinstance(output, torch.Tensor):
+            fns = (output.grad_fn,) if output.grad_fn is not None else ()
+        else:
+            fns = _grad_fns(output)
+        if not fns:
+            return fns
+        hook = self._bw_hooks.get(name)
+        if hook is None:
+            tag = self.tag(_BACKWARD, name)
+            set_tag = self.set_tag
+
+            def hook(grad_outputs, _tag=tag):
+                set_tag(_tag)
+
+            self._bw_hooks[name] = hook
+        for fn in fns:
+            fn.register_prehook(hook)
+        return fns
+
+
+def _grad_fns(output) -> list:
+    """grad_fns of the tensors in a tuple, list or dict output (ModelOutput is a dict)."""
+    if isinstance(output, dict):
+        output = list(output.values())
+    if not isinstance(output, (tuple, list)):
+        return []
+    seen = []
+    for o in output:
+        if isinstance(o, torch.Tensor) and o.grad_fn is not None and o.grad_fn not in seen:
+            seen.append(o.grad_fn)
+    return seen
+
+
+def is_builtin_phase(phase: str | None) -> bool:
+    return phase in _BUILTIN
