@@ -119,9 +119,9 @@ def classify_events(
 
     # Rule 3: phase of the allocation and whether it outlives the phase span.
     if n:
-        change = np.flatnonzero(phase[1:] != phase[:-1]) + 1
-        k = np.searchsorted(change, alloc_idx, side="right")
-        span_end = np.where(k < len(change), change[np.minimum(k, len(change) - 1)], n)
+        # Index of the first event of the next phase span (n for the last span).
+        change = np.append(np.flatnonzero(phase[1:] != phase[:-1]) + 1, n)
+        span_end = change[np.searchsorted(change, alloc_idx, side="right")]
         p = phase[alloc_idx]
         fwd = (p == Phase.FORWARD.value) | (p == Phase.RECOMPUTE.value)
         outlives = free_of[alloc_idx] >= span_end

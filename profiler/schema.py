@@ -100,7 +100,10 @@ TABLES: dict[str, pa.Schema] = {
             ("ts_us", pa.int64()),
             ("action", _STR),
             ("addr", pa.int64()),
-            ("size_bytes", pa.int64()),
+            ("size_bytes", pa.int64()),  # requested bytes, as torch records them
+            # Bytes of the allocator block (what memory_allocated() counts):
+            # requests rounded up, and large blocks sometimes handed out unsplit.
+            ("block_bytes", pa.int64()),
             ("stream", pa.int64()),
             ("step", pa.int32()),
             ("module", _STR),
@@ -193,7 +196,7 @@ TABLES: dict[str, pa.Schema] = {
 
 # Columns a reader needs; a table missing any of these is rejected.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "events": ("ts_us", "action", "addr", "size_bytes", "stream", "step", "module", "phase",
+    "events": ("ts_us", "action", "addr", "size_bytes", "block_bytes", "stream", "step", "module", "phase",
                "category", "stack_id"),
     "steps": ("step", "ts_us", "allocated_bytes", "reserved_bytes", "max_allocated_bytes"),
     "phases": ("step", "phase", "ts_us_start", "ts_us_end"),

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from profiler import schema
+from profiler.blocks import AllocatorRules, BlockReplay, block_sizes
 from profiler.classify import CATEGORY_VALUES, classify_events
 
 _STR = pa.dictionary(pa.int32(), pa.string())
@@ -81,8 +82,30 @@ def _strings(table: pa.Table, name: str) -> np.ndarray:
     return np.array(table.column(name).to_pylist(), dtype=object)
 
 
-def finalize_tables(raw: dict[str, pa.Table]) -> dict[str, pa.Table]:
-    """Raw journal tables in, published tables (schema.TABLES) out."""
+def _block_bytes(ev: pa.Table, action: np.ndarray, start: pa.Table, meta: dict,
+                 facts: dict) -> pa.Array:
+    """Block sizes per event: replayed on CUDA, the storage size itself on CPU."""
+    if meta.get("backend") == "cpu" or not ev.num_rows:
+        return ev.column("size_bytes")
+    replay = BlockReplay(AllocatorRules.from_settings(meta.get("allocator_settings")))
+    if start.num_rows:
+        cols = [start.column(c).to_pylist() for c in
+                ("segment_addr", "segment_bytes", "segment_type", "block_addr", "block_bytes", "state")]
+        replay.load_segments(zip(*cols))
+    sizes = block_sizes(action.tolist(), ev.column("addr").to_pylist(),
+                        ev.column("size_bytes").to_pylist(), replay)
+    facts["block_replay_misses"] = replay.misses
+    return pa.array(sizes, pa.int64())
+
+
+def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
+                    facts: dict | None = None) -> dict[str, pa.Table]:
+    """Raw journal tables in, published tables (schema.TABLES) out.
+
+    `facts` (if given) receives what finalizing learned, such as block replay misses.
+    """
+    meta = meta or {}
+    facts = facts if facts is not None else {}
     ev = raw["events"]
     phase, module, hint = _decode_tags(ev.column("tag")) if ev.num_rows else (
         np.array([], object), np.array([], object), np.array([], object))
@@ -92,6 +115,7 @@ def finalize_tables(raw: dict[str, pa.Table]) -> dict[str, pa.Table]:
     segments = raw["segments"]
     start = segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value)) \
         if segments.num_rows else segments
+    block_bytes = _block_bytes(ev, action, start, meta, facts)
     start_live = start.filter(pc.equal(start.column("state"), schema.BlockState.ACTIVE_ALLOCATED.value)) \
         if start.num_rows else start
     baseline_addr = _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
@@ -113,6 +137,7 @@ def finalize_tables(raw: dict[str, pa.Table]) -> dict[str, pa.Table]:
             "action": ev.column("action"),
             "addr": ev.column("addr"),
             "size_bytes": ev.column("size_bytes"),
+            "block_bytes": block_bytes,
             "stream": ev.column("stream"),
             "step": ev.column("step"),
             "module": _encode(module),

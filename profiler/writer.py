@@ -150,12 +150,14 @@ class TraceWriter:
             self._files[table].close()
         raw = {t: _read_journal(self.run_dir / schema.journal_name(t), s)
                for t, s in self._schemas.items()}
-        final = finalize_tables(raw)
+        facts: dict = {}
+        final = finalize_tables(raw, self.meta, facts)
         for table, tbl in final.items():
             write_parquet(self.run_dir / schema.parquet_name(table), tbl)
         for table in self._schemas:
             (self.run_dir / schema.journal_name(table)).unlink(missing_ok=True)
         self.meta.update(meta_updates or {})
+        self.meta.update(facts)
         self.meta.update(status=status, ended_at=time.time(),
                          event_count=final["events"].num_rows)
         write_meta(self.run_dir, self.meta)

@@ -106,7 +106,7 @@ class CpuBackend:
         return intern.stack(tuple(ids)) if ids else None
 
     # -- draining -------------------------------------------------------------------
-    def drain(self, step: int) -> dict | None:
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
         with self._lock:
             ev, self._events = self._events, []
         if not ev:
@@ -130,8 +130,8 @@ class CpuBackend:
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
 
-    def current_segments(self, kind, ts_us, event_index):
-        return None
+    def segments_now(self, kind, ts_us, event_index):
+        return None  # no allocator, no segments
 
 
 class _StorageMode(TorchDispatchMode):

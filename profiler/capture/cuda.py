@@ -13,6 +13,9 @@ Python stacks; `_cuda_memoryStats` is 24 us where `memory_stats()` is 310 us.
 
 from __future__ import annotations
 
+import gc
+import operator
+
 import torch
 
 from profiler.capture.frames import StackInterner
@@ -26,6 +29,25 @@ _KEEP_STATS = (
     ("max_allocated_bytes", "allocated_bytes", "peak"),
     ("max_reserved_bytes", "reserved_bytes", "peak"),
 )
+
+
+class _Fields:
+    """itemgetter over trace entries, sliceable for builds that lack a field."""
+
+    names = ("time_us", "action", "addr", "size", "stream", "user_metadata")
+
+    def __init__(self, names=None):
+        self._names = names or self.names
+        self._get = operator.itemgetter(*self._names)
+
+    def __call__(self, entry):
+        return self._get(entry)
+
+    def __getitem__(self, sl):
+        return _Fields(self._names[sl])
+
+
+_ENTRY_FIELDS = _Fields()
 
 
 def _all(stats: dict, key: str, which: str) -> int:
@@ -59,15 +81,38 @@ class CudaBackend:
             clear_history=clear,
         )
 
+    def _traces_only_arg(self):
+        """A snapshot argument that skips the segment map, if this torch has one.
+
+        Draining wants only the new trace entries; the segment map (with the stacks
+        of every live block) would triple the Python objects built per drain. A
+        pool id that owns nothing filters segments out, while the trace is kept.
+        """
+        probe = (1 << 40, 1 << 40, True)
+        try:
+            x = torch.empty(1024, device=self.device)
+            del x
+            snap = torch._C._cuda_memorySnapshot(probe)
+        except (RuntimeError, TypeError):
+            return None
+        trace = snap["device_traces"][self.index] if snap.get("device_traces") else []
+        alloc = any(e["action"] == "alloc" for e in trace)
+        return probe if alloc and not snap.get("segments") else None
+
+    def _snapshot(self, full: bool) -> dict:
+        return torch._C._cuda_memorySnapshot(None if full else self._drain_arg)
+
     def start(self) -> dict:
         """Begin recording; returns run-level facts for meta.json."""
         with torch.cuda.device(self.device):
+            self._enable(clear=True)
+            self._drain_arg = self._traces_only_arg()
             torch.cuda.reset_peak_memory_stats(self.device)
             self._enable(clear=True)
             self.set_tag("")
             stats = torch._C._cuda_memoryStats(self.index)
             self._allocs_at_start = _all(stats, "allocation", "allocated")
-            snap = _memory._snapshot(self.device)
+            snap = self._snapshot(full=True)
             self._enable(clear=True)  # the snapshot left an entry of its own
         self.start_segments = self.segment_rows(snap, "start", 0, 0)
         props = torch.cuda.get_device_properties(self.device)
@@ -84,41 +129,52 @@ class CudaBackend:
         self.set_tag("")
 
     # -- draining -------------------------------------------------------------------
-    def drain(self, step: int) -> dict | None:
-        """Events since the last drain, as writer columns (None when there are none)."""
-        snap = _memory._snapshot(self.device)
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        """Events since the last drain, as writer columns (None when there are none).
+
+        `with_segments` also takes the segment map at that exact point (segments_now).
+        """
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # the snapshot's many short-lived objects would trigger full collections
+        try:
+            return self._drain(step, with_segments)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _drain(self, step: int, full: bool = False) -> dict | None:
+        snap = self._snapshot(full)
         self._enable(clear=True)
         stats = torch._C._cuda_memoryStats(self.index)
         self._last_stats = stats
         trace = snap["device_traces"][self.index] if snap["device_traces"] else []
-        self._last_segments = snap["segments"]
-        # The drain's own snapshot entry is bookkeeping, not program behaviour.
-        trace = [e for e in trace if e["action"] != "snapshot"]
-        self._count_drops(trace, stats)
+        if full or self._drain_arg is None:
+            self._last_segments = snap["segments"]
         if not trace:
+            self._count_drops(0, stats)
             return None
+        try:  # one C-level pass per event; the fallback covers builds without user_metadata
+            ts, action, addr, size, stream, tag = zip(*map(_ENTRY_FIELDS, trace))
+        except KeyError:
+            ts, action, addr, size, stream = zip(*map(_ENTRY_FIELDS[:-1], trace))
+            tag = [e.get("user_metadata") or "" for e in trace]
+        self._count_drops(action.count("alloc"), stats)
         n = len(trace)
         self.events_seen += n
-        cols = {
-            "ts_us": [e["time_us"] for e in trace],
-            "action": [e["action"] for e in trace],
-            "addr": [e["addr"] for e in trace],
-            "size_bytes": [e["size"] for e in trace],
-            "stream": [e["stream"] for e in trace],
-            "step": [step] * n,
-            "tag": [e.get("user_metadata") or "" for e in trace],
+        return {
+            "ts_us": ts, "action": action, "addr": addr, "size_bytes": size, "stream": stream,
+            "step": [step] * n, "tag": tag,
             "stack_id": self._stack_ids(trace) if self.stacks else None,
         }
-        return cols
 
-    def _count_drops(self, trace: list, stats: dict) -> None:
-        self._allocs_seen += sum(1 for e in trace if e["action"] == "alloc")
+    def _count_drops(self, allocs: int, stats: dict) -> None:
+        self._allocs_seen += allocs
         expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
         self.dropped = max(self.dropped, expected - self._allocs_seen)
 
     def _stack_ids(self, trace: list) -> list:
-        # Identical frame lists arrive as distinct objects, but their frame dicts are
-        # compared by content once per distinct id tuple within this snapshot.
+        # Frame lists arrive as distinct objects; a tuple of their frame dicts' ids is a
+        # cheap key within one snapshot, and content is interned once per new key.
         by_ids: dict[tuple, int] = {}
         out = []
         intern = self.interner
@@ -173,8 +229,8 @@ class CudaBackend:
                     cols[k].append(v)
         return cols
 
-    def current_segments(self, kind: str, ts_us: int, event_index: int) -> dict:
-        """Segment map as of the last drain (drain first for an exact position)."""
+    def segments_now(self, kind: str, ts_us: int, event_index: int) -> dict:
+        """Rows of the segment map taken by the last drain(with_segments=True)."""
         return self.segment_rows({"segments": self._last_segments}, kind, ts_us, event_index)
 
 

@@ -17,6 +17,7 @@ C call each; tag strings are built once per (phase, module, hint).
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ class _ThreadState(threading.local):
     def __init__(self):
         self.stack: list[str] = []  # module names, innermost last
         self.hint: str | None = None  # category hint (profiler.category)
+        self.module_hook_task: int | None = None  # graph task of the last module bw hook
 
 
 class ModuleTracer:
@@ -51,7 +53,12 @@ class ModuleTracer:
         self._bw_hooks: dict[str, object] = {}
         # grad_fns of recent root outputs, so that backward() knows the loss's
         # own backward is already stamped with the root module's name.
-        self.root_output_fns: dict[int, str] = {}
+        # The few grad_fns hooked last. A module that returns its child's output
+        # shares the child's grad_fn; the child (hooked first) must keep it, or
+        # `attn` would claim the backward of `attn.proj`. Identity, not id(): a
+        # freed wrapper's id is reused. Only a handful are held, and only until
+        # the root forward returns, so no graph outlives its own lifetime.
+        self._recent: deque = deque(maxlen=4)
         self._handles = []
 
     # -- lifecycle ----------------------------------------------------------------
@@ -139,13 +146,9 @@ class ModuleTracer:
         phase = _RECOMPUTE if recompute else self.recorder.phase
         self.set_tag(self.tag(phase, st.stack[-1] if st.stack else None, st.hint))
         if not recompute and torch.is_grad_enabled():
-            fns = self._hook_backward(name, output)
-            if fns and not st.stack:
-                if len(self.root_output_fns) > 64:
-                    self.root_output_fns.clear()
-                for fn in fns:
-                    self.root_output_fns[id(fn)] = name
+            self._hook_backward(name, output)
         if not st.stack:
+            self._recent.clear()
             self.recorder.on_root_exit()
         return None
 
@@ -160,19 +163,35 @@ class ModuleTracer:
         else:
             fns = _grad_fns(output)
         if not fns:
-            return fns
+            return
+        recent = self._recent
         hook = self._bw_hooks.get(name)
         if hook is None:
             tag = self.tag(_BACKWARD, name)
             set_tag = self.set_tag
+            local = self.local
 
             def hook(grad_outputs, _tag=tag):
                 set_tag(_tag)
+                local.module_hook_task = _in_backward()
 
             self._bw_hooks[name] = hook
         for fn in fns:
+            if any(fn is r for r in recent):
+                continue
             fn.register_prehook(hook)
-        return fns
+            recent.append(fn)
+
+    def loss_hook(self):
+        """A grad_fn pre-hook for backward() roots: stamps 'backward' with no module,
+        unless a module's own hook on the same node already ran in this backward."""
+        tag = self.tag(_BACKWARD, None)
+        set_tag, local = self.set_tag, self.local
+
+        def hook(grad_outputs):
+            if getattr(local, "module_hook_task", None) != _in_backward():
+                set_tag(tag)
+        return hook
 
 
 def _grad_fns(output) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -62,6 +63,9 @@ class Profiler:
         self._handles: list = []
         self._patched_backward = None
         self._oom_info = None
+        self._param_names: dict[int, str] = {}  # id(param) -> qualified name
+        self._capture_s = 0.0  # host time spent in our own step-boundary work
+        self._known_states: dict[str, int] = {}
 
     # -- public API -----------------------------------------------------------------
     def __enter__(self):
@@ -103,8 +107,14 @@ class Profiler:
             status = Status.COMPLETE.value
         try:
             self._teardown()
-        finally:
             self._finish(status, exc)
+        except Exception as e:  # never let our failure replace the user's outcome
+            print(f"vramscope: warning: the trace could not be finalized ({type(e).__name__}: {e}); "
+                  f"its journals are kept in {self.run_dir} and still load", file=sys.stderr)
+            try:
+                self.writer.flush({"status": status, "finalize_error": f"{type(e).__name__}: {e}"})
+            except Exception:
+                pass
         return False  # never swallow the user's exception
 
     def __call__(self, fn):
@@ -149,9 +159,11 @@ class Profiler:
         # Parameters usually pre-date the capture; drain first so the role's
         # stream position is exact, then name their storages.
         self._drain()
-        rows = _tensor_roles(
-            ((prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)),
-            "parameter", self.backend, self.backend.events_seen, self.step_index)
+        named = [(prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)]
+        for n, p in named:
+            self._param_names.setdefault(id(p), n)
+        rows = _tensor_roles(named, "parameter", self.backend, self.backend.events_seen,
+                             self.step_index)
         buf = _tensor_roles(
             ((prefix + n, b) for n, b in module.named_buffers(remove_duplicate=True)),
             "buffer", self.backend, self.backend.events_seen, self.step_index)
@@ -177,6 +189,7 @@ class Profiler:
             self._maybe_flush()
 
     def _boundary(self, auto=False) -> None:
+        t0 = time.perf_counter()
         self._drain()
         self._write_step_row()
         self.enter_phase(None)
@@ -185,9 +198,10 @@ class Profiler:
         self._events_since_boundary = 0
         self.tracer.retag()
         self._maybe_flush()
+        self._capture_s += time.perf_counter() - t0
 
-    def _drain(self) -> None:
-        cols = self.backend.drain(self.step_index)
+    def _drain(self, with_segments: bool = False) -> None:
+        cols = self.backend.drain(self.step_index, with_segments)
         self._last_drain = time.perf_counter()
         if cols:
             self._events_since_boundary += len(cols["ts_us"])
@@ -210,7 +224,7 @@ class Profiler:
 
     def _live_meta(self) -> dict:
         return dict(events_dropped=self.backend.dropped, steps_completed=self.step_index,
-                    **self.backend.peaks())
+                    capture_host_s=round(self._capture_s, 6), **self.backend.peaks())
 
     # -- optimizer and backward hooks --------------------------------------------------
     def _install_optimizer_hooks(self) -> None:
@@ -224,13 +238,17 @@ class Profiler:
         self.tracer.retag()
 
     def _opt_post(self, optimizer, args, kwargs):
+        t0 = time.perf_counter()
         self._drain()  # exact stream position for the roles below
         pos, step = self.backend.events_seen, self.step_index
-        grads = _tensor_roles(_named_grads(optimizer), "gradient", self.backend, pos, step)
-        states = _tensor_roles(_named_states(optimizer), "optimizer_state", self.backend, pos, step)
+        names = self._param_names
+        grads = _tensor_roles(_named_grads(optimizer, names), "gradient", self.backend, pos, step)
+        states = _tensor_roles(_named_states(optimizer, names), "optimizer_state", self.backend,
+                               pos, step, known=self._known_states)
         for r in (grads, states):
             if r:
                 self.writer.append("roles", r)
+        self._capture_s += time.perf_counter() - t0
         if not self._explicit_steps:
             self._boundary(auto=True)
         else:
@@ -247,12 +265,12 @@ class Profiler:
             tag = session.tracer.tag(_BWD, None)
             session.backend.set_tag(tag)
             roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors or ())
+            # Work before the first module's backward (a loss computed outside any
+            # module) runs on autograd's thread: stamp it there.
             for t in roots:
-                # Work before the first module's backward (the loss's own backward)
-                # runs on autograd's thread: stamp it there.
                 fn = t.grad_fn if isinstance(t, torch.Tensor) else None
-                if fn is not None and id(fn) not in session.tracer.root_output_fns:
-                    fn.register_prehook(lambda g, _tag=tag: session.backend.set_tag(_tag))
+                if fn is not None:
+                    fn.register_prehook(session.tracer.loss_hook())
             return original(tensors, *args, **kwargs)
 
         self._patched_backward = original
@@ -264,9 +282,9 @@ class Profiler:
                               device_allocated_bytes=int(device_allocated),
                               device_free_bytes=int(device_free), step=self.step_index)
         try:
-            self._drain()
-            segs = self.backend.current_segments(SnapshotKind.OOM.value, _now_us(),
-                                                 self.backend.events_seen)
+            self._drain(with_segments=True)
+            segs = self.backend.segments_now(SnapshotKind.OOM.value, _now_us(),
+                                             self.backend.events_seen)
             if segs:
                 self.writer.append("segments", segs)
             self.writer.flush(dict(self._live_meta(), oom=self._oom_info))
@@ -287,12 +305,12 @@ class Profiler:
             cuda.clear_oom()
 
     def _finish(self, status: str, exc) -> None:
-        self._drain()
+        self._drain(with_segments=True)
         if self._events_since_boundary or self.step_index == 0:
             self._write_step_row()
         self.enter_phase(None)
-        segs = self.backend.current_segments(SnapshotKind.END.value, _now_us(),
-                                             self.backend.events_seen)
+        segs = self.backend.segments_now(SnapshotKind.END.value, _now_us(),
+                                         self.backend.events_seen)
         if segs:
             self.writer.append("segments", segs)
         self.backend.stop()
@@ -321,22 +339,32 @@ def _make_backend(name: str, stacks: bool, max_entries: int):
     raise ValueError(f"unknown backend {name!r}: expected auto, cuda or cpu")
 
 
-def _named_grads(optimizer):
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
+def _param_name(p, names, index) -> str:
+    return names.get(id(p)) or f"param{index}"
+
+
+def _named_grads(optimizer, names):
+    i = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
             if p.grad is not None:
-                yield f"group{gi}.param{pi}.grad", p.grad
+                yield f"{_param_name(p, names, i)}.grad", p.grad
+            i += 1
 
 
-def _named_states(optimizer):
-    for pi, (p, state) in enumerate(optimizer.state.items()):
+def _named_states(optimizer, names):
+    for i, (p, state) in enumerate(optimizer.state.items()):
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                yield f"param{pi}.{key}", value
+                yield f"{_param_name(p, names, i)}.{key}", value
 
 
-def _tensor_roles(named, role, backend, event_index, step) -> dict | None:
-    """Role rows for the backend's device; one row per distinct storage."""
+def _tensor_roles(named, role, backend, event_index, step, known=None) -> dict | None:
+    """Role rows for the backend's device; one row per distinct storage.
+
+    `known` (name -> addr) skips tensors already registered at the same address:
+    optimizer states live across steps and need registering once.
+    """
     want = "cuda" if backend.name == "cuda" else "cpu"
     now = _now_us()
     seen = set()
@@ -345,13 +373,15 @@ def _tensor_roles(named, role, backend, event_index, step) -> dict | None:
     for name, t in named:
         if t.device.type != want:
             continue
-        st = t.untyped_storage()
-        addr = st.data_ptr()
-        if addr in seen or addr == 0:
+        # The storage's start without building a storage object (a hot path each step).
+        addr = t.data_ptr() - t.storage_offset() * t.element_size()
+        if addr in seen or addr == 0 or (known is not None and known.get(name) == addr):
             continue
         seen.add(addr)
+        if known is not None:
+            known[name] = addr
         for k, v in (("ts_us", now), ("event_index", event_index), ("step", step), ("addr", addr),
-                     ("size_bytes", st.nbytes()), ("role", role), ("name", name)):
+                     ("size_bytes", t.nbytes), ("role", role), ("name", name)):
             cols[k].append(v)
     return cols if cols["addr"] else None
 
