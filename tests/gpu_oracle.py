@@ -22,7 +22,7 @@ def replay(ev, baseline: int) -> tuple[int, int]:
     """(peak allocated bytes, event index of the first time it is reached)."""
     cur = peak = baseline
     at = -1
-    for i, (a, s) in enumerate(zip(ev["action"].tolist(), ev["size_bytes"].tolist())):
+    for i, (a, s) in enumerate(zip(ev["action"].tolist(), ev["block_bytes"].tolist())):
         if a == "alloc":
             cur += s
         elif a == "free_completed":
@@ -30,6 +30,18 @@ def replay(ev, baseline: int) -> tuple[int, int]:
         if cur > peak:
             peak, at = cur, i
     return peak, at
+
+
+def allocated_at_step_ends(ev, baseline: int) -> dict[int, int]:
+    """Replayed allocated bytes after the last event of each step."""
+    cur, out = baseline, {}
+    for a, s, step in zip(ev["action"].tolist(), ev["block_bytes"].tolist(), ev["step"].tolist()):
+        if a == "alloc":
+            cur += s
+        elif a == "free_completed":
+            cur -= s
+        out[step] = cur
+    return out
 
 
 def categories_alive_at(ev, seg, index: int) -> dict[str, int]:
@@ -40,7 +52,7 @@ def categories_alive_at(ev, seg, index: int) -> dict[str, int]:
         for a, s, c in zip(start["block_addr"], start["block_bytes"], start["category"]):
             live[int(a)] = (int(s), str(c))
     rows = zip(ev["action"].tolist()[: index + 1], ev["addr"].tolist()[: index + 1],
-               ev["size_bytes"].tolist()[: index + 1], ev["category"].astype(str).tolist()[: index + 1])
+               ev["block_bytes"].tolist()[: index + 1], ev["category"].astype(str).tolist()[: index + 1])
     for a, addr, s, c in rows:
         if a == "alloc":
             live[addr] = (s, c)

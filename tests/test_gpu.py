@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_oracle import categories_alive_at, load_events, replay
+from gpu_oracle import allocated_at_step_ends, categories_alive_at, load_events, replay
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,6 +83,20 @@ def test_replay_reproduces_allocator_peak(gpt_run):
     assert peak == meta["max_allocated_bytes"] == torch_peak
 
 
+def test_replay_matches_allocator_at_every_step(gpt_run):
+    """At each step boundary, replayed bytes equal memory_stats()' allocated_bytes.current."""
+    import pyarrow.parquet as pq
+
+    run_dir, _ = gpt_run
+    ev, meta = load_events(run_dir)
+    steps = pq.read_table(run_dir / "steps.parquet").to_pandas()
+    replayed = allocated_at_step_ends(ev, meta["baseline_allocated_bytes"])
+    rows = [(int(s), replayed.get(int(s)), int(a)) for s, a in zip(steps["step"], steps["allocated_bytes"])]
+    _save("step_counters", dict(rows=rows, block_replay_misses=meta.get("block_replay_misses")))
+    assert meta.get("block_replay_misses") == 0
+    assert all(r == a for _, r, a in rows if r is not None)
+
+
 def test_allocations_carry_module_or_optimizer(gpt_run):
     run_dir, _ = gpt_run
     ev, _ = load_events(run_dir)
@@ -134,14 +148,14 @@ def test_categories_agree_with_memtracker():
         run()
     theirs = {str(getattr(k, "value", k)): int(v)
               for k, v in mt.get_tracker_snapshot("peak")[torch.device("cuda", 0)].items()}
-    del model, opt, mt
+    del model, opt, mt, run
     _fresh_gpu()
 
     model, opt, run = _gpt_step_fn(steps=1)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "vramscope-mt"
     with profiler.profile(out=out, name="memtracker-compare") as prof:
         run()
-    del model, opt
+    del model, opt, run
     _fresh_gpu()
     ev, meta = load_events(prof.run_dir)
     seg = pq.read_table(prof.run_dir / "segments.parquet").to_pandas()
@@ -176,6 +190,7 @@ def test_oom_under_vramscope_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "profiler.cli", "run", "--out", str(tmp_path / "t"),
                            str(script)], capture_output=True, text=True, env=env, timeout=300)
+    print(proc.stderr[-2000:])
     runs = list((tmp_path / "t").iterdir())
     assert len(runs) == 1
     meta = json.loads((runs[0] / "meta.json").read_text())

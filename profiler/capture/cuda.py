@@ -31,23 +31,7 @@ _KEEP_STATS = (
 )
 
 
-class _Fields:
-    """itemgetter over trace entries, sliceable for builds that lack a field."""
-
-    names = ("time_us", "action", "addr", "size", "stream", "user_metadata")
-
-    def __init__(self, names=None):
-        self._names = names or self.names
-        self._get = operator.itemgetter(*self._names)
-
-    def __call__(self, entry):
-        return self._get(entry)
-
-    def __getitem__(self, sl):
-        return _Fields(self._names[sl])
-
-
-_ENTRY_FIELDS = _Fields()
+_ENTRY_FIELDS = operator.itemgetter("time_us", "action", "addr", "size", "stream", "user_metadata")
 
 
 def _all(stats: dict, key: str, which: str) -> int:
@@ -81,38 +65,15 @@ class CudaBackend:
             clear_history=clear,
         )
 
-    def _traces_only_arg(self):
-        """A snapshot argument that skips the segment map, if this torch has one.
-
-        Draining wants only the new trace entries; the segment map (with the stacks
-        of every live block) would triple the Python objects built per drain. A
-        pool id that owns nothing filters segments out, while the trace is kept.
-        """
-        probe = (1 << 40, 1 << 40, True)
-        try:
-            x = torch.empty(1024, device=self.device)
-            del x
-            snap = torch._C._cuda_memorySnapshot(probe)
-        except (RuntimeError, TypeError):
-            return None
-        trace = snap["device_traces"][self.index] if snap.get("device_traces") else []
-        alloc = any(e["action"] == "alloc" for e in trace)
-        return probe if alloc and not snap.get("segments") else None
-
-    def _snapshot(self, full: bool) -> dict:
-        return torch._C._cuda_memorySnapshot(None if full else self._drain_arg)
-
     def start(self) -> dict:
         """Begin recording; returns run-level facts for meta.json."""
         with torch.cuda.device(self.device):
-            self._enable(clear=True)
-            self._drain_arg = self._traces_only_arg()
             torch.cuda.reset_peak_memory_stats(self.device)
             self._enable(clear=True)
             self.set_tag("")
             stats = torch._C._cuda_memoryStats(self.index)
             self._allocs_at_start = _all(stats, "allocation", "allocated")
-            snap = self._snapshot(full=True)
+            snap = torch._C._cuda_memorySnapshot(None)
             self._enable(clear=True)  # the snapshot left an entry of its own
         self.start_segments = self.segment_rows(snap, "start", 0, 0)
         props = torch.cuda.get_device_properties(self.device)
@@ -142,22 +103,24 @@ class CudaBackend:
             if gc_was_enabled:
                 gc.enable()
 
-    def _drain(self, step: int, full: bool = False) -> dict | None:
-        snap = self._snapshot(full)
+    def _drain(self, step: int, with_segments: bool = False) -> dict | None:
+        # The snapshot always carries the segment map too; torch has no cheaper way
+        # to read the trace alone (a pool-filtered snapshot crashed the allocator).
+        snap = torch._C._cuda_memorySnapshot(None)
         self._enable(clear=True)
         stats = torch._C._cuda_memoryStats(self.index)
         self._last_stats = stats
         trace = snap["device_traces"][self.index] if snap["device_traces"] else []
-        if full or self._drain_arg is None:
-            self._last_segments = snap["segments"]
+        self._last_segments = snap["segments"]
         if not trace:
             self._count_drops(0, stats)
             return None
-        try:  # one C-level pass per event; the fallback covers builds without user_metadata
+        try:  # one C-level pass per event
             ts, action, addr, size, stream, tag = zip(*map(_ENTRY_FIELDS, trace))
-        except KeyError:
-            ts, action, addr, size, stream = zip(*map(_ENTRY_FIELDS[:-1], trace))
-            tag = [e.get("user_metadata") or "" for e in trace]
+        except KeyError:  # an entry without some field (an oom entry has no addr)
+            ts, action, addr, size, stream, tag = zip(*(
+                (e.get("time_us", 0), e["action"], e.get("addr", 0), e.get("size", 0),
+                 e.get("stream", 0), e.get("user_metadata") or "") for e in trace))
         self._count_drops(action.count("alloc"), stats)
         n = len(trace)
         self.events_seen += n

@@ -1,0 +1,299 @@
+"""Memory over time: allocated, active and reserved bytes after every event.
+
+Every byte count is an int64 running sum. Float would round above 2**53 and,
+worse, lose the exact match with the allocator's own `max_allocated_bytes`
+that a trace is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from profiler.schema import Action, Backend, SnapshotKind
+
+_GROW = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_MAP.value)
+_SHRINK = (Action.SEGMENT_FREE.value, Action.SEGMENT_UNMAP.value)
+
+
+# -- column access shared by the analysis modules -------------------------------------
+
+def action_mask(events: pd.DataFrame, *actions: str) -> np.ndarray:
+    """Boolean array: the event's action is one of `actions`.
+
+    Compares dictionary codes, not strings: ten million string compares cost seconds.
+    """
+    col = events["action"]
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        return col.isin(actions).to_numpy(dtype=bool)
+    codes = col.cat.codes.to_numpy()
+    out = np.zeros(len(codes), dtype=bool)
+    for code in np.flatnonzero(col.cat.categories.isin(actions)):
+        out |= codes == code
+    return out
+
+
+def codes_of(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Dictionary codes (-1 for null) and the values they index."""
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype("category")
+    return col.cat.codes.to_numpy(), [str(c) for c in col.cat.categories]
+
+
+def runs(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index of each maximal run of events over which every key stays the same.
+
+    Steps and phases arrive as long runs in stream order, so aggregating per run
+    and then per key touches thousands of rows instead of millions.
+    """
+    n = len(keys[0])
+    if n == 0:
+        return np.array([], np.int64), np.array([], np.int64)
+    change = np.zeros(n - 1, dtype=bool)
+    for key in keys:
+        change |= key[1:] != key[:-1]
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+    ends = np.concatenate([starts[1:] - 1, [n - 1]])
+    return starts, ends
+
+
+def int_column(df: pd.DataFrame, name: str, fill: int = 0) -> np.ndarray:
+    """An integer column as int64, nulls replaced by `fill` (pyarrow hands nullable ints over as float)."""
+    if name not in df or len(df) == 0:
+        return np.full(len(df), fill, dtype=np.int64)
+    return df[name].to_numpy(dtype=np.int64, na_value=fill)
+
+
+def event_bytes(events: pd.DataFrame) -> np.ndarray:
+    """Bytes each block event moves in the allocator's own accounting.
+
+    The allocator counts blocks (requests rounded up, large blocks sometimes handed
+    out unsplit), so a trace's block_bytes column wins where it has one; size_bytes,
+    the request, stands in for traces and events without it (CPU, segment events).
+    """
+    size = int_column(events, "size_bytes")
+    if "block_bytes" not in events or len(events) == 0:
+        return size
+    block = events["block_bytes"].to_numpy(dtype=np.int64, na_value=-1)
+    return np.where(block >= 0, block, size)
+
+
+def is_cpu(trace) -> bool:
+    return trace.backend == Backend.CPU.value
+
+
+# -- the replay ---------------------------------------------------------------------
+
+def allocated_bytes(trace) -> np.ndarray:
+    """Allocated bytes just after each event: baseline + allocs - completed frees."""
+    ev = trace.events
+    size = event_bytes(ev)
+    delta = np.where(action_mask(ev, Action.ALLOC.value), size, 0)
+    delta -= np.where(action_mask(ev, Action.FREE_COMPLETED.value), size, 0)
+    out = np.cumsum(delta, dtype=np.int64)
+    out += trace.baseline_bytes
+    return out
+
+
+def start_reserved_bytes(trace) -> int:
+    """Sum of segment sizes in the start snapshot (one row per block, so dedupe by segment)."""
+    seg = trace.segments
+    if seg.empty:
+        return 0
+    start = seg[seg["snapshot"] == SnapshotKind.START.value]
+    per_segment = start.drop_duplicates("segment_addr")
+    return int(int_column(per_segment, "segment_bytes").sum())
+
+
+def reserved_bytes(trace) -> np.ndarray | None:
+    """Reserved bytes just after each event; None on the CPU backend, which has no segments."""
+    if is_cpu(trace):
+        return None
+    ev = trace.events
+    size = int_column(ev, "size_bytes")
+    delta = np.where(action_mask(ev, *_GROW), size, 0)
+    delta -= np.where(action_mask(ev, *_SHRINK), size, 0)
+    out = np.cumsum(delta, dtype=np.int64)
+    out += start_reserved_bytes(trace)
+    return out
+
+
+def _nullable(values: np.ndarray | None, n: int) -> pd.arrays.IntegerArray:
+    # Int64 (nullable) keeps "no such thing on CPU" distinct from zero.
+    if values is None:
+        return pd.arrays.IntegerArray(np.zeros(n, np.int64), np.ones(n, dtype=bool))
+    return pd.arrays.IntegerArray(values, np.zeros(n, dtype=bool))
+
+
+def memory_timeline(trace, lt=None, max_points: int | None = None) -> pd.DataFrame:
+    """One row per event: ts_us, event_index, step, phase, allocated/active/reserved bytes.
+
+    active = allocated + bytes of blocks between free_requested and free_completed.
+    reserved is null (pd.NA) on the CPU backend. `lt`: live.lifetimes(trace), when the
+    caller has it already. `max_points`: downsample (as downsample() does) before the
+    frame is built, which spares a plot of ten million events most of its cost.
+    """
+    from profiler.analysis.live import lifetimes, pending_bytes
+
+    ev = trace.events
+    lt = lt or lifetimes(trace)
+    allocated = lt.allocated_bytes
+    active = allocated + pending_bytes(lt)
+    reserved = reserved_bytes(trace)
+    keep = slice(None)
+    if max_points is not None:
+        series = [allocated, active] + ([reserved] if reserved is not None else [])
+        keep = downsample_index(len(ev), max_points, series)
+    event_index = np.arange(len(ev), dtype=np.int64)[keep]
+    return pd.DataFrame({
+        "ts_us": int_column(ev, "ts_us")[keep],
+        "event_index": event_index,
+        "step": ev["step"].to_numpy()[keep],
+        "phase": ev["phase"].iloc[keep].reset_index(drop=True),
+        "allocated_bytes": allocated[keep],
+        "active_bytes": active[keep],
+        "reserved_bytes": _nullable(None if reserved is None else reserved[keep], len(event_index)),
+    })
+
+
+# -- downsampling -------------------------------------------------------------------
+
+def downsample_index(n: int, max_points: int, arrays: list[np.ndarray]) -> np.ndarray:
+    """Row positions to keep: the first and last row, and per bucket the argmin and argmax of each array.
+
+    Buckets are equal runs of rows, laid out as a (buckets, width) grid so that one
+    argmax per axis does the work in O(n) instead of a sort.
+    """
+    if n <= max_points:
+        return np.arange(n)
+    n_buckets = max(1, (max_points - 2) // (2 * max(1, len(arrays))))
+    width = -(-n // n_buckets)  # ceil
+    pad = n_buckets * width - n
+    base = np.arange(n_buckets) * width
+    keep = [np.array([0, n - 1])]
+    for values in arrays:
+        values = np.asarray(values)
+        is_float = values.dtype.kind == "f"
+        low = -np.inf if is_float else np.iinfo(values.dtype).min
+        high = np.inf if is_float else np.iinfo(values.dtype).max
+        for pick, fill in ((np.argmax, low), (np.argmin, high)):
+            # Nulls and padding never win a bucket.
+            filled = np.where(np.isnan(values), fill, values) if is_float else values
+            grid = np.concatenate([filled, np.full(pad, fill, dtype=filled.dtype)])
+            # argmax takes the first of ties, the same row peak() reports.
+            keep.append(base + pick(grid.reshape(n_buckets, width), axis=1))
+    idx = np.unique(np.concatenate(keep))
+    return idx[idx < n]
+
+
+def downsample(df: pd.DataFrame, max_points: int, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """About `max_points` rows at most, bucketed by position, keeping each bucket's min and max
+    of every column in `columns`, so that no peak (and no trough) disappears from a plot."""
+    arrays = []
+    for c in columns:
+        col = df[c]
+        if col.hasnans or col.dtype.kind == "f":
+            arrays.append(col.to_numpy(dtype=np.float64, na_value=np.nan))
+        else:
+            arrays.append(col.to_numpy(dtype=np.int64))
+    idx = downsample_index(len(df), max_points, arrays)
+    return df.iloc[idx].reset_index(drop=True)
+
+
+# -- spans and the peak --------------------------------------------------------------
+
+def _run_table(starts: np.ndarray, ends: np.ndarray, ts: np.ndarray, **keys: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({
+        **{name: key[starts] for name, key in keys.items()},
+        "event_index_start": starts, "event_index_end": ends,
+        "ts_us_start": np.minimum.reduceat(ts, starts), "ts_us_end": np.maximum.reduceat(ts, starts),
+    })
+
+
+def step_spans(trace, lt=None) -> pd.DataFrame:
+    """Per step: first/last event index and timestamp, and the step's peak allocated bytes."""
+    ev = trace.events
+    cols = ["step", "event_index_start", "event_index_end", "ts_us_start", "ts_us_end",
+            "peak_allocated_bytes"]
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+    step = int_column(ev, "step", fill=-1)
+    allocated = lt.allocated_bytes if lt is not None else allocated_bytes(trace)
+    starts, ends = runs(step)
+    per_run = _run_table(starts, ends, int_column(ev, "ts_us"), step=step)
+    per_run["peak_allocated_bytes"] = np.maximum.reduceat(allocated, starts)
+    out = per_run[per_run["step"] >= 0].groupby("step", sort=True).agg(
+        event_index_start=("event_index_start", "min"), event_index_end=("event_index_end", "max"),
+        ts_us_start=("ts_us_start", "min"), ts_us_end=("ts_us_end", "max"),
+        peak_allocated_bytes=("peak_allocated_bytes", "max"))
+    return out.reset_index()[cols]
+
+
+def phase_spans(trace) -> pd.DataFrame:
+    """Per (step, phase) span: timestamps and event indices.
+
+    From the phases table when it has rows (the capture's own boundaries); else the
+    first and last event of each (step, phase), which is all an unfinished run offers.
+    """
+    ev = trace.events
+    ts = int_column(ev, "ts_us")
+    cols = ["step", "phase", "ts_us_start", "ts_us_end", "event_index_start", "event_index_end"]
+    ph = trace.phases
+    if not ph.empty:
+        out = pd.DataFrame({
+            "step": int_column(ph, "step", fill=-1),
+            "phase": ph["phase"].astype(object).to_numpy(),
+            "ts_us_start": int_column(ph, "ts_us_start"),
+            "ts_us_end": int_column(ph, "ts_us_end"),
+        })
+        # Allocator timestamps only grow, so a span's events are a contiguous range.
+        out["event_index_start"] = np.searchsorted(ts, out["ts_us_start"].to_numpy(), side="left")
+        out["event_index_end"] = np.searchsorted(ts, out["ts_us_end"].to_numpy(), side="right") - 1
+        return out[cols].sort_values(["ts_us_start", "step"], kind="stable").reset_index(drop=True)
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+    step = int_column(ev, "step", fill=-1)
+    codes, names = codes_of(ev["phase"])
+    starts, ends = runs(step, codes)
+    per_run = _run_table(starts, ends, ts, step=step, code=codes)
+    out = per_run[per_run["code"] >= 0].groupby(["step", "code"], sort=False).agg(
+        ts_us_start=("ts_us_start", "min"), ts_us_end=("ts_us_end", "max"),
+        event_index_start=("event_index_start", "min"), event_index_end=("event_index_end", "max"),
+    ).reset_index()
+    out["phase"] = [names[c] for c in out["code"]]
+    return out[cols].sort_values("event_index_start", kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The first event after which allocated bytes were at their maximum.
+
+    event_index -1 means the start of capture: every event left less than the baseline.
+    """
+
+    event_index: int
+    ts_us: int | None
+    step: int | None
+    phase: str | None
+    allocated_bytes: int
+
+
+def peak(trace, lt=None) -> Peak:
+    allocated = lt.allocated_bytes if lt is not None else allocated_bytes(trace)
+    baseline = trace.baseline_bytes
+    # Only a trace that starts by freeing can peak before its first event.
+    if len(allocated) == 0 or allocated.max() < baseline:
+        return Peak(-1, None, None, None, baseline)
+    i = int(np.argmax(allocated))
+    ev = trace.events
+    step = ev["step"].iloc[i]
+    phase = ev["phase"].iloc[i]
+    return Peak(
+        event_index=i,
+        ts_us=int(ev["ts_us"].iloc[i]),
+        step=None if pd.isna(step) else int(step),
+        phase=None if pd.isna(phase) else str(phase),
+        allocated_bytes=int(allocated[i]),
+    )

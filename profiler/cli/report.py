@@ -1,0 +1,197 @@
+"""Print a run's memory summary: the peak, top modules, categories and fragmentation at the peak.
+
+Byte counts are shown in binary units and as exact bytes, so that they can be
+checked against torch's own counters. --json prints the same facts as one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+NAME = "report"
+HELP = __doc__.splitlines()[0]
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run directory (holding meta.json)")
+    parser.add_argument("--top", type=_count, default=10, metavar="N",
+                        help="how many modules to list (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count (0 or more), got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from profiler.reader import load_trace  # pandas only for the verbs that read traces
+
+    report = build_report(load_trace(args.run), top=args.top)
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    return 0
+
+
+# -- the facts ------------------------------------------------------------------------
+
+def build_report(trace, top: int = 10) -> dict:
+    """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
+    from profiler.analysis.categories import category_at_peak
+    from profiler.analysis.compare import summarize
+    from profiler.analysis.fragmentation import fragmentation_at_peak
+    from profiler.analysis.live import lifetimes
+    from profiler.analysis.modules import module_table
+    from profiler.analysis.timeline import peak
+
+    lt = lifetimes(trace)
+    s = summarize(trace, lt)
+    p = peak(trace)
+    modules = module_table(trace, lt=lt)
+    busy = modules[["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes",
+                    "peak_contribution_bytes"]].sum(axis=1) > 0
+    cats = category_at_peak(trace, lt)
+    allocator_max = s["allocator_max_allocated_bytes"]
+    return _plain({
+        "run": {k: s[k] for k in ("run_id", "name", "backend", "device", "torch_version", "status",
+                                  "steps", "events", "events_dropped")} | {"path": str(trace.path)},
+        "peak": {"allocated_bytes": p.allocated_bytes, "reserved_bytes": s["peak_reserved_bytes"],
+                 "step": p.step, "phase": p.phase, "event_index": p.event_index, "ts_us": p.ts_us},
+        "allocator": {
+            "max_allocated_bytes": allocator_max,
+            "max_reserved_bytes": s["allocator_max_reserved_bytes"],
+            "replay_matches": allocator_max == p.allocated_bytes,
+            "replay_minus_allocator_bytes": None if allocator_max is None
+            else p.allocated_bytes - allocator_max,
+        },
+        "modules": modules[busy].head(top).to_dict("records"),
+        "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
+        "fragmentation": fragmentation_at_peak(trace, lt),
+        "median_step_time_us": s["median_step_time_us"],
+    })
+
+
+def _plain(value):
+    """numpy and pandas scalars to Python ones, NaN and NA to None: json.dumps takes the result."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+# -- the text -------------------------------------------------------------------------
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    value, unit = float(abs(n)), 0
+    while value >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.2f} {_UNITS[unit]}"
+
+
+def exact_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{human_bytes(n)} ({n:,} B)"
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Aligned columns: numbers right-aligned, text left-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    def line(cells):
+        return "  " + "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def _header(r: dict) -> list[str]:
+    run = r["run"]
+    step_us = r["median_step_time_us"]
+    step_time = "" if step_us is None else f"   median step {step_us / 1000:,.1f} ms"
+    return [
+        f"vramscope report: {run['name']}  ({run['run_id']})",
+        f"  backend {run['backend']}   device {run['device']}   torch {run['torch_version']}",
+        f"  status {run['status']}   steps {run['steps']:,}   events {run['events']:,}"
+        f"   dropped {run['events_dropped']:,}{step_time}",
+    ]
+
+
+def _peak(r: dict) -> list[str]:
+    p, a = r["peak"], r["allocator"]
+    where = "at the start of capture" if p["event_index"] < 0 else \
+        f"step {p['step']}, phase {p['phase'] or '(none)'}, event {p['event_index']:,}"
+    reserved = exact_bytes(p["reserved_bytes"]) if p["reserved_bytes"] is not None \
+        else "n/a (the CPU backend has no allocator cache)"
+    if a["max_allocated_bytes"] is None:
+        verdict = "not recorded"
+    elif a["replay_matches"]:
+        verdict = "replay agrees"
+    else:
+        verdict = f"replay DIFFERS by {a['replay_minus_allocator_bytes']:+,} B"
+    return [
+        f"Peak allocated   {exact_bytes(p['allocated_bytes'])}  {where}",
+        f"Peak reserved    {reserved}",
+        f"Allocator max    {exact_bytes(a['max_allocated_bytes'])}  {verdict}",
+    ]
+
+
+def _modules(r: dict) -> list[str]:
+    if not r["modules"]:
+        return ["Top modules: none with allocations to list"]
+    rows = [[m["module"] or "(root)", m["class_name"] or "", human_bytes(m["peak_contribution_bytes"]),
+             human_bytes(m["retained_bytes"]), human_bytes(m["forward_alloc_bytes"]),
+             human_bytes(m["backward_alloc_bytes"]), human_bytes(m["param_bytes"])]
+            for m in r["modules"]]
+    head = ["module", "class", "at peak", "retained", "forward", "backward", "params"]
+    return [f"Top {len(rows)} modules by bytes alive at the peak"] + _table(head, rows, {2, 3, 4, 5, 6})
+
+
+def _categories(r: dict) -> list[str]:
+    rows = [[c["category"], human_bytes(c["total_bytes"]), f"{c['total_bytes']:,}", f"{c['count']:,}",
+             f"{100 * c['share']:.1f}%"] for c in r["categories"]]
+    head = ["category", "bytes", "exact", "blocks", "share"]
+    return ["Categories at the peak"] + _table(head, rows, {1, 2, 3, 4})
+
+
+def _fragmentation(r: dict) -> list[str]:
+    f = r["fragmentation"]
+    if f["reserved_bytes"] is None:
+        return ["Fragmentation at the peak: n/a (the CPU backend has no allocator segments)"]
+    ratio = f["fragmentation_ratio"]
+    rows = [["reserved - allocated", exact_bytes(f["reserved_minus_allocated_bytes"])],
+            ["inactive split", exact_bytes(f["inactive_split_bytes"])],
+            ["largest free block", exact_bytes(f["largest_free_block_bytes"])],
+            ["fragmentation ratio", "n/a" if ratio is None else f"{100 * ratio:.1f}%"]]
+    return ["Fragmentation at the peak"] + _table(["", ""], rows, set())[1:]
+
+
+def render(report: dict) -> str:
+    """The report as aligned plain text."""
+    sections = [_header(report), _peak(report), _modules(report), _categories(report),
+                _fragmentation(report)]
+    return "\n\n".join("\n".join(s) for s in sections)
