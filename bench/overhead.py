@@ -50,16 +50,16 @@ def _history_only():
     return ctx()
 
 
-def _vramscope(out, stacks=True):
+def _vramscope(out, stacks=True, modules=True):
     import profiler
-    return profiler.profile(out=out, name="overhead", stacks=stacks)
+    return profiler.profile(out=out, name="overhead", stacks=stacks, modules=modules)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2-small")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--anchor-steps", type=int, default=4, help="steps for the slow anchors")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     out = Path(tempfile.mkdtemp(prefix="vramscope-bench-"))
     variants = {
         "history only (torch, python stacks)": _history_only,
+        "vramscope, no stacks, no modules": lambda: _vramscope(out, stacks=False, modules=False),
         "vramscope, no stacks": lambda: _vramscope(out, stacks=False),
         "vramscope, full capture": lambda: _vramscope(out),
     }

@@ -206,3 +206,20 @@ def test_oom_under_vramscope_run(tmp_path):
     assert meta["status"] == "oom"
     assert (ev["action"] == "oom").sum() >= 1
     assert (seg["snapshot"] == "oom").sum() > 0
+
+
+def test_full_ring_is_counted_not_silent(tmp_path):
+    """A ring too small for the interval between drains: the drops are counted in meta."""
+    import profiler
+
+    _fresh_gpu()
+    model, opt, run = _gpt_step_fn(steps=1)
+    with profiler.profile(out=tmp_path, name="tiny-ring", max_entries=500,
+                          drain_interval_s=3600) as prof:
+        run()
+    del model, opt, run
+    _fresh_gpu()
+    meta = json.loads((prof.run_dir / "meta.json").read_text())
+    _save("ring_drops", dict(max_entries=500, events_kept=meta["event_count"],
+                             events_dropped=meta["events_dropped"]))
+    assert meta["events_dropped"] > 0

@@ -31,6 +31,9 @@ _BACKWARD = Phase.BACKWARD.value
 _RECOMPUTE = Phase.RECOMPUTE.value
 _BUILTIN = {p.value for p in Phase}
 _in_backward = torch._C._current_graph_task_id
+_grad_enabled = torch.is_grad_enabled
+# Phases that a root forward ends: forward starts a new step's work after them.
+_STEP_PHASES = (None, _BACKWARD, Phase.OPTIMIZER.value)
 
 
 class _ThreadState(threading.local):
@@ -125,27 +128,29 @@ class ModuleTracer:
         if name is None:
             name = self._discover(module)
         st = self.local
-        rec = self.recorder
         if _in_backward() != -1:
             phase = _RECOMPUTE
         else:
-            phase = rec.phase
-            if phase is None or phase == _BACKWARD or phase == "optimizer":
-                if not st.stack:
-                    rec.enter_phase(_FORWARD)
-                phase = rec.phase
+            phase = self.recorder.phase
+            if phase is not _FORWARD and phase in _STEP_PHASES and not st.stack:
+                self.recorder.enter_phase(_FORWARD)
+                phase = _FORWARD
         st.stack.append(name)
-        self.set_tag(self.tag(phase, name, st.hint))
+        key = (phase, name, st.hint)
+        tag = self._tags.get(key)
+        self.set_tag(tag if tag is not None else self.tag(*key))
 
     def _post_forward(self, module, args, output):
         st = self.local
         if not st.stack:
             return None
-        name = st.stack.pop()
+        stack = st.stack
+        name = stack.pop()
         recompute = _in_backward() != -1
-        phase = _RECOMPUTE if recompute else self.recorder.phase
-        self.set_tag(self.tag(phase, st.stack[-1] if st.stack else None, st.hint))
-        if not recompute and torch.is_grad_enabled():
+        key = (_RECOMPUTE if recompute else self.recorder.phase, stack[-1] if stack else None, st.hint)
+        tag = self._tags.get(key)
+        self.set_tag(tag if tag is not None else self.tag(*key))
+        if not recompute and _grad_enabled():
             self._hook_backward(name, output)
         if not st.stack:
             self._recent.clear()
@@ -159,11 +164,14 @@ class ModuleTracer:
         starts its backward at the loss, not at the first output.
         """
         if isinstance(output, torch.Tensor):
-            fns = (output.grad_fn,) if output.grad_fn is not None else ()
+            fn = output.grad_fn
+            if fn is None:
+                return
+            fns = (fn,)
         else:
             fns = _grad_fns(output)
-        if not fns:
-            return
+            if not fns:
+                return
         recent = self._recent
         hook = self._bw_hooks.get(name)
         if hook is None:
@@ -177,7 +185,7 @@ class ModuleTracer:
 
             self._bw_hooks[name] = hook
         for fn in fns:
-            if any(fn is r for r in recent):
+            if fn in recent:  # grad_fn wrappers compare by identity
                 continue
             fn.register_prehook(hook)
             recent.append(fn)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from profiler.capture.modules import ModuleTracer
+from profiler.capture.roles import named_grads, named_states, tensor_roles
 from profiler.schema import Phase, SnapshotKind, Status
 from profiler.writer import TraceWriter
 
@@ -33,15 +34,15 @@ class Profiler:
     """Context manager and decorator. See `profile()` for the arguments."""
 
     def __init__(self, out="traces", name=None, config=None, backend="auto", stacks=True,
-                 max_entries=1_000_000, flush_interval_s=0.5, drain_interval_s=0.5,
+                 modules=True, max_entries=1_000_000, drain_interval_s=0.5,
                  run_id=None, subdir=None, extra_meta=None):
         self.out = out
         self.name = name or "run"
         self.config = dict(config or {})
         self.backend_name = backend
         self.stacks = stacks
+        self.modules = modules
         self.max_entries = max_entries
-        self.flush_interval_s = flush_interval_s
         self.drain_interval_s = drain_interval_s
         self.run_id = run_id
         self.subdir = subdir
@@ -57,7 +58,6 @@ class Profiler:
         self._explicit_steps = False
         self._last_boundary_auto = False
         self._events_since_boundary = 0
-        self._last_flush = time.perf_counter()
         self._last_drain = time.perf_counter()
         self._optimizers: list = []
         self._handles: list = []
@@ -65,6 +65,8 @@ class Profiler:
         self._oom_info = None
         self._param_names: dict[int, str] = {}  # id(param) -> qualified name
         self._capture_s = 0.0  # host time spent in our own step-boundary work
+        self._rows: dict[str, list] = {}  # small tables, buffered until the next drain
+        self._role_cols: list[dict] = []
         self._known_states: dict[str, int] = {}
 
     # -- public API -----------------------------------------------------------------
@@ -76,7 +78,8 @@ class Profiler:
         facts = self.backend.start()
         meta = dict(backend=self.backend.name, torch_version=torch.__version__, config=self.config,
                     max_allocated_bytes=None, max_reserved_bytes=None, events_dropped=0,
-                    capture=dict(stacks=self.stacks, max_entries=self.max_entries),
+                    capture=dict(stacks=self.stacks, modules=self.modules,
+                                 max_entries=self.max_entries),
                     **facts, **self.extra_meta)
         meta.setdefault("allocator_settings", None)
         meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or \
@@ -87,7 +90,8 @@ class Profiler:
         if start:
             self.writer.append("segments", start)
         self.tracer = ModuleTracer(self, self.backend.set_tag)
-        self.tracer.install()
+        if self.modules:
+            self.tracer.install()
         self._install_optimizer_hooks()
         self._patch_backward()
         if self.backend.name == "cuda":
@@ -127,8 +131,8 @@ class Profiler:
 
     def _init_kwargs(self):
         return dict(out=self.out, name=self.name, config=self.config, backend=self.backend_name,
-                    stacks=self.stacks, max_entries=self.max_entries,
-                    flush_interval_s=self.flush_interval_s, drain_interval_s=self.drain_interval_s,
+                    stacks=self.stacks, modules=self.modules, max_entries=self.max_entries,
+                    drain_interval_s=self.drain_interval_s,
                     extra_meta=self.extra_meta)
 
     def step(self) -> None:
@@ -150,77 +154,101 @@ class Profiler:
             return
         now = _now_us()
         if self.phase is not None:
-            self.writer.append("phases", {"step": [self.step_index], "phase": [self.phase],
-                                          "ts_us_start": [self._phase_start], "ts_us_end": [now]})
+            self._buffer("phases", step=self.step_index, phase=self.phase,
+                         ts_us_start=self._phase_start, ts_us_end=now)
         self.phase = phase
         self._phase_start = now
 
     def on_new_root(self, module, root_name, prefix) -> None:
-        # Parameters usually pre-date the capture; drain first so the role's
-        # stream position is exact, then name their storages.
-        self._drain()
+        # Parameters usually pre-date the capture: name their storages, at a position
+        # in the stream that is exact (a marker on CUDA, the event count on CPU).
+        pos = self._position()
         named = [(prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)]
         for n, p in named:
             self._param_names.setdefault(id(p), n)
-        rows = _tensor_roles(named, "parameter", self.backend, self.backend.events_seen,
-                             self.step_index)
-        buf = _tensor_roles(
-            ((prefix + n, b) for n, b in module.named_buffers(remove_duplicate=True)),
-            "buffer", self.backend, self.backend.events_seen, self.step_index)
-        for r in (rows, buf):
-            if r:
-                self.writer.append("roles", r)
+        dev = self.backend.name
+        self._buffer_roles(tensor_roles(named, "parameter", dev, pos, self.step_index))
+        buffers = ((prefix + n, b) for n, b in module.named_buffers(remove_duplicate=True))
+        self._buffer_roles(tensor_roles(buffers, "buffer", dev, pos, self.step_index))
+        self.tracer.retag()
 
     def on_new_module(self, module, name, parent, depth) -> None:
         params = list(module.parameters(recurse=False))
         buffers = list(module.buffers(recurse=False))
-        self.writer.append("modules", {
-            "module": [name], "parent": [parent], "class_name": [type(module).__name__],
-            "depth": [depth],
-            "param_bytes": [sum(p.numel() * p.element_size() for p in params)],
-            "buffer_bytes": [sum(b.numel() * b.element_size() for b in buffers)],
-            "param_count": [sum(p.numel() for p in params)],
-        })
+        self._buffer("modules", module=name, parent=parent, class_name=type(module).__name__,
+                     depth=depth, param_bytes=sum(p.numel() * p.element_size() for p in params),
+                     buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+                     param_count=sum(p.numel() for p in params))
 
     def on_root_exit(self) -> None:
         # Inference loops may never step: drain on a timer so the ring never fills.
         if time.perf_counter() - self._last_drain > self.drain_interval_s:
+            t0 = time.perf_counter()
             self._drain()
-            self._maybe_flush()
+            self._capture_s += time.perf_counter() - t0
 
-    def _boundary(self, auto=False) -> None:
+    # -- steps ------------------------------------------------------------------------
+    def _boundary(self, auto=False) -> int:
+        """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
-        self._drain()
-        self._write_step_row()
+        row = dict(step=self.step_index, ts_us=_now_us(), events_seen=self.backend.events_seen,
+                   events_dropped=self.backend.dropped, **self.backend.stats_row())
         self.enter_phase(None)
-        self.step_index += 1
+        if self.backend.name == "cuda":
+            self.step_index += 1
+            pos = self.backend.mark(self.step_index)
+        else:  # CPU events are ours: draining is cheap and gives exact steps directly
+            self._drain()
+            self.step_index += 1
+            pos = self.backend.events_seen
+        self._buffer("steps", **row)
         self._last_boundary_auto = auto
         self._events_since_boundary = 0
         self.tracer.retag()
-        self._maybe_flush()
+        if self.backend.name != "cuda" or time.perf_counter() - self._last_drain > self.drain_interval_s:
+            self._drain()
         self._capture_s += time.perf_counter() - t0
+        return pos
 
-    def _drain(self, with_segments: bool = False) -> None:
+    def _position(self) -> int:
+        """An exact stream position for roles registered now (see profiler.markers)."""
+        if self.backend.name == "cuda":
+            return self.backend.mark(self.step_index)
+        self._drain(flush=False)
+        return self.backend.events_seen
+
+    # -- buffering and draining ---------------------------------------------------------
+    def _buffer(self, table: str, **row) -> None:
+        self._rows.setdefault(table, []).append(row)
+
+    def _buffer_roles(self, cols: dict | None) -> None:
+        if cols:
+            self._role_cols.append(cols)
+
+    def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
+        """Move new allocator events and buffered rows to the writer; flush the journals."""
         cols = self.backend.drain(self.step_index, with_segments)
         self._last_drain = time.perf_counter()
         if cols:
             self._events_since_boundary += len(cols["ts_us"])
             self.writer.append("events", cols)
+        self._push_rows()
+        if flush:
+            self.writer.flush(self._live_meta())
+
+    def _push_rows(self) -> None:
         frames, stacks = self.backend.interner.take_new()
         if frames:
             self.writer.append("frames", frames)
         if stacks:
             self.writer.append("stacks", stacks)
-
-    def _write_step_row(self) -> None:
-        row = dict(step=self.step_index, ts_us=_now_us(), events_seen=self.backend.events_seen,
-                   events_dropped=self.backend.dropped, **self.backend.stats_row())
-        self.writer.append("steps", {k: [v] for k, v in row.items()})
-
-    def _maybe_flush(self, force=False) -> None:
-        if force or time.perf_counter() - self._last_flush >= self.flush_interval_s:
-            self.writer.flush(self._live_meta())
-            self._last_flush = time.perf_counter()
+        for table, rows in self._rows.items():
+            if rows:
+                self.writer.append(table, {k: [r.get(k) for r in rows] for k in rows[0]})
+        self._rows = {}
+        for cols in self._role_cols:
+            self.writer.append("roles", cols)
+        self._role_cols = []
 
     def _live_meta(self) -> dict:
         return dict(events_dropped=self.backend.dropped, steps_completed=self.step_index,
@@ -239,21 +267,19 @@ class Profiler:
 
     def _opt_post(self, optimizer, args, kwargs):
         t0 = time.perf_counter()
-        self._drain()  # exact stream position for the roles below
-        pos, step = self.backend.events_seen, self.step_index
-        names = self._param_names
-        grads = _tensor_roles(_named_grads(optimizer, names), "gradient", self.backend, pos, step)
-        states = _tensor_roles(_named_states(optimizer, names), "optimizer_state", self.backend,
-                               pos, step, known=self._known_states)
-        for r in (grads, states):
-            if r:
-                self.writer.append("roles", r)
-        self._capture_s += time.perf_counter() - t0
+        step = self.step_index
         if not self._explicit_steps:
-            self._boundary(auto=True)
+            pos = self._boundary(auto=True)
         else:
+            pos = self._position()
             self.enter_phase(None)
             self.tracer.retag()
+        # Gradients and states are alive right now, at the boundary's position.
+        names, dev = self._param_names, self.backend.name
+        self._buffer_roles(tensor_roles(named_grads(optimizer, names), "gradient", dev, pos, step))
+        self._buffer_roles(tensor_roles(named_states(optimizer, names), "optimizer_state", dev,
+                                        pos, step, known=self._known_states))
+        self._capture_s += time.perf_counter() - t0
 
     def _patch_backward(self) -> None:
         original = torch.autograd.backward
@@ -305,14 +331,17 @@ class Profiler:
             cuda.clear_oom()
 
     def _finish(self, status: str, exc) -> None:
-        self._drain(with_segments=True)
+        self._drain(with_segments=True, flush=False)
         if self._events_since_boundary or self.step_index == 0:
-            self._write_step_row()
+            self._buffer("steps", step=self.step_index, ts_us=_now_us(),
+                         events_seen=self.backend.events_seen, events_dropped=self.backend.dropped,
+                         **self.backend.stats_row())
         self.enter_phase(None)
         segs = self.backend.segments_now(SnapshotKind.END.value, _now_us(),
                                          self.backend.events_seen)
         if segs:
             self.writer.append("segments", segs)
+        self._push_rows()
         self.backend.stop()
         final = self._live_meta()
         final.update(events_seen=self.backend.events_seen)
@@ -339,67 +368,20 @@ def _make_backend(name: str, stacks: bool, max_entries: int):
     raise ValueError(f"unknown backend {name!r}: expected auto, cuda or cpu")
 
 
-def _param_name(p, names, index) -> str:
-    return names.get(id(p)) or f"param{index}"
-
-
-def _named_grads(optimizer, names):
-    i = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                yield f"{_param_name(p, names, i)}.grad", p.grad
-            i += 1
-
-
-def _named_states(optimizer, names):
-    for i, (p, state) in enumerate(optimizer.state.items()):
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                yield f"{_param_name(p, names, i)}.{key}", value
-
-
-def _tensor_roles(named, role, backend, event_index, step, known=None) -> dict | None:
-    """Role rows for the backend's device; one row per distinct storage.
-
-    `known` (name -> addr) skips tensors already registered at the same address:
-    optimizer states live across steps and need registering once.
-    """
-    want = "cuda" if backend.name == "cuda" else "cpu"
-    now = _now_us()
-    seen = set()
-    cols: dict[str, list] = {k: [] for k in ("ts_us", "event_index", "step", "addr",
-                                             "size_bytes", "role", "name")}
-    for name, t in named:
-        if t.device.type != want:
-            continue
-        # The storage's start without building a storage object (a hot path each step).
-        addr = t.data_ptr() - t.storage_offset() * t.element_size()
-        if addr in seen or addr == 0 or (known is not None and known.get(name) == addr):
-            continue
-        seen.add(addr)
-        if known is not None:
-            known[name] = addr
-        for k, v in (("ts_us", now), ("event_index", event_index), ("step", step), ("addr", addr),
-                     ("size_bytes", t.nbytes), ("role", role), ("name", name)):
-            cols[k].append(v)
-    return cols if cols["addr"] else None
-
-
 # -- module-level API -----------------------------------------------------------------
 
-def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True,
-            max_entries=1_000_000, flush_interval_s=0.5, drain_interval_s=0.5, **kw) -> Profiler:
+def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True, modules=True,
+            max_entries=1_000_000, drain_interval_s=0.5, **kw) -> Profiler:
     """Capture memory events into a trace directory under `out`.
 
     `name` labels the run, `config` records what the run toggled (shown in
     comparisons). `backend` is "auto" (CUDA when available), "cuda" or "cpu".
-    `stacks` records Python stacks for allocations. Use as `with profile(...) as prof:`
+    `stacks` records Python stacks for allocations; `modules=False` skips module
+    hooks (cheaper; allocations then carry phases but no module). Use as `with profile(...) as prof:`
     (call `prof.step()` per step if the script has no optimizer) or as a decorator.
     """
     return Profiler(out=out, name=name, config=config, backend=backend, stacks=stacks,
-                    max_entries=max_entries, flush_interval_s=flush_interval_s,
-                    drain_interval_s=drain_interval_s, **kw)
+                    modules=modules, max_entries=max_entries, drain_interval_s=drain_interval_s, **kw)
 
 
 def active() -> Profiler | None:
