@@ -32,12 +32,14 @@ def base_meta(**overrides) -> dict:
 
 
 def replay_peak(events, baseline=0) -> int:
-    """Peak of baseline + alloc - free_completed over plain event tuples."""
+    """Peak of baseline + alloc - free_requested over plain event tuples
+    (free_completed when the events have no free_requested at all, as old traces)."""
+    release = "free_requested" if any(e[0] == "free_requested" for e in events) else "free_completed"
     cur = peak = baseline
     for e in events:
         if e[0] == "alloc":
             cur += e[2]
-        elif e[0] == "free_completed":
+        elif e[0] == release:
             cur -= e[2]
         peak = max(peak, cur)
     return peak

@@ -18,14 +18,19 @@ def load_events(run_dir: Path):
     return ev, meta
 
 
-def replay(ev, baseline: int) -> tuple[int, int]:
-    """(peak allocated bytes, event index of the first time it is reached)."""
+def replay(ev, baseline: int, release: str = "free_requested") -> tuple[int, int]:
+    """(peak allocated bytes, event index of the first time it is reached).
+
+    The allocator's allocated_bytes drops in free(), which records free_requested;
+    `release="free_completed"` gives the issue's formula, equal unless a block
+    waits on another stream's events.
+    """
     cur = peak = baseline
     at = -1
     for i, (a, s) in enumerate(zip(ev["action"].tolist(), ev["block_bytes"].tolist())):
         if a == "alloc":
             cur += s
-        elif a == "free_completed":
+        elif a == release:
             cur -= s
         if cur > peak:
             peak, at = cur, i
@@ -38,7 +43,7 @@ def allocated_at_step_ends(ev, baseline: int) -> dict[int, int]:
     for a, s, step in zip(ev["action"].tolist(), ev["block_bytes"].tolist(), ev["step"].tolist()):
         if a == "alloc":
             cur += s
-        elif a == "free_completed":
+        elif a == "free_requested":
             cur -= s
         out[step] = cur
     return out
@@ -56,7 +61,7 @@ def categories_alive_at(ev, seg, index: int) -> dict[str, int]:
     for a, addr, s, c in rows:
         if a == "alloc":
             live[addr] = (s, c)
-        elif a == "free_completed":
+        elif a == "free_requested":
             live.pop(addr, None)
     out: dict[str, int] = {}
     for s, c in live.values():

@@ -1,149 +1,79 @@
 """Analysis on hand-built traces whose right answers are worked out by hand, in exact bytes.
 
-Two runs carry most tests:
-- CPU_EVENTS: a CPU run with 10,000 bytes alive before capture (no blocks to show for them),
-  two modules, a gradient, an optimizer temporary. The peak is 14,500 bytes at event 4.
-- CUDA_EVENTS: a CUDA run over a hand-drawn address space of two start segments (one with
-  a free gap between two live blocks) plus a segment allocated during the run.
+Allocated bytes drop at free_requested, active bytes at free_completed. The runs
+(CPU_EVENTS, CUDA_EVENTS) and their expected counters are in analysis_runs.py;
+fragmentation is tested in test_analysis_fragmentation.py, summaries, comparisons and
+the report verb in test_analysis_summary.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+import random
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
+from analysis_runs import (CPU_ACTIVE, CPU_ALLOCATED, CPU_BASELINE, CPU_EVENTS, CUDA_ACTIVE, CUDA_ALLOCATED,
+                           CUDA_RESERVED, S1, S2, S3, SEG, cpu, cuda, freed, load)  # noqa: F401
 from fakes import write_trace
-from profiler import schema
-from profiler.analysis import (alive_at_peak, allocator_counters, breakdown, category_at_peak,
-                               category_timeline, compare, compare_categories, compare_many,
-                               compare_modules, downsample, fragmentation, fragmentation_at_peak,
-                               live_at, memory_timeline, module_table, peak, phase_spans, rollup,
-                               segment_map_at, step_spans, summarize)
+from profiler.analysis import (alive_at_peak, breakdown, category_at_peak, category_peaks, category_timeline,
+                               downsample, lifetimes, live_at, memory_timeline, module_table, peak, phase_spans,
+                               rollup, step_spans)
 from profiler.analysis.categories import category_names
-from profiler.analysis.timeline import Peak
-from profiler.cli import report
-from profiler.trace import Trace
-
-
-def load(run_dir: Path) -> Trace:
-    """The trace as analysis sees it, read straight from the Parquet files (no reader logic)."""
-    meta = json.loads((run_dir / schema.META_FILE).read_text())
-    tables = {t: pq.read_table(run_dir / schema.parquet_name(t)).to_pandas() for t in schema.TABLE_NAMES}
-    return Trace(path=run_dir, meta=meta, **tables)
-
-
-# -- the CPU run ------------------------------------------------------------------------
-CPU_BASELINE = 10_000
-CPU_EVENTS = [
-    ("alloc", 0x1000, 1000, "forward", "l1"),  # 0  activation: freed in backward
-    ("alloc", 0x2000, 200, "forward", "l1"),  # 1  temporary: freed in forward
-    ("free_completed", 0x2000, 200, "forward", "l1"),  # 2
-    ("alloc", 0x3000, 3000, "forward", "l2"),  # 3  activation
-    ("alloc", 0x4000, 500, "backward", "l2", "gradient"),  # 4  the peak: 14,500
-    ("free_completed", 0x3000, 3000, "backward", "l2"),  # 5
-    ("free_completed", 0x1000, 1000, "backward", "l1"),  # 6
-    ("alloc", 0x5000, 700, "optimizer", None),  # 7
-    ("free_completed", 0x5000, 700, "optimizer", None),  # 8
-]
-CPU_ALLOCATED = [11_000, 11_200, 11_000, 14_000, 14_500, 11_500, 10_500, 11_200, 10_500]
-MODULES = [
-    dict(module="model", parent=None, class_name="Net", depth=0, param_bytes=0, buffer_bytes=0,
-         param_count=0),
-    dict(module="l1", parent="model", class_name="Linear", depth=1, param_bytes=4096, buffer_bytes=0,
-         param_count=1024),
-    dict(module="l2", parent="model", class_name="Linear", depth=1, param_bytes=8192, buffer_bytes=0,
-         param_count=2048),
-]
-
-
-def cpu_steps(step_us: int) -> list[dict]:
-    return [dict(step=s, ts_us=2_000 + step_us * s, allocated_bytes=10_500, reserved_bytes=None,
-                 max_allocated_bytes=14_500, num_alloc_retries=None) for s in range(3)]
-
-
-@pytest.fixture
-def cpu(tmp_path) -> Trace:
-    return load(write_trace(tmp_path, CPU_EVENTS, name="cpu", modules=MODULES, steps=cpu_steps(100),
-                            baseline_allocated_bytes=CPU_BASELINE, config={"ckpt": False}))
-
-
-# -- the CUDA run -----------------------------------------------------------------------
-# Segments of the small pool are 2 MiB and its blocks 512-byte multiples, as torch makes them,
-# so that the writer's block replay hands every block back at its requested size.
-SEG = 2 << 20
-S1, S2, S3 = 0x1000000, 0x1000000 + SEG, 0x1000000 + 2 * SEG
-
-
-def _block(seg, addr, size, state):
-    return dict(snapshot="start", ts_us=990, event_index=0, segment_addr=seg, segment_bytes=SEG,
-                stream=0, segment_type="small", is_expandable=False, block_addr=addr,
-                block_bytes=size, requested_bytes=size, state=state)
-
-
-# S1: live 1024 | free 1024 | live 512 | free to the end.  S2: all free.
-CUDA_SEGMENTS = [
-    _block(S1, S1, 1024, "active_allocated"),
-    _block(S1, S1 + 0x400, 1024, "inactive"),
-    _block(S1, S1 + 0x800, 512, "active_allocated"),
-    _block(S1, S1 + 0xA00, SEG - 0xA00, "inactive"),
-    _block(S2, S2, SEG, "inactive"),
-]
-CUDA_EVENTS = [
-    ("alloc", S1 + 0x400, 512, "forward", "m"),  # 0  into S1's middle gap
-    ("segment_alloc", S3, SEG, "forward", "m"),  # 1
-    ("alloc", S3, 4096, "forward", "m"),  # 2
-    ("free_completed", S1 + 0x800, 512, "backward", "m"),  # 3  a baseline block goes
-    ("alloc", S2, 1024, "backward", "m"),  # 4  the peak: 6,656
-    ("free_requested", S3, 4096, "backward", "m"),  # 5
-    ("free_completed", S3, 4096, "backward", "m"),  # 6
-    ("segment_free", S3, SEG, "backward", "m"),  # 7
-]
-CUDA_ALLOCATED = [2048, 2048, 6144, 5632, 6656, 6656, 2560, 2560]
-CUDA_RESERVED = [2 * SEG] + [3 * SEG] * 6 + [2 * SEG]
-
-
-@pytest.fixture
-def cuda(tmp_path) -> Trace:
-    role = dict(ts_us=995, event_index=0, step=0, addr=S1, size_bytes=1024, role="parameter", name="w")
-    run = write_trace(tmp_path, CUDA_EVENTS, name="cuda", segments=CUDA_SEGMENTS, roles=[role],
-                      step_of=lambda i: i // 4, backend="cuda", device="cuda:0",
-                      baseline_allocated_bytes=1536, max_reserved_bytes=3 * SEG)
-    return load(run)
+from profiler.analysis.live import pair_frees
+from profiler.analysis.timeline import ALLOC, FREE_COMPLETED, FREE_REQUESTED, OTHER_KIND, Peak
 
 
 # -- timeline ---------------------------------------------------------------------------
-def test_timeline_replays_allocated_bytes_exactly(cpu):
+def test_cpu_counters(cpu):
     tl = memory_timeline(cpu)
     assert tl["allocated_bytes"].tolist() == CPU_ALLOCATED
+    assert tl["active_bytes"].tolist() == CPU_ACTIVE
     assert tl["allocated_bytes"].dtype == np.int64
-    assert tl["event_index"].tolist() == list(range(9))
+    assert tl["event_index"].tolist() == list(range(13))
     assert tl["reserved_bytes"].isna().all()  # CPU: null, never zero
-    assert (tl["active_bytes"] == tl["allocated_bytes"]).all()  # no free is pending on CPU
-
-
-def test_peak_equals_replay_and_allocator_max(cpu):
     p = peak(cpu)
-    assert p == Peak(event_index=4, ts_us=1_040, step=0, phase="backward", allocated_bytes=14_500)
+    assert p == Peak(event_index=5, ts_us=1_050, step=0, phase="backward", allocated_bytes=14_500)
     assert p.allocated_bytes == cpu.meta["max_allocated_bytes"] == max(CPU_ALLOCATED)
 
 
-def test_cuda_timeline_reserved_and_pending(cuda):
+def test_cuda_counters_differ_while_frees_are_pending(cuda):
     tl = memory_timeline(cuda)
     assert tl["allocated_bytes"].tolist() == CUDA_ALLOCATED
+    assert tl["active_bytes"].tolist() == CUDA_ACTIVE
     assert tl["reserved_bytes"].tolist() == CUDA_RESERVED
+    # Pending: S2's 512 from before capture until event 3; S1+0x800 over 4..6; S3's 4096 over 6..8.
     pending = (tl["active_bytes"] - tl["allocated_bytes"]).tolist()
-    assert pending == [0, 0, 0, 0, 0, 4096, 0, 0]  # between free_requested and free_completed
-    assert peak(cuda).allocated_bytes == 6656 == cuda.meta["max_allocated_bytes"]
+    assert pending == [512, 512, 512, 0, 512, 512, 4608, 4096, 4096, 0, 0]
+    assert peak(cuda) == Peak(5, 1_050, 1, "backward", 6656)
+    assert peak(cuda).allocated_bytes == cuda.meta["max_allocated_bytes"]
+
+
+def test_traces_without_free_requested_fall_back_to_free_completed(tmp_path):
+    events = [("alloc", 0x1, 1000, "forward", "a"), ("alloc", 0x2, 200, "forward", "a"),
+              ("free_completed", 0x2, 200, "forward", "a"), ("free_completed", 0x1, 1000, "backward", "a")]
+    tl = memory_timeline(load(write_trace(tmp_path / "cpu", events)))
+    assert tl["allocated_bytes"].tolist() == tl["active_bytes"].tolist() == [1000, 1200, 1000, 0]
+    # A block pending free at the start was never allocated: its completion lowers active only.
+    segs = [dict(snapshot="start", ts_us=990, event_index=0, segment_addr=S1, segment_bytes=SEG, stream=0,
+                 segment_type="small", is_expandable=False, block_addr=a, block_bytes=b, requested_bytes=b,
+                 state=st) for a, b, st in ((S1, 512, "active_pending_free"), (S1 + 0x200, 1024, "active_allocated"),
+                                            (S1 + 0x600, SEG - 0x600, "inactive"))]
+    events = [("alloc", S1 + 0x600, 512, "forward", "m"), ("free_completed", S1, 512, "forward", "m"),
+              ("free_completed", S1 + 0x200, 1024, "forward", "m"),
+              ("free_completed", S1 + 0x600, 512, "forward", "m")]
+    t = load(write_trace(tmp_path / "cuda", events, segments=segs, backend="cuda",
+                         baseline_allocated_bytes=1024, max_allocated_bytes=1536))
+    tl = memory_timeline(t)
+    assert tl["allocated_bytes"].tolist() == [1536, 1536, 512, 0]
+    assert tl["active_bytes"].tolist() == [2048, 1536, 512, 0]
+    assert live_at(t, 0)["addr"].tolist() == [S1 + 0x200, S1 + 0x600]
+    assert live_at(t, 0, active=True)["size_bytes"].sum() == 2048
 
 
 def test_peak_before_the_first_event(tmp_path):
-    events = [("free_completed", 0x10, 100, "forward", "a"), ("alloc", 0x20, 50, "backward", "a")]
+    events = [*freed(0x10, 100, "forward", "a"), ("alloc", 0x20, 50, "backward", "a")]
     t = load(write_trace(tmp_path, events, baseline_allocated_bytes=1000))
     assert peak(t) == Peak(-1, None, None, None, 1000)
     assert live_at(t, -1)["size_bytes"].sum() == 1000
@@ -151,7 +81,7 @@ def test_peak_before_the_first_event(tmp_path):
 
 def test_downsample_keeps_the_global_max_and_min():
     rng = np.random.default_rng(7)
-    values = np.cumsum(rng.integers(-1000, 1001, 200_000)).astype(np.int64)
+    values = np.cumsum(rng.integers(-1000, 1001, 200_001)).astype(np.int64)  # buckets of unequal width
     top, bottom = int(np.argmax(values)), int(np.argmin(values))
     reserved = pd.array(values + 5, dtype="Int64")
     reserved[:10] = pd.NA
@@ -169,7 +99,7 @@ def test_downsample_keeps_the_global_max_and_min():
 def test_timeline_downsampled_before_the_frame_is_built(tmp_path):
     events = [("alloc", 0x1000 + i, 512 * (i % 7 + 1), "forward" if i < 150 else "backward", "m")
               for i in range(300)]
-    events += [("free_completed", 0x1000 + i, 512 * (i % 7 + 1), "backward", "m") for i in range(300)]
+    events += [e for i in range(300) for e in freed(0x1000 + i, 512 * (i % 7 + 1), "backward", "m")]
     t = load(write_trace(tmp_path, events))
     small = memory_timeline(t, max_points=30)
     assert len(small) <= 30
@@ -180,11 +110,9 @@ def test_timeline_downsampled_before_the_frame_is_built(tmp_path):
 
 def test_block_bytes_win_over_requested_sizes(cpu):
     # The allocator counts rounded blocks; a trace that records them is replayed in blocks.
-    blocks = cpu.events["size_bytes"].astype("float64") + 24
-    blocks[cpu.events["action"].astype(str) == "segment_alloc"] = np.nan
-    cpu.events["block_bytes"] = blocks
+    cpu.events["block_bytes"] = cpu.events["size_bytes"].astype("float64") + 24
     assert memory_timeline(cpu)["allocated_bytes"].tolist() == [
-        11_024, 11_248, 11_024, 14_048, 14_572, 11_548, 10_524, 11_248, 10_524]
+        11_024, 11_248, 11_024, 11_024, 14_048, 14_572, 11_548, 11_548, 10_524, 10_524, 11_248, 10_524, 10_524]
     live = alive_at_peak(cpu)
     assert live["size_bytes"].sum() == 14_572
     assert live.dropna(subset=["addr"])["requested_bytes"].tolist() == [1000, 3000, 500]
@@ -192,12 +120,12 @@ def test_block_bytes_win_over_requested_sizes(cpu):
 
 def test_step_and_phase_spans(cuda, cpu):
     steps = step_spans(cuda)
-    assert steps[["step", "event_index_start", "event_index_end", "peak_allocated_bytes"]] \
-        .values.tolist() == [[0, 0, 3, 6144], [1, 4, 7, 6656]]
+    assert steps[["step", "event_index_start", "event_index_end", "peak_allocated_bytes", "peak_active_bytes"]] \
+        .values.tolist() == [[0, 0, 4, 6144, 6656], [1, 5, 10, 6656, 7680]]
     # No phases table: first and last event of each (step, phase).
     spans = phase_spans(cuda)
     assert spans[["step", "phase", "event_index_start", "event_index_end"]].values.tolist() == [
-        [0, "forward", 0, 2], [0, "backward", 3, 3], [1, "backward", 4, 7]]
+        [0, "forward", 0, 3], [0, "backward", 4, 4], [1, "backward", 5, 10]]
     assert phase_spans(cpu)["phase"].tolist() == ["forward", "backward", "optimizer"]
 
 
@@ -214,27 +142,108 @@ def test_phase_spans_from_the_phases_table(tmp_path):
 def test_live_at_peak_holds_exactly_the_allocated_bytes(cpu):
     live = alive_at_peak(cpu)
     known = live[live["addr"].notna()]
-    assert known[["addr", "size_bytes", "module", "phase", "category", "alloc_index"]].values.tolist() == [
-        [0x1000, 1000, "l1", "forward", "activation", 0],
-        [0x3000, 3000, "l2", "forward", "activation", 3],
-        [0x4000, 500, "l2", "backward", "gradient", 4],
+    assert known[["addr", "size_bytes", "module", "phase", "category", "alloc_index", "state"]].values.tolist() == [
+        [0x1000, 1000, "l1", "forward", "activation", 0, "active_allocated"],
+        [0x3000, 3000, "l2", "forward", "activation", 4, "active_allocated"],
+        [0x4000, 500, "l2", "backward", "gradient", 5, "active_allocated"],
     ]
     # The 10,000 bytes that pre-date a CPU capture have no block: one unattributed row.
     assert live["size_bytes"].sum() == 14_500
     assert live.loc[live["addr"].isna(), "size_bytes"].tolist() == [CPU_BASELINE]
+    assert live.loc[live["addr"].isna(), "state"].tolist() == [None]
 
 
-def test_live_at_other_moments(cpu, cuda):
-    assert live_at(cpu, 2)["addr"].dropna().tolist() == [0x1000]
-    assert live_at(cpu, 8)["size_bytes"].sum() == 10_500
+def test_live_at_allocated_and_active_sets(cpu, cuda):
+    assert live_at(cpu, 2)["addr"].dropna().tolist() == [0x1000]  # 0x2000's free was requested ...
+    pending = live_at(cpu, 2, active=True).dropna(subset=["addr"])  # ... and completes at event 3
+    assert pending[["addr", "state"]].values.tolist() == [[0x1000, "active_allocated"],
+                                                          [0x2000, "active_pending_free"]]
+    assert live_at(cpu, 12)["size_bytes"].sum() == 10_500
     with pytest.raises(ValueError):
-        live_at(cpu, 9)
+        live_at(cpu, 13)
+    cols = ["addr", "size_bytes", "category", "alloc_index", "state"]
     # Baseline blocks are alive until their own free; they carry their category.
-    live = live_at(cuda, 2)
-    assert live[["addr", "size_bytes", "category", "alloc_index"]].values.tolist() == [
-        [S1, 1024, "parameter", -1], [S1 + 0x800, 512, "other", -1],
-        [S1 + 0x400, 512, "activation", 0], [S3, 4096, "activation", 2]]
-    assert S1 + 0x800 not in set(live_at(cuda, 3)["addr"])
+    assert live_at(cuda, 2)[cols].values.tolist() == [
+        [S1, 1024, "parameter", -1, "active_allocated"], [S1 + 0x800, 512, "other", -1, "active_allocated"],
+        [S1 + 0x400, 512, "activation", 0, "active_allocated"], [S3, 4096, "activation", 2, "active_allocated"]]
+    active = live_at(cuda, 2, active=True)
+    assert active[cols].values.tolist()[2] == [S2, 512, None, -1, "active_pending_free"]  # since before capture
+    assert active["size_bytes"].sum() == CUDA_ACTIVE[2] and active["addr"].notna().all()
+    at_peak = live_at(cuda, 5, active=True).set_index("addr")
+    assert at_peak.loc[S1 + 0x800, "state"] == "active_pending_free"  # requested at 4, completed at 7
+    assert at_peak["size_bytes"].sum() == 7168 and live_at(cuda, 5)["size_bytes"].sum() == 6656
+    assert live_at(cuda, 6, active=True).set_index("addr").loc[S3, "state"] == "active_pending_free"
+    assert S1 + 0x800 not in set(live_at(cuda, 7, active=True)["addr"])
+    assert (live_at(cuda, -1)["size_bytes"].sum(), live_at(cuda, -1, active=True)["size_bytes"].sum()) == (1536, 2048)
+
+
+def test_lifetimes(cuda):
+    lt = lifetimes(cuda)
+    assert lt.alloc_index.tolist() == [0, 2, 5, 8]
+    assert lt.release_index.tolist() == [11, 6, 11, 11]  # 11: never
+    assert lt.end_index.tolist() == [11, 9, 11, 11]
+    base = lt.baseline
+    assert base["addr"].tolist() == [S1, S1 + 0x800, S2]
+    assert base["pending_at_start"].tolist() == [False, False, True]
+    assert base["release_index"].tolist() == [11, 4, -1]
+    assert base["end_index"].tolist() == [11, 7, 3]
+
+
+def test_pair_frees_on_unusual_streams():
+    kinds, addr = zip(*[
+        (OTHER_KIND, 100),  # 0  a segment event at a block's address: never paired
+        (ALLOC, 100), (FREE_REQUESTED, 100), (FREE_REQUESTED, 100), (FREE_COMPLETED, 100),  # 1-4  a double request
+        (FREE_COMPLETED, 200),  # 5  frees with no alloc before them end blocks older than the capture
+        (FREE_REQUESTED, 300),  # 6
+        (ALLOC, 300), (ALLOC, 300),  # 7, 8  the free of 7 was dropped
+        (FREE_COMPLETED, 300),  # 9  belongs to 8, which had no request
+        (FREE_REQUESTED, 200),  # 10
+    ])
+    p = pair_frees(np.array(kinds, np.int8), np.array(addr, np.int64))
+    assert p.alloc_index.tolist() == [1, 7, 8]
+    assert p.request_index.tolist() == [2, 11, 11]
+    assert p.complete_index.tolist() == [4, 11, 9]
+    assert p.orphan_addr.tolist() == [200, 300]
+    assert p.orphan_request.tolist() == [10, 6]
+    assert p.orphan_complete.tolist() == [5, 11]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_counters_and_live_sets_match_a_plain_replay(tmp_path, seed):
+    """Random streams, frees completed 0-6 events after their request, against a Python loop."""
+    rng = random.Random(seed)
+    free_addrs, live, pending, events = [0x100 * i for i in range(1, 30)], {}, [], []
+    while len(events) < 400:
+        for due in [d for d in pending if d[0] <= len(events)]:
+            pending.remove(due)
+            events.append(("free_completed", due[1], due[2], "forward", "m"))
+            free_addrs.append(due[1])
+        if free_addrs and (rng.random() < 0.5 or not live):
+            a = free_addrs.pop(rng.randrange(len(free_addrs)))
+            live[a] = rng.choice([512, 1024, 4096, 8192])
+            events.append(("alloc", a, live[a], "forward", rng.choice(["m", "n"])))
+        elif live:
+            a = rng.choice(sorted(live))
+            events.append(("free_requested", a, live[a], "forward", "m"))
+            pending.append((len(events) + rng.randint(0, 6), a, live.pop(a)))
+    t = load(write_trace(tmp_path, events, baseline_allocated_bytes=100))
+    lt = lifetimes(t)
+    allocated, active, want_alloc, want_active = {}, {}, [], []
+    for i, (action, a, size, *_rest) in enumerate(events):
+        if action == "alloc":
+            allocated[a] = active[a] = size
+        elif action == "free_requested":
+            del allocated[a]
+        else:
+            del active[a]
+        want_alloc.append(100 + sum(allocated.values()))
+        want_active.append(100 + sum(active.values()))
+        if i % 37 == 0:
+            assert set(live_at(t, i, lt)["addr"].dropna()) == set(allocated), i
+            assert set(live_at(t, i, lt, active=True)["addr"].dropna()) == set(active), i
+    tl = memory_timeline(t)
+    assert tl["allocated_bytes"].tolist() == want_alloc
+    assert tl["active_bytes"].tolist() == want_active
 
 
 def test_breakdowns(cpu):
@@ -251,19 +260,37 @@ def test_breakdowns(cpu):
 # -- modules ----------------------------------------------------------------------------
 def test_module_table(cpu):
     table = module_table(cpu).set_index("module")
-    assert table.loc["l1", ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes",
-                            "peak_contribution_bytes", "param_bytes"]].tolist() == [1200, 0, 1000, 1000, 4096]
-    assert table.loc["l2", ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes",
-                            "peak_contribution_bytes", "param_bytes"]].tolist() == [3000, 500, 3000, 3500, 8192]
+    cols = ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes", "peak_contribution_bytes",
+            "param_bytes"]
+    assert table.loc["l1", cols].tolist() == [1200, 0, 1000, 1000, 4096]
+    assert table.loc["l2", cols].tolist() == [3000, 500, 3000, 3500, 8192]
     assert table.loc["l2", "class_name"] == "Linear" and table.loc["l2", "depth"] == 1
     assert table.index[0] == "l2"  # sorted by contribution to the peak
+
+
+def test_modules_stop_holding_bytes_when_their_free_is_requested(tmp_path):
+    events = [
+        ("alloc", 0x100, 100, "forward", "a"),  # 0
+        ("alloc", 0x200, 60, "forward", "b"),  # 1
+        ("free_requested", 0x100, 100, "forward", "a"),  # 2  a's block: no longer allocated ...
+        ("alloc", 0x300, 120, "backward", "b"),  # 3  the peak: 180 allocated, 280 active
+        ("free_completed", 0x100, 100, "backward", "a"),  # 4  ... nor active
+        *freed(0x200, 60, "backward", "b"), *freed(0x300, 120, "backward", "b"),
+    ]
+    t = load(write_trace(tmp_path, events, max_allocated_bytes=180))
+    assert peak(t).event_index == 3 and peak(t).allocated_bytes == 180
+    table = module_table(t).set_index("module")
+    cols = ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes", "peak_contribution_bytes"]
+    assert table.loc["a", cols].tolist() == [100, 0, 0, 0]  # freed (requested) inside its forward span
+    assert table.loc["b", cols].tolist() == [60, 120, 60, 180]
+    assert alive_at_peak(t, active=True)["size_bytes"].sum() == 280
 
 
 def test_module_table_recompute_and_unknown_modules(tmp_path):
     events = [
         ("alloc", 0x10, 100, "forward", "blocks.0.mlp"),
         ("alloc", 0x20, 40, "recompute", "blocks.0.mlp"),
-        ("free_completed", 0x20, 40, "backward", "blocks.0.mlp"),
+        *freed(0x20, 40, "backward", "blocks.0.mlp"),
         ("alloc", 0x30, 60, "backward", "blocks.0"),
     ]
     mods = [dict(module="blocks", parent=None, class_name="ModuleList", depth=0, param_bytes=0,
@@ -291,26 +318,29 @@ def test_rollup_sums_subtrees(cpu):
 # -- categories -------------------------------------------------------------------------
 def test_category_columns_sum_to_allocated_at_every_row(cpu, cuda):
     for trace in (cpu, cuda):
-        tl = category_timeline(trace)
-        cats = [c for c in category_names() if c in tl]
-        assert (tl[cats].sum(axis=1) == tl["allocated_bytes"]).all()
+        for lt in (None, lifetimes(trace)):
+            tl = category_timeline(trace, lt=lt)
+            assert (tl[category_names()].sum(axis=1) == tl["allocated_bytes"]).all()
     tl = category_timeline(cuda).set_index("event_index")
-    # Baseline blocks count in their category from the start.
-    assert tl.loc[0, "parameter"] == 1024 and tl.loc[0, "other"] == 512
-    assert tl.loc[4, ["parameter", "activation", "temporary", "other"]].tolist() == [1024, 4608, 1024, 0]
+    cols = ["parameter", "activation", "temporary", "other"]
+    # Baseline blocks count in their category from the start; S1+0x800 leaves "other" at its request (4).
+    assert tl.loc[0, cols].tolist() == [1024, 512, 0, 512]
+    assert tl.loc[3, cols].tolist() == [1024, 4608, 0, 512]
+    assert tl.loc[4, cols].tolist() == [1024, 4608, 0, 0]
+    assert tl.loc[5, cols].tolist() == [1024, 4608, 1024, 0]
+    assert tl.loc[8, cols].tolist() == [1024, 512, 2048, 0]
 
 
 def test_category_timeline_downsampled_keeps_the_peak(tmp_path):
-    events = []
-    for i in range(300):
-        events.append(("alloc", 0x1000 + i, 100 + i, "forward" if i % 2 else "backward", "m"))
-    for i in range(300):
-        events.append(("free_completed", 0x1000 + i, 100 + i, "backward", "m"))
+    events = [("alloc", 0x1000 + i, 100 + i, "forward" if i % 2 else "backward", "m") for i in range(300)]
+    events += [e for i in range(300) for e in freed(0x1000 + i, 100 + i, "backward", "m")]
     t = load(write_trace(tmp_path, events))
     tl = category_timeline(t, max_points=40)
     assert len(tl) <= 40
     assert tl["allocated_bytes"].max() == t.meta["max_allocated_bytes"]
     assert (tl[category_names()].sum(axis=1) == tl["allocated_bytes"]).all()
+    full = category_timeline(t, max_points=10_000).set_index("event_index")
+    assert tl.set_index("event_index").equals(full.loc[tl["event_index"]])
 
 
 def test_category_at_peak(cpu, cuda):
@@ -321,186 +351,15 @@ def test_category_at_peak(cpu, cuda):
     assert at_peak["total_bytes"].sum() == 14_500
     assert set(at_peak.index) >= set(category_names())
     gpu = category_at_peak(cuda).set_index("category")["total_bytes"]
-    assert (gpu["parameter"], gpu["activation"], gpu["temporary"], gpu.sum()) == (1024, 4608, 1024, 6656)
+    assert (gpu["parameter"], gpu["activation"], gpu["temporary"], gpu["other"], gpu.sum()) == \
+        (1024, 4608, 1024, 0, 6656)
 
 
-# -- fragmentation ----------------------------------------------------------------------
-def test_segment_map_at_the_start(cuda):
-    seg = segment_map_at(cuda, -1)
-    assert seg[["segment_addr", "block_addr", "size_bytes", "state"]].values.tolist() == [
-        [S1, S1, 1024, "active_allocated"], [S1, S1 + 0x400, 1024, "inactive"],
-        [S1, S1 + 0x800, 512, "active_allocated"], [S1, S1 + 0xA00, SEG - 0xA00, "inactive"],
-        [S2, S2, SEG, "inactive"]]
-    assert seg["category"].tolist()[0] == "parameter"
-    assert set(seg["segment_bytes"]) == {SEG}
-
-
-def test_segment_map_coalesces_free_space(cuda):
-    seg = segment_map_at(cuda, 4)  # the peak: S1's freed block joined the free space around it
-    assert seg[["segment_addr", "block_addr", "size_bytes", "state"]].values.tolist() == [
-        [S1, S1, 1024, "active_allocated"], [S1, S1 + 0x400, 512, "active_allocated"],
-        [S1, S1 + 0x600, SEG - 0x600, "inactive"],
-        [S2, S2, 1024, "active_allocated"], [S2, S2 + 0x400, SEG - 0x400, "inactive"],
-        [S3, S3, 4096, "active_allocated"], [S3, S3 + 0x1000, SEG - 0x1000, "inactive"]]
-    assert segment_map_at(cuda, 5).query("block_addr == @S3")["state"].tolist() == ["active_pending_free"]
-
-
-def test_fragmentation_at_step_boundaries_and_peak(cuda):
-    frag = fragmentation(cuda)
-    assert frag["point"].tolist() == ["step_end", "peak", "step_end"]
-    cols = ["event_index", "reserved_bytes", "allocated_bytes", "reserved_minus_allocated_bytes",
-            "inactive_split_bytes", "largest_free_block_bytes"]
-    s1_free, s2_free, s3_free = SEG - 1536, SEG - 1024, SEG - 4096
-    assert frag[cols].values.tolist() == [
-        # S2 is wholly free: not a split, but the largest free block.
-        [3, 3 * SEG, 5632, 3 * SEG - 5632, s1_free + s3_free, SEG],
-        [4, 3 * SEG, 6656, 3 * SEG - 6656, s1_free + s2_free + s3_free, s2_free],
-        [7, 2 * SEG, 2560, 2 * SEG - 2560, s1_free + s2_free, s2_free],
-    ]
-    assert frag["fragmentation_ratio"].tolist() == pytest.approx(
-        [(3 * SEG - 5632) / (3 * SEG), (3 * SEG - 6656) / (3 * SEG), (2 * SEG - 2560) / (2 * SEG)])
-    at_peak = fragmentation_at_peak(cuda)
-    assert at_peak["inactive_split_bytes"] == 6_284_800 and at_peak["largest_free_block_bytes"] == 2_096_128
-    every = fragmentation(cuda, every_n_events=2)
-    assert every.loc[every["point"] == "every_n", "event_index"].tolist() == [1, 3, 5, 7]
-
-
-def test_fragmentation_on_cpu_is_null(cpu):
-    frag = fragmentation(cpu)
-    assert frag["point"].tolist() == ["peak", "step_end"]
-    assert frag["allocated_bytes"].tolist() == [14_500, 10_500]
-    for c in ("reserved_bytes", "inactive_split_bytes", "largest_free_block_bytes", "fragmentation_ratio"):
-        assert frag[c].isna().all()
-    assert segment_map_at(cpu, 4).empty
-    assert fragmentation_at_peak(cpu)["reserved_bytes"] is None
-
-
-def test_expandable_segments_grow_and_shrink(tmp_path):
-    base, mib = 0x7000000000, 1 << 20
-    events = [
-        ("segment_map", base, 20 * mib, "forward", "m"),
-        ("alloc", base, 2 * mib, "forward", "m"),
-        ("segment_map", base + 20 * mib, 20 * mib, "forward", "m"),  # grows the same segment
-        ("alloc", base + 2 * mib, 4 * mib, "backward", "m"),
-        ("segment_unmap", base + 30 * mib, 10 * mib, "backward", "m"),
-    ]
-    t = load(write_trace(tmp_path, events, backend="cuda"))
-    assert memory_timeline(t)["reserved_bytes"].tolist() == [m * mib for m in (20, 20, 40, 40, 30)]
-    grown = segment_map_at(t, 3)
-    assert grown[["segment_addr", "block_addr", "size_bytes", "state"]].values.tolist() == [
-        [base, base, 2 * mib, "active_allocated"], [base, base + 2 * mib, 4 * mib, "active_allocated"],
-        [base, base + 6 * mib, 34 * mib, "inactive"]]
-    assert set(segment_map_at(t, 4)["segment_bytes"]) == {30 * mib}
-    row = fragmentation(t).iloc[-1]
-    assert (row["reserved_bytes"], row["largest_free_block_bytes"]) == (30 * mib, 24 * mib)
-
-
-def test_allocator_counters_are_the_steps_table(cpu):
-    counters = allocator_counters(cpu)
-    assert counters["step"].tolist() == [0, 1, 2]
-    assert counters["max_allocated_bytes"].tolist() == [14_500] * 3
-    assert "num_alloc_retries" in counters and "inactive_split_bytes" in counters
-
-
-# -- compare ----------------------------------------------------------------------------
-@pytest.fixture
-def cpu_smaller(tmp_path) -> Trace:
-    """The CPU run with l2 keeping 2,000 instead of 3,000 bytes, and 80 us steps instead of 100."""
-    events = [(a, addr, 2000 if addr == 0x3000 else size, *rest) for a, addr, size, *rest in CPU_EVENTS]
-    return load(write_trace(tmp_path / "b", events, name="smaller", modules=MODULES, steps=cpu_steps(80),
-                            baseline_allocated_bytes=CPU_BASELINE, config={"ckpt": True}))
-
-
-def test_summarize(cpu):
-    s = summarize(cpu)
-    assert s["name"] == "cpu" and s["backend"] == "cpu" and s["status"] == "complete"
-    assert s["config.ckpt"] is False
-    assert (s["peak_allocated_bytes"], s["allocator_max_allocated_bytes"]) == (14_500, 14_500)
-    assert s["replay_matches_allocator"] is True
-    assert s["peak_reserved_bytes"] is None and s["fragmentation_ratio_at_peak"] is None
-    assert (s["median_step_time_us"], s["steps"], s["events"], s["events_dropped"]) == (100.0, 3, 9, 0)
-
-
-def test_compare_deltas(cpu, cpu_smaller):
-    df = compare(cpu, cpu_smaller).set_index("metric")
-    assert df.loc["peak_allocated_bytes", ["a", "b", "delta"]].tolist() == [14_500, 13_500, -1000]
-    assert df.loc["peak_allocated_bytes", "delta_pct"] == pytest.approx(-1000 / 14_500 * 100)
-    assert df.loc["memory_saved_pct", "delta_pct"] == pytest.approx(1000 / 14_500 * 100)
-    assert df.loc["median_step_time_us", ["a", "b", "delta"]].tolist() == [100.0, 80.0, -20.0]
-    assert df.loc["speed_change_pct", "delta_pct"] == pytest.approx(25.0)
-    assert df.loc["peak_reserved_bytes", "delta"] is None
-
-
-def test_compare_categories_and_modules(cpu, cpu_smaller):
-    cats = compare_categories(cpu, cpu_smaller)
-    assert cats.iloc[0][["category", "a_bytes", "b_bytes", "delta_bytes"]].tolist() == \
-        ["activation", 4000, 3000, -1000]
-    assert cats["delta_bytes"].iloc[1:].eq(0).all()
-    mods = compare_modules(cpu, cpu_smaller)
-    assert mods.iloc[0][["module", "a_bytes", "b_bytes", "delta_bytes"]].tolist() == ["l2", 3500, 2500, -1000]
-    assert mods.iloc[0]["delta_pct"] == pytest.approx(-1000 / 3500 * 100)
-
-
-def test_compare_many(cpu, cpu_smaller):
-    df = compare_many([cpu, cpu_smaller], baseline=cpu.run_id)
-    assert df["name"].tolist() == ["cpu", "smaller"]
-    assert df["is_baseline"].tolist() == [True, False]
-    assert df["config.ckpt"].tolist() == [False, True]
-    assert df["memory_saved_pct"].iloc[1] == pytest.approx(1000 / 14_500 * 100)
-    assert df["speed_change_pct"].tolist() == pytest.approx([0.0, 25.0])
-    with pytest.raises(ValueError):
-        compare_many([cpu], baseline="nope")
-
-
-# -- the report verb --------------------------------------------------------------------
-def _report(run_dir: Path, capsys, **kw) -> str:
-    args = argparse.Namespace(run=str(run_dir), top=kw.get("top", 10), json=kw.get("json", False))
-    assert report.run(args) == 0
-    return capsys.readouterr().out
-
-
-def test_report_text(cpu, capsys):
-    out = _report(cpu.path, capsys)
-    assert "Peak allocated   14.16 KiB (14,500 B)  step 0, phase backward, event 4" in out
-    assert "replay agrees" in out
-    assert "n/a (the CPU backend" in out
-    lines = out.splitlines()
-    top = lines.index("Top 2 modules by bytes alive at the peak")
-    assert lines[top + 2].split()[:3] == ["l2", "Linear", "3.42"]
-    assert any(line.split()[:4] == ["activation", "3.91", "KiB", "4,000"] for line in lines)
-    assert any(line.split()[:4] == ["other", "9.77", "KiB", "10,000"] for line in lines)
-
-
-def test_report_cuda_fragmentation_and_top(cuda, capsys):
-    out = _report(cuda.path, capsys, top=1)
-    assert "Peak reserved    6.00 MiB (6,291,456 B)" in out
-    assert "inactive split        5.99 MiB (6,284,800 B)" in out
-    assert "largest free block    2.00 MiB (2,096,128 B)" in out
-    assert "fragmentation ratio   99.9%" in out
-    assert "Top 1 modules" in out
-
-
-def test_report_json(cuda, capsys):
-    data = json.loads(_report(cuda.path, capsys, json=True))
-    assert data["peak"] == {"allocated_bytes": 6656, "reserved_bytes": 3 * SEG, "step": 1,
-                            "phase": "backward", "event_index": 4, "ts_us": 1_040}
-    assert data["allocator"]["replay_matches"] is True
-    assert data["run"]["backend"] == "cuda" and data["run"]["events"] == 8
-    assert {c["category"]: c["total_bytes"] for c in data["categories"]} == \
-        {"activation": 4608, "parameter": 1024, "temporary": 1024}
-    assert data["fragmentation"]["inactive_split_bytes"] == 6_284_800
-    assert data["modules"][0]["module"] == "m"
-
-
-def test_report_flags_a_replay_that_disagrees(tmp_path, capsys):
-    run = write_trace(tmp_path, CPU_EVENTS, max_allocated_bytes=5000)
-    out = _report(run, capsys)
-    assert "replay DIFFERS by -500 B" in out
-
-
-def test_report_through_the_cli(cpu, capsys):
-    from profiler.cli import main
-
-    assert main(["report", str(cpu.path), "--top", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["peak"]["allocated_bytes"] == 14_500
-    assert main(["report", str(cpu.path), "--top", "-3"]) == 2
+def test_category_peaks(cpu, cuda):
+    def peaks(trace):
+        df = category_peaks(trace).set_index("category")
+        return {c: tuple(r) for c, r in df[["peak_bytes", "event_index"]].iterrows() if r["peak_bytes"]}
+    assert peaks(cpu) == {"activation": (4000, 4), "temporary": (700, 10), "gradient": (500, 5),
+                          "other": (10_000, -1)}
+    assert peaks(cuda) == {"parameter": (1024, -1), "other": (512, -1), "activation": (4608, 2),
+                           "temporary": (2048, 8)}

@@ -74,13 +74,15 @@ def test_replay_reproduces_allocator_peak(gpt_run):
     run_dir, torch_peak = gpt_run
     ev, meta = load_events(run_dir)
     peak, _ = replay(ev, meta["baseline_allocated_bytes"])
+    peak_completed, _ = replay(ev, meta["baseline_allocated_bytes"], release="free_completed")
     _save("exact_accounting", dict(events=len(ev), baseline=meta["baseline_allocated_bytes"],
-                                   replayed_peak=peak, meta_max_allocated=meta["max_allocated_bytes"],
+                                   replayed_peak=peak, replayed_peak_free_completed=peak_completed,
+                                   meta_max_allocated=meta["max_allocated_bytes"],
                                    torch_max_memory_allocated=torch_peak,
                                    dropped=meta["events_dropped"], device=meta["device"],
                                    torch=meta["torch_version"]))
     assert meta["events_dropped"] == 0
-    assert peak == meta["max_allocated_bytes"] == torch_peak
+    assert peak == peak_completed == meta["max_allocated_bytes"] == torch_peak
 
 
 def test_replay_matches_allocator_at_every_step(gpt_run):

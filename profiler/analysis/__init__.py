@@ -6,46 +6,64 @@ Nothing here prints, plots or reads files.
     timeline        allocated / active / reserved bytes per event, downsampling, step and phase spans, the peak
     live            what is alive at a moment, and breakdowns of it
     modules         per-module forward / backward / retained / peak bytes, and subtree roll-ups
-    categories      bytes per category over time and at the peak
+    categories      bytes per category over time, at the peak, and each category's own peak
     fragmentation   the allocator's address space replayed: free space, splits, largest free block
-    compare         run summaries and the differences between runs
+    summary         one run's headline facts, cached as summary.json beside meta.json
+    compare         the differences between runs, from their summaries
+
+Allocated bytes drop when a free is requested (free_requested), active bytes when it
+completes (free_completed), as in torch's caching allocator; see timeline.py.
+Functions that take `lt` accept live.lifetimes(trace) computed once and shared: a page
+that calls several of them pays for the pairing of allocs with frees once.
 """
 
 from __future__ import annotations
 
-from profiler.analysis.categories import category_at_peak, category_timeline
+from profiler.analysis.categories import category_at_peak, category_peaks, category_timeline
 from profiler.analysis.compare import (compare, compare_categories, compare_many, compare_modules,
-                                       summarize)
+                                       compare_summaries, summarize, summary_row)
 from profiler.analysis.fragmentation import (allocator_counters, fragmentation, fragmentation_at_peak,
                                              segment_map_at)
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetimes, live_at
 from profiler.analysis.modules import module_table, rollup
-from profiler.analysis.timeline import (Peak, downsample, memory_timeline, peak, phase_spans,
-                                        step_spans)
+from profiler.analysis.summary import (load_summaries, load_summary, read_summary, run_summary,
+                                      write_summary)
+from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, downsample, memory_timeline,
+                                        peak, phase_spans, step_spans)
 
 __all__ = [
     "Lifetimes",
     "Peak",
+    "active_bytes",
     "alive_at_peak",
+    "allocated_bytes",
     "allocator_counters",
     "breakdown",
     "category_at_peak",
+    "category_peaks",
     "category_timeline",
     "compare",
     "compare_categories",
     "compare_many",
     "compare_modules",
+    "compare_summaries",
     "downsample",
     "fragmentation",
     "fragmentation_at_peak",
     "lifetimes",
     "live_at",
+    "load_summaries",
+    "load_summary",
     "memory_timeline",
     "module_table",
     "peak",
     "phase_spans",
+    "read_summary",
     "rollup",
+    "run_summary",
     "segment_map_at",
     "step_spans",
     "summarize",
+    "summary_row",
+    "write_summary",
 ]

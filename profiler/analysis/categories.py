@@ -1,5 +1,8 @@
 """Allocated bytes split by category (parameter, gradient, activation, ...), over time and at the peak.
 
+Allocated as timeline.py counts it: a block leaves its category when its free is
+requested, not when the free completes.
+
 The split is exact: at every row the category columns sum to allocated_bytes.
 Bytes no block accounts for (memory that pre-dates a CPU capture, events the
 ring buffer dropped) and allocations without a category count as "other".
@@ -10,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Action, Category
+from profiler.schema import Category
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown
-from profiler.analysis.timeline import (action_mask, allocated_bytes, codes_of, downsample_index,
-                                        event_bytes, int_column)
+from profiler.analysis.timeline import (allocated_delta, codes_of, downsample_index, event_bytes,
+                                        event_kinds, int_column)
 
 OTHER = Category.OTHER.value
 
@@ -39,42 +42,74 @@ def _baseline_by_category(trace) -> dict[str, int]:
     return out
 
 
-def category_timeline(trace, max_points: int = 4000, lt=None) -> pd.DataFrame:
-    """ts_us, event_index, step, allocated_bytes and one column of bytes per category.
-
-    Rows are downsampled on allocated_bytes (each bucket's min and max survive, so the
-    peak does); whole rows are kept, so the stack still sums exactly.
-    """
+def _split(trace, lt=None):
+    """(allocated delta per event, category column per event, column names, baseline per column)."""
     ev = trace.events
-    allocated = lt.allocated_bytes if lt is not None else allocated_bytes(trace)
-    idx = downsample_index(len(ev), max_points, [allocated])
-    size = event_bytes(ev)
-    delta = np.where(action_mask(ev, Action.ALLOC.value), size, 0)
-    delta -= np.where(action_mask(ev, Action.FREE_COMPLETED.value), size, 0)
+    if lt is not None:  # one pass over the counter instead of a replay
+        delta = np.diff(lt.allocated_bytes, prepend=np.int64(trace.baseline_bytes))
+    else:
+        delta = allocated_delta(trace, event_kinds(ev), event_bytes(ev))
     codes, present = codes_of(ev["category"])
     baseline = _baseline_by_category(trace)
     names = category_names(present + list(baseline))
     # Each event's column; a null category (code -1, the last slot) counts as other.
     column_of_code = np.array([names.index(c) for c in present] + [names.index(OTHER)], dtype=np.int64)
-    column = column_of_code[codes]
+    base = np.array([baseline.get(name, 0) for name in names], dtype=np.int64)
+    return delta, column_of_code[codes], names, base
+
+
+def category_timeline(trace, max_points: int = 4000, lt=None) -> pd.DataFrame:
+    """ts_us, event_index, step, allocated_bytes and one column of bytes per category.
+
+    Allocated bytes as timeline.py counts them (a block leaves its category when its
+    free is requested). Rows are downsampled on allocated_bytes (each bucket's min and
+    max survive, so the peak does); whole rows are kept, so the stack still sums exactly.
+    """
+    ev = trace.events
+    delta, column, names, base = _split(trace, lt)
+    allocated = lt.allocated_bytes if lt is not None else np.cumsum(delta, dtype=np.int64) + trace.baseline_bytes
+    idx = downsample_index(len(ev), max_points, [allocated]).astype(np.int64)
+    width = len(names)
+    # Events between two kept rows fall in one bucket: sum each bucket per column (one
+    # scatter-add over the events), then a running sum over a few thousand buckets.
+    slot = np.repeat(np.arange(0, len(idx) * width, width, dtype=np.int64), np.diff(idx, prepend=-1))
+    slot += column[: len(slot)]
+    sums = np.zeros(len(idx) * width, dtype=np.int64)
+    np.add.at(sums, slot, delta[: len(slot)])
+    per_column = np.cumsum(sums.reshape(len(idx), width), axis=0, dtype=np.int64) + base
     out = pd.DataFrame({
         "ts_us": int_column(ev, "ts_us")[idx],
-        "event_index": idx.astype(np.int64),
+        "event_index": idx,
         "step": int_column(ev, "step", fill=-1)[idx],
         "allocated_bytes": allocated[idx],
     })
-    used = set(column_of_code[np.unique(codes)].tolist()) if len(codes) else set()
     for j, name in enumerate(names):
-        out[name] = baseline.get(name, 0)
-        if j in used:
-            # One cumulative sum at a time: a 10M x 7 matrix would cost half a gigabyte.
-            out[name] += np.cumsum(np.where(column == j, delta, 0), dtype=np.int64)[idx]
-        out[name] = out[name].astype(np.int64)
+        out[name] = per_column[:, j]
+    return out
+
+
+def category_peaks(trace, lt=None) -> pd.DataFrame:
+    """category, peak_bytes, event_index: each category's own maximum over the run (the first
+    event it is reached at; -1 when it never exceeds what it held at the start). Every
+    category is listed. Categories peak at different moments, so these do not add up."""
+    delta, column, names, base = _split(trace, lt)
+    rows = []
+    for j, name in enumerate(names):
+        at = np.flatnonzero(column == j)
+        running = np.cumsum(delta[at], dtype=np.int64) + base[j]
+        if len(at) and running.max() > base[j]:
+            i = int(np.argmax(running))
+            rows.append((name, int(running[i]), int(at[i])))
+        else:
+            rows.append((name, int(base[j]), -1))
+    out = pd.DataFrame(rows, columns=["category", "peak_bytes", "event_index"])
+    out["peak_bytes"] = out["peak_bytes"].astype(np.int64)
+    out["event_index"] = out["event_index"].astype(np.int64)
     return out
 
 
 def category_at_peak(trace, lt: Lifetimes | None = None) -> pd.DataFrame:
-    """category, total_bytes, count, share of the bytes alive at the peak; every category listed."""
+    """category, total_bytes, count, share of the bytes allocated at the peak; every category listed."""
     live = alive_at_peak(trace, lt)
     live = live.assign(category=live["category"].where(live["category"].notna(), OTHER))
     table = breakdown(live, "category")

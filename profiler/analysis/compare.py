@@ -1,5 +1,10 @@
 """Runs side by side: one summary per run, and the differences between runs.
 
+Everything here works from run summaries (summary.run_summary), so that comparing
+runs costs a JSON file per run when their summaries are cached; the functions that
+take runs accept a Trace or a summary dict for each. Only compare_modules needs
+whole traces.
+
 Percentages are relative to run a (the baseline). memory_saved_pct is positive when
 b needs less memory at its peak; speed_change_pct is positive when b's steps are faster.
 """
@@ -10,16 +15,16 @@ import numpy as np
 import pandas as pd
 
 from profiler.analysis.categories import category_at_peak
-from profiler.analysis.fragmentation import fragmentation_at_peak
-from profiler.analysis.live import lifetimes
 from profiler.analysis.modules import module_table
-from profiler.analysis.timeline import int_column, peak, reserved_bytes, start_reserved_bytes
+from profiler.analysis.summary import median_step_time_us, run_summary  # noqa: F401  (re-exported)
 
 # What compare() lines up, in this order; everything else in a summary is a label.
-METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "allocator_max_allocated_bytes",
+METRICS = ("peak_allocated_bytes", "peak_active_bytes", "peak_reserved_bytes", "allocator_max_allocated_bytes",
            "allocator_max_reserved_bytes", "fragmentation_ratio_at_peak",
-           "reserved_minus_allocated_at_peak_bytes", "median_step_time_us", "steps", "events",
+           "reserved_minus_allocated_at_peak_bytes", "median_step_time_us", "tokens_per_s", "steps", "events",
            "events_dropped")
+# Nested summary entries and the prefix of the columns they become in a flat row.
+_NESTED = {"config": "config.", "categories_at_peak_bytes": "at_peak.", "category_peak_bytes": "category_peak."}
 
 
 def flatten(config, prefix: str = "config.") -> dict:
@@ -33,49 +38,22 @@ def flatten(config, prefix: str = "config.") -> dict:
     return out
 
 
-def median_step_time_us(trace) -> float | None:
-    """Median of the differences between consecutive step-end timestamps; None under two steps."""
-    steps = trace.steps
-    if len(steps) < 2:
-        return None
-    ts = int_column(steps.sort_values("step", kind="stable"), "ts_us")
-    return float(np.median(np.diff(ts)))
+def summary_row(summary: dict) -> dict:
+    """A summary as one flat row: config.<toggle>, at_peak.<category> (bytes at the peak),
+    category_peak.<category> (the category's own maximum), and every other entry as it is."""
+    row = {k: v for k, v in summary.items() if k not in _NESTED}
+    for key, prefix in _NESTED.items():
+        row.update(flatten(summary.get(key), prefix))
+    return row
 
 
-def _int_or_none(value) -> int | None:
-    return None if value is None or pd.isna(value) else int(value)
+def _summary_of(run, lt=None) -> dict:
+    return run if isinstance(run, dict) else run_summary(run, lt)
 
 
 def summarize(trace, lt=None) -> dict:
-    """Labels, config toggles (flattened) and headline numbers of one run."""
-    lt = lt or lifetimes(trace)
-    top = peak(trace, lt)
-    reserved = reserved_bytes(trace)
-    frag = fragmentation_at_peak(trace, lt)
-    meta = trace.meta
-    n_steps = len(trace.steps) or int((np.unique(int_column(trace.events, "step", -1)) >= 0).sum())
-    allocator_max = _int_or_none(meta.get("max_allocated_bytes"))
-    if reserved is not None:  # the state before the first event counts too
-        peak_reserved = max([start_reserved_bytes(trace)] + ([int(reserved.max())] if len(reserved) else []))
-    else:
-        peak_reserved = None
-    return {
-        "run_id": trace.run_id, "name": trace.name, "backend": trace.backend,
-        "device": meta.get("device"), "torch_version": meta.get("torch_version"),
-        "status": trace.status,
-        **flatten(meta.get("config")),
-        "peak_allocated_bytes": top.allocated_bytes,
-        "peak_step": top.step, "peak_phase": top.phase, "peak_event_index": top.event_index,
-        "allocator_max_allocated_bytes": allocator_max,
-        "replay_matches_allocator": None if allocator_max is None else allocator_max == top.allocated_bytes,
-        "peak_reserved_bytes": peak_reserved,
-        "allocator_max_reserved_bytes": _int_or_none(meta.get("max_reserved_bytes")),
-        "fragmentation_ratio_at_peak": frag["fragmentation_ratio"],
-        "reserved_minus_allocated_at_peak_bytes": frag["reserved_minus_allocated_bytes"],
-        "median_step_time_us": median_step_time_us(trace),
-        "steps": n_steps, "events": len(trace.events),
-        "events_dropped": _int_or_none(meta.get("events_dropped")) or 0,
-    }
+    """Labels, config toggles and headline numbers of one run, as one flat row (summary_row)."""
+    return summary_row(_summary_of(trace, lt))
 
 
 def _pct(a, b) -> float | None:
@@ -101,9 +79,10 @@ def _delta(a, b):
 def compare(run_a, run_b) -> pd.DataFrame:
     """metric, a, b, delta (b - a), delta_pct, for every METRICS entry, then the two headline rows.
 
-    a, b and delta are object columns so that byte counts stay exact Python ints.
+    run_a, run_b: Traces or summaries. a, b and delta are object columns so that byte
+    counts stay exact Python ints.
     """
-    sa, sb = summarize(run_a), summarize(run_b)
+    sa, sb = _summary_of(run_a), _summary_of(run_b)
     rows = [{"metric": m, "a": sa.get(m), "b": sb.get(m), "delta": _delta(sa.get(m), sb.get(m)),
              "delta_pct": _pct(sa.get(m), sb.get(m))} for m in METRICS]
     rows += [{"metric": k, "a": None, "b": None, "delta": None, "delta_pct": v}
@@ -129,11 +108,17 @@ def _diff(a: pd.Series, b: pd.Series, key: str) -> pd.DataFrame:
     return df.iloc[order].reset_index(drop=True)
 
 
+def _categories_at_peak(run) -> pd.Series:
+    if isinstance(run, dict):
+        return pd.Series(run.get("categories_at_peak_bytes") or {}, dtype=np.int64)
+    return category_at_peak(run).set_index("category")["total_bytes"]
+
+
 def compare_categories(run_a, run_b) -> pd.DataFrame:
-    """Per category: bytes alive at each run's peak, and the difference (largest change first)."""
-    ca, cb = category_at_peak(run_a), category_at_peak(run_b)
-    return _diff(ca.set_index("category")["total_bytes"], cb.set_index("category")["total_bytes"],
-                 "category")
+    """Per category: bytes allocated at each run's peak, and the difference (largest change first).
+
+    run_a, run_b: Traces or summaries."""
+    return _diff(_categories_at_peak(run_a), _categories_at_peak(run_b), "category")
 
 
 def compare_modules(run_a, run_b, column: str = "peak_contribution_bytes") -> pd.DataFrame:
@@ -142,20 +127,33 @@ def compare_modules(run_a, run_b, column: str = "peak_contribution_bytes") -> pd
     return _diff(ma.set_index("module")[column], mb.set_index("module")[column], "module")
 
 
-def compare_many(traces, baseline=0) -> pd.DataFrame:
-    """One summary row per run, with memory_saved_pct and speed_change_pct against `baseline`.
-
-    baseline: an index into `traces`, a run_id, or one of the traces.
-    """
-    traces = list(traces)
-    summaries = [summarize(t) for t in traces]
-    if isinstance(baseline, int):
+def compare_summaries(summaries, baseline=0) -> pd.DataFrame:
+    """One flat row per run (summary_row), with memory_saved_pct, speed_change_pct and
+    is_baseline against `baseline`: an index into `summaries`, a run_id, or one of them."""
+    summaries = list(summaries)
+    if isinstance(baseline, (int, np.integer)) and not isinstance(baseline, bool):
         base = summaries[baseline]
     else:
-        run_id = baseline if isinstance(baseline, str) else baseline.run_id
+        run_id = baseline if isinstance(baseline, str) else _summary_run_id(baseline)
         matches = [s for s in summaries if s["run_id"] == run_id]
         if not matches:
             raise ValueError(f"baseline run {run_id!r} is not among the runs compared")
         base = matches[0]
-    rows = [{**s, **headline(base, s), "is_baseline": s is base} for s in summaries]
+    rows = [{**summary_row(s), **headline(base, s), "is_baseline": s is base} for s in summaries]
     return pd.DataFrame(rows)
+
+
+def _summary_run_id(run) -> str:
+    return run["run_id"] if isinstance(run, dict) else run.run_id
+
+
+def compare_many(runs, baseline=0) -> pd.DataFrame:
+    """compare_summaries over runs given as Traces or summaries (a Trace is summarised here).
+
+    baseline: an index into `runs`, a run_id, or one of the runs.
+    """
+    runs = list(runs)
+    summaries = [_summary_of(r) for r in runs]
+    if not isinstance(baseline, (int, str, np.integer)):
+        baseline = _summary_run_id(baseline)
+    return compare_summaries(summaries, baseline)

@@ -16,12 +16,12 @@ import pandas as pd
 
 from profiler.schema import Action, BlockState, SnapshotKind
 from profiler.analysis.live import Lifetimes, lifetimes
-from profiler.analysis.timeline import action_mask, int_column, is_cpu, peak, runs
+from profiler.analysis.timeline import action_mask, baseline_active_bytes, int_column, is_cpu, peak, runs
 
 _SEGMENT_ACTIONS = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_FREE.value,
                     Action.SEGMENT_MAP.value, Action.SEGMENT_UNMAP.value)
 FRAGMENTATION_COLUMNS = ("point", "event_index", "ts_us", "step", "reserved_bytes", "allocated_bytes",
-                         "reserved_minus_allocated_bytes", "inactive_split_bytes",
+                         "active_bytes", "reserved_minus_allocated_bytes", "inactive_split_bytes",
                          "largest_free_block_bytes", "fragmentation_ratio")
 SEGMENT_MAP_COLUMNS = ("segment_addr", "segment_bytes", "block_addr", "size_bytes", "state", "category")
 
@@ -83,13 +83,15 @@ class _Segments:
 
 
 def _occupied(trace, lt: Lifetimes, k: int) -> pd.DataFrame:
-    """Blocks that hold memory just after event k: allocated or pending free."""
-    alive = (lt.alloc_index <= k) & (lt.end_index > k)
+    """Blocks that hold memory just after event k: allocated, or pending free (requested, not completed)."""
+    made = int(np.searchsorted(lt.alloc_index, k, side="right"))
+    alive = np.flatnonzero(lt.end_index[:made] > k)
     idx = lt.alloc_index[alive]
     cats = trace.events["category"].iloc[idx].astype(object).to_numpy() if len(idx) else []
-    pending = lt.request_index[alive] <= k
-    base = lt.baseline[lt.baseline["end_index"] > k]
-    base_pending = base["pending_at_start"].astype(bool).to_numpy() | (base["request_index"].to_numpy() <= k)
+    pending = lt.release_index[alive] <= k
+    base = lt.baseline[lt.baseline["end_index"].to_numpy(np.int64) > k]
+    # A block pending free at the start has release_index -1.
+    base_pending = base["release_index"].to_numpy(np.int64) <= k
     return pd.DataFrame({
         "addr": np.concatenate([base["addr"].to_numpy(np.int64), lt.addr[alive]]),
         "size_bytes": np.concatenate([base["size_bytes"].to_numpy(np.int64), lt.size_bytes[alive]]),
@@ -145,14 +147,13 @@ def segment_map_at(trace, event_index: int, lt: Lifetimes | None = None) -> pd.D
 
 def _stats(layout: pd.DataFrame, reserved: int, allocated: int) -> dict:
     # Free bytes in a segment that also holds live blocks can only serve requests that fit
-    # between those blocks: that is torch's inactive_split.
+    # between those blocks: that is torch's inactive_split. Blocks pending free are not free.
     free = layout["state"].to_numpy() == BlockState.INACTIVE.value
     used_segments = np.unique(layout["segment_addr"].to_numpy()[~free])
     split = free & np.isin(layout["segment_addr"].to_numpy(), used_segments)
     sizes = layout["size_bytes"].to_numpy(np.int64)
     return {
         "reserved_bytes": reserved,
-        "allocated_bytes": allocated,
         "reserved_minus_allocated_bytes": reserved - allocated,
         "inactive_split_bytes": int(sizes[split].sum()),
         "largest_free_block_bytes": int(sizes[free].max()) if free.any() else 0,
@@ -175,12 +176,16 @@ def _points(trace, lt: Lifetimes, every_n_events: int | None) -> list[tuple[str,
 def _row(trace, lt: Lifetimes, segments: _Segments | None, point: str, k: int) -> dict:
     """One FRAGMENTATION_COLUMNS row for the state just after event k; segments=None on CPU."""
     ev = trace.events
-    allocated = int(lt.allocated_bytes[k]) if k >= 0 else trace.baseline_bytes
+    if k >= 0:
+        allocated, active = int(lt.allocated_bytes[k]), int(lt.active_bytes[k])
+    else:
+        allocated, active = trace.baseline_bytes, baseline_active_bytes(trace)
     row = {"point": point, "event_index": k,
            "ts_us": int(ev["ts_us"].iloc[k]) if k >= 0 else None,
-           "step": int(ev["step"].iloc[k]) if k >= 0 and pd.notna(ev["step"].iloc[k]) else None}
+           "step": int(ev["step"].iloc[k]) if k >= 0 and pd.notna(ev["step"].iloc[k]) else None,
+           "allocated_bytes": allocated, "active_bytes": active}
     if segments is None:
-        row.update(reserved_bytes=None, allocated_bytes=allocated, reserved_minus_allocated_bytes=None,
+        row.update(reserved_bytes=None, reserved_minus_allocated_bytes=None,
                    inactive_split_bytes=None, largest_free_block_bytes=None, fragmentation_ratio=np.nan)
         return row
     segments.advance_to(k)
@@ -192,6 +197,9 @@ def _row(trace, lt: Lifetimes, segments: _Segments | None, point: str, k: int) -
 
 def fragmentation(trace, every_n_events: int | None = None, lt: Lifetimes | None = None) -> pd.DataFrame:
     """One row per step boundary, at the peak, and every N events if asked (FRAGMENTATION_COLUMNS).
+
+    allocated_bytes and active_bytes as timeline.py counts them; the fragmentation ratio is
+    (reserved - allocated) / reserved, and blocks pending free count as occupied, not free.
 
     On the CPU backend the allocator columns are null: there is no allocator to fragment.
     """

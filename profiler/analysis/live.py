@@ -1,8 +1,14 @@
 """What is alive at a moment: every allocation with its lifetime, and breakdowns of the live set.
 
-Lifetimes come from one vectorised pairing of allocs with frees by address.
-Events are in the allocator's stream order, so the free that ends an
-allocation is the first free at its address after it.
+An allocation is *allocated* from its alloc until its free_requested, and *active*
+until its free_completed (the allocator keeps a block whose stream uses are still
+pending). In a trace without any free_requested (an older CPU capture) the two
+coincide at free_completed. See timeline.py for the byte counts these match.
+
+Lifetimes come from one vectorised pairing of allocs with frees by address
+(pair_frees): events are in the allocator's stream order, so the free that ends
+an allocation is the first free of its kind at its address after it, before the
+next alloc there.
 """
 
 from __future__ import annotations
@@ -12,83 +18,135 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profiler.classify import next_free
-from profiler.schema import Action, BlockState, SnapshotKind
-from profiler.analysis.timeline import action_mask, allocated_bytes, event_bytes, int_column, peak
+from profiler.schema import BlockState, SnapshotKind
+from profiler.analysis.timeline import (ALLOC, FREE_COMPLETED, FREE_REQUESTED, baseline_active_bytes,
+                                        counters, event_bytes, event_kinds, int_column, peak, release_kind)
 
 LIVE_COLUMNS = ("addr", "size_bytes", "requested_bytes", "module", "phase", "category", "stack_id",
-                "alloc_index")
+                "alloc_index", "state")
+ALLOCATED = BlockState.ACTIVE_ALLOCATED.value
+PENDING_FREE = BlockState.ACTIVE_PENDING_FREE.value
+BASELINE_COLUMNS = ("addr", "size_bytes", "requested_bytes", "category", "stack_id", "pending_at_start",
+                    "release_index", "end_index")
 
 
 @dataclass(frozen=True)
 class Lifetimes:
     """Per allocation, the event indices that bound its life; `n_events` stands for "never".
 
-    alloc_index is sorted. An allocation is allocated on [alloc_index, end_index) and
-    pending free on [request_index, end_index). Baseline blocks (alive when capture
-    began) are in `baseline`, with the same index columns and alloc_index -1.
+    alloc_index is sorted. An allocation is allocated on [alloc_index, release_index)
+    and active on [alloc_index, end_index): release_index is its free_requested (its
+    free_completed in a trace without requests), end_index its free_completed. Between
+    the two it is pending free. Baseline blocks (alive when capture began) are in
+    `baseline` (BASELINE_COLUMNS), with release_index -1 for those already pending free then.
+    allocated_bytes and active_bytes are the per-event counters of timeline.py.
     """
 
     n_events: int
     alloc_index: np.ndarray
+    release_index: np.ndarray
     end_index: np.ndarray
-    request_index: np.ndarray
     addr: np.ndarray
     size_bytes: np.ndarray  # what the allocator counts (timeline.event_bytes)
     requested_bytes: np.ndarray  # what the program asked for
-    # addr, size_bytes, requested_bytes, category, stack_id, pending_at_start, request_index, end_index
     baseline: pd.DataFrame
-    allocated_bytes: np.ndarray  # per event, for what the live set cannot attribute
+    allocated_bytes: np.ndarray
+    active_bytes: np.ndarray
 
 
-def latest_alloc(is_alloc: np.ndarray, member: np.ndarray, addr: np.ndarray) -> np.ndarray:
-    """For each event in `member`, the index of the latest alloc at its addr up to it (-1 if none).
+@dataclass(frozen=True)
+class Pairing:
+    """pair_frees' answer. Per alloc (in stream order): the first free_requested and the first
+    free_completed that belong to it (n if none). Per address whose history starts with frees
+    (blocks that pre-date capture): the first such free of each kind (n if none)."""
 
-    Same answer as classify.pair_with_allocs, but a hash group-by instead of a lexsort:
-    3x faster on ten million events whose addresses repeat, as a caching allocator's do
-    (2x slower in the unrealistic case where every address is new).
+    alloc_index: np.ndarray
+    request_index: np.ndarray
+    complete_index: np.ndarray
+    orphan_addr: np.ndarray
+    orphan_request: np.ndarray
+    orphan_complete: np.ndarray
+
+
+def previous_at_address(addr: np.ndarray) -> np.ndarray:
+    """For each event, the index of the previous event at the same address (-1 if none).
+
+    A hash group-by's shift: one pass in stream order, which at ten million events
+    costs about half of sorting by (address, position).
     """
     n = len(addr)
-    out = np.full(n, -1, dtype=np.int64)
-    idx = np.flatnonzero(member | is_alloc)
-    if len(idx) == 0:
-        return out
-    own = pd.Series(np.where(is_alloc[idx], idx, -1))
-    out[idx] = own.groupby(addr[idx], sort=False).cummax().to_numpy()
-    return out
+    if n == 0:
+        return np.array([], np.int64)
+    index = pd.Series(np.arange(n, dtype=np.int64))
+    return index.groupby(addr, sort=False).shift(1).to_numpy(dtype=np.int64, na_value=-1)
 
 
-def _first_orphan(index_of_event: np.ndarray, addr: np.ndarray, mask: np.ndarray) -> dict:
-    """addr -> first event in `mask` that matches no captured alloc: it ends a baseline block."""
-    orphan = np.flatnonzero(mask & (index_of_event < 0))
-    addrs, first = np.unique(addr[orphan], return_index=True)
-    return dict(zip(addrs.tolist(), orphan[first].tolist()))
+def pair_frees(kinds: np.ndarray, addr: np.ndarray) -> Pairing:
+    """Pair every free with the latest alloc at its address before it.
+
+    Walk each event's chain of previous events at its address until an alloc: with
+    pointer jumping, whose first round settles a well-formed trace (a request's previous
+    event is its alloc, a completion's its request) and whose later rounds only touch
+    the unusual rest. Other events at an address (segments) are stepped over.
+    """
+    n = len(kinds)
+    alloc_index = np.flatnonzero(kinds == ALLOC)
+    request = np.full(len(alloc_index), n, dtype=np.int64)
+    complete = np.full(len(alloc_index), n, dtype=np.int64)
+    owner = previous_at_address(addr)
+    is_alloc = kinds == ALLOC
+    owner[alloc_index] = alloc_index  # an alloc owns itself
+    todo = np.flatnonzero(~is_alloc & (owner >= 0))
+    while len(todo):
+        todo = todo[~is_alloc[owner[todo]]]  # still pointing at a non-alloc
+        owner[todo] = owner[owner[todo]]
+        todo = todo[owner[todo] >= 0]
+    rank = np.empty(n, dtype=np.int64)  # event index -> position in alloc_index (read at allocs only)
+    rank[alloc_index] = np.arange(len(alloc_index), dtype=np.int64)
+    orphan_index = {}
+    for of_kind, out in ((FREE_REQUESTED, request), (FREE_COMPLETED, complete)):
+        frees = np.flatnonzero(kinds == of_kind)
+        by = owner[frees]
+        paired = by >= 0
+        # The first free of a kind per alloc wins: a second one is a double free.
+        np.minimum.at(out, rank[by[paired]], frees[paired])
+        orphan_index[of_kind] = frees[~paired]
+    # Frees before any alloc at their address end blocks that pre-date capture: the first of each kind.
+    orphans = np.concatenate(list(orphan_index.values()))
+    orphan_addr = np.unique(addr[orphans])
+    at = {}
+    for of_kind, frees in orphan_index.items():
+        first_addr, first = np.unique(addr[frees], return_index=True)
+        at[of_kind] = np.full(len(orphan_addr), n, dtype=np.int64)
+        at[of_kind][np.searchsorted(orphan_addr, first_addr)] = frees[first]
+    return Pairing(alloc_index, request, complete, orphan_addr.astype(np.int64),
+                   at[FREE_REQUESTED], at[FREE_COMPLETED])
 
 
-def _baseline(trace, addr, alloc_of, is_req, is_comp, n) -> pd.DataFrame:
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, missing: int) -> np.ndarray:
+    pos = pd.Index(keys).get_indexer(wanted) if len(keys) else np.full(len(wanted), -1)
+    return np.where(pos >= 0, values[np.maximum(pos, 0)] if len(values) else missing, missing)
+
+
+def _baseline(trace, pairing: Pairing, release: int, n: int) -> pd.DataFrame:
     seg = trace.segments
-    cols = ["addr", "size_bytes", "requested_bytes", "category", "stack_id", "pending_at_start",
-            "request_index", "end_index"]
     if seg.empty:
-        return pd.DataFrame({c: [] for c in cols})
-    start = seg[(seg["snapshot"] == SnapshotKind.START.value)
-                & seg["state"].isin([BlockState.ACTIVE_ALLOCATED.value,
-                                     BlockState.ACTIVE_PENDING_FREE.value])]
-    ends = _first_orphan(alloc_of, addr, is_comp)
-    requests = _first_orphan(alloc_of, addr, is_req)
-    block_addr = int_column(start, "block_addr").tolist()
+        return pd.DataFrame({c: [] for c in BASELINE_COLUMNS})
+    start = seg[(seg["snapshot"] == SnapshotKind.START.value) & seg["state"].isin([ALLOCATED, PENDING_FREE])]
+    addr = int_column(start, "block_addr")
     block = int_column(start, "block_bytes")
     requested = int_column(start, "requested_bytes", fill=-1)
-    pending = (start["state"] == BlockState.ACTIVE_PENDING_FREE.value).to_numpy()
+    pending = (start["state"] == PENDING_FREE).to_numpy(dtype=bool)
+    orphan_release = pairing.orphan_request if release == FREE_REQUESTED else pairing.orphan_complete
     return pd.DataFrame({
-        "addr": np.array(block_addr, dtype=np.int64),
+        "addr": addr,
         "size_bytes": block,
         "requested_bytes": np.where(requested >= 0, requested, block),
         "category": start["category"].astype(object).to_numpy() if "category" in start else None,
         "stack_id": start["stack_id"].astype("Int64").to_numpy() if "stack_id" in start else None,
         "pending_at_start": pending,
-        "request_index": np.where(pending, -1, [requests.get(a, n) for a in block_addr]),
-        "end_index": np.array([ends.get(a, n) for a in block_addr], dtype=np.int64),
+        "release_index": np.where(pending, -1, _lookup(pairing.orphan_addr, orphan_release, addr, n)),
+        "end_index": _lookup(pairing.orphan_addr, pairing.orphan_complete, addr, n).astype(np.int64),
     })
 
 
@@ -98,36 +156,23 @@ def lifetimes(trace) -> Lifetimes:
     n = len(ev)
     addr = int_column(ev, "addr")
     size = event_bytes(ev)
-    is_alloc = action_mask(ev, Action.ALLOC.value)
-    is_req = action_mask(ev, Action.FREE_REQUESTED.value)
-    is_comp = action_mask(ev, Action.FREE_COMPLETED.value)
-    alloc_of = latest_alloc(is_alloc, is_req | is_comp, addr)
-    alloc_index = np.flatnonzero(is_alloc)
+    kinds = event_kinds(ev)
+    pairing = pair_frees(kinds, addr)
+    release = release_kind(kinds)
+    idx = pairing.alloc_index
+    allocated, active = counters(trace, kinds, size)
     return Lifetimes(
         n_events=n,
-        alloc_index=alloc_index,
-        end_index=next_free(alloc_of, is_comp, n)[alloc_index],
-        request_index=next_free(alloc_of, is_req, n)[alloc_index],
-        addr=addr[alloc_index],
-        size_bytes=size[alloc_index],
-        requested_bytes=int_column(ev, "size_bytes")[alloc_index],
-        baseline=_baseline(trace, addr, alloc_of, is_req, is_comp, n),
-        allocated_bytes=allocated_bytes(trace),
+        alloc_index=idx,
+        release_index=pairing.request_index if release == FREE_REQUESTED else pairing.complete_index,
+        end_index=pairing.complete_index,
+        addr=addr[idx],
+        size_bytes=size[idx],
+        requested_bytes=int_column(ev, "size_bytes")[idx],
+        baseline=_baseline(trace, pairing, release, n),
+        allocated_bytes=allocated,
+        active_bytes=active,
     )
-
-
-def pending_bytes(lt: Lifetimes) -> np.ndarray:
-    """Per event, bytes of blocks between free_requested and free_completed."""
-    n = lt.n_events
-    delta = np.zeros(n + 1, dtype=np.int64)  # slot n absorbs "never completed"
-    base = lt.baseline
-    starts = np.concatenate([lt.request_index, base["request_index"].to_numpy(np.int64)])
-    ends = np.concatenate([lt.end_index, base["end_index"].to_numpy(np.int64)])
-    sizes = np.concatenate([lt.size_bytes, base["size_bytes"].to_numpy(np.int64)])
-    ok = starts < ends  # a free_requested that never came leaves nothing pending
-    np.add.at(delta, np.clip(starts[ok], 0, n), sizes[ok])  # -1: pending since the start
-    np.add.at(delta, ends[ok], -sizes[ok])
-    return np.cumsum(delta[:n], dtype=np.int64)
 
 
 def _check_index(event_index: int, n: int) -> int:
@@ -136,18 +181,22 @@ def _check_index(event_index: int, n: int) -> int:
     return int(event_index)
 
 
-def live_at(trace, event_index: int, lt: Lifetimes | None = None) -> pd.DataFrame:
+def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool = False) -> pd.DataFrame:
     """Allocations alive just after event `event_index` (-1: when capture began), baseline blocks included.
 
-    Columns: addr, size_bytes (the allocator's block bytes), requested_bytes, module,
-    phase, category, stack_id, alloc_index (-1 for a baseline block). When the replayed
-    allocated bytes differ from the sum of known blocks (memory that pre-dates a CPU
-    capture, dropped events), one row with a null addr holds the difference, so that
-    size_bytes always sums to allocated bytes.
+    active=False: the allocated set (size_bytes sums to allocated bytes); active=True: the
+    active set, which adds the blocks pending free (size_bytes sums to active bytes).
+    Columns (LIVE_COLUMNS): addr, size_bytes (the allocator's block bytes), requested_bytes,
+    module, phase, category, stack_id, alloc_index (-1 for a baseline block), state
+    (active_allocated or active_pending_free). When the replayed bytes differ from the
+    sum of known blocks (memory that pre-dates a CPU capture, dropped events), one row
+    with a null addr and state holds the difference.
     """
     lt = lt or lifetimes(trace)
     k = _check_index(event_index, lt.n_events)
-    alive = (lt.alloc_index <= k) & (lt.end_index > k)
+    made = int(np.searchsorted(lt.alloc_index, k, side="right"))  # allocs at or before k
+    stop = (lt.end_index if active else lt.release_index)[:made]
+    alive = np.flatnonzero(stop > k)
     idx = lt.alloc_index[alive]
     ev = trace.events
     captured = pd.DataFrame({
@@ -159,22 +208,28 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None) -> pd.DataFram
         "category": _take(ev, "category", idx),
         "stack_id": ev["stack_id"].iloc[idx].astype("Int64").to_numpy() if len(idx) else [],
         "alloc_index": idx,
+        "state": np.where(lt.release_index[alive] > k, ALLOCATED, PENDING_FREE).astype(object),
     })
-    base = lt.baseline[(lt.baseline["end_index"] > k) & ~lt.baseline["pending_at_start"].astype(bool)]
+    base = lt.baseline
+    base = base[(base["end_index" if active else "release_index"].to_numpy(np.int64) > k)]
     baseline = pd.DataFrame({
         "addr": base["addr"].to_numpy(np.int64), "size_bytes": base["size_bytes"].to_numpy(np.int64),
         "requested_bytes": base["requested_bytes"].to_numpy(np.int64),
         "module": None, "phase": None, "category": base["category"].to_numpy(object),
         "stack_id": base["stack_id"].to_numpy(), "alloc_index": -1,
+        "state": np.where(base["release_index"].to_numpy(np.int64) > k, ALLOCATED, PENDING_FREE).astype(object),
     })
     parts = [p for p in (baseline, captured) if len(p)]
     known = sum(int(p["size_bytes"].sum()) for p in parts)
-    total = int(lt.allocated_bytes[k]) if k >= 0 else trace.baseline_bytes
+    if k >= 0:
+        total = int((lt.active_bytes if active else lt.allocated_bytes)[k])
+    else:
+        total = baseline_active_bytes(trace) if active else trace.baseline_bytes
     if total != known:
         parts.append(pd.DataFrame({"addr": [pd.NA], "size_bytes": [total - known],
                                    "requested_bytes": [pd.NA], "module": [None],
                                    "phase": [None], "category": [None], "stack_id": [pd.NA],
-                                   "alloc_index": [-1]}))
+                                   "alloc_index": [-1], "state": [None]}))
     return _typed(parts)
 
 
@@ -189,14 +244,15 @@ def _typed(parts: list[pd.DataFrame]) -> pd.DataFrame:
         df[c] = df[c].astype("Int64")
     for c in ("size_bytes", "alloc_index"):
         df[c] = df[c].astype(np.int64)
-    for c in ("module", "phase", "category"):
+    for c in ("module", "phase", "category", "state"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df[list(LIVE_COLUMNS)]
 
 
-def alive_at_peak(trace, lt: Lifetimes | None = None) -> pd.DataFrame:
+def alive_at_peak(trace, lt: Lifetimes | None = None, active: bool = False) -> pd.DataFrame:
+    """live_at the peak of allocated bytes (with active=True, the active set at that moment)."""
     lt = lt or lifetimes(trace)
-    return live_at(trace, peak(trace, lt).event_index, lt)
+    return live_at(trace, peak(trace, lt).event_index, lt, active=active)
 
 
 def breakdown(live_df: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:

@@ -45,9 +45,9 @@ def _allocations(trace, lt: Lifetimes, step: int | None) -> dict[str, pd.Series]
     size = lt.size_bytes
     if step is not None:
         keep = int_column(ev, "step", fill=-1)[idx] == step
-        idx, size, end = idx[keep], size[keep], lt.end_index[keep]
+        idx, size, end = idx[keep], size[keep], lt.release_index[keep]
     else:
-        end = lt.end_index
+        end = lt.release_index
     run_end = _phase_run_end(ph_codes, idx)
     out = {}
     for column, phase in (("forward_alloc_bytes", Phase.FORWARD), ("backward_alloc_bytes", Phase.BACKWARD),
@@ -56,7 +56,7 @@ def _allocations(trace, lt: Lifetimes, step: int | None) -> dict[str, pd.Series]
         in_phase = ph_codes[idx] == code
         out[column] = _sum_by(mod_codes[idx][in_phase], size[in_phase], mod_names)
         if phase is Phase.FORWARD:
-            kept = in_phase & (end >= run_end)  # still alive when its forward span ended
+            kept = in_phase & (end >= run_end)  # still allocated when its forward span ended
             out["retained_bytes"] = _sum_by(mod_codes[idx][kept], size[kept], mod_names)
     return out
 
@@ -65,8 +65,9 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     """One row per module (from the modules table and from events), sorted by peak contribution.
 
     forward/backward/recompute_alloc_bytes: bytes allocated while the module ran in that phase.
-    retained_bytes: forward allocations still alive when their forward span ended (activations kept).
-    peak_contribution_bytes: bytes alive at the peak that the module allocated.
+    retained_bytes: forward allocations not yet freed (no free requested) when their forward
+    span ended: the activations kept for backward.
+    peak_contribution_bytes: bytes allocated at the peak (live_at's allocated set) that the module allocated.
     """
     lt = lt or lifetimes(trace)
     sums = _allocations(trace, lt, step)

@@ -1,5 +1,17 @@
 """Memory over time: allocated, active and reserved bytes after every event.
 
+The allocator's own accounting (DeviceCachingAllocator::free): a free lowers
+allocated bytes when it is requested (the free_requested event) and active bytes
+when the block is really released (free_completed: at once, or once the block's
+pending stream uses are done). So, after each event,
+
+    allocated = baseline allocated + allocs - free_requested
+    active    = baseline active    + allocs - free_completed
+
+in block bytes, where baseline active is baseline allocated plus the blocks that
+were already pending free when capture began. A trace without a single
+free_requested (an older CPU capture) lowers both at free_completed.
+
 Every byte count is an int64 running sum. Float would round above 2**53 and,
 worse, lose the exact match with the allocator's own `max_allocated_bytes`
 that a trace is checked against.
@@ -12,10 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Action, Backend, SnapshotKind
+from profiler.schema import Action, Backend, BlockState, SnapshotKind
 
 _GROW = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_MAP.value)
 _SHRINK = (Action.SEGMENT_FREE.value, Action.SEGMENT_UNMAP.value)
+
+# Event kinds of the block replay, as event_kinds() codes them.
+OTHER_KIND, ALLOC, FREE_REQUESTED, FREE_COMPLETED = -1, 0, 1, 2
+_KIND_OF = {Action.ALLOC.value: ALLOC, Action.FREE_REQUESTED.value: FREE_REQUESTED,
+            Action.FREE_COMPLETED.value: FREE_COMPLETED}
 
 
 # -- column access shared by the analysis modules -------------------------------------
@@ -33,6 +50,20 @@ def action_mask(events: pd.DataFrame, *actions: str) -> np.ndarray:
     for code in np.flatnonzero(col.cat.categories.isin(actions)):
         out |= codes == code
     return out
+
+
+def event_kinds(events: pd.DataFrame) -> np.ndarray:
+    """int8 per event: ALLOC, FREE_REQUESTED, FREE_COMPLETED, or OTHER_KIND (segments, oom, ...).
+
+    One table lookup through the dictionary codes, so every mask after it is one compare.
+    """
+    col = events["action"]
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype("category")
+    names = [str(c) for c in col.cat.categories]
+    # The extra last slot serves code -1 (a null action).
+    table = np.array([_KIND_OF.get(name, OTHER_KIND) for name in names] + [OTHER_KIND], dtype=np.int8)
+    return table[col.cat.codes.to_numpy()]
 
 
 def codes_of(col: pd.Series) -> tuple[np.ndarray, list[str]]:
@@ -73,11 +104,16 @@ def event_bytes(events: pd.DataFrame) -> np.ndarray:
     out unsplit), so a trace's block_bytes column wins where it has one; size_bytes,
     the request, stands in for traces and events without it (CPU, segment events).
     """
-    size = int_column(events, "size_bytes")
     if "block_bytes" not in events or len(events) == 0:
-        return size
-    block = events["block_bytes"].to_numpy(dtype=np.int64, na_value=-1)
-    return np.where(block >= 0, block, size)
+        return int_column(events, "size_bytes")
+    col = events["block_bytes"]
+    if col.dtype == np.int64:  # no nulls: nothing to fill in
+        return col.to_numpy()
+    block = col.to_numpy(dtype=np.int64, na_value=-1)
+    missing = block < 0
+    if not missing.any():
+        return block
+    return np.where(missing, int_column(events, "size_bytes"), block)
 
 
 def is_cpu(trace) -> bool:
@@ -86,15 +122,96 @@ def is_cpu(trace) -> bool:
 
 # -- the replay ---------------------------------------------------------------------
 
-def allocated_bytes(trace) -> np.ndarray:
-    """Allocated bytes just after each event: baseline + allocs - completed frees."""
+def has_free_requests(kinds: np.ndarray) -> bool:
+    """Whether allocated bytes drop at free_requested (else, in older traces, at free_completed)."""
+    return bool((kinds == FREE_REQUESTED).any())
+
+
+def release_kind(kinds: np.ndarray) -> int:
+    """The event kind at which a block stops counting as allocated in this trace."""
+    return FREE_REQUESTED if has_free_requests(kinds) else FREE_COMPLETED
+
+
+def _start_blocks(trace, state: str) -> pd.DataFrame:
+    seg = trace.segments
+    if seg.empty:
+        return seg
+    return seg[(seg["snapshot"] == SnapshotKind.START.value) & (seg["state"] == state)]
+
+
+def baseline_pending_bytes(trace) -> int:
+    """Bytes of blocks that were pending free (active, no longer allocated) when capture began."""
+    return int(int_column(_start_blocks(trace, BlockState.ACTIVE_PENDING_FREE.value), "block_bytes").sum())
+
+
+def baseline_active_bytes(trace) -> int:
+    return trace.baseline_bytes + baseline_pending_bytes(trace)
+
+
+def _fallback_skips(trace, kinds: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """Without free_requested events, the free_completed events that release blocks pending
+    free at the start: those blocks were never in allocated bytes, so their frees must not
+    lower it. Rare (a CUDA trace has requests); empty almost always."""
+    pending = _start_blocks(trace, BlockState.ACTIVE_PENDING_FREE.value)
+    if pending.empty or has_free_requests(kinds):
+        return np.array([], np.int64)
+    block = kinds >= 0
+    hit = np.flatnonzero(block & np.isin(addr, int_column(pending, "block_addr")))
+    # The first block event at each such address, when it is a free: it ends the pending block.
+    _, first = np.unique(addr[hit], return_index=True)
+    first = hit[first]
+    return first[kinds[first] == FREE_COMPLETED]
+
+
+def _kinds_and_sizes(trace, kinds, size) -> tuple[np.ndarray, np.ndarray]:
+    """kinds and block bytes per event: the caller's, or computed."""
     ev = trace.events
-    size = event_bytes(ev)
-    delta = np.where(action_mask(ev, Action.ALLOC.value), size, 0)
-    delta -= np.where(action_mask(ev, Action.FREE_COMPLETED.value), size, 0)
-    out = np.cumsum(delta, dtype=np.int64)
+    kinds = event_kinds(ev) if kinds is None else kinds
+    size = event_bytes(ev) if size is None else size
+    return kinds, size
+
+
+def allocated_delta(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
+                    plus: np.ndarray | None = None) -> np.ndarray:
+    """Per event, the change in allocated bytes: +block at alloc, -block at free_requested
+    (at free_completed in a trace without requests), 0 elsewhere. Its cumsum plus the
+    baseline is allocated_bytes(); category_timeline splits it by category.
+    `plus`: np.where(kinds == ALLOC, size, 0), when the caller has it."""
+    kinds, size = _kinds_and_sizes(trace, kinds, size)
+    delta = np.where(kinds == ALLOC, size, 0) if plus is None else plus.copy()
+    release = release_kind(kinds)
+    delta -= np.where(kinds == release, size, 0)
+    if release == FREE_COMPLETED:
+        delta[_fallback_skips(trace, kinds, int_column(trace.events, "addr"))] = 0
+    return delta
+
+
+def allocated_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None) -> np.ndarray:
+    """Allocated bytes just after each event: baseline + allocs - requested frees."""
+    out = np.cumsum(allocated_delta(trace, kinds, size), dtype=np.int64)
     out += trace.baseline_bytes
     return out
+
+
+def active_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
+                 plus: np.ndarray | None = None) -> np.ndarray:
+    """Active bytes just after each event: baseline active + allocs - completed frees."""
+    kinds, size = _kinds_and_sizes(trace, kinds, size)
+    delta = np.where(kinds == ALLOC, size, 0) if plus is None else plus.copy()
+    delta -= np.where(kinds == FREE_COMPLETED, size, 0)
+    out = np.cumsum(delta, dtype=np.int64, out=delta)
+    out += baseline_active_bytes(trace)
+    return out
+
+
+def counters(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(allocated_bytes, active_bytes) per event, sharing the work the two have in common."""
+    kinds, size = _kinds_and_sizes(trace, kinds, size)
+    plus = np.where(kinds == ALLOC, size, 0)
+    allocated = np.cumsum(allocated_delta(trace, kinds, size, plus), dtype=np.int64)
+    allocated += trace.baseline_bytes
+    return allocated, active_bytes(trace, kinds, size, plus)
 
 
 def start_reserved_bytes(trace) -> int:
@@ -112,10 +229,12 @@ def reserved_bytes(trace) -> np.ndarray | None:
     if is_cpu(trace):
         return None
     ev = trace.events
-    size = int_column(ev, "size_bytes")
-    delta = np.where(action_mask(ev, *_GROW), size, 0)
-    delta -= np.where(action_mask(ev, *_SHRINK), size, 0)
-    out = np.cumsum(delta, dtype=np.int64)
+    grow, shrink = action_mask(ev, *_GROW), action_mask(ev, *_SHRINK)
+    at = np.flatnonzero(grow | shrink)  # a few hundred events of ten million
+    size = int_column(ev, "size_bytes")[at]
+    delta = np.zeros(len(ev), dtype=np.int64)
+    delta[at] = np.where(grow[at], size, -size)
+    out = np.cumsum(delta, dtype=np.int64, out=delta)
     out += start_reserved_bytes(trace)
     return out
 
@@ -130,17 +249,15 @@ def _nullable(values: np.ndarray | None, n: int) -> pd.arrays.IntegerArray:
 def memory_timeline(trace, lt=None, max_points: int | None = None) -> pd.DataFrame:
     """One row per event: ts_us, event_index, step, phase, allocated/active/reserved bytes.
 
-    active = allocated + bytes of blocks between free_requested and free_completed.
-    reserved is null (pd.NA) on the CPU backend. `lt`: live.lifetimes(trace), when the
-    caller has it already. `max_points`: downsample (as downsample() does) before the
-    frame is built, which spares a plot of ten million events most of its cost.
+    active - allocated is the bytes of blocks whose free was requested but has not
+    completed (plus those pending when capture began). reserved is null (pd.NA) on the
+    CPU backend. `lt`: live.lifetimes(trace), when the caller has it already (the
+    counters are taken from it; nothing else here needs the pairing). `max_points`:
+    downsample (as downsample() does) before the frame is built, which spares a plot
+    of ten million events most of its cost.
     """
-    from profiler.analysis.live import lifetimes, pending_bytes
-
     ev = trace.events
-    lt = lt or lifetimes(trace)
-    allocated = lt.allocated_bytes
-    active = allocated + pending_bytes(lt)
+    allocated, active = (lt.allocated_bytes, lt.active_bytes) if lt is not None else counters(trace)
     reserved = reserved_bytes(trace)
     keep = slice(None)
     if max_points is not None:
@@ -163,27 +280,29 @@ def memory_timeline(trace, lt=None, max_points: int | None = None) -> pd.DataFra
 def downsample_index(n: int, max_points: int, arrays: list[np.ndarray]) -> np.ndarray:
     """Row positions to keep: the first and last row, and per bucket the argmin and argmax of each array.
 
-    Buckets are equal runs of rows, laid out as a (buckets, width) grid so that one
-    argmax per axis does the work in O(n) instead of a sort.
+    Buckets are equal runs of rows (the last one shorter), laid out as a (buckets, width)
+    view so that one argmax per axis does the work in O(n) instead of a sort.
     """
     if n <= max_points:
         return np.arange(n)
     n_buckets = max(1, (max_points - 2) // (2 * max(1, len(arrays))))
     width = -(-n // n_buckets)  # ceil
-    pad = n_buckets * width - n
-    base = np.arange(n_buckets) * width
+    full = n // width  # whole buckets; the rest of the rows form one short bucket
+    base = np.arange(full) * width
     keep = [np.array([0, n - 1])]
     for values in arrays:
         values = np.asarray(values)
-        is_float = values.dtype.kind == "f"
-        low = -np.inf if is_float else np.iinfo(values.dtype).min
-        high = np.inf if is_float else np.iinfo(values.dtype).max
-        for pick, fill in ((np.argmax, low), (np.argmin, high)):
-            # Nulls and padding never win a bucket.
-            filled = np.where(np.isnan(values), fill, values) if is_float else values
-            grid = np.concatenate([filled, np.full(pad, fill, dtype=filled.dtype)])
+        if values.dtype.kind == "f":
+            # Nulls never win a bucket, unless a bucket holds nothing else.
+            nan = np.isnan(values)
+            sides = ((np.argmax, np.where(nan, -np.inf, values)), (np.argmin, np.where(nan, np.inf, values)))
+        else:
+            sides = ((np.argmax, values), (np.argmin, values))
+        for pick, filled in sides:
             # argmax takes the first of ties, the same row peak() reports.
-            keep.append(base + pick(grid.reshape(n_buckets, width), axis=1))
+            keep.append(base + pick(filled[: full * width].reshape(full, width), axis=1))
+            if full * width < n:
+                keep.append(np.array([full * width + pick(filled[full * width:])]))
     idx = np.unique(np.concatenate(keep))
     return idx[idx < n]
 
@@ -213,21 +332,22 @@ def _run_table(starts: np.ndarray, ends: np.ndarray, ts: np.ndarray, **keys: np.
 
 
 def step_spans(trace, lt=None) -> pd.DataFrame:
-    """Per step: first/last event index and timestamp, and the step's peak allocated bytes."""
+    """Per step: first/last event index and timestamp, and the step's peak allocated and active bytes."""
     ev = trace.events
     cols = ["step", "event_index_start", "event_index_end", "ts_us_start", "ts_us_end",
-            "peak_allocated_bytes"]
+            "peak_allocated_bytes", "peak_active_bytes"]
     if ev.empty:
         return pd.DataFrame(columns=cols)
     step = int_column(ev, "step", fill=-1)
-    allocated = lt.allocated_bytes if lt is not None else allocated_bytes(trace)
+    allocated, active = (lt.allocated_bytes, lt.active_bytes) if lt is not None else counters(trace)
     starts, ends = runs(step)
     per_run = _run_table(starts, ends, int_column(ev, "ts_us"), step=step)
     per_run["peak_allocated_bytes"] = np.maximum.reduceat(allocated, starts)
+    per_run["peak_active_bytes"] = np.maximum.reduceat(active, starts)
     out = per_run[per_run["step"] >= 0].groupby("step", sort=True).agg(
         event_index_start=("event_index_start", "min"), event_index_end=("event_index_end", "max"),
         ts_us_start=("ts_us_start", "min"), ts_us_end=("ts_us_end", "max"),
-        peak_allocated_bytes=("peak_allocated_bytes", "max"))
+        peak_allocated_bytes=("peak_allocated_bytes", "max"), peak_active_bytes=("peak_active_bytes", "max"))
     return out.reset_index()[cols]
 
 
@@ -268,7 +388,7 @@ def phase_spans(trace) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Peak:
-    """The first event after which allocated bytes were at their maximum.
+    """The first event after which allocated bytes (frees counted when requested) were at their maximum.
 
     event_index -1 means the start of capture: every event left less than the baseline.
     """

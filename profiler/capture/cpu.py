@@ -2,9 +2,20 @@
 
 A TorchDispatchMode sees every op's inputs and outputs. A storage seen for the
 first time is an "alloc" (its bytes, the thread's current tag), and a weakref
-callback on the storage records its "free_completed". Storages that pre-date
-the capture are recorded when first seen. Sizes are exact storage bytes:
-there is no caching allocator, so reserved and segment columns stay null.
+callback on the storage records its free, as the CUDA allocator would: a
+"free_requested" then a "free_completed" with the same time, address, size and
+tag (allocated bytes drop at the first, active bytes at the second; with no
+streams on CPU they drop together). Sizes are exact storage bytes: there is
+no caching allocator, so reserved and segment columns stay null.
+
+Storages that pre-date the capture (first seen as an op's input) are recorded
+when first seen, with no phase and no module, like the CUDA backend's
+baseline blocks. Parameters and buffers are recorded the first time their
+module is called, before the module tracer registers their roles, so that
+they classify as parameters rather than as the first op's activations.
+
+The online counters (`allocated`, `peak`) are exactly the replay of the event
+stream: + size at each alloc, - size at each free_requested.
 """
 
 from __future__ import annotations
@@ -21,6 +32,11 @@ from torch.utils._pytree import tree_flatten
 from profiler.capture.frames import StackInterner
 
 _FRAME_LIMIT = 48
+_PRE_EXISTING_TAG = ""  # no phase, no module, no hint
+_aten = torch.ops.aten
+# Ops whose input is a tensor that torch.tensor(), as_tensor() or from_numpy() just made.
+_FRESH = frozenset(getattr(_aten, n) for n in ("lift_fresh", "lift_fresh_copy", "lift")
+                   if hasattr(_aten, n))
 
 
 class _Tags(threading.local):
@@ -35,18 +51,30 @@ class CpuBackend:
         self.stacks = stacks
         self.interner = StackInterner()
         self._tags = _Tags()
-        self._live: dict[int, tuple] = {}  # id(storage ref) -> (weakref, addr, size, tag)
+        # id(storage) -> [weakref, addr, size]; a storage's id is not reused while it lives.
+        self._live: dict[int, list] = {}
         self._events: list[tuple] = []
         self.events_seen = 0
         self.dropped = 0
         self.allocated = 0
         self.peak = 0
-        self._lock = threading.Lock()
+        # Re-entrant: a weakref callback can run inside the locked section of its own
+        # thread (a garbage collection triggered by an allocation there).
+        self._lock = threading.RLock()
         self._mode = _StorageMode(self)
+        # id(module) -> weakref, for modules whose parameters and buffers are recorded.
+        self._modules_seen: dict[int, weakref.ref] = {}
+        self._module_hook = None
         self._own_dir = __file__.rsplit("/", 2)[0]
 
     def set_tag(self, tag: str) -> None:
         self._tags.tag = tag
+
+    def get_tag(self) -> str:
+        return self._tags.tag
+
+    def pause_stacks(self, paused: bool) -> None:
+        pass  # CPU backward runs on the calling thread: its stacks are informative
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> dict:
@@ -56,9 +84,13 @@ class CpuBackend:
 
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)
+        self._modules_seen = {}
+        with self._lock:
+            # Storages that die after the capture record nothing: drop their weakrefs.
+            self._live = {}
 
     # -- tracking ---------------------------------------------------------------------
-    def track(self, t: torch.Tensor) -> None:
+    def track(self, t: torch.Tensor, tag: str | None = None) -> None:
         if t.device.type != self.device_type or t.is_meta:
             return
         try:
@@ -66,33 +98,81 @@ class CpuBackend:
         except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
             return
         size = st.nbytes()
-        if size == 0:
-            return
         key = id(st)
         rec = self._live.get(key)
         if rec is not None and rec[0]() is st:
+            if rec[2] == size:
+                return
+            self._resized(st, rec, size)
+            return
+        if size == 0:
             return
         addr = st.data_ptr()
-        tag = self._tags.tag
-        ref = weakref.ref(st, self._freed_callback(key, addr, size))
+        if tag is None:
+            tag = self._tags.tag
         stack = self._stack() if self.stacks else None
         with self._lock:
-            self._live[key] = (ref, addr, size)
-            self.allocated += size
-            if self.allocated > self.peak:
-                self.peak = self.allocated
-            self._events.append((time.time_ns() // 1000, "alloc", addr, size, tag, stack))
+            rec = [None, addr, size]
+            rec[0] = weakref.ref(st, self._freed_callback(key, rec))
+            self._live[key] = rec
+            self._alloc_locked(addr, size, tag, stack)
 
-    def _freed_callback(self, key, addr, size):
+    def _alloc_locked(self, addr, size, tag, stack) -> None:
+        self.allocated += size
+        if self.allocated > self.peak:
+            self.peak = self.allocated
+        self._events.append((time.time_ns() // 1000, "alloc", addr, size, tag, stack))
+
+    def _free_locked(self, addr, size, tag) -> None:
+        self.allocated -= size
+        ts = time.time_ns() // 1000
+        self._events.extend(((ts, "free_requested", addr, size, tag, None),
+                             (ts, "free_completed", addr, size, tag, None)))
+
+    def _resized(self, st, rec, size) -> None:
+        """A storage resized in place (resize_, out= ops): a free of the old block, an alloc
+        of the new, both stamped with the thread's tag (this op made the new block)."""
+        tag = self._tags.tag
+        stack = self._stack() if self.stacks else None
+        with self._lock:
+            if rec[2]:
+                self._free_locked(rec[1], rec[2], tag)
+            rec[1], rec[2] = st.data_ptr(), size
+            if size:
+                self._alloc_locked(rec[1], size, tag, stack)
+
+    def _freed_callback(self, key, rec):
         def freed(_ref):
             tag = self._tags.tag
             with self._lock:
                 live = self._live.get(key)
-                if live is not None and live[0] is _ref:
+                if live is rec:
                     del self._live[key]
-                self.allocated -= size
-                self._events.append((time.time_ns() // 1000, "free_completed", addr, size, tag, None))
+                if rec[2]:
+                    self._free_locked(rec[1], rec[2], tag)
         return freed
+
+    def adopt(self, module) -> None:
+        """Record a new root's parameters and buffers, which pre-date the capture.
+
+        The session calls this when it meets a root module, before naming the roles.
+        """
+        self._on_module_call(module, ())
+
+    def _on_module_call(self, module, args):
+        """The first call of a module records its parameters and buffers, pre-existing state."""
+        seen = self._modules_seen
+        ref = seen.get(id(module))
+        if ref is not None and ref() is module:
+            return None
+        for sub in module.modules():
+            # A module made per call (built inside forward) must not pile up here.
+            seen[id(sub)] = weakref.ref(sub, lambda _r, k=id(sub): seen.pop(k, None))
+        for t in module.parameters():
+            self.track(t, _PRE_EXISTING_TAG)
+        for t in module.buffers():
+            self.track(t, _PRE_EXISTING_TAG)
+        return None
 
     def _stack(self) -> int | None:
         intern = self.interner
@@ -109,9 +189,9 @@ class CpuBackend:
     def drain(self, step: int, with_segments: bool = False) -> dict | None:
         with self._lock:
             ev, self._events = self._events, []
+            self.events_seen += len(ev)
         if not ev:
             return None
-        self.events_seen += len(ev)
         return {
             "ts_us": [e[0] for e in ev],
             "action": [e[1] for e in ev],
@@ -124,8 +204,9 @@ class CpuBackend:
         }
 
     def stats_row(self) -> dict:
-        return dict(allocated_bytes=self.allocated, active_bytes=self.allocated,
-                    max_allocated_bytes=self.peak)
+        with self._lock:
+            return dict(allocated_bytes=self.allocated, active_bytes=self.allocated,
+                        max_allocated_bytes=self.peak)
 
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
@@ -142,10 +223,13 @@ class _StorageMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         track = self.backend.track
-        # Inputs first: a storage made before capture is "allocated" when first used.
+        # Inputs first: a storage made before capture is "allocated" when first used,
+        # as pre-existing state (no phase, no module), not as this op's output. The
+        # exception is lift_fresh, whose input was just made by torch.tensor() and kin.
+        tag = None if func.overloadpacket in _FRESH else _PRE_EXISTING_TAG
         for x in tree_flatten((args, kwargs))[0]:
             if isinstance(x, torch.Tensor):
-                track(x)
+                track(x, tag)
         for x in tree_flatten(out)[0]:
             if isinstance(x, torch.Tensor):
                 track(x)

@@ -49,6 +49,7 @@ class CudaBackend:
         self.stacks = stacks
         self.max_entries = max_entries
         self.set_tag = torch._C._cuda_setMemoryMetadata
+        self.get_tag = torch._C._cuda_getMemoryMetadata
         self.interner = StackInterner()
         self.events_seen = 0
         self.dropped = 0
@@ -57,10 +58,11 @@ class CudaBackend:
         self._marker_id = -1
 
     # -- lifecycle ------------------------------------------------------------------
-    def _enable(self, clear: bool) -> None:
+    def _enable(self, clear: bool, stacks: bool | None = None) -> None:
+        stacks = self.stacks if stacks is None else stacks
         _memory._record_memory_history(
             "all",
-            context="alloc" if self.stacks else None,  # frees inherit their alloc's stack
+            context="alloc" if stacks else None,  # frees inherit their alloc's stack
             stacks="python",
             max_entries=self.max_entries,
             device=self.device,
@@ -155,6 +157,19 @@ class CudaBackend:
                 by_ids[key] = sid
             out.append(sid)
         return out
+
+    def adopt(self, module) -> None:
+        pass  # tensors that pre-date the capture are in the start segment map
+
+    def pause_stacks(self, paused: bool) -> None:
+        """Stop gathering Python stacks while backward runs.
+
+        Backward allocates on autograd's device thread, which has no Python frames,
+        yet gathering a Python stack still takes the GIL for each allocation on
+        that thread, which is then on the critical path of kernel launches.
+        """
+        if self.stacks:
+            self._enable(clear=False, stacks=not paused)
 
     def mark(self, step: int) -> int:
         """Drop a step/position marker into the stream; returns its role position (< 0).

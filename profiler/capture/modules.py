@@ -17,11 +17,9 @@ C call each; tag strings are built once per (phase, module, hint).
 from __future__ import annotations
 
 import threading
-from collections import deque
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 
 from profiler.schema import Phase
 from profiler.tables import make_tag
@@ -34,6 +32,7 @@ _in_backward = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 # Phases that a root forward ends: forward starts a new step's work after them.
 _STEP_PHASES = (None, _BACKWARD, Phase.OPTIMIZER.value)
+_RECENT_MAX = 64
 
 
 class _ThreadState(threading.local):
@@ -41,14 +40,16 @@ class _ThreadState(threading.local):
         self.stack: list[str] = []  # module names, innermost last
         self.hint: str | None = None  # category hint (profiler.category)
         self.module_hook_task: int | None = None  # graph task of the last module bw hook
+        self.before_recompute = ""  # the tag a recomputation interrupted
 
 
 class ModuleTracer:
     """Installs the hooks and keeps names; `recorder` owns phases and steps."""
 
-    def __init__(self, recorder, set_tag):
+    def __init__(self, recorder, set_tag, get_tag):
         self.recorder = recorder
         self.set_tag = set_tag
+        self.get_tag = get_tag
         self.names: dict[nn.Module, str] = {}
         self.roots: list[nn.Module] = []
         self.local = _ThreadState()
@@ -56,25 +57,54 @@ class ModuleTracer:
         self._bw_hooks: dict[str, object] = {}
         # grad_fns of recent root outputs, so that backward() knows the loss's
         # own backward is already stamped with the root module's name.
-        # The few grad_fns hooked last. A module that returns its child's output
-        # shares the child's grad_fn; the child (hooked first) must keep it, or
-        # `attn` would claim the backward of `attn.proj`. Identity, not id(): a
-        # freed wrapper's id is reused. Only a handful are held, and only until
-        # the root forward returns, so no graph outlives its own lifetime.
-        self._recent: deque = deque(maxlen=4)
-        self._handles = []
+        # grad_fns hooked during this root forward, by id, holding the wrapper so
+        # that the id cannot be reused. A module that returns its child's output
+        # shares the child's grad_fn, and the child (hooked first) keeps it. The
+        # references are dropped when the root forward returns, and at most
+        # _RECENT_MAX are held, so no graph outlives its own lifetime by much.
+        self._recent: dict[int, object] = {}
+        self._original_call_impl = None
+        self._installed_call_impl = None
 
     # -- lifecycle ----------------------------------------------------------------
     def install(self) -> None:
-        self._handles = [
-            nn_module.register_module_forward_pre_hook(self._pre_forward),
-            nn_module.register_module_forward_hook(self._post_forward),
-        ]
+        """Wrap Module._call_impl.
+
+        Global forward hooks would do, but they send every module call in the
+        process through _call_impl's generic hook path; one lean wrapper is
+        cheaper, and modules with hooks of their own still run them inside it.
+        """
+        original = nn.Module._call_impl
+        pre, post, unwind = self._pre_forward, self._post_forward, self._unwind
+
+        def _call_impl(module, *args, **kwargs):
+            pre(module, args)
+            try:
+                out = original(module, *args, **kwargs)
+            except BaseException:
+                unwind()
+                raise
+            post(module, args, out)
+            return out
+
+        self._original_call_impl = original
+        self._installed_call_impl = _call_impl
+        nn.Module._call_impl = _call_impl
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._original_call_impl is not None and nn.Module._call_impl is self._installed_call_impl:
+            nn.Module._call_impl = self._original_call_impl
+        self._original_call_impl = None
+
+    def _unwind(self) -> None:
+        """A forward raised: leave its module, so the stack stays true for the caller."""
+        st = self.local
+        if st.stack:
+            st.stack.pop()
+        if _in_backward() != -1 and not st.stack:
+            self.set_tag(st.before_recompute)
+        else:
+            self.retag()
 
     # -- tags ---------------------------------------------------------------------
     def tag(self, phase: str | None, module: str | None, hint: str | None = None) -> str:
@@ -130,11 +160,15 @@ class ModuleTracer:
         st = self.local
         if _in_backward() != -1:
             phase = _RECOMPUTE
+            if not st.stack:  # checkpointing re-runs forward in the middle of backward
+                st.before_recompute = self.get_tag()
         else:
             phase = self.recorder.phase
             if phase is not _FORWARD and phase in _STEP_PHASES and not st.stack:
                 self.recorder.enter_phase(_FORWARD)
                 phase = _FORWARD
+        if st.stack and phase is not _RECOMPUTE and args and _grad_enabled():
+            self._hook_caller(st.stack[-1], args[0])
         st.stack.append(name)
         key = (phase, name, st.hint)
         tag = self._tags.get(key)
@@ -147,9 +181,13 @@ class ModuleTracer:
         stack = st.stack
         name = stack.pop()
         recompute = _in_backward() != -1
-        key = (_RECOMPUTE if recompute else self.recorder.phase, stack[-1] if stack else None, st.hint)
-        tag = self._tags.get(key)
-        self.set_tag(tag if tag is not None else self.tag(*key))
+        if recompute and not stack:
+            self.set_tag(st.before_recompute)  # back to the backward that asked for it
+        else:
+            key = (_RECOMPUTE if recompute else self.recorder.phase, stack[-1] if stack else None,
+                   st.hint)
+            tag = self._tags.get(key)
+            self.set_tag(tag if tag is not None else self.tag(*key))
         if not recompute and _grad_enabled():
             self._hook_backward(name, output)
         if not st.stack:
@@ -173,22 +211,46 @@ class ModuleTracer:
             if not fns:
                 return
         recent = self._recent
-        hook = self._bw_hooks.get(name)
-        if hook is None:
-            tag = self.tag(_BACKWARD, name)
-            set_tag = self.set_tag
-            local = self.local
-
-            def hook(grad_outputs, _tag=tag):
-                set_tag(_tag)
-                local.module_hook_task = _in_backward()
-
-            self._bw_hooks[name] = hook
+        hook = self._bw_hooks.get(name) or self._make_bw_hook(name)
         for fn in fns:
-            if fn in recent:  # grad_fn wrappers compare by identity
+            if recent.get(id(fn)) is fn:
                 continue
             fn.register_prehook(hook)
-            recent.append(fn)
+            self._remember(fn)
+
+    def _hook_caller(self, caller: str, first_input) -> None:
+        """Hand the backward back to the caller once a child's backward is done.
+
+        If a module's input was made by its caller's own code (not by another
+        module's output), backward reaches that input's grad_fn right after the
+        child's backward: e.g. `attn` runs SDPA, then `attn.proj`; without this,
+        SDPA's backward would carry `attn.proj`.
+        """
+        if not isinstance(first_input, torch.Tensor):
+            return
+        fn = first_input.grad_fn
+        if fn is None or self._recent.get(id(fn)) is fn:
+            return
+        fn.register_prehook(self._bw_hooks.get(caller) or self._make_bw_hook(caller))
+        self._remember(fn)
+
+    def _remember(self, fn) -> None:
+        recent = self._recent
+        recent[id(fn)] = fn
+        if len(recent) > _RECENT_MAX:
+            del recent[next(iter(recent))]
+
+    def _make_bw_hook(self, name: str):
+        tag = self.tag(_BACKWARD, name)
+        set_tag = self.set_tag
+        local = self.local
+
+        def hook(grad_outputs, _tag=tag):
+            set_tag(_tag)
+            local.module_hook_task = _in_backward()
+
+        self._bw_hooks[name] = hook
+        return hook
 
     def loss_hook(self):
         """A grad_fn pre-hook for backward() roots: stamps 'backward' with no module,

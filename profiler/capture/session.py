@@ -89,7 +89,7 @@ class Profiler:
         start = getattr(self.backend, "start_segments", None)
         if start:
             self.writer.append("segments", start)
-        self.tracer = ModuleTracer(self, self.backend.set_tag)
+        self.tracer = ModuleTracer(self, self.backend.set_tag, self.backend.get_tag)
         if self.modules:
             self.tracer.install()
         self._install_optimizer_hooks()
@@ -162,6 +162,7 @@ class Profiler:
     def on_new_root(self, module, root_name, prefix) -> None:
         # Parameters usually pre-date the capture: name their storages, at a position
         # in the stream that is exact (a marker on CUDA, the event count on CPU).
+        self.backend.adopt(module)
         pos = self._position()
         named = [(prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)]
         for n, p in named:
@@ -191,8 +192,7 @@ class Profiler:
     def _boundary(self, auto=False) -> int:
         """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
-        row = dict(step=self.step_index, ts_us=_now_us(), events_seen=self.backend.events_seen,
-                   events_dropped=self.backend.dropped, **self.backend.stats_row())
+        row = dict(step=self.step_index, ts_us=_now_us(), **self.backend.stats_row())
         self.enter_phase(None)
         if self.backend.name == "cuda":
             self.step_index += 1
@@ -201,6 +201,7 @@ class Profiler:
             self._drain()
             self.step_index += 1
             pos = self.backend.events_seen
+        row.update(events_seen=self.backend.events_seen, events_dropped=self.backend.dropped)
         self._buffer("steps", **row)
         self._last_boundary_auto = auto
         self._events_since_boundary = 0
@@ -297,7 +298,11 @@ class Profiler:
                 fn = t.grad_fn if isinstance(t, torch.Tensor) else None
                 if fn is not None:
                     fn.register_prehook(session.tracer.loss_hook())
-            return original(tensors, *args, **kwargs)
+            session.backend.pause_stacks(True)
+            try:
+                return original(tensors, *args, **kwargs)
+            finally:
+                session.backend.pause_stacks(False)
 
         self._patched_backward = original
         torch.autograd.backward = backward

@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import sys
 
-from profiler.errors import VramscopeError
+from profiler.errors import UsageError, VramscopeError
 
 PROG = "vramscope"
 
@@ -67,8 +67,15 @@ def _import_verb(verb: str):
         raise VramscopeError(f"`{PROG} {verb}` is unavailable: {exc}") from exc
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit code 2), not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def _build_parser(verb: str | None, module) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="GPU memory profiler for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in _COMMANDS:

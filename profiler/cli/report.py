@@ -1,7 +1,9 @@
 """Print a run's memory summary: the peak, top modules, categories and fragmentation at the peak.
 
 Byte counts are shown in binary units and as exact bytes, so that they can be
-checked against torch's own counters. --json prints the same facts as one object.
+checked against torch's own counters. The peak is of allocated bytes, which drop
+when a free is requested; "active then" adds the blocks whose free has not yet
+completed. --json prints the same facts as one object.
 """
 
 from __future__ import annotations
@@ -46,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
 def build_report(trace, top: int = 10) -> dict:
     """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
     from profiler.analysis.categories import category_at_peak
-    from profiler.analysis.compare import summarize
     from profiler.analysis.fragmentation import fragmentation_at_peak
     from profiler.analysis.live import lifetimes
     from profiler.analysis.modules import module_table
+    from profiler.analysis.summary import run_summary
     from profiler.analysis.timeline import peak
 
-    lt = lifetimes(trace)
-    s = summarize(trace, lt)
-    p = peak(trace)
+    lt = lifetimes(trace)  # paired once, shared by every section
+    s = run_summary(trace, lt)
+    p = peak(trace, lt)
     modules = module_table(trace, lt=lt)
     busy = modules[["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes",
                     "peak_contribution_bytes"]].sum(axis=1) > 0
@@ -63,7 +65,8 @@ def build_report(trace, top: int = 10) -> dict:
     return _plain({
         "run": {k: s[k] for k in ("run_id", "name", "backend", "device", "torch_version", "status",
                                   "steps", "events", "events_dropped")} | {"path": str(trace.path)},
-        "peak": {"allocated_bytes": p.allocated_bytes, "reserved_bytes": s["peak_reserved_bytes"],
+        "peak": {"allocated_bytes": p.allocated_bytes, "active_bytes": s["active_at_peak_bytes"],
+                 "reserved_bytes": s["peak_reserved_bytes"],
                  "step": p.step, "phase": p.phase, "event_index": p.event_index, "ts_us": p.ts_us},
         "allocator": {
             "max_allocated_bytes": allocator_max,
@@ -76,6 +79,7 @@ def build_report(trace, top: int = 10) -> dict:
         "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
         "fragmentation": fragmentation_at_peak(trace, lt),
         "median_step_time_us": s["median_step_time_us"],
+        "tokens_per_s": s["tokens_per_s"],
     })
 
 
@@ -133,6 +137,8 @@ def _header(r: dict) -> list[str]:
     run = r["run"]
     step_us = r["median_step_time_us"]
     step_time = "" if step_us is None else f"   median step {step_us / 1000:,.1f} ms"
+    if r.get("tokens_per_s") is not None:
+        step_time += f"   {r['tokens_per_s']:,.0f} tokens/s"
     return [
         f"vramscope report: {run['name']}  ({run['run_id']})",
         f"  backend {run['backend']}   device {run['device']}   torch {run['torch_version']}",
@@ -153,8 +159,11 @@ def _peak(r: dict) -> list[str]:
         verdict = "replay agrees"
     else:
         verdict = f"replay DIFFERS by {a['replay_minus_allocator_bytes']:+,} B"
+    pending = p["active_bytes"] - p["allocated_bytes"] if p.get("active_bytes") is not None else 0
+    pending_note = f"  ({human_bytes(pending)} freed, not yet released)" if pending else ""
     return [
         f"Peak allocated   {exact_bytes(p['allocated_bytes'])}  {where}",
+        f"Active then      {exact_bytes(p.get('active_bytes'))}{pending_note}",
         f"Peak reserved    {reserved}",
         f"Allocator max    {exact_bytes(a['max_allocated_bytes'])}  {verdict}",
     ]
