@@ -309,10 +309,6 @@ def test_recompute_under_checkpoint_carries_checkpointed_modules(tmp_path):
     assert {"blocks.0.attn.qkv", "blocks.0.mlp.fc", "blocks.1.attn.qkv", "blocks.1.mlp.fc"} <= modules
 
 
-    "modules.py: non-reentrant checkpoint stops recomputation early by raising inside the "
-    "recomputed forward, so the tracer's forward post-hook never runs and its thread stack "
-    "keeps the recomputed modules; later steps never enter 'forward' (fix: register the "
-    "post-hook with always_call=True)"))
 def test_checkpoint_every_step_has_a_forward_phase(tmp_path):
     model, opt = _checkpointed()
     trace, _, _ = _capture(tmp_path, steps=2, model=model, opt=opt, name="ckpt2")
@@ -324,10 +320,6 @@ def test_checkpoint_every_step_has_a_forward_phase(tmp_path):
     assert (step1["phase"] == "forward").any()
 
 
-    "modules.py: after a recomputation the thread keeps its 'recompute|<module>' tag, so the "
-    "rest of the backward node that triggered it (the weight gradient of blocks.N.mlp.proj) "
-    "is stamped recompute instead of backward|blocks.N.mlp.proj (fix: restore the tag that "
-    "was set when the recomputation began)"))
 def test_checkpoint_gradients_carry_backward_and_their_module(tmp_path):
     model, opt = _checkpointed()
     trace, _, _ = _capture(tmp_path, steps=1, model=model, opt=opt, name="ckpt3")
