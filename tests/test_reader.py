@@ -330,7 +330,9 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["frobnicate"]) == 2
     assert main(["info"]) == 2  # RUN is required
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("vramscope: error:") for line in err)
+    assert "RUN" in err[-1]
 
 
 def test_help_exits_0_and_lists_verbs(capsys):
