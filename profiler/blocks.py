@@ -79,7 +79,7 @@ def _roundup_power2_next_division(size: int, divisions: int) -> int:
     return size if rounded == size else rounded + step
 
 
-@dataclass
+@dataclass(slots=True)
 class _Block:
     addr: int
     size: int
@@ -193,28 +193,117 @@ class BlockReplay:
 
 
 def block_sizes(actions, addrs, sizes, replay: BlockReplay) -> list:
-    """Block bytes per event (None for events that are not block events)."""
-    out = []
-    for action, addr, size in zip(actions, addrs, sizes):
-        if action == "alloc":
-            out.append(replay.alloc(addr, size))
-        elif action == "free_completed":
-            out.append(replay.free(addr, size))
-        elif action == "free_requested":
-            b = replay.blocks.get(addr)
-            out.append(b.size if b is not None and b.allocated else replay.rules.round_size(size))
-        elif action == "segment_alloc":
-            replay.segment_alloc(addr, size)
-            out.append(None)
-        elif action == "segment_free":
-            replay.segment_free(addr, size)
-            out.append(None)
-        elif action == "segment_map":
-            replay.segment_map(addr, size)
-            out.append(None)
-        elif action == "segment_unmap":
-            replay.segment_unmap(addr, size)
-            out.append(None)
-        else:
-            out.append(None)
+    """Block bytes per event (None for events that are not block events).
+
+    Exactly `replay.alloc` for an alloc, `replay.free` for a free_completed, the
+    block's size (or the rounded request) for a free_requested, and the
+    segment methods for segment events, applied in order; tests hold it to
+    that. The alloc and free paths are inlined, dict operation for dict
+    operation: this loop runs once per event at finalize, in the profiled process.
+    """
+    blocks = replay.blocks
+    ends = replay.ends
+    get = blocks.get
+    end_get = ends.get
+    small_segments = replay.small_segments
+    rules = replay.rules
+    round_size = rules.round_size
+    loose = rules.expandable_segments  # split whenever a minimum block remains
+    max_split = rules.max_split_size
+    new_block = _Block
+    rounded: dict = {}  # request -> rules.round_size(request)
+    out: list = []
+    emit = out.append
+    misses = 0
+    try:
+        for action, addr, size in zip(actions, addrs, sizes):
+            if action == "alloc":
+                want = rounded.get(size)
+                if want is None:
+                    want = rounded[size] = round_size(size)
+                b = get(addr)
+                if b is None or b.allocated or b.size < want:
+                    misses += 1
+                    emit(want)
+                    continue
+                have = b.size
+                rest = have - want
+                if (rest >= MIN_BLOCK if loose or b.segment in small_segments
+                        else want < max_split and rest > SMALL_SIZE):
+                    del blocks[addr]  # _drop(b)
+                    if end_get(addr + have) == addr:
+                        del ends[addr + have]
+                    tail = addr + want  # _put(the remainder)
+                    blocks[tail] = new_block(tail, rest, b.segment)
+                    ends[addr + have] = tail
+                    b.size = have = want  # _put(b)
+                    blocks[addr] = b
+                    ends[tail] = addr
+                b.allocated = True
+                emit(have)
+            elif action == "free_completed":
+                b = get(addr)
+                if b is None or not b.allocated:
+                    misses += 1
+                    want = rounded.get(size)
+                    if want is None:
+                        want = rounded[size] = round_size(size)
+                    emit(want)
+                    continue
+                have = b.size
+                b.allocated = False
+                seg = b.segment
+                at = addr + have
+                nxt = get(at)
+                if nxt is not None and not nxt.allocated and nxt.segment == seg:
+                    grow = nxt.size
+                    del blocks[at]  # _drop(nxt)
+                    if end_get(at + grow) == at:
+                        del ends[at + grow]
+                    del blocks[addr]  # _drop(b)
+                    if end_get(at) == addr:
+                        del ends[at]
+                    b.size = merged = have + grow  # _put(b)
+                    blocks[addr] = b
+                    ends[addr + merged] = addr
+                prev_addr = end_get(addr)
+                prev = get(prev_addr) if prev_addr is not None else None
+                if prev is not None and not prev.allocated and prev.segment == seg:
+                    mine = b.size
+                    del blocks[addr]  # _drop(b)
+                    if end_get(addr + mine) == addr:
+                        del ends[addr + mine]
+                    theirs = prev.size  # _drop(prev)
+                    del blocks[prev_addr]
+                    if end_get(prev_addr + theirs) == prev_addr:
+                        del ends[prev_addr + theirs]
+                    prev.size = merged = theirs + mine  # _put(prev)
+                    blocks[prev_addr] = prev
+                    ends[prev_addr + merged] = prev_addr
+                emit(have)
+            elif action == "free_requested":
+                b = get(addr)
+                if b is not None and b.allocated:
+                    emit(b.size)
+                else:
+                    want = rounded.get(size)
+                    if want is None:
+                        want = rounded[size] = round_size(size)
+                    emit(want)
+            elif action == "segment_alloc":
+                replay.segment_alloc(addr, size)
+                emit(None)
+            elif action == "segment_free":
+                replay.segment_free(addr, size)
+                emit(None)
+            elif action == "segment_map":
+                replay.segment_map(addr, size)
+                emit(None)
+            elif action == "segment_unmap":
+                replay.segment_unmap(addr, size)
+                emit(None)
+            else:
+                emit(None)
+    finally:
+        replay.misses += misses
     return out

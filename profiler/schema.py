@@ -126,6 +126,9 @@ TABLES: dict[str, pa.Schema] = {
             ("num_ooms", pa.int64()),  # null on CPU
             ("events_seen", pa.int64()),  # cumulative, this capture
             ("events_dropped", pa.int64()),  # cumulative, this capture
+            # Whether module hooks ran in this step; when they did not, modules and
+            # phases come from an identical hooked step (profiler/templates.py).
+            ("modules_hooked", pa.bool_()),
         ]
     ),
     "phases": pa.schema(

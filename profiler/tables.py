@@ -9,13 +9,16 @@ Used by the writer at finalize time and by the reader for unfinished runs.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profiler import schema
+from profiler import markers, schema
 from profiler.blocks import AllocatorRules, BlockReplay, block_sizes
 from profiler.classify import CATEGORY_VALUES, classify_events
+from profiler.templates import fill_from_templates
 
 _STR = pa.dictionary(pa.int32(), pa.string())
 
@@ -39,9 +42,14 @@ def make_tag(phase: str | None, module: str | None, category: str | None = None)
     return f"{phase or ''}{TAG_SEP}{module or ''}{TAG_SEP}{category or ''}"
 
 
+_MARKER = "marker"  # internal phase value, never published
+
+
 def parse_tag(tag: str | None) -> tuple[str | None, str | None, str | None]:
     if not tag:
         return None, None, None
+    if tag.startswith(markers.PREFIX):
+        return _MARKER, None, "other"
     parts = tag.split(TAG_SEP)
     parts += [""] * (3 - len(parts))
     return parts[0] or None, parts[1] or None, parts[2] or None
@@ -55,16 +63,57 @@ def _dict_column(arr: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
     return arr
 
 
-def _decode_tags(tag: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-event object arrays (phase, module, hint), decoded through the dictionary."""
-    tag = _dict_column(tag)
-    parsed = [parse_tag(t) for t in tag.dictionary.to_pylist()]
-    idx = tag.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    cols = []
+def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[list, np.ndarray]:
+    """(the dictionary's values, per-event index into them with -1 for null) of a string column."""
+    arr = _dict_column(col)
+    return arr.dictionary.to_pylist(), arr.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+
+
+def _factorize(values: list) -> tuple[list, np.ndarray]:
+    """(distinct non-null values, a code per input value with -1 for None, and a trailing -1)."""
+    lut: dict = {}
+    codes = [-1 if v is None else lut.setdefault(v, len(lut)) for v in values]
+    return list(lut), np.array(codes + [-1], dtype=np.int64)
+
+
+def _objects(values: list, codes: np.ndarray) -> np.ndarray:
+    """Per-event object array: values[code], None for -1."""
+    return np.array(values + [None], dtype=object)[codes]
+
+
+def _tag_parts(tag) -> list[tuple[list, np.ndarray]]:
+    """(distinct values, per-event codes) for phase, module and hint, decoded through the dictionary.
+
+    Tags are parsed once per distinct tag, never once per event.
+    """
+    tags, idx = _codes(tag)
+    parsed = [parse_tag(t) for t in tags]
+    parts = []
     for part in range(3):
-        values = np.array([p[part] for p in parsed] + [None], dtype=object)
-        cols.append(values[idx])  # -1 picks the trailing None
-    return cols[0], cols[1], cols[2]
+        values, code_of_tag = _factorize([p[part] for p in parsed])
+        parts.append((values, code_of_tag[idx]))  # -1 (null tag) picks the trailing -1
+    return parts
+
+
+def _dict_array(codes: np.ndarray, values: list) -> pa.DictionaryArray:
+    """The dictionary column of values[codes] (-1 is null), values in order of first appearance.
+
+    The same array as dictionary-encoding the per-event strings, without making them.
+    `values` must be distinct.
+    """
+    n, k = len(codes), len(values)
+    slot = np.where(codes < 0, k, codes)
+    first = np.full(k + 1, n, dtype=np.int64)
+    np.minimum.at(first, slot, np.arange(n, dtype=np.int64))
+    used = np.flatnonzero(first[:k] < n)
+    order = used[np.argsort(first[used], kind="stable")]
+    remap = np.full(k + 1, -1, dtype=np.int32)
+    remap[order] = np.arange(len(order), dtype=np.int32)
+    indices = remap[slot]
+    null = indices < 0
+    indices = pa.array(indices, pa.int32(), mask=null) if null.any() else pa.array(indices, pa.int32())
+    dictionary = pa.array([values[i] for i in order.tolist()], pa.string())
+    return pa.DictionaryArray.from_arrays(indices, dictionary)
 
 
 def _encode(values: np.ndarray) -> pa.DictionaryArray:
@@ -79,7 +128,13 @@ def _column_np(table: pa.Table, name: str, fill=0) -> np.ndarray:
 
 
 def _strings(table: pa.Table, name: str) -> np.ndarray:
-    return np.array(table.column(name).to_pylist(), dtype=object)
+    """Per-event object array of a string column, decoded through its dictionary.
+
+    The strings are interned, so `== "alloc"` mostly finds the very same object.
+    """
+    values, idx = _codes(table.column(name))
+    values = [sys.intern(v) if type(v) is str else v for v in values]
+    return np.array(values + [None], dtype=object)[idx]
 
 
 def _block_bytes(ev: pa.Table, action: np.ndarray, start: pa.Table, meta: dict,
@@ -92,10 +147,38 @@ def _block_bytes(ev: pa.Table, action: np.ndarray, start: pa.Table, meta: dict,
         cols = [start.column(c).to_pylist() for c in
                 ("segment_addr", "segment_bytes", "segment_type", "block_addr", "block_bytes", "state")]
         replay.load_segments(zip(*cols))
-    sizes = block_sizes(action.tolist(), ev.column("addr").to_pylist(),
-                        ev.column("size_bytes").to_pylist(), replay)
+    sizes = block_sizes(action.tolist(), _pylist(ev.column("addr")),
+                        _pylist(ev.column("size_bytes")), replay)
     facts["block_replay_misses"] = replay.misses
     return pa.array(sizes, pa.int64())
+
+
+def _pylist(col: pa.ChunkedArray) -> list:
+    """Python values of an integer column (None for nulls); through numpy, which is faster."""
+    if col.null_count:
+        return col.to_pylist()
+    return col.to_numpy().tolist()
+
+
+def _fill_markers(phase: np.ndarray) -> np.ndarray:
+    """Phase per event with marker events taking the phase of the event before them."""
+    is_marker = phase == _MARKER
+    if not is_marker.any():
+        return phase
+    idx = np.where(is_marker, 0, np.arange(len(phase)))
+    np.maximum.accumulate(idx, out=idx)
+    filled = phase[idx]
+    return np.where(filled == _MARKER, None, filled)
+
+
+def _hooked_steps(steps: pa.Table) -> set[int] | None:
+    """Steps whose module hooks ran; None when every step was hooked."""
+    if not steps.num_rows or "modules_hooked" not in steps.column_names:
+        return None
+    flags = steps.column("modules_hooked").to_pylist()
+    if all(f is None or f for f in flags):
+        return None
+    return {int(s) for s, f in zip(steps.column("step").to_pylist(), flags) if f is None or f}
 
 
 def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
@@ -106,10 +189,27 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
     """
     meta = meta or {}
     facts = facts if facts is not None else {}
+    raw = dict(raw)
+    # CUDA streams carry step markers: resolve steps and role positions first.
+    raw["events"], raw["roles"] = markers.resolve(raw["events"], raw["roles"])
     ev = raw["events"]
-    phase, module, hint = _decode_tags(ev.column("tag")) if ev.num_rows else (
-        np.array([], object), np.array([], object), np.array([], object))
+    if ev.num_rows:
+        (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
+            _tag_parts(ev.column("tag"))
+    else:
+        phase_values = module_values = hint_values = []
+        phase_codes = module_codes = hint_codes = np.array([], np.int64)
     action = _strings(ev, "action") if ev.num_rows else np.array([], object)
+    hooked = _hooked_steps(raw["steps"])
+    if hooked is not None and ev.num_rows:
+        # Steps captured without module hooks borrow them from an identical hooked step.
+        phase_codes, module_codes, hint_codes = (np.array(c, copy=True) for c in
+                                                 (phase_codes, module_codes, hint_codes))
+        facts.update(fill_from_templates(
+            step=_column_np(ev, "step"), action=action, size=_column_np(ev, "size_bytes"),
+            hooked_steps=hooked, module=module_codes, phase=phase_codes, hint=hint_codes))
+    phase = _objects(phase_values, phase_codes)
+    hint = _objects(hint_values, hint_codes)
     addr = _column_np(ev, "addr")
 
     segments = raw["segments"]
@@ -121,15 +221,18 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
     baseline_addr = _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
 
     roles = raw["roles"]
+    # Markers sit inside phases without ending them: classify as if they were absent.
+    span_phase = _fill_markers(phase) if _MARKER in phase_values else phase
+    if _MARKER in phase_values:  # published as no phase
+        phase_codes = np.where(phase_codes == phase_values.index(_MARKER), -1, phase_codes)
     codes, baseline_codes = classify_events(
-        action=action, addr=addr, phase=phase, hint=hint,
+        action=action, addr=addr, phase=span_phase, hint=hint,
         role_addr=_column_np(roles, "addr") if roles.num_rows else np.array([], np.int64),
         role_index=_column_np(roles, "event_index") if roles.num_rows else np.array([], np.int64),
         role_name=[str(r) for r in roles.column("role").to_pylist()] if roles.num_rows else [],
         baseline_addr=baseline_addr,
     )
     cat_values = np.array(CATEGORY_VALUES + [None], dtype=object)
-    category = cat_values[codes]  # -1 (no category) picks None
 
     events = pa.table(
         {
@@ -140,9 +243,9 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
             "block_bytes": block_bytes,
             "stream": ev.column("stream"),
             "step": ev.column("step"),
-            "module": _encode(module),
-            "phase": _encode(phase),
-            "category": _encode(category),
+            "module": _dict_array(module_codes, module_values),
+            "phase": _dict_array(phase_codes, phase_values),
+            "category": _dict_array(codes, CATEGORY_VALUES),  # -1: no category
             "stack_id": ev.column("stack_id"),
         },
         schema=schema.TABLES["events"],

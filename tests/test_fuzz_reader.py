@@ -134,7 +134,7 @@ def _rewrite(path: Path, change) -> None:
         if path.suffix == ".parquet":
             tbl = pq.read_table(path)
         else:
-            tbl = read_journal(path, pa.schema([]))
+            tbl = read_journal(path, None)
         tbl.validate(full=True)  # an earlier byte flip can decode into nonsense lengths
         tbl = change(tbl)
     except Exception:  # already unreadable, or the change does not apply: leave it

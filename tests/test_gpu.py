@@ -60,9 +60,10 @@ def gpt_run(tmp_path_factory):
     import profiler
 
     _fresh_gpu()
-    model, opt, run = _gpt_step_fn(steps=3)
+    model, opt, run = _gpt_step_fn(steps=6)
     out = tmp_path_factory.mktemp("traces")
-    with profiler.profile(out=out, name="gpt2-small-bf16") as prof:
+    # Steps 0-1 run module hooks; 2-5 borrow attribution from an identical hooked step.
+    with profiler.profile(out=out, name="gpt2-small-bf16", hooked_steps=(2, 50)) as prof:
         run()
     torch_peak = torch.cuda.max_memory_allocated()
     del model, opt
@@ -106,9 +107,14 @@ def test_allocations_carry_module_or_optimizer(gpt_run):
     tagged = allocs["module"].notna() | (allocs["phase"] == "optimizer")
     share = allocs["size_bytes"][tagged].sum() / allocs["size_bytes"].sum()
     untagged = allocs[~tagged].groupby(["phase", "category"], observed=True)["size_bytes"].sum()
-    _save("attribution", dict(tagged_share=float(share),
+    per_step = {int(s): float(g["size_bytes"][tagged[g.index]].sum() / g["size_bytes"].sum())
+                for s, g in allocs.groupby("step")}
+    meta = json.loads((run_dir / "meta.json").read_text())
+    _save("attribution", dict(tagged_share=float(share), per_step=per_step,
+                              steps_from_template=meta.get("steps_from_template"),
                               untagged_bytes={str(k): int(v) for k, v in untagged.items()}))
     assert share >= 0.995
+    assert meta.get("steps_from_template", 0) >= 3
 
 
 def test_backward_allocations_carry_their_module(gpt_run):
@@ -118,8 +124,17 @@ def test_backward_allocations_carry_their_module(gpt_run):
     run_dir, _ = gpt_run
     ev, _ = load_events(run_dir)
     roles = pq.read_table(run_dir / "roles.parquet").to_pandas()
-    grads = roles[(roles["role"] == "gradient") & (roles["step"] == 0)]
-    allocs = ev[(ev["action"] == "alloc") & (ev["phase"] == "backward") & (ev["step"] == 0)]
+    checked = wrong = 0
+    for step in (0, 4):  # a hooked step and one attributed from a template
+        c, w = _check_gradient_modules(ev, roles, step)
+        checked, wrong = checked + c, wrong + w
+    _save("backward_attribution", dict(gradients_checked=checked, wrong=wrong))
+    assert checked > 200 and wrong == 0
+
+
+def _check_gradient_modules(ev, roles, step):
+    grads = roles[(roles["role"] == "gradient") & (roles["step"] == step)]
+    allocs = ev[(ev["action"] == "alloc") & (ev["phase"] == "backward") & (ev["step"] == step)]
     module_of = dict(zip(allocs["addr"], allocs["module"].astype(str)))
     checked = wrong = 0
     for addr, name in zip(grads["addr"], grads["name"].astype(str)):
@@ -130,9 +145,8 @@ def test_backward_allocations_carry_their_module(gpt_run):
         checked += 1
         if module_of.get(addr) != expected:
             wrong += 1
-            print("mismatch", name, module_of.get(addr))
-    _save("backward_attribution", dict(gradients_checked=checked, wrong=wrong))
-    assert checked > 100 and wrong == 0
+            print("mismatch", step, name, module_of.get(addr))
+    return checked, wrong
 
 
 def test_categories_agree_with_memtracker():

@@ -34,7 +34,7 @@ class Profiler:
     """Context manager and decorator. See `profile()` for the arguments."""
 
     def __init__(self, out="traces", name=None, config=None, backend="auto", stacks=True,
-                 modules=True, max_entries=1_000_000, drain_interval_s=0.5,
+                 modules=True, hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5,
                  run_id=None, subdir=None, extra_meta=None):
         self.out = out
         self.name = name or "run"
@@ -42,6 +42,10 @@ class Profiler:
         self.backend_name = backend
         self.stacks = stacks
         self.modules = modules
+        # (first, every): module hooks run in the first `first` steps and every
+        # `every`-th step after; other steps borrow attribution from an identical
+        # hooked step (profiler/templates.py). None hooks every step.
+        self.hooked_steps = hooked_steps
         self.max_entries = max_entries
         self.drain_interval_s = drain_interval_s
         self.run_id = run_id
@@ -79,6 +83,7 @@ class Profiler:
         meta = dict(backend=self.backend.name, torch_version=torch.__version__, config=self.config,
                     max_allocated_bytes=None, max_reserved_bytes=None, events_dropped=0,
                     capture=dict(stacks=self.stacks, modules=self.modules,
+                                 hooked_steps=self.hooked_steps,
                                  max_entries=self.max_entries),
                     **facts, **self.extra_meta)
         meta.setdefault("allocator_settings", None)
@@ -90,8 +95,8 @@ class Profiler:
         if start:
             self.writer.append("segments", start)
         self.tracer = ModuleTracer(self, self.backend.set_tag, self.backend.get_tag)
-        if self.modules:
-            self.tracer.install()
+        self._hooks_on = False
+        self._set_module_hooks(self.modules)
         self._install_optimizer_hooks()
         self._patch_backward()
         if self.backend.name == "cuda":
@@ -131,7 +136,7 @@ class Profiler:
 
     def _init_kwargs(self):
         return dict(out=self.out, name=self.name, config=self.config, backend=self.backend_name,
-                    stacks=self.stacks, modules=self.modules, max_entries=self.max_entries,
+                    stacks=self.stacks, modules=self.modules, hooked_steps=self.hooked_steps, max_entries=self.max_entries,
                     drain_interval_s=self.drain_interval_s,
                     extra_meta=self.extra_meta)
 
@@ -192,7 +197,8 @@ class Profiler:
     def _boundary(self, auto=False) -> int:
         """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
-        row = dict(step=self.step_index, ts_us=_now_us(), **self.backend.stats_row())
+        row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on,
+                   **self.backend.stats_row())
         self.enter_phase(None)
         if self.backend.name == "cuda":
             self.step_index += 1
@@ -203,6 +209,7 @@ class Profiler:
             pos = self.backend.events_seen
         row.update(events_seen=self.backend.events_seen, events_dropped=self.backend.dropped)
         self._buffer("steps", **row)
+        self._set_module_hooks(self.modules and self._hook_step(self.step_index))
         self._last_boundary_auto = auto
         self._events_since_boundary = 0
         self.tracer.retag()
@@ -210,6 +217,19 @@ class Profiler:
             self._drain()
         self._capture_s += time.perf_counter() - t0
         return pos
+
+    def _hook_step(self, step: int) -> bool:
+        if self.hooked_steps is None:
+            return True
+        first, every = self.hooked_steps
+        return step < first or (every and step % every == 0)
+
+    def _set_module_hooks(self, on: bool) -> None:
+        if on and not self._hooks_on:
+            self.tracer.install()
+        elif self._hooks_on and not on:
+            self.tracer.remove()
+        self._hooks_on = on
 
     def _position(self) -> int:
         """An exact stream position for roles registered now (see profiler.markers)."""
@@ -330,7 +350,7 @@ class Profiler:
         if self._patched_backward is not None:
             torch.autograd.backward = self._patched_backward
             self._patched_backward = None
-        self.tracer.remove()
+        self._set_module_hooks(False)
         if self.backend.name == "cuda":
             from profiler.capture import cuda
             cuda.clear_oom()
@@ -338,7 +358,7 @@ class Profiler:
     def _finish(self, status: str, exc) -> None:
         self._drain(with_segments=True, flush=False)
         if self._events_since_boundary or self.step_index == 0:
-            self._buffer("steps", step=self.step_index, ts_us=_now_us(),
+            self._buffer("steps", step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on,
                          events_seen=self.backend.events_seen, events_dropped=self.backend.dropped,
                          **self.backend.stats_row())
         self.enter_phase(None)
@@ -376,17 +396,19 @@ def _make_backend(name: str, stacks: bool, max_entries: int):
 # -- module-level API -----------------------------------------------------------------
 
 def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True, modules=True,
-            max_entries=1_000_000, drain_interval_s=0.5, **kw) -> Profiler:
+            hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5, **kw) -> Profiler:
     """Capture memory events into a trace directory under `out`.
 
     `name` labels the run, `config` records what the run toggled (shown in
     comparisons). `backend` is "auto" (CUDA when available), "cuda" or "cpu".
     `stacks` records Python stacks for allocations; `modules=False` skips module
-    hooks (cheaper; allocations then carry phases but no module). Use as `with profile(...) as prof:`
+    hooks (cheaper; allocations then carry phases but no module). `hooked_steps=(first,
+    every)` runs module hooks in the first steps and every `every`-th step; the
+    other steps take their modules from an identical hooked step (None: every step). Use as `with profile(...) as prof:`
     (call `prof.step()` per step if the script has no optimizer) or as a decorator.
     """
     return Profiler(out=out, name=name, config=config, backend=backend, stacks=stacks,
-                    modules=modules, max_entries=max_entries, drain_interval_s=drain_interval_s, **kw)
+                    modules=modules, hooked_steps=hooked_steps, max_entries=max_entries, drain_interval_s=drain_interval_s, **kw)
 
 
 def active() -> Profiler | None:
