@@ -1,6 +1,7 @@
 """vramscope: GPU memory profiling for PyTorch LLM work.
 
-Capture:   profiler.profile(...), profiler.mark(...), profiler.record(...)
+Capture:   profiler.profile(...), profiler.mark(...), profiler.category(...),
+           profiler.record_kv(cache), profiler.step()
 Read:      profiler.load_trace(path)
 Analyse:   profiler.analysis
 """
@@ -22,14 +23,15 @@ __all__ = [
     "load_trace",
     "mark",
     "profile",
-    "record",
+    "record_kv",
+    "step",
 ]
 
 
 def __getattr__(name):
     # Lazy, so that `import profiler` stays cheap and the reader's pandas import
     # never lands in a process that only captures.
-    if name in ("profile", "mark", "record", "category"):
+    if name in ("profile", "mark", "step", "record_kv", "category"):
         from profiler.capture import session
 
         return getattr(session, name)

@@ -9,6 +9,7 @@ A run is one directory:
     modules.parquet      the module tree with parameter and buffer bytes
     roles.parquet        tensors whose role is known at a moment (parameter, gradient, ...)
     segments.parquet     allocator segment/block snapshots (at start, on OOM, at the end)
+    kv.parquet           KV-cache growth: tokens, token-state and reserved bytes per step
     frames.parquet       interned stack frames
     stacks.parquet       interned stacks: a list of frame ids, innermost first
 
@@ -181,6 +182,18 @@ TABLES: dict[str, pa.Schema] = {
             ("stack_id", pa.int32()),
         ]
     ),
+    "kv": pa.schema(
+        [
+            ("step", pa.int32()),
+            ("ts_us", pa.int64()),
+            ("cache", _STR),  # a name for the cache (its class, or what the caller passed)
+            ("batch", pa.int32()),
+            ("tokens", pa.int64()),  # token positions held per sequence (max over the batch)
+            ("token_state_bytes", pa.int64()),  # bytes holding real token states (K and V)
+            ("reserved_bytes", pa.int64()),  # bytes the cache holds, used or not
+            ("extra_bytes", pa.int64()),  # scales, block tables and other bookkeeping
+        ]
+    ),
     "frames": pa.schema(
         [
             ("frame_id", pa.int32()),
@@ -207,6 +220,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "roles": ("ts_us", "event_index", "addr", "size_bytes", "role"),
     "segments": ("snapshot", "ts_us", "event_index", "segment_addr", "segment_bytes", "block_addr",
                  "block_bytes", "state"),
+    "kv": ("step", "ts_us", "cache", "tokens", "token_state_bytes", "reserved_bytes"),
     "frames": ("frame_id", "filename", "line", "function"),
     "stacks": ("stack_id", "frame_ids"),
 }

@@ -23,6 +23,7 @@ class Trace:
     modules: pd.DataFrame
     roles: pd.DataFrame
     segments: pd.DataFrame
+    kv: pd.DataFrame
     frames: pd.DataFrame
     stacks: pd.DataFrame
     # Tables read from journals rather than Parquet: the run is live or was killed.

@@ -426,6 +426,22 @@ def step() -> None:
         _ACTIVE.step()
 
 
+def record_kv(cache, name: str | None = None) -> dict | None:
+    """Record a KV cache's state now (tokens, token-state and reserved bytes).
+
+    `cache` follows the KV protocol (a `kv_stats()` method returning a dict with
+    batch, tokens, token_state_bytes, reserved_bytes and optionally extra_bytes), or
+    is a transformers Cache (DynamicCache and friends), measured from its tensors.
+    Returns the row, also without an active capture (so callers can test it).
+    """
+    from profiler.capture.kv import kv_row
+
+    row = kv_row(cache, name)
+    if _ACTIVE is not None and row is not None:
+        _ACTIVE._buffer("kv", step=_ACTIVE.step_index, ts_us=_now_us(), **row)
+    return row
+
+
 @contextlib.contextmanager
 def category(name: str):
     """Stamp allocations made inside the block with a category (e.g. "kv_cache")."""
