@@ -24,6 +24,7 @@ __all__ = [
     "mark",
     "profile",
     "record_kv",
+    "register_model",
     "step",
 ]
 
@@ -31,7 +32,7 @@ __all__ = [
 def __getattr__(name):
     # Lazy, so that `import profiler` stays cheap and the reader's pandas import
     # never lands in a process that only captures.
-    if name in ("profile", "mark", "step", "record_kv", "category"):
+    if name in ("profile", "mark", "step", "record_kv", "register_model", "category"):
         from profiler.capture import session
 
         return getattr(session, name)

@@ -1,17 +1,32 @@
-"""Minimal training loop for the reference GPT, used by tests and benchmarks.
+"""Training the reference GPT under memory toggles, captured by vramscope.
 
-    python -m workloads.train --preset tiny --steps 3
+    python -m workloads.train --preset tiny --steps 5 --precision bf16 --checkpointing every:2 --out traces
+    python -m workloads.train --preset tiny --steps 3          # no --out: no capture, a loss line per step
+
+`run(...)` is the ablation runner's entry point (workloads/interface.md); the
+toggles are in workloads/toggles/. `build`, `make_batch` and `train_step` are the
+minimal loop that tests and benchmarks drive directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
 
 import torch
 
-from workloads.model import GPT, PRESETS, GPTConfig, preset
+from profiler.capture import session as capture
+from profiler.schema import META_FILE, Phase
+from workloads.model import GPT, PRESETS, GPTConfig, preset as model_preset
+from workloads.toggles import TrainToggles, apply_toggles, from_dict
+from workloads.toggles.optimizer import LR
 
-LR = 3e-4
+_FORWARD = Phase.FORWARD.value
 
 
 def make_batch(
@@ -70,22 +85,177 @@ def train_step(
     return loss.detach()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+class Trainer:
+    """The model, optimizer and step plan that the toggles make, and one fixed batch.
 
-    torch.manual_seed(args.seed)
-    cfg = preset(args.preset)
-    model, opt = build(cfg, args.device)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    Seeded, so that two Trainers with the same config start from the same weights
+    and see the same batch: their losses differ only by what the toggles change.
+    """
+
+    def __init__(self, cfg: GPTConfig, toggles: TrainToggles, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.toggles = toggles
+        self.device = torch.device(toggles.device)
+        torch.manual_seed(seed)
+        with self.device:
+            model = GPT(cfg)
+        # One batch re-used every step, so that losses are comparable across runs.
+        self.batch = make_batch(cfg, self.device)
+        self.model, self.optimizer, self.plan = apply_toggles(toggles, model)
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step over the batch (k micro-batches under accumulation); the mean loss.
+
+        The capture's step ends at the optimizer step (prof.step() as well, since a
+        GradScaler skips optimizer.step() when it finds inf gradients).
+        """
+        plan, k = self.plan, self.plan.micro_batches
+        losses = []
+        with contextlib.ExitStack() as whole_step:
+            plan.enter(whole_step, plan.step_contexts)
+            for idx, targets in plan.split(self.batch):
+                # Module hooks would start the phase themselves; a compiled run has none.
+                capture.mark(_FORWARD)
+                with contextlib.ExitStack() as forward:
+                    plan.enter(forward, plan.forward_contexts)
+                    # Only the loss: holding the logits through backward would keep
+                    # (B, T, vocab) bytes alive that the training step never uses.
+                    loss = self.model(idx, targets)[1]
+                scaled = loss / k if k > 1 else loss
+                (plan.scaler.scale(scaled) if plan.scaler else scaled).backward()
+                losses.append(loss.detach())
+        if plan.scaler:
+            plan.scaler.step(self.optimizer)
+            plan.scaler.update()
+        else:
+            self.optimizer.step()
+        capture.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses[0] if k == 1 else torch.stack(losses).mean()
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = None, steps: int = 10,
+        device: str = "auto", seed: int = 0) -> dict:
+    """Train `preset` for `steps` optimizer steps under `toggles`, captured; the result dict.
+
+    The contract, keys included, is workloads/interface.md. Never raises for a failed
+    run: an out-of-memory error is status "oom", anything else "error", and a capture
+    that started still finalizes (with that status) and reports its peaks.
+    """
+    result = dict(status="error", run_dir=None, peak_allocated_bytes=None, peak_reserved_bytes=None,
+                  median_step_ms=None, tokens_per_s=None, loss=None, losses=[], error=None)
+    step_ms: list[float] = []
+    prof = None
+    try:
+        device = resolve_device(device)
+        cfg = model_preset(preset)
+        parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
+        dev = torch.device(device)
+        if parsed.compile and dev.type == "cpu":
+            raise ValueError("compile is not captured on cpu: dynamo skips compilation under the CPU "
+                             "backend's TorchDispatchMode, so the run would measure eager mode")
+        # Module hooks and dynamo do not mix (workloads/toggles/compile.py): a compiled run
+        # is captured with phases and categories, without module attribution.
+        hooks = parsed.compile is None
+        prof = capture.profile(out=out, name=name or f"train-{preset}", config={"preset": preset, **toggles},
+                               backend=dev.type, modules=hooks)
+        with prof:
+            trainer = Trainer(cfg, parsed, seed=seed)
+            if not hooks:
+                # Without module hooks nothing meets the root module: name its modules and
+                # parameters now, or parameters would count as "other".
+                prof.register_model(trainer.model)
+            for _ in range(steps):
+                _sync(dev)
+                t0 = time.perf_counter()
+                loss = trainer.step()
+                _sync(dev)
+                step_ms.append((time.perf_counter() - t0) * 1e3)
+                result["losses"].append(loss.item())
+        result["status"] = "ok"
+    except torch.OutOfMemoryError as exc:
+        result.update(status="oom", error=_one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
+        result.update(status="error", error=_one_line(exc))
+    if prof is not None and prof.run_dir is not None:
+        result["run_dir"] = str(prof.run_dir)
+        meta = _read_meta(prof.run_dir)
+        result["peak_allocated_bytes"] = meta.get("max_allocated_bytes")
+        result["peak_reserved_bytes"] = meta.get("max_reserved_bytes")
+    if step_ms:
+        result["median_step_ms"] = statistics.median(step_ms)
+        result["tokens_per_s"] = cfg.batch_size * cfg.seq_len / (result["median_step_ms"] / 1e3)
+    if result["losses"]:
+        result["loss"] = result["losses"][-1]
+    return result
+
+
+def _read_meta(run_dir) -> dict:
+    try:
+        return json.loads((Path(run_dir) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workloads.train", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="capture a trace under this folder and print the result JSON")
+    p.add_argument("--name", help="the run's name (with --out)")
+    t = p.add_argument_group("toggles (off when left out)")
+    t.add_argument("--precision", "--dtype", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--checkpointing", metavar="full|every:k|selective")
+    t.add_argument("--accumulation", type=int, metavar="K")
+    t.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw", "adamw_fused"])
+    t.add_argument("--attention", choices=["math", "flash", "efficient", "cudnn"])
+    t.add_argument("--offload", action="store_const", const="on")
+    t.add_argument("--compile", nargs="?", const="on", metavar="BACKEND")
+    t.add_argument("--alloc-conf", dest="alloc_conf", metavar="PYTORCH_CUDA_ALLOC_CONF")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = ("precision", "checkpointing", "accumulation", "optimizer", "attention", "offload",
+             "compile", "alloc_conf")
+    toggles = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    device = resolve_device(args.device)
+    if args.out:
+        result = run(args.preset, toggles, out=args.out, name=args.name, steps=args.steps,
+                     device=device, seed=args.seed)
+        print(json.dumps(result, indent=1))
+        if result["status"] != "ok":
+            sys.exit(1)
+        return
+    # No capture of our own: `vramscope run -m workloads.train` may be capturing this process.
+    cfg = model_preset(args.preset)
+    try:
+        parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
+    except ValueError as exc:
+        parser.error(str(exc))  # one line and the usage, no traceback
+    trainer = Trainer(cfg, parsed, seed=args.seed)
     for step in range(args.steps):
-        batch = make_batch(cfg, args.device)
-        loss = train_step(model, opt, batch, autocast_dtype)
+        loss = trainer.step()
         print(f"step {step} loss {loss.item():.4f}", flush=True)
 
 

@@ -76,8 +76,11 @@ class ModuleTracer:
         """
         original = nn.Module._call_impl
         pre, post, unwind = self._pre_forward, self._post_forward, self._unwind
+        compiling = torch.compiler.is_compiling
 
         def _call_impl(module, *args, **kwargs):
+            if compiling():  # inside a graph being traced: hooks would only break it
+                return original(module, *args, **kwargs)
             pre(module, args)
             try:
                 out = original(module, *args, **kwargs)
@@ -118,6 +121,12 @@ class ModuleTracer:
         """Re-stamp this thread after a phase or hint change."""
         st = self.local
         self.set_tag(self.tag(self.recorder.phase, st.stack[-1] if st.stack else None, st.hint))
+
+    def register_root(self, module: nn.Module) -> str:
+        """Name a model's modules and register its parameters without running it
+        (for compiled models, whose forward runs no module hooks)."""
+        name = self.names.get(module)
+        return name if name is not None else self._discover(module)
 
     # -- naming -------------------------------------------------------------------
     def _discover(self, module: nn.Module) -> str:

@@ -148,6 +148,14 @@ class Profiler:
                 return  # the optimizer hook already ended this step
         self._boundary()
 
+    def register_model(self, model) -> str:
+        """Name `model`'s modules and register its parameters now.
+
+        Module hooks do this on a model's first forward; a compiled model runs no
+        module hooks, so call this to keep its names and parameter category.
+        """
+        return self.tracer.register_root(model)
+
     def mark(self, phase: str) -> None:
         """Start a user-defined phase (until the next mark, forward, or step)."""
         self.enter_phase(phase)
@@ -424,6 +432,11 @@ def mark(phase: str) -> None:
 def step() -> None:
     if _ACTIVE is not None:
         _ACTIVE.step()
+
+
+def register_model(model) -> str | None:
+    """See Profiler.register_model (a no-op without an active capture)."""
+    return _ACTIVE.register_model(model) if _ACTIVE is not None else None
 
 
 def record_kv(cache, name: str | None = None) -> dict | None:

@@ -23,6 +23,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("run", "profiler.cli.run"),
     ("report", "profiler.cli.report"),
     ("info", "profiler.cli.info"),
+    ("ablate", "profiler.cli.ablate"),
 ]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
