@@ -251,7 +251,8 @@ def run(preset: str, toggles: dict, *, out: str, name: str, steps: int, device: 
     prompt = make_prompt(cfg)
     cuda = torch.device(cfg.device).type == "cuda"
     times: list[float] = []
-    prof = profiler.profile(out=out, name=name, config={"preset": preset, **toggles})
+    prof = profiler.profile(out=out, name=name, config={"preset": preset, **toggles},
+                            backend=torch.device(cfg.device).type)
     status, error = "ok", None
     try:
         with prof, torch.no_grad(), sdpa_backends(cfg.device):

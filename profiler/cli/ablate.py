@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     vary, fixed = parse_vary(args.vary), parse_fixed(args.fixed)
     device = _check(args, vary, fixed)
-    progress = None if args.json else make_progress()
+    progress = make_progress()  # on stderr, so --json output stays one object
     result = run_suite(args.suite, preset=args.preset, steps=args.steps, device=device, out=args.out,
                        vary=vary, fixed=fixed, timeout=args.timeout, jobs=args.jobs,
                        progress=progress)

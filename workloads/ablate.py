@@ -1,0 +1,470 @@
+"""Ablations: one workload under many toggle settings, each run in its own process, tabulated.
+
+A configuration is (kind, toggles): kind "train" or "infer", toggles a flat dict in
+which a missing key means "off" (workloads/interface.md). A suite is a list of named
+configurations whose first one is the baseline; `vary` replaces the list by the
+cartesian product of some toggles' values, and `fixed` toggles are set in every one.
+
+Every configuration runs as `python -m workloads.run_one ...` in a fresh process, so
+that one run's allocator cache, compiled graphs or CUDA context never leak into the
+next, and so that PYTORCH_CUDA_ALLOC_CONF (read once, at CUDA start-up) can differ
+per run. A run that goes out of memory, fails, crashes or times out becomes a row that
+says so, and the suite goes on. The table is written to
+`<out>/ablation-<suite>-<stamp>.parquet`; profiler/cli/ablate.py draws it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+BASELINE = "baseline"
+
+# Training. The baseline is fp32 with (unfused, for-each) AdamW and nothing else on:
+# what a first training script does, so each row below is one optimization alone
+# against it, then the combinations people actually use. bf16 would be the usual
+# starting point on a GPU, but then the precision rows could not be compared with fp32.
+SEEDS: list[tuple[str, dict]] = [
+    (BASELINE, {}),
+    ("bf16", {"precision": "bf16"}),
+    ("fp16", {"precision": "fp16"}),
+    ("ckpt-full", {"checkpointing": "full"}),
+    ("ckpt-every2", {"checkpointing": "every:2"}),
+    ("ckpt-selective", {"checkpointing": "selective"}),
+    ("accum4", {"accumulation": 4}),
+    ("sgd", {"optimizer": "sgd"}),
+    ("sgd-momentum", {"optimizer": "sgd_momentum"}),
+    ("adamw-fused", {"optimizer": "adamw_fused"}),
+    ("bf16+attn-flash", {"precision": "bf16", "attention": "flash"}),  # flash takes no fp32 on CUDA
+    ("attn-efficient", {"attention": "efficient"}),
+    ("offload", {"offload": "on"}),
+    ("compile", {"compile": "on"}),
+    ("expandable", {"alloc_conf": "expandable_segments:True"}),
+    ("bf16+ckpt", {"precision": "bf16", "checkpointing": "full"}),
+    ("bf16+ckpt+fused", {"precision": "bf16", "checkpointing": "full", "optimizer": "adamw_fused"}),
+    ("bf16+accum4+ckpt2", {"precision": "bf16", "accumulation": 4, "checkpointing": "every:2"}),
+]
+
+# Inference. The baseline is the cache a first generate loop writes (torch.cat per
+# token); "none" recomputes the whole prefix at every token instead. Weights are the
+# infer workload's default unless a row says otherwise: bf16 on CUDA (fp32 on the CPU),
+# so kv-prealloc is also the "prealloc with bf16 weights" row.
+KV: list[tuple[str, dict]] = [
+    (BASELINE, {"kv": "concat"}),
+    ("kv-none", {"kv": "none"}),
+    ("kv-prealloc", {"kv": "prealloc"}),
+    ("kv-sliding", {"kv": "sliding"}),
+    ("kv-paged", {"kv": "paged"}),
+    ("kv-int8", {"kv": "int8"}),
+    ("prealloc+w-int8", {"kv": "prealloc", "weights": "int8"}),
+]
+
+SUITES: dict[str, tuple[str, list[tuple[str, dict]]]] = {"seeds": ("train", SEEDS), "kv": ("infer", KV)}
+
+# What the runner itself refuses off CUDA; everything else is the workloads' own checks
+# (workloads.toggles.from_dict, workloads.infer.InferConfig), so the two never disagree.
+CUDA_ONLY = {
+    "compile": "train.run refuses compile under the CPU capture, where dynamo does not compile",
+    "alloc_conf": "PYTORCH_CUDA_ALLOC_CONF configures the CUDA caching allocator",
+}
+
+TAIL_CHARS = 4000  # of a crashed child's output, kept for its error line
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Config:
+    name: str
+    """Row label; also part of the run's name."""
+    kind: str
+    """"train" or "infer": which workload's run() to call."""
+    toggles: dict
+    """Flat toggles; a missing key is off."""
+    skip: str | None = None
+    """Why this configuration is not run here (None: it runs)."""
+
+
+# -- the matrix -----------------------------------------------------------------------
+
+def coerce(text: str):
+    """A toggle value from the command line: "4" -> 4, "none"/"off" -> None, else the text."""
+    if text.lower() in ("none", "off", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _clean(toggles: dict) -> dict:
+    return {k: v for k, v in toggles.items() if v is not None}
+
+
+def known_toggles(kind: str) -> tuple[str, ...]:
+    """The toggle keys the workload of `kind` accepts."""
+    if kind == "train":
+        from workloads.toggles import KEYS
+
+        return tuple(KEYS)
+    from workloads.infer import RUNNER_KEYS, InferConfig
+
+    fixed = ("preset", "device", "steps")
+    return tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in fixed) + tuple(RUNNER_KEYS)
+
+
+def skip_reason(kind: str, toggles: dict, *, preset: str, steps: int, device: str) -> str | None:
+    """Why `toggles` cannot run on `device` (the workload's own check, in one line), or None."""
+    if device != "cuda":
+        for key, why in CUDA_ONLY.items():
+            if toggles.get(key) is not None:
+                return f"{key}={toggles[key]} needs CUDA ({why})"
+    try:  # the checks the child would make first, without building a model
+        if kind == "train":
+            from workloads.model import preset as gpt_preset
+            from workloads.toggles import from_dict
+
+            from_dict(toggles, device=device, batch_size=gpt_preset(preset).batch_size)
+        else:
+            from workloads.infer import RUNNER_KEYS, InferConfig
+
+            InferConfig.from_toggles(preset, {k: v for k, v in toggles.items() if k not in RUNNER_KEYS},
+                                     steps=steps, device=device)
+    except ValueError as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def product(vary: dict[str, list]) -> list[dict]:
+    """The cartesian product of the axes, first axis slowest: {a: [1, 2], b: [x]} -> [{a: 1, b: x}, {a: 2, b: x}]."""
+    keys = list(vary)
+    return [dict(zip(keys, values)) for values in itertools.product(*(vary[k] for k in keys))]
+
+
+def _label(toggles: dict) -> str:
+    return ",".join(f"{k}={'off' if v is None else v}" for k, v in toggles.items()) or BASELINE
+
+
+def configurations(suite: str, *, vary: dict[str, list] | None = None, fixed: dict | None = None,
+                   preset: str = "tiny", steps: int = 5, device: str = "cpu") -> list[Config]:
+    """The suite's configurations (or the product of `vary`), first = baseline.
+
+    `fixed` toggles are set in every configuration, under the row's own: `fixed` moves the
+    baseline, and a suite row that sets the same toggle still tests its own value. A `vary`
+    product's first combination (every axis at its first value) is the baseline. A toggle
+    the workload does not know raises ValueError; one it refuses here (on this device, in
+    this combination) makes a skipped row with the workload's reason.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
+    kind, table = SUITES[suite]
+    fixed = dict(fixed or {})
+    unknown = sorted((set(fixed) | set(vary or {})) - set(known_toggles(kind)))
+    if unknown:
+        raise ValueError(f"unknown {kind} toggle(s) {', '.join(unknown)}; known: {', '.join(known_toggles(kind))}")
+    named = [(_label(combo), combo) for combo in product(vary)] if vary else list(table)
+    configs = []
+    for name, toggles in named:
+        merged = _clean({**fixed, **toggles})  # a row's own toggles win: they are what it tests
+        skip = skip_reason(kind, merged, preset=preset, steps=steps, device=device)
+        configs.append(Config(name=name, kind=kind, toggles=merged, skip=skip))
+    return configs
+
+
+# -- one run --------------------------------------------------------------------------
+
+def child_env(toggles: dict, env: dict | None = None) -> dict:
+    """The child's environment: PYTORCH_CUDA_ALLOC_CONF from the alloc_conf toggle and nothing else.
+
+    An inherited setting is dropped, so that the baseline runs on the allocator's defaults.
+    The repository root goes first on PYTHONPATH so that `-m workloads.run_one` imports
+    this checkout's workloads whatever the current directory.
+    """
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if toggles.get("alloc_conf"):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = str(toggles["alloc_conf"])
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def command(config: Config, *, preset: str, steps: int, out, device: str, run_name: str,
+            result) -> list[str]:
+    return [sys.executable, "-m", "workloads.run_one", "--kind", config.kind, "--preset", preset,
+            "--toggles", json.dumps(config.toggles), "--out", str(out), "--name", run_name,
+            "--steps", str(steps), "--device", device, "--result", str(result)]
+
+
+_LIVE: set[int] = set()  # process groups of the children running now
+
+
+def launch(argv: list[str], env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run argv; (exit code or None after `timeout` seconds, the tail of its output).
+
+    The one place a process is started, so that tests can replace it. The child leads
+    its own process group, so that a timeout also ends whatever it started (compile workers).
+    """
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _LIVE.add(proc.pid)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc.pid)
+        output, _ = proc.communicate()
+        return None, output.decode(errors="replace")[-TAIL_CHARS:]
+    except BaseException:
+        _kill(proc.pid)
+        raise
+    finally:
+        _LIVE.discard(proc.pid)
+    return proc.returncode, output.decode(errors="replace")[-TAIL_CHARS:]
+
+
+def _kill(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def _kill_live() -> None:
+    for pgid in list(_LIVE):
+        _kill(pgid)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_config(config: Config, *, preset: str, steps: int, out, device: str, run_name: str,
+               timeout: float) -> dict:
+    """The child's result dict (interface.md), or one that says why there is none."""
+    if config.skip:
+        return {"status": "skipped", "error": config.skip}
+    with tempfile.TemporaryDirectory(prefix="vramscope-ablate-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        argv = command(config, preset=preset, steps=steps, out=out, device=device,
+                       run_name=run_name, result=result_path)
+        code, tail = launch(argv, child_env(config.toggles), timeout)
+        if code is None:
+            return {"status": "timeout", "error": f"no result within {timeout:g} s"}
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            why = _last_line(tail) or "no output"
+            return {"status": "error", "error": f"the run exited with code {code} and no result: {why}"}
+    if not isinstance(result, dict) or result.get("status") not in ("ok", "oom", "error"):
+        return {"status": "error", "error": f"malformed result: {str(result)[:200]}"}
+    return result
+
+
+# -- the table ------------------------------------------------------------------------
+
+def _summary(run_dir) -> tuple[dict, str | None]:
+    """The run's trace summary (profiler.analysis.summary), or {} and why not."""
+    if not run_dir:
+        return {}, "no run directory in the result"
+    try:
+        from profiler.analysis.summary import load_summary
+
+        return load_summary(run_dir), None
+    except Exception as exc:  # noqa: BLE001 - a row without trace facts beats no row
+        return {}, f"trace summary failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def result_row(config: Config, result: dict, summary: dict | None = None, note: str | None = None) -> dict:
+    """One table row from a configuration, its run's result and (when it ran) its trace summary.
+
+    note: what to say when the row has no error of its own (a summary that failed).
+    """
+    summary = summary or {}
+    ok = result.get("status") == "ok"
+    peak = result.get("peak_allocated_bytes")
+    row = {
+        "name": config.name, "kind": config.kind,
+        **{f"config.{k}": v for k, v in config.toggles.items()},
+        "status": result.get("status"),
+        "peak_allocated_bytes": peak if peak is not None else summary.get("peak_allocated_bytes"),
+        "peak_reserved_bytes": result.get("peak_reserved_bytes", summary.get("peak_reserved_bytes")),
+        "fragmentation_ratio_at_peak": summary.get("fragmentation_ratio_at_peak"),
+        "median_step_ms": result.get("median_step_ms"),
+        "tokens_per_s": result.get("tokens_per_s"),
+        "loss": result.get("loss"),
+        **{f"at_peak.{c}": b for c, b in (summary.get("categories_at_peak_bytes") or {}).items()},
+        "run_dir": result.get("run_dir"),
+        "note": result.get("error") or note,
+    }
+    if not ok:  # an OOM's partial numbers are not comparable with finished runs
+        for key in ("median_step_ms", "tokens_per_s", "loss"):
+            row[key] = None
+    return row
+
+
+def _num(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def baseline_diffs(row: dict, base: dict | None) -> dict:
+    """memory_saved_pct, speed_change_pct and loss_delta of `row` against the baseline row.
+
+    memory saved % = (base_peak - peak) / base_peak * 100 (peak allocated; positive = less memory).
+    speed change % = (base_time / time - 1) * 100 (positive = faster); from tokens/s when both
+    rows have it, which is the same number when a step processes as many tokens, and the fair
+    one when it does not. loss delta = loss - base loss. None wherever a side is missing.
+    """
+    out = {"memory_saved_pct": None, "speed_change_pct": None, "loss_delta": None}
+    if not base or base.get("status") != "ok" or row.get("status") != "ok":
+        return out
+    bp, p = _num(base.get("peak_allocated_bytes")), _num(row.get("peak_allocated_bytes"))
+    if bp and p is not None:
+        out["memory_saved_pct"] = (bp - p) / bp * 100.0
+    btok, tok = _num(base.get("tokens_per_s")), _num(row.get("tokens_per_s"))
+    bt, t = _num(base.get("median_step_ms")), _num(row.get("median_step_ms"))
+    if btok and tok is not None:
+        out["speed_change_pct"] = (tok / btok - 1.0) * 100.0
+    elif bt is not None and t:
+        out["speed_change_pct"] = (bt / t - 1.0) * 100.0
+    bl, lo = _num(base.get("loss")), _num(row.get("loss"))
+    if bl is not None and lo is not None:
+        out["loss_delta"] = lo - bl
+    return out
+
+
+_INT_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes")
+_FLOAT_COLUMNS = ("fragmentation_ratio_at_peak", "median_step_ms", "tokens_per_s", "memory_saved_pct",
+                  "speed_change_pct", "loss", "loss_delta")
+_ORDER = ("status", "peak_allocated_bytes", "peak_reserved_bytes", "fragmentation_ratio_at_peak",
+          "median_step_ms", "tokens_per_s", "memory_saved_pct", "speed_change_pct", "loss", "loss_delta")
+
+
+def build_table(rows: list[dict]) -> pd.DataFrame:
+    """The ablation table: rows in order, the first one the baseline, diffs against it.
+
+    Columns: name, kind, config.<toggle> (one per toggle any row sets, in first-seen order;
+    text, null = off), status, the numbers (bytes as nullable Int64), at_peak.<category>
+    bytes, run_dir, note.
+    """
+    base = rows[0] if rows else None
+    rows = [{**r, **baseline_diffs(r, base)} for r in rows]
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    toggles = [k for k in seen if k.startswith("config.")]
+    cats = sorted(k for k in seen if k.startswith("at_peak."))
+    # Built column by column from the rows: a DataFrame of the dicts would turn an int
+    # column with gaps into floats (accumulation 4 -> "4.0").
+    dtypes = {**{c: "string" for c in ("name", "kind", "status", "run_dir", "note", *toggles)},
+              **{c: "Int64" for c in (*_INT_COLUMNS, *cats)}, **{c: "float64" for c in _FLOAT_COLUMNS}}
+    columns = ["name", "kind", *toggles, *_ORDER, *cats, "run_dir", "note"]
+    return pd.DataFrame({c: _column([r.get(c) for r in rows], dtypes[c]) for c in columns},
+                        index=pd.RangeIndex(len(rows)))
+
+
+def _column(values: list, dtype: str) -> pd.Series:
+    missing = [v is None or (isinstance(v, float) and math.isnan(v)) for v in values]
+    if dtype == "string":  # toggles as text, so that a column mixing 4 and "every:2" still fits Parquet
+        values = [None if m else str(v) for v, m in zip(values, missing)]
+    elif dtype == "Int64":
+        values = [None if m else int(v) for v, m in zip(values, missing)]
+    else:
+        values = [math.nan if m else float(v) for v, m in zip(values, missing)]
+    return pd.Series(pd.array(values, dtype=dtype))
+
+
+def write_table(df: pd.DataFrame, path, meta: dict | None = None) -> Path:
+    """`df` as Parquet at `path`, atomically; `meta` goes into the schema metadata as JSON."""
+    import pyarrow as pa
+
+    from profiler.writer import write_parquet
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"vramscope.ablation": json.dumps(meta).encode()})
+    write_parquet(path, table)
+    return path
+
+
+# -- the suite ------------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch  # only to ask; the runs happen in the children
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(kw_only=True, slots=True)
+class Ablation:
+    """What `run_suite` did: the table and where it went."""
+
+    suite: str
+    table: pd.DataFrame
+    path: Path
+    seconds: float
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def run_suite(suite: str, *, preset: str = "tiny", steps: int = 5, device: str = "auto", out="traces",
+              vary: dict | None = None, fixed: dict | None = None, timeout: float = 600.0, jobs: int = 1,
+              progress=None) -> Ablation:
+    """Run every configuration of the suite, one process each; write and return the table.
+
+    jobs: runs at a time. Memory numbers are per process and stay exact; step times of
+    runs that share the machine are not comparable, so keep 1 where speed matters.
+    progress: an object with start(configs), done(config, row, seconds) and close(), or None.
+    """
+    started = time.monotonic()
+    device = resolve_device(device)
+    configs = configurations(suite, vary=vary, fixed=fixed, preset=preset, steps=steps, device=device)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    label = f"{suite}-vary" if vary else suite
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(config: Config) -> tuple[dict, float]:
+        t0 = time.monotonic()
+        result = run_config(config, preset=preset, steps=steps, out=out, device=device,
+                            run_name=f"ablate-{label}-{config.name}", timeout=timeout)
+        summary, note = _summary(result.get("run_dir")) if result.get("status") == "ok" else ({}, None)
+        return result_row(config, result, summary, note), time.monotonic() - t0
+
+    rows: dict[int, dict] = {}
+    if progress:
+        progress.start(configs)
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="ablate")
+    try:
+        futures = {pool.submit(one, c): i for i, c in enumerate(configs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            rows[i], seconds = future.result()
+            if progress:
+                progress.done(configs[i], rows[i], seconds)
+    except BaseException:  # Ctrl-C: the children lead their own sessions and would not see it
+        pool.shutdown(wait=False, cancel_futures=True)
+        _kill_live()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if progress:
+            progress.close()
+    table = build_table([rows[i] for i in range(len(configs))])
+    meta = {"suite": suite, "preset": preset, "steps": steps, "device": device, "stamp": stamp,
+            "jobs": max(1, jobs), "vary": vary or {}, "fixed": fixed or {}}
+    path = write_table(table, out / f"ablation-{label}-{stamp}.parquet", meta)
+    return Ablation(suite=suite, table=table, path=path, seconds=time.monotonic() - started, meta=meta)
