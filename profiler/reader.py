@@ -322,6 +322,8 @@ def _read_tables(run: Path, wanted: tuple[str, ...],
     for table in wanted:
         if (run / schema.parquet_name(table)).is_file():
             out[table] = _read_parquet(run, table)
+        elif status is not None and table in schema.OPTIONAL_TABLES:
+            out[table] = schema.empty_table(table)
         elif status is not None:
             # Finalizing deletes journals only after every Parquet file is in place.
             raise _error(run, f"{schema.parquet_name(table)} is missing although the run "

@@ -227,6 +227,8 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 
 # Tables every finished trace has (possibly with zero rows).
 TABLE_NAMES = tuple(TABLES)
+# Tables added to version 1 after its first traces were written: absent means empty.
+OPTIONAL_TABLES = ("kv",)
 
 META_FILE = "meta.json"
 META_REQUIRED = (
