@@ -1,0 +1,34 @@
+"""Fragmentation: free space inside reserved memory over time, and the segment map at a moment."""
+
+import sys; from pathlib import Path  # noqa: E401
+if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import figures  # noqa: E402
+from dashboard.pages import _shared as ui  # noqa: E402
+from profiler import analysis  # noqa: E402
+
+st.title("Fragmentation")
+run = ui.pick_run(ui.runs())
+loaded = ui.load(run) if run else None
+if loaded is None:
+    st.stop()
+trace, lt = loaded
+if trace.backend == "cpu" or trace.events.empty:
+    st.info("No allocator segments in this run (CPU backend or no events): nothing fragments.")
+    st.stop()
+every = st.number_input("Also sample every N events (0: step ends and the peak only)", 0, value=0, step=1000)
+frag = analysis.fragmentation(trace, every_n_events=int(every) or None, lt=lt)
+st.plotly_chart(figures.fragmentation_lines(frag))
+st.dataframe(frag, hide_index=True)
+
+p = analysis.peak(trace, lt)
+moment = st.slider("Segment map after event", 0, len(trace.events) - 1, max(p.event_index, 0), key="frag_moment")
+color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
+st.plotly_chart(figures.segment_map(analysis.segment_map_at(trace, moment, lt), color_by))
+
+st.subheader("Allocator settings")
+st.json({"allocator_settings": trace.meta.get("allocator_settings"),
+         "PYTORCH_CUDA_ALLOC_CONF": trace.meta.get("alloc_conf_env")}, expanded=False)

@@ -1,0 +1,40 @@
+"""Live: a run without a final status, redrawn every few seconds while its process writes."""
+
+
+
+import streamlit as st  # noqa: E402
+
+from dashboard import figures  # noqa: E402
+from dashboard.pages import _shared as ui  # noqa: E402
+from profiler import analysis  # noqa: E402
+from profiler.cli.report import exact_bytes  # noqa: E402
+
+st.title("Live")
+table = ui.runs()
+running = table[table["status"] == "running"]
+if running.empty:
+    st.info("No run is capturing now: every run under the folder has a final status.")
+    st.stop()
+run = ui.pick_run(running, "Running run")
+seconds = st.slider("Refresh every (s)", 1, 30, 2)
+
+
+@st.fragment(run_every=seconds)
+def _live(run: str) -> None:
+    loaded = ui.load(run)  # keyed by the files' sizes and times: re-read only when they grew
+    if loaded is None:
+        return
+    trace, lt = loaded
+    if trace.status != "running":
+        st.success(f"The run finished with status {trace.status}.")
+    p = analysis.peak(trace, lt)
+    cols = st.columns(3)
+    cols[0].metric("Events so far", f"{len(trace.events):,}")
+    cols[1].metric("Steps so far", f"{len(trace.steps):,}")
+    cols[2].metric("Peak allocated so far", exact_bytes(p.allocated_bytes))
+    tl = analysis.memory_timeline(trace, lt, max_points=ui.data.MAX_POINTS)
+    st.plotly_chart(figures.memory_timeline(tl, p, analysis.step_spans(trace, lt)))
+
+
+if run:
+    _live(run)

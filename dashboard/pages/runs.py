@@ -1,0 +1,35 @@
+"""Runs: every run under VRAMSCOPE_TRACES, unreadable ones with their error; pick runs to compare."""
+
+import sys; from pathlib import Path  # noqa: E401
+if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import streamlit as st  # noqa: E402
+
+from dashboard.pages import _shared as ui  # noqa: E402
+
+st.title("Runs")
+st.caption(f"Folder: {ui.data.traces_dir()}")
+table = ui.runs()
+if table.empty:
+    st.info("No runs found. Set VRAMSCOPE_TRACES to a folder of vramscope traces.")
+    st.stop()
+
+st.dataframe(table, hide_index=True, column_config={
+    "peak_allocated_bytes": st.column_config.NumberColumn("peak allocated (B)", format="%d"),
+    "peak_reserved_bytes": st.column_config.NumberColumn("peak reserved (B)", format="%d"),
+    "fragmentation_ratio_at_peak": st.column_config.NumberColumn("fragmentation at peak", format="%.3f"),
+    "median_step_time_us": st.column_config.NumberColumn("step time (us)", format="%.0f"),
+})
+bad = table[table["error"].notna()]
+for message in bad["error"]:
+    st.warning(message)
+
+ok = ui.readable(table)
+names = dict(zip(ok["run"], ok["name"]))
+kept = [r for r in st.session_state.get(ui.SELECTED, []) if r in names]
+chosen = st.multiselect("Runs to compare (first is the baseline)", list(names), default=kept,
+                        format_func=lambda p: names[p])
+st.session_state[ui.SELECTED] = chosen
+if chosen:
+    st.page_link("pages/compare.py", label=f"Compare {len(chosen)} runs", icon=":material/compare_arrows:")
