@@ -324,7 +324,7 @@ def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
         path=path or Path("bench-10m"), meta=meta, events=events.to_pandas(),
         steps=frame("steps", steps_rows), phases=rows("phases", phase_rows), modules=rows("modules", mods),
         roles=schema.empty_table("roles").to_pandas(), segments=rows("segments", seg_rows),
-        frames=schema.empty_table("frames").to_pandas(), stacks=schema.empty_table("stacks").to_pandas())
+        kv=schema.empty_table("kv").to_pandas(), frames=schema.empty_table("frames").to_pandas(), stacks=schema.empty_table("stacks").to_pandas())
 
 
 # -- the pages --------------------------------------------------------------------------

@@ -54,17 +54,27 @@ def memory_timeline(tl: pd.DataFrame, peak=None, steps: pd.DataFrame | None = No
                                    name="peak", marker=dict(size=12, symbol="star", color="red"),
                                    customdata=[peak.allocated_bytes],
                                    hovertemplate="peak %{customdata:,} B"))
-    for s in (steps.itertuples() if steps is not None else ()):
-        fig.add_vline(x=s.event_index_start, line=dict(color="grey", dash="dot", width=1))
+    # Shapes go in with one layout update: add_vline/add_vrect re-validate every
+    # existing shape on each call, which is quadratic in the number of steps.
+    shapes = []
+    if steps is not None and len(steps) <= MAX_SPANS:
+        shapes += [_vline(s.event_index_start, color="grey", dash="dot") for s in steps.itertuples()]
     if phases is not None and len(phases) <= MAX_SPANS:
         palette = {"forward": "rgba(31,119,180,0.07)", "backward": "rgba(214,39,40,0.07)",
                    "optimizer": "rgba(44,160,44,0.07)", "recompute": "rgba(148,103,189,0.07)"}
-        for p in phases.itertuples():
-            fig.add_vrect(x0=p.event_index_start, x1=p.event_index_end, line_width=0,
-                          fillcolor=palette.get(str(p.phase), "rgba(0,0,0,0.04)"))
+        shapes += [dict(type="rect", xref="x", yref="paper", x0=p.event_index_start,
+                        x1=p.event_index_end, y0=0, y1=1, line_width=0, layer="below",
+                        fillcolor=palette.get(str(p.phase), "rgba(0,0,0,0.04)"))
+                   for p in phases.itertuples()]
     if marker is not None:
-        fig.add_vline(x=marker, line=dict(color="black", width=1))
+        shapes.append(_vline(marker, color="black"))
+    fig.update_layout(shapes=shapes)
     return _layout(fig, "Memory over time", "event index")
+
+
+def _vline(x, color: str, dash: str | None = None) -> dict:
+    return dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                line=dict(color=color, width=1, dash=dash))
 
 
 def breakdown_bar(df: pd.DataFrame, by: str, title: str | None = None, top: int = 20) -> go.Figure:

@@ -24,6 +24,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("report", "profiler.cli.report"),
     ("info", "profiler.cli.info"),
     ("ablate", "profiler.cli.ablate"),
+    ("dashboard", "profiler.cli.dashboard"),
 ]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
