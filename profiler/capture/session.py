@@ -35,7 +35,7 @@ class Profiler:
 
     def __init__(self, out="traces", name=None, config=None, backend="auto", stacks=True,
                  modules=True, hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5,
-                 run_id=None, subdir=None, extra_meta=None):
+                 run_id=None, subdir=None, extra_meta=None, explicit_steps=False):
         self.out = out
         self.name = name or "run"
         self.config = dict(config or {})
@@ -51,6 +51,9 @@ class Profiler:
         self.run_id = run_id
         self.subdir = subdir
         self.extra_meta = dict(extra_meta or {})
+        # True: steps end only at prof.step() (a framework's own step end), never
+        # at an optimizer step.
+        self.explicit_steps = explicit_steps
         self.writer: TraceWriter | None = None
         self.run_dir = None
         self.phase: str | None = None
@@ -59,7 +62,7 @@ class Profiler:
 
     def _reset_state(self):
         self._phase_start = 0
-        self._explicit_steps = False
+        self._explicit_steps = getattr(self, "explicit_steps", False)
         self._last_boundary_auto = False
         self._events_since_boundary = 0
         self._last_drain = time.perf_counter()
@@ -138,7 +141,7 @@ class Profiler:
         return dict(out=self.out, name=self.name, config=self.config, backend=self.backend_name,
                     stacks=self.stacks, modules=self.modules, hooked_steps=self.hooked_steps, max_entries=self.max_entries,
                     drain_interval_s=self.drain_interval_s,
-                    extra_meta=self.extra_meta)
+                    extra_meta=self.extra_meta, explicit_steps=self.explicit_steps)
 
     def step(self) -> None:
         """Mark the end of a step. Once called, optimizer steps no longer end steps."""
@@ -155,6 +158,10 @@ class Profiler:
         module hooks, so call this to keep its names and parameter category.
         """
         return self.tracer.register_root(model)
+
+    def update_meta(self, fields: dict) -> None:
+        """Add run-level facts to meta.json (written at the next drain and at the end)."""
+        self.writer.meta.update(fields)
 
     def mark(self, phase: str) -> None:
         """Start a user-defined phase (until the next mark, forward, or step)."""
@@ -404,7 +411,8 @@ def _make_backend(name: str, stacks: bool, max_entries: int):
 # -- module-level API -----------------------------------------------------------------
 
 def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True, modules=True,
-            hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5, **kw) -> Profiler:
+            hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5,
+            explicit_steps=False, **kw) -> Profiler:
     """Capture memory events into a trace directory under `out`.
 
     `name` labels the run, `config` records what the run toggled (shown in
@@ -416,7 +424,8 @@ def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True
     (call `prof.step()` per step if the script has no optimizer) or as a decorator.
     """
     return Profiler(out=out, name=name, config=config, backend=backend, stacks=stacks,
-                    modules=modules, hooked_steps=hooked_steps, max_entries=max_entries, drain_interval_s=drain_interval_s, **kw)
+                    modules=modules, hooked_steps=hooked_steps, max_entries=max_entries,
+                    drain_interval_s=drain_interval_s, explicit_steps=explicit_steps, **kw)
 
 
 def active() -> Profiler | None:

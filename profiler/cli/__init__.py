@@ -25,6 +25,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("info", "profiler.cli.info"),
     ("ablate", "profiler.cli.ablate"),
     ("dashboard", "profiler.cli.dashboard"),
+    ("import", "profiler.cli.import_"),
+    ("export", "profiler.cli.export"),
 ]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
