@@ -104,7 +104,7 @@ def test_run_result_follows_the_interface(captured):
     assert len(res["losses"]) == STEPS and res["loss"] == res["losses"][-1]
     tokens = CFG.batch_size * CFG.seq_len
     assert res["tokens_per_s"] == pytest.approx(tokens / (res["median_step_ms"] / 1e3))
-    assert trace.meta["config"] == {"preset": "tiny"}
+    assert trace.meta["config"] == {"preset": "tiny", "batch_size": 4, "seq_len": 32}
     # The step boundary is the optimizer step: one trace step per optimizer step.
     assert trace.steps["step"].tolist()[:STEPS] == list(range(STEPS))
     # Capture changes nothing numerically: the same losses as a bare Trainer.

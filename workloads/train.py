@@ -150,6 +150,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+SHAPE_KEYS = ("batch_size", "seq_len")
+
+
+def _shape_overrides(cfg, toggles: dict):
+    """`batch_size` and `seq_len` in the toggles override the preset's (what-if studies
+    vary them); the rest are optimization toggles."""
+    toggles = dict(toggles or {})
+    for key in SHAPE_KEYS:
+        if toggles.get(key) is not None:
+            setattr(cfg, key, int(toggles.pop(key)))
+    if cfg.seq_len > cfg.block_size:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the preset's block size {cfg.block_size}")
+    return cfg, toggles
+
+
 def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = None, steps: int = 10,
         device: str = "auto", seed: int = 0) -> dict:
     """Train `preset` for `steps` optimizer steps under `toggles`, captured; the result dict.
@@ -164,7 +179,7 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
     prof = None
     try:
         device = resolve_device(device)
-        cfg = model_preset(preset)
+        cfg, toggles = _shape_overrides(model_preset(preset), toggles)
         parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
         dev = torch.device(device)
         if parsed.compile and dev.type == "cpu":
@@ -173,7 +188,8 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
         # Module hooks and dynamo do not mix (workloads/toggles/compile.py): a compiled run
         # is captured with phases and categories, without module attribution.
         hooks = parsed.compile is None
-        prof = capture.profile(out=out, name=name or f"train-{preset}", config={"preset": preset, **toggles},
+        prof = capture.profile(out=out, name=name or f"train-{preset}", config={"preset": preset, "batch_size": cfg.batch_size,
+                                       "seq_len": cfg.seq_len, **toggles},
                                backend=dev.type, modules=hooks)
         with prof:
             trainer = Trainer(cfg, parsed, seed=seed)
