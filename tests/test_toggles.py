@@ -145,7 +145,8 @@ def test_cli_prints_the_result_json(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["status"] == "ok" and len(res["losses"]) == 2
     config = load_trace(res["run_dir"]).meta["config"]
-    assert config == {"preset": "tiny", "precision": "bf16", "checkpointing": "every:2"}
+    assert config == {"preset": "tiny", "batch_size": 4, "seq_len": 32, "precision": "bf16",
+                      "checkpointing": "every:2"}
 
 
 # -- each toggle is in effect -------------------------------------------------------

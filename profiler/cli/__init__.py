@@ -27,6 +27,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("dashboard", "profiler.cli.dashboard"),
     ("import", "profiler.cli.import_"),
     ("export", "profiler.cli.export"),
+    ("estimate", "profiler.cli.estimate"),
+    ("whatif", "profiler.cli.whatif"),
 ]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
