@@ -257,3 +257,17 @@ def stack_icicle(tree: pd.DataFrame) -> go.Figure:
                               values=tree["bytes"], branchvalues="total",
                               hovertemplate="%{label}: %{value:,} B<extra></extra>"))
     return fig.update_layout(title="Allocation sites at the peak", margin=dict(t=50, l=10, r=10, b=10))
+
+
+def measured_vs_predicted(df: pd.DataFrame) -> go.Figure:
+    """Grouped bars per category: measured bytes at the peak and the analytic prediction."""
+    title = "Measured vs predicted at the peak"
+    if df.empty:
+        return _empty(title)
+    fig = go.Figure()
+    for col, name in (("measured_bytes", "measured"), ("predicted_bytes", "predicted")):
+        fig.add_trace(go.Bar(x=df["name"], y=_gib(df[col]), name=name,
+                             customdata=df[col].astype("float").to_numpy(),
+                             hovertemplate="%{y:.3f} GiB (%{customdata:,.0f} B)"))
+    fig.update_layout(barmode="group", yaxis_title="GiB")
+    return _layout(fig, title, "category")

@@ -75,7 +75,8 @@ OPTIMIZERS = ("sgd", "sgd_momentum", "adamw", "adamw_fused")
 DEFAULT_WORKSPACE = 65 * MiB
 # Run-config keys the model understands; anything else (offload, ...) is refused.
 UNDERSTOOD_KEYS = {"preset", "precision", "checkpointing", "accumulation", "optimizer", "attention",
-                   "compile", "alloc_conf", "steps", "device", "seed", "batch_size", "seq_len"}
+                   "compile", "alloc_conf", "steps", "device", "seed", "batch_size", "seq_len",
+                   "tokens_per_step"}  # tokens_per_step is derived (batch x seq), not a toggle
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,8 +312,16 @@ def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimi
 
 
 def to_shape(model_cfg) -> ModelShape:
+    """A preset name, a GPTConfig-like object, an HF config (object, dict or name), or a
+    model object (on the meta device is enough): a model is read through its config
+    (`.config` for transformers models, `.cfg` for workloads.model.GPT)."""
     if isinstance(model_cfg, ModelShape):
         return model_cfg
+    if hasattr(model_cfg, "parameters"):
+        cfg = getattr(model_cfg, "config", None) or getattr(model_cfg, "cfg", None)
+        if cfg is None:
+            raise ValueError(f"{type(model_cfg).__name__} has no .config or .cfg to read its shape from")
+        return to_shape(cfg)
     if isinstance(model_cfg, str):
         try:
             return shape_from_preset(model_cfg)

@@ -151,3 +151,25 @@ def test_live_page_follows_an_unfinished_run(traces, tmp_path, monkeypatch):
     _ok(at)
     assert len(at.get("plotly_chart")) == 1
     assert {m.label for m in at.metric} >= {"Events so far", "Peak allocated so far"}
+
+
+def test_estimate_page_sets_measured_against_predicted(traces, monkeypatch):
+    run = sorted((traces / "h100-ablation-seeds").glob("ablate-seeds-*"))[0]
+    at = page("estimate", traces, monkeypatch, current_run=str(run))
+    _ok(at)
+    assert len(at.get("plotly_chart")) == 1
+    table = at.dataframe[0].value
+    from profiler.estimate import measured_vs_predicted
+
+    expected = measured_vs_predicted(load_trace(run))
+    peak = table[table["name"] == "peak"].iloc[0]
+    want = expected[(expected["level"] == "category") & (expected["name"] == "peak")].iloc[0]
+    assert peak["measured_bytes"] == want["measured_bytes"] == load_trace(run).meta["max_allocated_bytes"]
+    assert peak["predicted_bytes"] == want["predicted_bytes"]
+
+
+def test_estimate_page_says_when_a_run_is_not_understood(traces, monkeypatch):
+    at = page("estimate", traces, monkeypatch,
+              current_run=str(next((traces / "h100-ablation-kv").glob("ablate-kv-*"))))
+    _ok(at)
+    assert at.info

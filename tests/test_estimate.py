@@ -110,3 +110,18 @@ def test_bundled_h100_runs_within_10_percent(capsys):
         print("\n" + "\n".join(rows))
     assert not misses, misses
     assert sum("not modelled" not in r for r in rows) >= 16
+
+
+def test_a_model_object_on_the_meta_device_estimates_like_its_config():
+    import torch
+
+    from profiler.estimate import estimate
+    from workloads.model import GPT, preset
+
+    cfg = preset("gpt2-small")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    by_model = estimate(model, batch=8, seq=1024, precision="bf16", optimizer="adamw")
+    by_name = estimate("gpt2-small", batch=8, seq=1024, precision="bf16", optimizer="adamw")
+    assert by_model == by_name
+    assert by_model["parameter"] == 4 * model.num_params()
