@@ -21,9 +21,9 @@ The axis value of each run comes from meta's config (``config.batch_size`` or
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from profiler import units
 from profiler.errors import UsageError
 
 AXES = {"batch": "batch_size", "seq": "seq_len"}
@@ -32,28 +32,16 @@ _DERIVED = {"tokens_per_step"}
 DEFAULT_MARGIN_BYTES = 1 << 30  # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's view
 OVER = 1.10  # the "10% larger" check
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40,
-    "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
-
-
 class WhatIfError(UsageError):
     """Runs that cannot be fitted together, or a fit that predicts nothing."""
 
 
 def parse_size(value) -> int:
-    """Bytes from an int or a string such as "80GiB", "512 MiB", "1.5GB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise WhatIfError(f"not a size: {value!r} (expected e.g. 80GiB, 512MiB, 1.5GB or bytes)")
+    """Bytes from an int or a string such as "80GiB" (a WhatIfError, shown as one line, if not)."""
+    try:
+        return units.parse_size(value)
+    except ValueError as e:
+        raise WhatIfError(str(e)) from None
 
 
 @dataclass(frozen=True)
