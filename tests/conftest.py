@@ -83,3 +83,14 @@ def sample_runs(tmp_path_factory) -> dict[str, Path]:
     """One finished and one killed run per session, for tests that only copy them."""
     root = tmp_path_factory.mktemp("sample-runs")
     return {"finished": finished_trace(root), "killed": killed_trace(root)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a busy 2-core machine: a second intra-op thread costs more than it gives."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

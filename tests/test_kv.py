@@ -22,13 +22,7 @@ L, H, HD, F32 = 2, 2, 32, 4  # the tiny preset: 2 layers, 2 heads of 64 / 2 chan
 PROMPT, STEPS, BATCH, BLOCK = 10, 12, 3, 4  # 10 prompt tokens cross blocks of 4 unevenly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a busy 2-core machine: a second intra-op thread costs more than it gives.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kv_bytes(tokens: int, batch: int = BATCH, kv_heads: int = H, layers: int = L, size: int = F32) -> int:

@@ -14,13 +14,7 @@ from workloads.serving import ServingConfig, compare, format_table, make_request
 TOKEN_BYTES = 2 * 2 * 2 * 32 * 4  # tiny: layers x (K, V) x heads x head_dim x fp32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a busy 2-core machine: a second intra-op thread costs more than it gives.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

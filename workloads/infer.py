@@ -41,11 +41,7 @@ class KVAttention(CausalSelfAttention):
 
     def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.heads(x)  # (B, nh, T, hs)
         mask = None
         if cache is not None:
             k, v, mask = cache.update(layer, k, v)  # (B, nh, T_kv, hs)

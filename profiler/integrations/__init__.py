@@ -238,3 +238,23 @@ def _close_all() -> None:
             cap.close(RuntimeError, RuntimeError("the process exited with the capture open"), None)
         except Exception:
             pass
+
+
+class CaptureResults:
+    """What both callbacks expose: their traces, and closing the capture early."""
+
+    capture: StepCapture
+
+    @property
+    def run_dir(self):
+        """The latest trace directory (None before the first captured step)."""
+        return self.capture.run_dir
+
+    @property
+    def run_dirs(self):
+        """Every trace directory, one per consecutive block of chosen steps."""
+        return list(self.capture.run_dirs)
+
+    def close(self, exc=None) -> None:
+        """Close the open capture now, recording `exc` (an exception) if given."""
+        self.capture.close(exc=exc)

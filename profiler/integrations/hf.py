@@ -19,14 +19,14 @@ from __future__ import annotations
 import transformers
 from transformers import TrainerCallback
 
-from profiler.integrations import StepCapture
+from profiler.integrations import CaptureResults, StepCapture
 
 __all__ = ["VramscopeCallback"]
 
 CONVENTION = "transformers state.global_step after the step (first step = 1)"
 
 
-class VramscopeCallback(TrainerCallback):
+class VramscopeCallback(CaptureResults, TrainerCallback):
     """Capture the chosen Trainer steps into a vramscope trace.
 
     out, name, config: as in `profiler.profile`. steps: global steps to capture (an
@@ -47,20 +47,6 @@ class VramscopeCallback(TrainerCallback):
             framework={"name": "transformers", "version": transformers.__version__},
             convention=CONVENTION, **profile_kwargs)
 
-    # -- results ------------------------------------------------------------------------
-    @property
-    def run_dir(self):
-        """The latest trace directory (None before the first captured step)."""
-        return self.capture.run_dir
-
-    @property
-    def run_dirs(self):
-        """Every trace directory, one per consecutive block of chosen steps."""
-        return list(self.capture.run_dirs)
-
-    def close(self, exc=None) -> None:
-        """Close the open capture now, recording `exc` (an exception) if given."""
-        self.capture.close(exc=exc)
 
     def __enter__(self):
         return self

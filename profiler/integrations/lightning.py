@@ -20,7 +20,7 @@ from __future__ import annotations
 import lightning
 from lightning.pytorch import Callback
 
-from profiler.integrations import StepCapture
+from profiler.integrations import CaptureResults, StepCapture
 from profiler.schema import Phase
 
 __all__ = ["VramscopeCallback"]
@@ -28,7 +28,7 @@ __all__ = ["VramscopeCallback"]
 CONVENTION = "lightning trainer.global_step at the start of the step (first step = 0)"
 
 
-class VramscopeCallback(Callback):
+class VramscopeCallback(CaptureResults, Callback):
     """Capture the chosen Lightning steps into a vramscope trace.
 
     out, name, config: as in `profiler.profile`. steps: global steps to capture (an
@@ -47,19 +47,6 @@ class VramscopeCallback(Callback):
             convention=CONVENTION, **profile_kwargs)
         self._step_at_start: int | None = None
 
-    @property
-    def run_dir(self):
-        """The latest trace directory (None before the first captured step)."""
-        return self.capture.run_dir
-
-    @property
-    def run_dirs(self):
-        """Every trace directory, one per consecutive block of chosen steps."""
-        return list(self.capture.run_dirs)
-
-    def close(self, exc=None) -> None:
-        """Close the open capture now, recording `exc` (an exception) if given."""
-        self.capture.close(exc=exc)
 
     # -- Trainer events -------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
