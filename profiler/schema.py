@@ -52,12 +52,18 @@ class Phase(str, enum.Enum):
 
 
 class Category(str, enum.Enum):
+    # Under FSDP, PARAMETER and GRADIENT are this rank's shards; the full tensors
+    # that exist only around a layer's forward or backward have their own categories.
     PARAMETER = "parameter"
     GRADIENT = "gradient"
     OPTIMIZER_STATE = "optimizer_state"
     ACTIVATION = "activation"
     TEMPORARY = "temporary"
     KV_CACHE = "kv_cache"
+    UNSHARDED_PARAMETER = "unsharded_parameter"  # a layer's all-gathered parameters
+    UNSHARDED_GRADIENT = "unsharded_gradient"  # full gradients before the reduce-scatter
+    ALL_GATHER = "all_gather"  # all-gather input and output buffers
+    REDUCE_SCATTER = "reduce_scatter"  # reduce-scatter input buffers
     OTHER = "other"
 
 
