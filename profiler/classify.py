@@ -7,6 +7,9 @@ when it is freed. The rules, in order of precedence:
 1. a category hint stamped at allocation time (the KV-cache context);
 2. a registered role: the allocation that is live at `addr` at the role's
    `event_index` is a parameter (or buffer), gradient, optimizer state or KV cache;
+2b. a weak hint: FSDP's collectives stamp what they allocate (all-gather,
+   reduce-scatter, unsharded parameters), but a reduce-scatter output becomes
+   the sharded gradient, which its gradient role must win over;
 3. the phase it was made in: forward/recompute allocations that outlive the
    phase span are activations, the rest temporaries; backward and optimizer
    allocations are temporaries; allocations made outside any phase are other.
@@ -21,14 +24,19 @@ import numpy as np
 from profiler.schema import Category, Phase
 
 # Highest precedence first, when several roles name one allocation.
-_ROLE_PRECEDENCE = ("parameter", "buffer", "optimizer_state", "gradient", "kv_cache")
+_ROLE_PRECEDENCE = ("parameter", "buffer", "optimizer_state", "gradient", "kv_cache",
+                    "unsharded_gradient")
 _ROLE_TO_CATEGORY = {
     "parameter": Category.PARAMETER.value,
     "buffer": Category.PARAMETER.value,  # module state; the docs say so
     "optimizer_state": Category.OPTIMIZER_STATE.value,
     "gradient": Category.GRADIENT.value,
     "kv_cache": Category.KV_CACHE.value,
+    "unsharded_gradient": Category.UNSHARDED_GRADIENT.value,
 }
+# Hints that registered roles override (rule 2b).
+WEAK_HINTS = frozenset({Category.ALL_GATHER.value, Category.REDUCE_SCATTER.value,
+                        Category.UNSHARDED_PARAMETER.value})
 
 CATEGORY_VALUES = [c.value for c in Category]
 _CAT_CODE = {c: i for i, c in enumerate(CATEGORY_VALUES)}
@@ -134,6 +142,12 @@ def classify_events(
         cat[user & ~outlives] = _CAT_CODE[Category.TEMPORARY.value]
         codes[alloc_idx] = cat
 
+    # Rule 2b, below the roles: weak hints.
+    hints = hint[alloc_idx] if n else hint[:0]
+    hinted = set(hints.tolist()) - {None}
+    for value in hinted & WEAK_HINTS:
+        codes[alloc_idx[hints == value]] = _CAT_CODE[value]
+
     # Rule 2: roles. Apply lowest precedence first so that higher ones overwrite.
     baseline_codes = np.full(len(baseline_addr), _CAT_CODE[Category.OTHER.value], dtype=np.int64)
     if len(role_addr):
@@ -161,11 +175,9 @@ def classify_events(
                 baseline_codes[j] = cat_code
 
     # Rule 1: explicit hints win.
-    if n:
-        h = hint[alloc_idx]
-        for value in set(h.tolist()) - {None}:
-            if value in _CAT_CODE:
-                codes[alloc_idx[h == value]] = _CAT_CODE[value]
+    for value in hinted - WEAK_HINTS:
+        if value in _CAT_CODE:
+            codes[alloc_idx[hints == value]] = _CAT_CODE[value]
 
     # Frees inherit from their alloc, or from the baseline block they release.
     freed = np.flatnonzero(is_free)

@@ -96,6 +96,7 @@ ROLES = (
     Category.GRADIENT.value,
     Category.OPTIMIZER_STATE.value,
     Category.KV_CACHE.value,
+    Category.UNSHARDED_GRADIENT.value,
     "buffer",
 )
 

@@ -77,8 +77,13 @@ def parquet_options(table_schema: pa.Schema) -> dict:
     )
 
 
+def run_slug(name: str) -> str:
+    """`name` as a directory-name prefix."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:48] or "run"
+
+
 def new_run_id(name: str) -> str:
-    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:48] or "run"
+    slug = run_slug(name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 

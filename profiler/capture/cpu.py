@@ -65,6 +65,7 @@ class CpuBackend:
         # id(module) -> weakref, for modules whose parameters and buffers are recorded.
         self._modules_seen: dict[int, weakref.ref] = {}
         self._module_hook = None
+        self._saved_resize = None
         self._own_dir = __file__.rsplit("/", 2)[0]
 
     def set_tag(self, tag: str) -> None:
@@ -79,11 +80,15 @@ class CpuBackend:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> dict:
         self._mode.__enter__()
+        self._patch_storage_resize()
         return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0,
                     baseline_reserved_bytes=None)
 
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)
+        if self._saved_resize is not None:
+            torch.UntypedStorage.resize_ = self._saved_resize
+            self._saved_resize = None
         self._modules_seen = {}
         with self._lock:
             # Storages that die after the capture record nothing: drop their weakrefs.
@@ -91,12 +96,15 @@ class CpuBackend:
 
     # -- tracking ---------------------------------------------------------------------
     def track(self, t: torch.Tensor, tag: str | None = None) -> None:
-        if t.device.type != self.device_type or t.is_meta:
+        if t.device.type != self.device_type or t.is_meta or not _is_plain(type(t)):
             return
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
             return
+        self._track_storage(st, tag)
+
+    def _track_storage(self, st, tag: str | None = None) -> None:
         size = st.nbytes()
         key = id(st)
         rec = self._live.get(key)
@@ -116,6 +124,21 @@ class CpuBackend:
             rec[0] = weakref.ref(st, self._freed_callback(key, rec))
             self._live[key] = rec
             self._alloc_locked(addr, size, tag, stack)
+
+    def _patch_storage_resize(self) -> None:
+        # Storage.resize_ is no dispatched op, and FSDP frees and re-allocates
+        # unsharded parameters with it: seen here, a resize is a free and an alloc now.
+        original = torch.UntypedStorage.resize_
+        backend = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            if storage.device.type == backend.device_type:
+                backend._track_storage(storage)
+            return out
+
+        self._saved_resize = original
+        torch.UntypedStorage.resize_ = resize_
 
     def _alloc_locked(self, addr, size, tag, stack) -> None:
         self.allocated += size
@@ -169,7 +192,8 @@ class CpuBackend:
             # A module made per call (built inside forward) must not pile up here.
             seen[id(sub)] = weakref.ref(sub, lambda _r, k=id(sub): seen.pop(k, None))
         for t in module.parameters():
-            self.track(t, _PRE_EXISTING_TAG)
+            # FSDP2's parameters are DTensors: their local shards are the storage.
+            self.track(getattr(t, "_local_tensor", t), _PRE_EXISTING_TAG)
         for t in module.buffers():
             self.track(t, _PRE_EXISTING_TAG)
         return None
@@ -215,12 +239,33 @@ class CpuBackend:
         return None  # no allocator, no segments
 
 
+def _is_plain(cls) -> bool:
+    return cls.__torch_dispatch__ is _PLAIN_DISPATCH
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except Exception:  # noqa: BLE001 - a build without distributed
+        return None
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+_DTENSOR = _dtensor_class()
+
+
 class _StorageMode(TorchDispatchMode):
     def __init__(self, backend: CpuBackend):
         super().__init__()
         self.backend = backend
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # A DTensor (FSDP2's shards) owns no storage: let it unwrap, and see the ops
+        # on its local tensors, which come back through this mode. Other subclasses
+        # (fake tensors among them) run here, and only plain tensors are tracked.
+        if _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in types):
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         track = self.backend.track
         # Inputs first: a storage made before capture is "allocated" when first used,

@@ -43,6 +43,9 @@ def tensor_roles(named, role, device_type, event_index, step, known=None) -> dic
     cols: dict[str, list] = {k: [] for k in ("ts_us", "event_index", "step", "addr",
                                              "size_bytes", "role", "name")}
     for name, t in named:
+        # A DTensor (FSDP2's sharded parameters, gradients and states) owns no storage:
+        # its local shard does.
+        t = getattr(t, "_local_tensor", t)
         if t.device.type != device_type:
             continue
         # The storage's start without building a storage object (a hot path each step).

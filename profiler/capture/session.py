@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from profiler.capture import distributed
+from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.modules import ModuleTracer
 from profiler.capture.roles import named_grads, named_states, tensor_roles
 from profiler.schema import Phase, SnapshotKind, Status
@@ -81,7 +83,14 @@ class Profiler:
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("a vramscope capture is already active in this process")
-        self.backend = _make_backend(self.backend_name, self.stacks, self.max_entries)
+        rank = distributed.rank_from_env() if self.subdir is None else None
+        if rank is not None:  # one partition of a shared run directory per rank
+            self.run_id = self.run_id or distributed.shared_run_id(self.name, rank)
+            self.subdir = rank.partition
+            self.extra_meta = {**rank.meta(), **self.extra_meta}
+            self.config.setdefault("world_size", rank.world_size)
+        self.backend = _make_backend(self.backend_name, self.stacks, self.max_entries,
+                                     device=distributed.device_index(rank))
         facts = self.backend.start()
         meta = dict(backend=self.backend.name, torch_version=torch.__version__, config=self.config,
                     max_allocated_bytes=None, max_reserved_bytes=None, events_dropped=0,
@@ -102,6 +111,8 @@ class Profiler:
         self._set_module_hooks(self.modules)
         self._install_optimizer_hooks()
         self._patch_backward()
+        self._fsdp = FsdpInstrumentation(self)
+        self._fsdp.install()
         if self.backend.name == "cuda":
             from profiler.capture import cuda
             cuda.on_oom(self._on_oom)
@@ -366,6 +377,7 @@ class Profiler:
             torch.autograd.backward = self._patched_backward
             self._patched_backward = None
         self._set_module_hooks(False)
+        self._fsdp.remove()
         if self.backend.name == "cuda":
             from profiler.capture import cuda
             cuda.clear_oom()
@@ -384,7 +396,7 @@ class Profiler:
         self._push_rows()
         self.backend.stop()
         final = self._live_meta()
-        final.update(events_seen=self.backend.events_seen)
+        final.update(events_seen=self.backend.events_seen, **distributed.late_facts())
         if self._oom_info:
             final["oom"] = self._oom_info
         if exc is not None and status != Status.COMPLETE.value:
@@ -396,12 +408,13 @@ def _is_clean_exit(exc_type, exc) -> bool:
     return issubclass(exc_type, SystemExit) and exc.code in (0, None)
 
 
-def _make_backend(name: str, stacks: bool, max_entries: int):
+def _make_backend(name: str, stacks: bool, max_entries: int, device: int | None = None):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         from profiler.capture.cuda import CudaBackend
-        return CudaBackend(stacks=stacks, max_entries=max_entries)
+        # device: a rank's own GPU (LOCAL_RANK), which the script may not have selected yet.
+        return CudaBackend(device=device, stacks=stacks, max_entries=max_entries)
     if name == "cpu":
         from profiler.capture.cpu import CpuBackend
         return CpuBackend(stacks=stacks)

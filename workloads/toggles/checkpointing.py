@@ -73,6 +73,13 @@ class CheckpointConfig:
         return chosen
 
 
+def checkpoint_modules(modules) -> None:
+    """Full activation checkpointing of each module's forward (its hooks stay outside,
+    so FSDP's unshard runs before a recomputation, as with checkpoint_wrapper)."""
+    for module in modules:
+        _checkpoint_forward(module, None)
+
+
 def _checkpoint_forward(block: nn.Module, context_fn) -> None:
     inner = block.forward  # the bound class method; Module.__call__ (and its hooks) stay outside
     kwargs = {"use_reentrant": False}

@@ -1,0 +1,168 @@
+"""FSDP categories against torch's own FSDPMemTracker, one training step each.
+
+    torchrun --nproc-per-node 2 -m workloads.fsdp_check --preset gpt2-small \\
+        --variant fsdp-zero3 --json check.json
+
+On every rank: a fresh sharded model trains one step under FSDPMemTracker, then
+another fresh one (same weights, same batch) trains one step under vramscope's
+capture. Each tool's bytes per category at its own peak are set side by side;
+rank 0 prints the table and writes every rank's rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+import profiler as capture
+from profiler.analysis.live import alive_at_peak, breakdown
+from profiler.reader import load_trace
+from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
+from workloads.model import PRESETS, preset as model_preset
+from workloads.toggles.optimizer import LR
+from workloads.train import make_batch
+
+RECOMPUTED = "activation (recompute)"
+# Rows: (label, vramscope categories, FSDPMemTracker reference types, held to the tolerance).
+# FSDPMemTracker names a full gradient "Unsharded Grad" only when its group's
+# post-backward starts; at a peak inside backward, gradients not yet reduced are
+# still "Temp" there, while vramscope names them from their whole lifetime. The
+# two are compared together, and shown apart. Likewise for activations recomputed
+# by checkpointing inside a block: FSDPMemTracker counts them as activations only
+# when FSDP's own pre-forward re-runs (checkpoint_wrapper outside fully_shard), and
+# as "Temp" otherwise, which is how the workload checkpoints.
+ROWS = [
+    ("parameter", ("parameter",), ("Sharded Param", "Buffer"), True),
+    ("unsharded_parameter", ("unsharded_parameter",), ("Unsharded Param",), True),
+    ("gradient", ("gradient",), ("Sharded Grad",), True),
+    ("all_gather", ("all_gather",), ("All Gather",), True),
+    ("reduce_scatter", ("reduce_scatter",), ("Reduce Scatter",), True),
+    ("optimizer_state", ("optimizer_state",), ("OptState",), True),
+    ("activation", ("activation",), ("Activation",), True),
+    ("temporary + unsharded_gradient + recomputed", ("temporary", "unsharded_gradient", RECOMPUTED),
+     ("Temp", "Unsharded Grad"), True),
+    ("  temporary", ("temporary",), ("Temp",), False),
+    ("  unsharded_gradient", ("unsharded_gradient",), ("Unsharded Grad",), False),
+    ("  recomputed activation", (RECOMPUTED,), (), False),
+    ("other (inputs)", ("other",), ("Inputs",), True),
+    ("total", None, ("Total",), True),
+]
+TOLERANCE_PCT = 5.0
+# Categories under this share of the peak are listed but not held to the tolerance:
+# a few kilobytes of difference there is a large percentage of nothing.
+MATERIAL_SHARE = 0.01
+
+
+def _fresh(toggles: DistToggles, cfg, device, seed: int):
+    torch.manual_seed(seed)
+    model = Model(toggles.model, cfg, device)
+    shard(model, toggles, device)
+    opt = torch.optim.AdamW(model.module.parameters(), lr=LR)
+    return model, opt
+
+
+def _step(model: Model, opt, batch) -> None:
+    model.loss(*batch).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def theirs(toggles, cfg, device, batch, seed) -> dict[str, int]:
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    model, opt = _fresh(toggles, cfg, device, seed)
+    tracker = FSDPMemTracker(model.module, opt)
+    tracker.track_inputs(batch)
+    with tracker:
+        _step(model, opt, batch)
+    peak = tracker.get_tracker_snapshot("peak")
+    key = device if device in peak else next(iter(peak))
+    out = {str(getattr(k, "value", k)): int(v) for k, v in peak[key].items()}
+    del model, opt, tracker
+    _release(device)
+    return out
+
+
+def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, int], int]:
+    model, opt = _fresh(toggles, cfg, device, seed)
+    with capture.profile(out=out_dir, name="fsdp-check", backend=device.type) as prof:
+        _step(model, opt, batch)
+    del model, opt
+    _release(device)
+    trace = load_trace(prof.run_dir)
+    live = alive_at_peak(trace)
+    category = live["category"].astype(object).where(live["category"].notna(), "other")
+    recomputed = (category == "activation") & (live["phase"].astype(object) == "recompute")
+    at_peak = breakdown(live.assign(category=category.where(~recomputed, RECOMPUTED)), "category")
+    cats = dict(zip(at_peak["category"].astype(str), at_peak["total_bytes"].astype(int)))
+    return cats, int(trace.meta["max_allocated_bytes"])
+
+
+def table(mine: dict[str, int], tracker: dict[str, int]) -> list[dict]:
+    total = max(sum(mine.values()), 1)
+    rows = []
+    for label, cats, refs, held in ROWS:
+        a = sum(mine.values()) if cats is None else sum(mine.get(c, 0) for c in cats)
+        b = sum(tracker.get(r, 0) for r in refs)
+        diff = 100.0 * (a - b) / b if b else (0.0 if a == 0 else float("inf"))
+        material = held and max(a, b) >= MATERIAL_SHARE * total
+        rows.append(dict(category=label, vramscope=a, fsdp_mem_tracker=b, diff_pct=diff,
+                         held=material, ok=(not material) or abs(diff) <= TOLERANCE_PCT))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="torchrun ... -m workloads.fsdp_check", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--variant", default="fsdp-zero3", choices=[v for v in VARIANTS if v != "ddp"])
+    p.add_argument("--model", default="gpt", choices=("gpt", "llama"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write every rank's table here (rank 0)")
+    args = p.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = init_process_group(device)
+    toggles = DistToggles.from_dict({**VARIANTS[args.variant], "model": args.model}, device=device,
+                                    world_size=dist.get_world_size())
+    cfg = model_preset(args.preset)
+    gen = torch.Generator(device=dev).manual_seed(1000 + dist.get_rank())
+    batch = make_batch(cfg, dev, gen)
+    tracker = theirs(toggles, cfg, dev, batch, seed=0)
+    with tempfile.TemporaryDirectory(prefix="vramscope-fsdp-check-") as tmp:
+        mine, peak = ours(toggles, cfg, dev, batch, 0, tmp)
+    rows = table(mine, tracker)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dict(rank=dist.get_rank(), rows=rows, peak=peak, tracker_raw=tracker,
+                                       vramscope_raw=mine))
+    ok = all(r["ok"] for rank in every for r in rank["rows"])
+    if dist.get_rank() == 0:
+        for rank in every:
+            print(f"rank {rank['rank']}: {args.model} {args.variant} on {device}, "
+                  f"vramscope peak {rank['peak']:,} B")
+            print(f"  {'category':44s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
+            for r in rank["rows"]:
+                mark = "" if r["ok"] else "  <-- over tolerance"
+                print(f"  {r['category']:44s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
+                      f"{r['diff_pct']:8.2f}{mark}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(preset=args.preset, model=args.model, variant=args.variant, device=device,
+                               torch_version=torch.__version__, ranks=every), f, indent=1)
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
