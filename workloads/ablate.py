@@ -72,7 +72,21 @@ KV: list[tuple[str, dict]] = [
     ("prealloc+w-int8", {"kv": "prealloc", "weights": "int8"}),
 ]
 
-SUITES: dict[str, tuple[str, list[tuple[str, dict]]]] = {"seeds": ("train", SEEDS), "kv": ("infer", KV)}
+# Data parallelism under torchrun: DDP, then FSDP2 as ZeRO-3, ZeRO-2, with CPU offload,
+# and with bf16 plus checkpointing (workloads/distributed.py). world_size is an axis:
+# `--vary world_size=1,2,4` or `--set world_size=4`; rows run on 2 ranks otherwise.
+DIST_WORLD_SIZE = 2
+
+
+def _fsdp_suite() -> list[tuple[str, dict]]:
+    from workloads.distributed import VARIANTS
+
+    rows = [(name, {**toggles, "world_size": DIST_WORLD_SIZE}) for name, toggles in VARIANTS.items()]
+    return [(BASELINE if name == "ddp" else name, toggles) for name, toggles in rows]
+
+
+SUITES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
+    "seeds": ("train", SEEDS), "kv": ("infer", KV), "fsdp": ("dist", _fsdp_suite())}
 
 # What the runner itself refuses off CUDA; everything else is the workloads' own checks
 # (workloads.toggles.from_dict, workloads.infer.InferConfig), so the two never disagree.
@@ -118,6 +132,10 @@ def known_toggles(kind: str) -> tuple[str, ...]:
         from workloads.toggles import KEYS
 
         return tuple(KEYS)
+    if kind == "dist":
+        from workloads.distributed import KEYS
+
+        return KEYS
     from workloads.infer import RUNNER_KEYS, InferConfig
 
     fixed = ("preset", "device", "steps")
@@ -136,6 +154,8 @@ def skip_reason(kind: str, toggles: dict, *, preset: str, steps: int, device: st
             from workloads.toggles import from_dict
 
             from_dict(toggles, device=device, batch_size=gpt_preset(preset).batch_size)
+        elif kind == "dist":
+            return _dist_skip(toggles, device)
         else:
             from workloads.infer import RUNNER_KEYS, InferConfig
 
@@ -143,6 +163,25 @@ def skip_reason(kind: str, toggles: dict, *, preset: str, steps: int, device: st
                                      steps=steps, device=device)
     except ValueError as exc:
         return " ".join(str(exc).split())
+    return None
+
+
+def world_size(toggles: dict) -> int:
+    return int(toggles.get("world_size") or DIST_WORLD_SIZE)
+
+
+def _dist_skip(toggles: dict, device: str) -> str | None:
+    from workloads.distributed import DistToggles
+
+    ranks = world_size(toggles)
+    if ranks < 1:
+        return f"world_size {ranks}: at least one rank"
+    DistToggles.from_dict(toggles, device=device, world_size=ranks)
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < ranks:
+            return f"world_size {ranks} needs {ranks} GPUs; this machine has {torch.cuda.device_count()}"
     return None
 
 
@@ -202,7 +241,11 @@ def child_env(toggles: dict, env: dict | None = None) -> dict:
 
 def command(config: Config, *, preset: str, steps: int, out, device: str, run_name: str,
             result) -> list[str]:
-    return [sys.executable, "-m", "workloads.run_one", "--kind", config.kind, "--preset", preset,
+    launcher = [sys.executable]
+    if config.kind == "dist":  # one process per rank; --standalone picks a free port
+        launcher += ["-m", "torch.distributed.run", "--standalone",
+                     "--nproc-per-node", str(world_size(config.toggles))]
+    return launcher + ["-m", "workloads.run_one", "--kind", config.kind, "--preset", preset,
             "--toggles", json.dumps(config.toggles), "--out", str(out), "--name", run_name,
             "--steps", str(steps), "--device", device, "--result", str(result)]
 
@@ -275,12 +318,20 @@ def run_config(config: Config, *, preset: str, steps: int, out, device: str, run
 # -- the table ------------------------------------------------------------------------
 
 def _summary(run_dir) -> tuple[dict, str | None]:
-    """The run's trace summary (profiler.analysis.summary), or {} and why not."""
+    """The run's trace summary (profiler.analysis.summary), or {} and why not.
+
+    A distributed job's directory holds one partition per rank: its summary is the
+    job's (per-GPU figures from the largest rank).
+    """
     if not run_dir:
         return {}, "no run directory in the result"
     try:
         from profiler.analysis.summary import load_summary
 
+        if not (Path(run_dir) / "meta.json").is_file():
+            from profiler.analysis.ranks import run_group_summary
+
+            return run_group_summary(run_dir), None
         return load_summary(run_dir), None
     except Exception as exc:  # noqa: BLE001 - a row without trace facts beats no row
         return {}, f"trace summary failed: {type(exc).__name__}: {' '.join(str(exc).split())}"

@@ -1,6 +1,6 @@
 """Run one ablation configuration in this process and write its result as JSON.
 
-    python -m workloads.run_one --kind train|infer --preset NAME --toggles JSON \
+    python -m workloads.run_one --kind train|infer|dist --preset NAME --toggles JSON \
         --out DIR --name NAME --steps N --result FILE [--device cpu|cuda|auto]
 
 The contract is workloads/interface.md. The exit code is 0 whenever a result was
@@ -20,7 +20,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-KINDS = {"train": "workloads.train", "infer": "workloads.infer"}
+KINDS = {"train": "workloads.train", "infer": "workloads.infer", "dist": "workloads.distributed"}
 STATUSES = ("ok", "oom", "error")
 
 
@@ -85,7 +85,16 @@ def write_result(path, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    write_result(args.result, execute(args))
+    result = execute(args)
+    # Under torchrun every rank runs this; each returns the whole job's result
+    # (workloads.distributed gathers the ranks'), and rank 0 writes it.
+    if os.environ.get("RANK", "0") == "0":
+        write_result(args.result, result)
+    if args.kind == "dist":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

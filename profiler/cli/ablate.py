@@ -33,8 +33,9 @@ HELP = __doc__.splitlines()[0]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--suite", choices=("seeds", "kv"), default="seeds",
-                        help="seeds: training optimizations; kv: inference caches (default: seeds)")
+    parser.add_argument("--suite", choices=("seeds", "kv", "fsdp"), default="seeds",
+                        help="seeds: training optimizations; kv: inference caches; fsdp: DDP and "
+                             "FSDP2 under torchrun, world_size an axis (default: seeds)")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=A,B,...",
                         help="run every combination of these toggle values instead of the suite's rows "
                              "(repeatable)")
