@@ -83,6 +83,7 @@ class CudaBackend:
         props = torch.cuda.get_device_properties(self.device)
         return dict(
             device=props.name,
+            device_index=self.index,
             device_total_bytes=int(props.total_memory),
             allocator_settings=snap.get("allocator_settings") or {},
             baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
