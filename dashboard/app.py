@@ -16,7 +16,8 @@ _PAGES = Path(__file__).resolve().parent / "pages"
 PAGES = [("runs.py", "Runs", ":material/table:"), ("overview.py", "Overview", ":material/show_chart:"),
          ("layers.py", "Layers", ":material/account_tree:"), ("categories.py", "Categories", ":material/stacked_line_chart:"),
          ("fragmentation.py", "Fragmentation", ":material/grid_view:"), ("kv.py", "KV cache", ":material/memory:"),
-         ("compare.py", "Compare", ":material/compare_arrows:"), ("stacks.py", "Stacks", ":material/layers:"),
+         ("compare.py", "Compare", ":material/compare_arrows:"), ("ranks.py", "Ranks", ":material/dns:"),
+         ("stacks.py", "Stacks", ":material/layers:"),
          ("live.py", "Live", ":material/sensors:"), ("estimate.py", "Estimate", ":material/calculate:")]
 
 st.set_page_config(page_title="vramscope", layout="wide")

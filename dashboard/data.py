@@ -17,14 +17,19 @@ import pandas as pd
 import streamlit as st
 
 from profiler import analysis
+from profiler.analysis import ranks
+from profiler.analysis.ranks import step_aligned  # noqa: F401  (the pages' name for it)
 from profiler.analysis.summary import load_summary
 from profiler.errors import TraceError
 from profiler.reader import iter_runs, load_trace
 
 TRACES_ENV = "VRAMSCOPE_TRACES"
 MAX_POINTS = 4000  # points per drawn line; downsample keeps each bucket's min and max
-RUN_COLUMNS = ("run", "name", "backend", "device", "preset", "toggles", "status", "peak_allocated_bytes",
-               "peak_reserved_bytes", "fragmentation_ratio_at_peak", "median_step_time_us", "error")
+# A multi-rank run is one row: world_size, its per-GPU peaks (the largest rank's) and the peaks' skew.
+RUN_COLUMNS = ("run", "name", "backend", "device", "preset", "toggles", "status", "world_size",
+               "peak_allocated_bytes", "peak_skew_pct", "peak_reserved_bytes", "fragmentation_ratio_at_peak",
+               "median_step_time_us", "run_id", "failed_ranks", "error")
+MAX_RANK_LINES = 16  # rank timelines overlaid at once: more is unreadable and slow to read
 
 
 def traces_dir() -> Path:
@@ -32,10 +37,15 @@ def traces_dir() -> Path:
 
 
 def stamp(run) -> tuple:
-    """What changes when a run's files do: a live run's journals grow, meta.json gets its status."""
+    """What changes when a run's files do: a live run's journals grow, meta.json gets its status.
+    For a multi-rank run, the files of every rank's partition."""
+    parts = ranks.rank_dirs(run)
+    if parts:
+        return tuple((p.name, stamp(p)) for p in parts)
     try:
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                            for p in Path(run).iterdir() if p.is_file()))
+        with os.scandir(run) as entries:  # one stat per file: a job of 1024 ranks stamps ~10k files
+            files = [(e.name, e.stat()) for e in entries if e.is_file()]
+        return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in files))
     except OSError:
         return ()
 
@@ -46,8 +56,15 @@ def one_line(exc: BaseException) -> str:
 
 # -- the runs table -------------------------------------------------------------------
 
+def world_size_of(summary: dict) -> int:
+    """A job summary's world_size; a single run's from its config, else 1."""
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    return int(summary.get("world_size") or config.get("world_size") or 1)
+
+
 def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
-    """One Runs-page row; a run that could not be read keeps its path and its one-line error."""
+    """One Runs-page row; a run that could not be read keeps its path and its one-line error.
+    A multi-rank run's row (summary from ranks.run_group_summary) adds world_size, skew and failed ranks."""
     row = dict.fromkeys(RUN_COLUMNS)
     row.update(run=str(run), name=run.name, error=error)
     if summary is None:
@@ -57,19 +74,35 @@ def run_row(run: Path, summary: dict | None = None, error: str | None = None) ->
     preset = config.pop("preset", None)
     row.update({k: summary.get(k) for k in RUN_COLUMNS if k in summary})
     row.update(preset=preset, toggles=", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    row["failed_ranks"] = ", ".join(map(str, summary.get("failed_ranks") or ())) or None
     return row
 
 
+def _summary_row(run: Path, summarise) -> dict:
+    try:
+        return run_row(run, summarise(run))
+    except TraceError as exc:
+        return run_row(run, error=one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
+        return run_row(run, error=f"{run}: {type(exc).__name__}: {one_line(exc)}")
+
+
 def runs_table(root) -> pd.DataFrame:
-    """Every run under `root`, one row each (RUN_COLUMNS), from the cached run summaries."""
-    rows = []
+    """Every run under `root`, one row each (RUN_COLUMNS), from the cached run summaries.
+
+    The rank=N partitions of a multi-rank run make one row, whose run is the job's directory;
+    an unreadable job keeps its world_size (its partitions), so that the Ranks page can show why."""
+    rows, jobs = [], set()
+    root = Path(root)
     for run in iter_runs(root):
-        try:
-            rows.append(run_row(run, load_summary(run)))
-        except TraceError as exc:
-            rows.append(run_row(run, error=one_line(exc)))
-        except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
-            rows.append(run_row(run, error=f"{run}: {type(exc).__name__}: {one_line(exc)}"))
+        job = ranks.run_root_of(run)
+        if job == run or run == root:  # root itself a rank partition: the user asked for that one rank
+            rows.append(_summary_row(run, load_summary))
+        elif job not in jobs:
+            jobs.add(job)
+            row = _summary_row(job, ranks.run_group_summary)
+            row["world_size"] = row["world_size"] or len(ranks.rank_dirs(job))
+            rows.append(row)
     return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
 
 
@@ -91,20 +124,6 @@ def ablation_losses(root) -> pd.DataFrame:
 
 
 # -- transforms over one trace --------------------------------------------------------
-
-def step_aligned(timeline: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
-    """x per timeline row: its step plus its fraction of the way through that step's events,
-    so that runs of different lengths line up step by step."""
-    x = np.full(len(timeline), np.nan)
-    if spans.empty or timeline.empty:
-        return x
-    steps = spans["step"].to_numpy(np.int64)
-    start = spans["event_index_start"].to_numpy(np.int64)
-    width = np.maximum(spans["event_index_end"].to_numpy(np.int64) - start + 1, 1)
-    idx = timeline["event_index"].to_numpy(np.int64)
-    pos = np.clip(np.searchsorted(start, idx, side="right") - 1, 0, len(start) - 1)
-    return steps[pos] + np.clip((idx - start[pos]) / width[pos], 0, 1)
-
 
 def stack_tree(live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFrame, top: int = 40,
                depth: int = 12) -> pd.DataFrame:
@@ -180,8 +199,16 @@ def root_stamp(root) -> tuple:
         return ()
 
 
+def single_run(run: str) -> str:
+    """The run a single-run view reads: a multi-rank run's largest rank (its per-GPU peak), else the run."""
+    if not ranks.rank_dirs(run):
+        return run
+    return str(Path(run) / f"rank={stored_summary(run)['peak_rank']}")
+
+
 def trace_of(run: str):
     """The cached (Trace, Lifetimes) of the run as its files are now."""
+    run = single_run(run)
     return _cached_trace_keyed(run, stamp(run))
 
 
@@ -205,12 +232,16 @@ def cached_summary(run: str, files: tuple) -> dict:
 
 
 def summary_of(run: str) -> dict:
+    run = single_run(run)
     return cached_summary(run, stamp(run))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def cached_stored_summary(run: str, files: tuple) -> dict:
-    """load_summary: summary.json when fresh, else computed (and cached beside the run)."""
+    """load_summary: summary.json when fresh, else computed (and cached beside the run); for a
+    multi-rank run, ranks.run_group_summary over its ranks' summaries."""
+    if ranks.rank_dirs(run):
+        return ranks.run_group_summary(run, cached_rank_records(run, files))
     return load_summary(run)
 
 
@@ -224,7 +255,39 @@ def cached_kv(run: str, files: tuple) -> pd.DataFrame:
 
 
 def kv_of(run: str) -> pd.DataFrame:
+    run = single_run(run)
     return cached_kv(run, stamp(run))
+
+
+# -- cached: one multi-rank run -----------------------------------------------------------
+
+@st.cache_data(max_entries=16, show_spinner="Reading the ranks...")
+def cached_rank_records(run: str, files: tuple) -> list:
+    """ranks.read_ranks: every rank's meta and summary, read once for the table, categories and timelines."""
+    return ranks.read_ranks(run)
+
+
+def rank_records_of(run: str) -> list:
+    return cached_rank_records(run, stamp(run))
+
+
+@st.cache_data(max_entries=32, show_spinner="Reading the ranks' timelines...")
+def cached_rank_timelines(run: str, chosen: tuple, files: tuple) -> pd.DataFrame:
+    return ranks.rank_timelines(run, chosen, max_points=MAX_POINTS // 2,
+                                records=cached_rank_records(run, files))
+
+
+def rank_timelines_of(run: str, chosen) -> pd.DataFrame:
+    return cached_rank_timelines(run, tuple(int(r) for r in chosen), stamp(run))
+
+
+def default_ranks(table: pd.DataFrame, skew: dict, most: int = 4) -> list[int]:
+    """Ranks worth overlaying first: rank 0, the largest and the smallest peak, then the next largest."""
+    readable = table[table["replayed_peak_bytes"].notna()]
+    by_peak = readable.sort_values("peak_allocated_bytes", ascending=False, kind="stable")["rank"].tolist()
+    picks = [0, skew.get("max_rank"), skew.get("min_rank"), *by_peak]
+    ok = set(readable["rank"].tolist())
+    return [int(r) for r in dict.fromkeys(p for p in picks if p in ok)][:most]
 
 
 def differing_columns(df: pd.DataFrame, keep=("name",)) -> list[str]:
@@ -242,12 +305,13 @@ def ablation_view(summaries: list[dict], baseline: int, losses: pd.DataFrame, ru
     ablation table beside the runs has them."""
     table = analysis.compare_summaries(summaries, baseline)
     table.insert(0, "run", [Path(r).name for r in runs])
+    table["world_size"] = [world_size_of(s) for s in summaries]
     loss = dict(zip(losses["run"], losses["loss"]))
     table["loss"] = [loss.get(Path(r).name) for r in runs]
     base = table["loss"].iloc[baseline]
     table["loss_delta"] = [None if v is None or base is None or pd.isna(v) or pd.isna(base) else v - base
                            for v in table["loss"]]
-    front = ["run", "name", "is_baseline", "memory_saved_pct", "speed_change_pct", "loss", "loss_delta",
-             "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us"]
+    front = ["run", "name", "world_size", "is_baseline", "memory_saved_pct", "speed_change_pct", "loss",
+             "loss_delta", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us"]
     front = [c for c in front if c in table]
     return table[front + [c for c in table.columns if c not in front]]

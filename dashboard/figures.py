@@ -271,3 +271,55 @@ def measured_vs_predicted(df: pd.DataFrame) -> go.Figure:
                              hovertemplate="%{y:.3f} GiB (%{customdata:,.0f} B)"))
     fig.update_layout(barmode="group", yaxis_title="GiB")
     return _layout(fig, title, "category")
+
+
+# -- Ranks ------------------------------------------------------------------------------
+
+def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
+    """ranks.rank_table: each rank's peak allocated bytes (the allocator's), the largest in red,
+    the median of the ranks' peaks as a dashed line; ranks without a peak are left out."""
+    title = "Peak allocated per rank"
+    d = table[table["peak_allocated_bytes"].notna()]
+    if d.empty:
+        return _empty(title, "no rank could be read")
+    peaks = d["peak_allocated_bytes"].to_numpy(dtype=np.int64)
+    colors = np.where(d["is_max"].to_numpy(dtype=bool), "#d62728", "#1f77b4")
+    fig = go.Figure(go.Bar(x=d["rank"].to_numpy(), y=peaks / GIB, marker_color=colors, name="peak allocated",
+                           customdata=np.stack([peaks, d["skew_pct"].to_numpy(dtype=float)], axis=1),
+                           hovertemplate="rank %{x}: %{customdata[0]:,.0f} B "
+                                         "(%{customdata[1]:+.2f}% against the median)<extra></extra>"))
+    if skew.get("median_bytes") is not None:
+        median = skew["median_bytes"] / GIB
+        fig.update_layout(shapes=[dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=median, y1=median,
+                                       line=dict(color="grey", dash="dash", width=1))],
+                          annotations=[dict(text="median", xref="paper", x=1, y=median, yref="y", showarrow=False,
+                                            xanchor="right", yanchor="bottom", font=dict(color="grey"))])
+    # Ranks are names, not quantities: a category axis labels each bar and leaves no gaps.
+    fig.update_xaxes(type="category")
+    return _layout(fig, title, "rank").update_layout(hovermode="closest")
+
+
+def rank_timelines(df: pd.DataFrame) -> go.Figure:
+    """ranks.rank_timelines: allocated bytes of each rank against its step-aligned x, overlaid."""
+    title = "Allocated bytes per rank, aligned by step"
+    if df.empty:
+        return _empty(title)
+    fig = go.Figure([go.Scattergl(x=g["x"], y=_gib(g["allocated_bytes"]), mode="lines", name=f"rank {rank}",
+                                  customdata=g["allocated_bytes"].to_numpy(dtype=float),
+                                  hovertemplate="%{y:.3f} GiB (%{customdata:,.0f} B)")
+                     for rank, g in df.groupby("rank", sort=True)])
+    return _layout(fig, title, "step")
+
+
+def rank_categories(df: pd.DataFrame, categories: list[str]) -> go.Figure:
+    """ranks.rank_categories: each rank's bytes at its own peak, stacked by category."""
+    title = "Categories at each rank's peak"
+    cats = [c for c in categories if c in df and (df[c] != 0).any()]
+    if df.empty or not cats:
+        return _empty(title)
+    ranks = df["rank"].to_numpy()
+    fig = go.Figure([go.Bar(x=ranks, y=_gib(df[c]), name=c, customdata=df[c].to_numpy(dtype=float),
+                            hovertemplate=f"rank %{{x}} {c}: %{{customdata:,.0f}} B<extra></extra>")
+                     for c in cats])
+    fig.update_xaxes(type="category")
+    return _layout(fig.update_layout(barmode="stack"), title, "rank").update_layout(hovermode="closest")

@@ -46,16 +46,18 @@ def replay_peak(events, baseline=0) -> int:
 
 
 def write_trace(out_dir, events, *, name="fake", steps=None, roles=(), modules=(),
-                phases=(), segments=(), status="complete", step_of=None, **meta) -> Path:
+                phases=(), segments=(), status="complete", step_of=None, run_id=None, subdir=None,
+                **meta) -> Path:
     """Write a trace directory. `events`: (action, addr, size, phase, module[, category]).
 
     `step_of(i)` gives the step of event i (default 0). `steps`: list of dicts for
     the steps table; by default one row per step seen, with replayed counters.
+    `run_id` and `subdir` go to the writer: subdir="rank=1" writes one rank's partition.
     """
     events = list(events)
     peak = replay_peak(events, meta.get("baseline_allocated_bytes", 0))
     meta.setdefault("max_allocated_bytes", peak)
-    w = TraceWriter(out_dir, name, base_meta(**meta))
+    w = TraceWriter(out_dir, name, base_meta(**meta), run_id=run_id, subdir=subdir)
     step_of = step_of or (lambda i: 0)
     if events:
         w.append("events", {

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("plotly")
@@ -173,3 +174,74 @@ def test_estimate_page_says_when_a_run_is_not_understood(traces, monkeypatch):
               current_run=str(next((traces / "h100-ablation-kv").glob("ablate-kv-*"))))
     _ok(at)
     assert at.info
+
+
+# -- multi-rank runs ----------------------------------------------------------------------------
+
+def _jobs(root: Path) -> tuple[Path, Path, Path]:
+    """A complete 2-rank job (rank 1 peaks higher), a 3-rank job whose rank 2 never wrote, a single run."""
+    from rank_runs import write_job
+
+    two = write_job(root, "job2", {0: 2000, 1: 6000}, name="two")
+    three = write_job(root, "job3", {0: 1000, 1: 1500}, world_size=3, name="three")
+    single = root / "single"
+    shutil.move(write_job(root / "elsewhere", "single", {0: 500}, name="single") / "rank=0", single)
+    shutil.rmtree(root / "elsewhere")
+    return two, three, single
+
+
+def test_ranks_page_shows_every_rank(tmp_path, monkeypatch):
+    two, three, _ = _jobs(tmp_path)
+    at = page("ranks", tmp_path, monkeypatch, current_job=str(two))
+    _ok(at)
+    assert len(at.get("plotly_chart")) == 3  # peaks, timelines, categories
+    assert at.dataframe[0].value["rank"].tolist() == [0, 1]
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Per-GPU peak (rank 1)"] == exact_bytes(7500) and shown["Smallest peak (rank 0)"] == exact_bytes(3500)
+    assert shown["Max against median"] == f"{(7500 - 5500) / 5500 * 100:+.2f}%"
+    assert at.multiselect[0].value == [0, 1] and not at.warning
+    at = page("ranks", tmp_path, monkeypatch, current_job=str(three))
+    _ok(at)
+    assert at.dataframe[0].value["status"].tolist() == ["complete", "complete", "missing"]
+    assert len(at.warning) == 1 and "rank=2" in at.warning[0].value
+
+
+def test_ranks_page_without_a_multi_rank_run(traces, monkeypatch):
+    at = page("ranks", traces, monkeypatch)
+    _ok(at)
+    assert "No multi-rank run" in at.info[0].value and not at.get("plotly_chart")
+
+
+def test_runs_page_shows_a_job_as_one_row(tmp_path, monkeypatch):
+    two, three, single = _jobs(tmp_path)
+    at = page("runs", tmp_path, monkeypatch)
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    assert sorted(table.index) == sorted(map(str, (two, three, single)))
+    assert table.loc[str(two), "world_size"] == 2 and table.loc[str(two), "peak_allocated_bytes"] == 7500
+    assert table.loc[str(three), "world_size"] == 3 and table.loc[str(three), "failed_ranks"] == "2"
+    assert pd.isna(table.loc[str(single), "world_size"])
+    assert len(at.warning) == 1 and "three" in at.warning[0].value
+
+
+def test_single_run_pages_show_one_rank_of_a_job(tmp_path, monkeypatch):
+    two, _, _ = _jobs(tmp_path)
+    at = page("overview", tmp_path, monkeypatch, current_run=str(two / "rank=0"))
+    _ok(at)
+    assert at.selectbox[0].value == str(two) and at.selectbox[1].value == str(two / "rank=0")
+    assert {m.label: m.value for m in at.metric}["Peak allocated"] == exact_bytes(3500)
+    at = page("overview", tmp_path, monkeypatch, current_run=str(two))  # the job: its largest rank first
+    _ok(at)
+    assert at.selectbox[1].value == str(two / "rank=1")
+    assert {m.label: m.value for m in at.metric}["Peak allocated"] == exact_bytes(7500)
+
+
+def test_compare_takes_runs_of_different_world_sizes(tmp_path, monkeypatch):
+    runs = [str(r) for r in _jobs(tmp_path)]
+    at = page("compare", tmp_path, monkeypatch, compare_runs=runs)
+    _ok(at)
+    table = at.dataframe[0].value
+    assert table["world_size"].tolist() == [2, 3, 1]
+    assert table["peak_allocated_bytes"].tolist() == [7500, 1000 + 1500 + 500, 1000 + 500 + 500]
+    overlay = at.get("plotly_chart")[0].proto.spec
+    assert "two (world size 2, rank 1)" in overlay and "three (world size 3, rank 1)" in overlay

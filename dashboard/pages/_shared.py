@@ -1,4 +1,4 @@
-"""What every page shares: the import path, the runs folder and the run picker."""
+"""What every page shares: the import path, the runs folder and the run pickers."""
 
 from __future__ import annotations
 
@@ -13,10 +13,23 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dashboard import data  # noqa: E402
+from profiler.analysis import ranks  # noqa: E402
 from profiler.errors import TraceError  # noqa: E402
 
-CURRENT = "current_run"  # session key: the run the single-run pages show
+CURRENT = "current_run"  # session key: the run the single-run pages show (a rank's partition of a job)
 SELECTED = "compare_runs"  # session key: the runs the Runs page hands to Compare
+CURRENT_JOB = "current_job"  # session key: the multi-rank run the Ranks page shows
+# How the tables of runs and of ranks show their numbers: column -> (label, printf format).
+NUMBER_COLUMNS = {
+    "world_size": ("world size", "%d"),
+    "peak_allocated_bytes": ("peak allocated (B)", "%d"),
+    "peak_skew_pct": ("peak skew (%)", "%+.2f"),
+    "skew_pct": ("against median (%)", "%+.2f"),
+    "peak_reserved_bytes": ("peak reserved (B)", "%d"),
+    "replayed_peak_bytes": ("replayed peak (B)", "%d"),
+    "fragmentation_ratio_at_peak": ("fragmentation at peak", "%.3f"),
+    "median_step_time_us": ("step time (us)", "%.0f"),
+}
 
 
 def runs() -> pd.DataFrame:
@@ -29,12 +42,19 @@ def runs() -> pd.DataFrame:
         return pd.DataFrame(columns=list(data.RUN_COLUMNS))
 
 
+def number_columns(table: pd.DataFrame) -> dict:
+    """st.dataframe's column_config for the NUMBER_COLUMNS that `table` has."""
+    return {c: st.column_config.NumberColumn(label, format=fmt) for c, (label, fmt) in NUMBER_COLUMNS.items()
+            if c in table}
+
+
 def readable(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["error"].isna()]
 
 
 def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
-    """A selectbox over the readable runs; remembers the choice across pages."""
+    """A selectbox over the readable runs; remembers the choice across pages. A multi-rank run
+    gets a second selectbox for its rank (the largest rank first), since these pages show one trace."""
     ok = readable(table)
     if only is not None:
         ok = ok[only(ok)]
@@ -44,10 +64,21 @@ def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
         return None
     names = dict(zip(ok["run"], ok["name"]))
     current = st.session_state.get(CURRENT)
-    index = paths.index(current) if current in paths else 0
+    job = str(ranks.run_root_of(current)) if current else None
+    index = paths.index(current) if current in paths else paths.index(job) if job in paths else 0
     choice = st.selectbox(label, paths, index=index, format_func=lambda p: f"{names[p]}  ({p})")
+    parts = [str(p) for p in ranks.rank_dirs(choice)]
+    if parts:
+        first = data.single_run(choice)
+        index = parts.index(current) if current in parts else parts.index(first) if first in parts else 0
+        choice = st.selectbox("Rank", parts, index=index, format_func=lambda p: Path(p).name)
     st.session_state[CURRENT] = choice
     return choice
+
+
+def multi_rank_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of multi-rank runs, readable or not (the Ranks page shows why a rank failed)."""
+    return table[table["world_size"].notna()]
 
 
 def load(run: str):

@@ -15,15 +15,16 @@ if table.empty:
     st.info("No runs found. Set VRAMSCOPE_TRACES to a folder of vramscope traces.")
     st.stop()
 
-st.dataframe(table, hide_index=True, column_config={
-    "peak_allocated_bytes": st.column_config.NumberColumn("peak allocated (B)", format="%d"),
-    "peak_reserved_bytes": st.column_config.NumberColumn("peak reserved (B)", format="%d"),
-    "fragmentation_ratio_at_peak": st.column_config.NumberColumn("fragmentation at peak", format="%.3f"),
-    "median_step_time_us": st.column_config.NumberColumn("step time (us)", format="%.0f"),
-})
+if table["world_size"].notna().any():
+    st.caption("A multi-rank run is one row: its peaks are per GPU (the largest rank's), skew is that peak "
+               "against the median rank's; the Ranks page shows every rank.")
+st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))
 bad = table[table["error"].notna()]
 for message in bad["error"]:
     st.warning(message)
+for name, failed in zip(table["name"], table["failed_ranks"]):
+    if isinstance(failed, str):
+        st.warning(f"{name}: rank(s) {failed} missing, failed or unfinished; the Ranks page says why.")
 
 ok = ui.readable(table)
 names = dict(zip(ok["run"], ok["name"]))

@@ -1,0 +1,67 @@
+"""Ranks: one multi-rank (torchrun) run rank by rank: peaks and their skew, timelines, categories, failed ranks."""
+
+import sys; from pathlib import Path  # noqa: E401
+if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import figures  # noqa: E402
+from dashboard.pages import _shared as ui  # noqa: E402
+from profiler.analysis import ranks  # noqa: E402
+from profiler.analysis.categories import category_names  # noqa: E402
+from profiler.cli.report import exact_bytes  # noqa: E402
+
+MAX_WARNINGS = 20  # failed ranks listed one by one; the table holds them all
+
+st.title("Ranks")
+runs = ui.runs()
+jobs = ui.multi_rank_runs(runs)
+if jobs.empty:
+    st.info(f"No multi-rank run under {ui.data.traces_dir()}. A distributed (torchrun) capture writes one "
+            "folder per job with a rank=N partition per rank; such a job shows here.")
+    cols = st.columns(2)  # what was searched, so that an empty answer is not mistaken for an empty folder
+    cols[0].metric("Multi-rank runs", 0)
+    cols[1].metric("Single-process runs", len(runs))
+    st.stop()
+
+names = dict(zip(jobs["run"], jobs["name"]))
+paths = jobs["run"].tolist()
+current = st.session_state.get(ui.CURRENT_JOB) or str(ranks.run_root_of(st.session_state.get(ui.CURRENT) or ""))
+job = st.selectbox("Multi-rank run", paths, index=paths.index(current) if current in paths else 0,
+                   format_func=lambda p: f"{names[p]}  ({p})")
+st.session_state[ui.CURRENT_JOB] = job
+
+records = ui.data.rank_records_of(job)
+table = ranks.rank_table(job, records)
+skew = ranks.rank_skew(table)
+top, bottom = st.columns(3), st.columns(3)
+top[0].metric("World size", f"{len(table)}", help=f"{skew['ranks']} with a readable peak")
+if skew["max_rank"] is not None:
+    top[1].metric(f"Per-GPU peak (rank {skew['max_rank']})", exact_bytes(skew["max_bytes"]))
+    top[2].metric(f"Smallest peak (rank {skew['min_rank']})", exact_bytes(skew["min_bytes"]))
+    bottom[0].metric("Median peak", exact_bytes(round(skew["median_bytes"])))
+    bottom[1].metric("Max / min", "-" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}",
+                     help=f"spread {exact_bytes(skew['spread_bytes'])}")
+    bottom[2].metric("Max against median", "-" if skew["skew_pct"] is None else f"{skew['skew_pct']:+.2f}%")
+st.plotly_chart(figures.rank_peaks(table, skew))
+
+failed = table[table["error"].notna()]
+for message in failed["error"].head(MAX_WARNINGS):
+    st.warning(message)
+if len(failed) > MAX_WARNINGS:
+    st.warning(f"... and {len(failed) - MAX_WARNINGS} more failed ranks (see the table below).")
+
+readable = table.loc[table["replayed_peak_bytes"].notna(), "rank"].tolist()
+if not readable:
+    st.info("No rank of this run could be read.")
+    st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))
+    st.stop()
+chosen = st.multiselect(f"Ranks to overlay (up to {ui.data.MAX_RANK_LINES})", readable,
+                        default=ui.data.default_ranks(table, skew), max_selections=ui.data.MAX_RANK_LINES)
+st.plotly_chart(figures.rank_timelines(ui.data.rank_timelines_of(job, chosen)))
+
+at_peak = ranks.rank_categories(job, records=records)
+st.plotly_chart(figures.rank_categories(at_peak, category_names(c for c in at_peak.columns
+                                                                if c not in ("rank", "peak_allocated_bytes"))))
+st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))

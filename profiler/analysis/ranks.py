@@ -1,0 +1,402 @@
+"""A multi-rank (torchrun) run: one partition per rank, compared rank by rank and summed up as one job.
+
+A distributed capture writes
+
+    <out>/<run_id>/rank=0/   a normal single-process trace (meta.json carries rank, world_size, ...)
+    <out>/<run_id>/rank=1/
+    ...
+
+Per-rank numbers come from each partition's meta.json and its cached summary
+(summary.load_summary), not from its events, so that a table of 1024 ranks costs
+1024 small JSON files once their summaries are cached. A rank that cannot be read,
+or whose partition is missing (world_size says it should exist), is a row with its
+error; it never stops the other ranks from being shown.
+
+Peaks are the allocator's own (meta.max_allocated_bytes, what torch.cuda.max_memory_allocated
+reported on that rank) where the rank recorded one, else the replayed peak of its events
+(a rank that died before finalizing has only journals and no allocator maximum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from profiler import schema
+from profiler.analysis.categories import category_names
+from profiler.analysis.summary import load_summary, tokens_per_second
+from profiler.analysis.timeline import int_column, memory_timeline, step_spans
+from profiler.errors import TraceError
+
+_MAX_READERS = 8
+RANK_DIR = re.compile(r"^rank=(\d+)$")
+MISSING = "missing"
+UNREADABLE = "unreadable"
+RUNNING = "running"
+# Statuses a capture writes when it ends; a rank without one is live or died mid-capture.
+FINAL_STATUSES = tuple(s.value for s in schema.Status)
+RANK_COLUMNS = ("rank", "world_size", "hostname", "local_rank", "status", "peak_allocated_bytes",
+                "peak_reserved_bytes", "replayed_peak_bytes", "median_step_time_us", "steps", "events",
+                "skew_pct", "is_max", "error", "path")
+_INT_COLUMNS = ("world_size", "local_rank", "peak_allocated_bytes", "peak_reserved_bytes",
+                "replayed_peak_bytes", "steps", "events")
+# Peak facts a job summary takes from the rank with the largest peak, so that they describe one moment
+# on one GPU (its categories sum to the job's per-GPU peak).
+_AT_PEAK_KEYS = ("peak_allocated_bytes", "peak_event_index", "peak_step", "peak_phase", "active_at_peak_bytes",
+                 "fragmentation_ratio_at_peak", "reserved_minus_allocated_at_peak_bytes",
+                 "inactive_split_at_peak_bytes", "largest_free_block_at_peak_bytes", "categories_at_peak_bytes")
+# Per-GPU maxima: the largest over the ranks.
+_MAX_KEYS = ("peak_active_bytes", "peak_reserved_bytes", "allocator_max_allocated_bytes",
+             "allocator_max_reserved_bytes")
+
+
+# -- the layout ---------------------------------------------------------------------------
+
+def rank_number(path) -> int | None:
+    """N for a directory named rank=N, else None."""
+    found = RANK_DIR.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def rank_dirs(run_root) -> list[Path]:
+    """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9)."""
+    root = Path(run_root)
+    try:
+        children = [c for c in root.iterdir() if c.is_dir() and rank_number(c) is not None]
+    except OSError:
+        return []
+    return sorted(children, key=rank_number)
+
+
+def run_root_of(path) -> Path:
+    """The run directory a rank partition belongs to (its parent); any other path as it is."""
+    path = Path(path)
+    return path.parent if rank_number(path) is not None else path
+
+
+def is_multi_rank(path) -> bool:
+    """Whether `path` is a multi-rank run (it holds rank=N partitions) or one of its partitions."""
+    return bool(rank_dirs(run_root_of(path)))
+
+
+# -- reading every rank -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank as read from disk: its summary, or the error that kept it from being read."""
+
+    rank: int
+    path: Path
+    meta: dict | None
+    summary: dict | None
+    error: str | None
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return self.summary.get("status") or RUNNING
+        return MISSING if not self.path.is_dir() else UNREADABLE
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _lenient_meta(run_dir: Path) -> dict | None:
+    """meta.json as a dict, or None: labels (hostname, world_size) for a rank whose trace is unreadable."""
+    try:
+        meta = json.loads((run_dir / schema.META_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _read_rank(run_dir: Path) -> RankRecord:
+    summary, error = None, None
+    try:
+        summary = load_summary(run_dir)
+    except TraceError as exc:
+        error = _one_line(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad rank must not hide the others
+        error = _one_line(f"{run_dir}: {type(exc).__name__}: {exc}")
+    return RankRecord(rank_number(run_dir), run_dir, _lenient_meta(run_dir), summary, error)
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _world_size(meta: dict | None) -> int | None:
+    if not meta:
+        return None
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return _int(meta.get("world_size")) or _int(config.get("world_size"))
+
+
+def read_ranks(run_root) -> list[RankRecord]:
+    """Every rank of the run, in rank order, including those world_size expects but no partition holds."""
+    root = run_root_of(run_root)
+    dirs = rank_dirs(root)
+    # Threads: a rank without a cached summary is read and summarised once, and that work (Arrow
+    # decoding, file I/O, the cache's fsync) releases the GIL often enough to overlap.
+    workers = min(_MAX_READERS, os.cpu_count() or 1, len(dirs))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            found = list(pool.map(_read_rank, dirs))
+    else:
+        found = [_read_rank(d) for d in dirs]
+    sizes = [s for s in (_world_size(r.meta) for r in found) if s]
+    world = max(sizes + [r.rank + 1 for r in found], default=0)
+    present = {r.rank for r in found}
+    missing = [RankRecord(r, root / f"rank={r}", None, None,
+                          f"{root}: no partition rank={r} (world size {world}): the rank never wrote a trace")
+               for r in range(world) if r not in present]
+    return sorted(found + missing, key=lambda r: r.rank)
+
+
+def _records(run_root, records) -> list[RankRecord]:
+    return list(records) if records is not None else read_ranks(run_root)
+
+
+# -- the rank table -----------------------------------------------------------------------
+
+def _peak_of(record: RankRecord, meta_key: str, summary_key: str) -> int | None:
+    """The allocator's value from meta where the rank recorded one, else the summary's replayed one;
+    None for a rank that cannot be read (its meta alone may be stale or wrong)."""
+    if record.summary is None:
+        return None
+    value = _int((record.meta or {}).get(meta_key))
+    return value if value is not None else _int(record.summary.get(summary_key))
+
+
+def _died_note(records: list[RankRecord]) -> str | None:
+    # A rank still "running" when others have ended most likely died before it could finalize.
+    if any(r.status in FINAL_STATUSES for r in records):
+        return "no final status although other ranks finished: the process likely died (journals only)"
+    return None
+
+
+def rank_table(run_root, records: list[RankRecord] | None = None) -> pd.DataFrame:
+    """One row per rank (RANK_COLUMNS), missing and unreadable ranks included with their error.
+
+    peak_allocated_bytes / peak_reserved_bytes: the allocator's maxima on that rank (see the module
+    docstring); replayed_peak_bytes: the peak of its events. skew_pct: the peak against the median of
+    the ranks' peaks, in percent; is_max marks the one rank with the largest peak (the first of ties).
+    `records`: read_ranks(run_root), when the caller has them already.
+    """
+    records = _records(run_root, records)
+    died = _died_note(records)
+    world = max([r.rank + 1 for r in records] + [_world_size(r.meta) or 0 for r in records], default=0)
+    rows = []
+    for r in records:
+        s = r.summary or {}
+        meta = r.meta or {}
+        error = r.error
+        if error is None and r.status == RUNNING and died:
+            error = f"{r.path}: {died}"
+        rows.append({
+            "rank": r.rank, "world_size": _world_size(r.meta) or world,
+            "hostname": meta.get("hostname") if isinstance(meta.get("hostname"), str) else None,
+            "local_rank": _int(meta.get("local_rank")), "status": r.status,
+            "peak_allocated_bytes": _peak_of(r, "max_allocated_bytes", "peak_allocated_bytes"),
+            "peak_reserved_bytes": _peak_of(r, "max_reserved_bytes", "peak_reserved_bytes"),
+            "replayed_peak_bytes": _int(s.get("peak_allocated_bytes")),
+            "median_step_time_us": s.get("median_step_time_us"),
+            "steps": _int(s.get("steps")), "events": _int(s.get("events")),
+            "error": error, "path": str(r.path),
+        })
+    table = pd.DataFrame(rows, columns=[c for c in RANK_COLUMNS if c not in ("skew_pct", "is_max")])
+    for column in _INT_COLUMNS:
+        table[column] = pd.array(table[column].tolist(), dtype="Int64")
+    table["rank"] = table["rank"].astype(np.int64)
+    table["median_step_time_us"] = pd.to_numeric(table["median_step_time_us"], errors="coerce").astype(float)
+    skew = rank_skew(table)
+    median = skew["median_bytes"]
+    peaks = table["peak_allocated_bytes"].to_numpy(dtype=float, na_value=np.nan)
+    table["skew_pct"] = (peaks - median) / median * 100.0 if median else np.nan
+    table["is_max"] = table["rank"] == skew["max_rank"] if skew["max_rank"] is not None else False
+    return table[list(RANK_COLUMNS)]
+
+
+def rank_skew(table: pd.DataFrame) -> dict:
+    """How unevenly the ranks' peaks spread, over the ranks with a known peak.
+
+    max_bytes/max_rank, min_bytes/min_rank (first of ties), median_bytes, max_min_ratio (None when the
+    smallest peak is 0), spread_bytes (max - min), skew_pct (max against the median), ranks (how many
+    counted). Every value is None when no rank has a peak.
+    """
+    known = table[table["peak_allocated_bytes"].notna()]
+    out = dict.fromkeys(("max_bytes", "max_rank", "min_bytes", "min_rank", "median_bytes", "max_min_ratio",
+                         "spread_bytes", "skew_pct"))
+    out["ranks"] = int(len(known))
+    if known.empty:
+        return out
+    peaks = known["peak_allocated_bytes"].to_numpy(dtype=np.int64)
+    ranks = known["rank"].to_numpy(dtype=np.int64)
+    hi, lo = int(np.argmax(peaks)), int(np.argmin(peaks))
+    median = float(np.median(peaks))
+    out.update(max_bytes=int(peaks[hi]), max_rank=int(ranks[hi]), min_bytes=int(peaks[lo]), min_rank=int(ranks[lo]),
+               median_bytes=median, spread_bytes=int(peaks[hi] - peaks[lo]),
+               max_min_ratio=float(peaks[hi] / peaks[lo]) if peaks[lo] else None,
+               skew_pct=float((peaks[hi] - median) / median * 100.0) if median else None)
+    return out
+
+
+# -- per-rank views -------------------------------------------------------------------------
+
+def _wanted(records: list[RankRecord], ranks) -> list[RankRecord]:
+    readable = [r for r in records if r.summary is not None]
+    if ranks is None:
+        return readable
+    wanted = {int(r) for r in ranks}
+    return [r for r in readable if r.rank in wanted]
+
+
+def step_aligned(timeline: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
+    """x per timeline row: its step plus its fraction of the way through that step's events,
+    so that runs (or ranks) of different lengths and speeds line up step by step."""
+    x = np.full(len(timeline), np.nan)
+    if spans.empty or timeline.empty:
+        return x
+    steps = spans["step"].to_numpy(np.int64)
+    start = spans["event_index_start"].to_numpy(np.int64)
+    width = np.maximum(spans["event_index_end"].to_numpy(np.int64) - start + 1, 1)
+    idx = timeline["event_index"].to_numpy(np.int64)
+    pos = np.clip(np.searchsorted(start, idx, side="right") - 1, 0, len(start) - 1)
+    return steps[pos] + np.clip((idx - start[pos]) / width[pos], 0, 1)
+
+
+TIMELINE_COLUMNS = ("rank", "step", "x", "ts_s", "event_index", "allocated_bytes")
+# memory_timeline and step_spans need no more than these.
+_TIMELINE_TABLES = ("events", "segments")
+
+
+def rank_timelines(run_root, ranks=None, max_points: int = 2000,
+                   records: list[RankRecord] | None = None) -> pd.DataFrame:
+    """Allocated bytes over time per rank, long format (TIMELINE_COLUMNS), from timeline.memory_timeline.
+
+    x: step-aligned position (step_aligned), so that ranks overlay; ts_s: seconds since that rank's
+    first event. Each rank is downsampled to about max_points rows, keeping its peak. `ranks`: the
+    rank numbers to read (default every readable rank); unreadable ones are left out, never raised.
+    """
+    from profiler.reader import load_trace  # the reader pulls in the capture tables; analysis stays light
+
+    frames = []
+    for r in _wanted(_records(run_root, records), ranks):
+        try:
+            trace = load_trace(r.path, tables=_TIMELINE_TABLES)
+        except TraceError:
+            continue  # changed since its summary was read; the rank table shows why
+        if trace.events.empty:
+            continue
+        tl = memory_timeline(trace, max_points=max_points)
+        first = int(int_column(trace.events, "ts_us")[0])
+        frames.append(pd.DataFrame({
+            "rank": np.full(len(tl), r.rank, dtype=np.int64),
+            "step": int_column(tl, "step", fill=-1),
+            "x": step_aligned(tl, step_spans(trace)),
+            "ts_s": (int_column(tl, "ts_us") - first) / 1e6,
+            "event_index": tl["event_index"].to_numpy(np.int64),
+            "allocated_bytes": tl["allocated_bytes"].to_numpy(np.int64),
+        }))
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=float if c in ("x", "ts_s") else np.int64)
+                             for c in TIMELINE_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def rank_categories(run_root, ranks=None, records: list[RankRecord] | None = None) -> pd.DataFrame:
+    """Bytes per category at each rank's own peak: rank, one column per category, peak_allocated_bytes.
+
+    From each rank's summary, whose categories_at_peak_bytes is categories.category_at_peak: the
+    category columns of a row sum to that rank's replayed peak (peak_allocated_bytes here).
+    """
+    chosen = _wanted(_records(run_root, records), ranks)
+    seen = {c for r in chosen for c in (r.summary.get("categories_at_peak_bytes") or {})}
+    names = category_names(seen)
+    rows = []
+    for r in chosen:
+        at_peak = r.summary.get("categories_at_peak_bytes") or {}
+        rows.append([r.rank] + [int(at_peak.get(c, 0)) for c in names] + [int(r.summary["peak_allocated_bytes"])])
+    return pd.DataFrame(rows, columns=["rank", *names, "peak_allocated_bytes"]).astype(np.int64)
+
+
+# -- the whole job as one summary -----------------------------------------------------------
+
+def job_status(records: list[RankRecord]) -> str:
+    """complete when every rank completed; running while none has ended; oom or error when a rank ended
+    so; incomplete when ranks are missing, unreadable or died while others finished."""
+    statuses = [r.status for r in records]
+    if statuses and all(s == schema.Status.COMPLETE.value for s in statuses):
+        return schema.Status.COMPLETE.value
+    for status in (schema.Status.OOM.value, schema.Status.ERROR.value):
+        if status in statuses:
+            return status
+    if statuses and all(s == RUNNING for s in statuses):
+        return RUNNING
+    return "incomplete"
+
+
+def _max_of(values) -> int | float | None:
+    known = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return max(known) if known else None
+
+
+def run_group_summary(run_root, records: list[RankRecord] | None = None) -> dict:
+    """The job as one run summary (summary.run_summary's keys), usable wherever one run's summary is.
+
+    Labels (run_id, name, backend, device, config, ...) are rank 0's (the first readable rank's if rank 0
+    is not). Peaks are per GPU: peak_allocated_bytes and the facts at that moment (categories, where,
+    fragmentation) are those of the rank with the largest peak; peak_reserved/active and the allocator
+    maxima are the largest over the ranks. median_step_time_us is the slowest rank's (the job waits on
+    it). steps: the fewest any rank recorded; events and events_dropped: summed. Added: world_size,
+    ranks_readable, failed_ranks (missing, unreadable, or not complete once the job has ended),
+    peak_rank, peak_skew_pct, peak_max_min_ratio, peak_spread_bytes. Raises TraceError when no
+    rank can be read.
+    """
+    root = run_root_of(run_root)
+    records = _records(root, records)
+    ok = [r for r in records if r.summary is not None]
+    if not ok:
+        first = next((r.error for r in records if r.error), "no rank=N partitions")
+        raise TraceError(_one_line(f"{root}: no rank of this multi-rank run can be read ({first})"))
+    base = next((r for r in ok if r.rank == 0), ok[0]).summary
+    skew = rank_skew(rank_table(root, records))
+    # The rank the table marks as largest (allocator maxima), so the job agrees with the Ranks page.
+    top = next((r for r in ok if r.rank == skew["max_rank"]), None) or \
+        max(ok, key=lambda r: (r.summary.get("peak_allocated_bytes") or 0, -r.rank))
+    status = job_status(records)
+    out = dict(base)
+    out.update({k: top.summary.get(k) for k in _AT_PEAK_KEYS})
+    out.update({k: _max_of(r.summary.get(k) for r in ok) for k in _MAX_KEYS})
+    step_time = _max_of(r.summary.get("median_step_time_us") for r in ok)
+    matches = [r.summary.get("replay_matches_allocator") for r in ok]
+    categories = {c for r in ok for c in (r.summary.get("category_peak_bytes") or {})}
+    out.update(
+        status=status,
+        steps=min(int(r.summary.get("steps") or 0) for r in ok),
+        events=sum(int(r.summary.get("events") or 0) for r in ok),
+        events_dropped=sum(int(r.summary.get("events_dropped") or 0) for r in ok),
+        median_step_time_us=step_time,
+        tokens_per_s=tokens_per_second(base.get("config"), step_time),
+        replay_matches_allocator=None if all(m is None for m in matches) else all(m is not False for m in matches),
+        category_peak_bytes={c: max(int((r.summary.get("category_peak_bytes") or {}).get(c, 0)) for r in ok)
+                             for c in sorted(categories)},
+        world_size=max(len(records), _world_size({"config": base.get("config")}) or 0),
+        ranks_readable=len(ok),
+        failed_ranks=[r.rank for r in records if r.summary is None
+                      or (status != RUNNING and r.status != schema.Status.COMPLETE.value)],
+        peak_rank=top.rank,
+        peak_skew_pct=skew["skew_pct"],
+        peak_max_min_ratio=skew["max_min_ratio"],
+        peak_spread_bytes=skew["spread_bytes"],
+    )
+    return out
