@@ -3,10 +3,16 @@
     torchrun --nproc-per-node 2 -m workloads.fsdp_check --preset gpt2-small \\
         --variant fsdp-zero3 --json check.json
 
-On every rank: a fresh sharded model trains one step under FSDPMemTracker, then
-another fresh one (same weights, same batch) trains one step under vramscope's
-capture. Each tool's bytes per category at its own peak are set side by side;
-rank 0 prints the table and writes every rank's rows as JSON.
+On every rank: a sharded model trains one step under vramscope's capture (which
+starts before the model is built, as in the workloads), then another one (same
+weights, same batch) trains one step under FSDPMemTracker. Each tool's bytes per
+category at its own peak are set side by side; rank 0 prints the table and
+writes every rank's rows as JSON.
+
+vramscope goes first, in a process that has only made the batch and run one
+small matrix product (which makes cuBLAS's workspace): anything the first model
+left behind would be memory that FSDPMemTracker never sees but the allocator
+counts.
 """
 
 from __future__ import annotations
@@ -97,8 +103,8 @@ def theirs(toggles, cfg, device, batch, seed) -> dict[str, int]:
 
 
 def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, int], int]:
-    model, opt = _fresh(toggles, cfg, device, seed)
     with capture.profile(out=out_dir, name="fsdp-check", backend=device.type) as prof:
+        model, opt = _fresh(toggles, cfg, device, seed)
         _step(model, opt, batch)
     del model, opt
     _release(device)
@@ -131,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gpt", choices=("gpt", "llama"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write every rank's table here (rank 0)")
+    p.add_argument("--keep", help="keep vramscope's trace under this directory")
     args = p.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dev = init_process_group(device)
@@ -139,9 +146,10 @@ def main(argv=None) -> int:
     cfg = model_preset(args.preset)
     gen = torch.Generator(device=dev).manual_seed(1000 + dist.get_rank())
     batch = make_batch(cfg, dev, gen)
-    tracker = theirs(toggles, cfg, dev, batch, seed=0)
+    torch.ones(64, 64, device=dev) @ torch.ones(64, 64, device=dev)  # cuBLAS's workspace, made now
     with tempfile.TemporaryDirectory(prefix="vramscope-fsdp-check-") as tmp:
-        mine, peak = ours(toggles, cfg, dev, batch, 0, tmp)
+        mine, peak = ours(toggles, cfg, dev, batch, 0, args.keep or tmp)
+    tracker = theirs(toggles, cfg, dev, batch, seed=0)
     rows = table(mine, tracker)
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, dict(rank=dist.get_rank(), rows=rows, peak=peak, tracker_raw=tracker,
