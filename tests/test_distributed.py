@@ -106,12 +106,18 @@ def test_fsdp_categories_agree_with_fsdp_mem_tracker(tmp_path, variant):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     for rank in report["ranks"]:
-        rows = {r["category"]: r for r in rank["rows"]}
-        assert rows["total"]["vramscope"] == rank["peak"]
-        held = [r for r in rank["rows"] if r["held"]]
-        assert {"parameter", "unsharded_parameter", "activation", "total"} <= {r["category"] for r in held}
-        for r in held:
-            assert abs(r["diff_pct"]) <= 5.0, r
+        for moment, rows in rank["tables"].items():
+            by_name = {r["category"]: r for r in rows}
+            if moment == "step peak":
+                assert by_name["total"]["vramscope"] == rank["peak"]
+            held = {r["category"] for r in rows if r["held"]}
+            assert {"parameter", "unsharded_parameter", "total"} <= held, (moment, held)
+            for r in rows:
+                if r["held"]:
+                    assert abs(r["diff_pct"]) <= 5.0, (moment, r)
+        if variant == "fsdp-bf16-ckpt":  # its peak is late in backward: shards of gradients exist
+            backward = {r["category"]: r for r in rank["tables"]["backward peak"]}
+            assert backward["reduce_scatter"]["held"] and backward["gradient"]["held"]
 
 
 DDP_SCRIPT = """

@@ -6,7 +6,9 @@
 On every rank: a sharded model trains one step under vramscope's capture (which
 starts before the model is built, as in the workloads), then another one (same
 weights, same batch) trains one step under FSDPMemTracker. Each tool's bytes per
-category at its own peak are set side by side; rank 0 prints the table and
+category are set side by side at two moments: the step's peak (the end of
+forward, as a rule) and the peak within backward (FSDPMemTracker's root-module
+backward peak), where gradients and reduce-scatter buffers are alive; rank 0 prints the table and
 writes every rank's rows as JSON.
 
 vramscope goes first, in a process that has only made the batch and run one
@@ -23,11 +25,13 @@ import json
 import sys
 import tempfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import profiler as capture
-from profiler.analysis.live import alive_at_peak, breakdown
+from profiler.analysis.live import breakdown, live_at
+from profiler.analysis.timeline import allocated_bytes, peak
 from profiler.reader import load_trace
 from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
 from workloads.model import PRESETS, preset as model_preset
@@ -86,35 +90,52 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def theirs(toggles, cfg, device, batch, seed) -> dict[str, int]:
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+MOMENTS = ("step peak", "backward peak")
+
+
+def _by_name(snapshot: dict, device) -> dict[str, int]:
+    key = device if device in snapshot else next(iter(snapshot))
+    return {str(getattr(k, "value", k)): int(v) for k, v in snapshot[key].items()}
+
+
+def theirs(toggles, cfg, device, batch, seed) -> dict[str, dict[str, int]]:
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState
 
     model, opt = _fresh(toggles, cfg, device, seed)
     tracker = FSDPMemTracker(model.module, opt)
     tracker.track_inputs(batch)
     with tracker:
         _step(model, opt, batch)
-    peak = tracker.get_tracker_snapshot("peak")
-    key = device if device in peak else next(iter(peak))
-    out = {str(getattr(k, "value", k)): int(v) for k, v in peak[key].items()}
-    del model, opt, tracker
+    root = tracker.memory_tracking[model.module]
+    out = {"step peak": _by_name(tracker.get_tracker_snapshot("peak"), device),
+           "backward peak": _by_name(root.snapshots[_FSDPModState.PEAK_BW][-1], device)}
+    del model, opt, tracker, root
     _release(device)
     return out
 
 
-def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, int], int]:
+def _categories(trace, event_index: int) -> dict[str, int]:
+    live = live_at(trace, event_index)
+    category = live["category"].astype(object).where(live["category"].notna(), "other")
+    recomputed = (category == "activation") & (live["phase"].astype(object) == "recompute")
+    at = breakdown(live.assign(category=category.where(~recomputed, RECOMPUTED)), "category")
+    return dict(zip(at["category"].astype(str), at["total_bytes"].astype(int)))
+
+
+def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, dict[str, int]], int]:
     with capture.profile(out=out_dir, name="fsdp-check", backend=device.type) as prof:
         model, opt = _fresh(toggles, cfg, device, seed)
         _step(model, opt, batch)
     del model, opt
     _release(device)
     trace = load_trace(prof.run_dir)
-    live = alive_at_peak(trace)
-    category = live["category"].astype(object).where(live["category"].notna(), "other")
-    recomputed = (category == "activation") & (live["phase"].astype(object) == "recompute")
-    at_peak = breakdown(live.assign(category=category.where(~recomputed, RECOMPUTED)), "category")
-    cats = dict(zip(at_peak["category"].astype(str), at_peak["total_bytes"].astype(int)))
-    return cats, int(trace.meta["max_allocated_bytes"])
+    allocated = allocated_bytes(trace)
+    phase = trace.events["phase"].astype(object).to_numpy()
+    in_backward = (phase == "backward") | (phase == "recompute")
+    backward_peak = int(np.argmax(np.where(in_backward, allocated, -1)))
+    moments = {"step peak": _categories(trace, peak(trace).event_index),
+               "backward peak": _categories(trace, backward_peak)}
+    return moments, int(trace.meta["max_allocated_bytes"])
 
 
 def table(mine: dict[str, int], tracker: dict[str, int]) -> list[dict]:
@@ -150,20 +171,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="vramscope-fsdp-check-") as tmp:
         mine, peak = ours(toggles, cfg, dev, batch, 0, args.keep or tmp)
     tracker = theirs(toggles, cfg, dev, batch, seed=0)
-    rows = table(mine, tracker)
+    tables = {m: table(mine[m], tracker[m]) for m in MOMENTS}
     every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, dict(rank=dist.get_rank(), rows=rows, peak=peak, tracker_raw=tracker,
+    dist.all_gather_object(every, dict(rank=dist.get_rank(), tables=tables, peak=peak, tracker_raw=tracker,
                                        vramscope_raw=mine))
-    ok = all(r["ok"] for rank in every for r in rank["rows"])
+    ok = all(r["ok"] for rank in every for rows in rank["tables"].values() for r in rows)
     if dist.get_rank() == 0:
         for rank in every:
             print(f"rank {rank['rank']}: {args.model} {args.variant} on {device}, "
                   f"vramscope peak {rank['peak']:,} B")
-            print(f"  {'category':44s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
-            for r in rank["rows"]:
-                mark = "" if r["ok"] else "  <-- over tolerance"
-                print(f"  {r['category']:44s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
-                      f"{r['diff_pct']:8.2f}{mark}")
+            for moment, rows in rank["tables"].items():
+                print(f"  at the {moment:36s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
+                for r in rows:
+                    mark = "" if r["ok"] else "  <-- over tolerance"
+                    print(f"    {r['category']:42s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
+                          f"{r['diff_pct']:8.2f}{mark}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(preset=args.preset, model=args.model, variant=args.variant, device=device,
