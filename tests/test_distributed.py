@@ -115,9 +115,11 @@ def test_fsdp_categories_agree_with_fsdp_mem_tracker(tmp_path, variant):
             for r in rows:
                 if r["held"]:
                     assert abs(r["diff_pct"]) <= 5.0, (moment, r)
-        if variant == "fsdp-bf16-ckpt":  # its peak is late in backward: shards of gradients exist
-            backward = {r["category"]: r for r in rank["tables"]["backward peak"]}
-            assert backward["reduce_scatter"]["held"] and backward["gradient"]["held"]
+        after = {r["category"]: r for r in rank["tables"]["after optimizer step"]}
+        assert after["gradient"]["held"] and after["optimizer_state"]["held"]
+        if variant == "fsdp-bf16-ckpt":  # its peak is late in backward, during a reduce-scatter
+            at_peak = {r["category"]: r for r in rank["tables"]["step peak"]}
+            assert at_peak["reduce_scatter"]["held"] and at_peak["unsharded_parameter"]["held"]
 
 
 DDP_SCRIPT = """

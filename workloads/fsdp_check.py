@@ -6,9 +6,9 @@
 On every rank: a sharded model trains one step under vramscope's capture (which
 starts before the model is built, as in the workloads), then another one (same
 weights, same batch) trains one step under FSDPMemTracker. Each tool's bytes per
-category are set side by side at two moments: the step's peak (the end of
-forward, as a rule) and the peak within backward (FSDPMemTracker's root-module
-backward peak), where gradients and reduce-scatter buffers are alive; rank 0 prints the table and
+category are set side by side at three moments: the step's peak (the end of
+forward, as a rule), after backward (sharded gradients, reduce-scatter buffers
+still held) and after the optimizer step (AdamW's states, before zero_grad); rank 0 prints the table and
 writes every rank's rows as JSON.
 
 vramscope goes first, in a process that has only made the batch and run one
@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import profiler as capture
 from profiler.analysis.live import breakdown, live_at
-from profiler.analysis.timeline import allocated_bytes, peak
+from profiler.analysis.timeline import peak
 from profiler.reader import load_trace
 from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
 from workloads.model import PRESETS, preset as model_preset
@@ -77,9 +77,13 @@ def _fresh(toggles: DistToggles, cfg, device, seed: int):
     return model, opt
 
 
-def _step(model: Model, opt, batch) -> None:
+def _step(model: Model, opt, batch, after_backward=None, after_optimizer=None) -> None:
     model.loss(*batch).backward()
+    if after_backward:
+        after_backward()
     opt.step()
+    if after_optimizer:
+        after_optimizer()
     opt.zero_grad(set_to_none=True)
 
 
@@ -90,7 +94,7 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-MOMENTS = ("step peak", "backward peak")
+MOMENTS = ("step peak", "after backward", "after optimizer step")
 
 
 def _by_name(snapshot: dict, device) -> dict[str, int]:
@@ -99,17 +103,20 @@ def _by_name(snapshot: dict, device) -> dict[str, int]:
 
 
 def theirs(toggles, cfg, device, batch, seed) -> dict[str, dict[str, int]]:
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     model, opt = _fresh(toggles, cfg, device, seed)
     tracker = FSDPMemTracker(model.module, opt)
     tracker.track_inputs(batch)
+    out = {}
+
+    def moment(name):
+        return lambda: out.__setitem__(name, _by_name(tracker.get_tracker_snapshot(), device))
+
     with tracker:
-        _step(model, opt, batch)
-    root = tracker.memory_tracking[model.module]
-    out = {"step peak": _by_name(tracker.get_tracker_snapshot("peak"), device),
-           "backward peak": _by_name(root.snapshots[_FSDPModState.PEAK_BW][-1], device)}
-    del model, opt, tracker, root
+        _step(model, opt, batch, moment("after backward"), moment("after optimizer step"))
+    out["step peak"] = _by_name(tracker.get_tracker_snapshot("peak"), device)
+    del model, opt, tracker
     _release(device)
     return out
 
@@ -129,12 +136,15 @@ def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, dict[str
     del model, opt
     _release(device)
     trace = load_trace(prof.run_dir)
-    allocated = allocated_bytes(trace)
-    phase = trace.events["phase"].astype(object).to_numpy()
-    in_backward = (phase == "backward") | (phase == "recompute")
-    backward_peak = int(np.argmax(np.where(in_backward, allocated, -1)))
+    ev = trace.events
+    in_step = np.flatnonzero(ev["step"].to_numpy() == 0)  # the optimizer step ends step 0
+    optimizer = np.flatnonzero((ev["phase"].astype(object) == "optimizer").to_numpy())
     moments = {"step peak": _categories(trace, peak(trace).event_index),
-               "backward peak": _categories(trace, backward_peak)}
+               "after optimizer step": _categories(trace, int(in_step[-1]))}
+    # The last event before the optimizer's first: backward is over. (With offload the
+    # optimizer steps on the host and makes no device event; then this moment is the next.)
+    moments["after backward"] = (_categories(trace, int(optimizer[0]) - 1) if len(optimizer)
+                                 else moments["after optimizer step"])
     return moments, int(trace.meta["max_allocated_bytes"])
 
 
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
             print(f"rank {rank['rank']}: {args.model} {args.variant} on {device}, "
                   f"vramscope peak {rank['peak']:,} B")
             for moment, rows in rank["tables"].items():
-                print(f"  at the {moment:36s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
+                print(f"  {moment + ':':42s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
                 for r in rows:
                     mark = "" if r["ok"] else "  <-- over tolerance"
                     print(f"    {r['category']:42s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
