@@ -79,6 +79,9 @@ def _fresh(toggles: DistToggles, cfg, device, seed: int):
 
 def _step(model: Model, opt, batch, after_backward=None, after_optimizer=None) -> None:
     model.loss(*batch).backward()
+    # The last reduce-scatter may still hold its buffers on the collective's own thread
+    # (gloo runs async): let every collective finish before the moment is taken.
+    dist.barrier()
     if after_backward:
         after_backward()
     opt.step()
