@@ -217,3 +217,22 @@ def test_default_ranks_to_overlay(data, four_ranks_two_failed):
     assert data.default_ranks(table, ranks.rank_skew(table)) == [0, 1, 2]
     assert data.default_ranks(table, ranks.rank_skew(table), most=2) == [0, 1]
 
+
+
+def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
+    from profiler.cli import main
+
+    from rank_runs import peak_of, write_job
+
+    job = write_job(tmp_path, "job-1", {0: 1000, 1: 3000, 2: 2000}, world_size=4)
+    assert main(["report", str(job), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ranks"]["world_size"] == 4
+    assert report["ranks"]["skew"]["max_rank"] == 1
+    by_rank = {r["rank"]: r for r in report["ranks"]["rows"]}
+    assert by_rank[1]["peak_allocated_bytes"] == peak_of(3000) == report["peak"]["allocated_bytes"]
+    assert by_rank[3]["status"] == "missing" and by_rank[3]["error"]
+    assert report["run"]["path"].endswith("rank=1")
+    assert main(["report", str(job)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("vramscope job:") and "largest rank 1" in text and "missing" in text

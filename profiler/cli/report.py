@@ -4,6 +4,9 @@ Byte counts are shown in binary units and as exact bytes, so that they can be
 checked against torch's own counters. The peak is of allocated bytes, which drop
 when a free is requested; "active then" adds the blocks whose free has not yet
 completed. --json prints the same facts as one object.
+
+A distributed job's directory (one rank=N partition per rank) gets a table of its
+ranks (status, peaks, skew), then the full report of its largest rank.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 NAME = "report"
 HELP = __doc__.splitlines()[0]
@@ -19,7 +23,8 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="a run directory (holding meta.json)")
+    parser.add_argument("run", metavar="RUN",
+                        help="a run directory (holding meta.json), or a multi-rank job's directory")
     parser.add_argument("--top", type=_count, default=10, metavar="N",
                         help="how many modules to list (default: 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -36,11 +41,36 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from profiler.analysis import ranks
     from profiler.reader import load_trace  # pandas only for the verbs that read traces
 
-    report = build_report(load_trace(args.run), top=args.top)
+    job = None
+    path = args.run
+    if ranks.is_multi_rank(path) and ranks.run_root_of(path) == Path(path):
+        job = build_ranks(path)
+        path = job["largest_rank_path"]
+    report = build_report(load_trace(path), top=args.top)
+    if job is not None:
+        report = {"ranks": job, **report}
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
+
+
+def build_ranks(job_dir) -> dict:
+    """A job's ranks: one row each, the skew of their peaks, and which rank is the largest."""
+    from profiler.analysis import ranks
+    from profiler.errors import TraceError
+
+    table = ranks.rank_table(job_dir)
+    skew = ranks.rank_skew(table)
+    if skew["max_rank"] is None:
+        raise TraceError(f"{job_dir}: no rank of this job could be read")
+    keep = ["rank", "status", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us",
+            "skew_pct", "error"]
+    rows = [{k: row[k] for k in keep} for row in table.to_dict("records")]
+    largest = table.loc[table["rank"] == skew["max_rank"], "path"].iloc[0]
+    return _plain({"path": str(job_dir), "world_size": len(table), "skew": skew, "rows": rows,
+                   "largest_rank_path": str(largest)})
 
 
 # -- the facts ------------------------------------------------------------------------
@@ -199,8 +229,24 @@ def _fragmentation(r: dict) -> list[str]:
     return ["Fragmentation at the peak"] + _table(["", ""], rows, set())[1:]
 
 
+def _ranks(r: dict) -> list[str]:
+    job, skew = r["ranks"], r["ranks"]["skew"]
+    rows = [[str(x["rank"]), x["status"] or "", exact_bytes(x["peak_allocated_bytes"]),
+             exact_bytes(x["peak_reserved_bytes"]),
+             "" if x["median_step_time_us"] is None else f"{x['median_step_time_us'] / 1000:,.1f}",
+             "" if x["skew_pct"] is None else f"{x['skew_pct']:+.2f}%", x["error"] or ""]
+            for x in job["rows"]]
+    head = ["rank", "status", "peak allocated", "peak reserved", "step ms", "vs median", "error"]
+    ratio = "n/a" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}"
+    return ([f"vramscope job: {job['path']}   {job['world_size']} ranks   largest rank {skew['max_rank']}"
+             f"   max/min peak {ratio}"] + _table(head, rows, {0, 2, 3, 4, 5})
+            + ["", f"The largest rank (rank {skew['max_rank']}) in full:"])
+
+
 def render(report: dict) -> str:
     """The report as aligned plain text."""
     sections = [_header(report), _peak(report), _modules(report), _categories(report),
                 _fragmentation(report)]
+    if "ranks" in report:
+        sections.insert(0, _ranks(report))
     return "\n\n".join("\n".join(s) for s in sections)
