@@ -354,15 +354,18 @@ def _empty_frame(table: str) -> pd.DataFrame:
 
 # -- many runs ------------------------------------------------------------------------
 def iter_runs(root) -> list[Path]:
-    """Run directories (holding meta.json) at `root` or up to two levels below it."""
+    """Run directories (holding meta.json) at `root` or up to three levels below it:
+    <run_id>/, <group>/<run_id>/ (an ablation's folder), and each of those as a
+    multi-rank job, <...>/<run_id>/rank=N/."""
     root = Path(root)
     if not root.is_dir():
         raise _error(root, "no such directory" if not root.exists() else "not a directory")
     found = []
     level = [root]
-    for _depth in range(3):  # root itself, <run_id>/, <run_id>/rank=N/
-        found += [d for d in level if (d / schema.META_FILE).is_file()]
-        level = [c for d in level for c in _subdirs(d)]
+    for _depth in range(4):
+        runs = [d for d in level if (d / schema.META_FILE).is_file()]
+        found += runs
+        level = [c for d in level if d not in runs for c in _subdirs(d)]  # a run holds no runs
     return sorted(found, key=_natural_key)
 
 

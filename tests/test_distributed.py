@@ -107,7 +107,6 @@ def test_fsdp_categories_agree_with_fsdp_mem_tracker(tmp_path, variant):
     report = json.loads(out.read_text())
     for rank in report["ranks"]:
         for moment, rows in rank["tables"].items():
-            by_name = {r["category"]: r for r in rows}
             if moment == "step peak":
                 assert sum(rank["vramscope_raw"][moment].values()) == rank["peak"]
             held = {r["category"] for r in rows if r["held"]}

@@ -236,3 +236,14 @@ def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
     assert main(["report", str(job)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("vramscope job:") and "largest rank 1" in text and "missing" in text
+
+
+def test_jobs_inside_an_ablation_folder_are_found(tmp_path):
+    from profiler.reader import iter_runs
+
+    from rank_runs import write_job
+
+    write_job(tmp_path / "h200x2-fsdp", "job-a", {0: 1000, 1: 2000})  # <root>/<group>/<job>/rank=N
+    write_job(tmp_path, "job-b", {0: 1000})  # <root>/<job>/rank=N
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_runs(tmp_path)]
+    assert found == ["h200x2-fsdp/job-a/rank=0", "h200x2-fsdp/job-a/rank=1", "job-b/rank=0"]

@@ -271,13 +271,16 @@ def _make_runs(root: Path) -> dict[str, Path]:
     for rank in (0, 2, 10):  # one partition per rank, as TraceWriter(subdir="rank=N") lays out
         ranks[rank] = Path(shutil.copytree(good, root / "multi" / f"rank={rank}"))
     (root / "notes").mkdir()
-    deep = root / "a" / "b" / "c"
+    grouped = root / "a" / "b" / "c"  # <group>/<job>/<partition>: three levels down, found
+    grouped.mkdir(parents=True)
+    (grouped / schema.META_FILE).write_text("{}")
+    deep = root / "a" / "b" / "c2" / "d"
     deep.mkdir(parents=True)
-    (deep / schema.META_FILE).write_text("{}")  # three levels down: not searched
-    return {"good": good, "bad": bad, **{f"rank{r}": p for r, p in ranks.items()}}
+    (deep / schema.META_FILE).write_text("{}")  # four levels down: not searched
+    return {"good": good, "bad": bad, "grouped": grouped, **{f"rank{r}": p for r, p in ranks.items()}}
 
 
-def test_iter_runs_finds_runs_two_levels_deep(tmp_path):
+def test_iter_runs_finds_runs_three_levels_deep(tmp_path):
     runs = _make_runs(tmp_path)
     found = iter_runs(tmp_path)
     assert set(found) == set(runs.values())

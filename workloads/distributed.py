@@ -32,7 +32,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ import profiler as capture
 from workloads.model import GPT, PRESETS, preset as model_preset
 from workloads.toggles.checkpointing import checkpoint_modules
 from workloads.toggles.optimizer import LR
-from workloads.train import SHAPE_KEYS, _one_line, _read_meta, _shape_overrides, make_batch
+from workloads.train import SHAPE_KEYS, _one_line, _read_meta, _shape_overrides, make_batch, timed_steps
 
 # The variants of the FSDP suite; the first is the baseline.
 VARIANTS: dict[str, dict] = {
@@ -166,11 +165,6 @@ def shard(model: Model, toggles: DistToggles, device: torch.device):
     fully_shard(model.module, **kwargs)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = None, steps: int = 6,
         device: str = "auto", seed: int = 0) -> dict:
     """Train on every rank of the job, captured; the result dict of workloads/interface.md.
@@ -202,17 +196,16 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
             batch = make_batch(cfg, dev, gen)  # this rank's data
             autocast = (torch.autocast(dev.type, dtype=torch.bfloat16)
                         if parsed.bf16 and parsed.parallel == "ddp" else contextlib.nullcontext())
-            for _ in range(steps):
-                _sync(dev)
-                t0 = time.perf_counter()
+
+            def step():
                 with autocast:
                     loss = model.loss(*batch)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                _sync(dev)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
-                result["losses"].append(loss.item())
+                return loss.detach()
+
+            timed_steps(step, steps, dev, result["losses"], step_ms)
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=_one_line(exc))

@@ -125,8 +125,6 @@ def theirs(toggles, cfg, device, batch, seed) -> dict[str, dict[str, int]]:
     with tracker:
         _step(model, opt, batch, moment("after backward"), moment("after optimizer step"))
     out["step peak"] = _by_name(tracker.get_tracker_snapshot("peak"), device)
-    del model, opt, tracker
-    _release(device)
     return out
 
 

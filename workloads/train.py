@@ -145,6 +145,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(step, steps: int, device: torch.device, losses: list, step_ms: list) -> None:
+    """Call `step` (which returns the loss) `steps` times; each one's time, the device synchronized
+    around it, goes to step_ms and its loss to losses."""
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        losses.append(loss.item())
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -197,13 +209,7 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
                 # Without module hooks nothing meets the root module: name its modules and
                 # parameters now, or parameters would count as "other".
                 prof.register_model(trainer.model)
-            for _ in range(steps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                loss = trainer.step()
-                _sync(dev)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
-                result["losses"].append(loss.item())
+            timed_steps(trainer.step, steps, dev, result["losses"], step_ms)
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=_one_line(exc))

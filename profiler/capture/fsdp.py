@@ -39,7 +39,6 @@ _HINTED = {
 def _param_group_class():
     if _GROUP_MODULE not in sys.modules:
         try:  # fully_shard may be imported after the capture starts: import it now to patch it
-            import torch.distributed.fsdp  # noqa: F401
             __import__(_GROUP_MODULE)
         except Exception:  # noqa: BLE001 - no distributed build, or no FSDP2 here
             return None
