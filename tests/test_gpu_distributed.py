@@ -51,3 +51,53 @@ def test_each_rank_replays_its_own_gpu(tmp_path, variant):
         if variant != "ddp":
             assert {"all_gather", "unsharded_parameter", "reduce_scatter"} <= cats
         print(f"[{variant} rank {rank}] peak {peak:,} B on cuda:{meta['device_index']}")
+
+
+NCCL_SCRIPT = """
+import os, signal, time
+import torch, torch.distributed as dist
+from torch import nn
+local = int(os.environ["LOCAL_RANK"])
+torch.cuda.set_device(local)  # after vramscope's capture started: it must already record this GPU
+dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(
+    nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).cuda(), device_ids=[local])
+opt = torch.optim.AdamW(model.parameters())
+die_at = int(os.environ.get("DIE_AT", -1))
+for step in range(4):
+    if dist.get_rank() == 1 and step == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    model(torch.randn(64, 1024, device="cuda")).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    time.sleep(0.6)  # past the capture's drain interval: what a killed rank wrote is on disk
+torch.cuda.synchronize()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("die_at", [None, 2])
+def test_vramscope_run_under_torchrun(tmp_path, die_at):
+    script = tmp_path / "ddp_nccl.py"
+    script.write_text(NCCL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "profiler.cli", "run", "--out", str(tmp_path / "t"), str(script)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), **({"DIE_AT": str(die_at)} if die_at else {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert (proc.returncode == 0) == (die_at is None), proc.stderr[-3000:]
+    (job,) = [p for p in (tmp_path / "t").iterdir() if p.is_dir()]
+    from profiler.reader import load_trace
+    for rank in (0, 1):
+        trace = load_trace(job / f"rank={rank}")
+        assert trace.meta["device_index"] == rank and trace.meta["run_id"] == job.name
+        assert set(trace.steps["step"]) >= {0, 1}
+        if die_at is None:
+            ev, meta = load_events(job / f"rank={rank}")
+            peak, _ = replay(ev, meta["baseline_allocated_bytes"])
+            assert peak == meta["max_allocated_bytes"] and meta["dist_backend"] == "nccl"
+            assert {"parameter", "gradient", "optimizer_state"} <= set(ev["category"].astype(str))
+            print(f"[vramscope run rank {rank}] peak {peak:,} B on cuda:{meta['device_index']}")
+        else:
+            print(f"[rank {rank} after rank 1 died] status {trace.meta.get('status')}, "
+                  f"steps {sorted(set(trace.steps['step']))}")
