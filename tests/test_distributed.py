@@ -155,6 +155,7 @@ def test_vramscope_run_under_torchrun(tmp_path):
         trace = load_trace(job / f"rank={rank}")
         assert trace.meta["rank"] == rank and trace.meta["world_size"] == 2
         assert trace.meta["command"] == [str(script)]
+        assert trace.meta["dist_backend"] == "gloo"  # recorded although the script destroyed its group
         assert len(trace.steps) >= 4
         cats = set(trace.events["category"].astype(str))
         assert {"parameter", "gradient", "optimizer_state"} <= cats

@@ -66,9 +66,9 @@ model = nn.parallel.DistributedDataParallel(
 opt = torch.optim.AdamW(model.parameters())
 die_at = int(os.environ.get("DIE_AT", -1))
 for step in range(4):
-    if dist.get_rank() == 1 and step == die_at:
-        os.kill(os.getpid(), signal.SIGKILL)
     model(torch.randn(64, 1024, device="cuda")).square().mean().backward()
+    if dist.get_rank() == 1 and step == die_at:  # mid-step, its forward and backward done
+        os.kill(os.getpid(), signal.SIGKILL)
     opt.step()
     opt.zero_grad()
     time.sleep(0.6)  # past the capture's drain interval: what a killed rank wrote is on disk

@@ -89,6 +89,9 @@ class Profiler:
             self.subdir = rank.partition
             self.extra_meta = {**rank.meta(), **self.extra_meta}
             self.config.setdefault("world_size", rank.world_size)
+        # The process group's backend is known only once the script made it, and it may be
+        # gone again by the end (destroy_process_group): look at step boundaries.
+        self._awaiting_dist_facts = rank is not None
         self.backend = _make_backend(self.backend_name, self.stacks, self.max_entries,
                                      device=distributed.device_index(rank))
         facts = self.backend.start()
@@ -223,6 +226,11 @@ class Profiler:
     def _boundary(self, auto=False) -> int:
         """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
+        if self._awaiting_dist_facts:
+            facts = distributed.late_facts()
+            if facts:
+                self.writer.meta.update(facts)
+                self._awaiting_dist_facts = False
         row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on,
                    **self.backend.stats_row())
         self.enter_phase(None)
