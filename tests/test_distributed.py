@@ -175,3 +175,10 @@ def test_a_dead_rank_leaves_the_other_ranks_data(tmp_path):
     assert set(survivor.steps["step"]) >= {0, 1}
     for trace in (survivor, dead):
         assert trace.meta["run_id"] == job.name
+
+
+def test_a_second_capture_of_the_job_gets_a_run_of_its_own():
+    env = {"MASTER_ADDR": "node0", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    info = distributed.RankInfo(rank=0, world_size=2, local_rank=0, local_world_size=2)
+    first, second = (distributed.shared_run_id("job", info, env, nth=n) for n in (0, 1))
+    assert first != second and second == first + "-1"

@@ -72,27 +72,30 @@ def _job_identity(env) -> str:
     return "|".join(parts)
 
 
-def shared_run_id(name: str, info: RankInfo, env=None) -> str:
+def shared_run_id(name: str, info: RankInfo, env=None, nth: int = 0) -> str:
     """The run id every rank of this launch uses.
 
     VRAMSCOPE_RUN_ID wins. Under torchrun, the first rank to ask proposes a fresh id
     in the launcher's store and every rank reads back the one that was kept. Without
     a store, the id is derived from the job's identity (SLURM job, torchrun's master
     address and port, the launcher's pid on one node), which all ranks share.
+    `nth` numbers a process's captures: the n-th capture of every rank shares one
+    id, and the next capture gets another.
     """
     env = os.environ if env is None else env
+    suffix = f"-{nth}" if nth else ""
     if env.get(RUN_ID_ENV):
-        return env[RUN_ID_ENV]
+        return env[RUN_ID_ENV] + suffix
     if info.world_size == 1 and "MASTER_PORT" not in env:
         return new_run_id(name)
-    agreed = _agree_through_store(name, env)
+    agreed = _agree_through_store(f"{name}/{nth}", name, env)
     if agreed:
         return agreed
     digest = hashlib.sha1(_job_identity(env).encode()).hexdigest()[:10]
-    return f"{run_slug(name)}-job-{digest}"
+    return f"{run_slug(name)}-job-{digest}{suffix}"
 
 
-def _agree_through_store(name: str, env) -> str | None:
+def _agree_through_store(key_name: str, name: str, env) -> str | None:
     # torchrun's agent serves a store at MASTER_ADDR:MASTER_PORT for its workers.
     if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
@@ -102,7 +105,7 @@ def _agree_through_store(name: str, env) -> str | None:
         store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
                               timeout=_STORE_TIMEOUT)
         key = "vramscope/run_id/{}/{}/{}".format(env.get("TORCHELASTIC_RUN_ID", ""),
-                                                 env.get("TORCHELASTIC_RESTART_COUNT", "0"), name)
+                                                 env.get("TORCHELASTIC_RESTART_COUNT", "0"), key_name)
         kept = store.compare_set(key, "", new_run_id(name))
         return kept.decode() if isinstance(kept, bytes) else str(kept)
     except Exception:  # noqa: BLE001 - no store: fall back to the job identity

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from profiler.schema import Phase, SnapshotKind, Status
 from profiler.writer import TraceWriter
 
 _ACTIVE: "Profiler | None" = None
+_DIST_CAPTURES = itertools.count()  # this process's captures under torchrun, numbered
 _OPT = Phase.OPTIMIZER.value
 _BWD = Phase.BACKWARD.value
 
@@ -83,11 +85,13 @@ class Profiler:
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("a vramscope capture is already active in this process")
-        rank = distributed.rank_from_env() if self.subdir is None else None
+        # Locals, not attributes: a Profiler entered again starts a run of its own.
+        run_id, subdir, extra_meta = self.run_id, self.subdir, dict(self.extra_meta)
+        rank = distributed.rank_from_env() if subdir is None else None
         if rank is not None:  # one partition of a shared run directory per rank
-            self.run_id = self.run_id or distributed.shared_run_id(self.name, rank)
-            self.subdir = rank.partition
-            self.extra_meta = {**rank.meta(), **self.extra_meta}
+            run_id = run_id or distributed.shared_run_id(self.name, rank, nth=next(_DIST_CAPTURES))
+            subdir = rank.partition
+            extra_meta = {**rank.meta(), **extra_meta}
             self.config.setdefault("world_size", rank.world_size)
         # The process group's backend is known only once the script made it, and it may be
         # gone again by the end (destroy_process_group): look at step boundaries.
@@ -100,11 +104,11 @@ class Profiler:
                     capture=dict(stacks=self.stacks, modules=self.modules,
                                  hooked_steps=self.hooked_steps,
                                  max_entries=self.max_entries),
-                    **facts, **self.extra_meta)
+                    **facts, **extra_meta)
         meta.setdefault("allocator_settings", None)
         meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or \
             os.environ.get("PYTORCH_ALLOC_CONF")
-        self.writer = TraceWriter(self.out, self.name, meta, run_id=self.run_id, subdir=self.subdir)
+        self.writer = TraceWriter(self.out, self.name, meta, run_id=run_id, subdir=subdir)
         self.run_dir = self.writer.run_dir
         start = getattr(self.backend, "start_segments", None)
         if start:
