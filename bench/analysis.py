@@ -34,8 +34,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profiler import schema  # noqa: E402
-from profiler.trace import Trace  # noqa: E402
+from profiler.trace import schema  # noqa: E402
+from profiler.trace.model import Trace  # noqa: E402
 
 BUDGET_PAGE_S = 2.0
 BUDGET_COMPARE_S = 3.0

@@ -42,7 +42,7 @@ def _trace_with_kv(Trace):
     an empty one (a training run has none) until the generator passes it itself."""
     import dataclasses
 
-    from profiler import schema
+    from profiler.trace import schema
 
     if "kv" not in {f.name for f in dataclasses.fields(Trace)}:
         return Trace

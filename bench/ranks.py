@@ -65,9 +65,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from profiler import schema  # noqa: E402
-from profiler.tables import make_tag, parse_tag  # noqa: E402
-from profiler.writer import TraceWriter, new_run_id  # noqa: E402
+from profiler.trace import schema  # noqa: E402
+from profiler.trace.tags import make_tag, parse_tag  # noqa: E402
+from profiler.trace.writer import TraceWriter, new_run_id  # noqa: E402
 
 
 def _load_bench_writer():

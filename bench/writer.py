@@ -42,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profiler import schema  # noqa: E402
-from profiler import writer as writer_module  # noqa: E402
-from profiler.tables import make_tag  # noqa: E402
-from profiler.writer import TraceWriter, parquet_options  # noqa: E402
+from profiler.trace import schema  # noqa: E402
+from profiler.trace import writer as writer_module  # noqa: E402
+from profiler.trace.tags import make_tag  # noqa: E402
+from profiler.trace.writer import TraceWriter, parquet_options  # noqa: E402
 
 MEMORY_VIZ_B_PER_EVENT = 87  # the usual figure for a memory_viz snapshot pickle
 SIDE_STREAM = 94_519_734_567_936
@@ -256,7 +256,7 @@ def _timed(module, name: str):
 
 def meta_write_s(out: Path, repeat: int = 200) -> float:
     """Median seconds of one meta.json update (json + temporary file + rename)."""
-    from profiler.writer import write_meta
+    from profiler.trace.writer import write_meta
     run = out / "meta-only"
     run.mkdir()
     m = dict(meta("cuda"), **live_meta(0, 0.0))

@@ -21,7 +21,7 @@ from profiler.analysis import ranks
 from profiler.analysis.ranks import step_aligned  # noqa: F401  (the pages' name for it)
 from profiler.analysis.summary import load_summary
 from profiler.errors import TraceError
-from profiler.reader import iter_runs, load_trace
+from profiler.trace.reader import iter_runs, load_trace
 
 TRACES_ENV = "VRAMSCOPE_TRACES"
 MAX_POINTS = 4000  # points per drawn line; downsample keeps each bucket's min and max

@@ -9,7 +9,7 @@ Analyse:   profiler.analysis
 from __future__ import annotations
 
 from profiler.errors import TraceError, UsageError, VramscopeError
-from profiler.schema import SCHEMA_VERSION, Action, Category, Phase
+from profiler.trace.schema import SCHEMA_VERSION, Action, Category, Phase
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -37,7 +37,7 @@ def __getattr__(name):
 
         return getattr(session, name)
     if name == "load_trace":
-        from profiler.reader import load_trace
+        from profiler.trace.reader import load_trace
 
         return load_trace
     raise AttributeError(name)

@@ -26,3 +26,20 @@ class TraceVersionError(TraceError):
 
 class EmptyTraceError(TraceError):
     """A trace that holds no data to analyse."""
+
+
+MAX_MESSAGE = 400
+
+
+def one_line(what: str | BaseException, limit: int = MAX_MESSAGE) -> str:
+    """One line for a user: whitespace folded, at most `limit` characters.
+
+    An exception reads "Type: message" (just "Type" when it has no message). Arrow,
+    JSON and torch messages span lines; every one-line error and warning comes here.
+    """
+    if isinstance(what, BaseException):
+        text = " ".join(str(what).split())
+        line = f"{type(what).__name__}: {text}" if text else type(what).__name__
+    else:
+        line = " ".join(str(what).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

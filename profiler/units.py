@@ -35,3 +35,23 @@ def parse_size(value) -> int:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     raise ValueError(f"not a size: {value!r} (expected bytes as an int, or e.g. '512 MiB', "
                      f"'2 GiB', '1.5GB')")
+
+
+_BINARY = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(n: int | None) -> str:
+    """Bytes in binary units, two decimals ("9.65 GiB", "512 B"); "n/a" for None."""
+    if n is None:
+        return "n/a"
+    value, unit = float(abs(n)), 0
+    while value >= 1024 and unit < len(_BINARY) - 1:
+        value /= 1024
+        unit += 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.2f} {_BINARY[unit]}"
+
+
+def exact_bytes(n: int | None) -> str:
+    """Human and exact: "9.65 GiB (10,360,304,640 B)", so a figure can be checked against torch's."""
+    return "n/a" if n is None else f"{human_bytes(n)} ({n:,} B)"

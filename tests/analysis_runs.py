@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fakes import write_trace
-from profiler import schema
-from profiler.trace import Trace
+from profiler.trace import schema
+from profiler.trace.model import Trace
 
 
 def load(run_dir: Path) -> Trace:

@@ -13,8 +13,8 @@ for _path in (_TESTS, _TESTS.parent):
         sys.path.insert(0, str(_path))
 
 from fakes import base_meta, write_trace  # noqa: E402  (needs the path above)
-from profiler.tables import make_tag  # noqa: E402
-from profiler.writer import TraceWriter  # noqa: E402
+from profiler.trace.tags import make_tag  # noqa: E402
+from profiler.trace.writer import TraceWriter  # noqa: E402
 
 # Several phases per flush, so that every prefix of a killed run has activations and temporaries.
 SAMPLE_EVENTS = [

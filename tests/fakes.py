@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from profiler.tables import make_tag
-from profiler.writer import TraceWriter
+from profiler.trace.tags import make_tag
+from profiler.trace.writer import TraceWriter
 
 
 def base_meta(**overrides) -> dict:

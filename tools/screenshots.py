@@ -12,7 +12,7 @@ Why not plain `chromium --headless --screenshot` / `--dump-dom`: Streamlit
 renders over a websocket after the page has loaded, and --virtual-time-budget
 fast-forwards virtual time without waiting for the server, so those capture
 the loading skeleton. The helpers here (also used by
-tests/test_dashboard_browser.py) need only chromium and the `websockets`
+tests/integration/test_dashboard_browser.py) need only chromium and the `websockets`
 package, which streamlit itself depends on.
 """
 

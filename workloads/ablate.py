@@ -438,7 +438,7 @@ def write_table(df: pd.DataFrame, path, meta: dict | None = None) -> Path:
     """`df` as Parquet at `path`, atomically; `meta` goes into the schema metadata as JSON."""
     import pyarrow as pa
 
-    from profiler.writer import write_parquet
+    from profiler.trace.writer import write_parquet
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import profiler as capture
 from profiler.analysis.live import breakdown, live_at
 from profiler.analysis.timeline import peak
-from profiler.reader import load_trace
+from profiler.trace.reader import load_trace
 from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
 from workloads.model import PRESETS, preset as model_preset
 from workloads.toggles.optimizer import LR

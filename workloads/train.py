@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from profiler.capture import session as capture
-from profiler.schema import META_FILE, Phase
+from profiler.trace.schema import META_FILE, Phase
 from workloads.model import GPT, PRESETS, GPTConfig, preset as model_preset
 from workloads.toggles import TrainToggles, apply_toggles, from_dict
 from workloads.toggles.optimizer import LR

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Category
+from profiler.trace.schema import Category
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown
 from profiler.analysis.timeline import (allocated_delta, codes_of, downsample_index, event_bytes,
                                         event_kinds, int_column)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Action, BlockState, SnapshotKind
+from profiler.trace.schema import Action, BlockState, SnapshotKind
 from profiler.analysis.live import Lifetimes, lifetimes
 from profiler.analysis.timeline import action_mask, baseline_active_bytes, int_column, is_cpu, peak, runs
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profiler.schema import BlockState, SnapshotKind
+from profiler.trace.schema import BlockState, SnapshotKind
 from profiler.analysis.timeline import (ALLOC, FREE_COMPLETED, FREE_REQUESTED, baseline_active_bytes,
                                         counters, event_bytes, event_kinds, int_column, peak, release_kind)
 

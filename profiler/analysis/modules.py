@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Phase
+from profiler.trace.schema import Phase
 from profiler.analysis.live import Lifetimes, alive_at_peak, lifetimes
 from profiler.analysis.timeline import codes_of, int_column
 

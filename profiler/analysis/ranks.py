@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from profiler import schema
+from profiler.trace import schema
 from profiler.analysis.categories import category_names
 from profiler.analysis.summary import load_summary, tokens_per_second
 from profiler.analysis.timeline import int_column, memory_timeline, step_spans
@@ -287,7 +287,7 @@ def rank_timelines(run_root, ranks=None, max_points: int = 2000,
     first event. Each rank is downsampled to about max_points rows, keeping its peak. `ranks`: the
     rank numbers to read (default every readable rank); unreadable ones are left out, never raised.
     """
-    from profiler.reader import load_trace  # the reader pulls in the capture tables; analysis stays light
+    from profiler.trace.reader import load_trace  # the reader pulls in the capture tables; analysis stays light
 
     frames = []
     for r in _wanted(_records(run_root, records), ranks):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from profiler import schema
+from profiler.trace import schema
 from profiler.analysis.categories import category_at_peak, category_peaks
 from profiler.analysis.fragmentation import fragmentation_at_peak
 from profiler.analysis.live import Lifetimes, lifetimes
@@ -205,7 +205,7 @@ def load_summary(run_dir, load=None) -> dict:
         return cached
     digest = _meta_digest(run_dir)  # before reading: what the summary will be of
     if load is None:
-        from profiler.reader import load_trace
+        from profiler.trace.reader import load_trace
 
         def load(path):
             return load_trace(path, tables=SUMMARY_TABLES)

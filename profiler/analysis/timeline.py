@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profiler.schema import Action, Backend, BlockState, SnapshotKind
+from profiler.trace.schema import Action, Backend, BlockState, SnapshotKind
 
 _GROW = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_MAP.value)
 _SHRINK = (Action.SEGMENT_FREE.value, Action.SEGMENT_UNMAP.value)

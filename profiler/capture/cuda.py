@@ -19,7 +19,7 @@ import operator
 import torch
 
 from profiler.capture.frames import StackInterner
-from profiler.markers import marker_tag
+from profiler.trace.finalize.markers import marker_tag
 
 _memory = torch.cuda.memory
 _KEEP_STATS = (
@@ -175,7 +175,7 @@ class CudaBackend:
     def mark(self, step: int) -> int:
         """Drop a step/position marker into the stream; returns its role position (< 0).
 
-        See profiler.markers: a tagged 512-byte alloc and free, a few microseconds,
+        See profiler.trace.finalize.markers: a tagged 512-byte alloc and free, a few microseconds,
         ordered by the allocator with every other event. The caller re-tags.
         """
         self._marker_id += 1

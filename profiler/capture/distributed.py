@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from profiler.writer import new_run_id, run_slug
+from profiler.trace.writer import new_run_id, run_slug
 
 RUN_ID_ENV = "VRAMSCOPE_RUN_ID"
 _STORE_TIMEOUT = datetime.timedelta(seconds=30)

@@ -26,7 +26,7 @@ import functools
 import sys
 
 from profiler.capture.roles import tensor_roles
-from profiler.schema import Category
+from profiler.trace.schema import Category
 
 _GROUP_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
 _HINTED = {

@@ -21,8 +21,8 @@ import threading
 import torch
 from torch import nn
 
-from profiler.schema import Phase
-from profiler.tables import make_tag
+from profiler.trace.schema import Phase
+from profiler.trace.tags import make_tag
 
 _FORWARD = Phase.FORWARD.value
 _BACKWARD = Phase.BACKWARD.value

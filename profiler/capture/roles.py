@@ -1,7 +1,7 @@
 """Which tensors are parameters, gradients and optimizer states, by storage address.
 
 A role row says: the allocation live at `addr` at stream position `event_index`
-has this role. Negative positions refer to a marker (see profiler.markers).
+has this role. Negative positions refer to a marker (see profiler.trace.finalize.markers).
 Runs at every optimizer step, so it avoids building storage objects.
 """
 

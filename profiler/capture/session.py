@@ -21,8 +21,8 @@ from profiler.capture import distributed
 from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.modules import ModuleTracer
 from profiler.capture.roles import named_grads, named_states, tensor_roles
-from profiler.schema import Phase, SnapshotKind, Status
-from profiler.writer import TraceWriter
+from profiler.trace.schema import Phase, SnapshotKind, Status
+from profiler.trace.writer import TraceWriter
 
 _ACTIVE: "Profiler | None" = None
 _DIST_CAPTURES = itertools.count()  # this process's captures under torchrun, numbered
@@ -48,7 +48,7 @@ class Profiler:
         self.modules = modules
         # (first, every): module hooks run in the first `first` steps and every
         # `every`-th step after; other steps borrow attribution from an identical
-        # hooked step (profiler/templates.py). None hooks every step.
+        # hooked step (profiler/trace/finalize/templates.py). None hooks every step.
         self.hooked_steps = hooked_steps
         self.max_entries = max_entries
         self.drain_interval_s = drain_interval_s
@@ -270,7 +270,7 @@ class Profiler:
         self._hooks_on = on
 
     def _position(self) -> int:
-        """An exact stream position for roles registered now (see profiler.markers)."""
+        """An exact stream position for roles registered now (see profiler.trace.finalize.markers)."""
         if self.backend.name == "cuda":
             return self.backend.mark(self.step_index)
         self._drain(flush=False)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from profiler import estimate as model
 
     if args.trace:
-        from profiler.reader import load_trace
+        from profiler.trace.reader import load_trace
 
         trace = load_trace(args.trace)
         try:

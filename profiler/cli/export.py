@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.memviz import export_memory_viz
+    from profiler.interop.memviz import export_memory_viz
 
     snap = export_memory_viz(args.run, args.memory_viz)
     n = len(snap["device_traces"][0])

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.memviz import import_snapshot
+    from profiler.interop.memviz import import_snapshot
 
     run_dir, facts = import_snapshot(args.snapshot, out_dir=args.out, name=args.name,
                                      device=args.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from profiler import schema
+from profiler.trace import schema
 
 NAME = "info"
 HELP = __doc__.splitlines()[0]
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.reader import load_trace  # pandas only for the verbs that read traces
+    from profiler.trace.reader import load_trace  # pandas only for the verbs that read traces
 
     trace = load_trace(args.run)
     summary = _summary(trace)

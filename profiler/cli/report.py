@@ -42,7 +42,7 @@ def _count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from profiler.analysis import ranks
-    from profiler.reader import load_trace  # pandas only for the verbs that read traces
+    from profiler.trace.reader import load_trace  # pandas only for the verbs that read traces
 
     job = None
     path = args.run

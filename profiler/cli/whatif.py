@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from profiler import schema
+from profiler.trace import schema
 
 NAME = "whatif"
 HELP = __doc__.splitlines()[0]

@@ -21,7 +21,7 @@ import lightning
 from lightning.pytorch import Callback
 
 from profiler.integrations import CaptureResults, StepCapture
-from profiler.schema import Phase
+from profiler.trace.schema import Phase
 
 __all__ = ["VramscopeCallback"]
 

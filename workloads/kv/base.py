@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from profiler import category
-from profiler.schema import Category
+from profiler.trace.schema import Category
 
 # What cache storage is allocated under: profiler.category(KV_CATEGORY).
 KV_CATEGORY = Category.KV_CACHE.value

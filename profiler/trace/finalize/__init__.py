@@ -1,0 +1,11 @@
+"""Finalize: from what the capture journals to the published tables.
+
+    tables      the pipeline (finalize_tables), run by the writer at the end and by
+                the reader for a run that never finished
+    markers     step boundaries and role positions from markers in the event stream
+    blocks      allocator block sizes, replayed from requests and segments
+    templates   modules and phases for unhooked steps, from identical hooked steps
+    classify    each allocation's category
+
+Each step is a function over whole columns; none of them opens a file.
+"""

@@ -1,0 +1,171 @@
+"""The dashboard's figure builders, without Streamlit: the traces are there and the numbers are
+the analysis functions' own (the peak point is the analysis peak, stacks sum to it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("plotly")
+pytest.importorskip("streamlit")
+
+from dashboard import data, figures  # noqa: E402
+from profiler import analysis  # noqa: E402
+from profiler.analysis.categories import category_names  # noqa: E402
+from profiler.trace.reader import load_trace  # noqa: E402
+
+TRACES = Path(__file__).resolve().parents[2] / "traces"
+RUN = TRACES / "gpt2-small-bf16-h100"
+KV_RUNS = sorted((TRACES / "h100-ablation-kv").glob("ablate-kv-kv-*"))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    trace = load_trace(RUN)
+    return trace, analysis.lifetimes(trace)
+
+
+def _named(fig, name):
+    found = [t for t in fig.data if t.name == name]
+    assert found, f"no trace {name!r} in {[t.name for t in fig.data]}"
+    return found[0]
+
+
+def test_memory_timeline_has_series_and_the_analysis_peak(loaded):
+    trace, lt = loaded
+    p = analysis.peak(trace, lt)
+    tl = analysis.memory_timeline(trace, lt, max_points=500)
+    fig = figures.memory_timeline(tl, p, analysis.step_spans(trace, lt), analysis.phase_spans(trace), marker=10)
+    for name in ("allocated", "active", "reserved"):
+        assert _named(fig, name).type == "scattergl"
+    star = _named(fig, "peak")
+    assert list(star.x) == [p.event_index]
+    assert star.customdata[0] == p.allocated_bytes
+    # Downsampling kept the peak: the drawn line reaches it exactly.
+    assert round(max(_named(fig, "allocated").y) * figures.GIB) == p.allocated_bytes
+    assert fig.layout.shapes  # step lines, phase bands and the marker
+
+
+def test_breakdown_at_the_peak_sums_to_the_peak(loaded):
+    trace, lt = loaded
+    live = analysis.alive_at_peak(trace, lt)
+    for by in ("module", "category", "stack_id"):
+        fig = figures.breakdown_bar(analysis.breakdown(live, by), by, top=10_000)
+        assert sum(fig.data[0].customdata[:, 0]) == analysis.peak(trace, lt).allocated_bytes
+
+
+def test_allocator_counters(loaded):
+    trace, _ = loaded
+    fig = figures.allocator_counters(analysis.allocator_counters(trace))
+    assert {"allocated_bytes", "reserved_bytes"} <= {t.name for t in fig.data}
+
+
+def test_module_bar_and_tree(loaded):
+    trace, lt = loaded
+    table = analysis.module_table(trace, lt=lt)
+    bar = figures.module_bar(table, "peak_contribution_bytes", top=5)
+    assert max(bar.data[0].customdata) == table["peak_contribution_bytes"].max()
+    rolled = analysis.rollup(table)
+    for kind, cls in (("treemap", "treemap"), ("icicle", "icicle")):
+        tree = figures.module_tree(rolled, "forward_alloc_bytes", kind)
+        assert tree.data[0].type == cls
+        assert len(tree.data[0].ids) == len(set(tree.data[0].ids)) > 1
+
+
+def test_categories_sum_to_allocated_and_to_the_peak(loaded):
+    trace, lt = loaded
+    ct = analysis.category_timeline(trace, max_points=400, lt=lt)
+    fig = figures.category_area(ct, category_names())
+    stacked = sum(np.asarray(t.y) for t in fig.data) * figures.GIB
+    np.testing.assert_allclose(stacked, ct["allocated_bytes"].to_numpy(), rtol=0, atol=1)
+    at_peak = analysis.category_at_peak(trace, lt)
+    bar = figures.category_peak_bar(at_peak)
+    assert sum(bar.data[0].customdata) == analysis.peak(trace, lt).allocated_bytes
+
+
+def test_fragmentation_and_segment_map(loaded):
+    trace, lt = loaded
+    frag = analysis.fragmentation(trace, lt=lt)
+    fig = figures.fragmentation_lines(frag)
+    assert {"fragmentation_ratio", "largest_free_block_bytes", "inactive_split_bytes"} <= {t.name for t in fig.data}
+    p = analysis.peak(trace, lt)
+    layout = analysis.segment_map_at(trace, p.event_index, lt)
+    seg = figures.segment_map(layout, "state")
+    drawn = sum(int(sum(t.customdata[:, 1])) for t in seg.data)
+    assert drawn == analysis.fragmentation_at_peak(trace, lt)["reserved_bytes"]
+    assert "inactive" in {t.name for t in seg.data}
+
+
+def test_kv_growth_and_waste():
+    kvs = {r.name: data.kv_table(load_trace(r, tables=("kv",))) for r in KV_RUNS}
+    kvs = {name: kv for name, kv in kvs.items() if len(kv)}  # kv-none keeps no cache
+    assert len(kvs) >= 2
+    token_bytes = data.kv_token_bytes(next(iter(kvs.values())))
+    fig = figures.kv_growth(kvs, token_bytes)
+    assert _named(fig, "formula").line.dash == "dash"
+    assert len(fig.data) == 2 * len(kvs) + 1
+    waste = data.kv_waste(kvs)
+    bars = figures.kv_waste(waste)
+    assert [t.name for t in bars.data] == ["token_state_bytes", "unused_bytes", "extra_bytes"]
+    kv = next(iter(kvs.values()))
+    assert (kv["token_state_bytes"] + kv["unused_bytes"] == kv["reserved_bytes"]).all()
+
+
+def test_compare_figures(loaded):
+    trace, lt = loaded
+    tl = analysis.memory_timeline(trace, lt, max_points=300)
+    x = data.step_aligned(tl, analysis.step_spans(trace, lt))
+    assert np.all(np.diff(x[~np.isnan(x)]) >= 0)
+    fig = figures.overlay_timelines({"a": tl.assign(x=x), "b": tl.assign(x=x)})
+    assert [t.type for t in fig.data] == ["scattergl", "scattergl"]
+    other = load_trace(KV_RUNS[0])
+    diff = analysis.compare_categories(trace, other)
+    bar = figures.diff_bar(diff, "category")
+    assert set(bar.data[0].customdata) <= set(diff["delta_bytes"])
+
+
+def test_stack_icicle_roots_sum_to_the_peak(loaded):
+    trace, lt = loaded
+    live = analysis.alive_at_peak(trace, lt)
+    tree = data.stack_tree(live, trace.stacks, trace.frames, top=10_000)
+    fig = figures.stack_icicle(tree)
+    assert fig.data[0].type == "icicle"
+    roots = tree[tree["parent"] == ""]
+    assert int(roots["bytes"].sum()) == analysis.peak(trace, lt).allocated_bytes
+
+
+@pytest.mark.parametrize("build", [
+    lambda: figures.memory_timeline(pd.DataFrame(columns=["event_index"])),
+    lambda: figures.module_bar(pd.DataFrame({"module": [], "x": []}), "x"),
+    lambda: figures.kv_growth({}),
+    lambda: figures.stack_icicle(pd.DataFrame(columns=["id", "parent", "label", "bytes"])),
+    lambda: figures.diff_bar(pd.DataFrame({"k": [], "delta_bytes": []}), "k"),
+])
+def test_empty_inputs_give_an_annotated_figure(build):
+    fig = build()
+    assert not fig.data and fig.layout.annotations
+
+
+def test_rank_figures(tmp_path):
+    from profiler.analysis import ranks
+    from rank_runs import write_job
+
+    job = write_job(tmp_path, "job", {0: 2000, 1: 6000, 2: 3000}, world_size=4)
+    table = ranks.rank_table(job)
+    bars = figures.rank_peaks(table, ranks.rank_skew(table))
+    assert list(bars.data[0].x) == [0, 1, 2]  # the missing rank 3 has no bar
+    assert list(bars.data[0].customdata[:, 0]) == [3500, 7500, 4500]
+    assert list(bars.data[0].marker.color) == ["#1f77b4", "#d62728", "#1f77b4"]
+    assert bars.layout.shapes[0].y0 * figures.GIB == pytest.approx(4500)  # the median line
+    cats = ranks.rank_categories(job)
+    stacked = figures.rank_categories(cats, category_names())
+    assert sum(np.asarray(t.customdata) for t in stacked.data).tolist() == [3500, 7500, 4500]
+    lines = figures.rank_timelines(ranks.rank_timelines(job))
+    assert [t.name for t in lines.data] == ["rank 0", "rank 1", "rank 2"]
+    assert [max(t.customdata) for t in lines.data] == [3500, 7500, 4500]
+    empty = table.iloc[0:0]
+    assert not figures.rank_peaks(empty, ranks.rank_skew(empty)).data
+    assert not figures.rank_timelines(ranks.rank_timelines(job, ranks=[3])).data
