@@ -24,8 +24,9 @@ import argparse
 import json
 import sys
 
-from profiler.cli.report import _plain, human_bytes
 from profiler.errors import UsageError
+from profiler.report import plain as _plain
+from profiler.units import human_bytes
 
 NAME = "ablate"
 HELP = __doc__.splitlines()[0]
@@ -239,7 +240,7 @@ def render(table) -> str:
     rows that did not finish. Toggles show as their values, "-" where off."""
     if len(table) == 0:
         return "no configurations"
-    from profiler.cli.report import _table
+    from profiler.report import text_table as _table
 
     records = table.astype(object).where(table.notna(), None).to_dict("records")
     toggles = [c for c in table.columns if c.startswith("config.")]

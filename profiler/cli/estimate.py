@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.cli.report import human_bytes
+    from profiler.units import human_bytes
     from profiler import estimate as model
 
     if args.trace:

@@ -16,8 +16,9 @@ pytest.importorskip("streamlit")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from profiler.cli.report import build_report, exact_bytes  # noqa: E402
+from profiler.report import build_report  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
+from profiler.units import exact_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = REPO / "dashboard" / "pages"
