@@ -53,7 +53,7 @@ from pathlib import Path
 
 import pytest
 
-from profiler.units import parse_size  # noqa: F401 (part of this module's API)
+from profiler.units import exact_bytes, human_bytes, parse_size  # noqa: F401 (part of this module's API)
 
 BASELINE_VERSION = 1
 DEFAULT_REGRESSION_PCT = 10.0
@@ -63,22 +63,6 @@ _STACK_DEPTH = 4
 _NOISE = ("/_pytest/", "/pytest/", "/pluggy/", "/torch/", "/xdist/", "/execnet/", "/runpy.py",
           "<frozen ")
 _PEAKS_KEY = pytest.StashKey[dict]()
-
-
-# -- sizes ------------------------------------------------------------------------------
-
-def human_bytes(n: int) -> str:
-    value, unit = float(abs(n)), 0
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    while value >= 1024 and unit < len(units) - 1:
-        value /= 1024
-        unit += 1
-    sign = "-" if n < 0 else ""
-    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.2f} {units[unit]}"
-
-
-def exact_bytes(n: int) -> str:
-    return f"{human_bytes(n)} ({n:,} B)"
 
 
 # -- registration -----------------------------------------------------------------------
