@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from profiler.analysis.compare import memory_saved_pct, speed_change_pct
+
 BASELINE = "baseline"
 
 # Training. The baseline is fp32 with (unfused, for-each) AdamW and nothing else on:
@@ -372,23 +374,17 @@ def _num(value) -> float | None:
 def baseline_diffs(row: dict, base: dict | None) -> dict:
     """memory_saved_pct, speed_change_pct and loss_delta of `row` against the baseline row.
 
-    memory saved % = (base_peak - peak) / base_peak * 100 (peak allocated; positive = less memory).
-    speed change % = (base_time / time - 1) * 100 (positive = faster); from tokens/s when both
-    rows have it, which is the same number when a step processes as many tokens, and the fair
-    one when it does not. loss delta = loss - base loss. None wherever a side is missing.
+    Memory saved and speed change as profiler.analysis.compare defines them (of peak
+    allocated bytes; of tokens/s when both rows have it, else of median step times):
+    positive = less memory, faster. loss delta = loss - base loss. None wherever a side is
+    missing, and everywhere when either row did not finish.
     """
     out = {"memory_saved_pct": None, "speed_change_pct": None, "loss_delta": None}
     if not base or base.get("status") != "ok" or row.get("status") != "ok":
         return out
-    bp, p = _num(base.get("peak_allocated_bytes")), _num(row.get("peak_allocated_bytes"))
-    if bp and p is not None:
-        out["memory_saved_pct"] = (bp - p) / bp * 100.0
-    btok, tok = _num(base.get("tokens_per_s")), _num(row.get("tokens_per_s"))
-    bt, t = _num(base.get("median_step_ms")), _num(row.get("median_step_ms"))
-    if btok and tok is not None:
-        out["speed_change_pct"] = (tok / btok - 1.0) * 100.0
-    elif bt is not None and t:
-        out["speed_change_pct"] = (bt / t - 1.0) * 100.0
+    out["memory_saved_pct"] = memory_saved_pct(base.get("peak_allocated_bytes"), row.get("peak_allocated_bytes"))
+    out["speed_change_pct"] = speed_change_pct(base.get("median_step_ms"), row.get("median_step_ms"),
+                                               base.get("tokens_per_s"), row.get("tokens_per_s"))
     bl, lo = _num(base.get("loss")), _num(row.get("loss"))
     if bl is not None and lo is not None:
         out["loss_delta"] = lo - bl

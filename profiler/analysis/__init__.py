@@ -9,7 +9,9 @@ Nothing here prints, plots or reads files.
     categories      bytes per category over time, at the peak, and each category's own peak
     fragmentation   the allocator's address space replayed: free space, splits, largest free block
     summary         one run's headline facts, cached as summary.json beside meta.json
-    compare         the differences between runs, from their summaries
+    compare         the differences between runs, from their summaries; memory saved and speed change
+    stacks          allocation sites as a tree of frames
+    kv              a KV cache's bytes against its tokens, and the bytes it holds for none
 
 Allocated bytes drop when a free is requested (free_requested), active bytes when it
 completes (free_completed), as in torch's caching allocator; see timeline.py.
@@ -20,20 +22,25 @@ that calls several of them pays for the pairing of allocs with frees once.
 from __future__ import annotations
 
 from profiler.analysis.categories import category_at_peak, category_peaks, category_timeline
-from profiler.analysis.compare import (compare, compare_categories, compare_many, compare_modules,
-                                       compare_summaries, summarize, summary_row)
+from profiler.analysis.compare import (Headline, ablation_view, compare, compare_categories, compare_many,
+                                       compare_modules, compare_summaries, differing_columns, headline,
+                                       memory_saved_pct, speed_change_pct, summarize, summary_row)
 from profiler.analysis.fragmentation import (allocator_counters, fragmentation, fragmentation_at_peak,
                                              segment_map_at)
+from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetimes, live_at
 from profiler.analysis.modules import module_table, rollup
+from profiler.analysis.stacks import stack_tree
 from profiler.analysis.summary import (load_summaries, load_summary, read_summary, run_summary,
                                       write_summary)
 from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, downsample, memory_timeline,
                                         peak, phase_spans, step_spans)
 
 __all__ = [
+    "Headline",
     "Lifetimes",
     "Peak",
+    "ablation_view",
     "active_bytes",
     "alive_at_peak",
     "allocated_bytes",
@@ -47,13 +54,19 @@ __all__ = [
     "compare_many",
     "compare_modules",
     "compare_summaries",
+    "differing_columns",
     "downsample",
     "fragmentation",
     "fragmentation_at_peak",
+    "headline",
+    "kv_table",
+    "kv_token_bytes",
+    "kv_waste",
     "lifetimes",
     "live_at",
     "load_summaries",
     "load_summary",
+    "memory_saved_pct",
     "memory_timeline",
     "module_table",
     "peak",
@@ -62,6 +75,8 @@ __all__ = [
     "rollup",
     "run_summary",
     "segment_map_at",
+    "speed_change_pct",
+    "stack_tree",
     "step_spans",
     "summarize",
     "summary_row",

@@ -5,11 +5,16 @@ runs costs a JSON file per run when their summaries are cached; the functions th
 take runs accept a Trace or a summary dict for each. Only compare_modules needs
 whole traces.
 
-Percentages are relative to run a (the baseline). memory_saved_pct is positive when
-b needs less memory at its peak; speed_change_pct is positive when b's steps are faster.
+Percentages are relative to run a (the baseline). The two headline numbers, memory
+saved and speed change, have one definition each (memory_saved_pct, speed_change_pct),
+which `vramscope ablate`, compare() and the dashboard's Compare page all use.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -62,12 +67,73 @@ def _pct(a, b) -> float | None:
     return (b - a) / a * 100.0
 
 
-def headline(a: dict, b: dict) -> dict:
-    """memory_saved_pct and speed_change_pct of summary b against summary a."""
-    mem = _pct(a.get("peak_allocated_bytes"), b.get("peak_allocated_bytes"))
-    ta, tb = a.get("median_step_time_us"), b.get("median_step_time_us")
-    speed = (ta / tb - 1.0) * 100.0 if ta and tb else None  # throughput gained, not time saved
-    return {"memory_saved_pct": None if mem is None else -mem, "speed_change_pct": speed}
+@dataclass(frozen=True, slots=True)
+class Headline:
+    """What a comparison leads with: a run against its baseline, in percent (None: not measured)."""
+
+    memory_saved_pct: float | None
+    speed_change_pct: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _number(value) -> float | None:
+    """A float, or None for None, NaN, NA and anything that is not a number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _positive(value) -> float | None:
+    value = _number(value)
+    return value if value is not None and value > 0 else None
+
+
+def memory_saved_pct(baseline_bytes, run_bytes) -> float | None:
+    """(baseline - run) / baseline x 100, of peak bytes.
+
+    Positive when the run needs less memory (25: a quarter less), negative when it needs
+    more (-50: half as much again). None when either side is missing or the baseline is 0.
+    """
+    base, run = _positive(baseline_bytes), _number(run_bytes)
+    if base is None or run is None:
+        return None
+    return (base - run) / base * 100.0
+
+
+def speed_change_pct(baseline_step_time, run_step_time, baseline_tokens_per_s=None,
+                     run_tokens_per_s=None) -> float | None:
+    """Throughput gained, in percent: (run tokens/s / baseline tokens/s - 1) x 100.
+
+    Positive when the run is faster: +25 is a quarter more work per second (steps of 80 us
+    against 100 us), +100 twice as fast, -50 half as fast. It is not the time saved per
+    step ((100 - 80) / 100 = 20), which understates a speed-up (twice as fast saves 50%)
+    and never reaches +100.
+    Tokens per second when both runs have a positive one: that is fair when a step
+    processes more tokens (a larger batch takes longer yet does more). Otherwise the
+    ratio of step times, baseline / run, which is the same number when steps process as
+    many tokens. Step times may be in any unit, the same on both sides. None when
+    neither pair is known.
+    """
+    base_rate, rate = _positive(baseline_tokens_per_s), _positive(run_tokens_per_s)
+    if base_rate is not None and rate is not None:
+        return (rate / base_rate - 1.0) * 100.0
+    base_time, run_time = _positive(baseline_step_time), _positive(run_step_time)
+    if base_time is not None and run_time is not None:
+        return (base_time / run_time - 1.0) * 100.0
+    return None
+
+
+def headline(baseline: dict, run: dict) -> Headline:
+    """Memory saved and speed change of one run summary (run_summary, ranks.run_group_summary)
+    against another: peak allocated bytes, tokens/s or median step time."""
+    return Headline(
+        memory_saved_pct=memory_saved_pct(baseline.get("peak_allocated_bytes"), run.get("peak_allocated_bytes")),
+        speed_change_pct=speed_change_pct(baseline.get("median_step_time_us"), run.get("median_step_time_us"),
+                                          baseline.get("tokens_per_s"), run.get("tokens_per_s")))
 
 
 def _delta(a, b):
@@ -86,7 +152,7 @@ def compare(run_a, run_b) -> pd.DataFrame:
     rows = [{"metric": m, "a": sa.get(m), "b": sb.get(m), "delta": _delta(sa.get(m), sb.get(m)),
              "delta_pct": _pct(sa.get(m), sb.get(m))} for m in METRICS]
     rows += [{"metric": k, "a": None, "b": None, "delta": None, "delta_pct": v}
-             for k, v in headline(sa, sb).items()]
+             for k, v in headline(sa, sb).as_dict().items()]
     # Built column by column: pandas would turn ints mixed with None into floats.
     return pd.DataFrame({
         "metric": [r["metric"] for r in rows],
@@ -139,7 +205,7 @@ def compare_summaries(summaries, baseline=0) -> pd.DataFrame:
         if not matches:
             raise ValueError(f"baseline run {run_id!r} is not among the runs compared")
         base = matches[0]
-    rows = [{**summary_row(s), **headline(base, s), "is_baseline": s is base} for s in summaries]
+    rows = [{**summary_row(s), **headline(base, s).as_dict(), "is_baseline": s is base} for s in summaries]
     return pd.DataFrame(rows)
 
 
@@ -157,3 +223,37 @@ def compare_many(runs, baseline=0) -> pd.DataFrame:
     if not isinstance(baseline, (int, str, np.integer)):
         baseline = _summary_run_id(baseline)
     return compare_summaries(summaries, baseline)
+
+
+def world_size_of(summary: dict) -> int:
+    """A summary's world_size (a job's, or a single run's from its config), else 1."""
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    return int(summary.get("world_size") or config.get("world_size") or 1)
+
+
+def ablation_view(summaries: list[dict], baseline: int, losses: pd.DataFrame, runs: list) -> pd.DataFrame:
+    """compare_summaries against `baseline` (an index), with each run's directory name (`runs`:
+    their paths), world_size, and loss and loss_delta (loss - the baseline's loss) where `losses`
+    (run: a directory name, loss) has them. The headline columns come first."""
+    table = compare_summaries(summaries, baseline)
+    table.insert(0, "run", [PurePath(r).name for r in runs])
+    table["world_size"] = [world_size_of(s) for s in summaries]
+    loss = dict(zip(losses["run"], losses["loss"]))
+    table["loss"] = [loss.get(PurePath(r).name) for r in runs]
+    base = table["loss"].iloc[baseline]
+    table["loss_delta"] = [None if v is None or base is None or pd.isna(v) or pd.isna(base) else v - base
+                           for v in table["loss"]]
+    front = ["run", "name", "world_size", "is_baseline", "memory_saved_pct", "speed_change_pct", "loss",
+             "loss_delta", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us"]
+    front = [c for c in front if c in table]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def differing_columns(df: pd.DataFrame, keep=("name",)) -> list[str]:
+    """Columns whose values are not all the same (plus `keep`): a comparison's "differences only" view."""
+    out = []
+    for c in df.columns:
+        values = df[c].astype(str)
+        if c in keep or values.nunique(dropna=False) > 1:
+            out.append(c)
+    return out
