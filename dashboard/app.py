@@ -1,16 +1,13 @@
 """vramscope dashboard: `VRAMSCOPE_TRACES=traces streamlit run dashboard/app.py`.
 
-Only wires the pages together; each page is a short script in pages/.
+Only wires the pages together; each page is a short script in pages/. The pages import
+`profiler` and `dashboard` as packages: installed (pip install -e .), or found through the
+PYTHONPATH that `vramscope dashboard` sets to the repository.
 """
 
-import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # streamlit puts dashboard/ on the path, not the repo
-    sys.path.insert(0, str(_ROOT))
-
-import streamlit as st  # noqa: E402
+import streamlit as st
 
 _PAGES = Path(__file__).resolve().parent / "pages"
 PAGES = [("runs.py", "Runs", ":material/table:"), ("overview.py", "Overview", ":material/show_chart:"),

@@ -1,26 +1,27 @@
-"""Cached access to the runs under VRAMSCOPE_TRACES, and the pure transforms the pages draw.
+"""Cached access to the runs under VRAMSCOPE_TRACES: what the pages read, read once per change.
 
-The functions without a leading `cached_` are plain: a Trace or DataFrame in, a DataFrame
-out, tested without Streamlit. The `cached_` ones wrap them in st.cache_data /
-st.cache_resource, keyed by the run's path and a stamp of its files, so that a live run
-that keeps writing is read again while a finished one is read once.
+The `cached_` functions wrap readers in st.cache_data / st.cache_resource, keyed by the
+run's path and a stamp of its files, so that a live run that keeps writing is read again
+while a finished one is read once. The numbers come from profiler.analysis; what is
+defined here is where runs are, the shape of the Runs table's rows, and which ranks the
+Ranks page draws first.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from profiler import analysis
 from profiler.analysis import ranks
-from profiler.analysis.ranks import step_aligned  # noqa: F401  (the pages' name for it)
+# The Compare table, under the names the dashboard's callers have used for it.
+from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
+from profiler.analysis.kv import kv_table
 from profiler.analysis.summary import load_summary
-from profiler.errors import TraceError
+from profiler.errors import TraceError, one_line
 from profiler.trace.reader import iter_runs, load_trace
 
 TRACES_ENV = "VRAMSCOPE_TRACES"
@@ -50,17 +51,7 @@ def stamp(run) -> tuple:
         return ()
 
 
-def one_line(exc: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(exc) or type(exc).__name__).strip()
-
-
 # -- the runs table -------------------------------------------------------------------
-
-def world_size_of(summary: dict) -> int:
-    """A job summary's world_size; a single run's from its config, else 1."""
-    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
-    return int(summary.get("world_size") or config.get("world_size") or 1)
-
 
 def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
     """One Runs-page row; a run that could not be read keeps its path and its one-line error.
@@ -81,10 +72,10 @@ def run_row(run: Path, summary: dict | None = None, error: str | None = None) ->
 def _summary_row(run: Path, summarise) -> dict:
     try:
         return run_row(run, summarise(run))
-    except TraceError as exc:
-        return run_row(run, error=one_line(exc))
+    except TraceError as exc:  # its message names the run
+        return run_row(run, error=one_line(str(exc)))
     except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
-        return run_row(run, error=f"{run}: {type(exc).__name__}: {one_line(exc)}")
+        return run_row(run, error=f"{run}: {one_line(exc)}")
 
 
 def runs_table(root) -> pd.DataFrame:
@@ -121,67 +112,6 @@ def ablation_losses(root) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({"run": [], "loss": []})
     return pd.concat(frames, ignore_index=True).drop_duplicates("run", keep="last")
-
-
-# -- transforms over one trace --------------------------------------------------------
-
-def stack_tree(live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFrame, top: int = 40,
-               depth: int = 12) -> pd.DataFrame:
-    """id, parent, label, bytes: the `top` allocation sites alive in `live` as a tree of frames,
-    outermost at the root, so that an icicle's node covers the sites below it."""
-    cols = ["id", "parent", "label", "bytes"]
-    if live.empty:
-        return pd.DataFrame(columns=cols)
-    by_stack = live.assign(stack_id=live["stack_id"].astype("Int64")).groupby(
-        "stack_id", dropna=False)["size_bytes"].sum().sort_values(ascending=False).head(top)
-    names = {int(f): f"{fn} ({Path(str(file)).name}:{line})" for f, file, line, fn in
-             zip(frames["frame_id"], frames["filename"], frames["line"], frames["function"])}
-    chains = {int(s): list(f) for s, f in zip(stacks["stack_id"], stacks["frame_ids"]) if f is not None}
-    nodes: dict[str, list] = {}
-    for sid, size in by_stack.items():
-        chain = chains.get(int(sid), []) if pd.notna(sid) else []
-        path = [names.get(int(f), f"frame {f}") for f in reversed(chain)][-depth:] or ["(no stack)"]
-        parent = ""
-        for i, label in enumerate(path):
-            node = parent + "/" + label if parent else label
-            entry = nodes.setdefault(node, [node, parent, label, 0])
-            entry[3] += int(size)
-            parent = node
-    return pd.DataFrame(list(nodes.values()), columns=cols)
-
-
-def kv_table(trace) -> pd.DataFrame:
-    """The run's kv rows with tokens_total (batch x tokens), unused and extra bytes."""
-    kv = trace.kv.copy()
-    if kv.empty:
-        return kv
-    kv["cache"] = kv["cache"].astype(str)
-    batch = kv["batch"].fillna(1).astype(np.int64)
-    kv["tokens_total"] = batch * kv["tokens"].astype(np.int64)
-    kv["extra_bytes"] = kv["extra_bytes"].fillna(0).astype(np.int64)
-    kv["unused_bytes"] = kv["reserved_bytes"].astype(np.int64) - kv["token_state_bytes"].astype(np.int64)
-    return kv
-
-
-def kv_token_bytes(kv: pd.DataFrame) -> float | None:
-    """K+V bytes per token position, as the formula has them: the median of token-state bytes
-    over batch x tokens (a cache that stores full-width states hits the formula exactly)."""
-    ok = kv[kv["tokens_total"] > 0] if len(kv) else kv
-    if ok.empty:
-        return None
-    return float(np.median(ok["token_state_bytes"] / ok["tokens_total"]))
-
-
-def kv_waste(kvs: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per run and cache: mean token-state, unused (reserved, no token) and extra bytes over its steps."""
-    rows = []
-    for name, kv in kvs.items():
-        for cache, g in kv.groupby("cache", sort=True):
-            rows.append({"run": name, "cache": cache,
-                         "token_state_bytes": float(g["token_state_bytes"].mean()),
-                         "unused_bytes": float(g["unused_bytes"].mean()),
-                         "extra_bytes": float(g["extra_bytes"].mean())})
-    return pd.DataFrame(rows, columns=["run", "cache", "token_state_bytes", "unused_bytes", "extra_bytes"])
 
 
 # -- cached -----------------------------------------------------------------------------
@@ -288,30 +218,3 @@ def default_ranks(table: pd.DataFrame, skew: dict, most: int = 4) -> list[int]:
     picks = [0, skew.get("max_rank"), skew.get("min_rank"), *by_peak]
     ok = set(readable["rank"].tolist())
     return [int(r) for r in dict.fromkeys(p for p in picks if p in ok)][:most]
-
-
-def differing_columns(df: pd.DataFrame, keep=("name",)) -> list[str]:
-    """Columns whose values are not all the same (plus `keep`): the "differences only" view."""
-    out = []
-    for c in df.columns:
-        values = df[c].astype(str)
-        if c in keep or values.nunique(dropna=False) > 1:
-            out.append(c)
-    return out
-
-
-def ablation_view(summaries: list[dict], baseline: int, losses: pd.DataFrame, runs: list[str]) -> pd.DataFrame:
-    """analysis.compare_summaries against `baseline`, with each run's loss and loss_delta where an
-    ablation table beside the runs has them."""
-    table = analysis.compare_summaries(summaries, baseline)
-    table.insert(0, "run", [Path(r).name for r in runs])
-    table["world_size"] = [world_size_of(s) for s in summaries]
-    loss = dict(zip(losses["run"], losses["loss"]))
-    table["loss"] = [loss.get(Path(r).name) for r in runs]
-    base = table["loss"].iloc[baseline]
-    table["loss_delta"] = [None if v is None or base is None or pd.isna(v) or pd.isna(base) else v - base
-                           for v in table["loss"]]
-    front = ["run", "name", "world_size", "is_baseline", "memory_saved_pct", "speed_change_pct", "loss",
-             "loss_delta", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us"]
-    front = [c for c in front if c in table]
-    return table[front + [c for c in table.columns if c not in front]]

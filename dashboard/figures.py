@@ -214,7 +214,7 @@ def kv_growth(kvs: dict[str, pd.DataFrame], token_bytes: float | None = None) ->
 
 
 def kv_waste(waste: pd.DataFrame) -> go.Figure:
-    """data.kv_waste: stacked mean bytes per run and cache: token-state, unused, extra."""
+    """analysis.kv.kv_waste: stacked mean bytes per run and cache: token-state, unused, extra."""
     if waste.empty:
         return _empty("KV waste by cache variant")
     labels = [f"{r} / {c}" for r, c in zip(waste["run"], waste["cache"])]
@@ -250,7 +250,7 @@ def diff_bar(diff: pd.DataFrame, key: str, top: int = 25) -> go.Figure:
 # -- Stacks -----------------------------------------------------------------------------
 
 def stack_icicle(tree: pd.DataFrame) -> go.Figure:
-    """data.stack_tree as an icicle: outermost frames on top, allocation sites at the leaves."""
+    """analysis.stacks.stack_tree as an icicle: outermost frames on top, allocation sites at the leaves."""
     if tree.empty:
         return _empty("Allocation sites at the peak")
     fig = go.Figure(go.Icicle(ids=tree["id"], parents=tree["parent"], labels=tree["label"],

@@ -1,20 +1,15 @@
-"""What every page shares: the import path, the runs folder and the run pickers."""
+"""What every page shares: the runs folder, the run pickers and how tables show numbers."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # a page run on its own (AppTest) has only pages/ on the path
-    sys.path.insert(0, str(_ROOT))
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from dashboard import data  # noqa: E402
-from profiler.analysis import ranks  # noqa: E402
-from profiler.errors import TraceError  # noqa: E402
+from dashboard import data
+from profiler.analysis import ranks
+from profiler.errors import TraceError, one_line
 
 CURRENT = "current_run"  # session key: the run the single-run pages show (a rank's partition of a job)
 SELECTED = "compare_runs"  # session key: the runs the Runs page hands to Compare
@@ -38,7 +33,7 @@ def runs() -> pd.DataFrame:
     try:
         return data.cached_runs_table(str(root), data.root_stamp(root))
     except TraceError as exc:
-        st.error(data.one_line(exc))
+        st.error(one_line(str(exc)))
         return pd.DataFrame(columns=list(data.RUN_COLUMNS))
 
 
@@ -86,5 +81,5 @@ def load(run: str):
     try:
         return data.trace_of(run)
     except TraceError as exc:
-        st.error(data.one_line(exc))
+        st.error(one_line(str(exc)))
         return None

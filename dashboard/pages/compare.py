@@ -3,13 +3,13 @@
 A multi-rank run takes part per GPU: its summary is the job's (ranks.run_group_summary) and its
 timeline and layers are those of its rank with the largest peak."""
 
+import streamlit as st
 
-
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler import analysis  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler import analysis
+from profiler.analysis.compare import ablation_view, differing_columns
+from profiler.analysis.ranks import step_aligned
 
 MAX_OVERLAID = 8
 
@@ -28,11 +28,11 @@ baseline = st.selectbox("Baseline", range(len(chosen)), format_func=lambda i: na
 summaries = [ui.data.stored_summary(r) for r in chosen]
 root = str(ui.data.traces_dir())
 losses = ui.data.cached_ablation_losses(root, ui.data.root_stamp(root))
-view = ui.data.ablation_view(summaries, baseline, losses, chosen)
+view = ablation_view(summaries, baseline, losses, chosen)
 if (view["world_size"] > 1).any():
     st.caption("Peaks of multi-rank runs are per GPU: the largest rank's.")
 if st.toggle("Differences only", value=True):
-    view = view[ui.data.differing_columns(view, keep=("run", "name", "world_size", "is_baseline"))]
+    view = view[differing_columns(view, keep=("run", "name", "world_size", "is_baseline"))]
 st.dataframe(view, hide_index=True)
 tolerance = st.number_input("Loss check: largest |loss - baseline loss|", min_value=0.0, value=0.01, format="%.4f")
 off = view[view["loss_delta"].abs() > tolerance] if "loss_delta" in view else view.iloc[0:0]
@@ -52,7 +52,7 @@ for r, s in zip(chosen[:MAX_OVERLAID], summaries):
         tl = analysis.memory_timeline(trace, lt, max_points=ui.data.MAX_POINTS)
         label = names[r] if s.get("peak_rank") is None else \
             f"{names[r]} (world size {s['world_size']}, rank {s['peak_rank']})"
-        lines[label] = tl.assign(x=ui.data.step_aligned(tl, analysis.step_spans(trace, lt)))
+        lines[label] = tl.assign(x=step_aligned(tl, analysis.step_spans(trace, lt)))
 st.plotly_chart(figures.overlay_timelines(lines, column))
 
 st.subheader("Two runs, layer by layer and category by category")

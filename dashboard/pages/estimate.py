@@ -1,14 +1,10 @@
 """Estimate: the analytic model (profiler/estimate.py) against the measured run."""
 
-import sys; from pathlib import Path  # noqa: E401
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler import estimate as est  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler import estimate as est
 
 st.title("Measured vs predicted")
 run = ui.pick_run(ui.runs())

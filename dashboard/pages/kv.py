@@ -1,11 +1,10 @@
 """KV cache: token-state and reserved bytes against tokens, the formula's line, and waste per variant."""
 
+import streamlit as st
 
-
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler.analysis.kv import kv_token_bytes, kv_waste
 
 st.title("KV cache")
 table = ui.readable(ui.runs())
@@ -20,10 +19,10 @@ if not chosen:
     st.stop()
 kvs = {names[r]: ui.data.kv_of(r) for r in chosen}
 # Quantised and windowed caches hold fewer bytes per token: the full-width one meets the formula.
-guess = max((ui.data.kv_token_bytes(kv) or 0.0) for kv in kvs.values())
+guess = max((kv_token_bytes(kv) or 0.0) for kv in kvs.values())
 token_bytes = st.number_input("Formula: bytes per token position (2 x layers x heads x head_dim x dtype bytes)",
                               min_value=0.0, value=float(guess or 0.0), step=1024.0)
 st.plotly_chart(figures.kv_growth(kvs, token_bytes))
-waste = ui.data.kv_waste(kvs)
+waste = kv_waste(kvs)
 st.plotly_chart(figures.kv_waste(waste))
 st.dataframe(waste, hide_index=True)

@@ -1,14 +1,10 @@
 """Layers: per-module forward/backward/retained bytes and contribution to the peak."""
 
-import sys; from pathlib import Path  # noqa: E401
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler import analysis  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler import analysis
 
 COLUMNS = ["peak_contribution_bytes", "retained_bytes", "forward_alloc_bytes", "backward_alloc_bytes",
            "recompute_alloc_bytes", "param_bytes"]

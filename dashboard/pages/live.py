@@ -1,13 +1,11 @@
 """Live: a run without a final status, redrawn every few seconds while its process writes."""
 
+import streamlit as st
 
-
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler import analysis  # noqa: E402
-from profiler.cli.report import exact_bytes  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler import analysis
+from profiler.units import exact_bytes
 
 st.title("Live")
 table = ui.runs()

@@ -1,15 +1,11 @@
 """Overview: memory over time with steps, phases and the peak; what is alive at a chosen moment."""
 
-import sys; from pathlib import Path  # noqa: E401
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler import analysis  # noqa: E402
-from profiler.cli.report import exact_bytes  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler import analysis
+from profiler.units import exact_bytes
 
 st.title("Overview")
 run = ui.pick_run(ui.runs())

@@ -1,16 +1,12 @@
 """Ranks: one multi-rank (torchrun) run rank by rank: peaks and their skew, timelines, categories, failed ranks."""
 
-import sys; from pathlib import Path  # noqa: E401
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import figures  # noqa: E402
-from dashboard.pages import _shared as ui  # noqa: E402
-from profiler.analysis import ranks  # noqa: E402
-from profiler.analysis.categories import category_names  # noqa: E402
-from profiler.cli.report import exact_bytes  # noqa: E402
+from dashboard import figures
+from dashboard.pages import _shared as ui
+from profiler.analysis import ranks
+from profiler.analysis.categories import category_names
+from profiler.units import exact_bytes
 
 MAX_WARNINGS = 20  # failed ranks listed one by one; the table holds them all
 

@@ -1,12 +1,8 @@
 """Runs: every run under VRAMSCOPE_TRACES, unreadable ones with their error; pick runs to compare."""
 
-import sys; from pathlib import Path  # noqa: E401
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repo, for a page run on its own
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard.pages import _shared as ui  # noqa: E402
+from dashboard.pages import _shared as ui
 
 st.title("Runs")
 st.caption(f"Folder: {ui.data.traces_dir()}")

@@ -12,9 +12,12 @@ import pytest
 pytest.importorskip("plotly")
 pytest.importorskip("streamlit")
 
-from dashboard import data, figures  # noqa: E402
+from dashboard import figures  # noqa: E402
 from profiler import analysis  # noqa: E402
 from profiler.analysis.categories import category_names  # noqa: E402
+from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste  # noqa: E402
+from profiler.analysis.ranks import step_aligned  # noqa: E402
+from profiler.analysis.stacks import stack_tree  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
 
 TRACES = Path(__file__).resolve().parents[2] / "traces"
@@ -100,14 +103,14 @@ def test_fragmentation_and_segment_map(loaded):
 
 
 def test_kv_growth_and_waste():
-    kvs = {r.name: data.kv_table(load_trace(r, tables=("kv",))) for r in KV_RUNS}
+    kvs = {r.name: kv_table(load_trace(r, tables=("kv",))) for r in KV_RUNS}
     kvs = {name: kv for name, kv in kvs.items() if len(kv)}  # kv-none keeps no cache
     assert len(kvs) >= 2
-    token_bytes = data.kv_token_bytes(next(iter(kvs.values())))
+    token_bytes = kv_token_bytes(next(iter(kvs.values())))
     fig = figures.kv_growth(kvs, token_bytes)
     assert _named(fig, "formula").line.dash == "dash"
     assert len(fig.data) == 2 * len(kvs) + 1
-    waste = data.kv_waste(kvs)
+    waste = kv_waste(kvs)
     bars = figures.kv_waste(waste)
     assert [t.name for t in bars.data] == ["token_state_bytes", "unused_bytes", "extra_bytes"]
     kv = next(iter(kvs.values()))
@@ -117,7 +120,7 @@ def test_kv_growth_and_waste():
 def test_compare_figures(loaded):
     trace, lt = loaded
     tl = analysis.memory_timeline(trace, lt, max_points=300)
-    x = data.step_aligned(tl, analysis.step_spans(trace, lt))
+    x = step_aligned(tl, analysis.step_spans(trace, lt))
     assert np.all(np.diff(x[~np.isnan(x)]) >= 0)
     fig = figures.overlay_timelines({"a": tl.assign(x=x), "b": tl.assign(x=x)})
     assert [t.type for t in fig.data] == ["scattergl", "scattergl"]
@@ -130,7 +133,7 @@ def test_compare_figures(loaded):
 def test_stack_icicle_roots_sum_to_the_peak(loaded):
     trace, lt = loaded
     live = analysis.alive_at_peak(trace, lt)
-    tree = data.stack_tree(live, trace.stacks, trace.frames, top=10_000)
+    tree = stack_tree(live, trace.stacks, trace.frames, top=10_000)
     fig = figures.stack_icicle(tree)
     assert fig.data[0].type == "icicle"
     roots = tree[tree["parent"] == ""]
