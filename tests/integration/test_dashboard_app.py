@@ -246,3 +246,15 @@ def test_compare_takes_runs_of_different_world_sizes(tmp_path, monkeypatch):
     assert table["peak_allocated_bytes"].tolist() == [7500, 1000 + 1500 + 500, 1000 + 500 + 500]
     overlay = at.get("plotly_chart")[0].proto.spec
     assert "two (world size 2, rank 1)" in overlay and "three (world size 3, rank 1)" in overlay
+
+
+def test_the_dashboard_imports_no_cli_and_leaves_the_import_path_alone():
+    import ast
+
+    for source in sorted((REPO / "dashboard").rglob("*.py")):
+        tree = ast.parse(source.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                     for a in n.names}
+        assert not any(m == "profiler.cli" or m.startswith("profiler.cli.") for m in imported), source
+        assert "sys" not in imported, source  # no page puts the repository on sys.path itself
