@@ -1,17 +1,21 @@
 """Pure functions over a loaded Trace: a Trace in, a DataFrame or a dataclass out.
 
 The dashboard and `vramscope report` both call these, so that they always agree.
-Nothing here prints, plots or reads files.
+Nothing here prints, plots or opens a file: profiler.trace reads runs (reader, layout)
+and keeps the summary cache (summary_cache), and hands analysis what it loaded. The
+cache's load_summary, load_summaries, read_summary and write_summary stay importable
+from here.
 
     timeline        allocated / active / reserved bytes per event, downsampling, step and phase spans, the peak
     live            what is alive at a moment, and breakdowns of it
     modules         per-module forward / backward / retained / peak bytes, and subtree roll-ups
     categories      bytes per category over time, at the peak, and each category's own peak
     fragmentation   the allocator's address space replayed: free space, splits, largest free block
-    summary         one run's headline facts, cached as summary.json beside meta.json
+    summary         one run's headline facts (profiler.trace.summary_cache keeps them in summary.json)
     compare         the differences between runs, from their summaries; memory saved and speed change
     stacks          allocation sites as a tree of frames
     kv              a KV cache's bytes against its tokens, and the bytes it holds for none
+    ranks           a multi-rank run: per-rank table, skew, timelines and categories, the job as one summary
 
 Allocated bytes drop when a free is requested (free_requested), active bytes when it
 completes (free_completed), as in torch's caching allocator; see timeline.py.
@@ -31,8 +35,7 @@ from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetimes, live_at
 from profiler.analysis.modules import module_table, rollup
 from profiler.analysis.stacks import stack_tree
-from profiler.analysis.summary import (load_summaries, load_summary, read_summary, run_summary,
-                                      write_summary)
+from profiler.analysis.summary import run_summary
 from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, downsample, memory_timeline,
                                         peak, phase_spans, step_spans)
 
@@ -82,3 +85,14 @@ __all__ = [
     "summary_row",
     "write_summary",
 ]
+
+# The summary cache's names, from profiler.trace.summary_cache (which imports this package).
+_CACHE_NAMES = ("load_summaries", "load_summary", "read_summary", "write_summary")
+
+
+def __getattr__(name):
+    if name in _CACHE_NAMES:
+        from profiler.trace import summary_cache
+
+        return getattr(summary_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,46 +1,36 @@
-"""A multi-rank (torchrun) run: one partition per rank, compared rank by rank and summed up as one job.
+"""A multi-rank (torchrun) run: its ranks compared one by one and summed up as one job.
 
-A distributed capture writes
-
-    <out>/<run_id>/rank=0/   a normal single-process trace (meta.json carries rank, world_size, ...)
-    <out>/<run_id>/rank=1/
-    ...
-
-Per-rank numbers come from each partition's meta.json and its cached summary
-(summary.load_summary), not from its events, so that a table of 1024 ranks costs
-1024 small JSON files once their summaries are cached. A rank that cannot be read,
-or whose partition is missing (world_size says it should exist), is a row with its
-error; it never stops the other ranks from being shown.
+Functions here take what profiler.trace.layout reads: RankRecords (each rank's meta.json
+and cached summary, or the error that kept it from being read) and loaded Traces. A
+missing or unreadable rank is a row with its error; it never stops the other ranks
+from being shown.
 
 Peaks are the allocator's own (meta.max_allocated_bytes, what torch.cuda.max_memory_allocated
 reported on that rank) where the rank recorded one, else the replayed peak of its events
 (a rank that died before finalizing has only journals and no allocator maximum).
+
+The names that take a run directory (read_ranks, rank_table, rank_categories, rank_timelines,
+run_group_summary, and the layout helpers) are profiler.trace.layout's, which reads the ranks
+and calls the functions here; they are importable from here as well.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from profiler.trace import schema
 from profiler.analysis.categories import category_names
-from profiler.analysis.summary import load_summary, tokens_per_second
+from profiler.analysis.summary import tokens_per_second
 from profiler.analysis.timeline import int_column, memory_timeline, step_spans
-from profiler.errors import TraceError
+from profiler.errors import TraceError, one_line
+from profiler.trace import schema
+from profiler.trace.layout import (MISSING, RANK_DIR, RUNNING, UNREADABLE, RankRecord,  # noqa: F401
+                                   is_multi_rank, rank_categories, rank_dirs, rank_number, rank_table,
+                                   rank_timelines, read_ranks, run_group_summary, run_root_of)
+from profiler.trace.layout import world_size_of as _world_size
 
-_MAX_READERS = 8
-RANK_DIR = re.compile(r"^rank=(\d+)$")
-MISSING = "missing"
-UNREADABLE = "unreadable"
-RUNNING = "running"
 # Statuses a capture writes when it ends; a rank without one is live or died mid-capture.
 FINAL_STATUSES = tuple(s.value for s in schema.Status)
 RANK_COLUMNS = ("rank", "world_size", "hostname", "local_rank", "status", "peak_allocated_bytes",
@@ -58,112 +48,8 @@ _MAX_KEYS = ("peak_active_bytes", "peak_reserved_bytes", "allocator_max_allocate
              "allocator_max_reserved_bytes")
 
 
-# -- the layout ---------------------------------------------------------------------------
-
-def rank_number(path) -> int | None:
-    """N for a directory named rank=N, else None."""
-    found = RANK_DIR.match(Path(path).name)
-    return int(found.group(1)) if found else None
-
-
-def rank_dirs(run_root) -> list[Path]:
-    """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9)."""
-    root = Path(run_root)
-    try:
-        children = [c for c in root.iterdir() if c.is_dir() and rank_number(c) is not None]
-    except OSError:
-        return []
-    return sorted(children, key=rank_number)
-
-
-def run_root_of(path) -> Path:
-    """The run directory a rank partition belongs to (its parent); any other path as it is."""
-    path = Path(path)
-    return path.parent if rank_number(path) is not None else path
-
-
-def is_multi_rank(path) -> bool:
-    """Whether `path` is a multi-rank run (it holds rank=N partitions) or one of its partitions."""
-    return bool(rank_dirs(run_root_of(path)))
-
-
-# -- reading every rank -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RankRecord:
-    """One rank as read from disk: its summary, or the error that kept it from being read."""
-
-    rank: int
-    path: Path
-    meta: dict | None
-    summary: dict | None
-    error: str | None
-
-    @property
-    def status(self) -> str:
-        if self.summary is not None:
-            return self.summary.get("status") or RUNNING
-        return MISSING if not self.path.is_dir() else UNREADABLE
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _lenient_meta(run_dir: Path) -> dict | None:
-    """meta.json as a dict, or None: labels (hostname, world_size) for a rank whose trace is unreadable."""
-    try:
-        meta = json.loads((run_dir / schema.META_FILE).read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _read_rank(run_dir: Path) -> RankRecord:
-    summary, error = None, None
-    try:
-        summary = load_summary(run_dir)
-    except TraceError as exc:
-        error = _one_line(str(exc))
-    except Exception as exc:  # noqa: BLE001 - one bad rank must not hide the others
-        error = _one_line(f"{run_dir}: {type(exc).__name__}: {exc}")
-    return RankRecord(rank_number(run_dir), run_dir, _lenient_meta(run_dir), summary, error)
-
-
 def _int(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _world_size(meta: dict | None) -> int | None:
-    if not meta:
-        return None
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    return _int(meta.get("world_size")) or _int(config.get("world_size"))
-
-
-def read_ranks(run_root) -> list[RankRecord]:
-    """Every rank of the run, in rank order, including those world_size expects but no partition holds."""
-    root = run_root_of(run_root)
-    dirs = rank_dirs(root)
-    # Threads: a rank without a cached summary is read and summarised once, and that work (Arrow
-    # decoding, file I/O, the cache's fsync) releases the GIL often enough to overlap.
-    workers = min(_MAX_READERS, os.cpu_count() or 1, len(dirs))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            found = list(pool.map(_read_rank, dirs))
-    else:
-        found = [_read_rank(d) for d in dirs]
-    sizes = [s for s in (_world_size(r.meta) for r in found) if s]
-    world = max(sizes + [r.rank + 1 for r in found], default=0)
-    present = {r.rank for r in found}
-    missing = [RankRecord(r, root / f"rank={r}", None, None,
-                          f"{root}: no partition rank={r} (world size {world}): the rank never wrote a trace")
-               for r in range(world) if r not in present]
-    return sorted(found + missing, key=lambda r: r.rank)
-
-
-def _records(run_root, records) -> list[RankRecord]:
-    return list(records) if records is not None else read_ranks(run_root)
 
 
 # -- the rank table -----------------------------------------------------------------------
@@ -184,35 +70,36 @@ def _died_note(records: list[RankRecord]) -> str | None:
     return None
 
 
-def rank_table(run_root, records: list[RankRecord] | None = None) -> pd.DataFrame:
+def _rank_row(r: RankRecord, world: int, died: str | None) -> dict:
+    s = r.summary or {}
+    meta = r.meta or {}
+    error = r.error
+    if error is None and r.status == RUNNING and died:
+        error = f"{r.path}: {died}"
+    return {
+        "rank": r.rank, "world_size": _world_size(r.meta) or world,
+        "hostname": meta.get("hostname") if isinstance(meta.get("hostname"), str) else None,
+        "local_rank": _int(meta.get("local_rank")), "status": r.status,
+        "peak_allocated_bytes": _peak_of(r, "max_allocated_bytes", "peak_allocated_bytes"),
+        "peak_reserved_bytes": _peak_of(r, "max_reserved_bytes", "peak_reserved_bytes"),
+        "replayed_peak_bytes": _int(s.get("peak_allocated_bytes")),
+        "median_step_time_us": s.get("median_step_time_us"),
+        "steps": _int(s.get("steps")), "events": _int(s.get("events")),
+        "error": error, "path": str(r.path),
+    }
+
+
+def rank_table_of(records: list[RankRecord]) -> pd.DataFrame:
     """One row per rank (RANK_COLUMNS), missing and unreadable ranks included with their error.
 
     peak_allocated_bytes / peak_reserved_bytes: the allocator's maxima on that rank (see the module
     docstring); replayed_peak_bytes: the peak of its events. skew_pct: the peak against the median of
     the ranks' peaks, in percent; is_max marks the one rank with the largest peak (the first of ties).
-    `records`: read_ranks(run_root), when the caller has them already.
+    `records`: layout.read_ranks(run_root).
     """
-    records = _records(run_root, records)
     died = _died_note(records)
     world = max([r.rank + 1 for r in records] + [_world_size(r.meta) or 0 for r in records], default=0)
-    rows = []
-    for r in records:
-        s = r.summary or {}
-        meta = r.meta or {}
-        error = r.error
-        if error is None and r.status == RUNNING and died:
-            error = f"{r.path}: {died}"
-        rows.append({
-            "rank": r.rank, "world_size": _world_size(r.meta) or world,
-            "hostname": meta.get("hostname") if isinstance(meta.get("hostname"), str) else None,
-            "local_rank": _int(meta.get("local_rank")), "status": r.status,
-            "peak_allocated_bytes": _peak_of(r, "max_allocated_bytes", "peak_allocated_bytes"),
-            "peak_reserved_bytes": _peak_of(r, "max_reserved_bytes", "peak_reserved_bytes"),
-            "replayed_peak_bytes": _int(s.get("peak_allocated_bytes")),
-            "median_step_time_us": s.get("median_step_time_us"),
-            "steps": _int(s.get("steps")), "events": _int(s.get("events")),
-            "error": error, "path": str(r.path),
-        })
+    rows = [_rank_row(r, world, died) for r in records]
     table = pd.DataFrame(rows, columns=[c for c in RANK_COLUMNS if c not in ("skew_pct", "is_max")])
     for column in _INT_COLUMNS:
         table[column] = pd.array(table[column].tolist(), dtype="Int64")
@@ -252,7 +139,8 @@ def rank_skew(table: pd.DataFrame) -> dict:
 
 # -- per-rank views -------------------------------------------------------------------------
 
-def _wanted(records: list[RankRecord], ranks) -> list[RankRecord]:
+def readable_ranks(records: list[RankRecord], ranks=None) -> list[RankRecord]:
+    """The records with a summary, of the rank numbers in `ranks` (default: all)."""
     readable = [r for r in records if r.summary is not None]
     if ranks is None:
         return readable
@@ -276,31 +164,24 @@ def step_aligned(timeline: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
 
 TIMELINE_COLUMNS = ("rank", "step", "x", "ts_s", "event_index", "allocated_bytes")
 # memory_timeline and step_spans need no more than these.
-_TIMELINE_TABLES = ("events", "segments")
+TIMELINE_TABLES = ("events", "segments")
 
 
-def rank_timelines(run_root, ranks=None, max_points: int = 2000,
-                   records: list[RankRecord] | None = None) -> pd.DataFrame:
+def rank_timelines_of(traces, max_points: int = 2000) -> pd.DataFrame:
     """Allocated bytes over time per rank, long format (TIMELINE_COLUMNS), from timeline.memory_timeline.
 
-    x: step-aligned position (step_aligned), so that ranks overlay; ts_s: seconds since that rank's
-    first event. Each rank is downsampled to about max_points rows, keeping its peak. `ranks`: the
-    rank numbers to read (default every readable rank); unreadable ones are left out, never raised.
+    traces: (rank, Trace) pairs, each loaded with at least TIMELINE_TABLES. x: step-aligned position
+    (step_aligned), so that ranks overlay; ts_s: seconds since that rank's first event. Each rank is
+    downsampled to about max_points rows, keeping its peak.
     """
-    from profiler.trace.reader import load_trace  # the reader pulls in the capture tables; analysis stays light
-
     frames = []
-    for r in _wanted(_records(run_root, records), ranks):
-        try:
-            trace = load_trace(r.path, tables=_TIMELINE_TABLES)
-        except TraceError:
-            continue  # changed since its summary was read; the rank table shows why
+    for rank, trace in traces:
         if trace.events.empty:
             continue
         tl = memory_timeline(trace, max_points=max_points)
         first = int(int_column(trace.events, "ts_us")[0])
         frames.append(pd.DataFrame({
-            "rank": np.full(len(tl), r.rank, dtype=np.int64),
+            "rank": np.full(len(tl), rank, dtype=np.int64),
             "step": int_column(tl, "step", fill=-1),
             "x": step_aligned(tl, step_spans(trace)),
             "ts_s": (int_column(tl, "ts_us") - first) / 1e6,
@@ -313,13 +194,14 @@ def rank_timelines(run_root, ranks=None, max_points: int = 2000,
     return pd.concat(frames, ignore_index=True)
 
 
-def rank_categories(run_root, ranks=None, records: list[RankRecord] | None = None) -> pd.DataFrame:
+def rank_categories_of(records: list[RankRecord], ranks=None) -> pd.DataFrame:
     """Bytes per category at each rank's own peak: rank, one column per category, peak_allocated_bytes.
 
-    From each rank's summary, whose categories_at_peak_bytes is categories.category_at_peak: the
-    category columns of a row sum to that rank's replayed peak (peak_allocated_bytes here).
+    From each readable rank's summary (of the rank numbers in `ranks`, default all), whose
+    categories_at_peak_bytes is categories.category_at_peak: the category columns of a row sum to
+    that rank's replayed peak (peak_allocated_bytes here).
     """
-    chosen = _wanted(_records(run_root, records), ranks)
+    chosen = readable_ranks(records, ranks)
     seen = {c for r in chosen for c in (r.summary.get("categories_at_peak_bytes") or {})}
     names = category_names(seen)
     rows = []
@@ -350,7 +232,7 @@ def _max_of(values) -> int | float | None:
     return max(known) if known else None
 
 
-def run_group_summary(run_root, records: list[RankRecord] | None = None) -> dict:
+def run_group_summary_of(records: list[RankRecord], root) -> dict:
     """The job as one run summary (summary.run_summary's keys), usable wherever one run's summary is.
 
     Labels (run_id, name, backend, device, config, ...) are rank 0's (the first readable rank's if rank 0
@@ -359,17 +241,15 @@ def run_group_summary(run_root, records: list[RankRecord] | None = None) -> dict
     maxima are the largest over the ranks. median_step_time_us is the slowest rank's (the job waits on
     it). steps: the fewest any rank recorded; events and events_dropped: summed. Added: world_size,
     ranks_readable, failed_ranks (missing, unreadable, or not complete once the job has ended),
-    peak_rank, peak_skew_pct, peak_max_min_ratio, peak_spread_bytes. Raises TraceError when no
-    rank can be read.
+    peak_rank, peak_skew_pct, peak_max_min_ratio, peak_spread_bytes. `root`: the job's directory,
+    for the TraceError raised when no rank can be read.
     """
-    root = run_root_of(run_root)
-    records = _records(root, records)
     ok = [r for r in records if r.summary is not None]
     if not ok:
         first = next((r.error for r in records if r.error), "no rank=N partitions")
-        raise TraceError(_one_line(f"{root}: no rank of this multi-rank run can be read ({first})"))
+        raise TraceError(one_line(f"{root}: no rank of this multi-rank run can be read ({first})"))
     base = next((r for r in ok if r.rank == 0), ok[0]).summary
-    skew = rank_skew(rank_table(root, records))
+    skew = rank_skew(rank_table_of(records))
     # The rank the table marks as largest (allocator maxima), so the job agrees with the Ranks page.
     top = next((r for r in ok if r.rank == skew["max_rank"]), None) or \
         max(ok, key=lambda r: (r.summary.get("peak_allocated_bytes") or 0, -r.rank))

@@ -2,10 +2,11 @@
 
 Crash safety comes from the layout, not from luck:
 - every table is appended to `<table>.journal`, an Arrow IPC stream, one
-  record batch per flush; a process killed mid-write leaves a prefix of whole
-  batches that the reader can still use;
+  record batch per flush (profiler.trace.journal); a process killed mid-write
+  leaves a prefix of whole batches that the reader can still use;
 - `meta.json` and every Parquet file are written under a temporary name and
-  renamed into place, so a final name never points at a half-written file;
+  renamed into place (profiler.trace.files), so a final name never points at a
+  half-written file;
 - a journal is only deleted after its Parquet file has been renamed into place.
 
 The contract is a killed process (SIGKILL, the OOM killer, a crash), not power
@@ -27,41 +28,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from profiler.trace import schema
+from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
-from profiler.trace.schema import RAW_EVENTS
-
-# lz4 frames: writing a 3000-event batch takes ~0.2 ms, zstd ~0.5 ms (for 7 rather than
-# 14 bytes an event; journals are deleted at finalize, so their size matters little).
-# No threads: for batches this small, handing buffers to the pool costs more than it saves.
-_IPC_OPTIONS = ipc.IpcWriteOptions(compression="lz4", use_threads=False)
-_JOURNAL_BUFFER = 1 << 20  # a flush reaches the OS in one write
-
-# What reading corrupt or torn IPC bytes can raise; any of them ends the readable prefix.
-_TEAR_ERRORS = (pa.ArrowException, OSError, EOFError, MemoryError, ValueError, TypeError,
-                IndexError, KeyError, OverflowError)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+from profiler.trace.journal import JournalWriter, read_journal
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:
-    data = json.dumps(meta, indent=1, sort_keys=True, default=str).encode()
-    _atomic_write_bytes(run_dir / schema.META_FILE, data)
+    atomic_write(run_dir / schema.META_FILE, json.dumps(meta, indent=1, sort_keys=True, default=str))
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
     """Parquet with settings chosen for allocator events (see bench/writer.py)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, **parquet_options(table.schema))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **parquet_options(table.schema))
 
 
 def parquet_options(table_schema: pa.Schema) -> dict:
@@ -111,11 +93,9 @@ class TraceWriter:
         )
         self.meta.pop("status", None)  # absent while running
         write_meta(self.run_dir, self.meta)
-        self._schemas = {t: s for t, s in schema.TABLES.items()}
-        self._schemas["events"] = RAW_EVENTS
+        self._schemas = dict(schema.JOURNALS)
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
-        self._journals: dict[str, ipc.RecordBatchStreamWriter] = {}
-        self._files: dict[str, object] = {}
+        self._journals: dict[str, JournalWriter] = {}
         self.finalized = False
 
     # -- capture-time -----------------------------------------------------------------
@@ -135,24 +115,18 @@ class TraceWriter:
         for table, batches in self._pending.items():
             if not batches:
                 continue
-            writer = self._journal(table)
-            for b in batches:
-                writer.write_batch(b)
-            self._files[table].flush()
+            self._journal(table).write(batches)
             batches.clear()
         if meta_updates:
             self.meta.update(meta_updates)
             write_meta(self.run_dir, self.meta)
 
-    def _journal(self, table: str) -> ipc.RecordBatchStreamWriter:
-        w = self._journals.get(table)
-        if w is None:
-            path = str(self.run_dir / schema.journal_name(table))
-            f = pa.BufferedOutputStream(pa.OSFile(path, "wb"), _JOURNAL_BUFFER)
-            w = ipc.new_stream(f, self._schemas[table], options=_IPC_OPTIONS)
-            self._files[table] = f
-            self._journals[table] = w
-        return w
+    def _journal(self, table: str) -> JournalWriter:
+        journal = self._journals.get(table)
+        if journal is None:
+            journal = JournalWriter(self.run_dir / schema.journal_name(table), self._schemas[table])
+            self._journals[table] = journal
+        return journal
 
     # -- end of capture ---------------------------------------------------------------
     def finalize(self, status: str, meta_updates: dict | None = None) -> Path:
@@ -160,10 +134,9 @@ class TraceWriter:
         if self.finalized:
             return self.run_dir
         self.flush()
-        for table, w in self._journals.items():
-            w.close()
-            self._files[table].close()
-        raw = {t: _read_journal(self.run_dir / schema.journal_name(t), s)
+        for journal in self._journals.values():
+            journal.close()
+        raw = {t: read_journal(self.run_dir / schema.journal_name(t), s)
                for t, s in self._schemas.items()}
         facts: dict = {}
         final = finalize_tables(raw, self.meta, facts)
@@ -191,66 +164,3 @@ def _to_arrow(values, type_: pa.DataType) -> pa.Array:
             and values.count(values[0]) == len(values)):  # one value: the step, the stream
         return pa.array(np.full(len(values), values[0], dtype=type_.to_pandas_dtype()))
     return pa.array(values, type_)
-
-
-def read_journal(path: Path, sch: pa.Schema | None) -> pa.Table:
-    """Every whole, valid batch of a journal, as one table of schema `sch`.
-
-    A journal ends where it stops being readable: a torn last batch (the process
-    was killed mid-write), flipped bytes, appended garbage or a batch of another
-    schema. Everything before that point is kept; nothing here raises for bad
-    bytes. `sch=None` takes the stream's own schema, whatever it is.
-    """
-    path = Path(path)
-    empty = sch.empty_table() if sch is not None else pa.table({})
-    try:
-        # Read whole: a corrupt length field then reads short instead of allocating.
-        data = path.read_bytes()
-    except _TEAR_ERRORS:  # missing, a directory, unreadable
-        return empty
-    batches: list[pa.RecordBatch] = []
-    try:
-        reader = ipc.open_stream(pa.BufferReader(data))
-        if sch is None:
-            sch = reader.schema
-        elif not reader.schema.equals(sch):
-            return empty  # a journal of another schema: not one row of it is ours
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            batch.validate(full=True)
-            if not batch.schema.equals(sch):
-                break
-            batches.append(batch)
-    except _TEAR_ERRORS:
-        pass  # keep what was read before the tear
-    if sch is None:  # not even a schema could be read
-        return empty
-    return _combine(batches, sch)
-
-
-def _combine(batches: list[pa.RecordBatch], sch: pa.Schema) -> pa.Table:
-    """One chunk per column and one dictionary each: the longest prefix of batches that combines."""
-    try:
-        return _combined(batches, sch)
-    except _TEAR_ERRORS:  # say, more than 2 GiB of strings in one column
-        pass
-    best, lo, hi = sch.empty_table(), 0, len(batches)  # batches[:lo] combine, [:hi] do not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        try:
-            best, lo = _combined(batches[:mid], sch), mid
-        except _TEAR_ERRORS:
-            hi = mid
-    return best
-
-
-def _combined(batches: list[pa.RecordBatch], sch: pa.Schema) -> pa.Table:
-    if not batches:
-        return sch.empty_table()
-    return pa.Table.from_batches(batches, schema=sch).unify_dictionaries().combine_chunks()
-
-
-_read_journal = read_journal

@@ -16,9 +16,9 @@ from analysis_runs import CPU_EVENTS, CPU_BASELINE, MODULES, SEG, cpu, cpu_steps
 from fakes import write_trace
 from profiler.trace import schema
 from profiler.analysis import (compare, compare_categories, compare_many, compare_modules, compare_summaries,
-                               load_summaries, load_summary, read_summary, run_summary, summarize,
-                               write_summary)
-from profiler.analysis.summary import SUMMARY_FILE, SUMMARY_VERSION
+                               run_summary, summarize)
+from profiler.analysis.summary import SUMMARY_VERSION
+from profiler.trace.summary_cache import SUMMARY_FILE, load_summaries, load_summary, read_summary, write_summary
 from profiler.cli import report
 from profiler.trace.model import Trace
 
@@ -150,7 +150,7 @@ def test_a_failed_write_keeps_the_previous_summary(cpu):
 def test_an_unwritable_run_still_gets_its_summary(cpu, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError("read-only")
-    monkeypatch.setattr("profiler.analysis.summary.write_summary", refuse)
+    monkeypatch.setattr("profiler.trace.summary_cache.write_summary", refuse)
     assert load_summary(cpu.path, load=_counting_loader([]))["peak_allocated_bytes"] == 14_500
 
 

@@ -27,7 +27,7 @@ from profiler.trace import schema
 from profiler.cli import main
 from profiler.errors import TraceError
 from profiler.trace.reader import load_trace
-from profiler.trace.writer import read_journal
+from profiler.trace.journal import read_journal
 
 pytestmark = pytest.mark.slow
 

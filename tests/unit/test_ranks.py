@@ -14,7 +14,7 @@ import pytest
 from fakes import replay_peak
 from profiler.analysis import ranks
 from profiler.analysis.compare import compare_summaries
-from profiler.analysis.summary import load_summary
+from profiler.trace.summary_cache import load_summary
 from profiler.errors import TraceError
 from rank_runs import PARAM, GRAD, peak_of, rank_events, step_us, write_job, write_rank
 
@@ -239,7 +239,7 @@ def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
 
 
 def test_jobs_inside_an_ablation_folder_are_found(tmp_path):
-    from profiler.trace.reader import iter_runs
+    from profiler.trace.layout import iter_runs
 
     from rank_runs import write_job
 

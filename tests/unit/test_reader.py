@@ -20,7 +20,8 @@ from fakes import write_trace
 from profiler.trace import schema
 from profiler.cli import main
 from profiler.errors import EmptyTraceError, TraceError, TraceVersionError, UsageError
-from profiler.trace.reader import iter_runs, load_runs, load_trace
+from profiler.trace.layout import iter_runs, load_runs
+from profiler.trace.reader import load_trace
 
 REPO = Path(__file__).resolve().parents[2]
 

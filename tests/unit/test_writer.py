@@ -19,11 +19,12 @@ import pytest
 from fakes import base_meta
 from profiler.trace.finalize import tables
 from profiler.trace.finalize import blocks
-from profiler.trace import schema, writer
+from profiler.trace import journal as journal_module, schema
 from profiler.trace.finalize.blocks import AllocatorRules, BlockReplay
 from profiler.trace.schema import RAW_EVENTS
 from profiler.trace.tags import make_tag, parse_tag
-from profiler.trace.writer import TraceWriter, read_journal
+from profiler.trace.journal import read_journal
+from profiler.trace.writer import TraceWriter
 
 BATCH_ROWS = (5, 7, 3, 6)
 
@@ -159,14 +160,14 @@ def test_unreadable_journal_is_empty_not_an_error(tmp_path, make):
 
 def test_batches_that_do_not_combine_end_the_prefix(journal, monkeypatch):
     path, data, ends = journal
-    real = writer._combined
+    real = journal_module._combined
 
     def combined(batches, sch):
         if len(batches) > 2:
             raise pa.ArrowCapacityError("too much to combine")
         return real(batches, sch)
 
-    monkeypatch.setattr(writer, "_combined", combined)
+    monkeypatch.setattr(journal_module, "_combined", combined)
     tbl = read_journal(path, RAW_EVENTS)
     assert tbl.num_rows == _prefix_rows(2)
 

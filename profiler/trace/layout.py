@@ -1,0 +1,295 @@
+"""Where runs are on disk: run directories, a multi-rank run's partitions, and meta.json.
+
+A run is a directory holding meta.json. A distributed capture writes one run per rank:
+
+    <out>/<run_id>/rank=0/   a normal single-process run (meta.json carries rank, world_size, ...)
+    <out>/<run_id>/rank=1/
+    ...
+
+Runs are found at a folder or up to three levels below it (an ablation's folder of jobs
+of ranks). meta.json is read here and only here: read_meta() checks it as the reader
+needs it, read_meta_lenient() takes whatever JSON object is there (labels for a run
+that cannot be read). read_ranks() reads every rank of a job as a RankRecord; the
+functions at the end load what profiler.analysis.ranks computes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from profiler.errors import TraceError, TraceVersionError, one_line
+from profiler.trace import schema
+from profiler.trace.problems import is_int, reading, show, trace_error
+
+_STATUSES = tuple(s.value for s in schema.Status)
+
+
+# -- meta.json ------------------------------------------------------------------------
+
+def read_meta(run_dir) -> dict:
+    """meta.json of a run, checked (schema.META_KEYS); a TraceError says what is wrong."""
+    run = Path(run_dir)
+    meta_path = run / schema.META_FILE
+    if not meta_path.is_file():
+        raise trace_error(run, f"not a vramscope trace (no {schema.META_FILE})")
+    with reading(run, schema.META_FILE):
+        raw = meta_path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise trace_error(run, f"{schema.META_FILE} is not UTF-8 text (bad byte at offset "
+                               f"{exc.start})") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise trace_error(run, f"{schema.META_FILE} is not valid JSON ({exc.msg}, line {exc.lineno} "
+                               f"column {exc.colno})") from None
+    except (RecursionError, ValueError) as exc:
+        raise trace_error(run, f"{schema.META_FILE} cannot be parsed: {type(exc).__name__}") from None
+    _check_meta(run, meta)
+    return meta
+
+
+def read_meta_lenient(run_dir) -> dict | None:
+    """meta.json as a dict, unchecked, or None when there is no JSON object to read."""
+    try:
+        meta = json.loads((Path(run_dir) / schema.META_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _check_meta(run: Path, meta) -> None:
+    name = schema.META_FILE
+    if not isinstance(meta, dict):
+        raise trace_error(run, f"{name} is not a JSON object")
+    if meta.get("format") != schema.FORMAT_NAME:
+        raise trace_error(run, f"not a vramscope trace ({name} format is {show(meta.get('format'))}, "
+                               f"expected {schema.FORMAT_NAME!r})")
+    version = meta.get("schema_version")
+    if not is_int(version) or version != schema.SCHEMA_VERSION:
+        raise trace_error(run, f"trace schema version {show(version)} is not supported; this "
+                               f"vramscope reads version {schema.SCHEMA_VERSION}", TraceVersionError)
+    missing = [k for k in schema.META_REQUIRED if k not in meta]
+    if missing:
+        raise trace_error(run, f"{name} lacks required key(s): {', '.join(missing)}")
+    for key in schema.META_STRINGS:
+        if not isinstance(meta[key], str):
+            raise trace_error(run, f"{name} {key} must be a string, not {show(meta[key])}")
+    for key in schema.META_COUNTERS:
+        value = meta[key]
+        if value is not None and not (is_int(value) and value >= 0):
+            raise trace_error(run, f"{name} {key} must be a non-negative integer or null, not "
+                                   f"{show(value)}")
+    for key in schema.META_OBJECTS:
+        if not isinstance(meta[key], dict):
+            raise trace_error(run, f"{name} {key} must be a JSON object")
+    status = meta.get("status")
+    if status is not None and status not in _STATUSES:
+        raise trace_error(run, f"{name} status {show(status)} is not one of {', '.join(_STATUSES)}")
+
+
+def world_size_of(meta: dict | None) -> int | None:
+    """The world size a rank's meta.json records (its own key, else its config's), or None."""
+    if not meta:
+        return None
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    for value in (meta.get("world_size"), config.get("world_size")):
+        if is_int(value) and value:
+            return value
+    return None
+
+
+# -- runs under a folder ----------------------------------------------------------------
+
+def iter_runs(root) -> list[Path]:
+    """Run directories (holding meta.json) at `root` or up to three levels below it:
+    <run_id>/, <group>/<run_id>/ (an ablation's folder), and each of those as a
+    multi-rank job, <...>/<run_id>/rank=N/."""
+    root = Path(root)
+    if not root.is_dir():
+        raise trace_error(root, "no such directory" if not root.exists() else "not a directory")
+    found = []
+    level = [root]
+    for _depth in range(4):
+        runs = [d for d in level if (d / schema.META_FILE).is_file()]
+        found += runs
+        level = [c for d in level if d not in runs for c in _subdirs(d)]  # a run holds no runs
+    return sorted(found, key=_natural_key)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    except OSError:
+        return []  # an unreadable folder holds no runs we could load anyway
+
+
+def _natural_key(path: Path) -> list:
+    # rank=10 after rank=9, not after rank=1.
+    return [[int(p) if p.isdigit() else p for p in re.split(r"(\d+)", part)]
+            for part in path.parts]
+
+
+def load_runs(root, tables: Iterable[str] | None = None) -> list[tuple[Path, object]]:
+    """Every run under `root`, each as a loaded Trace or the TraceError that stopped it."""
+    from profiler.trace.reader import load_trace  # pandas only once traces are read
+
+    out: list[tuple[Path, object]] = []
+    for run in iter_runs(root):
+        try:
+            out.append((run, load_trace(run, tables)))
+        except TraceError as exc:
+            out.append((run, exc))
+    return out
+
+
+# -- a multi-rank run's partitions --------------------------------------------------------
+
+RANK_DIR = re.compile(r"^rank=(\d+)$")
+
+
+def rank_number(path) -> int | None:
+    """N for a directory named rank=N, else None."""
+    found = RANK_DIR.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def rank_dirs(run_root) -> list[Path]:
+    """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9)."""
+    root = Path(run_root)
+    try:
+        children = [c for c in root.iterdir() if c.is_dir() and rank_number(c) is not None]
+    except OSError:
+        return []
+    return sorted(children, key=rank_number)
+
+
+def run_root_of(path) -> Path:
+    """The run directory a rank partition belongs to (its parent); any other path as it is."""
+    path = Path(path)
+    return path.parent if rank_number(path) is not None else path
+
+
+def is_multi_rank(path) -> bool:
+    """Whether `path` is a multi-rank run (it holds rank=N partitions) or one of its partitions."""
+    return bool(rank_dirs(run_root_of(path)))
+
+
+# -- reading every rank -------------------------------------------------------------------
+
+MISSING = "missing"
+UNREADABLE = "unreadable"
+RUNNING = "running"
+_MAX_READERS = 8
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank as read from disk: its meta and summary, or the error that kept it from being read.
+
+    exists: whether its rank=N partition is on disk (world_size may expect ranks that never wrote one).
+    """
+
+    rank: int
+    path: Path
+    meta: dict | None
+    summary: dict | None
+    error: str | None
+    exists: bool = True
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return self.summary.get("status") or RUNNING
+        return UNREADABLE if self.exists else MISSING
+
+
+def _read_rank(run_dir: Path) -> RankRecord:
+    from profiler.trace.summary_cache import load_summary
+
+    summary, error = None, None
+    try:
+        summary = load_summary(run_dir)
+    except TraceError as exc:
+        error = one_line(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad rank must not hide the others
+        error = one_line(f"{run_dir}: {type(exc).__name__}: {exc}")
+    return RankRecord(rank_number(run_dir), run_dir, read_meta_lenient(run_dir), summary, error)
+
+
+def read_ranks(run_root) -> list[RankRecord]:
+    """Every rank of the run, in rank order, including those world_size expects but no partition holds.
+
+    A rank's summary comes from its summary.json when fresh (summary_cache.load_summary), so
+    that a job of 1024 ranks costs 1024 small JSON files once their summaries are cached.
+    """
+    root = run_root_of(run_root)
+    dirs = rank_dirs(root)
+    # Threads: a rank without a cached summary is read and summarised once, and that work (Arrow
+    # decoding, file I/O) releases the GIL often enough to overlap.
+    workers = min(_MAX_READERS, os.cpu_count() or 1, len(dirs))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            found = list(pool.map(_read_rank, dirs))
+    else:
+        found = [_read_rank(d) for d in dirs]
+    sizes = [s for s in (world_size_of(r.meta) for r in found) if s]
+    world = max(sizes + [r.rank + 1 for r in found], default=0)
+    present = {r.rank for r in found}
+    missing = [RankRecord(r, root / f"rank={r}", None, None,
+                          f"{root}: no partition rank={r} (world size {world}): the rank never wrote a trace",
+                          exists=False)
+               for r in range(world) if r not in present]
+    return sorted(found + missing, key=lambda r: r.rank)
+
+
+# -- a multi-rank run's views, read from disk ---------------------------------------------
+# Each reads the ranks (unless `records` are given) and hands them to profiler.analysis.ranks.
+
+def _records(run_root, records) -> list[RankRecord]:
+    return list(records) if records is not None else read_ranks(run_root)
+
+
+def rank_table(run_root, records: list[RankRecord] | None = None):
+    """analysis.ranks.rank_table_of the run's ranks."""
+    from profiler.analysis import ranks
+
+    return ranks.rank_table_of(_records(run_root, records))
+
+
+def rank_categories(run_root, ranks=None, records: list[RankRecord] | None = None):
+    """analysis.ranks.rank_categories_of the run's ranks (`ranks`: the rank numbers, default all)."""
+    from profiler.analysis.ranks import rank_categories_of
+
+    return rank_categories_of(_records(run_root, records), ranks)
+
+
+def rank_timelines(run_root, ranks=None, max_points: int = 2000,
+                   records: list[RankRecord] | None = None):
+    """analysis.ranks.rank_timelines_of each readable rank's trace (`ranks`: the rank numbers to
+    read, default every readable rank); a rank that cannot be loaded is left out, never raised."""
+    from profiler.analysis.ranks import TIMELINE_TABLES, rank_timelines_of, readable_ranks
+    from profiler.trace.reader import load_trace
+
+    traces = []
+    for r in readable_ranks(_records(run_root, records), ranks):
+        try:
+            traces.append((r.rank, load_trace(r.path, tables=TIMELINE_TABLES)))
+        except TraceError:
+            continue  # changed since its summary was read; the rank table shows why
+    return rank_timelines_of(traces, max_points=max_points)
+
+
+def run_group_summary(run_root, records: list[RankRecord] | None = None) -> dict:
+    """analysis.ranks.run_group_summary_of the run's ranks: the job as one run summary."""
+    from profiler.analysis.ranks import run_group_summary_of
+
+    root = run_root_of(run_root)
+    return run_group_summary_of(_records(root, records), root)
