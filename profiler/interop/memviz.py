@@ -32,15 +32,15 @@ lists, strings and ints, pickled with protocol 4.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from profiler.trace.finalize import markers
-from profiler.trace import schema
-from profiler.trace.finalize.blocks import SMALL_BUFFER, AllocatorRules, BlockReplay, block_sizes
 from profiler.errors import TraceError, UsageError
+from profiler.trace import schema
+from profiler.trace.files import atomic_path
+from profiler.trace.finalize import markers
+from profiler.trace.finalize.blocks import SMALL_BUFFER, AllocatorRules, BlockReplay, block_sizes
 from profiler.trace.tags import TAG_SEP, make_tag, parse_tag
 
 PICKLE_PROTOCOL = 4
@@ -544,13 +544,10 @@ def export_memory_viz(run, out_path) -> dict:
     trace = load_trace(run, tables=("events", "segments", "frames", "stacks"))
     snap = snapshot_of(trace)
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
             pickle.dump(snap, f, protocol=PICKLE_PROTOCOL)
-        os.replace(tmp, out_path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{out_path}: cannot write: {exc.strerror or exc}") from None
     return snap
 

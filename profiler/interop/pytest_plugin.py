@@ -48,11 +48,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from profiler.trace.files import atomic_write
 from profiler.units import exact_bytes, human_bytes, parse_size  # noqa: F401 (part of this module's API)
 
 BASELINE_VERSION = 1
@@ -130,17 +130,7 @@ def update_baseline(path, measured: dict) -> None:
             data["tests"].setdefault(nodeid, {}).update(peaks)
         data["version"] = BASELINE_VERSION
         data["tests"] = dict(sorted(data["tests"].items()))
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(p, json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
 class _locked:
@@ -203,12 +193,13 @@ def pytest_runtest_call(item):
         return (yield)
 
     from profiler.capture.session import profile
+    from profiler.trace.layout import read_meta
 
     prof = profile(out=str(_trace_root(config)), name=_run_name(item),
                    config={"pytest_nodeid": item.nodeid})
     with prof:
         result = yield  # the body's own failure propagates: no budget check then
-    meta = json.loads((Path(prof.run_dir) / "meta.json").read_text())
+    meta = read_meta(prof.run_dir)
     peak = int(meta.get("max_allocated_bytes") or 0)
     backend = str(meta.get("backend"))
     item.user_properties += [("vram_peak_bytes", peak), ("vram_backend", backend),
