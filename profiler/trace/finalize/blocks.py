@@ -199,7 +199,8 @@ def block_sizes(actions, addrs, sizes, replay: BlockReplay) -> list:
     block's size (or the rounded request) for a free_requested, and the
     segment methods for segment events, applied in order; tests hold it to
     that. The alloc and free paths are inlined, dict operation for dict
-    operation: this loop runs once per event at finalize, in the profiled process.
+    operation: this loop runs once per event at finalize, in the profiled process,
+    where a method call per event costs more than the work; hence one long function.
     """
     blocks = replay.blocks
     ends = replay.ends

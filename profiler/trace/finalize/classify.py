@@ -124,23 +124,8 @@ def classify_events(
 
     codes = np.full(n, NO_CATEGORY, dtype=np.int64)
     alloc_idx = np.flatnonzero(is_alloc)
-
-    # Rule 3: phase of the allocation and whether it outlives the phase span.
     if n:
-        # Index of the first event of the next phase span (n for the last span).
-        change = np.append(np.flatnonzero(phase[1:] != phase[:-1]) + 1, n)
-        span_end = change[np.searchsorted(change, alloc_idx, side="right")]
-        p = phase[alloc_idx]
-        fwd = (p == Phase.FORWARD.value) | (p == Phase.RECOMPUTE.value)
-        outlives = free_of[alloc_idx] >= span_end
-        cat = np.full(len(alloc_idx), _CAT_CODE[Category.OTHER.value])
-        cat[fwd & outlives] = _CAT_CODE[Category.ACTIVATION.value]
-        cat[fwd & ~outlives] = _CAT_CODE[Category.TEMPORARY.value]
-        builtin_other = (p == Phase.BACKWARD.value) | (p == Phase.OPTIMIZER.value)
-        cat[builtin_other] = _CAT_CODE[Category.TEMPORARY.value]
-        user = (p != None) & ~fwd & ~builtin_other  # noqa: E711 (object array)
-        cat[user & ~outlives] = _CAT_CODE[Category.TEMPORARY.value]
-        codes[alloc_idx] = cat
+        codes[alloc_idx] = _phase_categories(phase, alloc_idx, free_of)
 
     # Rule 2b, below the roles: weak hints.
     hints = hint[alloc_idx] if n else hint[:0]
@@ -148,39 +133,72 @@ def classify_events(
     for value in hinted & WEAK_HINTS:
         codes[alloc_idx[hints == value]] = _CAT_CODE[value]
 
-    # Rule 2: roles. Apply lowest precedence first so that higher ones overwrite.
     baseline_codes = np.full(len(baseline_addr), _CAT_CODE[Category.OTHER.value], dtype=np.int64)
     if len(role_addr):
-        targets = _role_targets(role_addr, role_index, addr[alloc_idx], alloc_idx)
-        live = targets >= 0
-        # A role pointing at no captured alloc refers to a block that pre-dates capture,
-        # unless that address was freed or re-allocated before the role was registered.
-        first_event_at = {}
-        if len(alloc_idx) or is_free.any():
-            touched = np.flatnonzero(is_alloc | is_free)
-            for a, i in zip(addr[touched][::-1].tolist(), touched[::-1].tolist()):
-                first_event_at[a] = i
-        base_pos = {a: j for j, a in enumerate(baseline_addr.tolist())}
-        prec = _role_codes(role_name)
-        for r in np.argsort(-prec, kind="stable"):
-            cat_code = _CAT_CODE.get(_ROLE_TO_CATEGORY.get(role_name[r], ""), None)
-            if cat_code is None:
-                continue
-            if live[r]:
-                codes[targets[r]] = cat_code
-                continue
-            a = int(role_addr[r])
-            j = base_pos.get(a)
-            if j is not None and first_event_at.get(a, 1 << 62) >= role_index[r]:
-                baseline_codes[j] = cat_code
+        _apply_roles(codes, baseline_codes, addr=addr, alloc_idx=alloc_idx, touched=is_alloc | is_free,
+                     role_addr=role_addr, role_index=role_index, role_name=role_name,
+                     baseline_addr=baseline_addr)
 
     # Rule 1: explicit hints win.
     for value in hinted - WEAK_HINTS:
         if value in _CAT_CODE:
             codes[alloc_idx[hints == value]] = _CAT_CODE[value]
 
-    # Frees inherit from their alloc, or from the baseline block they release.
-    freed = np.flatnonzero(is_free)
+    _inherit_on_free(codes, addr, np.flatnonzero(is_free), alloc_of, baseline_addr, baseline_codes)
+    return codes, baseline_codes
+
+
+def _phase_categories(phase: np.ndarray, alloc_idx: np.ndarray, free_of: np.ndarray) -> np.ndarray:
+    """Rule 3: the category code of each alloc from its phase and whether it outlives the phase span."""
+    n = len(phase)
+    # Index of the first event of the next phase span (n for the last span).
+    change = np.append(np.flatnonzero(phase[1:] != phase[:-1]) + 1, n)
+    span_end = change[np.searchsorted(change, alloc_idx, side="right")]
+    p = phase[alloc_idx]
+    fwd = (p == Phase.FORWARD.value) | (p == Phase.RECOMPUTE.value)
+    outlives = free_of[alloc_idx] >= span_end
+    cat = np.full(len(alloc_idx), _CAT_CODE[Category.OTHER.value])
+    cat[fwd & outlives] = _CAT_CODE[Category.ACTIVATION.value]
+    cat[fwd & ~outlives] = _CAT_CODE[Category.TEMPORARY.value]
+    builtin_other = (p == Phase.BACKWARD.value) | (p == Phase.OPTIMIZER.value)
+    cat[builtin_other] = _CAT_CODE[Category.TEMPORARY.value]
+    user = (p != None) & ~fwd & ~builtin_other  # noqa: E711 (object array)
+    cat[user & ~outlives] = _CAT_CODE[Category.TEMPORARY.value]
+    return cat
+
+
+def _apply_roles(codes: np.ndarray, baseline_codes: np.ndarray, *, addr, alloc_idx, touched,
+                 role_addr, role_index, role_name, baseline_addr) -> None:
+    """Rule 2: each role's category on the alloc it names, or on the baseline block it names.
+
+    Applied lowest precedence first, so that higher ones overwrite.
+    """
+    targets = _role_targets(role_addr, role_index, addr[alloc_idx], alloc_idx)
+    live = targets >= 0
+    # A role pointing at no captured alloc refers to a block that pre-dates capture,
+    # unless that address was freed or re-allocated before the role was registered.
+    first_event_at = {}
+    events = np.flatnonzero(touched)
+    for a, i in zip(addr[events][::-1].tolist(), events[::-1].tolist()):
+        first_event_at[a] = i
+    base_pos = {a: j for j, a in enumerate(baseline_addr.tolist())}
+    prec = _role_codes(role_name)
+    for r in np.argsort(-prec, kind="stable"):
+        cat_code = _CAT_CODE.get(_ROLE_TO_CATEGORY.get(role_name[r], ""), None)
+        if cat_code is None:
+            continue
+        if live[r]:
+            codes[targets[r]] = cat_code
+            continue
+        a = int(role_addr[r])
+        j = base_pos.get(a)
+        if j is not None and first_event_at.get(a, 1 << 62) >= role_index[r]:
+            baseline_codes[j] = cat_code
+
+
+def _inherit_on_free(codes: np.ndarray, addr: np.ndarray, freed: np.ndarray, alloc_of: np.ndarray,
+                     baseline_addr: np.ndarray, baseline_codes: np.ndarray) -> None:
+    """Frees take their alloc's category, or that of the baseline block they release (else other)."""
     has_alloc = alloc_of[freed] >= 0
     codes[freed[has_alloc]] = codes[alloc_of[freed[has_alloc]]]
     orphan = freed[~has_alloc]
@@ -189,4 +207,3 @@ def classify_events(
         codes[orphan] = [lookup.get(a, _CAT_CODE[Category.OTHER.value]) for a in addr[orphan].tolist()]
     elif len(orphan):
         codes[orphan] = _CAT_CODE[Category.OTHER.value]
-    return codes, baseline_codes

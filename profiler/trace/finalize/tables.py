@@ -162,25 +162,9 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
     # CUDA streams carry step markers: resolve steps and role positions first.
     raw["events"], raw["roles"] = markers.resolve(raw["events"], raw["roles"])
     ev = raw["events"]
-    if ev.num_rows:
-        (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
-            _tag_parts(ev.column("tag"))
-    else:
-        phase_values = module_values = hint_values = []
-        phase_codes = module_codes = hint_codes = np.array([], np.int64)
     action = _strings(ev, "action") if ev.num_rows else np.array([], object)
-    hooked = _hooked_steps(raw["steps"])
-    if hooked is not None and ev.num_rows:
-        # Steps captured without module hooks borrow them from an identical hooked step.
-        phase_codes, module_codes, hint_codes = (np.array(c, copy=True) for c in
-                                                 (phase_codes, module_codes, hint_codes))
-        facts.update(fill_from_templates(
-            step=_column_np(ev, "step"), action=action, size=_column_np(ev, "size_bytes"),
-            hooked_steps=hooked, module=module_codes, phase=phase_codes, hint=hint_codes))
-    phase = _objects(phase_values, phase_codes)
-    hint = _objects(hint_values, hint_codes)
-    addr = _column_np(ev, "addr")
-
+    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
+        _event_tags(ev, action, raw["steps"], facts)
     segments = raw["segments"]
     start = segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value)) \
         if segments.num_rows else segments
@@ -189,20 +173,13 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
         if start.num_rows else start
     baseline_addr = _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
 
-    roles = raw["roles"]
+    phase = _objects(phase_values, phase_codes)
     # Markers sit inside phases without ending them: classify as if they were absent.
     span_phase = _fill_markers(phase) if MARKER_PHASE in phase_values else phase
     if MARKER_PHASE in phase_values:  # published as no phase
         phase_codes = np.where(phase_codes == phase_values.index(MARKER_PHASE), -1, phase_codes)
-    codes, baseline_codes = classify_events(
-        action=action, addr=addr, phase=span_phase, hint=hint,
-        role_addr=_column_np(roles, "addr") if roles.num_rows else np.array([], np.int64),
-        role_index=_column_np(roles, "event_index") if roles.num_rows else np.array([], np.int64),
-        role_name=[str(r) for r in roles.column("role").to_pylist()] if roles.num_rows else [],
-        baseline_addr=baseline_addr,
-    )
-    cat_values = np.array(CATEGORY_VALUES + [None], dtype=object)
-
+    codes, baseline_codes = _classify(ev, action, span_phase, _objects(hint_values, hint_codes),
+                                      raw["roles"], baseline_addr)
     events = pa.table(
         {
             "ts_us": ev.column("ts_us"),
@@ -219,13 +196,44 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
         },
         schema=schema.TABLES["events"],
     )
-    out = {"events": events}
-    out["segments"] = _segment_categories(segments, baseline_addr, cat_values[baseline_codes])
+    cat_values = np.array(CATEGORY_VALUES + [None], dtype=object)
+    out = {"events": events,
+           "segments": _segment_categories(segments, baseline_addr, cat_values[baseline_codes])}
     for name in schema.TABLE_NAMES:
         if name not in out:
             out[name] = raw[name].cast(schema.TABLES[name]) if raw[name].num_rows else \
                 schema.empty_table(name)
     return out
+
+
+def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table,
+                facts: dict) -> list[tuple[list, np.ndarray]]:
+    """(values, per-event codes) of phase, module and hint, with unhooked steps filled from templates."""
+    if not ev.num_rows:
+        return [([], np.array([], np.int64)) for _ in range(3)]
+    parts = _tag_parts(ev.column("tag"))
+    hooked = _hooked_steps(steps)
+    if hooked is None:
+        return parts
+    # Steps captured without module hooks borrow them from an identical hooked step.
+    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
+        [(values, np.array(codes, copy=True)) for values, codes in parts]
+    facts.update(fill_from_templates(
+        step=_column_np(ev, "step"), action=action, size=_column_np(ev, "size_bytes"),
+        hooked_steps=hooked, module=module_codes, phase=phase_codes, hint=hint_codes))
+    return [(phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes)]
+
+
+def _classify(ev: pa.Table, action: np.ndarray, phase: np.ndarray, hint: np.ndarray, roles: pa.Table,
+              baseline_addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """classify_events over the decoded columns: category codes of events and of baseline blocks."""
+    return classify_events(
+        action=action, addr=_column_np(ev, "addr"), phase=phase, hint=hint,
+        role_addr=_column_np(roles, "addr") if roles.num_rows else np.array([], np.int64),
+        role_index=_column_np(roles, "event_index") if roles.num_rows else np.array([], np.int64),
+        role_name=[str(r) for r in roles.column("role").to_pylist()] if roles.num_rows else [],
+        baseline_addr=baseline_addr,
+    )
 
 
 def _segment_categories(segments: pa.Table, baseline_addr, baseline_cat) -> pa.Table:
