@@ -6,7 +6,8 @@ and keeps the summary cache (summary_cache), and hands analysis what it loaded. 
 cache's load_summary, load_summaries, read_summary and write_summary stay importable
 from here.
 
-    timeline        allocated / active / reserved bytes per event, downsampling, step and phase spans, the peak
+    timeline        allocated / active / reserved bytes per event, step and phase spans, the peak
+    downsample      fewer rows for a plot, keeping each bucket's minimum and maximum
     live            what is alive at a moment, and breakdowns of it
     modules         per-module forward / backward / retained / peak bytes, and subtree roll-ups
     categories      bytes per category over time, at the peak, and each category's own peak
@@ -36,8 +37,9 @@ from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetime
 from profiler.analysis.modules import module_table, rollup
 from profiler.analysis.stacks import stack_tree
 from profiler.analysis.summary import run_summary
-from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, downsample, memory_timeline,
-                                        peak, phase_spans, step_spans)
+from profiler.analysis.downsample import downsample
+from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, memory_timeline, peak, phase_spans,
+                                        step_spans)
 
 __all__ = [
     "Headline",

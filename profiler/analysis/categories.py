@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from profiler.trace.schema import Category
+from profiler.analysis.downsample import downsample_index
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown
-from profiler.analysis.timeline import (allocated_delta, codes_of, downsample_index, event_bytes,
-                                        event_kinds, int_column)
+from profiler.analysis.timeline import allocated_delta, codes_of, event_bytes, event_kinds, int_column
 
 OTHER = Category.OTHER.value
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from profiler.analysis.downsample import downsample, downsample_index  # noqa: F401  (downsample: its old home)
 from profiler.trace.schema import Action, Backend, BlockState, SnapshotKind
 
 _GROW = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_MAP.value)
@@ -186,9 +187,10 @@ def allocated_delta(trace, kinds: np.ndarray | None = None, size: np.ndarray | N
     return delta
 
 
-def allocated_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None) -> np.ndarray:
+def allocated_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
+                    plus: np.ndarray | None = None) -> np.ndarray:
     """Allocated bytes just after each event: baseline + allocs - requested frees."""
-    out = np.cumsum(allocated_delta(trace, kinds, size), dtype=np.int64)
+    out = np.cumsum(allocated_delta(trace, kinds, size, plus), dtype=np.int64)
     out += trace.baseline_bytes
     return out
 
@@ -209,9 +211,7 @@ def counters(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = N
     """(allocated_bytes, active_bytes) per event, sharing the work the two have in common."""
     kinds, size = _kinds_and_sizes(trace, kinds, size)
     plus = np.where(kinds == ALLOC, size, 0)
-    allocated = np.cumsum(allocated_delta(trace, kinds, size, plus), dtype=np.int64)
-    allocated += trace.baseline_bytes
-    return allocated, active_bytes(trace, kinds, size, plus)
+    return allocated_bytes(trace, kinds, size, plus), active_bytes(trace, kinds, size, plus)
 
 
 def start_reserved_bytes(trace) -> int:
@@ -273,52 +273,6 @@ def memory_timeline(trace, lt=None, max_points: int | None = None) -> pd.DataFra
         "active_bytes": active[keep],
         "reserved_bytes": _nullable(None if reserved is None else reserved[keep], len(event_index)),
     })
-
-
-# -- downsampling -------------------------------------------------------------------
-
-def downsample_index(n: int, max_points: int, arrays: list[np.ndarray]) -> np.ndarray:
-    """Row positions to keep: the first and last row, and per bucket the argmin and argmax of each array.
-
-    Buckets are equal runs of rows (the last one shorter), laid out as a (buckets, width)
-    view so that one argmax per axis does the work in O(n) instead of a sort.
-    """
-    if n <= max_points:
-        return np.arange(n)
-    n_buckets = max(1, (max_points - 2) // (2 * max(1, len(arrays))))
-    width = -(-n // n_buckets)  # ceil
-    full = n // width  # whole buckets; the rest of the rows form one short bucket
-    base = np.arange(full) * width
-    keep = [np.array([0, n - 1])]
-    for values in arrays:
-        values = np.asarray(values)
-        if values.dtype.kind == "f":
-            # Nulls never win a bucket, unless a bucket holds nothing else.
-            nan = np.isnan(values)
-            sides = ((np.argmax, np.where(nan, -np.inf, values)), (np.argmin, np.where(nan, np.inf, values)))
-        else:
-            sides = ((np.argmax, values), (np.argmin, values))
-        for pick, filled in sides:
-            # argmax takes the first of ties, the same row peak() reports.
-            keep.append(base + pick(filled[: full * width].reshape(full, width), axis=1))
-            if full * width < n:
-                keep.append(np.array([full * width + pick(filled[full * width:])]))
-    idx = np.unique(np.concatenate(keep))
-    return idx[idx < n]
-
-
-def downsample(df: pd.DataFrame, max_points: int, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    """About `max_points` rows at most, bucketed by position, keeping each bucket's min and max
-    of every column in `columns`, so that no peak (and no trough) disappears from a plot."""
-    arrays = []
-    for c in columns:
-        col = df[c]
-        if col.hasnans or col.dtype.kind == "f":
-            arrays.append(col.to_numpy(dtype=np.float64, na_value=np.nan))
-        else:
-            arrays.append(col.to_numpy(dtype=np.int64))
-    idx = downsample_index(len(df), max_points, arrays)
-    return df.iloc[idx].reset_index(drop=True)
 
 
 # -- spans and the peak --------------------------------------------------------------
