@@ -4,7 +4,8 @@
     run_dir = write_trace(tmp_path, ev, steps=[...])
 
 Events go through the real writer and finalize path, so categories, tags and
-Parquet files are exactly what a capture would produce.
+Parquet files are exactly what a capture would produce. reference_block_sizes is
+the plain, per-event version of finalize's block replay loop.
 """
 
 from __future__ import annotations
@@ -85,3 +86,32 @@ def write_trace(out_dir, events, *, name="fake", steps=None, roles=(), modules=(
     if status is None:  # leave it as a killed run would: journals, no status
         return w.run_dir
     return w.finalize(status)
+
+
+def reference_block_sizes(actions, addrs, sizes, replay):
+    """finalize.blocks.block_sizes as it was: one BlockReplay method call per event (the
+    reference its inlined loop is held to)."""
+    out = []
+    for action, addr, size in zip(actions, addrs, sizes):
+        if action == "alloc":
+            out.append(replay.alloc(addr, size))
+        elif action == "free_completed":
+            out.append(replay.free(addr, size))
+        elif action == "free_requested":
+            b = replay.blocks.get(addr)
+            out.append(b.size if b is not None and b.allocated else replay.rules.round_size(size))
+        elif action == "segment_alloc":
+            replay.segment_alloc(addr, size)
+            out.append(None)
+        elif action == "segment_free":
+            replay.segment_free(addr, size)
+            out.append(None)
+        elif action == "segment_map":
+            replay.segment_map(addr, size)
+            out.append(None)
+        elif action == "segment_unmap":
+            replay.segment_unmap(addr, size)
+            out.append(None)
+        else:
+            out.append(None)
+    return out
