@@ -23,7 +23,8 @@ from profiler.errors import EmptyTraceError, UsageError
 from profiler.trace import schema
 from profiler.trace.finalize.tables import finalize_tables
 from profiler.trace.journal import read_journal
-from profiler.trace.layout import iter_runs, load_runs, read_meta  # noqa: F401  (iter_runs, load_runs: their old home)
+from profiler.trace.layout import iter_runs, load_runs  # noqa: F401  (their old home, still imported from here)
+from profiler.trace.layout import read_meta
 from profiler.trace.model import Trace
 from profiler.trace.problems import reading, trace_error
 
@@ -156,7 +157,7 @@ def _check_values(run: Path, table: str, tbl: pa.Table) -> None:
         if len(back):
             i = int(back[0]) + 1
             raise trace_error(run, f"table {table}: {column} numbers go backwards at row {i} "
-                                   f"({int(values[i - 1])} then {int(values[i])})")
+                              f"({int(values[i - 1])} then {int(values[i])})")
 
 
 def _row_count(run: Path, table: str, finished: bool) -> int:
