@@ -69,103 +69,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from profiler.presets import PRESETS, ModelShape, shape_from_hf, shape_from_preset, to_shape
+from profiler.trace.schema import Category
+
+__all__ = ["ModelShape", "block_activation_bytes", "checkpointed_block_bytes", "config_from_meta", "estimate",
+           "kv_cache_bytes", "measured_vs_predicted", "optimizer_state_bytes", "shape_from_hf",
+           "shape_from_preset", "to_shape"]
+
 MiB = 1 << 20
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("sgd", "sgd_momentum", "adamw", "adamw_fused")
 DEFAULT_WORKSPACE = 65 * MiB
+# The trace categories the formulas predict a training step's bytes in; measured against a run,
+# the bytes of every other category (FSDP's, a KV cache, ...) are reported together as "other".
+PREDICTED = tuple(c.value for c in (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE,
+                                    Category.ACTIVATION, Category.TEMPORARY))
+# estimate()'s bytes keys, in the order the CLI prints them: the categories, then what adds to them.
+BREAKDOWN = (*PREDICTED, "workspace", Category.KV_CACHE.value)
 # Run-config keys the model understands; anything else (offload, ...) is refused.
 UNDERSTOOD_KEYS = {"preset", "precision", "checkpointing", "accumulation", "optimizer", "attention",
                    "compile", "alloc_conf", "steps", "device", "seed", "batch_size", "seq_len",
                    "tokens_per_step"}  # tokens_per_step is derived (batch x seq), not a toggle
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """The shape the formulas need."""
-
-    n_layer: int
-    n_head: int
-    n_embd: int
-    vocab_size: int
-    block_size: int = 1024
-    n_kv_head: int | None = None
-    ffn_hidden: int | None = None  # 4*h for GPT-2
-    tied: bool = True
-    bias: bool = True
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def ffn(self) -> int:
-        return self.ffn_hidden or 4 * self.n_embd
-
-    def block_matmul_params(self) -> int:
-        """Weights of one block's four linear layers (what autocast casts to bf16)."""
-        h, f = self.n_embd, self.ffn
-        kvd = self.kv_heads * self.head_dim
-        return h * (h + 2 * kvd) + h * h + 2 * h * f
-
-    def block_params(self) -> int:
-        h, f = self.n_embd, self.ffn
-        kvd = self.kv_heads * self.head_dim
-        biases = (h + 2 * kvd) + h + f + h if self.bias else 0
-        return self.block_matmul_params() + biases + 2 * 2 * h  # two layer norms, weight and bias
-
-    def block_param_tensors(self) -> int:
-        return 12 if self.bias else 8
-
-    def num_params(self) -> int:
-        h = self.n_embd
-        emb = self.vocab_size * h + self.block_size * h
-        head = 0 if self.tied else self.vocab_size * h
-        return emb + self.n_layer * self.block_params() + 2 * h + head
-
-    def num_param_tensors(self) -> int:
-        return 2 + self.n_layer * self.block_param_tensors() + 2 + (0 if self.tied else 1)
-
-
-def shape_from_preset(name: str) -> ModelShape:
-    from workloads.model import PRESETS  # a dataclass module; importing it pulls torch only there
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    c = PRESETS[name]
-    return ModelShape(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                      block_size=c.block_size)
-
-
-def shape_from_hf(config) -> ModelShape:
-    """From a transformers PretrainedConfig, a dict, or a name/path for AutoConfig."""
-    if isinstance(config, str):
-        from transformers import AutoConfig  # lazily: only for HF configs
-
-        config = AutoConfig.from_pretrained(config)
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-
-    def first(*keys, default=None):
-        for k in keys:
-            v = get(k)
-            if v is not None:
-                return v
-        return default
-
-    h = first("hidden_size", "n_embd", "d_model")
-    return ModelShape(
-        n_layer=first("num_hidden_layers", "n_layer", "num_layers"),
-        n_head=first("num_attention_heads", "n_head"),
-        n_embd=h,
-        vocab_size=first("vocab_size"),
-        block_size=first("max_position_embeddings", "n_positions", "n_ctx", default=2048),
-        n_kv_head=first("num_key_value_heads"),
-        ffn_hidden=first("intermediate_size", "n_inner", "ffn_dim"),
-        tied=bool(first("tie_word_embeddings", default=True)),
-    )
 
 
 def _checkpointed(n_layer: int, checkpointing) -> list[bool]:
@@ -236,6 +160,50 @@ def kv_cache_bytes(shape: ModelShape, *, tokens: int, batch: int, dtype_bytes: i
     return shape.n_layer * 2 * tokens * shape.kv_heads * shape.head_dim * dtype_bytes * batch
 
 
+@dataclass(frozen=True, slots=True)
+class _Activations:
+    """A micro-batch's activation terms, in bytes (see the module docstring)."""
+
+    embed: int  # wte(idx) + wpe(pos), fp32 (block 0's input)
+    per_block: list[int]  # what each block keeps for backward, checkpointed or not
+    full_block: int  # one un-checkpointed block: what a recompute brings back
+    ln_f: int
+    saved_logsoftmax: int
+    logits_forward: int  # logits, their fp32 copy and the saved log-softmax at the end of forward
+    loss_grads: int  # the two b*s*V fp32 gradients of the loss backward
+
+    @property
+    def blocks_total(self) -> int:
+        return sum(self.per_block)
+
+    @property
+    def kept(self) -> int:
+        """Everything saved for backward once the logits are gone."""
+        return self.embed + self.blocks_total + self.ln_f + self.saved_logsoftmax
+
+
+def _activations(shape: ModelShape, *, batch: int, seq: int, precision: str, checkpointing,
+                 flash: bool, dropout: bool) -> _Activations:
+    b, s, h, V = batch, seq, shape.n_embd, shape.vocab_size
+    e = PRECISION_BYTES[precision]
+    sbh, bsV = s * b * h, b * s * V
+    full_block = block_activation_bytes(shape, batch=b, seq=s, precision=precision, flash=flash,
+                                        dropout=dropout)
+    kept_block = checkpointed_block_bytes(shape, batch=b, seq=s, precision=precision,
+                                          selective=str(checkpointing) == "selective")
+    if precision == "fp32":
+        ln_f = 4 * sbh + 2 * b * s * 4  # output (lm_head input) + mean/rstd
+    else:
+        ln_f = 2 * sbh + 2 * b * s * 4 + 2 * V * h  # bf16 cast + stats + bf16 copy of the tied weight
+    saved_logsoftmax = 4 * bsV
+    return _Activations(
+        embed=4 * sbh,
+        per_block=[kept_block if c else full_block for c in _checkpointed(shape.n_layer, checkpointing)],
+        full_block=full_block, ln_f=ln_f, saved_logsoftmax=saved_logsoftmax,
+        logits_forward=(e * bsV + 4 * bsV if precision != "fp32" else 4 * bsV) + saved_logsoftmax,
+        loss_grads=2 * 4 * bsV)
+
+
 def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimizer: str = "adamw",
              checkpointing=None, accumulation: int = 1, kv_tokens: int = 0, kv_dtype_bytes: int = 2,
              flash: bool = True, dropout: bool = False, workspace_bytes: int = DEFAULT_WORKSPACE,
@@ -244,93 +212,63 @@ def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimi
 
     model_cfg: a ModelShape, a preset name, a workloads GPTConfig, a transformers config or a dict
     of HF keys. batch is the sequences per optimizer step; each micro-batch is batch/accumulation.
-    Keys: parameter, gradient, optimizer_state, activation, temporary, workspace, kv_cache, peak
-    (and, with detail=True, "phases", "per_block" and "logits_forward"). See the module docstring.
+    Keys: BREAKDOWN (parameter, gradient, optimizer_state, activation, temporary, workspace,
+    kv_cache), peak and peak_phase (and, with detail=True, "phases", "per_block",
+    "logits_forward" and "num_params"). See the module docstring.
     """
     shape = to_shape(model_cfg)
     if precision not in PRECISION_BYTES:
-        raise ValueError(f"precision {precision!r} is not one of fp32, bf16, fp16")
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
     accumulation = int(accumulation or 1)
     if batch % accumulation:
         raise ValueError(f"batch {batch} is not divisible by accumulation {accumulation}")
-    b, s, h, V, L = batch // accumulation, seq, shape.n_embd, shape.vocab_size, shape.n_layer
-    e = PRECISION_BYTES[precision]
-    sbh = s * b * h
-    bsV = b * s * V
+    act = _activations(shape, batch=batch // accumulation, seq=seq, precision=precision,
+                       checkpointing=checkpointing, flash=flash, dropout=dropout)
     P = shape.num_params()
-    params = 4 * P
-    grads_full = 4 * P
+    params = grads_full = 4 * P
     opt = optimizer_state_bytes(shape, optimizer)
-
-    ckpt = _checkpointed(L, checkpointing)
-    selective = str(checkpointing) == "selective"
-    full_block = block_activation_bytes(shape, batch=b, seq=s, precision=precision, flash=flash,
-                                        dropout=dropout)
-    kept_block = checkpointed_block_bytes(shape, batch=b, seq=s, precision=precision, selective=selective)
-    per_block = [kept_block if c else full_block for c in ckpt]
-    embed = 4 * sbh  # wte(idx) + wpe(pos), fp32 (block 0's input)
-    if precision == "fp32":
-        ln_f = 4 * sbh + 2 * b * s * 4  # output (lm_head input) + mean/rstd
-    else:
-        ln_f = 2 * sbh + 2 * b * s * 4 + 2 * V * h  # bf16 cast + stats + bf16 copy of the tied weight
-    saved_logsoftmax = 4 * bsV
-    blocks_total = sum(per_block)
-    activation = embed + blocks_total + ln_f + saved_logsoftmax
-    logits_forward = (e * bsV + 4 * bsV if precision != "fp32" else 4 * bsV) + saved_logsoftmax
-    loss_grads = 2 * 4 * bsV
     g_acc = grads_full if accumulation > 1 else 0
     kv = kv_cache_bytes(shape, tokens=kv_tokens, batch=batch, dtype_bytes=kv_dtype_bytes) if kv_tokens else 0
 
     base = params + g_acc + opt + kv
     phases = {
-        "forward_end": base + embed + blocks_total + ln_f + logits_forward + workspace_bytes // 2,
-        "loss_backward": base + activation + loss_grads + workspace_bytes,
+        "forward_end": base + act.embed + act.blocks_total + act.ln_f + act.logits_forward + workspace_bytes // 2,
+        "loss_backward": base + act.kept + act.loss_grads + workspace_bytes,
         "optimizer_step": params + grads_full + opt + kv + (4 * P if optimizer.startswith("adamw") else 0),
     }
-    if any(ckpt):
-        phases["recompute"] = params + grads_full + opt + kv + embed + blocks_total + full_block + workspace_bytes
+    if _any_checkpointed(checkpointing, shape.n_layer):
+        phases["recompute"] = (params + grads_full + opt + kv + act.embed + act.blocks_total + act.full_block
+                               + workspace_bytes)
     peak_phase = max(phases, key=phases.get)
     out = {
         "parameter": params,
         "gradient": g_acc if peak_phase in ("forward_end", "loss_backward") else grads_full,
         "optimizer_state": opt,
-        "activation": activation if peak_phase == "loss_backward" else
-                      (activation - saved_logsoftmax + logits_forward if peak_phase == "forward_end" else
-                       (embed + blocks_total + full_block if peak_phase == "recompute" else 0)),
-        "temporary": loss_grads if peak_phase == "loss_backward" else 0,
+        "activation": _activation_at(act, peak_phase),
+        "temporary": act.loss_grads if peak_phase == "loss_backward" else 0,
         "workspace": workspace_bytes,
         "kv_cache": kv,
         "peak": phases[peak_phase],
         "peak_phase": peak_phase,
     }
     if detail:
-        out["phases"] = phases
-        out["per_block"] = per_block
-        out["logits_forward"] = logits_forward
-        out["num_params"] = P
+        out.update(phases=phases, per_block=act.per_block, logits_forward=act.logits_forward, num_params=P)
     return out
 
 
-def to_shape(model_cfg) -> ModelShape:
-    """A preset name, a GPTConfig-like object, an HF config (object, dict or name), or a
-    model object (on the meta device is enough): a model is read through its config
-    (`.config` for transformers models, `.cfg` for workloads.model.GPT)."""
-    if isinstance(model_cfg, ModelShape):
-        return model_cfg
-    if hasattr(model_cfg, "parameters"):
-        cfg = getattr(model_cfg, "config", None) or getattr(model_cfg, "cfg", None)
-        if cfg is None:
-            raise ValueError(f"{type(model_cfg).__name__} has no .config or .cfg to read its shape from")
-        return to_shape(cfg)
-    if isinstance(model_cfg, str):
-        try:
-            return shape_from_preset(model_cfg)
-        except ValueError:
-            return shape_from_hf(model_cfg)
-    if all(hasattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
-        return ModelShape(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
-                          vocab_size=model_cfg.vocab_size, block_size=model_cfg.block_size)
-    return shape_from_hf(model_cfg)
+def _any_checkpointed(checkpointing, n_layer: int) -> bool:
+    return any(_checkpointed(n_layer, checkpointing))
+
+
+def _activation_at(act: _Activations, phase: str) -> int:
+    """Activation bytes alive at the predicted peak of `phase`."""
+    if phase == "loss_backward":
+        return act.kept
+    if phase == "forward_end":
+        return act.kept - act.saved_logsoftmax + act.logits_forward
+    if phase == "recompute":
+        return act.embed + act.blocks_total + act.full_block
+    return 0
 
 
 # -- a run's config ----------------------------------------------------------------------
@@ -345,8 +283,6 @@ def config_from_meta(meta: dict) -> dict:
     preset = cfg.get("preset")
     if not preset:
         raise ValueError("the run's config names no preset")
-    from workloads.model import PRESETS
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
     p = PRESETS[preset]
@@ -365,6 +301,7 @@ def config_from_meta(meta: dict) -> dict:
     }
 
 
+# Why measured and predicted differ: per PREDICTED category, for "other" and for the peak.
 _EXPLAIN = {
     "parameter": "allocator rounding (every tensor rounded up to 512 B blocks)",
     "gradient": "allocator rounding",
@@ -397,14 +334,15 @@ def measured_vs_predicted(trace, est: dict | None = None):
     measured = dict(zip(at_peak["category"], at_peak["total_bytes"].astype(int)))
     rows = []
     ws = est["workspace"]
-    for cat in ("parameter", "gradient", "optimizer_state", "activation", "temporary"):
+    # The loss backward's cuBLAS workspace is classified as an activation and a temporary.
+    split_workspace = (Category.ACTIVATION.value, Category.TEMPORARY.value)
+    for cat in PREDICTED:
         m = int(measured.get(cat, 0))
         p = int(est.get(cat, 0))
-        pw = p + (ws // 2 if cat in ("activation", "temporary") and est["peak_phase"] == "loss_backward" else 0)
+        pw = p + (ws // 2 if cat in split_workspace and est["peak_phase"] == "loss_backward" else 0)
         rows.append(("category", cat, m, pw, _pct(m, pw), _EXPLAIN[cat]))
-    other = sum(int(v) for k, v in measured.items()
-                if k not in ("parameter", "gradient", "optimizer_state", "activation", "temporary"))
-    rows.append(("category", "other", other, 0, float("nan"), _EXPLAIN["other"]))
+    other = sum(int(v) for k, v in measured.items() if k not in PREDICTED)
+    rows.append(("category", Category.OTHER.value, other, 0, float("nan"), _EXPLAIN["other"]))
     total_m = int(trace.meta.get("max_allocated_bytes") or at_peak["total_bytes"].sum())
     rows.append(("category", "peak", total_m, int(est["peak"]), _pct(total_m, est["peak"]),
                  f"predicted phase {est['peak_phase']}; " + _EXPLAIN["total"]))
@@ -412,7 +350,7 @@ def measured_vs_predicted(trace, est: dict | None = None):
     per_block = est.get("per_block")
     if per_block is not None:
         live = alive_at_peak(trace)
-        act = live[live["category"] == "activation"]
+        act = live[live["category"] == Category.ACTIVATION.value]
         layer = act["module"].astype(str).str.extract(r"^blocks\.(\d+)(?:\.|$)")[0]
         sums = act["size_bytes"].groupby(layer).sum()
         for i, p in enumerate(per_block):

@@ -7,59 +7,16 @@ attributes memory to (``blocks.0.attn.qkv``, ``blocks.3.mlp.fc``, ``lm_head`` ..
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The shapes are pure data, shared with the analytic memory model; the model code is here.
+from profiler.presets import PRESETS, GPTConfig, preset
 
-@dataclass(kw_only=True, slots=True)
-class GPTConfig:
-    """Model shape plus the batch shape that one training step uses."""
-
-    n_layer: int
-    """Number of transformer blocks."""
-    n_head: int
-    """Attention heads per block; must divide ``n_embd``."""
-    n_embd: int
-    """Model width (d_model)."""
-    vocab_size: int
-    """Vocabulary size; 50304 is GPT-2's 50257 rounded up to a multiple of 64."""
-    block_size: int
-    """Maximum sequence length, i.e. rows of the position embedding."""
-    batch_size: int
-    """Sequences per training step."""
-    seq_len: int
-    """Tokens per sequence in a training step; at most ``block_size``."""
-
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.seq_len > self.block_size:
-            raise ValueError(f"seq_len={self.seq_len} exceeds block_size={self.block_size}")
-
-
-PRESETS: dict[str, GPTConfig] = {
-    # Small enough for a fraction of a second per step on a 2-core CPU.
-    "tiny": GPTConfig(
-        n_layer=2, n_head=2, n_embd=64, vocab_size=256, block_size=64, batch_size=4, seq_len=32
-    ),
-    # GPT-2 124M, as in nanoGPT's train_gpt2 config (batch 8 x 1024 tokens).
-    "gpt2-small": GPTConfig(
-        n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024, batch_size=8, seq_len=1024
-    ),
-}
-
-
-def preset(name: str) -> GPTConfig:
-    """Return a fresh copy of a named config, so callers may modify it freely."""
-    try:
-        return dataclasses.replace(PRESETS[name])
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
+__all__ = ["GPT", "GPTConfig", "PRESETS", "Block", "CausalSelfAttention", "MLP", "preset"]
 
 
 class CausalSelfAttention(nn.Module):

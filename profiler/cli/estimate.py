@@ -22,12 +22,14 @@ HELP = __doc__.splitlines()[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from profiler.estimate import OPTIMIZERS, PRECISION_BYTES
+
     parser.add_argument("--preset", default="gpt2-small", help="model preset (default: gpt2-small)")
     parser.add_argument("--hf-config", default=None, help="a transformers config name or path instead of --preset")
     parser.add_argument("--batch", type=int, default=None, help="sequences per optimizer step (default: the preset's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--optimizer", choices=("sgd", "sgd_momentum", "adamw", "adamw_fused"), default="adamw")
+    parser.add_argument("--precision", choices=tuple(PRECISION_BYTES), default="fp32")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--checkpointing", default=None, help="full, every:k or selective")
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--kv-tokens", type=int, default=0, help="tokens of KV cache to add")
@@ -63,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
             shape = model.shape_from_hf(args.hf_config)
             batch, seq = args.batch or 1, args.seq or 1024
         else:
-            shape = model.shape_from_preset(args.preset)
-            from workloads.model import PRESETS
+            from profiler.presets import PRESETS
 
+            shape = model.shape_from_preset(args.preset)
             batch = args.batch or PRESETS[args.preset].batch_size
             seq = args.seq or PRESETS[args.preset].seq_len
         est = model.estimate(shape, batch=batch, seq=seq, precision=args.precision, optimizer=args.optimizer,
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(est, indent=1))
         return 0
-    for key in ("parameter", "gradient", "optimizer_state", "activation", "temporary", "workspace", "kv_cache"):
+    for key in model.BREAKDOWN:
         print(f"{key:<16} {human_bytes(est[key]):>10}")
     print(f"{'peak':<16} {human_bytes(est['peak']):>10}  (phase {est['peak_phase']})")
     return 0
