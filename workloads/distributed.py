@@ -38,10 +38,11 @@ import torch
 import torch.distributed as dist
 
 import profiler as capture
+from profiler.errors import one_line
 from workloads.model import GPT, PRESETS, preset as model_preset
 from workloads.toggles.checkpointing import checkpoint_modules
 from workloads.toggles.optimizer import LR
-from workloads.train import SHAPE_KEYS, _one_line, _read_meta, _shape_overrides, make_batch, timed_steps
+from workloads.train import SHAPE_KEYS, _read_meta, _shape_overrides, make_batch, timed_steps
 
 # The variants of the FSDP suite; the first is the baseline.
 VARIANTS: dict[str, dict] = {
@@ -208,9 +209,9 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
             timed_steps(step, steps, dev, result["losses"], step_ms)
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=_one_line(exc))
+        result.update(status="oom", error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
-        result.update(status="error", error=_one_line(exc))
+        result.update(status="error", error=one_line(exc))
     mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, status=result["status"],
                 error=result["error"])
     if prof is not None and prof.run_dir is not None:

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from profiler.capture import session as capture
+from profiler.errors import one_line
 from profiler.trace.schema import META_FILE, Phase
 from workloads.model import GPT, PRESETS, GPTConfig, preset as model_preset
-from workloads.toggles import TrainToggles, apply_toggles, from_dict
+from workloads.toggles import KEYS, TOGGLES, TrainToggles, apply_toggles, from_dict
 from workloads.toggles.optimizer import LR
 
 _FORWARD = Phase.FORWARD.value
@@ -157,11 +158,6 @@ def timed_steps(step, steps: int, device: torch.device, losses: list, step_ms: l
         losses.append(loss.item())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 SHAPE_KEYS = ("batch_size", "seq_len")
 
 
@@ -212,9 +208,9 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
             timed_steps(trainer.step, steps, dev, result["losses"], step_ms)
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
-        result.update(status="oom", error=_one_line(exc))
+        result.update(status="oom", error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
-        result.update(status="error", error=_one_line(exc))
+        result.update(status="error", error=one_line(exc))
     if prof is not None and prof.run_dir is not None:
         result["run_dir"] = str(prof.run_dir)
         meta = _read_meta(prof.run_dir)
@@ -244,23 +240,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="capture a trace under this folder and print the result JSON")
     p.add_argument("--name", help="the run's name (with --out)")
     t = p.add_argument_group("toggles (off when left out)")
-    t.add_argument("--precision", "--dtype", choices=["fp32", "bf16", "fp16"])
-    t.add_argument("--checkpointing", metavar="full|every:k|selective")
-    t.add_argument("--accumulation", type=int, metavar="K")
-    t.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw", "adamw_fused"])
-    t.add_argument("--attention", choices=["math", "flash", "efficient", "cudnn"])
-    t.add_argument("--offload", action="store_const", const="on")
-    t.add_argument("--compile", nargs="?", const="on", metavar="BACKEND")
-    t.add_argument("--alloc-conf", dest="alloc_conf", metavar="PYTORCH_CUDA_ALLOC_CONF")
+    for toggle in TOGGLES:
+        t.add_argument(*toggle.flags, dest=toggle.key, help=toggle.summary(), **toggle.cli)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    names = ("precision", "checkpointing", "accumulation", "optimizer", "attention", "offload",
-             "compile", "alloc_conf")
-    toggles = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    toggles = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
     device = resolve_device(args.device)
     if args.out:
         result = run(args.preset, toggles, out=args.out, name=args.name, steps=args.steps,

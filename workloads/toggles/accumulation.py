@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workloads.toggles.base import Toggle
 from workloads.toggles.plan import StepPlan
 
 
 @dataclass(kw_only=True, slots=True)
-class AccumulationConfig:
+class AccumulationConfig(Toggle):
+    key = "accumulation"
+    stage = "step"
+    cli = {"type": int, "metavar": "K"}
+    ablation = (("accum4", {"accumulation": 4}),)
+
     micro_batches: int
     """k, forward/backward passes per optimizer step; 2 or more (1 is off, None)."""
 
@@ -24,8 +30,20 @@ class AccumulationConfig:
         if self.micro_batches < 2:
             raise ValueError(f"accumulation {self.micro_batches}: use 2 or more micro-batches (1 is off)")
 
-    def check(self, batch_size: int) -> None:
-        if batch_size % self.micro_batches:
+    @classmethod
+    def from_value(cls, value) -> "AccumulationConfig | None":
+        try:
+            k = int(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ValueError(f"accumulation {value!r} is not a whole number") from None
+        return None if k == 1 else cls(micro_batches=k)
+
+    def to_value(self) -> int:
+        return self.micro_batches
+
+    def check(self, toggles) -> None:
+        batch_size = toggles.batch_size
+        if batch_size is not None and batch_size % self.micro_batches:
             raise ValueError(f"accumulation {self.micro_batches} does not divide the batch of "
                              f"{batch_size} sequences into equal micro-batches")
 

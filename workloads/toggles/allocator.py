@@ -19,6 +19,8 @@ from typing import Mapping
 
 import torch
 
+from workloads.toggles.base import Toggle
+
 ENV = "PYTORCH_CUDA_ALLOC_CONF"
 ENV_ALIAS = "PYTORCH_ALLOC_CONF"  # torch's newer, device-neutral name for the same setting
 
@@ -39,14 +41,29 @@ def parse(conf: str) -> dict[str, str]:
 
 
 @dataclass(kw_only=True, slots=True)
-class AllocatorConfig:
+class AllocatorConfig(Toggle):
+    key = "alloc_conf"
+    attr = "allocator"
+    stage = "environment"
+    cli = {"metavar": "PYTORCH_CUDA_ALLOC_CONF"}
+    ablation = (("expandable", {"alloc_conf": "expandable_segments:True"}),)
+    cuda_only = "PYTORCH_CUDA_ALLOC_CONF configures the CUDA caching allocator"
+
     alloc_conf: str
     """The PYTORCH_CUDA_ALLOC_CONF value the runner must start this process with."""
 
     def __post_init__(self) -> None:
         parse(self.alloc_conf)  # a typo fails here, not as an allocator warning mid-run
 
-    def check(self, device: torch.device) -> None:
+    @classmethod
+    def from_value(cls, value) -> "AllocatorConfig":
+        return cls(alloc_conf=value)
+
+    def to_value(self) -> str:
+        return self.alloc_conf
+
+    def check(self, toggles) -> None:
+        device = torch.device(toggles.device)
         if device.type != "cuda":
             raise ValueError(f"alloc_conf configures the CUDA caching allocator; the run is on {device.type}")
 

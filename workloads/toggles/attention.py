@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workloads.toggles.base import Toggle
 from workloads.toggles.plan import StepPlan
 
 BACKENDS = ("math", "flash", "efficient", "cudnn")
@@ -31,7 +32,13 @@ def sdp_backend(name: str):
 
 
 @dataclass(kw_only=True, slots=True)
-class AttentionConfig:
+class AttentionConfig(Toggle):
+    key = "attention"
+    stage = "step"
+    cli = {"choices": list(BACKENDS)}
+    ablation = (("bf16+attn-flash", {"precision": "bf16", "attention": "flash"}),  # flash takes no fp32 on CUDA
+                ("attn-efficient", {"attention": "efficient"}))
+
     backend: str
     """math, flash, efficient or cudnn (off, None, lets SDPA choose)."""
 
@@ -39,7 +46,15 @@ class AttentionConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"attention {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
-    def check(self, device: torch.device, half_precision: bool) -> None:
+    @classmethod
+    def from_value(cls, value) -> "AttentionConfig":
+        return cls(backend=value)
+
+    def to_value(self) -> str:
+        return self.backend
+
+    def check(self, toggles) -> None:
+        device, half_precision = torch.device(toggles.device), toggles.precision is not None
         allowed = _DEVICE_BACKENDS.get(device.type, ("math",))
         if self.backend not in allowed:
             raise ValueError(f"attention {self.backend} does not run on {device.type}; "

@@ -27,11 +27,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from workloads.toggles.base import Toggle
+
 MODES = ("full", "every", "selective")
 
 
 @dataclass(kw_only=True, slots=True)
-class CheckpointConfig:
+class CheckpointConfig(Toggle):
+    key = "checkpointing"
+    stage = "model"
+    cli = {"metavar": "full|every:k|selective"}
+    ablation = (("ckpt-full", {"checkpointing": "full"}), ("ckpt-every2", {"checkpointing": "every:2"}),
+                ("ckpt-selective", {"checkpointing": "selective"}))
+
     mode: str
     """"full", "every" (every k-th Block) or "selective" (recompute attention and activations)."""
     every: int = 1
@@ -60,17 +68,23 @@ class CheckpointConfig:
             raise ValueError(f"checkpointing {text!r}: only every:k takes a number")
         return cls(mode=mode)
 
+    @classmethod
+    def from_value(cls, value) -> "CheckpointConfig":
+        return cls.parse(value)
+
+    def to_value(self) -> str:
+        return str(self)
+
     def __str__(self) -> str:
         return f"every:{self.every}" if self.mode == "every" else self.mode
 
-    def apply(self, model: nn.Module) -> list[int]:
-        """Checkpoint the model's Blocks in place; returns the indices checkpointed."""
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Checkpoint the model's Blocks in place (0, k, 2k, ... under every:k); returns the model."""
         context_fn = _selective_context if self.mode == "selective" else None
         step = self.every if self.mode == "every" else 1
-        chosen = list(range(0, len(model.blocks), step))
-        for i in chosen:
+        for i in range(0, len(model.blocks), step):
             _checkpoint_forward(model.blocks[i], context_fn)
-        return chosen
+        return model
 
 
 def checkpoint_modules(modules) -> None:

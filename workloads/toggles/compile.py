@@ -23,13 +23,21 @@ from typing import Callable
 import torch
 from torch import nn
 
+from workloads.toggles.base import Toggle, is_on
+
 # Modes that add CUDA graphs are left out: a graph replays its allocations from a
 # private pool, so the allocator history would no longer show a step's allocations.
 MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(kw_only=True, slots=True)
-class CompileConfig:
+class CompileConfig(Toggle):
+    key = "compile"
+    stage = "model"
+    cli = {"nargs": "?", "const": "on", "metavar": "BACKEND"}
+    ablation = (("compile", {"compile": "on"}),)
+    cuda_only = "train.run refuses compile under the CPU capture, where dynamo does not compile"
+
     backend: str | Callable = "inductor"
     """torch.compile backend: a name ("aot_eager" traces the same graphs without generating
     code, fast enough for CPU tests) or a backend callable."""
@@ -42,6 +50,18 @@ class CompileConfig:
                              "(CUDA-graph modes hide per-step allocations from the capture)")
         if not (callable(self.backend) or (isinstance(self.backend, str) and self.backend)):
             raise ValueError(f"compile backend must be a name such as 'inductor', got {self.backend!r}")
+
+    @classmethod
+    def from_value(cls, value) -> "CompileConfig":
+        if is_on(value):
+            return cls()
+        if isinstance(value, str):
+            return cls(backend=value)  # a backend name: "inductor", "aot_eager", ...
+        raise ValueError(f"compile: expected on, off or a backend name, got {value!r}")
+
+    def to_value(self) -> str:
+        backend = self.backend
+        return "on" if backend == "inductor" else getattr(backend, "__name__", str(backend))
 
     def apply(self, model: nn.Module) -> nn.Module:
         model.forward = torch.compile(model.forward, backend=self.backend, mode=self.mode)

@@ -16,13 +16,28 @@ from dataclasses import dataclass
 
 from torch.autograd.graph import save_on_cpu
 
+from workloads.toggles.base import Toggle, is_on
 from workloads.toggles.plan import StepPlan
 
 
 @dataclass(kw_only=True, slots=True)
-class OffloadConfig:
+class OffloadConfig(Toggle):
+    key = "offload"
+    stage = "step"
+    cli = {"action": "store_const", "const": "on"}
+    ablation = (("offload", {"offload": "on"}),)
+
     pin_memory: bool | None = None
     """Pin the host copies; None pins on cuda (faster, asynchronous copies) and not on cpu."""
+
+    @classmethod
+    def from_value(cls, value) -> "OffloadConfig":
+        if is_on(value):
+            return cls()
+        raise ValueError(f"offload: expected on or off, got {value!r}")
+
+    def to_value(self) -> str:
+        return "on"
 
     def apply(self, plan: StepPlan) -> None:
         pin = plan.device.type == "cuda" if self.pin_memory is None else self.pin_memory

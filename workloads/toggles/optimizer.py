@@ -13,12 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workloads.toggles.base import Toggle
+
 NAMES = ("sgd", "sgd_momentum", "adamw", "adamw_fused")
 LR = 3e-4
 
 
 @dataclass(kw_only=True, slots=True)
-class OptimizerConfig:
+class OptimizerConfig(Toggle):
+    key = "optimizer"
+    stage = "optimizer"
+    cli = {"choices": list(NAMES)}
+    ablation = (("sgd", {"optimizer": "sgd"}), ("sgd-momentum", {"optimizer": "sgd_momentum"}),
+                ("adamw-fused", {"optimizer": "adamw_fused"}))
+
     name: str = "adamw"
     """sgd, sgd_momentum, adamw or adamw_fused (CUDA only)."""
     lr: float = LR
@@ -30,7 +38,15 @@ class OptimizerConfig:
         if self.name not in NAMES:
             raise ValueError(f"optimizer {self.name!r} is not one of {', '.join(NAMES)}")
 
-    def check(self, device: torch.device) -> None:
+    @classmethod
+    def from_value(cls, value) -> "OptimizerConfig":
+        return cls(name=value)
+
+    def to_value(self) -> str:
+        return self.name
+
+    def check(self, toggles) -> None:
+        device = torch.device(toggles.device)
         if self.name == "adamw_fused" and device.type != "cuda":
             raise ValueError(f"optimizer adamw_fused needs a cuda device, got {device.type}")
 

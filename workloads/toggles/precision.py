@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
+from workloads.toggles.base import Toggle
 from workloads.toggles.plan import StepPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(kw_only=True, slots=True)
-class PrecisionConfig:
+class PrecisionConfig(Toggle):
+    key = "precision"
+    stage = "step"
+    flags = ("--precision", "--dtype")
+    cli = {"choices": ["fp32", *DTYPES]}
+    ablation = (("bf16", {"precision": "bf16"}), ("fp16", {"precision": "fp16"}))
+
     dtype: str
     """Autocast dtype: "bf16" or "fp16" (fp32 is the toggle's off, None)."""
 
@@ -31,8 +38,16 @@ class PrecisionConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def check(self, device: torch.device) -> None:
+    @classmethod
+    def from_value(cls, value) -> "PrecisionConfig | None":
+        return None if value == "fp32" else cls(dtype=value)
+
+    def to_value(self) -> str:
+        return self.dtype
+
+    def check(self, toggles) -> None:
         """Refuse fp16 where no GradScaler exists for the device (CPU before torch 2.3)."""
+        device = torch.device(toggles.device)
         if self.dtype == "fp16" and not scaler_available(device):
             raise ValueError(f"precision fp16 needs torch.amp.GradScaler({device.type!r}), which "
                              f"torch {torch.__version__} does not provide; use bf16 on {device.type}")
