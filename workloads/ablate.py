@@ -1,22 +1,17 @@
 """Ablations: one workload under many toggle settings, each run in its own process, tabulated.
 
-A configuration is (kind, toggles): kind "train" or "infer", toggles a flat dict in
-which a missing key means "off" (workloads/interface.md). A suite is a list of named
-configurations whose first one is the baseline; `vary` replaces the list by the
-cartesian product of some toggles' values, and `fixed` toggles are set in every one.
-
-Every configuration runs as `python -m workloads.run_one ...` in a fresh process, so
-that one run's allocator cache, compiled graphs or CUDA context never leak into the
-next, and so that PYTORCH_CUDA_ALLOC_CONF (read once, at CUDA start-up) can differ
-per run. A run that goes out of memory, fails, crashes or times out becomes a row that
-says so, and the suite goes on. The table is written to
-`<out>/ablation-<suite>-<stamp>.parquet`; profiler/cli/ablate.py draws it.
+The configurations come from workloads/suites.py. Every configuration runs as
+`python -m workloads.run_one ...` in a fresh process, so that one run's allocator cache,
+compiled graphs or CUDA context never leak into the next, and so that
+PYTORCH_CUDA_ALLOC_CONF (read once, at CUDA start-up) can differ per run. A run that goes
+out of memory, fails, crashes or times out becomes a row that says so, and the suite goes
+on. The table is written to `<out>/ablation-<suite>-<stamp>.parquet`; `vramscope ablate`
+(workloads/ablate_cli.py) draws it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -32,195 +27,15 @@ from pathlib import Path
 import pandas as pd
 
 from profiler.analysis.compare import memory_saved_pct, speed_change_pct
+from workloads.suites import (BASELINE, SUITES, Config, coerce, configurations, known_toggles, product,
+                              skip_reason, world_size)
 
-BASELINE = "baseline"
-
-# Training. The baseline is fp32 with (unfused, for-each) AdamW and nothing else on:
-# what a first training script does, so each row below is one optimization alone
-# against it, then the combinations people actually use. bf16 would be the usual
-# starting point on a GPU, but then the precision rows could not be compared with fp32.
-SEEDS: list[tuple[str, dict]] = [
-    (BASELINE, {}),
-    ("bf16", {"precision": "bf16"}),
-    ("fp16", {"precision": "fp16"}),
-    ("ckpt-full", {"checkpointing": "full"}),
-    ("ckpt-every2", {"checkpointing": "every:2"}),
-    ("ckpt-selective", {"checkpointing": "selective"}),
-    ("accum4", {"accumulation": 4}),
-    ("sgd", {"optimizer": "sgd"}),
-    ("sgd-momentum", {"optimizer": "sgd_momentum"}),
-    ("adamw-fused", {"optimizer": "adamw_fused"}),
-    ("bf16+attn-flash", {"precision": "bf16", "attention": "flash"}),  # flash takes no fp32 on CUDA
-    ("attn-efficient", {"attention": "efficient"}),
-    ("offload", {"offload": "on"}),
-    ("compile", {"compile": "on"}),
-    ("expandable", {"alloc_conf": "expandable_segments:True"}),
-    ("bf16+ckpt", {"precision": "bf16", "checkpointing": "full"}),
-    ("bf16+ckpt+fused", {"precision": "bf16", "checkpointing": "full", "optimizer": "adamw_fused"}),
-    ("bf16+accum4+ckpt2", {"precision": "bf16", "accumulation": 4, "checkpointing": "every:2"}),
-]
-
-# Inference. The baseline is the cache a first generate loop writes (torch.cat per
-# token); "none" recomputes the whole prefix at every token instead. Weights are the
-# infer workload's default unless a row says otherwise: bf16 on CUDA (fp32 on the CPU),
-# so kv-prealloc is also the "prealloc with bf16 weights" row.
-KV: list[tuple[str, dict]] = [
-    (BASELINE, {"kv": "concat"}),
-    ("kv-none", {"kv": "none"}),
-    ("kv-prealloc", {"kv": "prealloc"}),
-    ("kv-sliding", {"kv": "sliding"}),
-    ("kv-paged", {"kv": "paged"}),
-    ("kv-int8", {"kv": "int8"}),
-    ("prealloc+w-int8", {"kv": "prealloc", "weights": "int8"}),
-]
-
-# Data parallelism under torchrun: DDP, then FSDP2 as ZeRO-3, ZeRO-2, with CPU offload,
-# and with bf16 plus checkpointing (workloads/distributed.py). world_size is an axis:
-# `--vary world_size=1,2,4` or `--set world_size=4`; rows run on 2 ranks otherwise.
-DIST_WORLD_SIZE = 2
-
-
-def _fsdp_suite() -> list[tuple[str, dict]]:
-    from workloads.distributed import VARIANTS
-
-    rows = [(name, {**toggles, "world_size": DIST_WORLD_SIZE}) for name, toggles in VARIANTS.items()]
-    return [(BASELINE if name == "ddp" else name, toggles) for name, toggles in rows]
-
-
-SUITES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
-    "seeds": ("train", SEEDS), "kv": ("infer", KV), "fsdp": ("dist", _fsdp_suite())}
-
-# What the runner itself refuses off CUDA; everything else is the workloads' own checks
-# (workloads.toggles.from_dict, workloads.infer.InferConfig), so the two never disagree.
-CUDA_ONLY = {
-    "compile": "train.run refuses compile under the CPU capture, where dynamo does not compile",
-    "alloc_conf": "PYTORCH_CUDA_ALLOC_CONF configures the CUDA caching allocator",
-}
+# The suites' names are part of this module's interface: the runner and its matrix read as one.
+__all__ = ["BASELINE", "SUITES", "Ablation", "Config", "baseline_diffs", "build_table", "child_env", "coerce",
+           "command", "configurations", "known_toggles", "launch", "product", "result_row", "resolve_device",
+           "run_config", "run_suite", "skip_reason", "world_size", "write_table"]
 
 TAIL_CHARS = 4000  # of a crashed child's output, kept for its error line
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class Config:
-    name: str
-    """Row label; also part of the run's name."""
-    kind: str
-    """"train" or "infer": which workload's run() to call."""
-    toggles: dict
-    """Flat toggles; a missing key is off."""
-    skip: str | None = None
-    """Why this configuration is not run here (None: it runs)."""
-
-
-# -- the matrix -----------------------------------------------------------------------
-
-def coerce(text: str):
-    """A toggle value from the command line: "4" -> 4, "none"/"off" -> None, else the text."""
-    if text.lower() in ("none", "off", ""):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def _clean(toggles: dict) -> dict:
-    return {k: v for k, v in toggles.items() if v is not None}
-
-
-def known_toggles(kind: str) -> tuple[str, ...]:
-    """The toggle keys the workload of `kind` accepts."""
-    if kind == "train":
-        from workloads.toggles import KEYS
-
-        return tuple(KEYS)
-    if kind == "dist":
-        from workloads.distributed import KEYS
-
-        return KEYS
-    from workloads.infer import RUNNER_KEYS, InferConfig
-
-    fixed = ("preset", "device", "steps")
-    return tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in fixed) + tuple(RUNNER_KEYS)
-
-
-def skip_reason(kind: str, toggles: dict, *, preset: str, steps: int, device: str) -> str | None:
-    """Why `toggles` cannot run on `device` (the workload's own check, in one line), or None."""
-    if device != "cuda":
-        for key, why in CUDA_ONLY.items():
-            if toggles.get(key) is not None:
-                return f"{key}={toggles[key]} needs CUDA ({why})"
-    try:  # the checks the child would make first, without building a model
-        if kind == "train":
-            from workloads.model import preset as gpt_preset
-            from workloads.toggles import from_dict
-
-            from_dict(toggles, device=device, batch_size=gpt_preset(preset).batch_size)
-        elif kind == "dist":
-            return _dist_skip(toggles, device)
-        else:
-            from workloads.infer import RUNNER_KEYS, InferConfig
-
-            InferConfig.from_toggles(preset, {k: v for k, v in toggles.items() if k not in RUNNER_KEYS},
-                                     steps=steps, device=device)
-    except ValueError as exc:
-        return " ".join(str(exc).split())
-    return None
-
-
-def world_size(toggles: dict) -> int:
-    return int(toggles.get("world_size") or DIST_WORLD_SIZE)
-
-
-def _dist_skip(toggles: dict, device: str) -> str | None:
-    from workloads.distributed import DistToggles
-
-    ranks = world_size(toggles)
-    if ranks < 1:
-        return f"world_size {ranks}: at least one rank"
-    DistToggles.from_dict(toggles, device=device, world_size=ranks)
-    if device == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < ranks:
-            return f"world_size {ranks} needs {ranks} GPUs; this machine has {torch.cuda.device_count()}"
-    return None
-
-
-def product(vary: dict[str, list]) -> list[dict]:
-    """The cartesian product of the axes, first axis slowest: {a: [1, 2], b: [x]} -> [{a: 1, b: x}, {a: 2, b: x}]."""
-    keys = list(vary)
-    return [dict(zip(keys, values)) for values in itertools.product(*(vary[k] for k in keys))]
-
-
-def _label(toggles: dict) -> str:
-    return ",".join(f"{k}={'off' if v is None else v}" for k, v in toggles.items()) or BASELINE
-
-
-def configurations(suite: str, *, vary: dict[str, list] | None = None, fixed: dict | None = None,
-                   preset: str = "tiny", steps: int = 5, device: str = "cpu") -> list[Config]:
-    """The suite's configurations (or the product of `vary`), first = baseline.
-
-    `fixed` toggles are set in every configuration, under the row's own: `fixed` moves the
-    baseline, and a suite row that sets the same toggle still tests its own value. A `vary`
-    product's first combination (every axis at its first value) is the baseline. A toggle
-    the workload does not know raises ValueError; one it refuses here (on this device, in
-    this combination) makes a skipped row with the workload's reason.
-    """
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
-    kind, table = SUITES[suite]
-    fixed = dict(fixed or {})
-    unknown = sorted((set(fixed) | set(vary or {})) - set(known_toggles(kind)))
-    if unknown:
-        raise ValueError(f"unknown {kind} toggle(s) {', '.join(unknown)}; known: {', '.join(known_toggles(kind))}")
-    named = [(_label(combo), combo) for combo in product(vary)] if vary else list(table)
-    configs = []
-    for name, toggles in named:
-        merged = _clean({**fixed, **toggles})  # a row's own toggles win: they are what it tests
-        skip = skip_reason(kind, merged, preset=preset, steps=steps, device=device)
-        configs.append(Config(name=name, kind=kind, toggles=merged, skip=skip))
-    return configs
 
 
 # -- one run --------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Each verb module under profiler/cli/ exposes NAME, HELP (the first line of its
 docstring), add_arguments(parser) and run(args) -> int. Only the verb being run
 is imported, so that `vramscope run` keeps pandas and the analysis code out of
 the profiled process; the other verbs' help lines are read from their source.
+
+Other packages add verbs, with the same four names, through the entry point group
+"vramscope.verbs" (name: the verb; value: its module), e.g. `ablate = "workloads.ablate_cli"`.
+They are looked up only when the first word is not a built-in verb.
 """
 
 from __future__ import annotations
@@ -11,24 +15,30 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import importlib.util
 import sys
 
 from profiler.errors import UsageError, VramscopeError
 
 PROG = "vramscope"
 
-# (verb, module). The order is the order `vramscope --help` lists them in.
+# (verb, module). The order is the order `vramscope --help` lists them in; other
+# packages' verbs follow, by name.
 _COMMANDS: list[tuple[str, str]] = [
     ("run", "profiler.cli.run"),
     ("report", "profiler.cli.report"),
     ("info", "profiler.cli.info"),
-    ("ablate", "profiler.cli.ablate"),
     ("dashboard", "profiler.cli.dashboard"),
     ("import", "profiler.cli.import_"),
     ("export", "profiler.cli.export"),
     ("estimate", "profiler.cli.estimate"),
     ("whatif", "profiler.cli.whatif"),
+]
+
+PLUGIN_GROUP = "vramscope.verbs"
+# Verbs that packages of this repository provide, used while the entry point group is empty:
+# an install made before the group existed (an editable install's metadata is written once).
+_KNOWN_PLUGINS: list[tuple[str, str]] = [
+    ("ablate", "workloads.ablate_cli"),
 ]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
@@ -49,24 +59,54 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    verb = _chosen_verb(argv)
-    module = _import_verb(verb) if verb else None
-    parser = _build_parser(verb, module)
+    word = _first_word(argv)
+    commands = _commands(word)
+    verb = word if word in dict(commands) else None
+    module = _import_verb(verb, dict(commands)[verb]) if verb else None
+    parser = _build_parser(commands, verb, module)
     args = parser.parse_args(argv)
     return int(module.run(args) or 0)
 
 
-def _chosen_verb(argv: list[str]) -> str | None:
+def _first_word(argv: list[str]) -> str | None:
     """The verb, found before parsing: top-level options take no values, so it is the first word."""
-    known = {name for name, _ in _COMMANDS}
     for word in argv:
         if not word.startswith("-"):
-            return word if word in known else None
+            return word
     return None
 
 
-def _import_verb(verb: str):
-    module_name = dict(_COMMANDS)[verb]
+def _commands(word: str | None) -> list[tuple[str, str]]:
+    """The verbs to offer: the built-in ones, and other packages' unless `word` is a built-in
+    verb (a chosen verb's parser never shows the others)."""
+    if word in dict(_COMMANDS):
+        return list(_COMMANDS)
+    return _COMMANDS + plugin_verbs()
+
+
+def plugin_verbs() -> list[tuple[str, str]]:
+    """(verb, module) of other packages' verbs, by name: the entry point group's, or while it is
+    empty the known ones whose module is installed. A built-in verb's name is not taken."""
+    found = _entry_point_verbs() or [(name, module) for name, module in _KNOWN_PLUGINS
+                                     if _source_of(module)]
+    builtin = dict(_COMMANDS)
+    verbs: dict[str, str] = {}
+    for name, module in found:
+        if name not in builtin:
+            verbs.setdefault(name, module)
+    return sorted(verbs.items())
+
+
+def _entry_point_verbs() -> list[tuple[str, str]]:
+    from importlib.metadata import entry_points  # lazily: it reads every installed package's metadata
+
+    try:
+        return [(ep.name, ep.value.partition(":")[0].strip()) for ep in entry_points(group=PLUGIN_GROUP)]
+    except Exception:  # noqa: BLE001 - broken metadata elsewhere must not break the built-in verbs
+        return []
+
+
+def _import_verb(verb: str, module_name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:  # e.g. pandas missing where only capture was installed
@@ -80,11 +120,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _build_parser(verb: str | None, module) -> argparse.ArgumentParser:
+def _build_parser(commands: list[tuple[str, str]], verb: str | None, module) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="GPU memory profiler for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in _COMMANDS:
+    for name, module_name in commands:
         if name == verb:
             p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,14 +138,42 @@ def _build_parser(verb: str | None, module) -> argparse.ArgumentParser:
 def _summary(module_name: str) -> str:
     """First docstring line of a verb module, read without importing it."""
     try:
-        spec = importlib.util.find_spec(module_name)
-        if spec is None or not spec.origin:
+        origin = _source_of(module_name)
+        if not origin:
             return ""
-        with open(spec.origin, encoding="utf-8") as f:
+        with open(origin, encoding="utf-8") as f:
             doc = ast.get_docstring(ast.parse(f.read())) or ""
     except (OSError, SyntaxError, ValueError, ImportError):
         return ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _source_of(module_name: str) -> str | None:
+    """The file `module_name` would be imported from, found without importing it or the
+    packages above it (importlib.util.find_spec would run their __init__)."""
+    spec, path = None, None
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        spec = getattr(sys.modules.get(name), "__spec__", None) or _find_spec(name, path)
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+    return spec.origin if spec is not None and spec.has_location else None
+
+
+def _find_spec(name: str, path):
+    for finder in sys.meta_path:  # the import system's own finders, editable installs' included
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = find_spec(name, path)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            return spec
+    return None
 
 
 def _print_error(message: str) -> None:

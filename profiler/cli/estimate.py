@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.units import human_bytes
     from profiler import estimate as model
+    from profiler.units import human_bytes
 
     if args.trace:
         from profiler.trace.reader import load_trace

@@ -22,7 +22,7 @@ import pytest
 
 from fakes import write_trace
 from profiler.cli import main
-from profiler.cli.ablate import render
+from workloads.ablate_cli import render
 from workloads import ablate, run_one
 
 REPO = Path(__file__).resolve().parents[2]

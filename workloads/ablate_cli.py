@@ -25,8 +25,10 @@ import json
 import sys
 
 from profiler.errors import UsageError
+from profiler.presets import PRESETS, unknown_preset
 from profiler.report import plain as _plain
 from profiler.units import human_bytes
+from workloads.suites import SUITES, coerce
 
 NAME = "ablate"
 HELP = __doc__.splitlines()[0]
@@ -34,9 +36,8 @@ HELP = __doc__.splitlines()[0]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--suite", choices=("seeds", "kv", "fsdp"), default="seeds",
-                        help="seeds: training optimizations; kv: inference caches; fsdp: DDP and "
-                             "FSDP2 under torchrun, world_size an axis (default: seeds)")
+    suites = "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items())
+    parser.add_argument("--suite", choices=tuple(SUITES), default="seeds", help=f"{suites} (default: seeds)")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=A,B,...",
                         help="run every combination of these toggle values instead of the suite's rows "
                              "(repeatable)")
@@ -69,8 +70,6 @@ def _positive(kind):
 
 def parse_fixed(items: list[str]) -> dict:
     """["precision=bf16", "accumulation=4"] -> {"precision": "bf16", "accumulation": 4}."""
-    from workloads.ablate import coerce
-
     fixed = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -84,8 +83,6 @@ def parse_fixed(items: list[str]) -> dict:
 
 def parse_vary(items: list[str]) -> dict[str, list]:
     """["precision=fp32,bf16"] -> {"precision": ["fp32", "bf16"]}; "off" is None (the toggle unset)."""
-    from workloads.ablate import coerce
-
     axes: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -105,10 +102,9 @@ def parse_vary(items: list[str]) -> dict[str, list]:
 def _check(args, vary: dict, fixed: dict) -> str:
     """Usage errors found before any run starts; the device the runs will use."""
     from workloads.ablate import configurations, resolve_device
-    from workloads.model import PRESETS
 
     if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise UsageError(unknown_preset(args.preset))
     both = sorted(set(vary) & set(fixed))
     if both:
         raise UsageError(f"toggle {both[0]!r} is given to both --vary and --set")
