@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import profiler
+from profiler.errors import one_line
 from workloads.kv import KINDS, KVSpec, make_cache
 from workloads.model import GPT, Block, CausalSelfAttention, preset as gpt_preset
 from workloads.quant import quantize_linears
@@ -143,7 +144,7 @@ class InferConfig:
     steps: int = 8
     """Decode steps after the prefill; each is one profiler step and one new token."""
     kv: str | None = None
-    """KV cache: none (None: recompute the prefix every token), concat, prealloc, sliding, paged, int8."""
+    """KV cache: none (None: recompute the prefix every token) or a workloads.kv kind (KINDS)."""
     weights: str | None = None
     """bf16 (None; fp32 on CPU) or int8 (weight-only, per output channel)."""
     model: str | None = None
@@ -262,16 +263,11 @@ def run(preset: str, toggles: dict, *, out: str, name: str, steps: int, device: 
             greedy_decode(forward, prompt, steps, recompute=cache is None, after_step=after_step,
                           times=times, sync=torch.cuda.synchronize if cuda else None)
     except torch.OutOfMemoryError as e:
-        status, error = "oom", _one_line(e)
+        status, error = "oom", one_line(e)
     except Exception as e:  # the runner records it; the traceback goes to stderr
         traceback.print_exc()
-        status, error = "error", _one_line(e)
+        status, error = "error", one_line(e)
     return _result(prof.run_dir, status, error, times, cfg.batch)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _result(run_dir, status, error, times, batch) -> dict:

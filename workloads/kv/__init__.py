@@ -2,8 +2,9 @@
 
     cache = make_cache("paged", spec, batch=8, block_size=16)
 
-Kinds: concat (torch.cat growth), prealloc (max_len reserved once), sliding
-(ring of `window` tokens), paged (blocks on demand), int8 (quantized, with scales).
+CACHES is the registry: a layout is its module (a KVCache subclass naming its `kind`)
+plus one entry there. The infer workload's kv toggle, the ablation's kv suite and
+make_cache read their kinds from it; each module's docstring says what its layout keeps.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from workloads.kv.ragged import RaggedBatch
 from workloads.kv.sliding import SlidingCache
 
 CACHES: dict[str, type[KVCache]] = {
-    c.kind: c for c in (ConcatCache, PreallocCache, SlidingCache, PagedCache, Int8Cache)
+    c.kind: c for c in (
+        ConcatCache,
+        PreallocCache,
+        SlidingCache,
+        PagedCache,
+        Int8Cache,
+    )
 }
 KINDS = tuple(CACHES)
 
-__all__ = ["KINDS", "BlockPool", "ConcatCache", "Int8Cache", "KVCache", "KVSpec", "PagedCache",
+__all__ = ["CACHES", "KINDS", "BlockPool", "ConcatCache", "Int8Cache", "KVCache", "KVSpec", "PagedCache",
            "PreallocCache", "RaggedBatch", "SlidingCache", "attention_mask", "make_cache"]
 
 
@@ -30,18 +37,6 @@ def make_cache(kind: str, spec: KVSpec, batch: int, *, max_len: int | None = Non
                pool: BlockPool | None = None) -> KVCache:
     """A cache of `kind`; max_len is required for prealloc, window for sliding;
     block_size (default 16) and an optional shared pool apply to paged."""
-    if kind == "concat":
-        return ConcatCache(spec, batch)
-    if kind == "prealloc":
-        if max_len is None:
-            raise ValueError("a prealloc cache needs max_len")
-        return PreallocCache(spec, batch, max_len)
-    if kind == "sliding":
-        if window is None:
-            raise ValueError("a sliding cache needs window")
-        return SlidingCache(spec, batch, window)
-    if kind == "paged":
-        return PagedCache(spec, batch, block_size or (pool.block_size if pool else 16), pool)
-    if kind == "int8":
-        return Int8Cache(spec, batch)
-    raise ValueError(f"unknown KV cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if kind not in CACHES:
+        raise ValueError(f"unknown KV cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return CACHES[kind].create(spec, batch, max_len=max_len, window=window, block_size=block_size, pool=pool)

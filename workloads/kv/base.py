@@ -74,7 +74,12 @@ def attention_mask(q_len: int, kv_len: int, device, window: int | None = None) -
 
 
 class KVCache:
-    """Base class: position bookkeeping and the protocol; subclasses own the storage."""
+    """Base class: position bookkeeping and the protocol; subclasses own the storage.
+
+    A subclass names its `kind` (its name in workloads.kv.CACHES, the infer workload's kv
+    toggle and the ablation's kv suite) and, if it needs one of make_cache's options,
+    overrides `create`.
+    """
 
     kind = "base"
 
@@ -84,6 +89,12 @@ class KVCache:
         self.spec = spec
         self.batch = batch
         self.seen = 0  # tokens processed per sequence (positions 0 .. seen-1)
+
+    @classmethod
+    def create(cls, spec: KVSpec, batch: int, *, max_len: int | None = None, window: int | None = None,
+               block_size: int | None = None, pool=None) -> "KVCache":
+        """A cache from workloads.kv.make_cache's options; this kind needs none of them."""
+        return cls(spec, batch)
 
     @property
     def tokens(self) -> int:

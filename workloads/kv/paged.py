@@ -68,6 +68,11 @@ class PagedCache(KVCache):
         self._views = [([[] for _ in range(batch)], [[] for _ in range(batch)])
                        for _ in range(spec.layers)]
 
+    @classmethod
+    def create(cls, spec, batch, *, block_size=None, pool=None, **_) -> "PagedCache":
+        """block_size defaults to the shared pool's, else 16."""
+        return cls(spec, batch, block_size or (pool.block_size if pool else 16), pool)
+
     @property
     def blocks_allocated(self) -> int:
         return sum(len(t) for t in self.block_table)

@@ -16,6 +16,12 @@ class PreallocCache(FixedKV):
         super().__init__(spec, batch, max_len)
         self.max_len = max_len
 
+    @classmethod
+    def create(cls, spec, batch, *, max_len=None, **_) -> "PreallocCache":
+        if max_len is None:
+            raise ValueError("a prealloc cache needs max_len")
+        return cls(spec, batch, max_len)
+
     def update(self, layer, k, v):
         T = self._check_new(layer, k, v)
         end = self.seen + T

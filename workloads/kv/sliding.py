@@ -21,6 +21,12 @@ class SlidingCache(FixedKV):
         super().__init__(spec, batch, window)
         self.window = window
 
+    @classmethod
+    def create(cls, spec, batch, *, window=None, **_) -> "SlidingCache":
+        if window is None:
+            raise ValueError("a sliding cache needs window")
+        return cls(spec, batch, window)
+
     @property
     def tokens(self) -> int:
         return min(self.seen, self.window)
