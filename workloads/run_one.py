@@ -16,9 +16,10 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import traceback
-from pathlib import Path
+
+from profiler.errors import one_line
+from profiler.trace.files import atomic_write
 
 KINDS = {"train": "workloads.train", "infer": "workloads.infer", "dist": "workloads.distributed"}
 STATUSES = ("ok", "oom", "error")
@@ -39,12 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not isinstance(args.toggles, dict):
         parser.error("--toggles must be a JSON object")
     return args
-
-
-def one_line(exc: BaseException) -> str:
-    """`Type: message`, whitespace folded to single spaces: the result's `error`."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -70,17 +65,8 @@ def execute(args: argparse.Namespace) -> dict:
 
 
 def write_result(path, result: dict) -> None:
-    """JSON to `path`, atomically: the runner never reads half a file (a temporary, then rename)."""
-    path = Path(path)
-    data = json.dumps(result, indent=1, default=str)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON to `path`, atomically: the runner never reads half a file."""
+    atomic_write(path, json.dumps(result, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
