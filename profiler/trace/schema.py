@@ -59,6 +59,8 @@ class Phase(str, enum.Enum):
 class Category(str, enum.Enum):
     # Under FSDP, PARAMETER and GRADIENT are this rank's shards; the full tensors
     # that exist only around a layer's forward or backward have their own categories.
+    # A category is one line here; one that tensors are registered with also needs its
+    # ROLE_CATEGORIES entry below, one that roles override its classify.WEAK_HINTS entry.
     PARAMETER = "parameter"
     GRADIENT = "gradient"
     OPTIMIZER_STATE = "optimizer_state"
@@ -95,15 +97,17 @@ class SnapshotKind(str, enum.Enum):
     END = "end"
 
 
-# Roles a tensor can be registered with; they become categories offline.
-ROLES = (
-    Category.PARAMETER.value,
-    Category.GRADIENT.value,
-    Category.OPTIMIZER_STATE.value,
-    Category.KV_CACHE.value,
-    Category.UNSHARDED_GRADIENT.value,
-    "buffer",
-)
+# Roles a tensor can be registered with, and the category each becomes offline; when
+# several roles name one allocation, the first here wins.
+ROLE_CATEGORIES: dict[str, Category] = {
+    Category.PARAMETER.value: Category.PARAMETER,
+    "buffer": Category.PARAMETER,  # module state; the docs say so
+    Category.OPTIMIZER_STATE.value: Category.OPTIMIZER_STATE,
+    Category.GRADIENT.value: Category.GRADIENT,
+    Category.KV_CACHE.value: Category.KV_CACHE,
+    Category.UNSHARDED_GRADIENT.value: Category.UNSHARDED_GRADIENT,
+}
+ROLES = tuple(ROLE_CATEGORIES)
 
 STR = pa.dictionary(pa.int32(), pa.string())
 I32, I64 = pa.int32(), pa.int64()

@@ -21,19 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from profiler.trace.schema import Category, Phase
+from profiler.trace.schema import ROLE_CATEGORIES, Category, Phase
 
 # Highest precedence first, when several roles name one allocation.
-_ROLE_PRECEDENCE = ("parameter", "buffer", "optimizer_state", "gradient", "kv_cache",
-                    "unsharded_gradient")
-_ROLE_TO_CATEGORY = {
-    "parameter": Category.PARAMETER.value,
-    "buffer": Category.PARAMETER.value,  # module state; the docs say so
-    "optimizer_state": Category.OPTIMIZER_STATE.value,
-    "gradient": Category.GRADIENT.value,
-    "kv_cache": Category.KV_CACHE.value,
-    "unsharded_gradient": Category.UNSHARDED_GRADIENT.value,
-}
+_ROLE_PRECEDENCE = tuple(ROLE_CATEGORIES)
+_ROLE_TO_CATEGORY = {role: category.value for role, category in ROLE_CATEGORIES.items()}
 # Hints that registered roles override (rule 2b).
 WEAK_HINTS = frozenset({Category.ALL_GATHER.value, Category.REDUCE_SCATTER.value,
                         Category.UNSHARDED_PARAMETER.value})
