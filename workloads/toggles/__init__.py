@@ -78,15 +78,20 @@ class _ToggleSet:
         return {setting.key: setting.to_value() for setting in self.enabled()}
 
 
+_TRAIN_TOGGLES_DOC = """Every training toggle, None where off, one attribute per TOGGLES entry (its `attr`).
+
+device: where the run trains ("cpu", "cuda", "cuda:1"); several toggles exist only on cuda.
+batch_size: sequences per optimizer step, for the accumulation check (None skips it).
+"""
+
+# A dataclass built from the registry, so that a new toggle needs no field written here.
 TrainToggles = dataclasses.make_dataclass(
     "TrainToggles",
     [("device", str, dataclasses.field(default="cpu")),
      ("batch_size", int | None, dataclasses.field(default=None)),
      *[(t.attr, t | None, dataclasses.field(default=None)) for t in TOGGLES]],
     bases=(_ToggleSet,), kw_only=True, slots=True,
-    namespace={"__module__": __name__, "__doc__": "Every training toggle, None where off. device: where the run trains (several "
-                          "toggles exist only on cuda); batch_size: sequences per optimizer step, for the "
-                          "accumulation check (None skips it)."})
+    namespace={"__module__": __name__, "__doc__": _TRAIN_TOGGLES_DOC})
 
 
 def from_dict(d: dict | None, *, device: str = "cpu", batch_size: int | None = None) -> TrainToggles:
