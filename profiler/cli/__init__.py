@@ -35,12 +35,6 @@ _COMMANDS: list[tuple[str, str]] = [
 ]
 
 PLUGIN_GROUP = "vramscope.verbs"
-# Verbs that packages of this repository provide, offered when their module is installed even
-# if the entry point group does not name them: an install made before the group existed (an
-# editable install's metadata is written once, at install time).
-_KNOWN_PLUGINS: list[tuple[str, str]] = [
-    ("ablate", "workloads.ablate_cli"),
-]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
 
@@ -86,16 +80,13 @@ def _commands(word: str | None) -> list[tuple[str, str]]:
 
 
 def plugin_verbs() -> list[tuple[str, str]]:
-    """(verb, module) of other packages' verbs, by name: the entry point group's, then the known
-    ones it does not name whose module is installed. A built-in verb's name is not taken."""
+    """(verb, module) of other packages' verbs (the entry point group's), by name. A built-in
+    verb's name is not taken. `ablate` comes this way, from workloads (pyproject.toml)."""
     builtin = dict(_COMMANDS)
     verbs: dict[str, str] = {}
     for name, module in _entry_point_verbs():
         if name not in builtin:
             verbs.setdefault(name, module)
-    for name, module in _KNOWN_PLUGINS:
-        if name not in builtin and name not in verbs and _source_of(module):
-            verbs[name] = module
     return sorted(verbs.items())
 
 
