@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from profiler.trace import schema
 
 NAME = "whatif"
 HELP = __doc__.splitlines()[0]
@@ -39,15 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.analysis.summary import load_summary
+    from profiler.trace import layout
+    from profiler.trace.summary_cache import load_summary
     from profiler.whatif import (DEFAULT_MARGIN_BYTES, WhatIfError, parse_size, point_from_summary,
                                  whatif)
 
     values = _values(args.values, len(args.runs), WhatIfError)
     points = []
     for run_dir, x in zip(args.runs, values):
-        summary = load_summary(run_dir)
-        points.append(point_from_summary(summary, args.axis, x=x, meta=_meta(run_dir)))
+        meta = layout.read_meta_lenient(run_dir) or {}
+        points.append(point_from_summary(load_summary(run_dir), args.axis, x=x, meta=meta))
     device_memory = parse_size(args.device_memory) if args.device_memory else None
     margin = parse_size(args.margin) if args.margin is not None else DEFAULT_MARGIN_BYTES
     result = whatif(points, axis=args.axis, device_memory=device_memory, margin=margin)
@@ -68,14 +66,6 @@ def _values(text, n, error):
     if len(vals) != n or any(v <= 0 for v in vals):
         raise error(f"--values: expected {n} positive whole numbers (one per run), got {text!r}")
     return vals
-
-
-def _meta(run_dir) -> dict:
-    try:
-        meta = json.loads((Path(run_dir) / schema.META_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _gib(n) -> str:
