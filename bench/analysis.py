@@ -361,7 +361,7 @@ def summary_cold(trace) -> None:
 
 def make_compare_runs(root: Path, summary: dict, n_runs: int) -> list[Path]:
     """n_runs run directories with meta.json and a cached summary.json (variants of `summary`)."""
-    from profiler.analysis import write_summary
+    from profiler.trace.summary_cache import write_summary
 
     dirs = []
     for i in range(n_runs):
@@ -386,7 +386,8 @@ def make_compare_runs(root: Path, summary: dict, n_runs: int) -> list[Path]:
 
 def compare_page(run_dirs: list[Path]) -> None:
     """What the Compare page computes: every run's summary (from cache), the table, one category diff."""
-    from profiler.analysis import compare_categories, compare_summaries, load_summaries
+    from profiler.analysis import compare_categories, compare_summaries
+    from profiler.trace.summary_cache import load_summaries
 
     def no_trace(path):  # a cache miss here would be a bug in the bench, not a slow page
         raise AssertionError(f"{path}: summary.json was not used")

@@ -13,7 +13,7 @@ Parquet files is not timed).
   and phases, what is alive at the peak by module, the per-step allocator
   counters, and the three Plotly figures.
 - Layers: the module table, its roll-up, the bar and the treemap.
-- Compare: 8 runs through their summary.json (summary.load_summary, what
+- Compare: 8 runs through their summary.json (summary_cache.load_summary, what
   data.stored_summary caches), the ablation losses beside them, data.ablation_view
   and the "differences only" columns.
 Budgets on a 2-core machine: 2 s, 2 s and 3 s.
@@ -111,7 +111,7 @@ def layers(trace) -> dict:
 
 def compare(root: Path, runs: list[Path]) -> dict:
     from dashboard import data
-    from profiler.analysis.summary import load_summary
+    from profiler.trace.summary_cache import load_summary
 
     def no_trace(path):  # a cache miss here would be a bug in the bench, not a slow page
         raise AssertionError(f"{path}: summary.json was not used")
@@ -127,7 +127,7 @@ def compare(root: Path, runs: list[Path]) -> dict:
 def _load_summary_accepts_load() -> bool:
     import inspect
 
-    from profiler.analysis.summary import load_summary
+    from profiler.trace.summary_cache import load_summary
 
     return "load" in inspect.signature(load_summary).parameters
 
@@ -168,8 +168,8 @@ def main(argv=None) -> int:
         root = Path(tmp)
         runs = make_compare_runs(root, summary, args.runs)
         if not _load_summary_accepts_load():
-            raise SystemExit("profiler.analysis.summary.load_summary takes no load=: update the bench")
-        results[f"Compare"] = [compare(root, runs) for _ in range(args.repeat)]
+            raise SystemExit("profiler.trace.summary_cache.load_summary takes no load=: update the bench")
+        results["Compare"] = [compare(root, runs) for _ in range(args.repeat)]
 
     print(f"\n{'page':<24}{'data s':>8}{'figures s':>11}{'first s':>9}{'median s':>10}{'max s':>8}"
           f"{'budget s':>10}  verdict")

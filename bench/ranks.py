@@ -31,7 +31,7 @@ Then, per rank count, it measures:
   wall time of the whole build with --jobs processes, as ranks write in parallel);
 - the Runs page's data function, dashboard.data.runs_table(root): cold (no
   summary.json caches: every rank's summary is computed and cached) and warm;
-- the Ranks page's data function, profiler.analysis.ranks.rank_table(run_root),
+- the Ranks page's data function, profiler.trace.layout.rank_table(run_root),
   with the caches present (when that module exists);
 - a duckdb query over the whole job: per rank, max(steps.allocated_bytes) and
   max(steps.max_allocated_bytes) through read_parquet('<run>/*/steps.parquet',
@@ -491,7 +491,7 @@ def disk_bytes(run_root: Path) -> dict:
 
 
 def remove_summaries(run_root: Path) -> int:
-    from profiler.analysis.summary import SUMMARY_FILE
+    from profiler.trace.summary_cache import SUMMARY_FILE
 
     gone = 0
     for path in Path(run_root).glob(f"*/{SUMMARY_FILE}"):
@@ -513,9 +513,9 @@ def _quiet_streamlit() -> None:
 
 
 def rank_table_function():
-    """profiler.analysis.ranks.rank_table, or None while that module does not exist."""
+    """profiler.trace.layout.rank_table, or None while that module does not exist."""
     try:
-        module = importlib.import_module("profiler.analysis.ranks")
+        module = importlib.import_module("profiler.trace.layout")
     except ImportError:
         return None
     return getattr(module, "rank_table", None)
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0]:.2f}")
     print(f"ranks {rank_counts}, ~{n_events:,} events per rank in steps of ~{PER_STEP:,}, "
           f"{args.jobs} writer processes; rank_table: "
-          f"{'profiler.analysis.ranks' if rank_table_function() else 'not present'}")
+          f"{'profiler.trace.layout' if rank_table_function() else 'not present'}")
 
     keep = args.out is not None
     out = Path(args.out) if keep else Path(tempfile.mkdtemp(prefix="vramscope-bench-ranks-"))
@@ -657,7 +657,7 @@ def main(argv=None) -> int:
           "write = journal append + flush per step, final = finalize (both per rank, one process); "
           "build wall = all ranks with the writer processes above, stream generation included. "
           "runs = dashboard.data.runs_table(root): cold without summary.json caches, warm with "
-          "them; rows = its rows. ranks = profiler.analysis.ranks.rank_table(run_root). "
+          "them; rows = its rows. ranks = profiler.trace.layout.rank_table(run_root). "
           "duck steps / events = the per-rank duckdb queries over steps.parquet and events.parquet. "
           "skew = max/min - 1 of the ranks' peaks. ok = duckdb agrees with every rank's meta and "
           "no block replay missed.")

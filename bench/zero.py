@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from profiler.analysis.categories import category_timeline  # noqa: E402
-from profiler.analysis.ranks import rank_dirs  # noqa: E402
+from profiler.trace.layout import rank_dirs  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
 
 MODEL_STATE = ("parameter", "gradient", "optimizer_state", "unsharded_parameter", "unsharded_gradient",

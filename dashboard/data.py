@@ -20,9 +20,10 @@ from profiler.analysis import ranks
 # The Compare table, under the names the dashboard's callers have used for it.
 from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
 from profiler.analysis.kv import kv_table
-from profiler.analysis.summary import load_summary
 from profiler.errors import TraceError, one_line
-from profiler.trace.reader import iter_runs, load_trace
+from profiler.trace import layout
+from profiler.trace.reader import load_trace
+from profiler.trace.summary_cache import load_summary
 
 TRACES_ENV = "VRAMSCOPE_TRACES"
 MAX_POINTS = 4000  # points per drawn line; downsample keeps each bucket's min and max
@@ -40,7 +41,7 @@ def traces_dir() -> Path:
 def stamp(run) -> tuple:
     """What changes when a run's files do: a live run's journals grow, meta.json gets its status.
     For a multi-rank run, the files of every rank's partition."""
-    parts = ranks.rank_dirs(run)
+    parts = layout.rank_dirs(run)
     if parts:
         return tuple((p.name, stamp(p)) for p in parts)
     try:
@@ -55,7 +56,7 @@ def stamp(run) -> tuple:
 
 def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
     """One Runs-page row; a run that could not be read keeps its path and its one-line error.
-    A multi-rank run's row (summary from ranks.run_group_summary) adds world_size, skew and failed ranks."""
+    A multi-rank run's row (summary from layout.run_group_summary) adds world_size, skew and failed ranks."""
     row = dict.fromkeys(RUN_COLUMNS)
     row.update(run=str(run), name=run.name, error=error)
     if summary is None:
@@ -85,14 +86,14 @@ def runs_table(root) -> pd.DataFrame:
     an unreadable job keeps its world_size (its partitions), so that the Ranks page can show why."""
     rows, jobs = [], set()
     root = Path(root)
-    for run in iter_runs(root):
-        job = ranks.run_root_of(run)
+    for run in layout.iter_runs(root):
+        job = layout.run_root_of(run)
         if job == run or run == root:  # root itself a rank partition: the user asked for that one rank
             rows.append(_summary_row(run, load_summary))
         elif job not in jobs:
             jobs.add(job)
-            row = _summary_row(job, ranks.run_group_summary)
-            row["world_size"] = row["world_size"] or len(ranks.rank_dirs(job))
+            row = _summary_row(job, layout.run_group_summary)
+            row["world_size"] = row["world_size"] or len(layout.rank_dirs(job))
             rows.append(row)
     return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
 
@@ -124,14 +125,14 @@ def cached_runs_table(root: str, files: tuple = ()) -> pd.DataFrame:
 def root_stamp(root) -> tuple:
     """Changes when any run under `root` changes (a new run, a finished one)."""
     try:
-        return tuple((str(r), stamp(r)) for r in iter_runs(root))
+        return tuple((str(r), stamp(r)) for r in layout.iter_runs(root))
     except TraceError:
         return ()
 
 
 def single_run(run: str) -> str:
     """The run a single-run view reads: a multi-rank run's largest rank (its per-GPU peak), else the run."""
-    if not ranks.rank_dirs(run):
+    if not layout.rank_dirs(run):
         return run
     return str(Path(run) / f"rank={stored_summary(run)['peak_rank']}")
 
@@ -169,9 +170,9 @@ def summary_of(run: str) -> dict:
 @st.cache_data(max_entries=256, show_spinner=False)
 def cached_stored_summary(run: str, files: tuple) -> dict:
     """load_summary: summary.json when fresh, else computed (and cached beside the run); for a
-    multi-rank run, ranks.run_group_summary over its ranks' summaries."""
-    if ranks.rank_dirs(run):
-        return ranks.run_group_summary(run, cached_rank_records(run, files))
+    multi-rank run, ranks.run_group_summary_of its ranks' summaries."""
+    if layout.rank_dirs(run):
+        return ranks.run_group_summary_of(cached_rank_records(run, files), Path(run))
     return load_summary(run)
 
 
@@ -193,8 +194,8 @@ def kv_of(run: str) -> pd.DataFrame:
 
 @st.cache_data(max_entries=16, show_spinner="Reading the ranks...")
 def cached_rank_records(run: str, files: tuple) -> list:
-    """ranks.read_ranks: every rank's meta and summary, read once for the table, categories and timelines."""
-    return ranks.read_ranks(run)
+    """layout.read_ranks: every rank's meta and summary, read once for the table, categories and timelines."""
+    return layout.read_ranks(run)
 
 
 def rank_records_of(run: str) -> list:
@@ -203,8 +204,8 @@ def rank_records_of(run: str) -> list:
 
 @st.cache_data(max_entries=32, show_spinner="Reading the ranks' timelines...")
 def cached_rank_timelines(run: str, chosen: tuple, files: tuple) -> pd.DataFrame:
-    return ranks.rank_timelines(run, chosen, max_points=MAX_POINTS // 2,
-                                records=cached_rank_records(run, files))
+    return layout.rank_timelines(run, chosen, max_points=MAX_POINTS // 2,
+                                 records=cached_rank_records(run, files))
 
 
 def rank_timelines_of(run: str, chosen) -> pd.DataFrame:

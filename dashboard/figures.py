@@ -276,7 +276,7 @@ def measured_vs_predicted(df: pd.DataFrame) -> go.Figure:
 # -- Ranks ------------------------------------------------------------------------------
 
 def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
-    """ranks.rank_table: each rank's peak allocated bytes (the allocator's), the largest in red,
+    """analysis.ranks.rank_table_of: each rank's peak allocated bytes (the allocator's), the largest in red,
     the median of the ranks' peaks as a dashed line; ranks without a peak are left out."""
     title = "Peak allocated per rank"
     d = table[table["peak_allocated_bytes"].notna()]
@@ -300,7 +300,7 @@ def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
 
 
 def rank_timelines(df: pd.DataFrame) -> go.Figure:
-    """ranks.rank_timelines: allocated bytes of each rank against its step-aligned x, overlaid."""
+    """analysis.ranks.rank_timelines_of: allocated bytes of each rank against its step-aligned x, overlaid."""
     title = "Allocated bytes per rank, aligned by step"
     if df.empty:
         return _empty(title)
@@ -312,7 +312,7 @@ def rank_timelines(df: pd.DataFrame) -> go.Figure:
 
 
 def rank_categories(df: pd.DataFrame, categories: list[str]) -> go.Figure:
-    """ranks.rank_categories: each rank's bytes at its own peak, stacked by category."""
+    """analysis.ranks.rank_categories_of: each rank's bytes at its own peak, stacked by category."""
     title = "Categories at each rank's peak"
     cats = [c for c in categories if c in df and (df[c] != 0).any()]
     if df.empty or not cats:

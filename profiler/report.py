@@ -24,11 +24,11 @@ from profiler.units import exact_bytes, human_bytes
 def report_of(path, top: int = 10) -> dict:
     """The report of a run directory; for a multi-rank job's directory, its ranks' table in front
     of the report of its largest rank."""
-    from profiler.analysis import ranks
+    from profiler.trace import layout
     from profiler.trace.reader import load_trace  # pandas only where a trace is read
 
     job = None
-    if ranks.is_multi_rank(path) and ranks.run_root_of(path) == Path(path):
+    if layout.is_multi_rank(path) and layout.run_root_of(path) == Path(path):
         job = build_ranks(path)
         path = job["largest_rank_path"]
     report = build_report(load_trace(path), top=top)
@@ -39,8 +39,9 @@ def build_ranks(job_dir) -> dict:
     """A job's ranks: one row each, the skew of their peaks, and which rank is the largest."""
     from profiler.analysis import ranks
     from profiler.errors import TraceError
+    from profiler.trace import layout
 
-    table = ranks.rank_table(job_dir)
+    table = layout.rank_table(job_dir)
     skew = ranks.rank_skew(table)
     if skew["max_rank"] is None:
         raise TraceError(f"{job_dir}: no rank of this job could be read")

@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from profiler.analysis import ranks
 from profiler.errors import TraceError, one_line
+from profiler.trace import layout
 
 CURRENT = "current_run"  # session key: the run the single-run pages show (a rank's partition of a job)
 SELECTED = "compare_runs"  # session key: the runs the Runs page hands to Compare
@@ -59,10 +59,10 @@ def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
         return None
     names = dict(zip(ok["run"], ok["name"]))
     current = st.session_state.get(CURRENT)
-    job = str(ranks.run_root_of(current)) if current else None
+    job = str(layout.run_root_of(current)) if current else None
     index = paths.index(current) if current in paths else paths.index(job) if job in paths else 0
     choice = st.selectbox(label, paths, index=index, format_func=lambda p: f"{names[p]}  ({p})")
-    parts = [str(p) for p in ranks.rank_dirs(choice)]
+    parts = [str(p) for p in layout.rank_dirs(choice)]
     if parts:
         first = data.single_run(choice)
         index = parts.index(current) if current in parts else parts.index(first) if first in parts else 0

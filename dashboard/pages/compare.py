@@ -1,6 +1,6 @@
 """Compare: the ablation table against a baseline, timelines aligned by step, and two runs' diffs.
 
-A multi-rank run takes part per GPU: its summary is the job's (ranks.run_group_summary) and its
+A multi-rank run takes part per GPU: its summary is the job's (layout.run_group_summary) and its
 timeline and layers are those of its rank with the largest peak."""
 
 import streamlit as st

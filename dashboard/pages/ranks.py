@@ -6,6 +6,7 @@ from dashboard import figures
 from dashboard.pages import _shared as ui
 from profiler.analysis import ranks
 from profiler.analysis.categories import category_names
+from profiler.trace import layout
 from profiler.units import exact_bytes
 
 MAX_WARNINGS = 20  # failed ranks listed one by one; the table holds them all
@@ -23,13 +24,13 @@ if jobs.empty:
 
 names = dict(zip(jobs["run"], jobs["name"]))
 paths = jobs["run"].tolist()
-current = st.session_state.get(ui.CURRENT_JOB) or str(ranks.run_root_of(st.session_state.get(ui.CURRENT) or ""))
+current = st.session_state.get(ui.CURRENT_JOB) or str(layout.run_root_of(st.session_state.get(ui.CURRENT) or ""))
 job = st.selectbox("Multi-rank run", paths, index=paths.index(current) if current in paths else 0,
                    format_func=lambda p: f"{names[p]}  ({p})")
 st.session_state[ui.CURRENT_JOB] = job
 
 records = ui.data.rank_records_of(job)
-table = ranks.rank_table(job, records)
+table = ranks.rank_table_of(records)
 skew = ranks.rank_skew(table)
 top, bottom = st.columns(3), st.columns(3)
 top[0].metric("World size", f"{len(table)}", help=f"{skew['ranks']} with a readable peak")
@@ -57,7 +58,7 @@ chosen = st.multiselect(f"Ranks to overlay (up to {ui.data.MAX_RANK_LINES})", re
                         default=ui.data.default_ranks(table, skew), max_selections=ui.data.MAX_RANK_LINES)
 st.plotly_chart(figures.rank_timelines(ui.data.rank_timelines_of(job, chosen)))
 
-at_peak = ranks.rank_categories(job, records=records)
+at_peak = ranks.rank_categories_of(records)
 st.plotly_chart(figures.rank_categories(at_peak, category_names(c for c in at_peak.columns
                                                                 if c not in ("rank", "peak_allocated_bytes"))))
 st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))

@@ -128,7 +128,7 @@ def speed_change_pct(baseline_step_time, run_step_time, baseline_tokens_per_s=No
 
 
 def headline(baseline: dict, run: dict) -> Headline:
-    """Memory saved and speed change of one run summary (run_summary, ranks.run_group_summary)
+    """Memory saved and speed change of one run summary (run_summary, ranks.run_group_summary_of)
     against another: peak allocated bytes, tokens/s or median step time."""
     return Headline(
         memory_saved_pct=memory_saved_pct(baseline.get("peak_allocated_bytes"), run.get("peak_allocated_bytes")),

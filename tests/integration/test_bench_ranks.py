@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from profiler.trace.reader import iter_runs, load_trace
+from profiler.trace.layout import iter_runs
+from profiler.trace.reader import load_trace
 
 duckdb = pytest.importorskip("duckdb")
 

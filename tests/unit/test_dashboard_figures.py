@@ -154,21 +154,22 @@ def test_empty_inputs_give_an_annotated_figure(build):
 
 def test_rank_figures(tmp_path):
     from profiler.analysis import ranks
+    from profiler.trace import layout
     from rank_runs import write_job
 
     job = write_job(tmp_path, "job", {0: 2000, 1: 6000, 2: 3000}, world_size=4)
-    table = ranks.rank_table(job)
+    table = layout.rank_table(job)
     bars = figures.rank_peaks(table, ranks.rank_skew(table))
     assert list(bars.data[0].x) == [0, 1, 2]  # the missing rank 3 has no bar
     assert list(bars.data[0].customdata[:, 0]) == [3500, 7500, 4500]
     assert list(bars.data[0].marker.color) == ["#1f77b4", "#d62728", "#1f77b4"]
     assert bars.layout.shapes[0].y0 * figures.GIB == pytest.approx(4500)  # the median line
-    cats = ranks.rank_categories(job)
+    cats = layout.rank_categories(job)
     stacked = figures.rank_categories(cats, category_names())
     assert sum(np.asarray(t.customdata) for t in stacked.data).tolist() == [3500, 7500, 4500]
-    lines = figures.rank_timelines(ranks.rank_timelines(job))
+    lines = figures.rank_timelines(layout.rank_timelines(job))
     assert [t.name for t in lines.data] == ["rank 0", "rank 1", "rank 2"]
     assert [max(t.customdata) for t in lines.data] == [3500, 7500, 4500]
     empty = table.iloc[0:0]
     assert not figures.rank_peaks(empty, ranks.rank_skew(empty)).data
-    assert not figures.rank_timelines(ranks.rank_timelines(job, ranks=[3])).data
+    assert not figures.rank_timelines(layout.rank_timelines(job, ranks=[3])).data

@@ -1,5 +1,6 @@
-"""Multi-rank runs (profiler/analysis/ranks.py and the dashboard's runs table): per-rank peaks, skew,
-categories and timelines against hand-made ranks whose numbers are worked out by hand (rank_runs.py)."""
+"""Multi-rank runs (profiler.trace.layout's views of a job, profiler/analysis/ranks.py and the dashboard's
+runs table): per-rank peaks, skew, categories and timelines against hand-made ranks whose numbers are
+worked out by hand (rank_runs.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 from fakes import replay_peak
 from profiler.analysis import ranks
 from profiler.analysis.compare import compare_summaries
-from profiler.trace.summary_cache import load_summary
 from profiler.errors import TraceError
+from profiler.trace import layout
+from profiler.trace.summary_cache import load_summary
 from rank_runs import PARAM, GRAD, peak_of, rank_events, step_us, write_job, write_rank
 
 ACT = {0: 2000, 1: 6000}  # rank 1 holds the larger activation: peaks 3500 and 7500
@@ -36,16 +38,16 @@ def four_ranks_two_failed(tmp_path) -> Path:
 def test_layout_helpers(tmp_path, two_ranks):
     for rank in (2, 10, 9):  # natural order: rank=10 after rank=9
         write_rank(tmp_path, "job2", rank, 1000, 11)
-    assert [p.name for p in ranks.rank_dirs(two_ranks)] == ["rank=0", "rank=1", "rank=2", "rank=9", "rank=10"]
-    assert ranks.is_multi_rank(two_ranks) and ranks.is_multi_rank(two_ranks / "rank=1")
-    assert ranks.run_root_of(two_ranks / "rank=1") == two_ranks == ranks.run_root_of(two_ranks)
+    assert [p.name for p in layout.rank_dirs(two_ranks)] == ["rank=0", "rank=1", "rank=2", "rank=9", "rank=10"]
+    assert layout.is_multi_rank(two_ranks) and layout.is_multi_rank(two_ranks / "rank=1")
+    assert layout.run_root_of(two_ranks / "rank=1") == two_ranks == layout.run_root_of(two_ranks)
     single = write_job(tmp_path, "single", {0: 1}) / "rank=0"
     shutil.move(single, tmp_path / "plain")
-    assert not ranks.is_multi_rank(tmp_path / "plain") and ranks.rank_dirs(tmp_path / "plain") == []
+    assert not layout.is_multi_rank(tmp_path / "plain") and layout.rank_dirs(tmp_path / "plain") == []
 
 
 def test_rank_table_peaks_are_the_allocators_and_the_replays(two_ranks):
-    table = ranks.rank_table(two_ranks)
+    table = layout.rank_table(two_ranks)
     assert table["rank"].tolist() == [0, 1]
     for row in table.itertuples():
         meta = json.loads((two_ranks / f"rank={row.rank}" / "meta.json").read_text())
@@ -59,7 +61,7 @@ def test_rank_table_peaks_are_the_allocators_and_the_replays(two_ranks):
 
 
 def test_skew_by_hand(two_ranks):
-    table = ranks.rank_table(two_ranks)
+    table = layout.rank_table(two_ranks)
     skew = ranks.rank_skew(table)
     median = (3500 + 7500) / 2
     assert skew == dict(max_bytes=7500, max_rank=1, min_bytes=3500, min_rank=0, median_bytes=median,
@@ -70,7 +72,7 @@ def test_skew_by_hand(two_ranks):
 
 
 def test_a_killed_and_a_missing_rank_are_rows_that_say_so(four_ranks_two_failed):
-    table = ranks.rank_table(four_ranks_two_failed)
+    table = layout.rank_table(four_ranks_two_failed)
     assert table["rank"].tolist() == [0, 1, 2, 3]
     assert table["status"].tolist() == ["complete", "complete", "running", "missing"]
     assert table["error"].iloc[:2].isna().all()
@@ -85,29 +87,29 @@ def test_a_killed_and_a_missing_rank_are_rows_that_say_so(four_ranks_two_failed)
 
 
 def test_categories_per_rank_sum_to_each_ranks_peak(four_ranks_two_failed):
-    cats = ranks.rank_categories(four_ranks_two_failed)
+    cats = layout.rank_categories(four_ranks_two_failed)
     assert cats["rank"].tolist() == [0, 1, 2]  # the missing rank has nothing to split
     split = cats.drop(columns=["rank", "peak_allocated_bytes"])
     assert (split.sum(axis=1) == cats["peak_allocated_bytes"]).all()
     assert cats["peak_allocated_bytes"].tolist() == [3500, 7500, 4500]
     assert (cats["parameter"] == PARAM).all() and (cats["gradient"] == GRAD).all()
-    assert ranks.rank_categories(four_ranks_two_failed, ranks=[1])["rank"].tolist() == [1]
+    assert layout.rank_categories(four_ranks_two_failed, ranks=[1])["rank"].tolist() == [1]
 
 
 def test_timelines_reach_each_peak_and_line_up_by_step(four_ranks_two_failed):
-    tl = ranks.rank_timelines(four_ranks_two_failed)
+    tl = layout.rank_timelines(four_ranks_two_failed)
     assert list(tl.columns) == list(ranks.TIMELINE_COLUMNS)
     assert tl.groupby("rank")["allocated_bytes"].max().to_dict() == {0: 3500, 1: 7500, 2: 4500}
     for _, g in tl.groupby("rank"):
         assert g["ts_s"].iloc[0] == 0 and (np.diff(g["x"]) >= 0).all()
         assert g["x"].min() == 0 and 1 <= g["x"].max() <= 2 and set(g["step"]) == {0, 1}
     # One rank's line is the single-run timeline's, downsampled without losing its peak.
-    small = ranks.rank_timelines(four_ranks_two_failed, ranks=[1], max_points=4)
+    small = layout.rank_timelines(four_ranks_two_failed, ranks=[1], max_points=4)
     assert small["rank"].unique().tolist() == [1] and small["allocated_bytes"].max() == 7500
 
 
 def test_group_summary_is_per_gpu(four_ranks_two_failed):
-    s = ranks.run_group_summary(four_ranks_two_failed)
+    s = layout.run_group_summary(four_ranks_two_failed)
     rank1 = load_summary(four_ranks_two_failed / "rank=1")
     assert s["peak_allocated_bytes"] == s["allocator_max_allocated_bytes"] == 7500 == max(PEAKS.values())
     assert s["categories_at_peak_bytes"] == rank1["categories_at_peak_bytes"]
@@ -123,7 +125,7 @@ def test_group_summary_is_per_gpu(four_ranks_two_failed):
 
 def test_group_summaries_compare_across_world_sizes(tmp_path, two_ranks):
     three = write_job(tmp_path, "job3", {0: 1000, 1: 1500, 2: 500})
-    table = compare_summaries([ranks.run_group_summary(two_ranks), ranks.run_group_summary(three)])
+    table = compare_summaries([layout.run_group_summary(two_ranks), layout.run_group_summary(three)])
     assert table["world_size"].tolist() == [2, 3]
     assert table["peak_allocated_bytes"].tolist() == [7500, peak_of(1500)]
     assert table["memory_saved_pct"].iloc[1] == pytest.approx((7500 - peak_of(1500)) / 7500 * 100)
@@ -135,39 +137,39 @@ def test_a_corrupt_rank_gives_its_error_and_never_raises(tmp_path):
     (job / "rank=2" / "meta.json").write_text("{nope")
     shutil.rmtree(job / "rank=3")
     (job / "rank=3").mkdir()  # a partition with nothing in it
-    table = ranks.rank_table(job)
+    table = layout.rank_table(job)
     assert table["status"].tolist() == ["complete", "unreadable", "unreadable", "unreadable"]
     assert "events.parquet" in table["error"][1] and "meta.json" in table["error"][2]
     assert "meta.json" in table["error"][3]
     assert all("\n" not in e for e in table["error"].dropna())
     assert table["peak_allocated_bytes"].tolist()[0] == 3500 and table["is_max"].tolist()[0]
-    assert ranks.rank_categories(job)["rank"].tolist() == [0]
-    assert ranks.rank_timelines(job)["rank"].unique().tolist() == [0]
-    s = ranks.run_group_summary(job)
+    assert layout.rank_categories(job)["rank"].tolist() == [0]
+    assert layout.rank_timelines(job)["rank"].unique().tolist() == [0]
+    s = layout.run_group_summary(job)
     assert s["failed_ranks"] == [1, 2, 3] and s["peak_allocated_bytes"] == 3500
 
 
 def test_a_job_with_no_readable_rank(tmp_path):
     job = write_job(tmp_path, "dead", {0: 100, 1: 100})
-    for part in ranks.rank_dirs(job):
+    for part in layout.rank_dirs(job):
         (part / "meta.json").write_text("[]")
-    table = ranks.rank_table(job)
+    table = layout.rank_table(job)
     assert table["error"].notna().all() and ranks.rank_skew(table)["max_rank"] is None
     assert not table["is_max"].any() and table["skew_pct"].isna().all()
-    assert ranks.rank_timelines(job).empty and ranks.rank_categories(job).empty
+    assert layout.rank_timelines(job).empty and layout.rank_categories(job).empty
     with pytest.raises(TraceError, match="no rank"):
-        ranks.run_group_summary(job)
+        layout.run_group_summary(job)
 
 
 def test_cached_summaries_spare_loading_any_trace(two_ranks, monkeypatch):
-    first = ranks.rank_table(two_ranks)  # computes and caches each rank's summary.json
+    first = layout.rank_table(two_ranks)  # computes and caches each rank's summary.json
 
     def no_trace(*args, **kwargs):
         raise AssertionError("a rank with a cached summary was loaded")
 
     monkeypatch.setattr("profiler.trace.reader.load_trace", no_trace)
-    pd.testing.assert_frame_equal(ranks.rank_table(two_ranks), first)
-    assert ranks.run_group_summary(two_ranks)["peak_allocated_bytes"] == 7500
+    pd.testing.assert_frame_equal(layout.rank_table(two_ranks), first)
+    assert layout.run_group_summary(two_ranks)["peak_allocated_bytes"] == 7500
 
 
 # -- the dashboard's runs table ---------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_runs_table_makes_a_job_one_row(data, tmp_path, two_ranks, four_ranks_tw
 
 def test_runs_table_keeps_an_unreadable_job_with_its_world_size(data, tmp_path):
     job = write_job(tmp_path, "dead", {0: 100, 1: 100, 2: 100})
-    for part in ranks.rank_dirs(job):
+    for part in layout.rank_dirs(job):
         (part / "events.parquet").write_bytes(b"junk")
     row = data.runs_table(tmp_path).iloc[0]
     assert row["run"] == str(job) and row["world_size"] == 3 and "no rank" in row["error"]
@@ -206,14 +208,14 @@ def test_runs_table_keeps_an_unreadable_job_with_its_world_size(data, tmp_path):
 def test_ablation_view_has_world_sizes(data, tmp_path, two_ranks):
     single = tmp_path / "plain"
     shutil.move(write_job(tmp_path / "x", "plain", {0: 100}) / "rank=0", single)
-    summaries = [ranks.run_group_summary(two_ranks), load_summary(single)]
+    summaries = [layout.run_group_summary(two_ranks), load_summary(single)]
     view = data.ablation_view(summaries, 0, data.ablation_losses(tmp_path), [str(two_ranks), str(single)])
     assert view["world_size"].tolist() == [2, 1]
     assert view["memory_saved_pct"].iloc[1] == pytest.approx((7500 - peak_of(100)) / 7500 * 100)
 
 
 def test_default_ranks_to_overlay(data, four_ranks_two_failed):
-    table = ranks.rank_table(four_ranks_two_failed)
+    table = layout.rank_table(four_ranks_two_failed)
     assert data.default_ranks(table, ranks.rank_skew(table)) == [0, 1, 2]
     assert data.default_ranks(table, ranks.rank_skew(table), most=2) == [0, 1]
 
