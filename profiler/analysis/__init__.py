@@ -1,10 +1,9 @@
 """Pure functions over a loaded Trace: a Trace in, a DataFrame or a dataclass out.
 
 The dashboard and `vramscope report` both call these, so that they always agree.
-Nothing here prints, plots or opens a file: profiler.trace reads runs (reader, layout)
-and keeps the summary cache (summary_cache), and hands analysis what it loaded. The
-cache's load_summary, load_summaries, read_summary and write_summary stay importable
-from here.
+Nothing here prints, plots or opens a file: profiler.trace reads a run into a Trace
+(reader), finds runs and a multi-rank run's ranks (layout), keeps the summary cache
+(summary_cache), and hands analysis what it loaded.
 
     timeline        allocated / active / reserved bytes per event, step and phase spans, the peak
     downsample      fewer rows for a plot, keeping each bucket's minimum and maximum
@@ -69,14 +68,11 @@ __all__ = [
     "kv_waste",
     "lifetimes",
     "live_at",
-    "load_summaries",
-    "load_summary",
     "memory_saved_pct",
     "memory_timeline",
     "module_table",
     "peak",
     "phase_spans",
-    "read_summary",
     "rollup",
     "run_summary",
     "segment_map_at",
@@ -85,16 +81,4 @@ __all__ = [
     "step_spans",
     "summarize",
     "summary_row",
-    "write_summary",
 ]
-
-# The summary cache's names, from profiler.trace.summary_cache (which imports this package).
-_CACHE_NAMES = ("load_summaries", "load_summary", "read_summary", "write_summary")
-
-
-def __getattr__(name):
-    if name in _CACHE_NAMES:
-        from profiler.trace import summary_cache
-
-        return getattr(summary_cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,9 @@ Peaks are the allocator's own (meta.max_allocated_bytes, what torch.cuda.max_mem
 reported on that rank) where the rank recorded one, else the replayed peak of its events
 (a rank that died before finalizing has only journals and no allocator maximum).
 
-The names that take a run directory (read_ranks, rank_table, rank_categories, rank_timelines,
-run_group_summary, and the layout helpers) are profiler.trace.layout's, which reads the ranks
-and calls the functions here; they are importable from here as well.
+The functions that take a run directory (read_ranks, rank_table, rank_categories,
+rank_timelines, run_group_summary) and the rank=N partition helpers live in
+profiler.trace.layout, which reads the ranks and calls the functions here.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from profiler.analysis.summary import tokens_per_second
 from profiler.analysis.timeline import int_column, memory_timeline, step_spans
 from profiler.errors import TraceError, one_line
 from profiler.trace import schema
-from profiler.trace.layout import (MISSING, RANK_DIR, RUNNING, UNREADABLE, RankRecord,  # noqa: F401
-                                   is_multi_rank, rank_categories, rank_dirs, rank_number, rank_table,
-                                   rank_timelines, read_ranks, run_group_summary, run_root_of)
+from profiler.trace.layout import RUNNING, RankRecord
+# Kept importable from here for callers of the earlier layout.
+from profiler.trace.layout import run_group_summary  # noqa: F401
 from profiler.trace.layout import world_size_of as _world_size
 
 # Statuses a capture writes when it ends; a rank without one is live or died mid-capture.

@@ -2,8 +2,8 @@
 
 The Runs page lists, and the Compare table lines up, many runs at once from these
 dicts; profiler.trace.summary_cache keeps each one in summary.json beside its run,
-so that a run is summarised once. Its names (load_summary, load_summaries,
-read_summary, write_summary, SUMMARY_FILE) are importable from here as well.
+so that a run is summarised once, and is where load_summary, load_summaries,
+read_summary, write_summary and SUMMARY_FILE live.
 """
 
 from __future__ import annotations
@@ -21,17 +21,15 @@ from profiler.analysis.timeline import int_column, peak, reserved_bytes, start_r
 SUMMARY_VERSION = 1
 # Tables run_summary reads; a caller may load only these.
 SUMMARY_TABLES = ("events", "steps", "segments")
-# The summary cache's names, which live in profiler.trace.summary_cache.
-_CACHE_NAMES = ("SUMMARY_FILE", "load_summaries", "load_summary", "read_summary", "write_summary",
-                "_meta_digest")
 
 
 def __getattr__(name):
-    # Lazily: the cache imports this module for run_summary.
-    if name in _CACHE_NAMES:
-        from profiler.trace import summary_cache
+    # load_summary is kept importable from here for callers of the earlier layout; lazily,
+    # since profiler.trace.summary_cache imports this module for run_summary.
+    if name == "load_summary":
+        from profiler.trace.summary_cache import load_summary
 
-        return getattr(summary_cache, name)
+        return load_summary
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

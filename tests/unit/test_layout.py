@@ -65,14 +65,20 @@ def test_read_ranks_marks_missing_partitions(tmp_path):
     assert records[1].meta is None and "no partition rank=1 (world size 4)" in records[1].error
 
 
-def test_the_old_homes_still_export_the_loaders():
-    assert ranks.rank_table is layout.rank_table and ranks.read_ranks is layout.read_ranks
-    assert ranks.rank_dirs is layout.rank_dirs and ranks.RankRecord is RankRecord
-    assert summary.load_summary is summary_cache.load_summary
-    assert summary.SUMMARY_FILE == summary_cache.SUMMARY_FILE == "summary.json"
+def test_each_loader_has_one_home():
+    from profiler import analysis
     from profiler.trace import reader
 
-    assert reader.iter_runs is layout.iter_runs and reader.load_runs is layout.load_runs
+    for name in ("rank_table", "rank_categories", "rank_timelines", "read_ranks", "rank_dirs", "run_root_of",
+                 "is_multi_rank", "RANK_DIR", "rank_number", "MISSING", "UNREADABLE"):
+        assert hasattr(layout, name) and not hasattr(ranks, name), name
+    for name in ("SUMMARY_FILE", "load_summaries", "read_summary", "write_summary"):
+        assert hasattr(summary_cache, name) and not hasattr(summary, name) and not hasattr(analysis, name), name
+    assert not hasattr(analysis, "load_summary")
+    assert not hasattr(reader, "iter_runs") and not hasattr(reader, "load_runs")
+    # Kept importable from their earlier places for the callers that still use them.
+    assert summary.load_summary is summary_cache.load_summary
+    assert ranks.run_group_summary is layout.run_group_summary
 
 
 # -- analysis on what was loaded: no file is opened ---------------------------------------------
