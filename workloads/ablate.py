@@ -143,10 +143,10 @@ def _summary(run_dir) -> tuple[dict, str | None]:
     if not run_dir:
         return {}, "no run directory in the result"
     try:
-        from profiler.analysis.summary import load_summary
+        from profiler.trace.summary_cache import load_summary
 
         if not (Path(run_dir) / "meta.json").is_file():
-            from profiler.analysis.ranks import run_group_summary
+            from profiler.trace.layout import run_group_summary
 
             return run_group_summary(run_dir), None
         return load_summary(run_dir), None

@@ -26,10 +26,8 @@ from profiler.analysis.summary import tokens_per_second
 from profiler.analysis.timeline import int_column, memory_timeline, step_spans
 from profiler.errors import TraceError, one_line
 from profiler.trace import schema
-from profiler.trace.layout import RUNNING, RankRecord
-# Kept importable from here for callers of the earlier layout.
-from profiler.trace.layout import run_group_summary  # noqa: F401
-from profiler.trace.layout import world_size_of as _world_size
+from profiler.trace.meta import world_size_of as _world_size
+from profiler.trace.model import RUNNING, RankRecord
 
 # Statuses a capture writes when it ends; a rank without one is live or died mid-capture.
 FINAL_STATUSES = tuple(s.value for s in schema.Status)

@@ -23,16 +23,6 @@ SUMMARY_VERSION = 1
 SUMMARY_TABLES = ("events", "steps", "segments")
 
 
-def __getattr__(name):
-    # load_summary is kept importable from here for callers of the earlier layout; lazily,
-    # since profiler.trace.summary_cache imports this module for run_summary.
-    if name == "load_summary":
-        from profiler.trace.summary_cache import load_summary
-
-        return load_summary
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def median_step_time_us(trace) -> float | None:
     """Median of the differences between consecutive step-end timestamps; None under two steps."""
     steps = trace.steps

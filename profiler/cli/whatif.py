@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profiler.trace import layout
+    from profiler.trace import meta as trace_meta
     from profiler.trace.summary_cache import load_summary
     from profiler.whatif import (DEFAULT_MARGIN_BYTES, WhatIfError, parse_size, point_from_summary,
                                  whatif)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     values = _values(args.values, len(args.runs), WhatIfError)
     points = []
     for run_dir, x in zip(args.runs, values):
-        meta = layout.read_meta_lenient(run_dir) or {}
+        meta = trace_meta.read_meta_lenient(run_dir) or {}
         points.append(point_from_summary(load_summary(run_dir), args.axis, x=x, meta=meta))
     device_memory = parse_size(args.device_memory) if args.device_memory else None
     margin = parse_size(args.margin) if args.margin is not None else DEFAULT_MARGIN_BYTES

@@ -193,7 +193,7 @@ def pytest_runtest_call(item):
         return (yield)
 
     from profiler.capture.session import profile
-    from profiler.trace.layout import read_meta
+    from profiler.trace.meta import read_meta
 
     prof = profile(out=str(_trace_root(config)), name=_run_name(item),
                    config={"pytest_nodeid": item.nodeid})

@@ -57,3 +57,31 @@ class Trace:
             return seg
         mask = (seg["snapshot"] == "start") & (seg["state"] == "active_allocated")
         return seg[mask]
+
+
+# -- one rank of a multi-rank run, as profiler.trace.layout.read_ranks finds it ----------------
+
+MISSING = "missing"
+UNREADABLE = "unreadable"
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank as read from disk: its meta and summary, or the error that kept it from being read.
+
+    exists: whether its rank=N partition is on disk (world_size may expect ranks that never wrote one).
+    """
+
+    rank: int
+    path: Path
+    meta: dict | None
+    summary: dict | None
+    error: str | None
+    exists: bool = True
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return self.summary.get("status") or RUNNING
+        return UNREADABLE if self.exists else MISSING

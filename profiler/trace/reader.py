@@ -4,7 +4,7 @@ A trace on disk is input we do not control: a killed process, a full disk, a
 copy cut short or a file from another tool. Every way of being wrong ends in a
 TraceError with one line naming the run and the problem, never a traceback
 (profiler.trace.problems). What each table must hold comes from
-profiler.trace.schema.COLUMNS; meta.json is read by profiler.trace.layout.read_meta.
+profiler.trace.schema.COLUMNS; meta.json is read by profiler.trace.meta.read_meta.
 Nothing here writes to the run directory. Finding the runs under a folder, and loading
 each of them (iter_runs, load_runs), is profiler.trace.layout's.
 """
@@ -24,7 +24,7 @@ from profiler.errors import EmptyTraceError, UsageError
 from profiler.trace import schema
 from profiler.trace.finalize.tables import finalize_tables
 from profiler.trace.journal import read_journal
-from profiler.trace.layout import read_meta
+from profiler.trace.meta import read_meta
 from profiler.trace.model import Trace
 from profiler.trace.problems import reading, trace_error
 

@@ -399,7 +399,7 @@ def _ablate(tmp_path, suite) -> tuple[dict, float]:
 @pytest.mark.slow
 @pytest.mark.skipif(not _workloads_ready(), reason="workloads.train.run and workloads.infer.run not there yet")
 def test_both_suites_for_real_on_the_cpu(tmp_path):
-    from profiler.analysis.summary import load_summary
+    from profiler.trace.summary_cache import load_summary
 
     seeds, seeds_s = _ablate(tmp_path, "seeds")
     kv, kv_s = _ablate(tmp_path, "kv")

@@ -7,39 +7,39 @@ import json
 from pathlib import Path
 
 import pytest
+from rank_runs import peak_of, write_job
 
 from profiler.analysis import ranks, summary
 from profiler.errors import TraceError
 from profiler.trace import layout, schema, summary_cache
-from profiler.trace.layout import RankRecord
+from profiler.trace import meta as trace_meta
+from profiler.trace.model import RankRecord
 from profiler.trace.reader import load_trace
-from rank_runs import peak_of, write_job
-
 
 # -- meta.json ------------------------------------------------------------------------------
 
 def test_strict_and_lenient_meta(finished_run):
-    meta = layout.read_meta(finished_run)
-    assert meta["format"] == schema.FORMAT_NAME and layout.read_meta_lenient(finished_run) == meta
+    meta = trace_meta.read_meta(finished_run)
+    assert meta["format"] == schema.FORMAT_NAME and trace_meta.read_meta_lenient(finished_run) == meta
     path = finished_run / schema.META_FILE
     path.write_text(json.dumps({"hostname": "h", "world_size": 4}))  # labels, but not a trace's meta
     with pytest.raises(TraceError, match="not a vramscope trace"):
-        layout.read_meta(finished_run)
-    assert layout.read_meta_lenient(finished_run) == {"hostname": "h", "world_size": 4}
+        trace_meta.read_meta(finished_run)
+    assert trace_meta.read_meta_lenient(finished_run) == {"hostname": "h", "world_size": 4}
     for text in ("{nope", "[1, 2]", "\xff"):
         path.write_text(text)
-        assert layout.read_meta_lenient(finished_run) is None
+        assert trace_meta.read_meta_lenient(finished_run) is None
     path.unlink()
-    assert layout.read_meta_lenient(finished_run) is None
+    assert trace_meta.read_meta_lenient(finished_run) is None
     with pytest.raises(TraceError, match="no meta.json"):
-        layout.read_meta(finished_run)
+        trace_meta.read_meta(finished_run)
 
 
 def test_world_size_of():
-    assert layout.world_size_of({"world_size": 8, "config": {"world_size": 2}}) == 8
-    assert layout.world_size_of({"config": {"world_size": 2}}) == 2
-    assert layout.world_size_of({"world_size": True, "config": "x"}) is None
-    assert layout.world_size_of(None) is None and layout.world_size_of({}) is None
+    assert trace_meta.world_size_of({"world_size": 8, "config": {"world_size": 2}}) == 8
+    assert trace_meta.world_size_of({"config": {"world_size": 2}}) == 2
+    assert trace_meta.world_size_of({"world_size": True, "config": "x"}) is None
+    assert trace_meta.world_size_of(None) is None and trace_meta.world_size_of({}) is None
 
 
 # -- rank partitions --------------------------------------------------------------------------
@@ -72,13 +72,12 @@ def test_each_loader_has_one_home():
     for name in ("rank_table", "rank_categories", "rank_timelines", "read_ranks", "rank_dirs", "run_root_of",
                  "is_multi_rank", "RANK_DIR", "rank_number", "MISSING", "UNREADABLE"):
         assert hasattr(layout, name) and not hasattr(ranks, name), name
+    assert hasattr(ranks, "RankRecord") and ranks.RankRecord is layout.RankRecord  # the type analysis takes
     for name in ("SUMMARY_FILE", "load_summaries", "read_summary", "write_summary"):
         assert hasattr(summary_cache, name) and not hasattr(summary, name) and not hasattr(analysis, name), name
     assert not hasattr(analysis, "load_summary")
     assert not hasattr(reader, "iter_runs") and not hasattr(reader, "load_runs")
-    # Kept importable from their earlier places for the callers that still use them.
-    assert summary.load_summary is summary_cache.load_summary
-    assert ranks.run_group_summary is layout.run_group_summary
+    assert not hasattr(summary, "load_summary") and not hasattr(ranks, "run_group_summary")
 
 
 # -- analysis on what was loaded: no file is opened ---------------------------------------------

@@ -123,7 +123,7 @@ def _train(tmp_path, monkeypatch, batch: int) -> Path:
 
 
 def test_cpu_runs_predict_a_third_batch(tmp_path, monkeypatch, capsys):
-    from profiler.analysis.summary import load_summary
+    from profiler.trace.summary_cache import load_summary
 
     runs = {b: _train(tmp_path, monkeypatch, b) for b in (2, 8, 16)}
     pts = [point_from_summary(load_summary(runs[b])) for b in (2, 8)]
