@@ -198,9 +198,9 @@ def block_sizes(actions, addrs, sizes, replay: BlockReplay) -> list:
     Exactly `replay.alloc` for an alloc, `replay.free` for a free_completed, the
     block's size (or the rounded request) for a free_requested, and the
     segment methods for segment events, applied in order; tests hold it to
-    that. The alloc and free paths are inlined, dict operation for dict
-    operation: this loop runs once per event at finalize, in the profiled process,
-    where a method call per event costs more than the work; hence one long function.
+    that. (long: the alloc and free paths are inlined, dict operation for dict
+    operation, because this loop runs once per event at finalize, in the profiled
+    process, where a method call per event costs more than the work.)
     """
     blocks = replay.blocks
     ends = replay.ends
