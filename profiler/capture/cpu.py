@@ -44,7 +44,14 @@ class _Tags(threading.local):
 
 
 class CpuBackend:
+    """The Backend (profiler/capture/backend.py) over tensor storages."""
+
     name = "cpu"
+    # The events are this backend's own list: draining is cheap, and the count of
+    # drained events is an exact position.
+    drain_every_step = True
+    positions_need_drain = True
+    start_segments = None  # no allocator, no segments
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 0):
         self.device_type = "cpu"
@@ -237,6 +244,16 @@ class CpuBackend:
 
     def segments_now(self, kind, ts_us, event_index):
         return None  # no allocator, no segments
+
+    def position(self, step: int) -> int:
+        """The count of drained events: exact once the caller has drained."""
+        return self.events_seen
+
+    def install_oom_observer(self, callback) -> None:
+        pass  # host memory has no allocator observer
+
+    def remove_oom_observer(self) -> None:
+        pass
 
 
 def _is_plain(cls) -> bool:

@@ -40,7 +40,13 @@ def _all(stats: dict, key: str, which: str) -> int:
 
 
 class CudaBackend:
+    """The Backend (profiler/capture/backend.py) over the CUDA caching allocator."""
+
     name = "cuda"
+    device_type = "cuda"
+    # A snapshot costs about 1 us per entry: drain on the timer, and mark steps instead.
+    drain_every_step = False
+    positions_need_drain = False
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 1_000_000):
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None
@@ -56,6 +62,7 @@ class CudaBackend:
         self._allocs_seen = 0
         self._allocs_at_start = 0
         self._marker_id = -1
+        self.start_segments: dict | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def _enable(self, clear: bool, stacks: bool | None = None) -> None:
@@ -183,6 +190,10 @@ class CudaBackend:
         torch.empty(1, dtype=torch.uint8, device=self.device)
         return -(self._marker_id + 1)
 
+    def position(self, step: int) -> int:
+        """A marker: exact without draining (the caller re-tags)."""
+        return self.mark(step)
+
     def stats_row(self) -> dict:
         s = torch._C._cuda_memoryStats(self.index)  # 24 us; the counters at this moment
         row = {name: _all(s, key, which) for name, key, which in _KEEP_STATS}
@@ -223,6 +234,12 @@ class CudaBackend:
     def segments_now(self, kind: str, ts_us: int, event_index: int) -> dict:
         """Rows of the segment map taken by the last drain(with_segments=True)."""
         return self.segment_rows({"segments": self._last_segments}, kind, ts_us, event_index)
+
+    def install_oom_observer(self, callback) -> None:
+        on_oom(callback)
+
+    def remove_oom_observer(self) -> None:
+        clear_oom()
 
 
 _observers: list = []

@@ -1,0 +1,86 @@
+"""What a capture session asks of a backend, and how one is chosen.
+
+Two backends produce the same event stream: `CudaBackend` (profiler/capture/cuda.py)
+drains the CUDA caching allocator's own history; `CpuBackend` (cpu.py) tracks
+tensor storages itself. They differ in where a step boundary sits in the stream:
+the allocator's ring is costly to read, so CUDA drops a marker into the stream
+and drains on a timer; CPU events are the backend's own list, so draining is
+cheap and the number of events drained so far is an exact position.
+
+`Backend` is a typing.Protocol: structural, checked by type checkers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from profiler.capture.frames import StackInterner
+
+BACKEND_NAMES = ("auto", "cuda", "cpu")
+OomCallback = Callable[[int, int, int, int], None]  # device, requested, allocated, free
+
+
+@runtime_checkable  # for tests only: the hot path never checks a backend's type
+class Backend(Protocol):
+    name: str
+    """Recorded as meta.json's `backend`: "cuda" or "cpu"."""
+    device_type: str
+    """torch's device type of the tensors it tracks; roles skip tensors of other devices."""
+    interner: StackInterner
+    """Python stacks seen so far, handed to the writer at each drain."""
+    events_seen: int
+    """Events drained so far."""
+    dropped: int
+    """Events lost before a drain could take them (never silently)."""
+    start_segments: dict | None
+    """The segment map at start as writer columns, once started (None: no segments)."""
+    drain_every_step: bool
+    """Draining is cheap: drain at every step boundary, not only on the timer."""
+    positions_need_drain: bool
+    """`position()` counts drained events: drain first to make it exact."""
+
+    # Thread-local tag stamped on every allocation ("phase|module|category").
+    def set_tag(self, tag: str) -> None: ...
+    def get_tag(self) -> str: ...
+
+    def start(self) -> dict:
+        """Begin recording; returns run-level facts for meta.json."""
+    def stop(self) -> None: ...
+
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        """Events since the last drain as writer columns (None when there are none);
+        `with_segments` also keeps the segment map of that moment for segments_now."""
+    def segments_now(self, kind: str, ts_us: int, event_index: int) -> dict | None:
+        """The segment map kept by the last drain(with_segments=True), as writer columns."""
+    def position(self, step: int) -> int:
+        """An exact position in the event stream for roles and step ends registered now:
+        a marker's id (< 0) dropped into the stream, or the count of drained events."""
+    def stats_row(self) -> dict:
+        """Memory counters at this moment, for the steps table."""
+    def peaks(self) -> dict:
+        """max_allocated_bytes and max_reserved_bytes so far, for meta.json."""
+
+    def adopt(self, module) -> None:
+        """Record a new root module's parameters and buffers, which pre-date the capture."""
+    def pause_stacks(self, paused: bool) -> None:
+        """Stop (or resume) gathering Python stacks, around autograd's backward."""
+    def install_oom_observer(self, callback: OomCallback) -> None:
+        """Call `callback` when the device runs out of memory (a no-op without allocator)."""
+    def remove_oom_observer(self) -> None: ...
+
+
+def make_backend(name: str, stacks: bool, max_entries: int, device: int | None = None) -> Backend:
+    """The backend called `name` ("auto": CUDA when a device is available)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        from profiler.capture.cuda import CudaBackend
+        # device: a rank's own GPU (LOCAL_RANK), which the script may not have selected yet.
+        return CudaBackend(device=device, stacks=stacks, max_entries=max_entries)
+    if name == "cpu":
+        from profiler.capture.cpu import CpuBackend
+        return CpuBackend(stacks=stacks)
+    raise ValueError(f"unknown backend {name!r}: expected auto, cuda or cpu")
