@@ -17,7 +17,9 @@ are all alive. Sharded parameters, sharded gradients and optimizer states are
 DTensors whose local tensors carry the usual roles (profiler/capture/roles.py).
 
 The patches are on FSDPParamGroup's class, installed for the capture only.
-FSDP2 is found lazily: a script that never imports it pays nothing.
+FSDP2 is found lazily: a script that never imports it pays nothing. The capture
+is given, not imported: its `category(name)` context, `position()`,
+`register_roles(...)`, `backend` and `step_index` are all this module uses.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import functools
 import sys
 
-from profiler.capture.roles import tensor_roles
 from profiler.trace.schema import Category
 
 _GROUP_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
@@ -60,8 +61,8 @@ def unsharded_grads(group):
 class FsdpInstrumentation:
     """Category hints around FSDPParamGroup's collectives, for one capture."""
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, capture):
+        self.capture = capture
         self._saved: dict[str, object] = {}
         self._cls = None
 
@@ -87,7 +88,7 @@ class FsdpInstrumentation:
         self._saved = {}
 
     def _with_hint(self, original, hint: str):
-        from profiler.capture.session import category
+        category = self.capture.category
 
         @functools.wraps(original)
         def method(group, *args, **kwargs):
@@ -96,17 +97,17 @@ class FsdpInstrumentation:
         return method
 
     def _naming_unsharded_grads(self, post_backward):
-        session = self.session
+        capture = self.capture
 
         @functools.wraps(post_backward)
         def method(group, *args, **kwargs):
             named = list(unsharded_grads(group))
             if named:
-                backend = session.backend
+                backend = capture.backend
                 tag = backend.get_tag()
-                pos = session._position()
+                pos = capture.position()
                 backend.set_tag(tag)  # a CUDA position marker re-tags this thread
-                session._buffer_roles(tensor_roles(named, Category.UNSHARDED_GRADIENT.value,
-                                                   backend.name, pos, session.step_index))
+                capture.register_roles(named, Category.UNSHARDED_GRADIENT.value, pos,
+                                       capture.step_index)
             return post_backward(group, *args, **kwargs)
         return method

@@ -195,11 +195,9 @@ class StepCapture:
 
 def _check_profile_kwargs(kwargs) -> None:
     """Fail at construction, not at the first chosen step, on a misspelt profile() kwarg."""
-    import inspect
+    from profiler.capture.options import option_names
 
-    from profiler.capture.session import Profiler
-
-    known = set(inspect.signature(Profiler.__init__).parameters) - {"self"}
+    known = set(option_names())
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"unknown profile() arguments {unknown}; known: {sorted(known)}")

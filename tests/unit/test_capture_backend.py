@@ -1,0 +1,71 @@
+"""Both backends implement the Backend protocol, and the session depends on nothing else."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from profiler.capture.backend import Backend, make_backend
+from profiler.capture.cpu import CpuBackend
+from profiler.capture.cuda import CudaBackend
+
+CAPTURE = Path(__file__).resolve().parents[2] / "profiler" / "capture"
+
+
+def _protocol_members() -> set[str]:
+    own = set(vars(Backend)) | set(Backend.__annotations__)
+    return {m for m in own if not m.startswith("_")}
+
+
+def _defined_by(cls) -> set[str]:
+    """Attributes of the class, and those its methods assign on self."""
+    assigned = set(re.findall(r"\bself\.([a-z]\w*)(?:\s*:[^=\n]+)?\s*=(?!=)", inspect.getsource(cls)))
+    return {m for m in dir(cls) if not m.startswith("_")} | assigned
+
+
+def test_cpu_backend_is_a_backend():
+    backend = CpuBackend(stacks=False)
+    assert isinstance(backend, Backend)
+    assert backend.position(0) == backend.events_seen == 0
+    backend.install_oom_observer(lambda *a: None)
+    backend.remove_oom_observer()
+
+
+@pytest.mark.parametrize("cls", [CpuBackend, CudaBackend])
+def test_every_protocol_member_is_defined(cls):
+    missing = _protocol_members() - _defined_by(cls)
+    assert not missing, f"{cls.__name__} lacks {sorted(missing)}"
+
+
+def test_backends_differ_only_in_what_their_members_say():
+    assert (CudaBackend.name, CudaBackend.device_type) == ("cuda", "cuda")
+    cpu = CpuBackend(stacks=False)
+    assert (cpu.name, cpu.device_type) == ("cpu", "cpu")
+    assert not CudaBackend.drain_every_step and not CudaBackend.positions_need_drain
+    assert CpuBackend.drain_every_step and CpuBackend.positions_need_drain
+
+
+def test_make_backend():
+    assert isinstance(make_backend("cpu", stacks=False, max_entries=1), CpuBackend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("tpu", stacks=False, max_entries=1)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_session_asks_no_backend_its_name_and_fsdp_never_imports_the_session():
+    session_py = (CAPTURE / "session.py").read_text()
+    assert "backend.name ==" not in session_py and "backend.name !=" not in session_py
+    assert "profiler.capture.session" not in _imports(CAPTURE / "fsdp.py")
