@@ -12,6 +12,8 @@ from workloads.model import preset
 from workloads.train import build, make_batch, train_step
 
 STEPS = 3
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
 def _summary(trace) -> dict:
@@ -24,16 +26,17 @@ def _summary(trace) -> dict:
     )
 
 
-def test_a_profiler_entered_twice_writes_two_separate_runs(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_profiler_entered_twice_writes_two_separate_runs(tmp_path, backend):
     torch.manual_seed(0)
     cfg = preset("tiny")
-    model, opt = build(cfg)
-    prof = profiler.profile(out=tmp_path, name="again", backend="cpu")
+    model, opt = build(cfg, device=backend)
+    prof = profiler.profile(out=tmp_path, name="again", backend=backend)
     run_dirs = []
     for _ in range(2):
         with prof:
             for _ in range(STEPS):
-                train_step(model, opt, make_batch(cfg))
+                train_step(model, opt, make_batch(cfg, device=backend))
             prof.mark("eval")  # a phase still open when the capture ends
         run_dirs.append(prof.run_dir)
     assert session.active() is None
@@ -52,21 +55,22 @@ def test_a_profiler_entered_twice_writes_two_separate_runs(tmp_path):
     assert set(second.modules["module"]) == set(first.modules["module"])
 
 
-def test_explicit_steps_of_one_capture_do_not_carry_into_the_next(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_steps_of_one_capture_do_not_carry_into_the_next(tmp_path, backend):
     torch.manual_seed(0)
     cfg = preset("tiny")
-    model, opt = build(cfg)
-    prof = profiler.profile(out=tmp_path, name="modes", backend="cpu")
+    model, opt = build(cfg, device=backend)
+    prof = profiler.profile(out=tmp_path, name="modes", backend=backend)
     with prof:
         prof.step()  # from here on, only prof.step() ends a step
         for _ in range(2):
-            train_step(model, opt, make_batch(cfg))
-            train_step(model, opt, make_batch(cfg))
+            train_step(model, opt, make_batch(cfg, device=backend))
+            train_step(model, opt, make_batch(cfg, device=backend))
             prof.step()
     explicit = load_trace(prof.run_dir)
     with prof:
         for _ in range(STEPS):
-            train_step(model, opt, make_batch(cfg))  # optimizer steps end steps again
+            train_step(model, opt, make_batch(cfg, device=backend))  # optimizer steps end steps again
     auto = load_trace(prof.run_dir)
     assert explicit.meta["steps_completed"] == 3  # an empty step, then two of two optimizer steps
     assert auto.meta["steps_completed"] == STEPS

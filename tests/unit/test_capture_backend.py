@@ -69,3 +69,43 @@ def test_session_asks_no_backend_its_name_and_fsdp_never_imports_the_session():
     session_py = (CAPTURE / "session.py").read_text()
     assert "backend.name ==" not in session_py and "backend.name !=" not in session_py
     assert "profiler.capture.session" not in _imports(CAPTURE / "fsdp.py")
+
+
+class _MarkerLikeBackend(CpuBackend):
+    """CPU tracking that answers like the CUDA backend: positions without draining,
+    drains on the timer only. Records what the session asks of it."""
+
+    drain_every_step = False
+    positions_need_drain = False
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def position(self, step):
+        self.calls.append(("position", step))
+        return -len(self.calls)
+
+    def drain(self, step, with_segments=False):
+        self.calls.append(("drain", step, with_segments))
+        return super().drain(step, with_segments)
+
+
+def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_end(
+        tmp_path, monkeypatch):
+    import torch
+
+    from profiler.capture import session
+
+    backend = _MarkerLikeBackend(stacks=False)
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=3600) as prof:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+    assert prof.step_index == 3
+    # The root's parameters at step 0, then each step end marks the step it starts.
+    assert backend.calls == [("position", 0), ("position", 1), ("position", 2), ("position", 3),
+                             ("drain", 3, True)]
