@@ -42,12 +42,26 @@ def _sources() -> dict[str, tuple[Path, ast.Module]]:
     return found
 
 
+def _runtime_nodes(tree: ast.Module):
+    """Every node, except those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            test = child.test if isinstance(child, ast.If) else None
+            if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def _imports(module: str, tree: ast.Module) -> set[str]:
-    """Every project module this one imports, at the top or inside a function."""
+    """Every project module this one imports at run time, at the top or inside a function."""
     known = _sources()
     is_package = known[module][0].name == "__init__.py"
     out = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
