@@ -52,13 +52,23 @@ TEMPLATES = 4
 
 # -- the model ------------------------------------------------------------------------
 
+
 def module_tree(n_blocks: int = 20) -> tuple[list[dict], list[str]]:
     """~150 modules (rows of the modules table) and the leaves in forward order."""
     rows, leaves = [], []
 
     def add(name, parent, cls, depth, params=0):
-        rows.append(dict(module=name, parent=parent, class_name=cls, depth=depth,
-                         param_bytes=params, buffer_bytes=0, param_count=params // 2))
+        rows.append(
+            dict(
+                module=name,
+                parent=parent,
+                class_name=cls,
+                depth=depth,
+                param_bytes=params,
+                buffer_bytes=0,
+                param_count=params // 2,
+            )
+        )
 
     add("model", None, "GPT", 0)
     add("model.embed", "model", "Embedding", 1, 64 * MIB)
@@ -67,13 +77,17 @@ def module_tree(n_blocks: int = 20) -> tuple[list[dict], list[str]]:
     for b in range(n_blocks):
         blk = f"model.blocks.{b}"
         add(blk, "model.blocks", "Block", 2)
-        for leaf, cls, params in (("ln1", "LayerNorm", 8192), ("attn", "Attention", 0),
-                                  ("attn.qkv", "Linear", 18 * MIB), ("attn.proj", "Linear", 6 * MIB),
-                                  ("mlp", "MLP", 0), ("mlp.fc", "Linear", 24 * MIB)):
+        for leaf, cls, params in (
+            ("ln1", "LayerNorm", 8192),
+            ("attn", "Attention", 0),
+            ("attn.qkv", "Linear", 18 * MIB),
+            ("attn.proj", "Linear", 6 * MIB),
+            ("mlp", "MLP", 0),
+            ("mlp.fc", "Linear", 24 * MIB),
+        ):
             parent = blk + "." + leaf.rsplit(".", 1)[0] if "." in leaf else blk
             add(f"{blk}.{leaf}", parent, cls, 3 + leaf.count("."), params)
-        leaves += [f"{blk}.ln1", f"{blk}.attn.qkv", f"{blk}.attn", f"{blk}.attn.proj",
-                   f"{blk}.mlp.fc", f"{blk}.mlp"]
+        leaves += [f"{blk}.ln1", f"{blk}.attn.qkv", f"{blk}.attn", f"{blk}.attn.proj", f"{blk}.mlp.fc", f"{blk}.mlp"]
     add("model.ln_f", "model", "LayerNorm", 1, 8192)
     add("model.head", "model", "Linear", 1, 64 * MIB)
     leaves += ["model.ln_f", "model.head"]
@@ -160,8 +174,9 @@ class _StepBuilder:
             self._complete(a, s, b, k)
 
 
-def _template(leaves: list[str], modules: list[str], temps: int, rng: np.random.Generator,
-              heap: _Allocator) -> _StepBuilder:
+def _template(
+    leaves: list[str], modules: list[str], temps: int, rng: np.random.Generator, heap: _Allocator
+) -> _StepBuilder:
     """One step. Sizes are drawn per template, so that steps of different templates
     use different blocks, and the address space has thousands of distinct addresses."""
     sizes_act = (rng.integers(1, 48, 24) * MIB // 2).tolist()
@@ -201,8 +216,8 @@ def _template(leaves: list[str], modules: list[str], temps: int, rng: np.random.
 
 # -- the trace ------------------------------------------------------------------------
 
-def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
-                path: Path | None = None) -> Trace:
+
+def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0, path: Path | None = None) -> Trace:
     """A Trace of at least n_events events (whole steps of about n_events / steps), dtypes as
     the reader's (dictionary columns as Categoricals, nullable ints as floats)."""
     rng = np.random.default_rng(seed)
@@ -218,8 +233,10 @@ def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
     steps = -(-n_events // round(np.mean([len(t) for t in templates])))
     order = [s % TEMPLATES for s in range(steps)]
     lengths = np.array([len(templates[k]) for k in order], dtype=np.int64)
-    cols = {name: np.concatenate([np.asarray(templates[k].cols[name], dtype=np.int64) for k in order])
-            for name in templates[0].cols}
+    cols = {
+        name: np.concatenate([np.asarray(templates[k].cols[name], dtype=np.int64) for k in order])
+        for name in templates[0].cols
+    }
     while int(lengths.sum()) < n_events:  # whole steps, at least n_events
         order.append(len(order) % TEMPLATES)
         lengths = np.append(lengths, len(templates[order[-1]]))
@@ -244,20 +261,54 @@ def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
     if addr < seg0 + seg0_bytes:
         blocks.append((addr, seg0 + seg0_bytes - addr, "inactive", None))
     arena_bytes = -(-(heap.top - arena) // SEG_BYTES) * SEG_BYTES
-    seg_rows = [dict(snapshot="start", ts_us=0, event_index=0, segment_addr=seg0, segment_bytes=seg0_bytes,
-                     stream=0, segment_type="large", is_expandable=False, block_addr=a, block_bytes=s,
-                     requested_bytes=s, state=st, category=c, stack_id=None) for a, s, st, c in blocks]
-    seg_rows += [dict(snapshot="start", ts_us=0, event_index=0, segment_addr=arena + i * SEG_BYTES,
-                      segment_bytes=SEG_BYTES, stream=0, segment_type="large", is_expandable=False,
-                      block_addr=arena + i * SEG_BYTES, block_bytes=SEG_BYTES, requested_bytes=0,
-                      state="inactive", category=None, stack_id=None)
-                 for i in range(arena_bytes // SEG_BYTES)]
+    seg_rows = [
+        dict(
+            snapshot="start",
+            ts_us=0,
+            event_index=0,
+            segment_addr=seg0,
+            segment_bytes=seg0_bytes,
+            stream=0,
+            segment_type="large",
+            is_expandable=False,
+            block_addr=a,
+            block_bytes=s,
+            requested_bytes=s,
+            state=st,
+            category=c,
+            stack_id=None,
+        )
+        for a, s, st, c in blocks
+    ]
+    seg_rows += [
+        dict(
+            snapshot="start",
+            ts_us=0,
+            event_index=0,
+            segment_addr=arena + i * SEG_BYTES,
+            segment_bytes=SEG_BYTES,
+            stream=0,
+            segment_type="large",
+            is_expandable=False,
+            block_addr=arena + i * SEG_BYTES,
+            block_bytes=SEG_BYTES,
+            requested_bytes=0,
+            state="inactive",
+            category=None,
+            stack_id=None,
+        )
+        for i in range(arena_bytes // SEG_BYTES)
+    ]
     # The pending baseline blocks complete during the first step; one more segment comes and goes.
     extra = arena + arena_bytes
-    prefix = [(A["free_completed"], seg0 + sum(p for p in params) * 3 + i * 2 * MIB, 2 * MIB, 2 * MIB,
-               C["other"]) for i in range(3)]
-    prefix += [(A["segment_alloc"], extra, SEG_BYTES, SEG_BYTES, -1),
-               (A["segment_free"], extra, SEG_BYTES, SEG_BYTES, -1)]
+    prefix = [
+        (A["free_completed"], seg0 + sum(p for p in params) * 3 + i * 2 * MIB, 2 * MIB, 2 * MIB, C["other"])
+        for i in range(3)
+    ]
+    prefix += [
+        (A["segment_alloc"], extra, SEG_BYTES, SEG_BYTES, -1),
+        (A["segment_free"], extra, SEG_BYTES, SEG_BYTES, -1),
+    ]
     P = len(prefix)
     n = P + int(lengths.sum())
 
@@ -276,19 +327,22 @@ def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
         codes = np.asarray(codes, dtype=np.int32)
         return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), pa.array(values, pa.string()))
 
-    events = pa.table({
-        "ts_us": ts,
-        "action": dictionary(action, ACTIONS),
-        "addr": with_prefix(cols["addr"], [p[1] for p in prefix]),
-        "size_bytes": with_prefix(cols["size"], [p[2] for p in prefix]),
-        "block_bytes": with_prefix(cols["block"], [p[3] for p in prefix]),
-        "stream": np.zeros(n, np.int64),
-        "step": step,
-        "module": dictionary(with_prefix(cols["module"], [-1] * P), modules),
-        "phase": dictionary(with_prefix(cols["phase"], [0] * P), PHASES),
-        "category": dictionary(with_prefix(cols["category"], [p[4] for p in prefix]), CATS),
-        "stack_id": pa.array(stack.astype(np.int32), mask=stack < 0),
-    }, schema=schema.TABLES["events"])
+    events = pa.table(
+        {
+            "ts_us": ts,
+            "action": dictionary(action, ACTIONS),
+            "addr": with_prefix(cols["addr"], [p[1] for p in prefix]),
+            "size_bytes": with_prefix(cols["size"], [p[2] for p in prefix]),
+            "block_bytes": with_prefix(cols["block"], [p[3] for p in prefix]),
+            "stream": np.zeros(n, np.int64),
+            "step": step,
+            "module": dictionary(with_prefix(cols["module"], [-1] * P), modules),
+            "phase": dictionary(with_prefix(cols["phase"], [0] * P), PHASES),
+            "category": dictionary(with_prefix(cols["category"], [p[4] for p in prefix]), CATS),
+            "stack_id": pa.array(stack.astype(np.int32), mask=stack < 0),
+        },
+        schema=schema.TABLES["events"],
+    )
 
     first = P + step_start
     last = first + lengths - 1
@@ -296,38 +350,69 @@ def build_trace(n_events: int = 10_000_000, steps: int = 400, seed: int = 0,
     phase_rows = []
     for s_, k in enumerate(order):
         bounds = templates[k].phase_starts + [len(templates[k])]
-        phase_rows += [dict(step=s_, phase=PHASES[j], ts_us_start=int(ts[first[s_] + bounds[j]]),
-                            ts_us_end=int(ts[first[s_] + bounds[j + 1] - 1])) for j in range(3)]
+        phase_rows += [
+            dict(
+                step=s_,
+                phase=PHASES[j],
+                ts_us_start=int(ts[first[s_] + bounds[j]]),
+                ts_us_end=int(ts[first[s_] + bounds[j + 1] - 1]),
+            )
+            for j in range(3)
+        ]
     baseline = sum(s for _, s, st, _ in blocks if st == "active_allocated")
-    steps_rows = dict(step=np.arange(steps, dtype=np.int32), ts_us=step_end,
-                      allocated_bytes=np.full(steps, baseline, np.int64),
-                      reserved_bytes=np.full(steps, seg0_bytes + arena_bytes, np.int64),
-                      max_allocated_bytes=np.zeros(steps, np.int64))
-    meta = dict(format=schema.FORMAT_NAME, schema_version=schema.SCHEMA_VERSION, run_id="bench-10m",
-                name="bench", backend="cuda", device="cuda:0", torch_version="bench",
-                config={"tokens_per_step": 8 * 1024, "ckpt": False}, allocator_settings=None,
-                baseline_allocated_bytes=baseline, max_allocated_bytes=None,
-                max_reserved_bytes=None, events_dropped=0, status="complete")
+    steps_rows = dict(
+        step=np.arange(steps, dtype=np.int32),
+        ts_us=step_end,
+        allocated_bytes=np.full(steps, baseline, np.int64),
+        reserved_bytes=np.full(steps, seg0_bytes + arena_bytes, np.int64),
+        max_allocated_bytes=np.zeros(steps, np.int64),
+    )
+    meta = dict(
+        format=schema.FORMAT_NAME,
+        schema_version=schema.SCHEMA_VERSION,
+        run_id="bench-10m",
+        name="bench",
+        backend="cuda",
+        device="cuda:0",
+        torch_version="bench",
+        config={"tokens_per_step": 8 * 1024, "ckpt": False},
+        allocator_settings=None,
+        baseline_allocated_bytes=baseline,
+        max_allocated_bytes=None,
+        max_reserved_bytes=None,
+        events_dropped=0,
+        status="complete",
+    )
 
     def frame(table, data):
         target = schema.TABLES[table]
         cols_ = {f.name: data.get(f.name) for f in target}
         n_rows = len(next(v for v in cols_.values() if v is not None))
-        arrays = [pa.nulls(n_rows, f.type) if cols_[f.name] is None else pa.array(cols_[f.name]).cast(f.type)
-                  for f in target]
+        arrays = [
+            pa.nulls(n_rows, f.type) if cols_[f.name] is None else pa.array(cols_[f.name]).cast(f.type) for f in target
+        ]
         return pa.Table.from_arrays(arrays, schema=target).to_pandas()
 
     def rows(table, rs):
         return frame(table, {k: [r.get(k) for r in rs] for k in rs[0]})
 
     return Trace(
-        path=path or Path("bench-10m"), meta=meta, events=events.to_pandas(),
-        steps=frame("steps", steps_rows), phases=rows("phases", phase_rows), modules=rows("modules", mods),
-        roles=schema.empty_table("roles").to_pandas(), segments=rows("segments", seg_rows),
-        kv=schema.empty_table("kv").to_pandas(), frames=schema.empty_table("frames").to_pandas(), stacks=schema.empty_table("stacks").to_pandas())
+        path=path or Path("bench-10m"),
+        meta=meta,
+        events=events.to_pandas(),
+        steps=frame("steps", steps_rows),
+        phases=rows("phases", phase_rows),
+        modules=rows("modules", mods),
+        roles=schema.empty_table("roles").to_pandas(),
+        segments=rows("segments", seg_rows),
+        kv=schema.empty_table("kv").to_pandas(),
+        frames=schema.empty_table("frames").to_pandas(),
+        stacks=schema.empty_table("stacks").to_pandas(),
+    )
 
 
 # -- the pages --------------------------------------------------------------------------
+
 
 def overview_page(trace) -> None:
     """What the Overview page computes: the counters over time, the peak, steps and phases,
@@ -367,18 +452,33 @@ def make_compare_runs(root: Path, summary: dict, n_runs: int) -> list[Path]:
     for i in range(n_runs):
         run = root / f"run-{i}"
         run.mkdir(parents=True)
-        meta = dict(format=schema.FORMAT_NAME, schema_version=schema.SCHEMA_VERSION, run_id=run.name,
-                    name=f"variant {i}", backend="cuda", device="cuda:0", torch_version="bench",
-                    config={"tokens_per_step": 8 * 1024, "ckpt": bool(i % 2), "micro_batch": 1 + i},
-                    allocator_settings=None, baseline_allocated_bytes=0, max_allocated_bytes=None,
-                    max_reserved_bytes=None, events_dropped=0, status="complete")
+        meta = dict(
+            format=schema.FORMAT_NAME,
+            schema_version=schema.SCHEMA_VERSION,
+            run_id=run.name,
+            name=f"variant {i}",
+            backend="cuda",
+            device="cuda:0",
+            torch_version="bench",
+            config={"tokens_per_step": 8 * 1024, "ckpt": bool(i % 2), "micro_batch": 1 + i},
+            allocator_settings=None,
+            baseline_allocated_bytes=0,
+            max_allocated_bytes=None,
+            max_reserved_bytes=None,
+            events_dropped=0,
+            status="complete",
+        )
         (run / schema.META_FILE).write_text(json.dumps(meta))
         scale = 1.0 - 0.05 * i
-        variant = {**summary, "run_id": run.name, "name": meta["name"], "config": meta["config"],
-                   "peak_allocated_bytes": int(summary["peak_allocated_bytes"] * scale),
-                   "median_step_time_us": summary["median_step_time_us"] * (1 + 0.03 * i),
-                   "categories_at_peak_bytes": {c: int(b * scale) for c, b in
-                                                summary["categories_at_peak_bytes"].items()}}
+        variant = {
+            **summary,
+            "run_id": run.name,
+            "name": meta["name"],
+            "config": meta["config"],
+            "peak_allocated_bytes": int(summary["peak_allocated_bytes"] * scale),
+            "median_step_time_us": summary["median_step_time_us"] * (1 + 0.03 * i),
+            "categories_at_peak_bytes": {c: int(b * scale) for c, b in summary["categories_at_peak_bytes"].items()},
+        }
         write_summary(run, variant)
         dirs.append(run)
     return dirs
@@ -416,20 +516,29 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     trace = build_trace(args.events)
     ev = trace.events
-    print(f"synthetic trace: {len(ev):,} events, {ev['step'].nunique()} steps, "
-          f"{ev['addr'].nunique():,} addresses, {len(trace.modules)} modules "
-          f"(built in {time.perf_counter() - t:.1f} s)")
+    print(
+        f"synthetic trace: {len(ev):,} events, {ev['step'].nunique()} steps, "
+        f"{ev['addr'].nunique():,} addresses, {len(trace.modules)} modules "
+        f"(built in {time.perf_counter() - t:.1f} s)"
+    )
 
     from profiler.analysis import run_summary
 
-    results = [("Overview", _time(overview_page, trace, repeat=args.repeat), BUDGET_PAGE_S),
-               ("Layers", _time(layers_page, trace, repeat=args.repeat), BUDGET_PAGE_S),
-               ("summary, cache miss (1 run)", _time(summary_cold, trace, repeat=args.repeat), None)]
+    results = [
+        ("Overview", _time(overview_page, trace, repeat=args.repeat), BUDGET_PAGE_S),
+        ("Layers", _time(layers_page, trace, repeat=args.repeat), BUDGET_PAGE_S),
+        ("summary, cache miss (1 run)", _time(summary_cold, trace, repeat=args.repeat), None),
+    ]
     summary = run_summary(trace)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_compare_runs(Path(tmp), summary, args.runs)
-        results.append((f"Compare, {args.runs} runs via summary.json",
-                        _time(compare_page, dirs, repeat=args.repeat), BUDGET_COMPARE_S))
+        results.append(
+            (
+                f"Compare, {args.runs} runs via summary.json",
+                _time(compare_page, dirs, repeat=args.repeat),
+                BUDGET_COMPARE_S,
+            )
+        )
 
     print(f"\n{'page':<34}{'first s':>9}{'median s':>10}{'max s':>8}{'budget s':>10}  verdict")
     failed = False
@@ -437,10 +546,14 @@ def main(argv=None) -> int:
         ok = budget is None or max(times) <= budget
         failed |= not ok
         verdict = "" if budget is None else ("ok" if ok else "OVER BUDGET")
-        print(f"{name:<34}{times[0]:>9.3f}{statistics.median(times):>10.3f}{max(times):>8.3f}"
-              f"{'' if budget is None else f'{budget:.1f}':>10}  {verdict}")
-    print(f"\npeak allocated {summary['peak_allocated_bytes']:,} B at event {summary['peak_event_index']:,}; "
-          f"active then {summary['active_at_peak_bytes']:,} B; peak reserved {summary['peak_reserved_bytes']:,} B")
+        print(
+            f"{name:<34}{times[0]:>9.3f}{statistics.median(times):>10.3f}{max(times):>8.3f}"
+            f"{'' if budget is None else f'{budget:.1f}':>10}  {verdict}"
+        )
+    print(
+        f"\npeak allocated {summary['peak_allocated_bytes']:,} B at event {summary['peak_event_index']:,}; "
+        f"active then {summary['active_at_peak_bytes']:,} B; peak reserved {summary['peak_reserved_bytes']:,} B"
+    )
     return 1 if failed else 0
 
 

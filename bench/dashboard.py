@@ -50,6 +50,7 @@ def _trace_with_kv(Trace):
     def make(**kw):
         kw.setdefault("kv", schema.empty_table("kv").to_pandas())
         return Trace(**kw)
+
     return make
 
 
@@ -62,8 +63,11 @@ def _quiet_streamlit() -> None:
     """dashboard.data decorates with st.cache_*: outside `streamlit run` that logs a warning per call."""
     import dashboard.data  # noqa: F401  (streamlit sets its loggers' levels on import)
 
-    for name in ("streamlit", "streamlit.runtime.caching.cache_data_api",
-                 "streamlit.runtime.scriptrunner_utils.script_run_context"):
+    for name in (
+        "streamlit",
+        "streamlit.runtime.caching.cache_data_api",
+        "streamlit.runtime.scriptrunner_utils.script_run_context",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -73,8 +77,8 @@ def overview(trace) -> dict:
 
     t = {}
     t0 = time.perf_counter()
-    lt = analysis.lifetimes(trace)                       # data.trace_of, on a miss
-    s = analysis.run_summary(trace, lt)                  # data.summary_of, on a miss
+    lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
+    s = analysis.run_summary(trace, lt)  # data.summary_of, on a miss
     p = analysis.peak(trace, lt)
     tl = analysis.memory_timeline(trace, lt, max_points=data.MAX_POINTS)
     steps, phases = analysis.step_spans(trace, lt), analysis.phase_spans(trace)
@@ -98,7 +102,7 @@ def layers(trace) -> dict:
 
     t = {}
     t0 = time.perf_counter()
-    lt = analysis.lifetimes(trace)                       # data.trace_of, on a miss
+    lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
     table = analysis.module_table(trace, lt=lt)
     rolled = analysis.rollup(table)
     t["data"] = time.perf_counter() - t0
@@ -117,8 +121,8 @@ def compare(root: Path, runs: list[Path]) -> dict:
         raise AssertionError(f"{path}: summary.json was not used")
 
     t0 = time.perf_counter()
-    summaries = [load_summary(r, load=no_trace) for r in runs]   # data.stored_summary, cold
-    losses = data.ablation_losses(root)                          # data.cached_ablation_losses, cold
+    summaries = [load_summary(r, load=no_trace) for r in runs]  # data.stored_summary, cold
+    losses = data.ablation_losses(root)  # data.cached_ablation_losses, cold
     view = data.ablation_view(summaries, 0, losses, [str(r) for r in runs])
     data.differing_columns(view, keep=("run", "name", "is_baseline"))
     return {"data": time.perf_counter() - t0, "figures": 0.0}
@@ -150,19 +154,24 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     trace = build_trace(args.events)
-    print(f"synthetic trace: {len(trace.events):,} events, {len(trace.modules)} modules "
-          f"(built in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs")
+    print(
+        f"synthetic trace: {len(trace.events):,} events, {len(trace.modules)} modules "
+        f"(built in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs"
+    )
 
     # Once per server process, not per visit: importing plotly's figure classes and validators.
     t = time.perf_counter()
     from dashboard import figures
+
     figures.module_bar(layers_table_tiny(), "param_bytes")
     print(f"server warm-up (plotly's first figure, not counted below): {time.perf_counter() - t:.2f} s")
 
     from profiler.analysis import run_summary
 
-    results = {"Overview": [overview(trace) for _ in range(args.repeat)],
-               "Layers": [layers(trace) for _ in range(args.repeat)]}
+    results = {
+        "Overview": [overview(trace) for _ in range(args.repeat)],
+        "Layers": [layers(trace) for _ in range(args.repeat)],
+    }
     summary = run_summary(trace)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -171,8 +180,10 @@ def main(argv=None) -> int:
             raise SystemExit("profiler.trace.summary_cache.load_summary takes no load=: update the bench")
         results["Compare"] = [compare(root, runs) for _ in range(args.repeat)]
 
-    print(f"\n{'page':<24}{'data s':>8}{'figures s':>11}{'first s':>9}{'median s':>10}{'max s':>8}"
-          f"{'budget s':>10}  verdict")
+    print(
+        f"\n{'page':<24}{'data s':>8}{'figures s':>11}{'first s':>9}{'median s':>10}{'max s':>8}"
+        f"{'budget s':>10}  verdict"
+    )
     failed = False
     for page, rounds in results.items():
         totals = [r["data"] + r["figures"] for r in rounds]
@@ -180,10 +191,12 @@ def main(argv=None) -> int:
         ok = max(totals) <= budget
         failed |= not ok
         label = page if page != "Compare" else f"Compare ({args.runs} runs)"
-        print(f"{label:<24}{statistics.median(r['data'] for r in rounds):>8.3f}"
-              f"{statistics.median(r['figures'] for r in rounds):>11.3f}{totals[0]:>9.3f}"
-              f"{statistics.median(totals):>10.3f}{max(totals):>8.3f}{budget:>10.1f}  "
-              f"{'ok' if ok else 'OVER BUDGET'}")
+        print(
+            f"{label:<24}{statistics.median(r['data'] for r in rounds):>8.3f}"
+            f"{statistics.median(r['figures'] for r in rounds):>11.3f}{totals[0]:>9.3f}"
+            f"{statistics.median(totals):>10.3f}{max(totals):>8.3f}{budget:>10.1f}  "
+            f"{'ok' if ok else 'OVER BUDGET'}"
+        )
     return 1 if failed else 0
 
 

@@ -23,15 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import profiler  # noqa: E402
-from workloads.infer import (InferConfig, build_model, greedy_decode, make_decoder,  # noqa: E402
-                             make_prompt, sdpa_backends)
+from workloads.infer import InferConfig, build_model, greedy_decode, make_decoder, make_prompt, sdpa_backends  # noqa: E402
 
 
 def decode_ms(cfg: InferConfig, model, prompt, tokens: int, capture: bool) -> float:
     times: list[float] = []
     cuda = torch.device(cfg.device).type == "cuda"
-    ctx = profiler.profile(out=tempfile.mkdtemp(), name="decode-bench") if capture \
-        else contextlib.nullcontext()
+    ctx = profiler.profile(out=tempfile.mkdtemp(), name="decode-bench") if capture else contextlib.nullcontext()
     with ctx as prof, torch.no_grad(), sdpa_backends(cfg.device):
         cache, forward = make_decoder(cfg, model)
 
@@ -41,8 +39,15 @@ def decode_ms(cfg: InferConfig, model, prompt, tokens: int, capture: bool) -> fl
                     profiler.record_kv(cache)
                 prof.step()
 
-        greedy_decode(forward, prompt, tokens, recompute=cache is None, after_step=after_step,
-                      times=times, sync=torch.cuda.synchronize if cuda else None)
+        greedy_decode(
+            forward,
+            prompt,
+            tokens,
+            recompute=cache is None,
+            after_step=after_step,
+            times=times,
+            sync=torch.cuda.synchronize if cuda else None,
+        )
     return statistics.median(times) * 1e3
 
 
@@ -55,14 +60,19 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", nargs="+", default=["prealloc", "concat", "paged"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}  "
-          f"torch {torch.__version__}  preset {args.preset}  batch {args.batch}  "
-          f"prompt {args.prompt}  tokens {args.tokens}")
+    print(
+        f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}  "
+        f"torch {torch.__version__}  preset {args.preset}  batch {args.batch}  "
+        f"prompt {args.prompt}  tokens {args.tokens}"
+    )
     print(f"{'kv cache':10s} {'ms/token':>9s} {'captured':>9s} {'ratio':>6s}")
     for kv in args.kv:
-        cfg = InferConfig.from_toggles(args.preset, {"kv": kv, "batch": args.batch,
-                                                     "prompt_len": args.prompt},
-                                       steps=args.tokens, device=args.device)
+        cfg = InferConfig.from_toggles(
+            args.preset,
+            {"kv": kv, "batch": args.batch, "prompt_len": args.prompt},
+            steps=args.tokens,
+            device=args.device,
+        )
         model = build_model(cfg)
         prompt = make_prompt(cfg)
         decode_ms(cfg, model, prompt, 8, capture=False)  # warm-up: kernels, plans

@@ -47,11 +47,13 @@ def _history_only():
             yield None
         finally:
             torch.cuda.memory._record_memory_history(None)
+
     return ctx()
 
 
 def _vramscope(out, stacks=True, modules=True):
     import profiler
+
     return profiler.profile(out=out, name="overhead", stacks=stacks, modules=modules)
 
 
@@ -91,19 +93,25 @@ def main(argv=None) -> int:
 
     # Anchors: few steps, they are slow.
     from torch.distributed._tools.mem_tracker import MemTracker
+
     mt = MemTracker()
     mt.track_external(model, opt)
     with mt:
         results["MemTracker"] = _timed_steps(step, args.anchor_steps, per_step=mt.reset_mod_stats)
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA],
-                                  profile_memory=True, record_shapes=True, with_stack=True)
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    )
     with prof:
         results["torch.profiler(profile_memory=True)"] = _timed_steps(step, args.anchor_steps)
 
     b_med, b_mean = statistics.median(base), statistics.mean(base)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  preset {args.preset} "
-          f"bf16 fused AdamW, batch {cfg.batch_size}x{cfg.seq_len}")
+    print(
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  preset {args.preset} "
+        f"bf16 fused AdamW, batch {cfg.batch_size}x{cfg.seq_len}"
+    )
     print(f"baseline: median {b_med * 1e3:.2f} ms/step over {len(base)} steps")
     print(f"{'variant':40s} {'median ms':>10s} {'ratio':>7s} {'mean ratio':>11s}")
     for name, times in results.items():

@@ -104,6 +104,7 @@ T0_US = 1_800_000_000_000_000
 
 # -- one rank's trace ---------------------------------------------------------------------------
 
+
 def _round_block(size: np.ndarray) -> np.ndarray:
     """Bytes of the allocator block for requested sizes (bench/writer.py keeps every request in
     a block of exactly its size class rounded to 512 B, so the replay finds these too)."""
@@ -173,9 +174,12 @@ def _shard_layout(world_size: int) -> list[tuple[str, str, int]]:
     out = []
     for layer in range(N_LAYERS):
         weight = f"model.layers.{layer}.mlp.weight"
-        out += [("parameter", weight, shard_bytes), ("gradient", f"{weight}.grad", shard_bytes),
-                ("optimizer_state", f"{weight}.exp_avg", shard_bytes),
-                ("optimizer_state", f"{weight}.exp_avg_sq", shard_bytes)]
+        out += [
+            ("parameter", weight, shard_bytes),
+            ("gradient", f"{weight}.grad", shard_bytes),
+            ("optimizer_state", f"{weight}.exp_avg", shard_bytes),
+            ("optimizer_state", f"{weight}.exp_avg_sq", shard_bytes),
+        ]
     return out
 
 
@@ -192,18 +196,32 @@ def _frames_and_stacks(n_sites: int = 1500) -> tuple[dict, dict]:
     """Interned frames and stacks for the stream's stack ids (the same code on every rank)."""
     if "frames" not in _STATIC:
         rng = np.random.default_rng(7)
-        files = ["train.py", "model.py",
-                 "/usr/lib/python3.11/site-packages/torch/nn/modules/module.py",
-                 "/usr/lib/python3.11/site-packages/torch/nn/functional.py",
-                 "/usr/lib/python3.11/site-packages/torch/autograd/graph.py",
-                 "/usr/lib/python3.11/site-packages/torch/optim/adamw.py",
-                 "/usr/lib/python3.11/site-packages/torch/distributed/fsdp/_fully_shard/"
-                 "_fsdp_collectives.py",
-                 "/usr/lib/python3.11/site-packages/torch/distributed/fsdp/_fully_shard/"
-                 "_fsdp_param_group.py"]
-        funcs = ["forward", "_call_impl", "linear", "silu", "scaled_dot_product_attention",
-                 "backward", "step", "_single_tensor_adamw", "foreach_all_gather",
-                 "foreach_reduce", "unshard", "post_backward", "train_step", "main"]
+        files = [
+            "train.py",
+            "model.py",
+            "/usr/lib/python3.11/site-packages/torch/nn/modules/module.py",
+            "/usr/lib/python3.11/site-packages/torch/nn/functional.py",
+            "/usr/lib/python3.11/site-packages/torch/autograd/graph.py",
+            "/usr/lib/python3.11/site-packages/torch/optim/adamw.py",
+            "/usr/lib/python3.11/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py",
+            "/usr/lib/python3.11/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py",
+        ]
+        funcs = [
+            "forward",
+            "_call_impl",
+            "linear",
+            "silu",
+            "scaled_dot_product_attention",
+            "backward",
+            "step",
+            "_single_tensor_adamw",
+            "foreach_all_gather",
+            "foreach_reduce",
+            "unshard",
+            "post_backward",
+            "train_step",
+            "main",
+        ]
         n_frames = 400
         _STATIC["frames"] = {
             "frame_id": list(range(n_frames)),
@@ -224,8 +242,10 @@ def _modules(world_size: int) -> dict:
     rows = [("model", None, "Transformer", 0, 0, 0), ("model.layers", "model", "ModuleList", 1, 0, 0)]
     for layer in range(N_LAYERS):
         block = f"model.layers.{layer}"
-        rows += [(block, "model.layers", "TransformerBlock", 2, 0, 0),
-                 (f"{block}.mlp", block, "FeedForward", 3, shard * 4, shard)]
+        rows += [
+            (block, "model.layers", "TransformerBlock", 2, 0, 0),
+            (f"{block}.mlp", block, "FeedForward", 3, shard * 4, shard),
+        ]
     names = ("module", "parent", "class_name", "depth", "param_bytes", "param_count")
     cols = {k: [r[i] for r in rows] for i, k in enumerate(names)}
     cols["buffer_bytes"] = [0] * len(rows)
@@ -235,17 +255,32 @@ def _modules(world_size: int) -> dict:
 def rank_meta(run_id: str, rank: int, world_size: int) -> dict:
     """meta.json facts of one rank, as the distributed capture writes them (TraceWriter adds the rest)."""
     return dict(
-        backend="cuda", device=DEVICE, device_total_bytes=DEVICE_TOTAL_BYTES,
+        backend="cuda",
+        device=DEVICE,
+        device_total_bytes=DEVICE_TOTAL_BYTES,
         torch_version=_torch_version(),
-        config=dict(preset="llama-8b-like", parallelism="fsdp2", world_size=world_size,
-                    precision="bf16", optimizer="adamw", batch_size=2, seq_len=4096,
-                    tokens_per_step=2 * 4096, synthetic="bench/ranks.py"),
+        config=dict(
+            preset="llama-8b-like",
+            parallelism="fsdp2",
+            world_size=world_size,
+            precision="bf16",
+            optimizer="adamw",
+            batch_size=2,
+            seq_len=4096,
+            tokens_per_step=2 * 4096,
+            synthetic="bench/ranks.py",
+        ),
         allocator_settings=dict(expandable_segments=False, max_split_size=-1),
-        baseline_allocated_bytes=0, max_allocated_bytes=None, max_reserved_bytes=None,
+        baseline_allocated_bytes=0,
+        max_allocated_bytes=None,
+        max_reserved_bytes=None,
         events_dropped=0,
         capture=dict(stacks=True, modules=True, hooked_steps=None, max_entries=1_000_000),
-        rank=rank, world_size=world_size, local_rank=rank % RANKS_PER_NODE,
-        local_world_size=min(RANKS_PER_NODE, world_size), dist_backend="nccl",
+        rank=rank,
+        world_size=world_size,
+        local_rank=rank % RANKS_PER_NODE,
+        local_world_size=min(RANKS_PER_NODE, world_size),
+        dist_backend="nccl",
     )
 
 
@@ -257,6 +292,7 @@ def _torch_version() -> str:
     if "torch" not in _STATIC:
         try:
             import torch
+
             _STATIC["torch"] = torch.__version__
         except ImportError:
             _STATIC["torch"] = None
@@ -309,20 +345,36 @@ def rank_stream(rank: int, world_size: int, n_events: int, per_step: int = PER_S
         addr += nbytes + (2 << 20)
     assert addr < SKEW_ADDR
     seg = {k: list(v) for k, v in pool.items()}
-    extra = [(SKEW_ADDR, skew, None, "inactive")] + \
-        [(a, b, b, "active_allocated") for a, (_r, _n, b) in zip(persistent_addr, layout)]
+    extra = [(SKEW_ADDR, skew, None, "inactive")] + [
+        (a, b, b, "active_allocated") for a, (_r, _n, b) in zip(persistent_addr, layout)
+    ]
     for a, b, req, state in extra:
-        for k, v in (("snapshot", "start"), ("ts_us", T0_US + offset_us), ("event_index", 0),
-                     ("segment_addr", a), ("segment_bytes", b), ("stream", 0),
-                     ("segment_type", "large"), ("is_expandable", False), ("block_addr", a),
-                     ("block_bytes", b), ("requested_bytes", req), ("state", state)):
+        for k, v in (
+            ("snapshot", "start"),
+            ("ts_us", T0_US + offset_us),
+            ("event_index", 0),
+            ("segment_addr", a),
+            ("segment_bytes", b),
+            ("stream", 0),
+            ("segment_type", "large"),
+            ("is_expandable", False),
+            ("block_addr", a),
+            ("block_bytes", b),
+            ("requested_bytes", req),
+            ("state", state),
+        ):
             seg[k].append(v)
     baseline = sum(b for _r, _n, b in layout)
     reserved = sum(seg["segment_bytes"])
-    roles = {"ts_us": [T0_US + offset_us] * len(layout), "event_index": [0] * len(layout),
-             "step": [0] * len(layout), "addr": persistent_addr,
-             "size_bytes": [b for _r, _n, b in layout], "role": [r for r, _n, _b in layout],
-             "name": [nm for _r, nm, _b in layout]}
+    roles = {
+        "ts_us": [T0_US + offset_us] * len(layout),
+        "event_index": [0] * len(layout),
+        "step": [0] * len(layout),
+        "addr": persistent_addr,
+        "size_bytes": [b for _r, _n, b in layout],
+        "role": [r for r, _n, _b in layout],
+        "name": [nm for _r, nm, _b in layout],
+    }
 
     out_chunks, steps, phases = [], [], []
     allocated = baseline
@@ -335,19 +387,26 @@ def rank_stream(rank: int, world_size: int, n_events: int, per_step: int = PER_S
         ts = [t + shift for t in c["ts_us"]]
         # The skew activation: allocated first thing in forward, freed when backward ends.
         cols = {
-            "ts_us": tuple([ts[0] - 1] + ts[:first_optimizer] + [ts[first_optimizer] - 2,
-                                                                  ts[first_optimizer] - 1]
-                           + ts[first_optimizer:]),
-            "action": ("alloc",) + c["action"][:first_optimizer] + ("free_requested", "free_completed")
+            "ts_us": tuple(
+                [ts[0] - 1]
+                + ts[:first_optimizer]
+                + [ts[first_optimizer] - 2, ts[first_optimizer] - 1]
+                + ts[first_optimizer:]
+            ),
+            "action": ("alloc",)
+            + c["action"][:first_optimizer]
+            + ("free_requested", "free_completed")
             + c["action"][first_optimizer:],
-            "addr": (SKEW_ADDR,) + c["addr"][:first_optimizer] + (SKEW_ADDR, SKEW_ADDR)
-            + c["addr"][first_optimizer:],
-            "size_bytes": (skew,) + c["size_bytes"][:first_optimizer] + (skew, skew)
+            "addr": (SKEW_ADDR,) + c["addr"][:first_optimizer] + (SKEW_ADDR, SKEW_ADDR) + c["addr"][first_optimizer:],
+            "size_bytes": (skew,)
+            + c["size_bytes"][:first_optimizer]
+            + (skew, skew)
             + c["size_bytes"][first_optimizer:],
             "stream": (0,) + c["stream"][:first_optimizer] + (0, 0) + c["stream"][first_optimizer:],
-            "tag": tuple([skew_tag] + tags[:first_optimizer] + [skew_tag, skew_tag]
-                         + tags[first_optimizer:]),
-            "stack_id": (c["stack_id"][0],) + c["stack_id"][:first_optimizer] + (None, None)
+            "tag": tuple([skew_tag] + tags[:first_optimizer] + [skew_tag, skew_tag] + tags[first_optimizer:]),
+            "stack_id": (c["stack_id"][0],)
+            + c["stack_id"][:first_optimizer]
+            + (None, None)
             + c["stack_id"][first_optimizer:],
         }
         m = len(cols["ts_us"])
@@ -361,32 +420,56 @@ def rank_stream(rank: int, world_size: int, n_events: int, per_step: int = PER_S
         peak = max(peak, int(running.max()))
         allocated = int(running[-1])
         seen += m
-        steps.append(dict(step=step, ts_us=cols["ts_us"][-1] + 5, allocated_bytes=allocated,
-                          reserved_bytes=reserved, active_bytes=allocated, inactive_split_bytes=0,
-                          max_allocated_bytes=peak, max_reserved_bytes=reserved,
-                          num_alloc_retries=0, num_ooms=0, events_seen=seen, events_dropped=0,
-                          modules_hooked=True))
+        steps.append(
+            dict(
+                step=step,
+                ts_us=cols["ts_us"][-1] + 5,
+                allocated_bytes=allocated,
+                reserved_bytes=reserved,
+                active_bytes=allocated,
+                inactive_split_bytes=0,
+                max_allocated_bytes=peak,
+                max_reserved_bytes=reserved,
+                num_alloc_retries=0,
+                num_ooms=0,
+                events_seen=seen,
+                events_dropped=0,
+                modules_hooked=True,
+            )
+        )
         # Phase spans from the tags: forward, then backward, then the optimizer.
         span_phase = [parse_tag(t)[0] for t in cols["tag"]]
         for phase in ("forward", "backward", "optimizer"):
             idx = [i for i, p in enumerate(span_phase) if p == phase]
             if idx:
-                phases.append(dict(step=step, phase=phase, ts_us_start=cols["ts_us"][idx[0]],
-                                   ts_us_end=cols["ts_us"][idx[-1]]))
+                phases.append(
+                    dict(step=step, phase=phase, ts_us_start=cols["ts_us"][idx[0]], ts_us_end=cols["ts_us"][idx[-1]])
+                )
     frames, stacks = _frames_and_stacks()
-    return dict(chunks=out_chunks, steps=steps, phases=phases, segments=seg, roles=roles,
-                modules=_modules(world_size), frames=frames, stacks=stacks,
-                baseline_allocated_bytes=baseline, max_allocated_bytes=peak,
-                max_reserved_bytes=reserved, skew_bytes=skew,
-                events=sum(len(c["ts_us"]) for c in out_chunks))
+    return dict(
+        chunks=out_chunks,
+        steps=steps,
+        phases=phases,
+        segments=seg,
+        roles=roles,
+        modules=_modules(world_size),
+        frames=frames,
+        stacks=stacks,
+        baseline_allocated_bytes=baseline,
+        max_allocated_bytes=peak,
+        max_reserved_bytes=reserved,
+        skew_bytes=skew,
+        events=sum(len(c["ts_us"]) for c in out_chunks),
+    )
 
 
 def _rows_to_columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def write_rank(out: str | os.PathLike, run_id: str, rank: int, world_size: int,
-               n_events: int, per_step: int = PER_STEP) -> dict:
+def write_rank(
+    out: str | os.PathLike, run_id: str, rank: int, world_size: int, n_events: int, per_step: int = PER_STEP
+) -> dict:
     """One rank's partition through TraceWriter: journal a step at a time, then finalize.
 
     Returns the rank's facts and seconds: gen_s (building the stream, not a cost of
@@ -406,27 +489,51 @@ def write_rank(out: str | os.PathLike, run_id: str, rank: int, world_size: int,
         w.append("events", cols)
         w.append("steps", _rows_to_columns([step]))
         w.append("phases", _rows_to_columns([p for p in s["phases"] if p["step"] == i]))
-        w.flush(dict(steps_completed=i + 1, max_allocated_bytes=step["max_allocated_bytes"],
-                     max_reserved_bytes=step["max_reserved_bytes"]))
+        w.flush(
+            dict(
+                steps_completed=i + 1,
+                max_allocated_bytes=step["max_allocated_bytes"],
+                max_reserved_bytes=step["max_reserved_bytes"],
+            )
+        )
     t2 = time.perf_counter()
-    w.finalize("complete", dict(hostname=hostname(rank), steps_completed=len(s["steps"]),
-                                events_seen=s["events"], max_allocated_bytes=s["max_allocated_bytes"],
-                                max_reserved_bytes=s["max_reserved_bytes"]))
+    w.finalize(
+        "complete",
+        dict(
+            hostname=hostname(rank),
+            steps_completed=len(s["steps"]),
+            events_seen=s["events"],
+            max_allocated_bytes=s["max_allocated_bytes"],
+            max_reserved_bytes=s["max_reserved_bytes"],
+        ),
+    )
     t3 = time.perf_counter()
-    return dict(rank=rank, run_dir=str(w.run_dir), events=s["events"],
-                baseline_allocated_bytes=s["baseline_allocated_bytes"],
-                max_allocated_bytes=s["max_allocated_bytes"],
-                max_step_allocated_bytes=max(r["allocated_bytes"] for r in s["steps"]),
-                block_replay_misses=w.meta.get("block_replay_misses"),
-                gen_s=t1 - t0, write_s=t2 - t1, finalize_s=t3 - t2)
+    return dict(
+        rank=rank,
+        run_dir=str(w.run_dir),
+        events=s["events"],
+        baseline_allocated_bytes=s["baseline_allocated_bytes"],
+        max_allocated_bytes=s["max_allocated_bytes"],
+        max_step_allocated_bytes=max(r["allocated_bytes"] for r in s["steps"]),
+        block_replay_misses=w.meta.get("block_replay_misses"),
+        gen_s=t1 - t0,
+        write_s=t2 - t1,
+        finalize_s=t3 - t2,
+    )
 
 
 def _write_rank_args(args):
     return write_rank(*args)
 
 
-def build_job(out: str | os.PathLike, world_size: int, n_events: int, jobs: int = 1,
-              per_step: int = PER_STEP, run_id: str | None = None) -> tuple[Path, list[dict], float]:
+def build_job(
+    out: str | os.PathLike,
+    world_size: int,
+    n_events: int,
+    jobs: int = 1,
+    per_step: int = PER_STEP,
+    run_id: str | None = None,
+) -> tuple[Path, list[dict], float]:
     """A world_size-rank job under `out`: (its run directory, each rank's write_rank facts, wall s)."""
     run_id = run_id or new_run_id(f"fsdp-{world_size}")
     work = [(str(out), run_id, rank, world_size, n_events, per_step) for rank in range(world_size)]
@@ -443,23 +550,28 @@ def build_job(out: str | os.PathLike, world_size: int, n_events: int, jobs: int 
 
 # -- reading the job --------------------------------------------------------------------------
 
+
 def steps_sql(run_root: str | os.PathLike) -> str:
     """Per-rank peaks from every rank's steps table, the query the README shows."""
-    return (f"SELECT rank, max(allocated_bytes) AS max_allocated_bytes, "
-            f"max(max_allocated_bytes) AS peak_allocated_bytes "
-            f"FROM read_parquet('{Path(run_root).as_posix()}/*/steps.parquet', hive_partitioning=true) "
-            f"GROUP BY rank ORDER BY rank")
+    return (
+        f"SELECT rank, max(allocated_bytes) AS max_allocated_bytes, "
+        f"max(max_allocated_bytes) AS peak_allocated_bytes "
+        f"FROM read_parquet('{Path(run_root).as_posix()}/*/steps.parquet', hive_partitioning=true) "
+        f"GROUP BY rank ORDER BY rank"
+    )
 
 
 def events_sql(run_root: str | os.PathLike) -> str:
     """Per-rank peak of cumulative allocated block bytes over every event (add meta's baseline)."""
-    return (f"SELECT rank, CAST(max(allocated) AS BIGINT) AS peak_delta_bytes FROM ("
-            f" SELECT rank, sum(CASE action WHEN 'alloc' THEN block_bytes"
-            f" WHEN 'free_requested' THEN -block_bytes ELSE 0 END)"
-            f" OVER (PARTITION BY rank ORDER BY file_row_number ROWS UNBOUNDED PRECEDING) AS allocated"
-            f" FROM read_parquet('{Path(run_root).as_posix()}/*/events.parquet',"
-            f" hive_partitioning=true, file_row_number=true)"
-            f") GROUP BY rank ORDER BY rank")
+    return (
+        f"SELECT rank, CAST(max(allocated) AS BIGINT) AS peak_delta_bytes FROM ("
+        f" SELECT rank, sum(CASE action WHEN 'alloc' THEN block_bytes"
+        f" WHEN 'free_requested' THEN -block_bytes ELSE 0 END)"
+        f" OVER (PARTITION BY rank ORDER BY file_row_number ROWS UNBOUNDED PRECEDING) AS allocated"
+        f" FROM read_parquet('{Path(run_root).as_posix()}/*/events.parquet',"
+        f" hive_partitioning=true, file_row_number=true)"
+        f") GROUP BY rank ORDER BY rank"
+    )
 
 
 def duckdb_query(sql: str, threads: int | None = None):
@@ -506,8 +618,11 @@ def _quiet_streamlit() -> None:
     that and before dashboard.data is."""
     import streamlit  # noqa: F401
 
-    for name in ("streamlit", "streamlit.runtime.caching.cache_data_api",
-                 "streamlit.runtime.scriptrunner_utils.script_run_context"):
+    for name in (
+        "streamlit",
+        "streamlit.runtime.caching.cache_data_api",
+        "streamlit.runtime.scriptrunner_utils.script_run_context",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     import dashboard.data  # noqa: F401
 
@@ -551,17 +666,24 @@ def measure(root: Path, run_root: Path, ranks: list[dict], cold_ranks: bool = Tr
     res["duckdb_rows"] = len(steps_df)
     res["duckdb_agrees"] = bool(
         len(steps_df) == len(ranks) == len(events_df)
-        and all(int(row.max_allocated_bytes) == by_rank[int(row.rank)]["max_step_allocated_bytes"]
-                and int(row.peak_allocated_bytes) == by_rank[int(row.rank)]["max_allocated_bytes"]
-                for row in steps_df.itertuples())
-        and all(int(row.peak_delta_bytes) + by_rank[int(row.rank)]["baseline_allocated_bytes"]
-                == by_rank[int(row.rank)]["max_allocated_bytes"] for row in events_df.itertuples()))
+        and all(
+            int(row.max_allocated_bytes) == by_rank[int(row.rank)]["max_step_allocated_bytes"]
+            and int(row.peak_allocated_bytes) == by_rank[int(row.rank)]["max_allocated_bytes"]
+            for row in steps_df.itertuples()
+        )
+        and all(
+            int(row.peak_delta_bytes) + by_rank[int(row.rank)]["baseline_allocated_bytes"]
+            == by_rank[int(row.rank)]["max_allocated_bytes"]
+            for row in events_df.itertuples()
+        )
+    )
     peaks = np.array([r["max_allocated_bytes"] for r in ranks], dtype=np.float64)
     res["peak_skew"] = float(peaks.max() / peaks.min() - 1) if len(peaks) else 0.0
     return res
 
 
 # -- main -------------------------------------------------------------------------------------
+
 
 def _fmt_s(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
@@ -570,19 +692,27 @@ def _fmt_s(value) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default=None, help="rank counts, comma-separated (default 8,64,256,1024)")
-    ap.add_argument("--events-per-rank", type=int, default=None,
-                    help=f"allocator events per rank (default {DEFAULT_EVENTS:,}, steps of ~{PER_STEP:,})")
+    ap.add_argument(
+        "--events-per-rank",
+        type=int,
+        default=None,
+        help=f"allocator events per rank (default {DEFAULT_EVENTS:,}, steps of ~{PER_STEP:,})",
+    )
     ap.add_argument("--out", default=None, help="keep the jobs here (default: a temporary directory, removed)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="processes writing ranks at once (default: one per CPU)")
+    ap.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="processes writing ranks at once (default: one per CPU)"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"CI-sized: ranks {','.join(map(str, QUICK_RANKS))}, {QUICK_EVENTS:,} events each")
-    ap.add_argument("--no-cold-ranks", action="store_true",
-                    help="skip timing rank_table without summary.json caches")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"CI-sized: ranks {','.join(map(str, QUICK_RANKS))}, {QUICK_EVENTS:,} events each",
+    )
+    ap.add_argument("--no-cold-ranks", action="store_true", help="skip timing rank_table without summary.json caches")
     args = ap.parse_args(argv)
-    rank_counts = [int(x) for x in args.ranks.split(",")] if args.ranks else \
-        list(QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    rank_counts = (
+        [int(x) for x in args.ranks.split(",")] if args.ranks else list(QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    )
     n_events = args.events_per_rank or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
 
     import pyarrow
@@ -590,16 +720,21 @@ def main(argv=None) -> int:
     _quiet_streamlit()
     try:
         import duckdb
+
         duckdb_version = duckdb.__version__
     except ImportError:
         raise SystemExit("bench/ranks.py needs duckdb: pip install duckdb") from None
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used "
-          f"(synthetic CUDA-style traces); torch {_torch_version()}, pyarrow {pyarrow.__version__}, "
-          f"duckdb {duckdb_version}, Python {platform.python_version()}; load average "
-          f"{os.getloadavg()[0]:.2f}")
-    print(f"ranks {rank_counts}, ~{n_events:,} events per rank in steps of ~{PER_STEP:,}, "
-          f"{args.jobs} writer processes; rank_table: "
-          f"{'profiler.trace.layout' if rank_table_function() else 'not present'}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used "
+        f"(synthetic CUDA-style traces); torch {_torch_version()}, pyarrow {pyarrow.__version__}, "
+        f"duckdb {duckdb_version}, Python {platform.python_version()}; load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"ranks {rank_counts}, ~{n_events:,} events per rank in steps of ~{PER_STEP:,}, "
+        f"{args.jobs} writer processes; rank_table: "
+        f"{'profiler.trace.layout' if rank_table_function() else 'not present'}"
+    )
 
     keep = args.out is not None
     out = Path(args.out) if keep else Path(tempfile.mkdtemp(prefix="vramscope-bench-ranks-"))
@@ -610,6 +745,7 @@ def main(argv=None) -> int:
         warm = out / "warm-up"
         build_job(warm, 2, min(n_events, 3_000), jobs=1)
         from dashboard.data import runs_table
+
         runs_table(warm)
         shutil.rmtree(warm)
         for world in rank_counts:
@@ -617,55 +753,84 @@ def main(argv=None) -> int:
             run_root, ranks, build_s = build_job(root, world, n_events, jobs=args.jobs)
             disk = disk_bytes(run_root)
             events = sum(r["events"] for r in ranks)
-            res = dict(ranks=world, events=events, build_wall_s=build_s,
-                       gen_s=sum(r["gen_s"] for r in ranks), write_s=sum(r["write_s"] for r in ranks),
-                       finalize_s=sum(r["finalize_s"] for r in ranks),
-                       block_replay_misses=sum(r["block_replay_misses"] or 0 for r in ranks),
-                       disk_total_bytes=disk["total"], disk_events_bytes=disk["events"],
-                       disk_other_bytes=disk["other"], files=disk["files"],
-                       bytes_per_rank=disk["total"] / world, bytes_per_event=disk["total"] / events,
-                       events_bytes_per_event=disk["events"] / events,
-                       other_bytes_per_rank=disk["other"] / world)
+            res = dict(
+                ranks=world,
+                events=events,
+                build_wall_s=build_s,
+                gen_s=sum(r["gen_s"] for r in ranks),
+                write_s=sum(r["write_s"] for r in ranks),
+                finalize_s=sum(r["finalize_s"] for r in ranks),
+                block_replay_misses=sum(r["block_replay_misses"] or 0 for r in ranks),
+                disk_total_bytes=disk["total"],
+                disk_events_bytes=disk["events"],
+                disk_other_bytes=disk["other"],
+                files=disk["files"],
+                bytes_per_rank=disk["total"] / world,
+                bytes_per_event=disk["total"] / events,
+                events_bytes_per_event=disk["events"] / events,
+                other_bytes_per_rank=disk["other"] / world,
+            )
             res.update(measure(root, run_root, ranks, cold_ranks=not args.no_cold_ranks))
             results.append(res)
-            print(f"  {world:>5} ranks: built in {build_s:.1f} s, runs_table cold "
-                  f"{res['runs_cold_s']:.2f} s / warm {res['runs_warm_s']:.2f} s, duckdb "
-                  f"{res['duckdb_steps_s']:.2f} + {res['duckdb_events_s']:.2f} s", flush=True)
+            print(
+                f"  {world:>5} ranks: built in {build_s:.1f} s, runs_table cold "
+                f"{res['runs_cold_s']:.2f} s / warm {res['runs_warm_s']:.2f} s, duckdb "
+                f"{res['duckdb_steps_s']:.2f} + {res['duckdb_events_s']:.2f} s",
+                flush=True,
+            )
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
 
     print()
-    head = (f"{'ranks':>5} {'events':>11} {'disk MiB':>9} {'KiB/rank':>9} {'B/event':>8} "
-            f"{'ev.pq B/ev':>10} {'write s/rank':>12} {'final s/rank':>12} {'build wall s':>12} "
-            f"{'runs cold s':>11} {'runs warm s':>11} {'rows':>5} {'ranks warm s':>12} "
-            f"{'ranks cold s':>12} {'duck steps s':>12} {'duck events s':>13} {'skew':>6} ok")
+    head = (
+        f"{'ranks':>5} {'events':>11} {'disk MiB':>9} {'KiB/rank':>9} {'B/event':>8} "
+        f"{'ev.pq B/ev':>10} {'write s/rank':>12} {'final s/rank':>12} {'build wall s':>12} "
+        f"{'runs cold s':>11} {'runs warm s':>11} {'rows':>5} {'ranks warm s':>12} "
+        f"{'ranks cold s':>12} {'duck steps s':>12} {'duck events s':>13} {'skew':>6} ok"
+    )
     print(head)
     for r in results:
         w = r["ranks"]
-        print(f"{w:>5} {r['events']:>11,} {r['disk_total_bytes'] / 2**20:>9.1f} "
-              f"{r['bytes_per_rank'] / 1024:>9.1f} {r['bytes_per_event']:>8.2f} "
-              f"{r['events_bytes_per_event']:>10.2f} {r['write_s'] / w:>12.3f} "
-              f"{r['finalize_s'] / w:>12.3f} {r['build_wall_s']:>12.1f} {r['runs_cold_s']:>11.2f} "
-              f"{r['runs_warm_s']:>11.2f} {r['runs_rows']:>5} {_fmt_s(r.get('ranks_warm_s')):>12} "
-              f"{_fmt_s(r.get('ranks_cold_s')):>12} {r['duckdb_steps_s']:>12.2f} "
-              f"{r['duckdb_events_s']:>13.2f} {r['peak_skew']:>6.1%} "
-              f"{'yes' if r['duckdb_agrees'] and not r['block_replay_misses'] else 'NO'}")
-    print("\ndisk: every file of the job as written (meta.json and 9 Parquet tables per rank; the "
-          "pages' summary.json caches, ~2 KB a rank, come later and are not counted); "
-          "B/event = all of it over the job's events; ev.pq = events.parquet alone. "
-          "write = journal append + flush per step, final = finalize (both per rank, one process); "
-          "build wall = all ranks with the writer processes above, stream generation included. "
-          "runs = dashboard.data.runs_table(root): cold without summary.json caches, warm with "
-          "them; rows = its rows. ranks = profiler.trace.layout.rank_table(run_root). "
-          "duck steps / events = the per-rank duckdb queries over steps.parquet and events.parquet. "
-          "skew = max/min - 1 of the ranks' peaks. ok = duckdb agrees with every rank's meta and "
-          "no block replay missed.")
+        print(
+            f"{w:>5} {r['events']:>11,} {r['disk_total_bytes'] / 2**20:>9.1f} "
+            f"{r['bytes_per_rank'] / 1024:>9.1f} {r['bytes_per_event']:>8.2f} "
+            f"{r['events_bytes_per_event']:>10.2f} {r['write_s'] / w:>12.3f} "
+            f"{r['finalize_s'] / w:>12.3f} {r['build_wall_s']:>12.1f} {r['runs_cold_s']:>11.2f} "
+            f"{r['runs_warm_s']:>11.2f} {r['runs_rows']:>5} {_fmt_s(r.get('ranks_warm_s')):>12} "
+            f"{_fmt_s(r.get('ranks_cold_s')):>12} {r['duckdb_steps_s']:>12.2f} "
+            f"{r['duckdb_events_s']:>13.2f} {r['peak_skew']:>6.1%} "
+            f"{'yes' if r['duckdb_agrees'] and not r['block_replay_misses'] else 'NO'}"
+        )
+    print(
+        "\ndisk: every file of the job as written (meta.json and 9 Parquet tables per rank; the "
+        "pages' summary.json caches, ~2 KB a rank, come later and are not counted); "
+        "B/event = all of it over the job's events; ev.pq = events.parquet alone. "
+        "write = journal append + flush per step, final = finalize (both per rank, one process); "
+        "build wall = all ranks with the writer processes above, stream generation included. "
+        "runs = dashboard.data.runs_table(root): cold without summary.json caches, warm with "
+        "them; rows = its rows. ranks = profiler.trace.layout.rank_table(run_root). "
+        "duck steps / events = the per-rank duckdb queries over steps.parquet and events.parquet. "
+        "skew = max/min - 1 of the ranks' peaks. ok = duckdb agrees with every rank's meta and "
+        "no block replay missed."
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(
-            machine=dict(cpus=os.cpu_count(), torch=_torch_version(), pyarrow=pyarrow.__version__,
-                         duckdb=duckdb_version, python=platform.python_version()),
-            events_per_rank=n_events, results=results), indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                dict(
+                    machine=dict(
+                        cpus=os.cpu_count(),
+                        torch=_torch_version(),
+                        pyarrow=pyarrow.__version__,
+                        duckdb=duckdb_version,
+                        python=platform.python_version(),
+                    ),
+                    events_per_rank=n_events,
+                    results=results,
+                ),
+                indent=1,
+            )
+        )
     bad = [r["ranks"] for r in results if not r["duckdb_agrees"] or r["block_replay_misses"]]
     return 1 if bad else 0
 

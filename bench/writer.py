@@ -25,6 +25,7 @@ growing by a few microseconds, a few hundred distinct tags, stack ids on
 allocs only. Steps repeat one program with drift (changed sizes, another free
 block picked now and then), as training loops do. Events stay in stream order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,19 +94,23 @@ def _step_program(rng: np.random.Generator, allocs: int, n_tags: int, n_sites: i
     order += [(1, j) for _, j in pending] + [(1, j) for j in reversed(kept)]
     # Tags follow the position in the step: a phase and the module being run.
     phase_of = np.where(np.arange(allocs) < half, 0, 1)
-    phase_of[allocs - allocs // 16:] = 2
+    phase_of[allocs - allocs // 16 :] = 2
     m = n_tags // 3
     k = np.arange(allocs)
-    module_of = np.where(phase_of == 0, k * m // half,  # forward runs the modules in order
-                         (allocs - 1 - k) * m // (allocs - half))  # backward in reverse
+    module_of = np.where(
+        phase_of == 0,
+        k * m // half,  # forward runs the modules in order
+        (allocs - 1 - k) * m // (allocs - half),
+    )  # backward in reverse
     module_of = np.where(phase_of == 2, k % m, module_of)  # the optimizer visits them all
     tags = phase_of * (n_tags // 3) + module_of
     sites = rng.integers(0, n_sites, allocs)
     return order, sizes, tags, sites
 
 
-def synthetic_events(n_events: int = 2_100_000, per_step: int = 3000, seed: int = 0,
-                     n_tags: int = 300, n_sites: int = 1500):
+def synthetic_events(
+    n_events: int = 2_100_000, per_step: int = 3000, seed: int = 0, n_tags: int = 300, n_sites: int = 1500
+):
     """Capture-side chunks, one per step: dicts of Python tuples/lists as the drain makes them.
 
     Also returns the start snapshot (segment rows) that makes every address a block the
@@ -115,8 +120,12 @@ def synthetic_events(n_events: int = 2_100_000, per_step: int = 3000, seed: int 
     allocs = per_step // 3
     order, sizes, tags, sites = _step_program(rng, allocs, n_tags, n_sites)
     phases = ("forward", "backward", "optimizer")
-    tag_names = [make_tag(phases[t // (n_tags // 3)], f"model.layers.{t % (n_tags // 3)}.mlp",
-                          "kv_cache" if t % 97 == 5 else None) for t in range(n_tags)]
+    tag_names = [
+        make_tag(
+            phases[t // (n_tags // 3)], f"model.layers.{t % (n_tags // 3)}.mlp", "kv_cache" if t % 97 == 5 else None
+        )
+        for t in range(n_tags)
+    ]
 
     free_lists: dict[int, list[int]] = {}
     slot_bytes: dict[int, int] = {}
@@ -133,8 +142,7 @@ def synthetic_events(n_events: int = 2_100_000, per_step: int = 3000, seed: int 
         requested = step_sizes - rng.integers(0, 4, allocs) * 2 * (step_sizes > 4096)
         deltas = rng.integers(1, 9, len(order) + 1) * rng.integers(1, 4, len(order) + 1)
         live: dict[int, int] = {}
-        cols = {k: [] for k in ("ts_us", "action", "addr", "size_bytes", "stream", "tag",
-                                "stack_id")}
+        cols = {k: [] for k in ("ts_us", "action", "addr", "size_bytes", "stream", "tag", "stack_id")}
         ts_l, act_l, addr_l, size_l, stream_l, tag_l, stack_l = cols.values()
         side = rng.random(len(order)) < 0.01
         pick = rng.random(len(order))
@@ -192,19 +200,33 @@ def _start_snapshot(slot_bytes: dict[int, int]) -> dict:
     addrs = sorted(slot_bytes)
     n = len(addrs)
     return {
-        "snapshot": ["start"] * n, "ts_us": [0] * n, "event_index": [0] * n,
-        "segment_addr": addrs, "segment_bytes": [slot_bytes[a] for a in addrs],
-        "stream": [0] * n, "segment_type": ["large"] * n, "is_expandable": [False] * n,
-        "block_addr": addrs, "block_bytes": [slot_bytes[a] for a in addrs],
-        "requested_bytes": [None] * n, "state": ["inactive"] * n,
+        "snapshot": ["start"] * n,
+        "ts_us": [0] * n,
+        "event_index": [0] * n,
+        "segment_addr": addrs,
+        "segment_bytes": [slot_bytes[a] for a in addrs],
+        "stream": [0] * n,
+        "segment_type": ["large"] * n,
+        "is_expandable": [False] * n,
+        "block_addr": addrs,
+        "block_bytes": [slot_bytes[a] for a in addrs],
+        "requested_bytes": [None] * n,
+        "state": ["inactive"] * n,
     }
 
 
 def meta(backend: str) -> dict:
-    return dict(backend=backend, device="cuda:0" if backend == "cuda" else "cpu",
-                torch_version="bench", config={}, allocator_settings=None,
-                baseline_allocated_bytes=0, max_allocated_bytes=0, max_reserved_bytes=None,
-                events_dropped=0)
+    return dict(
+        backend=backend,
+        device="cuda:0" if backend == "cuda" else "cpu",
+        torch_version="bench",
+        config={},
+        allocator_settings=None,
+        baseline_allocated_bytes=0,
+        max_allocated_bytes=0,
+        max_reserved_bytes=None,
+        events_dropped=0,
+    )
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -212,8 +234,13 @@ def meta(backend: str) -> dict:
 
 def live_meta(step: int, t: float) -> dict:
     """What the session passes to flush() each time (profiler.capture.session._live_meta)."""
-    return dict(events_dropped=0, steps_completed=step, capture_host_s=round(t, 6),
-                max_allocated_bytes=1 << 34, max_reserved_bytes=(1 << 34) + step * 512)
+    return dict(
+        events_dropped=0,
+        steps_completed=step,
+        capture_host_s=round(t, 6),
+        max_allocated_bytes=1 << 34,
+        max_reserved_bytes=(1 << 34) + step * 512,
+    )
 
 
 def write_journals(out: Path, chunks: list, segments: dict | None, backend: str):
@@ -257,6 +284,7 @@ def _timed(module, name: str):
 def meta_write_s(out: Path, repeat: int = 200) -> float:
     """Median seconds of one meta.json update (json + temporary file + rename)."""
     from profiler.trace.writer import write_meta
+
     run = out / "meta-only"
     run.mkdir()
     m = dict(meta("cuda"), **live_meta(0, 0.0))
@@ -271,15 +299,17 @@ def meta_write_s(out: Path, repeat: int = 200) -> float:
 
 def snapshot_pickle_bytes(chunks: list) -> int:
     """Size of these events as torch's memory_viz snapshot trace, without stacks."""
-    events = [{"action": a, "addr": ad, "size": s, "stream": st, "time_us": t, "frames": []}
-              for c in chunks
-              for t, a, ad, s, st in zip(c["ts_us"], c["action"], c["addr"], c["size_bytes"],
-                                         c["stream"])]
+    events = [
+        {"action": a, "addr": ad, "size": s, "stream": st, "time_us": t, "frames": []}
+        for c in chunks
+        for t, a, ad, s, st in zip(c["ts_us"], c["action"], c["addr"], c["size_bytes"], c["stream"])
+    ]
     return len(pickle.dumps(events, protocol=4))
 
 
 def encoding_variants(names: list[str], base: dict) -> list[tuple[str, dict]]:
     """Parquet settings to compare, each one change away from the chosen ones (`base`)."""
+
     def but(**over):
         opts = dict(base)
         enc = dict(base.get("column_encoding") or {})
@@ -288,6 +318,7 @@ def encoding_variants(names: list[str], base: dict) -> list[tuple[str, dict]]:
         opts["use_dictionary"] = [c for c in names if c not in enc] if enc else True
         opts.update(over)
         return opts
+
     return [
         ("pyarrow defaults (snappy, dictionary everywhere)", {}),
         ("defaults + zstd 3", dict(compression="zstd", compression_level=3)),
@@ -297,10 +328,14 @@ def encoding_variants(names: list[str], base: dict) -> list[tuple[str, dict]]:
         ("chosen + addr DELTA_BINARY_PACKED", but(enc={"addr": "DELTA_BINARY_PACKED"})),
         ("chosen + addr BYTE_STREAM_SPLIT", but(enc={"addr": "BYTE_STREAM_SPLIT"})),
         ("chosen + addr PLAIN", but(enc={"addr": "PLAIN"})),
-        ("chosen + sizes BYTE_STREAM_SPLIT", but(enc={"size_bytes": "BYTE_STREAM_SPLIT",
-                                                     "block_bytes": "BYTE_STREAM_SPLIT"})),
-        ("chosen + sizes DELTA_BINARY_PACKED", but(enc={"size_bytes": "DELTA_BINARY_PACKED",
-                                                       "block_bytes": "DELTA_BINARY_PACKED"})),
+        (
+            "chosen + sizes BYTE_STREAM_SPLIT",
+            but(enc={"size_bytes": "BYTE_STREAM_SPLIT", "block_bytes": "BYTE_STREAM_SPLIT"}),
+        ),
+        (
+            "chosen + sizes DELTA_BINARY_PACKED",
+            but(enc={"size_bytes": "DELTA_BINARY_PACKED", "block_bytes": "DELTA_BINARY_PACKED"}),
+        ),
         ("chosen + stack_id DELTA_BINARY_PACKED", but(enc={"stack_id": "DELTA_BINARY_PACKED"})),
         ("chosen, zstd 1", but(compression_level=1)),
         ("chosen, zstd 9", but(compression_level=9)),
@@ -337,13 +372,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     chunks, segments = synthetic_events(args.events, args.per_step)
     n = sum(len(c["ts_us"]) for c in chunks)
-    distinct = {k: len({v for c in chunks for v in c[k]}) for k in ("addr", "size_bytes", "tag",
-                                                                    "stack_id")}
-    print(f"stream: {n:,} events in {len(chunks)} steps of ~{args.per_step:,}; distinct addr "
-          f"{distinct['addr']:,}, sizes {distinct['size_bytes']:,}, tags {distinct['tag']:,}, "
-          f"stacks {distinct['stack_id'] - 1:,}; made in {time.perf_counter() - t0:.1f} s")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
-          f"(timings are only as quiet as the machine)")
+    distinct = {k: len({v for c in chunks for v in c[k]}) for k in ("addr", "size_bytes", "tag", "stack_id")}
+    print(
+        f"stream: {n:,} events in {len(chunks)} steps of ~{args.per_step:,}; distinct addr "
+        f"{distinct['addr']:,}, sizes {distinct['size_bytes']:,}, tags {distinct['tag']:,}, "
+        f"stacks {distinct['stack_id'] - 1:,}; made in {time.perf_counter() - t0:.1f} s"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+        f"(timings are only as quiet as the machine)"
+    )
 
     out = Path(tempfile.mkdtemp(prefix="vramscope-bench-writer-"))
     try:
@@ -353,19 +391,24 @@ def main(argv=None) -> int:
         gc.collect()
         results = {}
         for backend in ("cpu", "cuda"):
-            w, append_s, flush_s = write_journals(out / backend, chunks,
-                                                  segments if backend == "cuda" else None, backend)
+            w, append_s, flush_s = write_journals(
+                out / backend, chunks, segments if backend == "cuda" else None, backend
+            )
             journal_bytes = (w.run_dir / schema.journal_name("events")).stat().st_size
             with _timed(writer_module, "finalize_tables") as tables_s:
                 t0 = time.perf_counter()
                 w.finalize("complete")
                 finalize_s = time.perf_counter() - t0
             results[backend] = dict(
-                append_s=append_s, flush_s=flush_s, journal_bytes=journal_bytes,
-                finalize_s=finalize_s, tables_s=sum(tables_s),
+                append_s=append_s,
+                flush_s=flush_s,
+                journal_bytes=journal_bytes,
+                finalize_s=finalize_s,
+                tables_s=sum(tables_s),
                 misses=w.meta.get("block_replay_misses"),
                 parquet_bytes=(w.run_dir / schema.parquet_name("events")).stat().st_size,
-                run_dir=w.run_dir)
+                run_dir=w.run_dir,
+            )
         meta_s = meta_write_s(out)
         pickle_bytes = snapshot_pickle_bytes(chunks)
         load_after = os.getloadavg()[0]
@@ -377,20 +420,29 @@ def main(argv=None) -> int:
         for backend, r in results.items():
             total = r["append_s"].sum() + r["flush_s"].sum()
             step = np.median(r["append_s"] + r["flush_s"])
-            rows.append((f"journal append + flush ({backend} run)",
-                         f"{rate(total)}  (median step {n / len(chunks) / step / 1e6:.2f})",
-                         ">= 2 M ev/s"))
+            rows.append(
+                (
+                    f"journal append + flush ({backend} run)",
+                    f"{rate(total)}  (median step {n / len(chunks) / step / 1e6:.2f})",
+                    ">= 2 M ev/s",
+                )
+            )
         for backend, r in results.items():
             label = "CPU backend" if backend == "cpu" else "CUDA-style, block replay"
-            rows.append((f"finalize to Parquet, {label}",
-                         f"{rate(r['finalize_s'])}  ({r['finalize_s']:.2f} s, of which "
-                         f"finalize_tables {r['tables_s']:.2f} s)", "< 2 s" if backend == "cpu" else ""))
+            rows.append(
+                (
+                    f"finalize to Parquet, {label}",
+                    f"{rate(r['finalize_s'])}  ({r['finalize_s']:.2f} s, of which "
+                    f"finalize_tables {r['tables_s']:.2f} s)",
+                    "< 2 s" if backend == "cpu" else "",
+                )
+            )
         for backend, r in results.items():
-            rows.append((f"events.parquet on disk ({backend})",
-                         f"{r['parquet_bytes'] / n:5.2f} B/event", "<= 12 B/event"))
+            rows.append(
+                (f"events.parquet on disk ({backend})", f"{r['parquet_bytes'] / n:5.2f} B/event", "<= 12 B/event")
+            )
         rows.append(("memory_viz pickle (anchor)", f"{MEMORY_VIZ_B_PER_EVENT:5.2f} B/event", ""))
-        rows.append(("these events as snapshot pickle, protocol 4, frames=[]",
-                     f"{pickle_bytes / n:5.2f} B/event", ""))
+        rows.append(("these events as snapshot pickle, protocol 4, frames=[]", f"{pickle_bytes / n:5.2f} B/event", ""))
         width = max(len(r[0]) for r in rows)
         print()
         print(f"{'':{width}}  {'measured':30}  target")
@@ -399,12 +451,14 @@ def main(argv=None) -> int:
 
         r = results["cuda"]
         steps = len(chunks)
-        print(f"\nper step of ~{n // steps:,} events (median over {steps} steps): append "
-              f"{np.median(r['append_s']) * 1e3:.2f} ms, flush {np.median(r['flush_s']) * 1e3:.2f} ms "
-              f"(of which meta.json update {meta_s * 1e3:.2f} ms); p99 append+flush "
-              f"{np.percentile(r['append_s'] + r['flush_s'], 99) * 1e3:.2f} ms; events journal "
-              f"{r['journal_bytes'] / n:.1f} B/event (lz4); block replay misses {r['misses']}; "
-              f"load average after {load_after:.2f}")
+        print(
+            f"\nper step of ~{n // steps:,} events (median over {steps} steps): append "
+            f"{np.median(r['append_s']) * 1e3:.2f} ms, flush {np.median(r['flush_s']) * 1e3:.2f} ms "
+            f"(of which meta.json update {meta_s * 1e3:.2f} ms); p99 append+flush "
+            f"{np.percentile(r['append_s'] + r['flush_s'], 99) * 1e3:.2f} ms; events journal "
+            f"{r['journal_bytes'] / n:.1f} B/event (lz4); block replay misses {r['misses']}; "
+            f"load average after {load_after:.2f}"
+        )
 
         if not args.no_variants:
             import pyarrow.parquet as pq
@@ -413,14 +467,17 @@ def main(argv=None) -> int:
             base = parquet_options(table.schema)
             print(f"\nevents.parquet encodings (CUDA-style table, {n:,} rows); B/event per column:")
             cols_shown = ("ts_us", "addr", "size_bytes", "block_bytes", "stack_id", "module")
-            print(f"{'settings':52} {'total':>6} {'write s':>7}  " +
-                  " ".join(f"{c:>11}" for c in cols_shown) + "  other")
+            print(
+                f"{'settings':52} {'total':>6} {'write s':>7}  " + " ".join(f"{c:>11}" for c in cols_shown) + "  other"
+            )
             for label, opts in encoding_variants(table.schema.names, base):
                 size, cols, seconds = parquet_bytes(table, opts)
                 other = sum(v for k, v in cols.items() if k not in cols_shown)
-                print(f"{label:52} {size / n:6.2f} {seconds:7.2f}  " +
-                      " ".join(f"{cols.get(c, 0) / n:11.3f}" for c in cols_shown) +
-                      f"  {other / n:5.3f}")
+                print(
+                    f"{label:52} {size / n:6.2f} {seconds:7.2f}  "
+                    + " ".join(f"{cols.get(c, 0) / n:11.3f}" for c in cols_shown)
+                    + f"  {other / n:5.3f}"
+                )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return 0

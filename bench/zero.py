@@ -34,8 +34,15 @@ from profiler.analysis.categories import category_timeline  # noqa: E402
 from profiler.trace.layout import rank_dirs  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
 
-MODEL_STATE = ("parameter", "gradient", "optimizer_state", "unsharded_parameter", "unsharded_gradient",
-               "all_gather", "reduce_scatter")
+MODEL_STATE = (
+    "parameter",
+    "gradient",
+    "optimizer_state",
+    "unsharded_parameter",
+    "unsharded_gradient",
+    "all_gather",
+    "reduce_scatter",
+)
 GIB = 1 << 30
 
 
@@ -69,10 +76,14 @@ def measure(rank_dir: Path) -> dict:
     state = tl[cols].sum(axis=1).to_numpy()
     at = int(np.argmax(state))
     sharded = tl[[c for c in ("parameter", "gradient", "optimizer_state") if c in tl]].sum(axis=1)
-    return dict(bytes=int(state[at]), split={c: int(tl[c].iloc[at]) for c in cols},
-                sharded=int(sharded.max()),
-                unsharded=int(tl["unsharded_parameter"].max()) if "unsharded_parameter" in tl else 0,
-                peak=int(trace.meta["max_allocated_bytes"]), meta=trace.meta)
+    return dict(
+        bytes=int(state[at]),
+        split={c: int(tl[c].iloc[at]) for c in cols},
+        sharded=int(sharded.max()),
+        unsharded=int(tl["unsharded_parameter"].max()) if "unsharded_parameter" in tl else 0,
+        peak=int(trace.meta["max_allocated_bytes"]),
+        meta=trace.meta,
+    )
 
 
 def rows(folders: list[str]) -> pd.DataFrame:
@@ -96,16 +107,37 @@ def rows(folders: list[str]) -> pd.DataFrame:
             reshard = str(cfg.get("reshard_after_forward", True)).lower() not in ("false", "0", "off")
             unit_bytes = 2 if cfg.get("precision") == "bf16" else 4
             name, expected = formula(parallel, reshard, p, n, largest, unit_bytes)
-            label = "ddp" if parallel == "ddp" else (
-                "fsdp-zero2" if not reshard else "fsdp-offload" if cfg.get("fsdp_offload") else
-                "fsdp-bf16-ckpt" if cfg.get("precision") == "bf16" else "fsdp-zero3")
-            out.append(dict(model=model, variant=label, world_size=n, params=p, largest_unit=largest,
-                            peak_gib=worst["peak"] / GIB, model_state_gib=worst["bytes"] / GIB,
-                            formula=name, formula_gib=expected / GIB,
-                            gap_pct=100.0 * (worst["bytes"] - expected) / expected,
-                            sharded_state_gib=worst["sharded"] / GIB, sixteen_p_over_n_gib=16 * p / n / GIB,
-                            unsharded_param_max_gib=worst["unsharded"] / GIB,
-                            **{f"{c}_gib": v / GIB for c, v in worst["split"].items()}))
+            label = (
+                "ddp"
+                if parallel == "ddp"
+                else (
+                    "fsdp-zero2"
+                    if not reshard
+                    else "fsdp-offload"
+                    if cfg.get("fsdp_offload")
+                    else "fsdp-bf16-ckpt"
+                    if cfg.get("precision") == "bf16"
+                    else "fsdp-zero3"
+                )
+            )
+            out.append(
+                dict(
+                    model=model,
+                    variant=label,
+                    world_size=n,
+                    params=p,
+                    largest_unit=largest,
+                    peak_gib=worst["peak"] / GIB,
+                    model_state_gib=worst["bytes"] / GIB,
+                    formula=name,
+                    formula_gib=expected / GIB,
+                    gap_pct=100.0 * (worst["bytes"] - expected) / expected,
+                    sharded_state_gib=worst["sharded"] / GIB,
+                    sixteen_p_over_n_gib=16 * p / n / GIB,
+                    unsharded_param_max_gib=worst["unsharded"] / GIB,
+                    **{f"{c}_gib": v / GIB for c, v in worst["split"].items()},
+                )
+            )
     return pd.DataFrame(out)
 
 
@@ -120,8 +152,11 @@ def main(argv=None) -> int:
         return 2
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
-    print(table.to_markdown(index=False, floatfmt=".2f") if args.markdown
-          else table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(
+        table.to_markdown(index=False, floatfmt=".2f")
+        if args.markdown
+        else table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    )
     return 0
 
 

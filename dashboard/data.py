@@ -17,6 +17,7 @@ import streamlit as st
 
 from profiler import analysis
 from profiler.analysis import ranks
+
 # The Compare table, under the names the dashboard's callers have used for it.
 from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
 from profiler.analysis.kv import kv_table
@@ -28,9 +29,24 @@ from profiler.trace.summary_cache import load_summary
 TRACES_ENV = "VRAMSCOPE_TRACES"
 MAX_POINTS = 4000  # points per drawn line; downsample keeps each bucket's min and max
 # A multi-rank run is one row: world_size, its per-GPU peaks (the largest rank's) and the peaks' skew.
-RUN_COLUMNS = ("run", "name", "backend", "device", "preset", "toggles", "status", "world_size",
-               "peak_allocated_bytes", "peak_skew_pct", "peak_reserved_bytes", "fragmentation_ratio_at_peak",
-               "median_step_time_us", "run_id", "failed_ranks", "error")
+RUN_COLUMNS = (
+    "run",
+    "name",
+    "backend",
+    "device",
+    "preset",
+    "toggles",
+    "status",
+    "world_size",
+    "peak_allocated_bytes",
+    "peak_skew_pct",
+    "peak_reserved_bytes",
+    "fragmentation_ratio_at_peak",
+    "median_step_time_us",
+    "run_id",
+    "failed_ranks",
+    "error",
+)
 MAX_RANK_LINES = 16  # rank timelines overlaid at once: more is unreadable and slow to read
 
 
@@ -53,6 +69,7 @@ def stamp(run) -> tuple:
 
 
 # -- the runs table -------------------------------------------------------------------
+
 
 def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
     """One Runs-page row; a run that could not be read keeps its path and its one-line error.
@@ -108,14 +125,21 @@ def ablation_losses(root) -> pd.DataFrame:
             df = pd.read_parquet(table, columns=["run_dir", "loss"])
         except Exception:  # noqa: BLE001 - not an ablation table
             continue
-        frames.append(pd.DataFrame({"run": df["run_dir"].astype(str).map(lambda p: Path(p).name),
-                                    "loss": pd.to_numeric(df["loss"], errors="coerce")}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run": df["run_dir"].astype(str).map(lambda p: Path(p).name),
+                    "loss": pd.to_numeric(df["loss"], errors="coerce"),
+                }
+            )
+        )
     if not frames:
         return pd.DataFrame({"run": [], "loss": []})
     return pd.concat(frames, ignore_index=True).drop_duplicates("run", keep="last")
 
 
 # -- cached -----------------------------------------------------------------------------
+
 
 @st.cache_data(show_spinner="Reading runs...")
 def cached_runs_table(root: str, files: tuple = ()) -> pd.DataFrame:
@@ -192,6 +216,7 @@ def kv_of(run: str) -> pd.DataFrame:
 
 # -- cached: one multi-rank run -----------------------------------------------------------
 
+
 @st.cache_data(max_entries=16, show_spinner="Reading the ranks...")
 def cached_rank_records(run: str, files: tuple) -> list:
     """layout.read_ranks: every rank's meta and summary, read once for the table, categories and timelines."""
@@ -204,8 +229,7 @@ def rank_records_of(run: str) -> list:
 
 @st.cache_data(max_entries=32, show_spinner="Reading the ranks' timelines...")
 def cached_rank_timelines(run: str, chosen: tuple, files: tuple) -> pd.DataFrame:
-    return layout.rank_timelines(run, chosen, max_points=MAX_POINTS // 2,
-                                 records=cached_rank_records(run, files))
+    return layout.rank_timelines(run, chosen, max_points=MAX_POINTS // 2, records=cached_rank_records(run, files))
 
 
 def rank_timelines_of(run: str, chosen) -> pd.DataFrame:

@@ -72,9 +72,19 @@ from dataclasses import dataclass
 from profiler.presets import PRESETS, ModelShape, shape_from_hf, shape_from_preset, to_shape
 from profiler.trace.schema import Category
 
-__all__ = ["ModelShape", "block_activation_bytes", "checkpointed_block_bytes", "config_from_meta", "estimate",
-           "kv_cache_bytes", "measured_vs_predicted", "optimizer_state_bytes", "shape_from_hf",
-           "shape_from_preset", "to_shape"]
+__all__ = [
+    "ModelShape",
+    "block_activation_bytes",
+    "checkpointed_block_bytes",
+    "config_from_meta",
+    "estimate",
+    "kv_cache_bytes",
+    "measured_vs_predicted",
+    "optimizer_state_bytes",
+    "shape_from_hf",
+    "shape_from_preset",
+    "to_shape",
+]
 
 MiB = 1 << 20
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -82,14 +92,29 @@ OPTIMIZERS = ("sgd", "sgd_momentum", "adamw", "adamw_fused")
 DEFAULT_WORKSPACE = 65 * MiB
 # The trace categories the formulas predict a training step's bytes in; measured against a run,
 # the bytes of every other category (FSDP's, a KV cache, ...) are reported together as "other".
-PREDICTED = tuple(c.value for c in (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE,
-                                    Category.ACTIVATION, Category.TEMPORARY))
+PREDICTED = tuple(
+    c.value
+    for c in (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE, Category.ACTIVATION, Category.TEMPORARY)
+)
 # estimate()'s bytes keys, in the order the CLI prints them: the categories, then what adds to them.
 BREAKDOWN = (*PREDICTED, "workspace", Category.KV_CACHE.value)
 # Run-config keys the model understands; anything else (offload, ...) is refused.
-UNDERSTOOD_KEYS = {"preset", "precision", "checkpointing", "accumulation", "optimizer", "attention",
-                   "compile", "alloc_conf", "steps", "device", "seed", "batch_size", "seq_len",
-                   "tokens_per_step"}  # tokens_per_step is derived (batch x seq), not a toggle
+UNDERSTOOD_KEYS = {
+    "preset",
+    "precision",
+    "checkpointing",
+    "accumulation",
+    "optimizer",
+    "attention",
+    "compile",
+    "alloc_conf",
+    "steps",
+    "device",
+    "seed",
+    "batch_size",
+    "seq_len",
+    "tokens_per_step",
+}  # tokens_per_step is derived (batch x seq), not a toggle
 
 
 def _checkpointed(n_layer: int, checkpointing) -> list[bool]:
@@ -104,8 +129,9 @@ def _checkpointed(n_layer: int, checkpointing) -> list[bool]:
     raise ValueError(f"checkpointing {checkpointing!r} is not one of full, every:k, selective")
 
 
-def block_activation_bytes(shape: ModelShape, *, batch: int, seq: int, precision: str = "fp32",
-                           flash: bool = True, dropout: bool = False) -> int:
+def block_activation_bytes(
+    shape: ModelShape, *, batch: int, seq: int, precision: str = "fp32", flash: bool = True, dropout: bool = False
+) -> int:
     """Bytes one un-checkpointed block keeps for backward (see the module docstring)."""
     b, s, h, a = batch, seq, shape.n_embd, shape.n_head
     sbh = s * b * h
@@ -129,8 +155,7 @@ def block_activation_bytes(shape: ModelShape, *, batch: int, seq: int, precision
     return total
 
 
-def checkpointed_block_bytes(shape: ModelShape, *, batch: int, seq: int, precision: str,
-                             selective: bool) -> int:
+def checkpointed_block_bytes(shape: ModelShape, *, batch: int, seq: int, precision: str, selective: bool) -> int:
     """Bytes a checkpointed block keeps: its input (fp32 residual), or under selective
     checkpointing also its matmul outputs (9*sbh elements in the compute dtype)."""
     sbh = seq * batch * shape.n_embd
@@ -182,15 +207,16 @@ class _Activations:
         return self.embed + self.blocks_total + self.ln_f + self.saved_logsoftmax
 
 
-def _activations(shape: ModelShape, *, batch: int, seq: int, precision: str, checkpointing,
-                 flash: bool, dropout: bool) -> _Activations:
+def _activations(
+    shape: ModelShape, *, batch: int, seq: int, precision: str, checkpointing, flash: bool, dropout: bool
+) -> _Activations:
     b, s, h, V = batch, seq, shape.n_embd, shape.vocab_size
     e = PRECISION_BYTES[precision]
     sbh, bsV = s * b * h, b * s * V
-    full_block = block_activation_bytes(shape, batch=b, seq=s, precision=precision, flash=flash,
-                                        dropout=dropout)
-    kept_block = checkpointed_block_bytes(shape, batch=b, seq=s, precision=precision,
-                                          selective=str(checkpointing) == "selective")
+    full_block = block_activation_bytes(shape, batch=b, seq=s, precision=precision, flash=flash, dropout=dropout)
+    kept_block = checkpointed_block_bytes(
+        shape, batch=b, seq=s, precision=precision, selective=str(checkpointing) == "selective"
+    )
     if precision == "fp32":
         ln_f = 4 * sbh + 2 * b * s * 4  # output (lm_head input) + mean/rstd
     else:
@@ -199,15 +225,30 @@ def _activations(shape: ModelShape, *, batch: int, seq: int, precision: str, che
     return _Activations(
         embed=4 * sbh,
         per_block=[kept_block if c else full_block for c in _checkpointed(shape.n_layer, checkpointing)],
-        full_block=full_block, ln_f=ln_f, saved_logsoftmax=saved_logsoftmax,
+        full_block=full_block,
+        ln_f=ln_f,
+        saved_logsoftmax=saved_logsoftmax,
         logits_forward=(e * bsV + 4 * bsV if precision != "fp32" else 4 * bsV) + saved_logsoftmax,
-        loss_grads=2 * 4 * bsV)
+        loss_grads=2 * 4 * bsV,
+    )
 
 
-def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimizer: str = "adamw",
-             checkpointing=None, accumulation: int = 1, kv_tokens: int = 0, kv_dtype_bytes: int = 2,
-             flash: bool = True, dropout: bool = False, workspace_bytes: int = DEFAULT_WORKSPACE,
-             detail: bool = False) -> dict:
+def estimate(
+    model_cfg,
+    *,
+    batch: int,
+    seq: int,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    checkpointing=None,
+    accumulation: int = 1,
+    kv_tokens: int = 0,
+    kv_dtype_bytes: int = 2,
+    flash: bool = True,
+    dropout: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE,
+    detail: bool = False,
+) -> dict:
     """Predicted bytes per category at the predicted peak, and "peak".
 
     model_cfg: a ModelShape, a preset name, a workloads GPTConfig, a transformers config or a dict
@@ -222,8 +263,15 @@ def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimi
     accumulation = int(accumulation or 1)
     if batch % accumulation:
         raise ValueError(f"batch {batch} is not divisible by accumulation {accumulation}")
-    act = _activations(shape, batch=batch // accumulation, seq=seq, precision=precision,
-                       checkpointing=checkpointing, flash=flash, dropout=dropout)
+    act = _activations(
+        shape,
+        batch=batch // accumulation,
+        seq=seq,
+        precision=precision,
+        checkpointing=checkpointing,
+        flash=flash,
+        dropout=dropout,
+    )
     P = shape.num_params()
     params = grads_full = 4 * P
     opt = optimizer_state_bytes(shape, optimizer)
@@ -237,8 +285,9 @@ def estimate(model_cfg, *, batch: int, seq: int, precision: str = "fp32", optimi
         "optimizer_step": params + grads_full + opt + kv + (4 * P if optimizer.startswith("adamw") else 0),
     }
     if _any_checkpointed(checkpointing, shape.n_layer):
-        phases["recompute"] = (params + grads_full + opt + kv + act.embed + act.blocks_total + act.full_block
-                               + workspace_bytes)
+        phases["recompute"] = (
+            params + grads_full + opt + kv + act.embed + act.blocks_total + act.full_block + workspace_bytes
+        )
     peak_phase = max(phases, key=phases.get)
     out = {
         "parameter": params,
@@ -273,11 +322,11 @@ def _activation_at(act: _Activations, phase: str) -> int:
 
 # -- a run's config ----------------------------------------------------------------------
 
+
 def config_from_meta(meta: dict) -> dict:
     """estimate() keyword arguments for a run's meta.json, or ValueError naming what is not understood."""
     cfg = dict(meta.get("config") or {})
-    unknown = sorted(k for k, v in cfg.items() if k not in UNDERSTOOD_KEYS
-                     and v not in (None, False, "off", "none"))
+    unknown = sorted(k for k, v in cfg.items() if k not in UNDERSTOOD_KEYS and v not in (None, False, "off", "none"))
     if unknown:
         raise ValueError(f"the memory model does not understand toggle(s) {', '.join(unknown)}")
     preset = cfg.get("preset")
@@ -306,9 +355,9 @@ _EXPLAIN = {
     "parameter": "allocator rounding (every tensor rounded up to 512 B blocks)",
     "gradient": "allocator rounding",
     "optimizer_state": "allocator rounding; first-step optimizer state is allocated lazily "
-                       "(a peak in step 1 would show none); foreach temporaries can be classified here",
+    "(a peak in step 1 would show none); foreach temporaries can be classified here",
     "activation": "workspace (cuBLAS workspace of the first matmul is classified as an activation of "
-                  "blocks.0.attn.qkv); small saved tensors (targets, positions, loss)",
+    "blocks.0.attn.qkv); small saved tensors (targets, positions, loss)",
     "temporary": "workspace (cuBLAS backward workspace in lm_head backward); temporaries",
     "other": "untracked bytes (allocations before capture, tiny buffers)",
     "total": "sum of the above; fragmentation shows only in reserved, not allocated, bytes",
@@ -344,8 +393,16 @@ def measured_vs_predicted(trace, est: dict | None = None):
     other = sum(int(v) for k, v in measured.items() if k not in PREDICTED)
     rows.append(("category", Category.OTHER.value, other, 0, float("nan"), _EXPLAIN["other"]))
     total_m = int(trace.meta.get("max_allocated_bytes") or at_peak["total_bytes"].sum())
-    rows.append(("category", "peak", total_m, int(est["peak"]), _pct(total_m, est["peak"]),
-                 f"predicted phase {est['peak_phase']}; " + _EXPLAIN["total"]))
+    rows.append(
+        (
+            "category",
+            "peak",
+            total_m,
+            int(est["peak"]),
+            _pct(total_m, est["peak"]),
+            f"predicted phase {est['peak_phase']}; " + _EXPLAIN["total"],
+        )
+    )
 
     per_block = est.get("per_block")
     if per_block is not None:
@@ -362,5 +419,6 @@ def measured_vs_predicted(trace, est: dict | None = None):
             elif abs(err) > 15 and m < p:
                 why = "freed before the peak (backward had started releasing this block)"
             rows.append(("layer", f"blocks.{i}", m, int(p), err, why))
-    return pd.DataFrame(rows, columns=["level", "name", "measured_bytes", "predicted_bytes", "error_pct",
-                                       "explanation"])
+    return pd.DataFrame(
+        rows, columns=["level", "name", "measured_bytes", "predicted_bytes", "error_pct", "explanation"]
+    )

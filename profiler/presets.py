@@ -39,9 +39,7 @@ class GPTConfig:
 
 PRESETS: dict[str, GPTConfig] = {
     # Small enough for a fraction of a second per step on a 2-core CPU.
-    "tiny": GPTConfig(
-        n_layer=2, n_head=2, n_embd=64, vocab_size=256, block_size=64, batch_size=4, seq_len=32
-    ),
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=256, block_size=64, batch_size=4, seq_len=32),
     # GPT-2 124M, as in nanoGPT's train_gpt2 config (batch 8 x 1024 tokens).
     "gpt2-small": GPTConfig(
         n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024, batch_size=8, seq_len=1024
@@ -63,6 +61,7 @@ def unknown_preset(name: str) -> str:
 
 
 # -- the shape the memory model reads ---------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
@@ -119,8 +118,9 @@ def shape_from_preset(name: str) -> ModelShape:
     if name not in PRESETS:
         raise ValueError(unknown_preset(name))
     c = PRESETS[name]
-    return ModelShape(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                      block_size=c.block_size)
+    return ModelShape(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size, block_size=c.block_size
+    )
 
 
 def shape_from_hf(config) -> ModelShape:
@@ -168,6 +168,11 @@ def to_shape(model_cfg) -> ModelShape:
         except ValueError:
             return shape_from_hf(model_cfg)
     if all(hasattr(model_cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")):
-        return ModelShape(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
-                          vocab_size=model_cfg.vocab_size, block_size=model_cfg.block_size)
+        return ModelShape(
+            n_layer=model_cfg.n_layer,
+            n_head=model_cfg.n_head,
+            n_embd=model_cfg.n_embd,
+            vocab_size=model_cfg.vocab_size,
+            block_size=model_cfg.block_size,
+        )
     return shape_from_hf(model_cfg)

@@ -45,15 +45,16 @@ def build_ranks(job_dir) -> dict:
     skew = ranks.rank_skew(table)
     if skew["max_rank"] is None:
         raise TraceError(f"{job_dir}: no rank of this job could be read")
-    keep = ["rank", "status", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us",
-            "skew_pct", "error"]
+    keep = ["rank", "status", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us", "skew_pct", "error"]
     rows = [{k: row[k] for k in keep} for row in table.to_dict("records")]
     largest = table.loc[table["rank"] == skew["max_rank"], "path"].iloc[0]
-    return plain({"path": str(job_dir), "world_size": len(table), "skew": skew, "rows": rows,
-                   "largest_rank_path": str(largest)})
+    return plain(
+        {"path": str(job_dir), "world_size": len(table), "skew": skew, "rows": rows, "largest_rank_path": str(largest)}
+    )
 
 
 # -- the facts ------------------------------------------------------------------------
+
 
 def build_report(trace, top: int = 10) -> dict:
     """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
@@ -68,29 +69,53 @@ def build_report(trace, top: int = 10) -> dict:
     s = run_summary(trace, lt)
     p = peak(trace, lt)
     modules = module_table(trace, lt=lt)
-    busy = modules[["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes",
-                    "peak_contribution_bytes"]].sum(axis=1) > 0
+    busy = (
+        modules[
+            ["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "peak_contribution_bytes"]
+        ].sum(axis=1)
+        > 0
+    )
     cats = category_at_peak(trace, lt)
     allocator_max = s["allocator_max_allocated_bytes"]
-    return plain({
-        "run": {k: s[k] for k in ("run_id", "name", "backend", "device", "torch_version", "status",
-                                  "steps", "events", "events_dropped")} | {"path": str(trace.path)},
-        "peak": {"allocated_bytes": p.allocated_bytes, "active_bytes": s["active_at_peak_bytes"],
-                 "reserved_bytes": s["peak_reserved_bytes"],
-                 "step": p.step, "phase": p.phase, "event_index": p.event_index, "ts_us": p.ts_us},
-        "allocator": {
-            "max_allocated_bytes": allocator_max,
-            "max_reserved_bytes": s["allocator_max_reserved_bytes"],
-            "replay_matches": allocator_max == p.allocated_bytes,
-            "replay_minus_allocator_bytes": None if allocator_max is None
-            else p.allocated_bytes - allocator_max,
-        },
-        "modules": modules[busy].head(top).to_dict("records"),
-        "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
-        "fragmentation": fragmentation_at_peak(trace, lt),
-        "median_step_time_us": s["median_step_time_us"],
-        "tokens_per_s": s["tokens_per_s"],
-    })
+    return plain(
+        {
+            "run": {
+                k: s[k]
+                for k in (
+                    "run_id",
+                    "name",
+                    "backend",
+                    "device",
+                    "torch_version",
+                    "status",
+                    "steps",
+                    "events",
+                    "events_dropped",
+                )
+            }
+            | {"path": str(trace.path)},
+            "peak": {
+                "allocated_bytes": p.allocated_bytes,
+                "active_bytes": s["active_at_peak_bytes"],
+                "reserved_bytes": s["peak_reserved_bytes"],
+                "step": p.step,
+                "phase": p.phase,
+                "event_index": p.event_index,
+                "ts_us": p.ts_us,
+            },
+            "allocator": {
+                "max_allocated_bytes": allocator_max,
+                "max_reserved_bytes": s["allocator_max_reserved_bytes"],
+                "replay_matches": allocator_max == p.allocated_bytes,
+                "replay_minus_allocator_bytes": None if allocator_max is None else p.allocated_bytes - allocator_max,
+            },
+            "modules": modules[busy].head(top).to_dict("records"),
+            "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
+            "fragmentation": fragmentation_at_peak(trace, lt),
+            "median_step_time_us": s["median_step_time_us"],
+            "tokens_per_s": s["tokens_per_s"],
+        }
+    )
 
 
 def plain(value):
@@ -119,12 +144,19 @@ def plain(value):
 
 # -- the text -------------------------------------------------------------------------
 
+
 def text_table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
     """Aligned columns: numbers right-aligned, text left-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+
     def line(cells):
-        return "  " + "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return (
+            "  "
+            + "  ".join(
+                str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+        )
+
     return [line(headers)] + [line(r) for r in rows]
 
 
@@ -144,10 +176,16 @@ def _header(r: dict) -> list[str]:
 
 def _peak(r: dict) -> list[str]:
     p, a = r["peak"], r["allocator"]
-    where = "at the start of capture" if p["event_index"] < 0 else \
-        f"step {p['step']}, phase {p['phase'] or '(none)'}, event {p['event_index']:,}"
-    reserved = exact_bytes(p["reserved_bytes"]) if p["reserved_bytes"] is not None \
+    where = (
+        "at the start of capture"
+        if p["event_index"] < 0
+        else f"step {p['step']}, phase {p['phase'] or '(none)'}, event {p['event_index']:,}"
+    )
+    reserved = (
+        exact_bytes(p["reserved_bytes"])
+        if p["reserved_bytes"] is not None
         else "n/a (the CPU backend has no allocator cache)"
+    )
     if a["max_allocated_bytes"] is None:
         verdict = "not recorded"
     elif a["replay_matches"]:
@@ -167,17 +205,33 @@ def _peak(r: dict) -> list[str]:
 def _modules(r: dict) -> list[str]:
     if not r["modules"]:
         return ["Top modules: none with allocations to list"]
-    rows = [[m["module"] or "(root)", m["class_name"] or "", human_bytes(m["peak_contribution_bytes"]),
-             human_bytes(m["retained_bytes"]), human_bytes(m["forward_alloc_bytes"]),
-             human_bytes(m["backward_alloc_bytes"]), human_bytes(m["param_bytes"])]
-            for m in r["modules"]]
+    rows = [
+        [
+            m["module"] or "(root)",
+            m["class_name"] or "",
+            human_bytes(m["peak_contribution_bytes"]),
+            human_bytes(m["retained_bytes"]),
+            human_bytes(m["forward_alloc_bytes"]),
+            human_bytes(m["backward_alloc_bytes"]),
+            human_bytes(m["param_bytes"]),
+        ]
+        for m in r["modules"]
+    ]
     head = ["module", "class", "at peak", "retained", "forward", "backward", "params"]
     return [f"Top {len(rows)} modules by bytes alive at the peak"] + text_table(head, rows, {2, 3, 4, 5, 6})
 
 
 def _categories(r: dict) -> list[str]:
-    rows = [[c["category"], human_bytes(c["total_bytes"]), f"{c['total_bytes']:,}", f"{c['count']:,}",
-             f"{100 * c['share']:.1f}%"] for c in r["categories"]]
+    rows = [
+        [
+            c["category"],
+            human_bytes(c["total_bytes"]),
+            f"{c['total_bytes']:,}",
+            f"{c['count']:,}",
+            f"{100 * c['share']:.1f}%",
+        ]
+        for c in r["categories"]
+    ]
     head = ["category", "bytes", "exact", "blocks", "share"]
     return ["Categories at the peak"] + text_table(head, rows, {1, 2, 3, 4})
 
@@ -187,31 +241,44 @@ def _fragmentation(r: dict) -> list[str]:
     if f["reserved_bytes"] is None:
         return ["Fragmentation at the peak: n/a (the CPU backend has no allocator segments)"]
     ratio = f["fragmentation_ratio"]
-    rows = [["reserved - allocated", exact_bytes(f["reserved_minus_allocated_bytes"])],
-            ["inactive split", exact_bytes(f["inactive_split_bytes"])],
-            ["largest free block", exact_bytes(f["largest_free_block_bytes"])],
-            ["fragmentation ratio", "n/a" if ratio is None else f"{100 * ratio:.1f}%"]]
+    rows = [
+        ["reserved - allocated", exact_bytes(f["reserved_minus_allocated_bytes"])],
+        ["inactive split", exact_bytes(f["inactive_split_bytes"])],
+        ["largest free block", exact_bytes(f["largest_free_block_bytes"])],
+        ["fragmentation ratio", "n/a" if ratio is None else f"{100 * ratio:.1f}%"],
+    ]
     return ["Fragmentation at the peak"] + text_table(["", ""], rows, set())[1:]
 
 
 def _ranks(r: dict) -> list[str]:
     job, skew = r["ranks"], r["ranks"]["skew"]
-    rows = [[str(x["rank"]), x["status"] or "", exact_bytes(x["peak_allocated_bytes"]),
-             exact_bytes(x["peak_reserved_bytes"]),
-             "" if x["median_step_time_us"] is None else f"{x['median_step_time_us'] / 1000:,.1f}",
-             "" if x["skew_pct"] is None else f"{x['skew_pct']:+.2f}%", x["error"] or ""]
-            for x in job["rows"]]
+    rows = [
+        [
+            str(x["rank"]),
+            x["status"] or "",
+            exact_bytes(x["peak_allocated_bytes"]),
+            exact_bytes(x["peak_reserved_bytes"]),
+            "" if x["median_step_time_us"] is None else f"{x['median_step_time_us'] / 1000:,.1f}",
+            "" if x["skew_pct"] is None else f"{x['skew_pct']:+.2f}%",
+            x["error"] or "",
+        ]
+        for x in job["rows"]
+    ]
     head = ["rank", "status", "peak allocated", "peak reserved", "step ms", "vs median", "error"]
     ratio = "n/a" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}"
-    return ([f"vramscope job: {job['path']}   {job['world_size']} ranks   largest rank {skew['max_rank']}"
-             f"   max/min peak {ratio}"] + text_table(head, rows, {0, 2, 3, 4, 5})
-            + ["", f"The largest rank (rank {skew['max_rank']}) in full:"])
+    return (
+        [
+            f"vramscope job: {job['path']}   {job['world_size']} ranks   largest rank {skew['max_rank']}"
+            f"   max/min peak {ratio}"
+        ]
+        + text_table(head, rows, {0, 2, 3, 4, 5})
+        + ["", f"The largest rank (rank {skew['max_rank']}) in full:"]
+    )
 
 
 def render(report: dict) -> str:
     """The report as aligned plain text."""
-    sections = [_header(report), _peak(report), _modules(report), _categories(report),
-                _fragmentation(report)]
+    sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
     if "ranks" in report:
         sections.insert(0, _ranks(report))
     return "\n\n".join("\n".join(s) for s in sections)

@@ -32,6 +32,7 @@ _DERIVED = {"tokens_per_step"}
 DEFAULT_MARGIN_BYTES = 1 << 30  # CUDA context + cuBLAS/cuDNN workspaces: outside the allocator's view
 OVER = 1.10  # the "10% larger" check
 
+
 class WhatIfError(UsageError):
     """Runs that cannot be fitted together, or a fit that predicts nothing."""
 
@@ -89,24 +90,31 @@ def _max_or_none(*values):
     return max(vs) if vs else None
 
 
-def point_from_summary(summary: dict, axis: str = "batch", x: int | None = None,
-                       meta: dict | None = None) -> Point:
+def point_from_summary(summary: dict, axis: str = "batch", x: int | None = None, meta: dict | None = None) -> Point:
     """A Point from a run summary; ``x`` overrides the axis value read from the config."""
     config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
     name = str(summary.get("name") or summary.get("run_id") or "?")
     if x is None:
         x = axis_value(config, axis)
     if x is None:
-        raise WhatIfError(f"run {name} does not record its {axis_key(axis)} (meta config); "
-                          f"give the values with --values")
+        raise WhatIfError(
+            f"run {name} does not record its {axis_key(axis)} (meta config); give the values with --values"
+        )
     cats = {str(k): int(v) for k, v in (summary.get("categories_at_peak_bytes") or {}).items()}
     allocated = int(summary.get("peak_allocated_bytes") or sum(cats.values()))
     # The run's highest reserved figure: the replay's and the allocator's own.
     reserved = _max_or_none(summary.get("peak_reserved_bytes"), summary.get("allocator_max_reserved_bytes"))
     meta = meta or {}
-    return Point(run=name, x=int(x), categories=cats, allocated=allocated, reserved=reserved,
-                 device_total=_max_or_none(meta.get("device_total_bytes")),
-                 device=summary.get("device") or meta.get("device"), config=config)
+    return Point(
+        run=name,
+        x=int(x),
+        categories=cats,
+        allocated=allocated,
+        reserved=reserved,
+        device_total=_max_or_none(meta.get("device_total_bytes")),
+        device=summary.get("device") or meta.get("device"),
+        config=config,
+    )
 
 
 def check_same_setup(points: list[Point], axis: str = "batch") -> None:
@@ -129,11 +137,11 @@ def check_same_setup(points: list[Point], axis: str = "batch") -> None:
         if other != first:
             keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             diffs = ", ".join(f"{k}={first.get(k)!r} vs {other.get(k)!r}" for k in keys)
-            raise WhatIfError(f"runs {points[0].run} and {p.run} are not the same setup apart from "
-                              f"{key}: {diffs}")
+            raise WhatIfError(f"runs {points[0].run} and {p.run} are not the same setup apart from {key}: {diffs}")
         if p.device != points[0].device:
-            raise WhatIfError(f"runs {points[0].run} and {p.run} ran on different devices: "
-                              f"{points[0].device!r} vs {p.device!r}")
+            raise WhatIfError(
+                f"runs {points[0].run} and {p.run} ran on different devices: {points[0].device!r} vs {p.device!r}"
+            )
     if len({p.x for p in points}) < 2:
         raise WhatIfError(f"the runs need at least two different {key} values, got {points[0].x} only")
 
@@ -196,8 +204,10 @@ def fit(points: list[Point], axis: str = "batch") -> Model:
 def largest_fitting(model: Model, budget: int) -> int:
     """The largest whole x >= 0 with reserved(x) <= budget (WhatIfError when nothing fits or nothing grows)."""
     if model.slope <= 0:
-        raise WhatIfError(f"the peak does not grow with {axis_key(model.axis)} in these runs "
-                          f"(slope {model.slope:.0f} B per unit): nothing to predict")
+        raise WhatIfError(
+            f"the peak does not grow with {axis_key(model.axis)} in these runs "
+            f"(slope {model.slope:.0f} B per unit): nothing to predict"
+        )
     x = math.floor((budget / model.overhead_ratio - model.fixed) / model.slope)
     # Guard the float floor against a rounding step either way.
     while x >= 0 and model.reserved(x) > budget:
@@ -205,8 +215,9 @@ def largest_fitting(model: Model, budget: int) -> int:
     while model.reserved(x + 1) <= budget:
         x += 1
     if x < 1:
-        raise WhatIfError(f"not even {axis_key(model.axis)}=1 fits in {budget:,} B "
-                          f"(predicted reserved {model.reserved(1):,.0f} B)")
+        raise WhatIfError(
+            f"not even {axis_key(model.axis)}=1 fits in {budget:,} B (predicted reserved {model.reserved(1):,.0f} B)"
+        )
     return x
 
 
@@ -217,8 +228,10 @@ def device_budget(points: list[Point], device_memory: int | None, margin: int) -
     else:
         totals = {p.device_total for p in points if p.device_total}
         if not totals:
-            raise WhatIfError("the runs do not record device_total_bytes (a CPU capture?): "
-                              "give --device-memory, e.g. --device-memory 80GiB")
+            raise WhatIfError(
+                "the runs do not record device_total_bytes (a CPU capture?): "
+                "give --device-memory, e.g. --device-memory 80GiB"
+            )
         total, source = min(totals), "meta device_total_bytes"
     budget = total - int(margin)
     if budget <= 0:
@@ -226,8 +239,9 @@ def device_budget(points: list[Point], device_memory: int | None, margin: int) -
     return total, budget, source
 
 
-def whatif(points: list[Point], *, axis: str = "batch", device_memory: int | None = None,
-           margin: int = DEFAULT_MARGIN_BYTES) -> dict:
+def whatif(
+    points: list[Point], *, axis: str = "batch", device_memory: int | None = None, margin: int = DEFAULT_MARGIN_BYTES
+) -> dict:
     """The whole answer, JSON-ready: the fit, the largest x that fits and the predictions."""
     check_same_setup(points, axis)
     points = sorted(points, key=lambda p: p.x)
@@ -237,24 +251,38 @@ def whatif(points: list[Point], *, axis: str = "batch", device_memory: int | Non
     over = max(best + 1, math.ceil(best * OVER))
 
     def prediction(x: int) -> dict:
-        return {axis_key(axis): x, "allocated_bytes": int(round(model.allocated(x))),
-                "reserved_bytes": int(round(model.reserved(x))),
-                "categories_bytes": {c: int(round(b)) for c, b in model.by_category(x).items()},
-                "reserved_fraction_of_device": model.reserved(x) / total}
+        return {
+            axis_key(axis): x,
+            "allocated_bytes": int(round(model.allocated(x))),
+            "reserved_bytes": int(round(model.reserved(x))),
+            "categories_bytes": {c: int(round(b)) for c, b in model.by_category(x).items()},
+            "reserved_fraction_of_device": model.reserved(x) / total,
+        }
 
     fitted_alloc = [model.allocated(p.x) for p in points]
     return {
-        "axis": axis, "key": axis_key(axis),
-        "runs": [{"run": p.run, axis_key(axis): p.x, "allocated_bytes": p.allocated,
-                  "reserved_bytes": p.reserved, "ratio": p.ratio,
-                  "fit_allocated_bytes": int(round(f)),
-                  "fit_error": (f - p.allocated) / p.allocated if p.allocated else None}
-                 for p, f in zip(points, fitted_alloc)],
+        "axis": axis,
+        "key": axis_key(axis),
+        "runs": [
+            {
+                "run": p.run,
+                axis_key(axis): p.x,
+                "allocated_bytes": p.allocated,
+                "reserved_bytes": p.reserved,
+                "ratio": p.ratio,
+                "fit_allocated_bytes": int(round(f)),
+                "fit_error": (f - p.allocated) / p.allocated if p.allocated else None,
+            }
+            for p, f in zip(points, fitted_alloc)
+        ],
         "categories": {c: {"fixed_bytes": f, "slope_bytes": s} for c, (f, s) in model.categories.items()},
-        "fixed_bytes": model.fixed, "slope_bytes": model.slope,
+        "fixed_bytes": model.fixed,
+        "slope_bytes": model.slope,
         "overhead_ratio": model.overhead_ratio,
-        "device_memory_bytes": total, "device_memory_source": source,
-        "margin_bytes": int(margin), "budget_bytes": budget,
+        "device_memory_bytes": total,
+        "device_memory_source": source,
+        "margin_bytes": int(margin),
+        "budget_bytes": budget,
         "largest": best,
         "at_largest": prediction(best),
         "at_over": prediction(over),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from fakes import write_trace
+
 from profiler.trace import schema
 from profiler.trace.model import Trace
 
@@ -35,8 +35,10 @@ def load(run_dir: Path) -> Trace:
 
 def freed(addr, size, phase, module, category=None):
     """A free as both backends record it: requested, then completed at once."""
-    return [("free_requested", addr, size, phase, module, category),
-            ("free_completed", addr, size, phase, module, category)]
+    return [
+        ("free_requested", addr, size, phase, module, category),
+        ("free_completed", addr, size, phase, module, category),
+    ]
 
 
 # -- the CPU run ------------------------------------------------------------------------
@@ -52,32 +54,44 @@ CPU_EVENTS = [
     ("alloc", 0x5000, 700, "optimizer", None),  # 10
     *freed(0x5000, 700, "optimizer", None),  # 11, 12
 ]
-CPU_ALLOCATED = [11_000, 11_200, 11_000, 11_000, 14_000, 14_500, 11_500, 11_500, 10_500, 10_500,
-                 11_200, 10_500, 10_500]
+CPU_ALLOCATED = [11_000, 11_200, 11_000, 11_000, 14_000, 14_500, 11_500, 11_500, 10_500, 10_500, 11_200, 10_500, 10_500]
 # Active lags by one event at each free_requested (2, 6, 8, 11): the completion comes next.
-CPU_ACTIVE = [11_000, 11_200, 11_200, 11_000, 14_000, 14_500, 14_500, 11_500, 11_500, 10_500,
-              11_200, 11_200, 10_500]
+CPU_ACTIVE = [11_000, 11_200, 11_200, 11_000, 14_000, 14_500, 14_500, 11_500, 11_500, 10_500, 11_200, 11_200, 10_500]
 CPU_PEAK = 5
 MODULES = [
-    dict(module="model", parent=None, class_name="Net", depth=0, param_bytes=0, buffer_bytes=0,
-         param_count=0),
-    dict(module="l1", parent="model", class_name="Linear", depth=1, param_bytes=4096, buffer_bytes=0,
-         param_count=1024),
-    dict(module="l2", parent="model", class_name="Linear", depth=1, param_bytes=8192, buffer_bytes=0,
-         param_count=2048),
+    dict(module="model", parent=None, class_name="Net", depth=0, param_bytes=0, buffer_bytes=0, param_count=0),
+    dict(module="l1", parent="model", class_name="Linear", depth=1, param_bytes=4096, buffer_bytes=0, param_count=1024),
+    dict(module="l2", parent="model", class_name="Linear", depth=1, param_bytes=8192, buffer_bytes=0, param_count=2048),
 ]
 
 
 def cpu_steps(step_us: int) -> list[dict]:
-    return [dict(step=s, ts_us=2_000 + step_us * s, allocated_bytes=10_500, reserved_bytes=None,
-                 max_allocated_bytes=14_500, num_alloc_retries=None) for s in range(3)]
+    return [
+        dict(
+            step=s,
+            ts_us=2_000 + step_us * s,
+            allocated_bytes=10_500,
+            reserved_bytes=None,
+            max_allocated_bytes=14_500,
+            num_alloc_retries=None,
+        )
+        for s in range(3)
+    ]
 
 
 @pytest.fixture
 def cpu(tmp_path) -> Trace:
-    return load(write_trace(tmp_path, CPU_EVENTS, name="cpu", modules=MODULES, steps=cpu_steps(100),
-                            baseline_allocated_bytes=CPU_BASELINE,
-                            config={"ckpt": False, "tokens_per_step": 1000}))
+    return load(
+        write_trace(
+            tmp_path,
+            CPU_EVENTS,
+            name="cpu",
+            modules=MODULES,
+            steps=cpu_steps(100),
+            baseline_allocated_bytes=CPU_BASELINE,
+            config={"ckpt": False, "tokens_per_step": 1000},
+        )
+    )
 
 
 # -- the CUDA run -----------------------------------------------------------------------
@@ -88,9 +102,20 @@ S1, S2, S3 = 0x1000000, 0x1000000 + SEG, 0x1000000 + 2 * SEG
 
 
 def _block(seg, addr, size, state):
-    return dict(snapshot="start", ts_us=990, event_index=0, segment_addr=seg, segment_bytes=SEG,
-                stream=0, segment_type="small", is_expandable=False, block_addr=addr,
-                block_bytes=size, requested_bytes=size, state=state)
+    return dict(
+        snapshot="start",
+        ts_us=990,
+        event_index=0,
+        segment_addr=seg,
+        segment_bytes=SEG,
+        stream=0,
+        segment_type="small",
+        is_expandable=False,
+        block_addr=addr,
+        block_bytes=size,
+        requested_bytes=size,
+        state=state,
+    )
 
 
 # S1: live 1024 | free 1024 | live 512 | free to the end.
@@ -131,8 +156,17 @@ def cuda_step(i: int) -> int:
 def cuda(tmp_path) -> Trace:
     role = dict(ts_us=995, event_index=0, step=0, addr=S1, size_bytes=1024, role="parameter", name="w")
     # The allocator's own max_allocated_bytes (fakes would replay frees at free_completed).
-    run = write_trace(tmp_path, CUDA_EVENTS, name="cuda", segments=CUDA_SEGMENTS, roles=[role],
-                      step_of=cuda_step, backend="cuda", device="cuda:0",
-                      baseline_allocated_bytes=CUDA_BASELINE, max_allocated_bytes=6656,
-                      max_reserved_bytes=3 * SEG)
+    run = write_trace(
+        tmp_path,
+        CUDA_EVENTS,
+        name="cuda",
+        segments=CUDA_SEGMENTS,
+        roles=[role],
+        step_of=cuda_step,
+        backend="cuda",
+        device="cuda:0",
+        baseline_allocated_bytes=CUDA_BASELINE,
+        max_allocated_bytes=6656,
+        max_reserved_bytes=3 * SEG,
+    )
     return load(run)

@@ -46,9 +46,22 @@ def replay_peak(events, baseline=0) -> int:
     return peak
 
 
-def write_trace(out_dir, events, *, name="fake", steps=None, roles=(), modules=(),
-                phases=(), segments=(), status="complete", step_of=None, run_id=None, subdir=None,
-                **meta) -> Path:
+def write_trace(
+    out_dir,
+    events,
+    *,
+    name="fake",
+    steps=None,
+    roles=(),
+    modules=(),
+    phases=(),
+    segments=(),
+    status="complete",
+    step_of=None,
+    run_id=None,
+    subdir=None,
+    **meta,
+) -> Path:
     """Write a trace directory. `events`: (action, addr, size, phase, module[, category]).
 
     `step_of(i)` gives the step of event i (default 0). `steps`: list of dicts for
@@ -61,24 +74,34 @@ def write_trace(out_dir, events, *, name="fake", steps=None, roles=(), modules=(
     w = TraceWriter(out_dir, name, base_meta(**meta), run_id=run_id, subdir=subdir)
     step_of = step_of or (lambda i: 0)
     if events:
-        w.append("events", {
-            "ts_us": [1_000 + 10 * i for i in range(len(events))],
-            "action": [e[0] for e in events],
-            "addr": [e[1] for e in events],
-            "size_bytes": [e[2] for e in events],
-            "stream": [0] * len(events),
-            "step": [step_of(i) for i in range(len(events))],
-            "tag": [make_tag(e[3], e[4], e[5] if len(e) > 5 else None) for e in events],
-            "stack_id": [None] * len(events),
-        })
+        w.append(
+            "events",
+            {
+                "ts_us": [1_000 + 10 * i for i in range(len(events))],
+                "action": [e[0] for e in events],
+                "addr": [e[1] for e in events],
+                "size_bytes": [e[2] for e in events],
+                "stream": [0] * len(events),
+                "step": [step_of(i) for i in range(len(events))],
+                "tag": [make_tag(e[3], e[4], e[5] if len(e) > 5 else None) for e in events],
+                "stack_id": [None] * len(events),
+            },
+        )
     if steps is None:
         n_steps = 1 + max((step_of(i) for i in range(len(events))), default=0)
-        steps = [dict(step=s, ts_us=1_000 + 10 * len(events) + s, allocated_bytes=0,
-                      reserved_bytes=None, max_allocated_bytes=peak) for s in range(n_steps)]
+        steps = [
+            dict(
+                step=s,
+                ts_us=1_000 + 10 * len(events) + s,
+                allocated_bytes=0,
+                reserved_bytes=None,
+                max_allocated_bytes=peak,
+            )
+            for s in range(n_steps)
+        ]
     if steps:
         w.append("steps", {k: [s.get(k) for s in steps] for k in steps[0]})
-    for table, rows in (("roles", roles), ("modules", modules), ("phases", phases),
-                        ("segments", segments)):
+    for table, rows in (("roles", roles), ("modules", modules), ("phases", phases), ("segments", segments)):
         rows = list(rows)
         if rows:
             w.append(table, {k: [r.get(k) for r in rows] for k in rows[0]})

@@ -56,8 +56,12 @@ def categories_alive_at(ev, seg, index: int) -> dict[str, int]:
         start = seg[(seg["snapshot"] == "start") & (seg["state"] == "active_allocated")]
         for a, s, c in zip(start["block_addr"], start["block_bytes"], start["category"]):
             live[int(a)] = (int(s), str(c))
-    rows = zip(ev["action"].tolist()[: index + 1], ev["addr"].tolist()[: index + 1],
-               ev["block_bytes"].tolist()[: index + 1], ev["category"].astype(str).tolist()[: index + 1])
+    rows = zip(
+        ev["action"].tolist()[: index + 1],
+        ev["addr"].tolist()[: index + 1],
+        ev["block_bytes"].tolist()[: index + 1],
+        ev["category"].astype(str).tolist()[: index + 1],
+    )
     for a, addr, s, c in rows:
         if a == "alloc":
             live[addr] = (s, c)

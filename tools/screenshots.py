@@ -37,13 +37,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "dashboard" / "app.py"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 # data-testid markers: what a page with content shows, and what a failed one shows.
-CONTENT_MARKERS = ("stPlotlyChart", "stDataFrame", "stTable", "stMetric", "stVegaLiteChart",
-                   "stArrowVegaLiteChart", "stDataFrameResizable", "stJson")
+CONTENT_MARKERS = (
+    "stPlotlyChart",
+    "stDataFrame",
+    "stTable",
+    "stMetric",
+    "stVegaLiteChart",
+    "stArrowVegaLiteChart",
+    "stDataFrameResizable",
+    "stJson",
+)
 ERROR_MARKERS = ("stException",)
 # Pages whose honest answer for the bundled traces is a notice, not a chart: Live shows
 # "No run is capturing now" when every run has a final status.
@@ -53,6 +71,7 @@ ERROR_TEXTS = ("Traceback (most recent call last)",)
 
 # -- the pages ------------------------------------------------------------------------
 
+
 def app_pages(app: Path = APP) -> list[tuple[str, str]]:
     """(url path, title) of every page, read from the app's own PAGES list without running it.
 
@@ -60,8 +79,7 @@ def app_pages(app: Path = APP) -> list[tuple[str, str]]:
     runs.py as the default: Streamlit serves a file page at its stem (the default at "")."""
     tree = ast.parse(app.read_text(encoding="utf-8"))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PAGES"
-                                                for t in node.targets):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PAGES" for t in node.targets):
             pages = ast.literal_eval(node.value)
             break
     else:
@@ -75,8 +93,7 @@ def _default_page(tree: ast.AST) -> str | None:
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "default":
             for sub in ast.walk(node.value):
-                if isinstance(sub, ast.Compare) and sub.comparators and \
-                        isinstance(sub.comparators[0], ast.Constant):
+                if isinstance(sub, ast.Compare) and sub.comparators and isinstance(sub.comparators[0], ast.Constant):
                     return sub.comparators[0].value
     return None
 
@@ -87,6 +104,7 @@ def page_slug(url_path: str, title: str) -> str:
 
 # -- the server -----------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,11 +113,15 @@ def free_port() -> int:
 
 def start_dashboard(traces: Path | str, port: int, log=None) -> subprocess.Popen:
     """`python -m profiler.cli dashboard TRACES --port N` in its own process group."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.Popen([sys.executable, "-m", "profiler.cli", "dashboard", str(traces),
-                             "--port", str(port)], cwd=REPO, env=env, start_new_session=True,
-                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.Popen(
+        [sys.executable, "-m", "profiler.cli", "dashboard", str(traces), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_healthy(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
@@ -157,6 +179,7 @@ def dashboard(traces: Path | str, port: int | None = None, timeout: float = 60):
 
 # -- the browser ----------------------------------------------------------------------
 
+
 def find_chromium() -> str | None:
     for c in CHROMIUM_CANDIDATES:
         path = shutil.which(c)
@@ -166,9 +189,15 @@ def find_chromium() -> str | None:
 
 
 def chromium_command(chromium: str, user_data_dir: str, port: int, size=(1400, 1000)) -> list[str]:
-    return [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}",
-            f"--window-size={size[0]},{size[1]}", f"--remote-debugging-port={port}",
-            "--remote-allow-origins=*", "about:blank"]
+    return [
+        chromium,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={user_data_dir}",
+        f"--window-size={size[0]},{size[1]}",
+        f"--remote-debugging-port={port}",
+        "--remote-allow-origins=*",
+        "about:blank",
+    ]
 
 
 class Browser:
@@ -188,16 +217,22 @@ class Browser:
         self._tmp = tempfile.TemporaryDirectory(prefix="vramscope-chromium-")
         port = free_port()
         self.command = chromium_command(self.chromium, self._tmp.name, port, self.size)
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             ws_url = self._page_target(port)
             self._conn = connect(ws_url, max_size=None, open_timeout=self.timeout)
             self.ws = self._conn.__enter__()
             self.call("Page.enable")
             self.call("Runtime.enable")
-            self.call("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
-                      deviceScaleFactor=1, mobile=False)
+            self.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=self.size[0],
+                height=self.size[1],
+                deviceScaleFactor=1,
+                mobile=False,
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -263,8 +298,12 @@ class Browser:
             time.sleep(0.25)
             state = json.loads(self.evaluate(self._STATE_JS) or '{"ids": {}, "len": 0}')
             ids = state["ids"]
-            running = any(k.startswith("stStatusWidgetRunning") for k in ids) or "stSkeleton" in ids \
-                or "stAppSkeleton" in ids or "stSpinner" in ids
+            running = (
+                any(k.startswith("stStatusWidgetRunning") for k in ids)
+                or "stSkeleton" in ids
+                or "stAppSkeleton" in ids
+                or "stSpinner" in ids
+            )
             done = any(k in ids for k in CONTENT_MARKERS + ERROR_MARKERS + extra_done)
             key = (state["len"], tuple(sorted(ids.items())))
             if done and not running and key == last:
@@ -317,7 +356,7 @@ def _exception_text(html: str, limit: int = 300) -> str:
     if i < 0:
         return ""
     i = html.find(">", i) + 1
-    text = re.sub(r"<[^>]+>", " ", html[i:i + 20000])
+    text = re.sub(r"<[^>]+>", " ", html[i : i + 20000])
     return " ".join(h.unescape(text).split())[:limit]
 
 
@@ -337,6 +376,7 @@ def nav_links(html: str) -> list[str]:
 
 # -- main -----------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="?", default=str(REPO / "traces"))
@@ -351,8 +391,9 @@ def main(argv=None) -> int:
     failed = False
     with dashboard(args.traces) as base, Browser(size=size) as browser:
         for url_path, title in app_pages():
-            state = browser.load(f"{base}/{url_path}", timeout=args.timeout,
-                                 extra_done=NOTICE_ONLY_PAGES.get(url_path, ()))
+            state = browser.load(
+                f"{base}/{url_path}", timeout=args.timeout, extra_done=NOTICE_ONLY_PAGES.get(url_path, ())
+            )
             path = out / f"{page_slug(url_path, title)}.png"
             browser.screenshot(path)
             bad = problems(state, url_path)

@@ -27,18 +27,47 @@ from pathlib import Path
 import pandas as pd
 
 from profiler.analysis.compare import memory_saved_pct, speed_change_pct
-from workloads.suites import (BASELINE, SUITES, Config, coerce, configurations, known_toggles, product,
-                              skip_reason, world_size)
+from workloads.suites import (
+    BASELINE,
+    SUITES,
+    Config,
+    coerce,
+    configurations,
+    known_toggles,
+    product,
+    skip_reason,
+    world_size,
+)
 
 # The suites' names are part of this module's interface: the runner and its matrix read as one.
-__all__ = ["BASELINE", "SUITES", "Ablation", "Config", "baseline_diffs", "build_table", "child_env", "coerce",
-           "command", "configurations", "known_toggles", "launch", "product", "result_row", "resolve_device",
-           "run_config", "run_suite", "skip_reason", "world_size", "write_table"]
+__all__ = [
+    "BASELINE",
+    "SUITES",
+    "Ablation",
+    "Config",
+    "baseline_diffs",
+    "build_table",
+    "child_env",
+    "coerce",
+    "command",
+    "configurations",
+    "known_toggles",
+    "launch",
+    "product",
+    "result_row",
+    "resolve_device",
+    "run_config",
+    "run_suite",
+    "skip_reason",
+    "world_size",
+    "write_table",
+]
 
 TAIL_CHARS = 4000  # of a crashed child's output, kept for its error line
 
 
 # -- one run --------------------------------------------------------------------------
+
 
 def child_env(toggles: dict, env: dict | None = None) -> dict:
     """The child's environment: PYTORCH_CUDA_ALLOC_CONF from the alloc_conf toggle and nothing else.
@@ -56,15 +85,30 @@ def child_env(toggles: dict, env: dict | None = None) -> dict:
     return env
 
 
-def command(config: Config, *, preset: str, steps: int, out, device: str, run_name: str,
-            result) -> list[str]:
+def command(config: Config, *, preset: str, steps: int, out, device: str, run_name: str, result) -> list[str]:
     launcher = [sys.executable]
     if config.kind == "dist":  # one process per rank; --standalone picks a free port
-        launcher += ["-m", "torch.distributed.run", "--standalone",
-                     "--nproc-per-node", str(world_size(config.toggles))]
-    return launcher + ["-m", "workloads.run_one", "--kind", config.kind, "--preset", preset,
-            "--toggles", json.dumps(config.toggles), "--out", str(out), "--name", run_name,
-            "--steps", str(steps), "--device", device, "--result", str(result)]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size(config.toggles))]
+    return launcher + [
+        "-m",
+        "workloads.run_one",
+        "--kind",
+        config.kind,
+        "--preset",
+        preset,
+        "--toggles",
+        json.dumps(config.toggles),
+        "--out",
+        str(out),
+        "--name",
+        run_name,
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+        "--result",
+        str(result),
+    ]
 
 
 _LIVE: set[int] = set()  # process groups of the children running now
@@ -76,8 +120,14 @@ def launch(argv: list[str], env: dict, timeout: float) -> tuple[int | None, str]
     The one place a process is started, so that tests can replace it. The child leads
     its own process group, so that a timeout also ends whatever it started (compile workers).
     """
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     _LIVE.add(proc.pid)
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -110,15 +160,15 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_config(config: Config, *, preset: str, steps: int, out, device: str, run_name: str,
-               timeout: float) -> dict:
+def run_config(config: Config, *, preset: str, steps: int, out, device: str, run_name: str, timeout: float) -> dict:
     """The child's result dict (interface.md), or one that says why there is none."""
     if config.skip:
         return {"status": "skipped", "error": config.skip}
     with tempfile.TemporaryDirectory(prefix="vramscope-ablate-") as tmp:
         result_path = Path(tmp) / "result.json"
-        argv = command(config, preset=preset, steps=steps, out=out, device=device,
-                       run_name=run_name, result=result_path)
+        argv = command(
+            config, preset=preset, steps=steps, out=out, device=device, run_name=run_name, result=result_path
+        )
         code, tail = launch(argv, child_env(config.toggles), timeout)
         if code is None:
             return {"status": "timeout", "error": f"no result within {timeout:g} s"}
@@ -133,6 +183,7 @@ def run_config(config: Config, *, preset: str, steps: int, out, device: str, run
 
 
 # -- the table ------------------------------------------------------------------------
+
 
 def _summary(run_dir) -> tuple[dict, str | None]:
     """The run's trace summary (profiler.analysis.summary), or {} and why not.
@@ -163,7 +214,8 @@ def result_row(config: Config, result: dict, summary: dict | None = None, note: 
     ok = result.get("status") == "ok"
     peak = result.get("peak_allocated_bytes")
     row = {
-        "name": config.name, "kind": config.kind,
+        "name": config.name,
+        "kind": config.kind,
         **{f"config.{k}": v for k, v in config.toggles.items()},
         "status": result.get("status"),
         "peak_allocated_bytes": peak if peak is not None else summary.get("peak_allocated_bytes"),
@@ -198,8 +250,9 @@ def baseline_diffs(row: dict, base: dict | None) -> dict:
     if not base or base.get("status") != "ok" or row.get("status") != "ok":
         return out
     out["memory_saved_pct"] = memory_saved_pct(base.get("peak_allocated_bytes"), row.get("peak_allocated_bytes"))
-    out["speed_change_pct"] = speed_change_pct(base.get("median_step_ms"), row.get("median_step_ms"),
-                                               base.get("tokens_per_s"), row.get("tokens_per_s"))
+    out["speed_change_pct"] = speed_change_pct(
+        base.get("median_step_ms"), row.get("median_step_ms"), base.get("tokens_per_s"), row.get("tokens_per_s")
+    )
     bl, lo = _num(base.get("loss")), _num(row.get("loss"))
     if bl is not None and lo is not None:
         out["loss_delta"] = lo - bl
@@ -207,10 +260,27 @@ def baseline_diffs(row: dict, base: dict | None) -> dict:
 
 
 _INT_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes")
-_FLOAT_COLUMNS = ("fragmentation_ratio_at_peak", "median_step_ms", "tokens_per_s", "memory_saved_pct",
-                  "speed_change_pct", "loss", "loss_delta")
-_ORDER = ("status", "peak_allocated_bytes", "peak_reserved_bytes", "fragmentation_ratio_at_peak",
-          "median_step_ms", "tokens_per_s", "memory_saved_pct", "speed_change_pct", "loss", "loss_delta")
+_FLOAT_COLUMNS = (
+    "fragmentation_ratio_at_peak",
+    "median_step_ms",
+    "tokens_per_s",
+    "memory_saved_pct",
+    "speed_change_pct",
+    "loss",
+    "loss_delta",
+)
+_ORDER = (
+    "status",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "fragmentation_ratio_at_peak",
+    "median_step_ms",
+    "tokens_per_s",
+    "memory_saved_pct",
+    "speed_change_pct",
+    "loss",
+    "loss_delta",
+)
 
 
 def build_table(rows: list[dict]) -> pd.DataFrame:
@@ -227,11 +297,15 @@ def build_table(rows: list[dict]) -> pd.DataFrame:
     cats = sorted(k for k in seen if k.startswith("at_peak."))
     # Built column by column from the rows: a DataFrame of the dicts would turn an int
     # column with gaps into floats (accumulation 4 -> "4.0").
-    dtypes = {**{c: "string" for c in ("name", "kind", "status", "run_dir", "note", *toggles)},
-              **{c: "Int64" for c in (*_INT_COLUMNS, *cats)}, **{c: "float64" for c in _FLOAT_COLUMNS}}
+    dtypes = {
+        **{c: "string" for c in ("name", "kind", "status", "run_dir", "note", *toggles)},
+        **{c: "Int64" for c in (*_INT_COLUMNS, *cats)},
+        **{c: "float64" for c in _FLOAT_COLUMNS},
+    }
     columns = ["name", "kind", *toggles, *_ORDER, *cats, "run_dir", "note"]
-    return pd.DataFrame({c: _column([r.get(c) for r in rows], dtypes[c]) for c in columns},
-                        index=pd.RangeIndex(len(rows)))
+    return pd.DataFrame(
+        {c: _column([r.get(c) for r in rows], dtypes[c]) for c in columns}, index=pd.RangeIndex(len(rows))
+    )
 
 
 def _column(values: list, dtype: str) -> pd.Series:
@@ -255,13 +329,15 @@ def write_table(df: pd.DataFrame, path, meta: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
     if meta:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"vramscope.ablation": json.dumps(meta).encode()})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"vramscope.ablation": json.dumps(meta).encode()}
+        )
     write_parquet(path, table)
     return path
 
 
 # -- the suite ------------------------------------------------------------------------
+
 
 def resolve_device(device: str) -> str:
     if device != "auto":
@@ -282,9 +358,19 @@ class Ablation:
     meta: dict = dataclasses.field(default_factory=dict)
 
 
-def run_suite(suite: str, *, preset: str = "tiny", steps: int = 5, device: str = "auto", out="traces",
-              vary: dict | None = None, fixed: dict | None = None, timeout: float = 600.0, jobs: int = 1,
-              progress=None) -> Ablation:
+def run_suite(
+    suite: str,
+    *,
+    preset: str = "tiny",
+    steps: int = 5,
+    device: str = "auto",
+    out="traces",
+    vary: dict | None = None,
+    fixed: dict | None = None,
+    timeout: float = 600.0,
+    jobs: int = 1,
+    progress=None,
+) -> Ablation:
     """Run every configuration of the suite, one process each; write and return the table.
 
     jobs: runs at a time. Memory numbers are per process and stay exact; step times of
@@ -301,8 +387,15 @@ def run_suite(suite: str, *, preset: str = "tiny", steps: int = 5, device: str =
 
     def one(config: Config) -> tuple[dict, float]:
         t0 = time.monotonic()
-        result = run_config(config, preset=preset, steps=steps, out=out, device=device,
-                            run_name=f"ablate-{label}-{config.name}", timeout=timeout)
+        result = run_config(
+            config,
+            preset=preset,
+            steps=steps,
+            out=out,
+            device=device,
+            run_name=f"ablate-{label}-{config.name}",
+            timeout=timeout,
+        )
         summary, note = _summary(result.get("run_dir")) if result.get("status") == "ok" else ({}, None)
         return result_row(config, result, summary, note), time.monotonic() - t0
 
@@ -326,7 +419,15 @@ def run_suite(suite: str, *, preset: str = "tiny", steps: int = 5, device: str =
         if progress:
             progress.close()
     table = build_table([rows[i] for i in range(len(configs))])
-    meta = {"suite": suite, "preset": preset, "steps": steps, "device": device, "stamp": stamp,
-            "jobs": max(1, jobs), "vary": vary or {}, "fixed": fixed or {}}
+    meta = {
+        "suite": suite,
+        "preset": preset,
+        "steps": steps,
+        "device": device,
+        "stamp": stamp,
+        "jobs": max(1, jobs),
+        "vary": vary or {},
+        "fixed": fixed or {},
+    }
     path = write_table(table, out / f"ablation-{label}-{stamp}.parquet", meta)
     return Ablation(suite=suite, table=table, path=path, seconds=time.monotonic() - started, meta=meta)

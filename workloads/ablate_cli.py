@@ -38,20 +38,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
     suites = "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items())
     parser.add_argument("--suite", choices=tuple(SUITES), default="seeds", help=f"{suites} (default: seeds)")
-    parser.add_argument("--vary", action="append", default=[], metavar="KEY=A,B,...",
-                        help="run every combination of these toggle values instead of the suite's rows "
-                             "(repeatable)")
-    parser.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a toggle in every row (repeatable)")
-    parser.add_argument("--steps", type=_positive(int), default=5, metavar="N",
-                        help="training steps or decoded tokens per run (default: 5)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the runs happen (default: auto, CUDA when available)")
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=A,B,...",
+        help="run every combination of these toggle values instead of the suite's rows (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="fixed",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a toggle in every row (repeatable)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive(int),
+        default=5,
+        metavar="N",
+        help="training steps or decoded tokens per run (default: 5)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the runs happen (default: auto, CUDA when available)",
+    )
     parser.add_argument("--out", default="traces", help="directory for the runs and the table (default: traces)")
-    parser.add_argument("--timeout", type=_positive(float), default=600.0, metavar="S",
-                        help="seconds one run may take before it is stopped (default: 600)")
-    parser.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
-                        help="runs at a time (default: 1); memory stays exact, step times do not")
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=600.0,
+        metavar="S",
+        help="seconds one run may take before it is stopped (default: 600)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="runs at a time (default: 1); memory stays exact, step times do not",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -64,6 +93,7 @@ def _positive(kind):
         if not value > 0:
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         return value
+
     parse.__name__ = kind.__name__  # argparse names the type in its message
     return parse
 
@@ -127,16 +157,38 @@ def run(args: argparse.Namespace) -> int:
     vary, fixed = parse_vary(args.vary), parse_fixed(args.fixed)
     device = _check(args, vary, fixed)
     progress = make_progress()  # on stderr, so --json output stays one object
-    result = run_suite(args.suite, preset=args.preset, steps=args.steps, device=device, out=args.out,
-                       vary=vary, fixed=fixed, timeout=args.timeout, jobs=args.jobs,
-                       progress=progress)
+    result = run_suite(
+        args.suite,
+        preset=args.preset,
+        steps=args.steps,
+        device=device,
+        out=args.out,
+        vary=vary,
+        fixed=fixed,
+        timeout=args.timeout,
+        jobs=args.jobs,
+        progress=progress,
+    )
     if args.json:
-        print(json.dumps(_plain({**result.meta, "path": str(result.path), "seconds": result.seconds,
-                                 "rows": result.table.to_dict("records")}), indent=1))
+        print(
+            json.dumps(
+                _plain(
+                    {
+                        **result.meta,
+                        "path": str(result.path),
+                        "seconds": result.seconds,
+                        "rows": result.table.to_dict("records"),
+                    }
+                ),
+                indent=1,
+            )
+        )
     else:
         m = result.meta
-        print(f"vramscope ablate: suite {m['suite']}, preset {m['preset']}, device {m['device']}, "
-              f"{m['steps']} steps: {len(result.table)} configurations in {result.seconds:.1f} s")
+        print(
+            f"vramscope ablate: suite {m['suite']}, preset {m['preset']}, device {m['device']}, "
+            f"{m['steps']} steps: {len(result.table)} configurations in {result.seconds:.1f} s"
+        )
         if m["jobs"] > 1:
             print(f"  ({m['jobs']} runs at a time: step times and speed changes are of runs sharing the machine)")
         print(render(result.table))
@@ -145,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- progress ---------------------------------------------------------------------------
+
 
 class PlainProgress:
     """One line per finished run on stderr: readable in CI logs, where a live bar is noise."""
@@ -161,8 +214,11 @@ class PlainProgress:
     def done(self, config, row, seconds: float) -> None:
         self.count += 1
         n = len(str(self.total))
-        print(f"[{self.count:>{n}}/{self.total}] {config.name:<{self._width}}  {row['status']:<7}  "
-              f"{seconds:6.1f} s", file=self.stream, flush=True)
+        print(
+            f"[{self.count:>{n}}/{self.total}] {config.name:<{self._width}}  {row['status']:<7}  {seconds:6.1f} s",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         pass
@@ -174,8 +230,9 @@ class RichProgress:
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(TextColumn("ablate"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), transient=True)
+        self._progress = Progress(
+            TextColumn("ablate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        )
         self._task = None
 
     def start(self, configs) -> None:
@@ -201,6 +258,7 @@ def make_progress():
 
 
 # -- the text -----------------------------------------------------------------------------
+
 
 def _pct(value) -> str:
     return "" if value is None or value != value else f"{value:+.1f}%"

@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 import profiler as capture
 from profiler.errors import one_line
-from workloads.model import GPT, PRESETS, preset as model_preset
+from workloads.model import GPT, PRESETS
+from workloads.model import preset as model_preset
 from workloads.toggles.checkpointing import checkpoint_modules
 from workloads.toggles.optimizer import LR
 from workloads.train import SHAPE_KEYS, _read_meta, _shape_overrides, make_batch, timed_steps
@@ -50,12 +51,18 @@ VARIANTS: dict[str, dict] = {
     "fsdp-zero3": {"parallel": "fsdp", "reshard_after_forward": True},
     "fsdp-zero2": {"parallel": "fsdp", "reshard_after_forward": False},
     "fsdp-offload": {"parallel": "fsdp", "reshard_after_forward": True, "fsdp_offload": "cpu"},
-    "fsdp-bf16-ckpt": {"parallel": "fsdp", "reshard_after_forward": True, "precision": "bf16",
-                       "checkpointing": "full"},
+    "fsdp-bf16-ckpt": {"parallel": "fsdp", "reshard_after_forward": True, "precision": "bf16", "checkpointing": "full"},
 }
 MODELS = ("gpt", "llama")
-KEYS = ("model", "parallel", "reshard_after_forward", "fsdp_offload", "precision", "checkpointing",
-        "world_size") + SHAPE_KEYS
+KEYS = (
+    "model",
+    "parallel",
+    "reshard_after_forward",
+    "fsdp_offload",
+    "precision",
+    "checkpointing",
+    "world_size",
+) + SHAPE_KEYS
 
 
 def _on(value) -> bool:
@@ -72,7 +79,7 @@ class DistToggles:
     checkpointing: bool = False
 
     @classmethod
-    def from_dict(cls, toggles: dict, *, device: str, world_size: int) -> "DistToggles":
+    def from_dict(cls, toggles: dict, *, device: str, world_size: int) -> DistToggles:
         unknown = set(toggles) - set(KEYS)
         if unknown:
             raise ValueError(f"unknown distributed toggles {sorted(unknown)}; known: {list(KEYS)}")
@@ -101,8 +108,14 @@ class DistToggles:
         if wanted is not None and int(wanted) != world_size:
             raise ValueError(f"world_size {wanted} asked for, but {world_size} ranks are running")
         reshard = toggles.get("reshard_after_forward", True)
-        return cls(model=model, parallel=parallel, reshard_after_forward=_on(reshard),
-                   fsdp_offload=_on(offload), bf16=precision == "bf16", checkpointing=_on(ckpt))
+        return cls(
+            model=model,
+            parallel=parallel,
+            reshard_after_forward=_on(reshard),
+            fsdp_offload=_on(offload),
+            bf16=precision == "bf16",
+            checkpointing=_on(ckpt),
+        )
 
 
 def init_process_group(device: str) -> torch.device:
@@ -166,15 +179,33 @@ def shard(model: Model, toggles: DistToggles, device: torch.device):
     fully_shard(model.module, **kwargs)
 
 
-def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = None, steps: int = 6,
-        device: str = "auto", seed: int = 0) -> dict:
+def run(
+    preset: str,
+    toggles: dict,
+    *,
+    out: str = "traces",
+    name: str | None = None,
+    steps: int = 6,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
     """Train on every rank of the job, captured; the result dict of workloads/interface.md.
 
     Called on every rank (under torchrun); every rank returns the job's result, with
     `ranks` listing each rank's peaks, and peak_allocated_bytes the largest of them.
     """
-    result = dict(status="error", run_dir=None, peak_allocated_bytes=None, peak_reserved_bytes=None,
-                  median_step_ms=None, tokens_per_s=None, loss=None, losses=[], error=None, ranks=[])
+    result = dict(
+        status="error",
+        run_dir=None,
+        peak_allocated_bytes=None,
+        peak_reserved_bytes=None,
+        median_step_ms=None,
+        tokens_per_s=None,
+        loss=None,
+        losses=[],
+        error=None,
+        ranks=[],
+    )
     step_ms: list[float] = []
     prof = None
     cfg = None
@@ -185,8 +216,13 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
         world = dist.get_world_size()
         cfg, toggles = _shape_overrides(model_preset(preset), toggles)
         parsed = DistToggles.from_dict(toggles, device=device, world_size=world)
-        config = {"preset": preset, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                  "world_size": world, **toggles}
+        config = {
+            "preset": preset,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "world_size": world,
+            **toggles,
+        }
         prof = capture.profile(out=out, name=name or f"dist-{preset}", config=config, backend=dev.type)
         with prof:
             torch.manual_seed(seed)  # equal weights on every rank
@@ -195,8 +231,11 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
             opt = torch.optim.AdamW(model.module.parameters(), lr=LR)
             gen = torch.Generator(device=dev).manual_seed(seed + 1000 * dist.get_rank())
             batch = make_batch(cfg, dev, gen)  # this rank's data
-            autocast = (torch.autocast(dev.type, dtype=torch.bfloat16)
-                        if parsed.bf16 and parsed.parallel == "ddp" else contextlib.nullcontext())
+            autocast = (
+                torch.autocast(dev.type, dtype=torch.bfloat16)
+                if parsed.bf16 and parsed.parallel == "ddp"
+                else contextlib.nullcontext()
+            )
 
             def step():
                 with autocast:
@@ -212,13 +251,15 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
         result.update(status="oom", error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
         result.update(status="error", error=one_line(exc))
-    mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, status=result["status"],
-                error=result["error"])
+    mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, status=result["status"], error=result["error"])
     if prof is not None and prof.run_dir is not None:
         result["run_dir"] = str(prof.run_dir.parent)  # the job's directory, every rank beneath
         meta = _read_meta(prof.run_dir)
-        mine.update(peak_allocated_bytes=meta.get("max_allocated_bytes"),
-                    peak_reserved_bytes=meta.get("max_reserved_bytes"), run_dir=str(prof.run_dir))
+        mine.update(
+            peak_allocated_bytes=meta.get("max_allocated_bytes"),
+            peak_reserved_bytes=meta.get("max_reserved_bytes"),
+            run_dir=str(prof.run_dir),
+        )
     if step_ms:
         mine["median_step_ms"] = statistics.median(step_ms)
     result["ranks"] = _gather(mine)
@@ -266,8 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     args = p.parse_args(argv)
     toggles = {**VARIANTS[args.variant], "model": args.model, **args.toggles}
-    result = run(args.preset, toggles, out=args.out, name=args.name or f"{args.model}-{args.variant}",
-                 steps=args.steps, device=args.device)
+    result = run(
+        args.preset,
+        toggles,
+        out=args.out,
+        name=args.name or f"{args.model}-{args.variant}",
+        steps=args.steps,
+        device=args.device,
+    )
     if dist.is_initialized():
         if dist.get_rank() == 0:
             print(json.dumps(result, indent=1))

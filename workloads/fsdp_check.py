@@ -38,7 +38,8 @@ from profiler.analysis.live import breakdown, live_at
 from profiler.analysis.timeline import peak
 from profiler.trace.reader import load_trace
 from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
-from workloads.model import PRESETS, preset as model_preset
+from workloads.model import PRESETS
+from workloads.model import preset as model_preset
 from workloads.toggles.optimizer import LR
 from workloads.train import make_batch
 
@@ -60,8 +61,12 @@ ROWS = [
     ("reduce_scatter", ("reduce_scatter",), ("Reduce Scatter",), True),
     ("optimizer_state", ("optimizer_state",), ("OptState",), True),
     ("activation", ("activation",), ("Activation",), True),
-    ("temporary + unsharded_gradient + recomputed", ("temporary", "unsharded_gradient", RECOMPUTED),
-     ("Temp", "Unsharded Grad"), True),
+    (
+        "temporary + unsharded_gradient + recomputed",
+        ("temporary", "unsharded_gradient", RECOMPUTED),
+        ("Temp", "Unsharded Grad"),
+        True,
+    ),
     ("  temporary", ("temporary",), ("Temp",), False),
     ("  unsharded_gradient", ("unsharded_gradient",), ("Unsharded Grad",), False),
     ("  recomputed activation", (RECOMPUTED,), (), False),
@@ -146,12 +151,15 @@ def ours(toggles, cfg, device, batch, seed, out_dir) -> tuple[dict[str, dict[str
     ev = trace.events
     in_step = np.flatnonzero(ev["step"].to_numpy() == 0)  # the optimizer step ends step 0
     optimizer = np.flatnonzero((ev["phase"].astype(object) == "optimizer").to_numpy())
-    moments = {"step peak": _categories(trace, peak(trace).event_index),
-               "after optimizer step": _categories(trace, int(in_step[-1]))}
+    moments = {
+        "step peak": _categories(trace, peak(trace).event_index),
+        "after optimizer step": _categories(trace, int(in_step[-1])),
+    }
     # The last event before the optimizer's first: backward is over. (With offload the
     # optimizer steps on the host and makes no device event; then this moment is the next.)
-    moments["after backward"] = (_categories(trace, int(optimizer[0]) - 1) if len(optimizer)
-                                 else moments["after optimizer step"])
+    moments["after backward"] = (
+        _categories(trace, int(optimizer[0]) - 1) if len(optimizer) else moments["after optimizer step"]
+    )
     return moments, int(trace.meta["max_allocated_bytes"])
 
 
@@ -167,8 +175,16 @@ def table(mine: dict[str, int], tracker: dict[str, int], step_peak: int) -> list
         b = sum(-tracker.get(r[1:], 0) if r.startswith("-") else tracker.get(r, 0) for r in refs)
         diff = 100.0 * (a - b) / b if b else (0.0 if a == 0 else float("inf"))
         material = held and max(a, b) >= MATERIAL_SHARE * total
-        rows.append(dict(category=label, vramscope=a, fsdp_mem_tracker=b, diff_pct=diff,
-                         held=material, ok=(not material) or abs(diff) <= TOLERANCE_PCT))
+        rows.append(
+            dict(
+                category=label,
+                vramscope=a,
+                fsdp_mem_tracker=b,
+                diff_pct=diff,
+                held=material,
+                ok=(not material) or abs(diff) <= TOLERANCE_PCT,
+            )
+        )
     return rows
 
 
@@ -185,23 +201,26 @@ def warm_up(device: torch.device) -> None:
 def evaluate(report: dict) -> bool:
     """Add each rank's tables (from the raw figures); whether every held row is in tolerance."""
     for rank in report["ranks"]:
-        rank["tables"] = {m: table(rank["vramscope_raw"][m], rank["tracker_raw"][m], rank["peak"])
-                          for m in MOMENTS}
+        rank["tables"] = {m: table(rank["vramscope_raw"][m], rank["tracker_raw"][m], rank["peak"]) for m in MOMENTS}
     return all(r["ok"] for rank in report["ranks"] for rows in rank["tables"].values() for r in rows)
 
 
 def render(report: dict) -> str:
     lines = []
     for rank in report["ranks"]:
-        lines.append(f"rank {rank['rank']}: {report['model']} {report['variant']} on {report['device']} "
-                     f"(torch {report['torch_version']}), vramscope peak {rank['peak']:,} B")
+        lines.append(
+            f"rank {rank['rank']}: {report['model']} {report['variant']} on {report['device']} "
+            f"(torch {report['torch_version']}), vramscope peak {rank['peak']:,} B"
+        )
         for moment, rows in rank["tables"].items():
             lines.append(f"  {moment + ':':42s} {'vramscope':>15s} {'FSDPMemTracker':>15s} {'diff %':>8s}")
             for r in rows:
                 mark = "" if r["ok"] else "  <-- over tolerance"
                 held = "" if r["held"] or r["ok"] is False else "  (not held)"
-                lines.append(f"    {r['category']:42s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
-                             f"{r['diff_pct']:8.2f}{mark}{held}")
+                lines.append(
+                    f"    {r['category']:42s} {r['vramscope']:15,d} {r['fsdp_mem_tracker']:15,d} "
+                    f"{r['diff_pct']:8.2f}{mark}{held}"
+                )
     return "\n".join(lines)
 
 
@@ -228,8 +247,9 @@ def main(argv=None) -> int:
         return recheck(args.report)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dev = init_process_group(device)
-    toggles = DistToggles.from_dict({**VARIANTS[args.variant], "model": args.model}, device=device,
-                                    world_size=dist.get_world_size())
+    toggles = DistToggles.from_dict(
+        {**VARIANTS[args.variant], "model": args.model}, device=device, world_size=dist.get_world_size()
+    )
     cfg = model_preset(args.preset)
     gen = torch.Generator(device=dev).manual_seed(1000 + dist.get_rank())
     batch = make_batch(cfg, dev, gen)
@@ -239,8 +259,14 @@ def main(argv=None) -> int:
     tracker = theirs(toggles, cfg, dev, batch, seed=0)
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, dict(rank=dist.get_rank(), peak=peak, tracker_raw=tracker, vramscope_raw=mine))
-    report = dict(preset=args.preset, model=args.model, variant=args.variant, device=device,
-                  torch_version=torch.__version__, ranks=every)
+    report = dict(
+        preset=args.preset,
+        model=args.model,
+        variant=args.variant,
+        device=device,
+        torch_version=torch.__version__,
+        ranks=every,
+    )
     ok = evaluate(report)
     if dist.get_rank() == 0:
         print(render(report))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import profiler
 from profiler.errors import one_line
 from workloads.kv import KINDS, KVSpec, make_cache
-from workloads.model import GPT, Block, CausalSelfAttention, preset as gpt_preset
+from workloads.model import GPT, Block, CausalSelfAttention
+from workloads.model import preset as gpt_preset
 from workloads.quant import quantize_linears
 
 KV_CHOICES = ("none",) + KINDS
@@ -36,6 +37,7 @@ RUNNER_KEYS = ("alloc_conf",)  # toggles the runner applies itself
 
 
 # -- the GPT's decode path ------------------------------------------------------------
+
 
 class KVAttention(CausalSelfAttention):
     """CausalSelfAttention that stores K and V in a cache and attends over what it returns."""
@@ -88,8 +90,7 @@ def with_kv_path(model: GPT) -> KVGPT:
 
 def kv_spec(model: GPT, device, dtype: torch.dtype) -> KVSpec:
     c = model.cfg
-    return KVSpec(layers=c.n_layer, kv_heads=c.n_head, head_dim=c.n_embd // c.n_head,
-                  dtype=dtype, device=device)
+    return KVSpec(layers=c.n_layer, kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, dtype=dtype, device=device)
 
 
 def sdpa_backends(device):
@@ -102,8 +103,9 @@ def sdpa_backends(device):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def greedy_decode(forward, prompt: torch.Tensor, steps: int, *, recompute: bool,
-                  after_step=None, times: list | None = None, sync=None) -> torch.Tensor:
+def greedy_decode(
+    forward, prompt: torch.Tensor, steps: int, *, recompute: bool, after_step=None, times: list | None = None, sync=None
+) -> torch.Tensor:
     """Prefill `prompt` (B, P), then `steps` decode steps, each feeding the last token.
 
     `forward(ids)` returns the last position's logits (B, V). Returns the steps + 1
@@ -134,6 +136,7 @@ def gpt_forward(model: KVGPT, cache):
 
 
 # -- configuration --------------------------------------------------------------------
+
 
 @dataclass(kw_only=True, slots=True)
 class InferConfig:
@@ -168,13 +171,15 @@ class InferConfig:
         self.kv = self.kv or "none"
         self.weights = self.weights or "bf16"
         self.model = self.model or "gpt"
-        for key, value, allowed in (("kv", self.kv, KV_CHOICES), ("weights", self.weights, WEIGHTS),
-                                    ("model", self.model, MODELS)):
+        for key, value, allowed in (
+            ("kv", self.kv, KV_CHOICES),
+            ("weights", self.weights, WEIGHTS),
+            ("model", self.model, MODELS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
         if self.model == "llama" and self.kv not in LLAMA_KV:
-            raise ValueError(f"model=llama supports kv in {LLAMA_KV} (transformers' DynamicCache), "
-                             f"not {self.kv!r}")
+            raise ValueError(f"model=llama supports kv in {LLAMA_KV} (transformers' DynamicCache), not {self.kv!r}")
         self.batch = self.batch or gpt.batch_size
         self.prompt_len = self.prompt_len or min(128, gpt.block_size // 4)
         self.window = self.window or max(1, gpt.block_size // 8)
@@ -183,19 +188,20 @@ class InferConfig:
         if min(self.steps, self.batch, self.prompt_len, self.window, self.block_size) < 1:
             raise ValueError(f"steps, batch, prompt_len, window and block_size must be positive: {self}")
         if self.prompt_len + self.steps > gpt.block_size:
-            raise ValueError(f"prompt_len + steps = {self.prompt_len + self.steps} exceeds the "
-                             f"{gpt.block_size} positions of preset {self.preset!r}")
+            raise ValueError(
+                f"prompt_len + steps = {self.prompt_len + self.steps} exceeds the "
+                f"{gpt.block_size} positions of preset {self.preset!r}"
+            )
         if self.max_len < self.prompt_len + self.steps:
             raise ValueError(f"max_len={self.max_len} < prompt_len + steps = {self.prompt_len + self.steps}")
 
     @classmethod
-    def from_toggles(cls, preset: str, toggles: dict, *, steps: int, device: str) -> "InferConfig":
+    def from_toggles(cls, preset: str, toggles: dict, *, steps: int, device: str) -> InferConfig:
         known = {f.name for f in fields(cls)} - {"preset", "device", "steps"}
         unknown = set(toggles) - known - set(RUNNER_KEYS)
         if unknown:
             raise ValueError(f"unknown infer toggles {sorted(unknown)}; known: {sorted(known)}")
-        return cls(preset=preset, steps=steps, device=device,
-                   **{k: v for k, v in toggles.items() if k in known})
+        return cls(preset=preset, steps=steps, device=device, **{k: v for k, v in toggles.items() if k in known})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,6 +209,7 @@ class InferConfig:
 
 
 # -- building and running --------------------------------------------------------------
+
 
 def build_model(cfg: InferConfig):
     """The model in eval mode on cfg.device, seeded, with int8 weights if asked."""
@@ -236,8 +243,14 @@ def make_decoder(cfg: InferConfig, model):
         return cache, forward_fn(model, cache)
     if cfg.kv == "none":
         return None, gpt_forward(model, None)
-    cache = make_cache(cfg.kv, kv_spec(model, cfg.device, cfg.dtype), cfg.batch, max_len=cfg.max_len,
-                       window=cfg.window, block_size=cfg.block_size)
+    cache = make_cache(
+        cfg.kv,
+        kv_spec(model, cfg.device, cfg.dtype),
+        cfg.batch,
+        max_len=cfg.max_len,
+        window=cfg.window,
+        block_size=cfg.block_size,
+    )
     return cache, gpt_forward(model, cache)
 
 
@@ -248,8 +261,9 @@ def run(preset: str, toggles: dict, *, out: str, name: str, steps: int, device: 
     prompt = make_prompt(cfg)
     cuda = torch.device(cfg.device).type == "cuda"
     times: list[float] = []
-    prof = profiler.profile(out=out, name=name, config={"preset": preset, **toggles},
-                            backend=torch.device(cfg.device).type)
+    prof = profiler.profile(
+        out=out, name=name, config={"preset": preset, **toggles}, backend=torch.device(cfg.device).type
+    )
     status, error = "ok", None
     try:
         with prof, torch.no_grad(), sdpa_backends(cfg.device):
@@ -260,8 +274,15 @@ def run(preset: str, toggles: dict, *, out: str, name: str, steps: int, device: 
                     profiler.record_kv(cache)
                 prof.step()
 
-            greedy_decode(forward, prompt, steps, recompute=cache is None, after_step=after_step,
-                          times=times, sync=torch.cuda.synchronize if cuda else None)
+            greedy_decode(
+                forward,
+                prompt,
+                steps,
+                recompute=cache is None,
+                after_step=after_step,
+                times=times,
+                sync=torch.cuda.synchronize if cuda else None,
+            )
     except torch.OutOfMemoryError as e:
         status, error = "oom", one_line(e)
     except Exception as e:  # the runner records it; the traceback goes to stderr
@@ -275,12 +296,17 @@ def _result(run_dir, status, error, times, batch) -> dict:
     if run_dir is not None and (Path(run_dir) / "meta.json").exists():
         meta = json.loads((Path(run_dir) / "meta.json").read_text())
     median_s = statistics.median(times) if times else None
-    return dict(status=status, run_dir=str(run_dir) if run_dir else None,
-                peak_allocated_bytes=meta.get("max_allocated_bytes"),
-                peak_reserved_bytes=meta.get("max_reserved_bytes"),
-                median_step_ms=median_s * 1e3 if median_s else None,
-                tokens_per_s=batch / median_s if median_s else None,
-                loss=None, losses=[], error=error)
+    return dict(
+        status=status,
+        run_dir=str(run_dir) if run_dir else None,
+        peak_allocated_bytes=meta.get("max_allocated_bytes"),
+        peak_reserved_bytes=meta.get("max_reserved_bytes"),
+        median_step_ms=median_s * 1e3 if median_s else None,
+        tokens_per_s=batch / median_s if median_s else None,
+        loss=None,
+        losses=[],
+        error=error,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,14 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default=None)
     for f in fields(InferConfig):
         if f.name not in ("preset", "device", "steps", "seed"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                           type=int if f.type in ("int | None",) else str)
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                type=int if f.type in ("int | None",) else str,
+            )
     args = vars(p.parse_args(argv))
     base = ("preset", "steps", "device", "out", "name")
     toggles = {k: v for k, v in args.items() if k not in base and v is not None}
     name = args["name"] or "infer-" + "-".join(f"{k}={v}" for k, v in toggles.items())
-    result = run(args["preset"], toggles, out=args["out"], name=name, steps=args["steps"],
-                 device=args["device"])
+    result = run(args["preset"], toggles, out=args["out"], name=name, steps=args["steps"], device=args["device"])
     json.dump(result, sys.stdout, indent=2)
     print()
     sys.exit(0 if result["status"] == "ok" else 1)

@@ -22,11 +22,17 @@ def llama_config(cfg: GPTConfig):
 
     kv_heads = cfg.n_head // 2 if cfg.n_head % 2 == 0 else cfg.n_head
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
         intermediate_size=-(-8 * cfg.n_embd // 3 // 16) * 16,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=kv_heads,
-        max_position_embeddings=cfg.block_size, rope_theta=ROPE_THETA, tie_word_embeddings=False,
-        attn_implementation="sdpa", use_cache=True,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=cfg.block_size,
+        rope_theta=ROPE_THETA,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        use_cache=True,
     )
 
 
@@ -55,7 +61,9 @@ def dynamic_cache(model):
 
 def forward_fn(model, cache):
     """ids -> logits (B, V) of the last position; with a cache, ids are only the new tokens."""
+
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
         return out.logits[:, -1]
+
     return forward

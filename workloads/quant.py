@@ -20,22 +20,24 @@ QMAX = 127
 class Int8Linear(nn.Module):
     """y = x @ (int8 W * scale)^T + b, with W (out, in) int8 and scale (out,)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=torch.int8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty((out_features, in_features), dtype=torch.int8, device=device), requires_grad=False
+        )
         self.scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach()
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                dtype=w.dtype, device=w.device)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype, device=w.device)
         scale = w.abs().amax(dim=1).float().clamp(min=torch.finfo(torch.float32).tiny) / QMAX
         with torch.no_grad():
             q.weight.copy_((w.float() / scale[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8))
@@ -61,8 +63,9 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> 
     """Replace every nn.Linear whose name's last part is not in `skip` by an Int8Linear,
     in place; returns the model. lm_head is skipped by default because it is usually tied
     to the embedding: quantizing it would add an int8 copy instead of saving bytes."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip]
+    targets = [
+        (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
+    ]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

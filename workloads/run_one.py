@@ -26,8 +26,9 @@ STATUSES = ("ok", "oom", "error")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workloads.run_one", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m workloads.run_one", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kind", choices=sorted(KINDS), required=True)
     parser.add_argument("--preset", required=True)
     parser.add_argument("--toggles", type=json.loads, default={}, help="a JSON object")
@@ -51,16 +52,20 @@ def execute(args: argparse.Namespace) -> dict:
     """The workload's result dict; any exception it lets out becomes status oom or error."""
     try:
         workload = importlib.import_module(KINDS[args.kind])  # lazily: only the kind asked for
-        result = workload.run(args.preset, dict(args.toggles), out=args.out, name=args.name,
-                              steps=args.steps, device=args.device)
+        result = workload.run(
+            args.preset, dict(args.toggles), out=args.out, name=args.name, steps=args.steps, device=args.device
+        )
     except Exception as exc:  # noqa: BLE001 - the runner wants a row, not a traceback
         traceback.print_exc(file=sys.stderr)  # the runner keeps the tail for diagnosis
         return {"status": "oom" if _is_oom(exc) else "error", "error": one_line(exc)}
     if not isinstance(result, dict):
         return {"status": "error", "error": f"run() returned {type(result).__name__}, not a dict"}
     if result.get("status") not in STATUSES:
-        return {**result, "status": "error",
-                "error": result.get("error") or f"run() returned status {result.get('status')!r}"}
+        return {
+            **result,
+            "status": "error",
+            "error": result.get("error") or f"run() returned status {result.get('status')!r}",
+        }
     return result
 
 

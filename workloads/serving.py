@@ -27,7 +27,8 @@ import torch
 import profiler
 from workloads.infer import kv_spec, sdpa_backends, with_kv_path
 from workloads.kv import BlockPool, KVCache, PagedCache, PreallocCache, RaggedBatch
-from workloads.model import GPT, preset as gpt_preset
+from workloads.model import GPT
+from workloads.model import preset as gpt_preset
 
 MODES = ("contiguous", "paged")
 BUCKETS = ("token_state_bytes", "unused_bytes", "frag_bytes", "allocator_free_bytes")
@@ -133,17 +134,24 @@ class _Server:
         """The KV protocol over every cache held, idle slots included."""
         caches = [x.cache for x in self.live] + self.free_slots
         rows = [c.kv_stats() for c in caches]
-        return dict(batch=len(self.live), tokens=max((x.cache.tokens for x in self.live), default=0),
-                    token_state_bytes=sum(r["token_state_bytes"] for r in rows),
-                    reserved_bytes=sum(r["reserved_bytes"] for r in rows), extra_bytes=0)
+        return dict(
+            batch=len(self.live),
+            tokens=max((x.cache.tokens for x in self.live), default=0),
+            token_state_bytes=sum(r["token_state_bytes"] for r in rows),
+            reserved_bytes=sum(r["reserved_bytes"] for r in rows),
+            extra_bytes=0,
+        )
 
     def sample(self) -> dict:
         s = self.kv_stats()
         slack = s["reserved_bytes"] - s["token_state_bytes"]
-        row = dict(token_state_bytes=s["token_state_bytes"],
-                   unused_bytes=slack if self.mode == "contiguous" else 0,
-                   frag_bytes=slack if self.mode == "paged" else 0,
-                   reserved_bytes=s["reserved_bytes"], allocator_free_bytes=None)
+        row = dict(
+            token_state_bytes=s["token_state_bytes"],
+            unused_bytes=slack if self.mode == "contiguous" else 0,
+            frag_bytes=slack if self.mode == "paged" else 0,
+            reserved_bytes=s["reserved_bytes"],
+            allocator_free_bytes=None,
+        )
         if torch.device(self.cfg.device).type == "cuda":
             m = torch.cuda.memory_stats(self.cfg.device)
             row["allocator_free_bytes"] = m["reserved_bytes.all.current"] - m["allocated_bytes.all.current"]
@@ -181,15 +189,23 @@ def serve(model, requests: list[Request], mode: str, cfg: ServingConfig, *, reco
 
 def summarize(mode: str, samples: list[dict], outputs: dict, seconds: float) -> dict:
     n = len(samples)
-    mean = {k: (sum(s[k] for s in samples) / n if samples[0][k] is not None else None)
-            for k in BUCKETS + ("reserved_bytes",)}
+    mean = {
+        k: (sum(s[k] for s in samples) / n if samples[0][k] is not None else None)
+        for k in BUCKETS + ("reserved_bytes",)
+    }
     kv = mean["reserved_bytes"] or 1
-    return dict(mode=mode, steps=n, requests=len(outputs),
-                tokens=sum(o.shape[1] for o in outputs.values()), seconds=seconds,
-                **{"mean_" + k: v for k, v in mean.items()},
-                token_state_frac=mean["token_state_bytes"] / kv, unused_frac=mean["unused_bytes"] / kv,
-                frag_frac=mean["frag_bytes"] / kv,
-                peak_reserved_bytes=max(s["reserved_bytes"] for s in samples))
+    return dict(
+        mode=mode,
+        steps=n,
+        requests=len(outputs),
+        tokens=sum(o.shape[1] for o in outputs.values()),
+        seconds=seconds,
+        **{"mean_" + k: v for k, v in mean.items()},
+        token_state_frac=mean["token_state_bytes"] / kv,
+        unused_frac=mean["unused_bytes"] / kv,
+        frag_frac=mean["frag_bytes"] / kv,
+        peak_reserved_bytes=max(s["reserved_bytes"] for s in samples),
+    )
 
 
 def compare(cfg: ServingConfig, out: str | None = None) -> list[dict]:
@@ -227,14 +243,34 @@ def _fmt_bytes(b) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("mode", "steps", "tokens", "mean KV reserved", "token states", "unused slots",
-            "last-block frag", "allocator free", "peak KV reserved", "tok/s")
+    head = (
+        "mode",
+        "steps",
+        "tokens",
+        "mean KV reserved",
+        "token states",
+        "unused slots",
+        "last-block frag",
+        "allocator free",
+        "peak KV reserved",
+        "tok/s",
+    )
     lines = [head]
     for r in rows:
-        lines.append((r["mode"], str(r["steps"]), str(r["tokens"]), _fmt_bytes(r["mean_reserved_bytes"]),
-                      f"{r['token_state_frac']:.1%}", f"{r['unused_frac']:.1%}", f"{r['frag_frac']:.1%}",
-                      _fmt_bytes(r["mean_allocator_free_bytes"]), _fmt_bytes(r["peak_reserved_bytes"]),
-                      f"{r['tokens'] / r['seconds']:.0f}"))
+        lines.append(
+            (
+                r["mode"],
+                str(r["steps"]),
+                str(r["tokens"]),
+                _fmt_bytes(r["mean_reserved_bytes"]),
+                f"{r['token_state_frac']:.1%}",
+                f"{r['unused_frac']:.1%}",
+                f"{r['frag_frac']:.1%}",
+                _fmt_bytes(r["mean_allocator_free_bytes"]),
+                _fmt_bytes(r["peak_reserved_bytes"]),
+                f"{r['tokens'] / r['seconds']:.0f}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -252,11 +288,20 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if torch.device(a.device).type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: a second intra-op thread costs more than it gives
-    cfg = ServingConfig(preset=a.preset, device=a.device, requests=a.requests, max_batch=a.max_batch,
-                        block_size=a.block_size, arrival_rate=a.arrival_rate, seed=a.seed)
+    cfg = ServingConfig(
+        preset=a.preset,
+        device=a.device,
+        requests=a.requests,
+        max_batch=a.max_batch,
+        block_size=a.block_size,
+        arrival_rate=a.arrival_rate,
+        seed=a.seed,
+    )
     rows = compare(cfg, a.out)
-    print(f"{cfg.requests} requests, max_batch {cfg.max_batch}, max_len {cfg.max_len}, "
-          f"block_size {cfg.block_size}, device {cfg.device}; fractions are of the mean KV reserved")
+    print(
+        f"{cfg.requests} requests, max_batch {cfg.max_batch}, max_len {cfg.max_len}, "
+        f"block_size {cfg.block_size}, device {cfg.device}; fractions are of the mean KV reserved"
+    )
     print(format_table(rows))
     print(f"greedy outputs identical across modes: {rows[0]['outputs_match']}")
     for r in rows:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 BASELINE = "baseline"
 BASELINE_KV = "concat"  # the cache a first generate loop writes: torch.cat per token
@@ -50,9 +50,12 @@ def _kv() -> list[tuple[str, dict]]:
     row says otherwise: bf16 on CUDA (fp32 on the CPU)."""
     from workloads.kv import KINDS
 
-    return [(BASELINE, {"kv": BASELINE_KV}), ("kv-none", {"kv": "none"}),
-            *((f"kv-{kind}", {"kv": kind}) for kind in KINDS if kind != BASELINE_KV),
-            ("prealloc+w-int8", {"kv": "prealloc", "weights": "int8"})]
+    return [
+        (BASELINE, {"kv": BASELINE_KV}),
+        ("kv-none", {"kv": "none"}),
+        *((f"kv-{kind}", {"kv": kind}) for kind in KINDS if kind != BASELINE_KV),
+        ("prealloc+w-int8", {"kv": "prealloc", "weights": "int8"}),
+    ]
 
 
 def _fsdp() -> list[tuple[str, dict]]:
@@ -101,6 +104,7 @@ class Config:
 
 # -- the matrix -----------------------------------------------------------------------
 
+
 def coerce(text: str):
     """A toggle value from the command line: "4" -> 4, "none"/"off" -> None, else the text."""
     if text.lower() in ("none", "off", ""):
@@ -148,8 +152,9 @@ def skip_reason(kind: str, toggles: dict, *, preset: str, steps: int, device: st
         else:
             from workloads.infer import RUNNER_KEYS, InferConfig
 
-            InferConfig.from_toggles(preset, {k: v for k, v in toggles.items() if k not in RUNNER_KEYS},
-                                     steps=steps, device=device)
+            InferConfig.from_toggles(
+                preset, {k: v for k, v in toggles.items() if k not in RUNNER_KEYS}, steps=steps, device=device
+            )
     except ValueError as exc:
         return " ".join(str(exc).split())
     return None
@@ -184,8 +189,15 @@ def _label(toggles: dict) -> str:
     return ",".join(f"{k}={'off' if v is None else v}" for k, v in toggles.items()) or BASELINE
 
 
-def configurations(suite: str, *, vary: dict[str, list] | None = None, fixed: dict | None = None,
-                   preset: str = "tiny", steps: int = 5, device: str = "cpu") -> list[Config]:
+def configurations(
+    suite: str,
+    *,
+    vary: dict[str, list] | None = None,
+    fixed: dict | None = None,
+    preset: str = "tiny",
+    steps: int = 5,
+    device: str = "cpu",
+) -> list[Config]:
     """The suite's configurations (or the product of `vary`), first = baseline.
 
     `fixed` toggles are set in every configuration, under the row's own: `fixed` moves the

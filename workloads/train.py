@@ -23,7 +23,8 @@ import torch
 from profiler.capture import session as capture
 from profiler.errors import one_line
 from profiler.trace.schema import META_FILE, Phase
-from workloads.model import GPT, PRESETS, GPTConfig, preset as model_preset
+from workloads.model import GPT, PRESETS, GPTConfig
+from workloads.model import preset as model_preset
 from workloads.toggles import KEYS, TOGGLES, TrainToggles, apply_toggles, from_dict
 from workloads.toggles.optimizer import LR
 
@@ -173,16 +174,33 @@ def _shape_overrides(cfg, toggles: dict):
     return cfg, toggles
 
 
-def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = None, steps: int = 10,
-        device: str = "auto", seed: int = 0) -> dict:
+def run(
+    preset: str,
+    toggles: dict,
+    *,
+    out: str = "traces",
+    name: str | None = None,
+    steps: int = 10,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
     """Train `preset` for `steps` optimizer steps under `toggles`, captured; the result dict.
 
     The contract, keys included, is workloads/interface.md. Never raises for a failed
     run: an out-of-memory error is status "oom", anything else "error", and a capture
     that started still finalizes (with that status) and reports its peaks.
     """
-    result = dict(status="error", run_dir=None, peak_allocated_bytes=None, peak_reserved_bytes=None,
-                  median_step_ms=None, tokens_per_s=None, loss=None, losses=[], error=None)
+    result = dict(
+        status="error",
+        run_dir=None,
+        peak_allocated_bytes=None,
+        peak_reserved_bytes=None,
+        median_step_ms=None,
+        tokens_per_s=None,
+        loss=None,
+        losses=[],
+        error=None,
+    )
     step_ms: list[float] = []
     prof = None
     try:
@@ -191,14 +209,20 @@ def run(preset: str, toggles: dict, *, out: str = "traces", name: str | None = N
         parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
         dev = torch.device(device)
         if parsed.compile and dev.type == "cpu":
-            raise ValueError("compile is not captured on cpu: dynamo skips compilation under the CPU "
-                             "backend's TorchDispatchMode, so the run would measure eager mode")
+            raise ValueError(
+                "compile is not captured on cpu: dynamo skips compilation under the CPU "
+                "backend's TorchDispatchMode, so the run would measure eager mode"
+            )
         # Module hooks and dynamo do not mix (workloads/toggles/compile.py): a compiled run
         # is captured with phases and categories, without module attribution.
         hooks = parsed.compile is None
-        prof = capture.profile(out=out, name=name or f"train-{preset}", config={"preset": preset, "batch_size": cfg.batch_size,
-                                       "seq_len": cfg.seq_len, **toggles},
-                               backend=dev.type, modules=hooks)
+        prof = capture.profile(
+            out=out,
+            name=name or f"train-{preset}",
+            config={"preset": preset, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, **toggles},
+            backend=dev.type,
+            modules=hooks,
+        )
         with prof:
             trainer = Trainer(cfg, parsed, seed=seed)
             if not hooks:
@@ -251,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     toggles = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
     device = resolve_device(args.device)
     if args.out:
-        result = run(args.preset, toggles, out=args.out, name=args.name, steps=args.steps,
-                     device=device, seed=args.seed)
+        result = run(
+            args.preset, toggles, out=args.out, name=args.name, steps=args.steps, device=device, seed=args.seed
+        )
         print(json.dumps(result, indent=1))
         if result["status"] != "ok":
             sys.exit(1)

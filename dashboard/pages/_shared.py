@@ -39,8 +39,9 @@ def runs() -> pd.DataFrame:
 
 def number_columns(table: pd.DataFrame) -> dict:
     """st.dataframe's column_config for the NUMBER_COLUMNS that `table` has."""
-    return {c: st.column_config.NumberColumn(label, format=fmt) for c, (label, fmt) in NUMBER_COLUMNS.items()
-            if c in table}
+    return {
+        c: st.column_config.NumberColumn(label, format=fmt) for c, (label, fmt) in NUMBER_COLUMNS.items() if c in table
+    }
 
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:

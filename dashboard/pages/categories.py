@@ -17,8 +17,11 @@ ct = analysis.category_timeline(trace, max_points=ui.data.MAX_POINTS, lt=lt)
 if ct.empty:
     st.info("This run has no allocator events.")
     st.stop()
-st.plotly_chart(figures.category_area(ct, category_names(c for c in ct.columns if c not in
-                                                         ("ts_us", "event_index", "step", "allocated_bytes"))))
+st.plotly_chart(
+    figures.category_area(
+        ct, category_names(c for c in ct.columns if c not in ("ts_us", "event_index", "step", "allocated_bytes"))
+    )
+)
 at_peak = analysis.category_at_peak(trace, lt)
 st.plotly_chart(figures.category_peak_bar(at_peak))
 st.dataframe(at_peak, hide_index=True)

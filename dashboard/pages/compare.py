@@ -17,8 +17,12 @@ st.title("Compare")
 table = ui.readable(ui.runs())
 names = dict(zip(table["run"], table["name"]))
 kept = [r for r in st.session_state.get(ui.SELECTED, []) if r in names]
-chosen = st.multiselect("Runs (pick them on the Runs page or here)", list(names), default=kept or list(names)[:2],
-                        format_func=lambda p: names[p])
+chosen = st.multiselect(
+    "Runs (pick them on the Runs page or here)",
+    list(names),
+    default=kept or list(names)[:2],
+    format_func=lambda p: names[p],
+)
 st.session_state[ui.SELECTED] = chosen
 if len(chosen) < 2:
     st.info("Pick at least two runs to compare.")
@@ -41,7 +45,9 @@ if "loss_delta" not in view or view["loss_delta"].isna().all():
 elif off.empty:
     st.success(f"Loss check: every run is within {tolerance:g} of the baseline's loss.")
 else:
-    st.error(f"Loss check: {', '.join(map(str, off['name']))} differ from the baseline's loss by more than {tolerance:g}.")
+    st.error(
+        f"Loss check: {', '.join(map(str, off['name']))} differ from the baseline's loss by more than {tolerance:g}."
+    )
 
 column = st.radio("Overlay", ["allocated_bytes", "active_bytes", "reserved_bytes"], horizontal=True)
 lines = {}
@@ -50,8 +56,11 @@ for r, s in zip(chosen[:MAX_OVERLAID], summaries):
     if loaded is not None:
         trace, lt = loaded
         tl = analysis.memory_timeline(trace, lt, max_points=ui.data.MAX_POINTS)
-        label = names[r] if s.get("peak_rank") is None else \
-            f"{names[r]} (world size {s['world_size']}, rank {s['peak_rank']})"
+        label = (
+            names[r]
+            if s.get("peak_rank") is None
+            else f"{names[r]} (world size {s['world_size']}, rank {s['peak_rank']})"
+        )
         lines[label] = tl.assign(x=step_aligned(tl, analysis.step_spans(trace, lt)))
 st.plotly_chart(figures.overlay_timelines(lines, column))
 

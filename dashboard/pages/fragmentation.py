@@ -26,5 +26,10 @@ color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
 st.plotly_chart(figures.segment_map(analysis.segment_map_at(trace, moment, lt), color_by))
 
 st.subheader("Allocator settings")
-st.json({"allocator_settings": trace.meta.get("allocator_settings"),
-         "PYTORCH_CUDA_ALLOC_CONF": trace.meta.get("alloc_conf_env")}, expanded=False)
+st.json(
+    {
+        "allocator_settings": trace.meta.get("allocator_settings"),
+        "PYTORCH_CUDA_ALLOC_CONF": trace.meta.get("alloc_conf_env"),
+    },
+    expanded=False,
+)

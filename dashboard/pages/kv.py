@@ -20,8 +20,12 @@ if not chosen:
 kvs = {names[r]: ui.data.kv_of(r) for r in chosen}
 # Quantised and windowed caches hold fewer bytes per token: the full-width one meets the formula.
 guess = max((kv_token_bytes(kv) or 0.0) for kv in kvs.values())
-token_bytes = st.number_input("Formula: bytes per token position (2 x layers x heads x head_dim x dtype bytes)",
-                              min_value=0.0, value=float(guess or 0.0), step=1024.0)
+token_bytes = st.number_input(
+    "Formula: bytes per token position (2 x layers x heads x head_dim x dtype bytes)",
+    min_value=0.0,
+    value=float(guess or 0.0),
+    step=1024.0,
+)
 st.plotly_chart(figures.kv_growth(kvs, token_bytes))
 waste = kv_waste(kvs)
 st.plotly_chart(figures.kv_waste(waste))

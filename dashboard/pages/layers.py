@@ -6,8 +6,14 @@ from dashboard import figures
 from dashboard.pages import _shared as ui
 from profiler import analysis
 
-COLUMNS = ["peak_contribution_bytes", "retained_bytes", "forward_alloc_bytes", "backward_alloc_bytes",
-           "recompute_alloc_bytes", "param_bytes"]
+COLUMNS = [
+    "peak_contribution_bytes",
+    "retained_bytes",
+    "forward_alloc_bytes",
+    "backward_alloc_bytes",
+    "recompute_alloc_bytes",
+    "param_bytes",
+]
 
 st.title("Layers")
 run = ui.pick_run(ui.runs())

@@ -16,7 +16,11 @@ trace, lt = loaded
 s = ui.data.summary_of(run)
 p = analysis.peak(trace, lt)
 
-where = "at the start of capture" if p.event_index < 0 else f"step {p.step}, phase {p.phase or '(none)'}, event {p.event_index:,}"
+where = (
+    "at the start of capture"
+    if p.event_index < 0
+    else f"step {p.step}, phase {p.phase or '(none)'}, event {p.event_index:,}"
+)
 cols = st.columns(4)
 cols[0].metric("Peak allocated", exact_bytes(p.allocated_bytes), help=where)
 cols[1].metric("Active then", exact_bytes(s["active_at_peak_bytes"]))

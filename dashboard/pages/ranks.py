@@ -15,8 +15,10 @@ st.title("Ranks")
 runs = ui.runs()
 jobs = ui.multi_rank_runs(runs)
 if jobs.empty:
-    st.info(f"No multi-rank run under {ui.data.traces_dir()}. A distributed (torchrun) capture writes one "
-            "folder per job with a rank=N partition per rank; such a job shows here.")
+    st.info(
+        f"No multi-rank run under {ui.data.traces_dir()}. A distributed (torchrun) capture writes one "
+        "folder per job with a rank=N partition per rank; such a job shows here."
+    )
     cols = st.columns(2)  # what was searched, so that an empty answer is not mistaken for an empty folder
     cols[0].metric("Multi-rank runs", 0)
     cols[1].metric("Single-process runs", len(runs))
@@ -25,8 +27,12 @@ if jobs.empty:
 names = dict(zip(jobs["run"], jobs["name"]))
 paths = jobs["run"].tolist()
 current = st.session_state.get(ui.CURRENT_JOB) or str(layout.run_root_of(st.session_state.get(ui.CURRENT) or ""))
-job = st.selectbox("Multi-rank run", paths, index=paths.index(current) if current in paths else 0,
-                   format_func=lambda p: f"{names[p]}  ({p})")
+job = st.selectbox(
+    "Multi-rank run",
+    paths,
+    index=paths.index(current) if current in paths else 0,
+    format_func=lambda p: f"{names[p]}  ({p})",
+)
 st.session_state[ui.CURRENT_JOB] = job
 
 records = ui.data.rank_records_of(job)
@@ -38,8 +44,11 @@ if skew["max_rank"] is not None:
     top[1].metric(f"Per-GPU peak (rank {skew['max_rank']})", exact_bytes(skew["max_bytes"]))
     top[2].metric(f"Smallest peak (rank {skew['min_rank']})", exact_bytes(skew["min_bytes"]))
     bottom[0].metric("Median peak", exact_bytes(round(skew["median_bytes"])))
-    bottom[1].metric("Max / min", "-" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}",
-                     help=f"spread {exact_bytes(skew['spread_bytes'])}")
+    bottom[1].metric(
+        "Max / min",
+        "-" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}",
+        help=f"spread {exact_bytes(skew['spread_bytes'])}",
+    )
     bottom[2].metric("Max against median", "-" if skew["skew_pct"] is None else f"{skew['skew_pct']:+.2f}%")
 st.plotly_chart(figures.rank_peaks(table, skew))
 
@@ -54,11 +63,18 @@ if not readable:
     st.info("No rank of this run could be read.")
     st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))
     st.stop()
-chosen = st.multiselect(f"Ranks to overlay (up to {ui.data.MAX_RANK_LINES})", readable,
-                        default=ui.data.default_ranks(table, skew), max_selections=ui.data.MAX_RANK_LINES)
+chosen = st.multiselect(
+    f"Ranks to overlay (up to {ui.data.MAX_RANK_LINES})",
+    readable,
+    default=ui.data.default_ranks(table, skew),
+    max_selections=ui.data.MAX_RANK_LINES,
+)
 st.plotly_chart(figures.rank_timelines(ui.data.rank_timelines_of(job, chosen)))
 
 at_peak = ranks.rank_categories_of(records)
-st.plotly_chart(figures.rank_categories(at_peak, category_names(c for c in at_peak.columns
-                                                                if c not in ("rank", "peak_allocated_bytes"))))
+st.plotly_chart(
+    figures.rank_categories(
+        at_peak, category_names(c for c in at_peak.columns if c not in ("rank", "peak_allocated_bytes"))
+    )
+)
 st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))

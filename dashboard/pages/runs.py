@@ -12,8 +12,10 @@ if table.empty:
     st.stop()
 
 if table["world_size"].notna().any():
-    st.caption("A multi-rank run is one row: its peaks are per GPU (the largest rank's), skew is that peak "
-               "against the median rank's; the Ranks page shows every rank.")
+    st.caption(
+        "A multi-rank run is one row: its peaks are per GPU (the largest rank's), skew is that peak "
+        "against the median rank's; the Ranks page shows every rank."
+    )
 st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))
 bad = table[table["error"].notna()]
 for message in bad["error"]:
@@ -25,8 +27,9 @@ for name, failed in zip(table["name"], table["failed_ranks"]):
 ok = ui.readable(table)
 names = dict(zip(ok["run"], ok["name"]))
 kept = [r for r in st.session_state.get(ui.SELECTED, []) if r in names]
-chosen = st.multiselect("Runs to compare (first is the baseline)", list(names), default=kept,
-                        format_func=lambda p: names[p])
+chosen = st.multiselect(
+    "Runs to compare (first is the baseline)", list(names), default=kept, format_func=lambda p: names[p]
+)
 st.session_state[ui.SELECTED] = chosen
 if chosen:
     st.page_link("pages/compare.py", label=f"Compare {len(chosen)} runs", icon=":material/compare_arrows:")

@@ -26,19 +26,37 @@ that calls several of them pays for the pairing of allocs with frees once.
 from __future__ import annotations
 
 from profiler.analysis.categories import category_at_peak, category_peaks, category_timeline
-from profiler.analysis.compare import (Headline, ablation_view, compare, compare_categories, compare_many,
-                                       compare_modules, compare_summaries, differing_columns, headline,
-                                       memory_saved_pct, speed_change_pct, summarize, summary_row)
-from profiler.analysis.fragmentation import (allocator_counters, fragmentation, fragmentation_at_peak,
-                                             segment_map_at)
+from profiler.analysis.compare import (
+    Headline,
+    ablation_view,
+    compare,
+    compare_categories,
+    compare_many,
+    compare_modules,
+    compare_summaries,
+    differing_columns,
+    headline,
+    memory_saved_pct,
+    speed_change_pct,
+    summarize,
+    summary_row,
+)
+from profiler.analysis.downsample import downsample
+from profiler.analysis.fragmentation import allocator_counters, fragmentation, fragmentation_at_peak, segment_map_at
 from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetimes, live_at
 from profiler.analysis.modules import module_table, rollup
 from profiler.analysis.stacks import stack_tree
 from profiler.analysis.summary import run_summary
-from profiler.analysis.downsample import downsample
-from profiler.analysis.timeline import (Peak, active_bytes, allocated_bytes, memory_timeline, peak, phase_spans,
-                                        step_spans)
+from profiler.analysis.timeline import (
+    Peak,
+    active_bytes,
+    allocated_bytes,
+    memory_timeline,
+    peak,
+    phase_spans,
+    step_spans,
+)
 
 __all__ = [
     "Headline",

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.trace.schema import Category
 from profiler.analysis.downsample import downsample_index
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown
 from profiler.analysis.timeline import allocated_delta, codes_of, event_bytes, event_kinds, int_column
+from profiler.trace.schema import Category
 
 OTHER = Category.OTHER.value
 
@@ -77,12 +77,14 @@ def category_timeline(trace, max_points: int = 4000, lt=None) -> pd.DataFrame:
     sums = np.zeros(len(idx) * width, dtype=np.int64)
     np.add.at(sums, slot, delta[: len(slot)])
     per_column = np.cumsum(sums.reshape(len(idx), width), axis=0, dtype=np.int64) + base
-    out = pd.DataFrame({
-        "ts_us": int_column(ev, "ts_us")[idx],
-        "event_index": idx,
-        "step": int_column(ev, "step", fill=-1)[idx],
-        "allocated_bytes": allocated[idx],
-    })
+    out = pd.DataFrame(
+        {
+            "ts_us": int_column(ev, "ts_us")[idx],
+            "event_index": idx,
+            "step": int_column(ev, "step", fill=-1)[idx],
+            "allocated_bytes": allocated[idx],
+        }
+    )
     for j, name in enumerate(names):
         out[name] = per_column[:, j]
     return out

@@ -24,10 +24,20 @@ from profiler.analysis.modules import module_table
 from profiler.analysis.summary import median_step_time_us, run_summary  # noqa: F401  (re-exported)
 
 # What compare() lines up, in this order; everything else in a summary is a label.
-METRICS = ("peak_allocated_bytes", "peak_active_bytes", "peak_reserved_bytes", "allocator_max_allocated_bytes",
-           "allocator_max_reserved_bytes", "fragmentation_ratio_at_peak",
-           "reserved_minus_allocated_at_peak_bytes", "median_step_time_us", "tokens_per_s", "steps", "events",
-           "events_dropped")
+METRICS = (
+    "peak_allocated_bytes",
+    "peak_active_bytes",
+    "peak_reserved_bytes",
+    "allocator_max_allocated_bytes",
+    "allocator_max_reserved_bytes",
+    "fragmentation_ratio_at_peak",
+    "reserved_minus_allocated_at_peak_bytes",
+    "median_step_time_us",
+    "tokens_per_s",
+    "steps",
+    "events",
+    "events_dropped",
+)
 # Nested summary entries and the prefix of the columns they become in a flat row.
 _NESTED = {"config": "config.", "categories_at_peak_bytes": "at_peak.", "category_peak_bytes": "category_peak."}
 
@@ -104,8 +114,9 @@ def memory_saved_pct(baseline_bytes, run_bytes) -> float | None:
     return (base - run) / base * 100.0
 
 
-def speed_change_pct(baseline_step_time, run_step_time, baseline_tokens_per_s=None,
-                     run_tokens_per_s=None) -> float | None:
+def speed_change_pct(
+    baseline_step_time, run_step_time, baseline_tokens_per_s=None, run_tokens_per_s=None
+) -> float | None:
     """Throughput gained, in percent: (run tokens/s / baseline tokens/s - 1) x 100.
 
     Positive when the run is faster: +25 is a quarter more work per second (steps of 80 us
@@ -132,8 +143,13 @@ def headline(baseline: dict, run: dict) -> Headline:
     against another: peak allocated bytes, tokens/s or median step time."""
     return Headline(
         memory_saved_pct=memory_saved_pct(baseline.get("peak_allocated_bytes"), run.get("peak_allocated_bytes")),
-        speed_change_pct=speed_change_pct(baseline.get("median_step_time_us"), run.get("median_step_time_us"),
-                                          baseline.get("tokens_per_s"), run.get("tokens_per_s")))
+        speed_change_pct=speed_change_pct(
+            baseline.get("median_step_time_us"),
+            run.get("median_step_time_us"),
+            baseline.get("tokens_per_s"),
+            run.get("tokens_per_s"),
+        ),
+    )
 
 
 def _delta(a, b):
@@ -149,25 +165,37 @@ def compare(run_a, run_b) -> pd.DataFrame:
     counts stay exact Python ints.
     """
     sa, sb = _summary_of(run_a), _summary_of(run_b)
-    rows = [{"metric": m, "a": sa.get(m), "b": sb.get(m), "delta": _delta(sa.get(m), sb.get(m)),
-             "delta_pct": _pct(sa.get(m), sb.get(m))} for m in METRICS]
-    rows += [{"metric": k, "a": None, "b": None, "delta": None, "delta_pct": v}
-             for k, v in headline(sa, sb).as_dict().items()]
+    rows = [
+        {
+            "metric": m,
+            "a": sa.get(m),
+            "b": sb.get(m),
+            "delta": _delta(sa.get(m), sb.get(m)),
+            "delta_pct": _pct(sa.get(m), sb.get(m)),
+        }
+        for m in METRICS
+    ]
+    rows += [
+        {"metric": k, "a": None, "b": None, "delta": None, "delta_pct": v}
+        for k, v in headline(sa, sb).as_dict().items()
+    ]
     # Built column by column: pandas would turn ints mixed with None into floats.
-    return pd.DataFrame({
-        "metric": [r["metric"] for r in rows],
-        **{c: pd.Series([r[c] for r in rows], dtype=object) for c in ("a", "b", "delta")},
-        "delta_pct": pd.Series([r["delta_pct"] for r in rows], dtype=float),
-    })
+    return pd.DataFrame(
+        {
+            "metric": [r["metric"] for r in rows],
+            **{c: pd.Series([r[c] for r in rows], dtype=object) for c in ("a", "b", "delta")},
+            "delta_pct": pd.Series([r["delta_pct"] for r in rows], dtype=float),
+        }
+    )
 
 
 def _diff(a: pd.Series, b: pd.Series, key: str) -> pd.DataFrame:
     df = pd.concat([a.rename("a_bytes"), b.rename("b_bytes")], axis=1).fillna(0).astype(np.int64)
     df["delta_bytes"] = df["b_bytes"] - df["a_bytes"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        df["delta_pct"] = np.where(df["a_bytes"] != 0,
-                                   df["delta_bytes"] / df["a_bytes"].where(df["a_bytes"] != 0, 1) * 100.0,
-                                   np.nan)
+        df["delta_pct"] = np.where(
+            df["a_bytes"] != 0, df["delta_bytes"] / df["a_bytes"].where(df["a_bytes"] != 0, 1) * 100.0, np.nan
+        )
     df.index.name = key
     df = df.reset_index()
     order = np.argsort(-np.abs(df["delta_bytes"].to_numpy()), kind="stable")
@@ -241,10 +269,22 @@ def ablation_view(summaries: list[dict], baseline: int, losses: pd.DataFrame, ru
     loss = dict(zip(losses["run"], losses["loss"]))
     table["loss"] = [loss.get(PurePath(r).name) for r in runs]
     base = table["loss"].iloc[baseline]
-    table["loss_delta"] = [None if v is None or base is None or pd.isna(v) or pd.isna(base) else v - base
-                           for v in table["loss"]]
-    front = ["run", "name", "world_size", "is_baseline", "memory_saved_pct", "speed_change_pct", "loss",
-             "loss_delta", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us"]
+    table["loss_delta"] = [
+        None if v is None or base is None or pd.isna(v) or pd.isna(base) else v - base for v in table["loss"]
+    ]
+    front = [
+        "run",
+        "name",
+        "world_size",
+        "is_baseline",
+        "memory_saved_pct",
+        "speed_change_pct",
+        "loss",
+        "loss_delta",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "median_step_time_us",
+    ]
     front = [c for c in front if c in table]
     return table[front + [c for c in table.columns if c not in front]]
 

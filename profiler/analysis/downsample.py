@@ -36,7 +36,7 @@ def downsample_index(n: int, max_points: int, arrays: list[np.ndarray]) -> np.nd
             # argmax takes the first of ties, the same row timeline.peak() reports.
             keep.append(base + pick(filled[: full * width].reshape(full, width), axis=1))
             if full * width < n:
-                keep.append(np.array([full * width + pick(filled[full * width:])]))
+                keep.append(np.array([full * width + pick(filled[full * width :])]))
     idx = np.unique(np.concatenate(keep))
     return idx[idx < n]
 

@@ -14,15 +14,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.trace.schema import Action, BlockState, SnapshotKind
 from profiler.analysis.live import Lifetimes, lifetimes
 from profiler.analysis.timeline import action_mask, baseline_active_bytes, int_column, is_cpu, peak, runs
+from profiler.trace.schema import Action, BlockState, SnapshotKind
 
-_SEGMENT_ACTIONS = (Action.SEGMENT_ALLOC.value, Action.SEGMENT_FREE.value,
-                    Action.SEGMENT_MAP.value, Action.SEGMENT_UNMAP.value)
-FRAGMENTATION_COLUMNS = ("point", "event_index", "ts_us", "step", "reserved_bytes", "allocated_bytes",
-                         "active_bytes", "reserved_minus_allocated_bytes", "inactive_split_bytes",
-                         "largest_free_block_bytes", "fragmentation_ratio")
+_SEGMENT_ACTIONS = (
+    Action.SEGMENT_ALLOC.value,
+    Action.SEGMENT_FREE.value,
+    Action.SEGMENT_MAP.value,
+    Action.SEGMENT_UNMAP.value,
+)
+FRAGMENTATION_COLUMNS = (
+    "point",
+    "event_index",
+    "ts_us",
+    "step",
+    "reserved_bytes",
+    "allocated_bytes",
+    "active_bytes",
+    "reserved_minus_allocated_bytes",
+    "inactive_split_bytes",
+    "largest_free_block_bytes",
+    "fragmentation_ratio",
+)
 SEGMENT_MAP_COLUMNS = ("segment_addr", "segment_bytes", "block_addr", "size_bytes", "state", "category")
 
 
@@ -31,18 +45,28 @@ class _Segments:
 
     def __init__(self, trace):
         seg = trace.segments
-        start = seg[seg["snapshot"] == SnapshotKind.START.value].drop_duplicates("segment_addr") \
-            if len(seg) else seg
-        expandable = start["is_expandable"].fillna(False).astype(bool).tolist() \
-            if "is_expandable" in start else [False] * len(start)
-        self.ranges = {a: [a + b, x] for a, b, x in zip(int_column(start, "segment_addr").tolist(),
-                                                         int_column(start, "segment_bytes").tolist(),
-                                                         expandable)}
+        start = seg[seg["snapshot"] == SnapshotKind.START.value].drop_duplicates("segment_addr") if len(seg) else seg
+        expandable = (
+            start["is_expandable"].fillna(False).astype(bool).tolist()
+            if "is_expandable" in start
+            else [False] * len(start)
+        )
+        self.ranges = {
+            a: [a + b, x]
+            for a, b, x in zip(
+                int_column(start, "segment_addr").tolist(), int_column(start, "segment_bytes").tolist(), expandable
+            )
+        }
         ev = trace.events
         idx = np.flatnonzero(action_mask(ev, *_SEGMENT_ACTIONS))
-        self._events = list(zip(idx.tolist(), ev["action"].iloc[idx].astype(str).tolist(),
-                                int_column(ev, "addr")[idx].tolist(),
-                                int_column(ev, "size_bytes")[idx].tolist()))
+        self._events = list(
+            zip(
+                idx.tolist(),
+                ev["action"].iloc[idx].astype(str).tolist(),
+                int_column(ev, "addr")[idx].tolist(),
+                int_column(ev, "size_bytes")[idx].tolist(),
+            )
+        )
         self._next = 0
 
     def advance_to(self, k: int) -> None:
@@ -92,12 +116,14 @@ def _occupied(trace, lt: Lifetimes, k: int) -> pd.DataFrame:
     base = lt.baseline[lt.baseline["end_index"].to_numpy(np.int64) > k]
     # A block pending free at the start has release_index -1.
     base_pending = base["release_index"].to_numpy(np.int64) <= k
-    return pd.DataFrame({
-        "addr": np.concatenate([base["addr"].to_numpy(np.int64), lt.addr[alive]]),
-        "size_bytes": np.concatenate([base["size_bytes"].to_numpy(np.int64), lt.size_bytes[alive]]),
-        "pending": np.concatenate([base_pending, pending]),
-        "category": np.concatenate([base["category"].to_numpy(object), np.asarray(cats, dtype=object)]),
-    })
+    return pd.DataFrame(
+        {
+            "addr": np.concatenate([base["addr"].to_numpy(np.int64), lt.addr[alive]]),
+            "size_bytes": np.concatenate([base["size_bytes"].to_numpy(np.int64), lt.size_bytes[alive]]),
+            "pending": np.concatenate([base_pending, pending]),
+            "category": np.concatenate([base["category"].to_numpy(object), np.asarray(cats, dtype=object)]),
+        }
+    )
 
 
 def _layout(starts: np.ndarray, ends: np.ndarray, blocks: pd.DataFrame) -> pd.DataFrame:
@@ -118,17 +144,20 @@ def _layout(starts: np.ndarray, ends: np.ndarray, blocks: pd.DataFrame) -> pd.Da
     gap_addr = np.concatenate([prev_end, e[last], starts[empty]])
     gap_size = np.concatenate([a - prev_end, ends[sid[last]] - e[last], ends[empty] - starts[empty]])
     keep = gap_size > 0
-    state = np.where(blocks["pending"].to_numpy(bool), BlockState.ACTIVE_PENDING_FREE.value,
-                     BlockState.ACTIVE_ALLOCATED.value)
+    state = np.where(
+        blocks["pending"].to_numpy(bool), BlockState.ACTIVE_PENDING_FREE.value, BlockState.ACTIVE_ALLOCATED.value
+    )
     seg = np.concatenate([sid, gap_seg[keep]])
-    return pd.DataFrame({
-        "segment_addr": starts[seg],
-        "segment_bytes": (ends - starts)[seg],
-        "block_addr": np.concatenate([a, gap_addr[keep]]),
-        "size_bytes": np.concatenate([e - a, gap_size[keep]]),
-        "state": np.concatenate([state, np.full(keep.sum(), BlockState.INACTIVE.value)]).astype(object),
-        "category": np.concatenate([blocks["category"].to_numpy(object), np.full(keep.sum(), None)]),
-    })
+    return pd.DataFrame(
+        {
+            "segment_addr": starts[seg],
+            "segment_bytes": (ends - starts)[seg],
+            "block_addr": np.concatenate([a, gap_addr[keep]]),
+            "size_bytes": np.concatenate([e - a, gap_size[keep]]),
+            "state": np.concatenate([state, np.full(keep.sum(), BlockState.INACTIVE.value)]).astype(object),
+            "category": np.concatenate([blocks["category"].to_numpy(object), np.full(keep.sum(), None)]),
+        }
+    )
 
 
 def segment_map_at(trace, event_index: int, lt: Lifetimes | None = None) -> pd.DataFrame:
@@ -180,13 +209,22 @@ def _row(trace, lt: Lifetimes, segments: _Segments | None, point: str, k: int) -
         allocated, active = int(lt.allocated_bytes[k]), int(lt.active_bytes[k])
     else:
         allocated, active = trace.baseline_bytes, baseline_active_bytes(trace)
-    row = {"point": point, "event_index": k,
-           "ts_us": int(ev["ts_us"].iloc[k]) if k >= 0 else None,
-           "step": int(ev["step"].iloc[k]) if k >= 0 and pd.notna(ev["step"].iloc[k]) else None,
-           "allocated_bytes": allocated, "active_bytes": active}
+    row = {
+        "point": point,
+        "event_index": k,
+        "ts_us": int(ev["ts_us"].iloc[k]) if k >= 0 else None,
+        "step": int(ev["step"].iloc[k]) if k >= 0 and pd.notna(ev["step"].iloc[k]) else None,
+        "allocated_bytes": allocated,
+        "active_bytes": active,
+    }
     if segments is None:
-        row.update(reserved_bytes=None, reserved_minus_allocated_bytes=None,
-                   inactive_split_bytes=None, largest_free_block_bytes=None, fragmentation_ratio=np.nan)
+        row.update(
+            reserved_bytes=None,
+            reserved_minus_allocated_bytes=None,
+            inactive_split_bytes=None,
+            largest_free_block_bytes=None,
+            fragmentation_ratio=np.nan,
+        )
         return row
     segments.advance_to(k)
     starts, ends = segments.arrays()

@@ -43,8 +43,13 @@ def kv_waste(kvs: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows = []
     for name, kv in kvs.items():
         for cache, g in kv.groupby("cache", sort=True):
-            rows.append({"run": name, "cache": cache,
-                         "token_state_bytes": float(g["token_state_bytes"].mean()),
-                         "unused_bytes": float(g["unused_bytes"].mean()),
-                         "extra_bytes": float(g["extra_bytes"].mean())})
+            rows.append(
+                {
+                    "run": name,
+                    "cache": cache,
+                    "token_state_bytes": float(g["token_state_bytes"].mean()),
+                    "unused_bytes": float(g["unused_bytes"].mean()),
+                    "extra_bytes": float(g["extra_bytes"].mean()),
+                }
+            )
     return pd.DataFrame(rows, columns=WASTE_COLUMNS)

@@ -18,16 +18,43 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from profiler.analysis.timeline import (
+    ALLOC,
+    FREE_COMPLETED,
+    FREE_REQUESTED,
+    baseline_active_bytes,
+    counters,
+    event_bytes,
+    event_kinds,
+    int_column,
+    peak,
+    release_kind,
+)
 from profiler.trace.schema import BlockState, SnapshotKind
-from profiler.analysis.timeline import (ALLOC, FREE_COMPLETED, FREE_REQUESTED, baseline_active_bytes,
-                                        counters, event_bytes, event_kinds, int_column, peak, release_kind)
 
-LIVE_COLUMNS = ("addr", "size_bytes", "requested_bytes", "module", "phase", "category", "stack_id",
-                "alloc_index", "state")
+LIVE_COLUMNS = (
+    "addr",
+    "size_bytes",
+    "requested_bytes",
+    "module",
+    "phase",
+    "category",
+    "stack_id",
+    "alloc_index",
+    "state",
+)
 ALLOCATED = BlockState.ACTIVE_ALLOCATED.value
 PENDING_FREE = BlockState.ACTIVE_PENDING_FREE.value
-BASELINE_COLUMNS = ("addr", "size_bytes", "requested_bytes", "category", "stack_id", "pending_at_start",
-                    "release_index", "end_index")
+BASELINE_COLUMNS = (
+    "addr",
+    "size_bytes",
+    "requested_bytes",
+    "category",
+    "stack_id",
+    "pending_at_start",
+    "release_index",
+    "end_index",
+)
 
 
 @dataclass(frozen=True)
@@ -119,8 +146,7 @@ def pair_frees(kinds: np.ndarray, addr: np.ndarray) -> Pairing:
         first_addr, first = np.unique(addr[frees], return_index=True)
         at[of_kind] = np.full(len(orphan_addr), n, dtype=np.int64)
         at[of_kind][np.searchsorted(orphan_addr, first_addr)] = frees[first]
-    return Pairing(alloc_index, request, complete, orphan_addr.astype(np.int64),
-                   at[FREE_REQUESTED], at[FREE_COMPLETED])
+    return Pairing(alloc_index, request, complete, orphan_addr.astype(np.int64), at[FREE_REQUESTED], at[FREE_COMPLETED])
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, missing: int) -> np.ndarray:
@@ -138,16 +164,18 @@ def _baseline(trace, pairing: Pairing, release: int, n: int) -> pd.DataFrame:
     requested = int_column(start, "requested_bytes", fill=-1)
     pending = (start["state"] == PENDING_FREE).to_numpy(dtype=bool)
     orphan_release = pairing.orphan_request if release == FREE_REQUESTED else pairing.orphan_complete
-    return pd.DataFrame({
-        "addr": addr,
-        "size_bytes": block,
-        "requested_bytes": np.where(requested >= 0, requested, block),
-        "category": start["category"].astype(object).to_numpy() if "category" in start else None,
-        "stack_id": start["stack_id"].astype("Int64").to_numpy() if "stack_id" in start else None,
-        "pending_at_start": pending,
-        "release_index": np.where(pending, -1, _lookup(pairing.orphan_addr, orphan_release, addr, n)),
-        "end_index": _lookup(pairing.orphan_addr, pairing.orphan_complete, addr, n).astype(np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "addr": addr,
+            "size_bytes": block,
+            "requested_bytes": np.where(requested >= 0, requested, block),
+            "category": start["category"].astype(object).to_numpy() if "category" in start else None,
+            "stack_id": start["stack_id"].astype("Int64").to_numpy() if "stack_id" in start else None,
+            "pending_at_start": pending,
+            "release_index": np.where(pending, -1, _lookup(pairing.orphan_addr, orphan_release, addr, n)),
+            "end_index": _lookup(pairing.orphan_addr, pairing.orphan_complete, addr, n).astype(np.int64),
+        }
+    )
 
 
 def lifetimes(trace) -> Lifetimes:
@@ -199,26 +227,34 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
     alive = np.flatnonzero(stop > k)
     idx = lt.alloc_index[alive]
     ev = trace.events
-    captured = pd.DataFrame({
-        "addr": lt.addr[alive],
-        "size_bytes": lt.size_bytes[alive],
-        "requested_bytes": lt.requested_bytes[alive],
-        "module": _take(ev, "module", idx),
-        "phase": _take(ev, "phase", idx),
-        "category": _take(ev, "category", idx),
-        "stack_id": ev["stack_id"].iloc[idx].astype("Int64").to_numpy() if len(idx) else [],
-        "alloc_index": idx,
-        "state": np.where(lt.release_index[alive] > k, ALLOCATED, PENDING_FREE).astype(object),
-    })
+    captured = pd.DataFrame(
+        {
+            "addr": lt.addr[alive],
+            "size_bytes": lt.size_bytes[alive],
+            "requested_bytes": lt.requested_bytes[alive],
+            "module": _take(ev, "module", idx),
+            "phase": _take(ev, "phase", idx),
+            "category": _take(ev, "category", idx),
+            "stack_id": ev["stack_id"].iloc[idx].astype("Int64").to_numpy() if len(idx) else [],
+            "alloc_index": idx,
+            "state": np.where(lt.release_index[alive] > k, ALLOCATED, PENDING_FREE).astype(object),
+        }
+    )
     base = lt.baseline
     base = base[(base["end_index" if active else "release_index"].to_numpy(np.int64) > k)]
-    baseline = pd.DataFrame({
-        "addr": base["addr"].to_numpy(np.int64), "size_bytes": base["size_bytes"].to_numpy(np.int64),
-        "requested_bytes": base["requested_bytes"].to_numpy(np.int64),
-        "module": None, "phase": None, "category": base["category"].to_numpy(object),
-        "stack_id": base["stack_id"].to_numpy(), "alloc_index": -1,
-        "state": np.where(base["release_index"].to_numpy(np.int64) > k, ALLOCATED, PENDING_FREE).astype(object),
-    })
+    baseline = pd.DataFrame(
+        {
+            "addr": base["addr"].to_numpy(np.int64),
+            "size_bytes": base["size_bytes"].to_numpy(np.int64),
+            "requested_bytes": base["requested_bytes"].to_numpy(np.int64),
+            "module": None,
+            "phase": None,
+            "category": base["category"].to_numpy(object),
+            "stack_id": base["stack_id"].to_numpy(),
+            "alloc_index": -1,
+            "state": np.where(base["release_index"].to_numpy(np.int64) > k, ALLOCATED, PENDING_FREE).astype(object),
+        }
+    )
     parts = [p for p in (baseline, captured) if len(p)]
     known = sum(int(p["size_bytes"].sum()) for p in parts)
     if k >= 0:
@@ -226,10 +262,21 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
     else:
         total = baseline_active_bytes(trace) if active else trace.baseline_bytes
     if total != known:
-        parts.append(pd.DataFrame({"addr": [pd.NA], "size_bytes": [total - known],
-                                   "requested_bytes": [pd.NA], "module": [None],
-                                   "phase": [None], "category": [None], "stack_id": [pd.NA],
-                                   "alloc_index": [-1], "state": [None]}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "addr": [pd.NA],
+                    "size_bytes": [total - known],
+                    "requested_bytes": [pd.NA],
+                    "module": [None],
+                    "phase": [None],
+                    "category": [None],
+                    "stack_id": [pd.NA],
+                    "alloc_index": [-1],
+                    "state": [None],
+                }
+            )
+        )
     return _typed(parts)
 
 
@@ -267,8 +314,9 @@ def breakdown(live_df: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
     # The unattributed row (null addr) is bytes, not an allocation: it adds no count.
     df["_is_block"] = live_df["addr"].notna().to_numpy() if "addr" in live_df else True
     g = df.groupby(keys, dropna=False, sort=False)
-    out = pd.DataFrame({"total_bytes": g["size_bytes"].sum().astype(np.int64),
-                        "count": g["_is_block"].sum().astype(np.int64)})
+    out = pd.DataFrame(
+        {"total_bytes": g["size_bytes"].sum().astype(np.int64), "count": g["_is_block"].sum().astype(np.int64)}
+    )
     out = out.reset_index()
     for k in keys:  # group-by hands a null key back as NaN
         out[k] = out[k].astype(object).where(out[k].notna(), None)

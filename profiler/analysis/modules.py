@@ -9,12 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from profiler.trace.schema import Phase
 from profiler.analysis.live import Lifetimes, alive_at_peak, lifetimes
 from profiler.analysis.timeline import codes_of, int_column
+from profiler.trace.schema import Phase
 
-SUMMED = ("forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "retained_bytes",
-          "peak_contribution_bytes", "param_bytes", "buffer_bytes")
+SUMMED = (
+    "forward_alloc_bytes",
+    "backward_alloc_bytes",
+    "recompute_alloc_bytes",
+    "retained_bytes",
+    "peak_contribution_bytes",
+    "param_bytes",
+    "buffer_bytes",
+)
 TABLE_COLUMNS = ("module", "parent", "class_name", "depth") + SUMMED
 
 
@@ -50,8 +57,11 @@ def _allocations(trace, lt: Lifetimes, step: int | None) -> dict[str, pd.Series]
         end = lt.release_index
     run_end = _phase_run_end(ph_codes, idx)
     out = {}
-    for column, phase in (("forward_alloc_bytes", Phase.FORWARD), ("backward_alloc_bytes", Phase.BACKWARD),
-                          ("recompute_alloc_bytes", Phase.RECOMPUTE)):
+    for column, phase in (
+        ("forward_alloc_bytes", Phase.FORWARD),
+        ("backward_alloc_bytes", Phase.BACKWARD),
+        ("recompute_alloc_bytes", Phase.RECOMPUTE),
+    ):
         code = ph_names.index(phase.value) if phase.value in ph_names else -2
         in_phase = ph_codes[idx] == code
         out[column] = _sum_by(mod_codes[idx][in_phase], size[in_phase], mod_names)
@@ -76,14 +86,16 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     sums["peak_contribution_bytes"] = live.groupby("module")["size_bytes"].sum().astype(np.int64)
 
     mods = trace.modules
-    info = pd.DataFrame({
-        "module": mods["module"].astype(object).to_numpy() if len(mods) else [],
-        "parent": mods["parent"].astype(object).to_numpy() if len(mods) else [],
-        "class_name": mods["class_name"].astype(object).to_numpy() if len(mods) else [],
-        "depth": int_column(mods, "depth", fill=-1),
-        "param_bytes": int_column(mods, "param_bytes"),
-        "buffer_bytes": int_column(mods, "buffer_bytes"),
-    }).drop_duplicates("module")
+    info = pd.DataFrame(
+        {
+            "module": mods["module"].astype(object).to_numpy() if len(mods) else [],
+            "parent": mods["parent"].astype(object).to_numpy() if len(mods) else [],
+            "class_name": mods["class_name"].astype(object).to_numpy() if len(mods) else [],
+            "depth": int_column(mods, "depth", fill=-1),
+            "param_bytes": int_column(mods, "param_bytes"),
+            "buffer_bytes": int_column(mods, "buffer_bytes"),
+        }
+    ).drop_duplicates("module")
     names = list(dict.fromkeys(list(info["module"]) + [m for s in sums.values() for m in s.index]))
     table = pd.DataFrame({"module": names}).merge(info, on="module", how="left")
     _place_unknown(table)
@@ -93,8 +105,9 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
         table[column] = pd.Series(values).fillna(0).astype(np.int64).to_numpy()
     table["depth"] = table["depth"].astype(np.int64)
     table = table[list(TABLE_COLUMNS)]
-    return table.sort_values(["peak_contribution_bytes", "retained_bytes", "module"],
-                             ascending=[False, False, True], kind="stable").reset_index(drop=True)
+    return table.sort_values(
+        ["peak_contribution_bytes", "retained_bytes", "module"], ascending=[False, False, True], kind="stable"
+    ).reset_index(drop=True)
 
 
 def _place_unknown(table: pd.DataFrame) -> None:

@@ -31,19 +31,53 @@ from profiler.trace.model import RUNNING, RankRecord
 
 # Statuses a capture writes when it ends; a rank without one is live or died mid-capture.
 FINAL_STATUSES = tuple(s.value for s in schema.Status)
-RANK_COLUMNS = ("rank", "world_size", "hostname", "local_rank", "status", "peak_allocated_bytes",
-                "peak_reserved_bytes", "replayed_peak_bytes", "median_step_time_us", "steps", "events",
-                "skew_pct", "is_max", "error", "path")
-_INT_COLUMNS = ("world_size", "local_rank", "peak_allocated_bytes", "peak_reserved_bytes",
-                "replayed_peak_bytes", "steps", "events")
+RANK_COLUMNS = (
+    "rank",
+    "world_size",
+    "hostname",
+    "local_rank",
+    "status",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "replayed_peak_bytes",
+    "median_step_time_us",
+    "steps",
+    "events",
+    "skew_pct",
+    "is_max",
+    "error",
+    "path",
+)
+_INT_COLUMNS = (
+    "world_size",
+    "local_rank",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "replayed_peak_bytes",
+    "steps",
+    "events",
+)
 # Peak facts a job summary takes from the rank with the largest peak, so that they describe one moment
 # on one GPU (its categories sum to the job's per-GPU peak).
-_AT_PEAK_KEYS = ("peak_allocated_bytes", "peak_event_index", "peak_step", "peak_phase", "active_at_peak_bytes",
-                 "fragmentation_ratio_at_peak", "reserved_minus_allocated_at_peak_bytes",
-                 "inactive_split_at_peak_bytes", "largest_free_block_at_peak_bytes", "categories_at_peak_bytes")
+_AT_PEAK_KEYS = (
+    "peak_allocated_bytes",
+    "peak_event_index",
+    "peak_step",
+    "peak_phase",
+    "active_at_peak_bytes",
+    "fragmentation_ratio_at_peak",
+    "reserved_minus_allocated_at_peak_bytes",
+    "inactive_split_at_peak_bytes",
+    "largest_free_block_at_peak_bytes",
+    "categories_at_peak_bytes",
+)
 # Per-GPU maxima: the largest over the ranks.
-_MAX_KEYS = ("peak_active_bytes", "peak_reserved_bytes", "allocator_max_allocated_bytes",
-             "allocator_max_reserved_bytes")
+_MAX_KEYS = (
+    "peak_active_bytes",
+    "peak_reserved_bytes",
+    "allocator_max_allocated_bytes",
+    "allocator_max_reserved_bytes",
+)
 
 
 def _int(value) -> int | None:
@@ -51,6 +85,7 @@ def _int(value) -> int | None:
 
 
 # -- the rank table -----------------------------------------------------------------------
+
 
 def _peak_of(record: RankRecord, meta_key: str, summary_key: str) -> int | None:
     """The allocator's value from meta where the rank recorded one, else the summary's replayed one;
@@ -75,15 +110,19 @@ def _rank_row(r: RankRecord, world: int, died: str | None) -> dict:
     if error is None and r.status == RUNNING and died:
         error = f"{r.path}: {died}"
     return {
-        "rank": r.rank, "world_size": _world_size(r.meta) or world,
+        "rank": r.rank,
+        "world_size": _world_size(r.meta) or world,
         "hostname": meta.get("hostname") if isinstance(meta.get("hostname"), str) else None,
-        "local_rank": _int(meta.get("local_rank")), "status": r.status,
+        "local_rank": _int(meta.get("local_rank")),
+        "status": r.status,
         "peak_allocated_bytes": _peak_of(r, "max_allocated_bytes", "peak_allocated_bytes"),
         "peak_reserved_bytes": _peak_of(r, "max_reserved_bytes", "peak_reserved_bytes"),
         "replayed_peak_bytes": _int(s.get("peak_allocated_bytes")),
         "median_step_time_us": s.get("median_step_time_us"),
-        "steps": _int(s.get("steps")), "events": _int(s.get("events")),
-        "error": error, "path": str(r.path),
+        "steps": _int(s.get("steps")),
+        "events": _int(s.get("events")),
+        "error": error,
+        "path": str(r.path),
     }
 
 
@@ -119,8 +158,9 @@ def rank_skew(table: pd.DataFrame) -> dict:
     counted). Every value is None when no rank has a peak.
     """
     known = table[table["peak_allocated_bytes"].notna()]
-    out = dict.fromkeys(("max_bytes", "max_rank", "min_bytes", "min_rank", "median_bytes", "max_min_ratio",
-                         "spread_bytes", "skew_pct"))
+    out = dict.fromkeys(
+        ("max_bytes", "max_rank", "min_bytes", "min_rank", "median_bytes", "max_min_ratio", "spread_bytes", "skew_pct")
+    )
     out["ranks"] = int(len(known))
     if known.empty:
         return out
@@ -128,14 +168,21 @@ def rank_skew(table: pd.DataFrame) -> dict:
     ranks = known["rank"].to_numpy(dtype=np.int64)
     hi, lo = int(np.argmax(peaks)), int(np.argmin(peaks))
     median = float(np.median(peaks))
-    out.update(max_bytes=int(peaks[hi]), max_rank=int(ranks[hi]), min_bytes=int(peaks[lo]), min_rank=int(ranks[lo]),
-               median_bytes=median, spread_bytes=int(peaks[hi] - peaks[lo]),
-               max_min_ratio=float(peaks[hi] / peaks[lo]) if peaks[lo] else None,
-               skew_pct=float((peaks[hi] - median) / median * 100.0) if median else None)
+    out.update(
+        max_bytes=int(peaks[hi]),
+        max_rank=int(ranks[hi]),
+        min_bytes=int(peaks[lo]),
+        min_rank=int(ranks[lo]),
+        median_bytes=median,
+        spread_bytes=int(peaks[hi] - peaks[lo]),
+        max_min_ratio=float(peaks[hi] / peaks[lo]) if peaks[lo] else None,
+        skew_pct=float((peaks[hi] - median) / median * 100.0) if median else None,
+    )
     return out
 
 
 # -- per-rank views -------------------------------------------------------------------------
+
 
 def readable_ranks(records: list[RankRecord], ranks=None) -> list[RankRecord]:
     """The records with a summary, of the rank numbers in `ranks` (default: all)."""
@@ -178,17 +225,20 @@ def rank_timelines_of(traces, max_points: int = 2000) -> pd.DataFrame:
             continue
         tl = memory_timeline(trace, max_points=max_points)
         first = int(int_column(trace.events, "ts_us")[0])
-        frames.append(pd.DataFrame({
-            "rank": np.full(len(tl), rank, dtype=np.int64),
-            "step": int_column(tl, "step", fill=-1),
-            "x": step_aligned(tl, step_spans(trace)),
-            "ts_s": (int_column(tl, "ts_us") - first) / 1e6,
-            "event_index": tl["event_index"].to_numpy(np.int64),
-            "allocated_bytes": tl["allocated_bytes"].to_numpy(np.int64),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "rank": np.full(len(tl), rank, dtype=np.int64),
+                    "step": int_column(tl, "step", fill=-1),
+                    "x": step_aligned(tl, step_spans(trace)),
+                    "ts_s": (int_column(tl, "ts_us") - first) / 1e6,
+                    "event_index": tl["event_index"].to_numpy(np.int64),
+                    "allocated_bytes": tl["allocated_bytes"].to_numpy(np.int64),
+                }
+            )
+        )
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=float if c in ("x", "ts_s") else np.int64)
-                             for c in TIMELINE_COLUMNS})
+        return pd.DataFrame({c: pd.Series(dtype=float if c in ("x", "ts_s") else np.int64) for c in TIMELINE_COLUMNS})
     return pd.concat(frames, ignore_index=True)
 
 
@@ -210,6 +260,7 @@ def rank_categories_of(records: list[RankRecord], ranks=None) -> pd.DataFrame:
 
 
 # -- the whole job as one summary -----------------------------------------------------------
+
 
 def job_status(records: list[RankRecord]) -> str:
     """complete when every rank completed; running while none has ended; oom or error when a rank ended
@@ -249,8 +300,9 @@ def run_group_summary_of(records: list[RankRecord], root) -> dict:
     base = next((r for r in ok if r.rank == 0), ok[0]).summary
     skew = rank_skew(rank_table_of(records))
     # The rank the table marks as largest (allocator maxima), so the job agrees with the Ranks page.
-    top = next((r for r in ok if r.rank == skew["max_rank"]), None) or \
-        max(ok, key=lambda r: (r.summary.get("peak_allocated_bytes") or 0, -r.rank))
+    top = next((r for r in ok if r.rank == skew["max_rank"]), None) or max(
+        ok, key=lambda r: (r.summary.get("peak_allocated_bytes") or 0, -r.rank)
+    )
     status = job_status(records)
     out = dict(base)
     out.update({k: top.summary.get(k) for k in _AT_PEAK_KEYS})
@@ -266,12 +318,16 @@ def run_group_summary_of(records: list[RankRecord], root) -> dict:
         median_step_time_us=step_time,
         tokens_per_s=tokens_per_second(base.get("config"), step_time),
         replay_matches_allocator=None if all(m is None for m in matches) else all(m is not False for m in matches),
-        category_peak_bytes={c: max(int((r.summary.get("category_peak_bytes") or {}).get(c, 0)) for r in ok)
-                             for c in sorted(categories)},
+        category_peak_bytes={
+            c: max(int((r.summary.get("category_peak_bytes") or {}).get(c, 0)) for r in ok) for c in sorted(categories)
+        },
         world_size=max(len(records), _world_size({"config": base.get("config")}) or 0),
         ranks_readable=len(ok),
-        failed_ranks=[r.rank for r in records if r.summary is None
-                      or (status != RUNNING and r.status != schema.Status.COMPLETE.value)],
+        failed_ranks=[
+            r.rank
+            for r in records
+            if r.summary is None or (status != RUNNING and r.status != schema.Status.COMPLETE.value)
+        ],
         peak_rank=top.rank,
         peak_skew_pct=skew["skew_pct"],
         peak_max_min_ratio=skew["max_min_ratio"],

@@ -18,12 +18,15 @@ NO_STACK = "(no stack)"
 
 def frame_labels(frames: pd.DataFrame) -> dict[int, str]:
     """frame_id -> "function (file.py:line)"."""
-    return {int(f): f"{fn} ({PurePath(str(file)).name}:{line})" for f, file, line, fn in
-            zip(frames["frame_id"], frames["filename"], frames["line"], frames["function"])}
+    return {
+        int(f): f"{fn} ({PurePath(str(file)).name}:{line})"
+        for f, file, line, fn in zip(frames["frame_id"], frames["filename"], frames["line"], frames["function"])
+    }
 
 
-def stack_tree(live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFrame, top: int = 40,
-               depth: int = 12) -> pd.DataFrame:
+def stack_tree(
+    live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFrame, top: int = 40, depth: int = 12
+) -> pd.DataFrame:
     """id, parent, label, bytes: the `top` allocation sites alive in `live` as a tree of frames.
 
     Each site keeps its `depth` innermost frames; bytes without a stack are one root,
@@ -32,8 +35,13 @@ def stack_tree(live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFrame, t
     """
     if live.empty:
         return pd.DataFrame(columns=TREE_COLUMNS)
-    by_stack = live.assign(stack_id=live["stack_id"].astype("Int64")).groupby(
-        "stack_id", dropna=False)["size_bytes"].sum().sort_values(ascending=False).head(top)
+    by_stack = (
+        live.assign(stack_id=live["stack_id"].astype("Int64"))
+        .groupby("stack_id", dropna=False)["size_bytes"]
+        .sum()
+        .sort_values(ascending=False)
+        .head(top)
+    )
     names = frame_labels(frames)
     chains = {int(s): list(f) for s, f in zip(stacks["stack_id"], stacks["frame_ids"]) if f is not None}
     nodes: dict[str, list] = {}

@@ -32,11 +32,15 @@ _SHRINK = (Action.SEGMENT_FREE.value, Action.SEGMENT_UNMAP.value)
 
 # Event kinds of the block replay, as event_kinds() codes them.
 OTHER_KIND, ALLOC, FREE_REQUESTED, FREE_COMPLETED = -1, 0, 1, 2
-_KIND_OF = {Action.ALLOC.value: ALLOC, Action.FREE_REQUESTED.value: FREE_REQUESTED,
-            Action.FREE_COMPLETED.value: FREE_COMPLETED}
+_KIND_OF = {
+    Action.ALLOC.value: ALLOC,
+    Action.FREE_REQUESTED.value: FREE_REQUESTED,
+    Action.FREE_COMPLETED.value: FREE_COMPLETED,
+}
 
 
 # -- column access shared by the analysis modules -------------------------------------
+
 
 def action_mask(events: pd.DataFrame, *actions: str) -> np.ndarray:
     """Boolean array: the event's action is one of `actions`.
@@ -123,6 +127,7 @@ def is_cpu(trace) -> bool:
 
 # -- the replay ---------------------------------------------------------------------
 
+
 def has_free_requests(kinds: np.ndarray) -> bool:
     """Whether allocated bytes drop at free_requested (else, in older traces, at free_completed)."""
     return bool((kinds == FREE_REQUESTED).any())
@@ -172,8 +177,9 @@ def _kinds_and_sizes(trace, kinds, size) -> tuple[np.ndarray, np.ndarray]:
     return kinds, size
 
 
-def allocated_delta(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
-                    plus: np.ndarray | None = None) -> np.ndarray:
+def allocated_delta(
+    trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None, plus: np.ndarray | None = None
+) -> np.ndarray:
     """Per event, the change in allocated bytes: +block at alloc, -block at free_requested
     (at free_completed in a trace without requests), 0 elsewhere. Its cumsum plus the
     baseline is allocated_bytes(); category_timeline splits it by category.
@@ -187,16 +193,18 @@ def allocated_delta(trace, kinds: np.ndarray | None = None, size: np.ndarray | N
     return delta
 
 
-def allocated_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
-                    plus: np.ndarray | None = None) -> np.ndarray:
+def allocated_bytes(
+    trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None, plus: np.ndarray | None = None
+) -> np.ndarray:
     """Allocated bytes just after each event: baseline + allocs - requested frees."""
     out = np.cumsum(allocated_delta(trace, kinds, size, plus), dtype=np.int64)
     out += trace.baseline_bytes
     return out
 
 
-def active_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None,
-                 plus: np.ndarray | None = None) -> np.ndarray:
+def active_bytes(
+    trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None, plus: np.ndarray | None = None
+) -> np.ndarray:
     """Active bytes just after each event: baseline active + allocs - completed frees."""
     kinds, size = _kinds_and_sizes(trace, kinds, size)
     delta = np.where(kinds == ALLOC, size, 0) if plus is None else plus.copy()
@@ -206,8 +214,7 @@ def active_bytes(trace, kinds: np.ndarray | None = None, size: np.ndarray | None
     return out
 
 
-def counters(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+def counters(trace, kinds: np.ndarray | None = None, size: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(allocated_bytes, active_bytes) per event, sharing the work the two have in common."""
     kinds, size = _kinds_and_sizes(trace, kinds, size)
     plus = np.where(kinds == ALLOC, size, 0)
@@ -264,32 +271,46 @@ def memory_timeline(trace, lt=None, max_points: int | None = None) -> pd.DataFra
         series = [allocated, active] + ([reserved] if reserved is not None else [])
         keep = downsample_index(len(ev), max_points, series)
     event_index = np.arange(len(ev), dtype=np.int64)[keep]
-    return pd.DataFrame({
-        "ts_us": int_column(ev, "ts_us")[keep],
-        "event_index": event_index,
-        "step": ev["step"].to_numpy()[keep],
-        "phase": ev["phase"].iloc[keep].reset_index(drop=True),
-        "allocated_bytes": allocated[keep],
-        "active_bytes": active[keep],
-        "reserved_bytes": _nullable(None if reserved is None else reserved[keep], len(event_index)),
-    })
+    return pd.DataFrame(
+        {
+            "ts_us": int_column(ev, "ts_us")[keep],
+            "event_index": event_index,
+            "step": ev["step"].to_numpy()[keep],
+            "phase": ev["phase"].iloc[keep].reset_index(drop=True),
+            "allocated_bytes": allocated[keep],
+            "active_bytes": active[keep],
+            "reserved_bytes": _nullable(None if reserved is None else reserved[keep], len(event_index)),
+        }
+    )
 
 
 # -- spans and the peak --------------------------------------------------------------
 
+
 def _run_table(starts: np.ndarray, ends: np.ndarray, ts: np.ndarray, **keys: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({
-        **{name: key[starts] for name, key in keys.items()},
-        "event_index_start": starts, "event_index_end": ends,
-        "ts_us_start": np.minimum.reduceat(ts, starts), "ts_us_end": np.maximum.reduceat(ts, starts),
-    })
+    return pd.DataFrame(
+        {
+            **{name: key[starts] for name, key in keys.items()},
+            "event_index_start": starts,
+            "event_index_end": ends,
+            "ts_us_start": np.minimum.reduceat(ts, starts),
+            "ts_us_end": np.maximum.reduceat(ts, starts),
+        }
+    )
 
 
 def step_spans(trace, lt=None) -> pd.DataFrame:
     """Per step: first/last event index and timestamp, and the step's peak allocated and active bytes."""
     ev = trace.events
-    cols = ["step", "event_index_start", "event_index_end", "ts_us_start", "ts_us_end",
-            "peak_allocated_bytes", "peak_active_bytes"]
+    cols = [
+        "step",
+        "event_index_start",
+        "event_index_end",
+        "ts_us_start",
+        "ts_us_end",
+        "peak_allocated_bytes",
+        "peak_active_bytes",
+    ]
     if ev.empty:
         return pd.DataFrame(columns=cols)
     step = int_column(ev, "step", fill=-1)
@@ -298,10 +319,18 @@ def step_spans(trace, lt=None) -> pd.DataFrame:
     per_run = _run_table(starts, ends, int_column(ev, "ts_us"), step=step)
     per_run["peak_allocated_bytes"] = np.maximum.reduceat(allocated, starts)
     per_run["peak_active_bytes"] = np.maximum.reduceat(active, starts)
-    out = per_run[per_run["step"] >= 0].groupby("step", sort=True).agg(
-        event_index_start=("event_index_start", "min"), event_index_end=("event_index_end", "max"),
-        ts_us_start=("ts_us_start", "min"), ts_us_end=("ts_us_end", "max"),
-        peak_allocated_bytes=("peak_allocated_bytes", "max"), peak_active_bytes=("peak_active_bytes", "max"))
+    out = (
+        per_run[per_run["step"] >= 0]
+        .groupby("step", sort=True)
+        .agg(
+            event_index_start=("event_index_start", "min"),
+            event_index_end=("event_index_end", "max"),
+            ts_us_start=("ts_us_start", "min"),
+            ts_us_end=("ts_us_end", "max"),
+            peak_allocated_bytes=("peak_allocated_bytes", "max"),
+            peak_active_bytes=("peak_active_bytes", "max"),
+        )
+    )
     return out.reset_index()[cols]
 
 
@@ -316,12 +345,14 @@ def phase_spans(trace) -> pd.DataFrame:
     cols = ["step", "phase", "ts_us_start", "ts_us_end", "event_index_start", "event_index_end"]
     ph = trace.phases
     if not ph.empty:
-        out = pd.DataFrame({
-            "step": int_column(ph, "step", fill=-1),
-            "phase": ph["phase"].astype(object).to_numpy(),
-            "ts_us_start": int_column(ph, "ts_us_start"),
-            "ts_us_end": int_column(ph, "ts_us_end"),
-        })
+        out = pd.DataFrame(
+            {
+                "step": int_column(ph, "step", fill=-1),
+                "phase": ph["phase"].astype(object).to_numpy(),
+                "ts_us_start": int_column(ph, "ts_us_start"),
+                "ts_us_end": int_column(ph, "ts_us_end"),
+            }
+        )
         # Allocator timestamps only grow, so a span's events are a contiguous range.
         out["event_index_start"] = np.searchsorted(ts, out["ts_us_start"].to_numpy(), side="left")
         out["event_index_end"] = np.searchsorted(ts, out["ts_us_end"].to_numpy(), side="right") - 1
@@ -332,10 +363,17 @@ def phase_spans(trace) -> pd.DataFrame:
     codes, names = codes_of(ev["phase"])
     starts, ends = runs(step, codes)
     per_run = _run_table(starts, ends, ts, step=step, code=codes)
-    out = per_run[per_run["code"] >= 0].groupby(["step", "code"], sort=False).agg(
-        ts_us_start=("ts_us_start", "min"), ts_us_end=("ts_us_end", "max"),
-        event_index_start=("event_index_start", "min"), event_index_end=("event_index_end", "max"),
-    ).reset_index()
+    out = (
+        per_run[per_run["code"] >= 0]
+        .groupby(["step", "code"], sort=False)
+        .agg(
+            ts_us_start=("ts_us_start", "min"),
+            ts_us_end=("ts_us_end", "max"),
+            event_index_start=("event_index_start", "min"),
+            event_index_end=("event_index_end", "max"),
+        )
+        .reset_index()
+    )
     out["phase"] = [names[c] for c in out["code"]]
     return out[cols].sort_values("event_index_start", kind="stable").reset_index(drop=True)
 

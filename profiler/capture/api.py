@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from profiler.capture.session import Profiler
 
-_ACTIVE: "Profiler | None" = None
+_ACTIVE: Profiler | None = None
 
 
-def activate(prof: "Profiler") -> None:
+def activate(prof: Profiler) -> None:
     """Make `prof` the process's active capture; one at a time."""
     global _ACTIVE
     if _ACTIVE is not None:
@@ -29,7 +29,7 @@ def deactivate() -> None:
     _ACTIVE = None
 
 
-def active() -> "Profiler | None":
+def active() -> Profiler | None:
     return _ACTIVE
 
 

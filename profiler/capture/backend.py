@@ -46,27 +46,35 @@ class Backend(Protocol):
 
     def start(self) -> dict:
         """Begin recording; returns run-level facts for meta.json."""
+
     def stop(self) -> None: ...
 
     def drain(self, step: int, with_segments: bool = False) -> dict | None:
         """Events since the last drain as writer columns (None when there are none);
         `with_segments` also keeps the segment map of that moment for segments_now."""
+
     def segments_now(self, kind: str, ts_us: int, event_index: int) -> dict | None:
         """The segment map kept by the last drain(with_segments=True), as writer columns."""
+
     def position(self, step: int) -> int:
         """An exact position in the event stream for roles and step ends registered now:
         a marker's id (< 0) dropped into the stream, or the count of drained events."""
+
     def stats_row(self) -> dict:
         """Memory counters at this moment, for the steps table."""
+
     def peaks(self) -> dict:
         """max_allocated_bytes and max_reserved_bytes so far, for meta.json."""
 
     def adopt(self, module) -> None:
         """Record a new root module's parameters and buffers, which pre-date the capture."""
+
     def pause_stacks(self, paused: bool) -> None:
         """Stop (or resume) gathering Python stacks, around autograd's backward."""
+
     def install_oom_observer(self, callback: OomCallback) -> None:
         """Call `callback` when the device runs out of memory (a no-op without allocator)."""
+
     def remove_oom_observer(self) -> None: ...
 
 
@@ -78,9 +86,11 @@ def make_backend(name: str, stacks: bool, max_entries: int, device: int | None =
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         from profiler.capture.cuda import CudaBackend
+
         # device: a rank's own GPU (LOCAL_RANK), which the script may not have selected yet.
         return CudaBackend(device=device, stacks=stacks, max_entries=max_entries)
     if name == "cpu":
         from profiler.capture.cpu import CpuBackend
+
         return CpuBackend(stacks=stacks)
     raise ValueError(f"unknown backend {name!r}: expected auto, cuda or cpu")

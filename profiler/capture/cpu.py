@@ -35,8 +35,7 @@ _FRAME_LIMIT = 48
 _PRE_EXISTING_TAG = ""  # no phase, no module, no hint
 _aten = torch.ops.aten
 # Ops whose input is a tensor that torch.tensor(), as_tensor() or from_numpy() just made.
-_FRESH = frozenset(getattr(_aten, n) for n in ("lift_fresh", "lift_fresh_copy", "lift")
-                   if hasattr(_aten, n))
+_FRESH = frozenset(getattr(_aten, n) for n in ("lift_fresh", "lift_fresh_copy", "lift") if hasattr(_aten, n))
 
 
 class _Tags(threading.local):
@@ -88,8 +87,7 @@ class CpuBackend:
     def start(self) -> dict:
         self._mode.__enter__()
         self._patch_storage_resize()
-        return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0,
-                    baseline_reserved_bytes=None)
+        return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
 
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)
@@ -156,8 +154,9 @@ class CpuBackend:
     def _free_locked(self, addr, size, tag) -> None:
         self.allocated -= size
         ts = time.time_ns() // 1000
-        self._events.extend(((ts, "free_requested", addr, size, tag, None),
-                             (ts, "free_completed", addr, size, tag, None)))
+        self._events.extend(
+            ((ts, "free_requested", addr, size, tag, None), (ts, "free_completed", addr, size, tag, None))
+        )
 
     def _resized(self, st, rec, size) -> None:
         """A storage resized in place (resize_, out= ops): a free of the old block, an alloc
@@ -180,6 +179,7 @@ class CpuBackend:
                     del self._live[key]
                 if rec[2]:
                     self._free_locked(rec[1], rec[2], tag)
+
         return freed
 
     def adopt(self, module) -> None:
@@ -197,7 +197,7 @@ class CpuBackend:
             return None
         for sub in module.modules():
             # A module made per call (built inside forward) must not pile up here.
-            seen[id(sub)] = weakref.ref(sub, lambda _r, k=id(sub): seen.pop(k, None))
+            seen[id(sub)] = weakref.ref(sub, lambda _r, k=id(sub): seen.pop(k, None))  # noqa: B008 (binds this id)
         for t in module.parameters():
             # FSDP2's parameters are DTensors: their local shards are the storage.
             self.track(getattr(t, "_local_tensor", t), _PRE_EXISTING_TAG)
@@ -236,8 +236,7 @@ class CpuBackend:
 
     def stats_row(self) -> dict:
         with self._lock:
-            return dict(allocated_bytes=self.allocated, active_bytes=self.allocated,
-                        max_allocated_bytes=self.peak)
+            return dict(allocated_bytes=self.allocated, active_bytes=self.allocated, max_allocated_bytes=self.peak)
 
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
@@ -263,6 +262,7 @@ def _is_plain(cls) -> bool:
 def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
+
         return DTensor
     except Exception:  # noqa: BLE001 - a build without distributed
         return None

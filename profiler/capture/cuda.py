@@ -49,8 +49,9 @@ class CudaBackend:
     positions_need_drain = False
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 1_000_000):
-        self.device = torch.device("cuda", torch.cuda.current_device() if device is None
-                                   else torch.device(device).index or 0)
+        self.device = torch.device(
+            "cuda", torch.cuda.current_device() if device is None else torch.device(device).index or 0
+        )
         self.index = self.device.index
         self.stacks = stacks
         self.max_entries = max_entries
@@ -129,15 +130,30 @@ class CudaBackend:
         try:  # one C-level pass per event
             ts, action, addr, size, stream, tag = zip(*map(_ENTRY_FIELDS, trace))
         except KeyError:  # an entry without some field (an oom entry has no addr)
-            ts, action, addr, size, stream, tag = zip(*(
-                (e.get("time_us", 0), e["action"], e.get("addr", 0), e.get("size", 0),
-                 e.get("stream", 0), e.get("user_metadata") or "") for e in trace))
+            ts, action, addr, size, stream, tag = zip(
+                *(
+                    (
+                        e.get("time_us", 0),
+                        e["action"],
+                        e.get("addr", 0),
+                        e.get("size", 0),
+                        e.get("stream", 0),
+                        e.get("user_metadata") or "",
+                    )
+                    for e in trace
+                )
+            )
         self._count_drops(action.count("alloc"), stats)
         n = len(trace)
         self.events_seen += n
         return {
-            "ts_us": ts, "action": action, "addr": addr, "size_bytes": size, "stream": stream,
-            "step": [step] * n, "tag": tag,
+            "ts_us": ts,
+            "action": action,
+            "addr": addr,
+            "size_bytes": size,
+            "stream": stream,
+            "step": [step] * n,
+            "tag": tag,
             "stack_id": self._stack_ids(trace) if self.stacks else None,
         }
 
@@ -160,8 +176,7 @@ class CudaBackend:
             key = tuple(map(id, frames))
             sid = by_ids.get(key)
             if sid is None:
-                sid = intern.stack(tuple(intern.frame(f["filename"], f["line"], f["name"])
-                                         for f in frames))
+                sid = intern.stack(tuple(intern.frame(f["filename"], f["line"], f["name"]) for f in frames))
                 by_ids[key] = sid
             out.append(sid)
         return out
@@ -203,15 +218,30 @@ class CudaBackend:
 
     def peaks(self) -> dict:
         s = torch._C._cuda_memoryStats(self.index)
-        return dict(max_allocated_bytes=_all(s, "allocated_bytes", "peak"),
-                    max_reserved_bytes=_all(s, "reserved_bytes", "peak"))
+        return dict(
+            max_allocated_bytes=_all(s, "allocated_bytes", "peak"), max_reserved_bytes=_all(s, "reserved_bytes", "peak")
+        )
 
     # -- segment maps ----------------------------------------------------------------
     def segment_rows(self, snap: dict, kind: str, ts_us: int, event_index: int) -> dict:
-        cols: dict[str, list] = {k: [] for k in (
-            "snapshot", "ts_us", "event_index", "segment_addr", "segment_bytes", "stream",
-            "segment_type", "is_expandable", "block_addr", "block_bytes", "requested_bytes",
-            "state", "stack_id")}
+        cols: dict[str, list] = {
+            k: []
+            for k in (
+                "snapshot",
+                "ts_us",
+                "event_index",
+                "segment_addr",
+                "segment_bytes",
+                "stream",
+                "segment_type",
+                "is_expandable",
+                "block_addr",
+                "block_bytes",
+                "requested_bytes",
+                "state",
+                "stack_id",
+            )
+        }
         for seg in snap.get("segments", []):
             if seg.get("device", self.index) != self.index:
                 continue
@@ -219,15 +249,24 @@ class CudaBackend:
                 frames = blk.get("frames") if self.stacks else None
                 sid = None
                 if frames:
-                    sid = self.interner.stack(tuple(
-                        self.interner.frame(f["filename"], f["line"], f["name"]) for f in frames))
-                for k, v in (("snapshot", kind), ("ts_us", ts_us), ("event_index", event_index),
-                             ("segment_addr", seg["address"]), ("segment_bytes", seg["total_size"]),
-                             ("stream", seg["stream"]), ("segment_type", seg["segment_type"]),
-                             ("is_expandable", bool(seg.get("is_expandable", False))),
-                             ("block_addr", blk["address"]), ("block_bytes", blk["size"]),
-                             ("requested_bytes", blk.get("requested_size")),
-                             ("state", blk["state"]), ("stack_id", sid)):
+                    sid = self.interner.stack(
+                        tuple(self.interner.frame(f["filename"], f["line"], f["name"]) for f in frames)
+                    )
+                for k, v in (
+                    ("snapshot", kind),
+                    ("ts_us", ts_us),
+                    ("event_index", event_index),
+                    ("segment_addr", seg["address"]),
+                    ("segment_bytes", seg["total_size"]),
+                    ("stream", seg["stream"]),
+                    ("segment_type", seg["segment_type"]),
+                    ("is_expandable", bool(seg.get("is_expandable", False))),
+                    ("block_addr", blk["address"]),
+                    ("block_bytes", blk["size"]),
+                    ("requested_bytes", blk.get("requested_size")),
+                    ("state", blk["state"]),
+                    ("stack_id", sid),
+                ):
                     cols[k].append(v)
         return cols
 

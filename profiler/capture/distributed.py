@@ -39,8 +39,12 @@ class RankInfo:
         return f"rank={self.rank}"
 
     def meta(self) -> dict:
-        return dict(rank=self.rank, world_size=self.world_size, local_rank=self.local_rank,
-                    local_world_size=self.local_world_size)
+        return dict(
+            rank=self.rank,
+            world_size=self.world_size,
+            local_rank=self.local_rank,
+            local_world_size=self.local_world_size,
+        )
 
 
 def _env_int(env, key: str) -> int | None:
@@ -58,14 +62,25 @@ def rank_from_env(env=None) -> RankInfo | None:
         return None
     local = _env_int(env, "LOCAL_RANK")
     local_world = _env_int(env, "LOCAL_WORLD_SIZE")
-    return RankInfo(rank=rank, world_size=world, local_rank=rank if local is None else local,
-                    local_world_size=world if local_world is None else local_world)
+    return RankInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=rank if local is None else local,
+        local_world_size=world if local_world is None else local_world,
+    )
 
 
 def _job_identity(env) -> str:
     """What every rank of one launch sees alike, without talking to the others."""
-    keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-            "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")
+    keys = (
+        "SLURM_JOB_ID",
+        "SLURM_STEP_ID",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+    )
     parts = [f"{k}={env.get(k, '')}" for k in keys]
     if env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
         parts.append(f"launcher={os.getppid()}")  # one node: the ranks share their launcher
@@ -102,10 +117,10 @@ def _agree_through_store(key_name: str, name: str, env) -> str | None:
     try:
         import torch.distributed as dist
 
-        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                              timeout=_STORE_TIMEOUT)
-        key = "vramscope/run_id/{}/{}/{}".format(env.get("TORCHELASTIC_RUN_ID", ""),
-                                                 env.get("TORCHELASTIC_RESTART_COUNT", "0"), key_name)
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=_STORE_TIMEOUT)
+        key = "vramscope/run_id/{}/{}/{}".format(
+            env.get("TORCHELASTIC_RUN_ID", ""), env.get("TORCHELASTIC_RESTART_COUNT", "0"), key_name
+        )
         kept = store.compare_set(key, "", new_run_id(name))
         return kept.decode() if isinstance(kept, bytes) else str(kept)
     except Exception:  # noqa: BLE001 - no store: fall back to the job identity
@@ -132,4 +147,3 @@ def late_facts() -> dict:
     except Exception:  # noqa: BLE001 - meta is best effort here
         pass
     return {}
-

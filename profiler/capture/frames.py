@@ -34,8 +34,12 @@ class StackInterner:
         frames = stacks = None
         if self._new_frames:
             f = self._new_frames
-            frames = {"frame_id": [r[0] for r in f], "filename": [r[1] for r in f],
-                      "line": [r[2] for r in f], "function": [r[3] for r in f]}
+            frames = {
+                "frame_id": [r[0] for r in f],
+                "filename": [r[1] for r in f],
+                "line": [r[2] for r in f],
+                "function": [r[3] for r in f],
+            }
             self._new_frames = []
         if self._new_stacks:
             s = self._new_stacks

@@ -94,6 +94,7 @@ class FsdpInstrumentation:
         def method(group, *args, **kwargs):
             with category(hint):
                 return original(group, *args, **kwargs)
+
         return method
 
     def _naming_unsharded_grads(self, post_backward):
@@ -107,7 +108,7 @@ class FsdpInstrumentation:
                 tag = backend.get_tag()
                 pos = capture.position()
                 backend.set_tag(tag)  # a CUDA position marker re-tags this thread
-                capture.register_roles(named, Category.UNSHARDED_GRADIENT.value, pos,
-                                       capture.step_index)
+                capture.register_roles(named, Category.UNSHARDED_GRADIENT.value, pos, capture.step_index)
             return post_backward(group, *args, **kwargs)
+
         return method

@@ -15,8 +15,7 @@ from profiler.trace.schema import Phase
 _BWD = Phase.BACKWARD.value
 
 
-def hook_optimizer_steps(before: Callable[[], None],
-                         after: Callable[[object], None]) -> Callable[[], None]:
+def hook_optimizer_steps(before: Callable[[], None], after: Callable[[object], None]) -> Callable[[], None]:
     """Call `before()` as any optimizer's step starts and `after(optimizer)` once it ends."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -32,6 +31,7 @@ def hook_optimizer_steps(before: Callable[[], None],
     def remove() -> None:
         while handles:
             handles.pop().remove()
+
     return remove
 
 
@@ -65,4 +65,5 @@ def patch_backward(enter_phase: Callable[[str], None], tracer, backend) -> Calla
         if not restored:
             torch.autograd.backward = original
             restored = True
+
     return restore

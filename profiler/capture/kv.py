@@ -16,19 +16,28 @@ def kv_row(cache, name: str | None = None) -> dict | None:
     stats = getattr(cache, "kv_stats", None)
     if callable(stats):
         s = stats()
-        return dict(cache=name or type(cache).__name__, batch=int(s.get("batch", 0)),
-                    tokens=int(s["tokens"]), token_state_bytes=int(s["token_state_bytes"]),
-                    reserved_bytes=int(s["reserved_bytes"]),
-                    extra_bytes=int(s.get("extra_bytes", 0)))
+        return dict(
+            cache=name or type(cache).__name__,
+            batch=int(s.get("batch", 0)),
+            tokens=int(s["tokens"]),
+            token_state_bytes=int(s["token_state_bytes"]),
+            reserved_bytes=int(s["reserved_bytes"]),
+            extra_bytes=int(s.get("extra_bytes", 0)),
+        )
     tensors = list(_hf_cache_tensors(cache))
     if not tensors:
         return None
     # A DynamicCache grows by concatenation: what it holds is exactly its token states.
     held = sum(t.numel() * t.element_size() for t in tensors)
     k = tensors[0]
-    return dict(cache=name or type(cache).__name__, batch=int(k.shape[0]),
-                tokens=int(k.shape[-2]), token_state_bytes=held, reserved_bytes=held,
-                extra_bytes=0)
+    return dict(
+        cache=name or type(cache).__name__,
+        batch=int(k.shape[0]),
+        tokens=int(k.shape[-2]),
+        token_state_bytes=held,
+        reserved_bytes=held,
+        extra_bytes=0,
+    )
 
 
 def _hf_cache_tensors(cache):

@@ -193,8 +193,7 @@ class ModuleTracer:
         if recompute and not stack:
             self.set_tag(st.before_recompute)  # back to the backward that asked for it
         else:
-            key = (_RECOMPUTE if recompute else self.recorder.phase, stack[-1] if stack else None,
-                   st.hint)
+            key = (_RECOMPUTE if recompute else self.recorder.phase, stack[-1] if stack else None, st.hint)
             tag = self._tags.get(key)
             self.set_tag(tag if tag is not None else self.tag(*key))
         if not recompute and _grad_enabled():
@@ -270,6 +269,7 @@ class ModuleTracer:
         def hook(grad_outputs):
             if getattr(local, "module_hook_task", None) != _in_backward():
                 set_tag(tag)
+
         return hook
 
 

@@ -58,10 +58,14 @@ class CaptureOptions:
         if not _is_int(self.max_entries) or self.max_entries <= 0:
             raise CaptureOptionError(f"max_entries must be a positive int, not {self.max_entries!r}")
         object.__setattr__(self, "max_entries", int(self.max_entries))
-        if not isinstance(self.drain_interval_s, Real) or isinstance(self.drain_interval_s, bool) \
-                or not self.drain_interval_s >= 0:
+        if (
+            not isinstance(self.drain_interval_s, Real)
+            or isinstance(self.drain_interval_s, bool)
+            or not self.drain_interval_s >= 0
+        ):
             raise CaptureOptionError(
-                f"drain_interval_s must be a number of seconds >= 0, not {self.drain_interval_s!r}")
+                f"drain_interval_s must be a number of seconds >= 0, not {self.drain_interval_s!r}"
+            )
 
     def hooks_step(self, step: int) -> bool:
         """Whether module hooks run in step `step` (see hooked_steps)."""
@@ -91,9 +95,7 @@ def _mapping(what: str, value) -> dict:
 
 
 def _first_every(value) -> tuple[int, int]:
-    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        _is_int(v) and v >= 0 for v in value)
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value)
     if not ok:
-        raise CaptureOptionError(
-            f"hooked_steps must be None or (first, every), two ints >= 0, not {value!r}")
+        raise CaptureOptionError(f"hooked_steps must be None or (first, every), two ints >= 0, not {value!r}")
     return (int(value[0]), int(value[1]))

@@ -33,20 +33,28 @@ def place(options: CaptureOptions, rank: distributed.RankInfo | None) -> Placeme
     if rank is None:
         return Placement(options.run_id, options.subdir, extra_meta, config)
     config.setdefault("world_size", rank.world_size)
-    run_id = options.run_id or distributed.shared_run_id(options.name, rank,
-                                                         nth=next(_DIST_CAPTURES))
+    run_id = options.run_id or distributed.shared_run_id(options.name, rank, nth=next(_DIST_CAPTURES))
     return Placement(run_id, rank.partition, {**rank.meta(), **extra_meta}, config)
 
 
-def open_writer(options: CaptureOptions, place: Placement, backend_name: str,
-                facts: dict) -> TraceWriter:
+def open_writer(options: CaptureOptions, place: Placement, backend_name: str, facts: dict) -> TraceWriter:
     """Make the run directory and its first meta.json; `facts` are the started backend's."""
-    meta = dict(backend=backend_name, torch_version=torch.__version__, config=place.config,
-                max_allocated_bytes=None, max_reserved_bytes=None, events_dropped=0,
-                capture=dict(stacks=options.stacks, modules=options.modules,
-                             hooked_steps=options.hooked_steps, max_entries=options.max_entries),
-                **facts, **place.extra_meta)
+    meta = dict(
+        backend=backend_name,
+        torch_version=torch.__version__,
+        config=place.config,
+        max_allocated_bytes=None,
+        max_reserved_bytes=None,
+        events_dropped=0,
+        capture=dict(
+            stacks=options.stacks,
+            modules=options.modules,
+            hooked_steps=options.hooked_steps,
+            max_entries=options.max_entries,
+        ),
+        **facts,
+        **place.extra_meta,
+    )
     meta.setdefault("allocator_settings", None)
-    meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or \
-        os.environ.get("PYTORCH_ALLOC_CONF")
+    meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     return TraceWriter(options.out, options.name, meta, run_id=place.run_id, subdir=place.subdir)

@@ -40,8 +40,7 @@ def tensor_roles(named, role, device_type, event_index, step, known=None) -> dic
     """
     now = time.time_ns() // 1000
     seen = set()
-    cols: dict[str, list] = {k: [] for k in ("ts_us", "event_index", "step", "addr",
-                                             "size_bytes", "role", "name")}
+    cols: dict[str, list] = {k: [] for k in ("ts_us", "event_index", "step", "addr", "size_bytes", "role", "name")}
     for name, t in named:
         # A DTensor (FSDP2's sharded parameters, gradients and states) owns no storage:
         # its local shard does.
@@ -55,7 +54,14 @@ def tensor_roles(named, role, device_type, event_index, step, known=None) -> dic
         seen.add(addr)
         if known is not None:
             known[name] = addr
-        for k, v in (("ts_us", now), ("event_index", event_index), ("step", step), ("addr", addr),
-                     ("size_bytes", t.nbytes), ("role", role), ("name", name)):
+        for k, v in (
+            ("ts_us", now),
+            ("event_index", event_index),
+            ("step", step),
+            ("addr", addr),
+            ("size_bytes", t.nbytes),
+            ("role", role),
+            ("name", name),
+        ):
             cols[k].append(v)
     return cols if cols["addr"] else None

@@ -30,8 +30,7 @@ from profiler.capture.roles import named_grads, named_states, tensor_roles
 from profiler.trace.schema import Phase, SnapshotKind, Status
 from profiler.trace.writer import TraceWriter
 
-__all__ = ["CaptureOptions", "Profiler", "active", "category", "mark", "profile", "record_kv",
-           "register_model", "step"]
+__all__ = ["CaptureOptions", "Profiler", "active", "category", "mark", "profile", "record_kv", "register_model", "step"]
 
 _OPT = Phase.OPTIMIZER.value
 
@@ -94,8 +93,7 @@ class Profiler:
         # The process group's backend is known only once the script made it, and it may be
         # gone again by the end (destroy_process_group): look at step boundaries.
         self._awaiting_dist_facts = rank is not None
-        self.backend = make_backend(opts.backend, opts.stacks, opts.max_entries,
-                                    device=distributed.device_index(rank))
+        self.backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
         facts = self.backend.start()
         try:
             self.writer = placement.open_writer(opts, run, self.backend.name, facts)
@@ -108,8 +106,7 @@ class Profiler:
             self.writer.append("segments", self.backend.start_segments)
         self.tracer = ModuleTracer(self, self.backend.set_tag, self.backend.get_tag)
         self._set_module_hooks(opts.modules)
-        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start,
-                                                            self._on_optimizer_end)
+        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, self.tracer, self.backend)
         self._fsdp = FsdpInstrumentation(self)
         self._fsdp.install()
@@ -127,8 +124,11 @@ class Profiler:
             self._teardown()
             self._finish(status, exc)
         except Exception as e:  # never let our failure replace the user's outcome
-            print(f"vramscope: warning: the trace could not be finalized ({type(e).__name__}: {e}); "
-                  f"its journals are kept in {self.run_dir} and still load", file=sys.stderr)
+            print(
+                f"vramscope: warning: the trace could not be finalized ({type(e).__name__}: {e}); "
+                f"its journals are kept in {self.run_dir} and still load",
+                file=sys.stderr,
+            )
             try:
                 self.writer.flush({"status": status, "finalize_error": f"{type(e).__name__}: {e}"})
             except Exception:
@@ -143,6 +143,7 @@ class Profiler:
         def wrapper(*args, **kwargs):
             with Profiler.from_options(options):
                 return fn(*args, **kwargs)
+
         return wrapper
 
     # -- public API -----------------------------------------------------------------
@@ -201,8 +202,7 @@ class Profiler:
 
         `known` (name -> addr) skips tensors registered before at the same address.
         """
-        self.feed.buffer_roles(tensor_roles(named, role, self.backend.device_type, position, step,
-                                            known=known))
+        self.feed.buffer_roles(tensor_roles(named, role, self.backend.device_type, position, step, known=known))
 
     def record_kv_row(self, row: dict) -> None:
         """Add a KV cache row (profiler.record_kv) at the current step."""
@@ -214,8 +214,9 @@ class Profiler:
             return
         now = _now_us()
         if self.phase is not None:
-            self.feed.buffer("phases", step=self.step_index, phase=self.phase,
-                             ts_us_start=self._phase_start, ts_us_end=now)
+            self.feed.buffer(
+                "phases", step=self.step_index, phase=self.phase, ts_us_start=self._phase_start, ts_us_end=now
+            )
         self.phase = phase
         self._phase_start = now
 
@@ -235,10 +236,16 @@ class Profiler:
     def on_new_module(self, module, name, parent, depth) -> None:
         params = list(module.parameters(recurse=False))
         buffers = list(module.buffers(recurse=False))
-        self.feed.buffer("modules", module=name, parent=parent, class_name=type(module).__name__,
-                         depth=depth, param_bytes=sum(p.numel() * p.element_size() for p in params),
-                         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
-                         param_count=sum(p.numel() for p in params))
+        self.feed.buffer(
+            "modules",
+            module=name,
+            parent=parent,
+            class_name=type(module).__name__,
+            depth=depth,
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+            param_count=sum(p.numel() for p in params),
+        )
 
     def on_root_exit(self) -> None:
         # Inference loops may never step: drain on a timer so the ring never fills.
@@ -263,8 +270,7 @@ class Profiler:
         # Gradients and states are alive right now, at the boundary's position.
         names = self._param_names
         self.register_roles(named_grads(optimizer, names), "gradient", pos, step)
-        self.register_roles(named_states(optimizer, names), "optimizer_state", pos, step,
-                            known=self._known_states)
+        self.register_roles(named_states(optimizer, names), "optimizer_state", pos, step, known=self._known_states)
         self._capture_s += time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------
@@ -274,8 +280,7 @@ class Profiler:
         if self._awaiting_dist_facts:
             self._record_dist_facts()
         backend, feed = self.backend, self.feed
-        row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on,
-                   **backend.stats_row())
+        row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
         self.enter_phase(None)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
             self._drain()
@@ -319,14 +324,22 @@ class Profiler:
             self.writer.append("segments", segs)
 
     def _live_meta(self) -> dict:
-        return dict(events_dropped=self.backend.dropped, steps_completed=self.step_index,
-                    capture_host_s=round(self._capture_s, 6), **self.backend.peaks())
+        return dict(
+            events_dropped=self.backend.dropped,
+            steps_completed=self.step_index,
+            capture_host_s=round(self._capture_s, 6),
+            **self.backend.peaks(),
+        )
 
     # -- OOM --------------------------------------------------------------------------
     def _on_oom(self, device, alloc_bytes, device_allocated, device_free) -> None:
-        self._oom_info = dict(device=int(device), requested_bytes=int(alloc_bytes),
-                              device_allocated_bytes=int(device_allocated),
-                              device_free_bytes=int(device_free), step=self.step_index)
+        self._oom_info = dict(
+            device=int(device),
+            requested_bytes=int(alloc_bytes),
+            device_allocated_bytes=int(device_allocated),
+            device_free_bytes=int(device_free),
+            step=self.step_index,
+        )
         try:
             self._drain(with_segments=True)
             self._append_segments(SnapshotKind.OOM.value)
@@ -346,9 +359,15 @@ class Profiler:
         backend = self.backend
         self._drain(with_segments=True, flush=False)
         if self.feed.events_since_boundary or self.step_index == 0:
-            self.feed.buffer("steps", step=self.step_index, ts_us=_now_us(),
-                             modules_hooked=self._hooks_on, events_seen=backend.events_seen,
-                             events_dropped=backend.dropped, **backend.stats_row())
+            self.feed.buffer(
+                "steps",
+                step=self.step_index,
+                ts_us=_now_us(),
+                modules_hooked=self._hooks_on,
+                events_seen=backend.events_seen,
+                events_dropped=backend.dropped,
+                **backend.stats_row(),
+            )
         self.enter_phase(None)
         self._append_segments(SnapshotKind.END.value)
         self.feed.push_rows()
@@ -366,9 +385,20 @@ def _is_clean_exit(exc_type, exc) -> bool:
     return issubclass(exc_type, SystemExit) and exc.code in (0, None)
 
 
-def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True, modules=True,
-            hooked_steps=(3, 50), max_entries=1_000_000, drain_interval_s=0.5,
-            explicit_steps=False, **kw) -> Profiler:
+def profile(
+    out="traces",
+    name=None,
+    config=None,
+    *,
+    backend="auto",
+    stacks=True,
+    modules=True,
+    hooked_steps=(3, 50),
+    max_entries=1_000_000,
+    drain_interval_s=0.5,
+    explicit_steps=False,
+    **kw,
+) -> Profiler:
     """Capture memory events into a trace directory under `out`.
 
     `name` labels the run, `config` records what the run toggled (shown in
@@ -381,6 +411,16 @@ def profile(out="traces", name=None, config=None, *, backend="auto", stacks=True
     Use as `with profile(...) as prof:` (call `prof.step()` per step if the script
     has no optimizer) or as a decorator. Bad options raise CaptureOptionError here.
     """
-    return Profiler(out=out, name=name, config=config, backend=backend, stacks=stacks,
-                    modules=modules, hooked_steps=hooked_steps, max_entries=max_entries,
-                    drain_interval_s=drain_interval_s, explicit_steps=explicit_steps, **kw)
+    return Profiler(
+        out=out,
+        name=name,
+        config=config,
+        backend=backend,
+        stacks=stacks,
+        modules=modules,
+        hooked_steps=hooked_steps,
+        max_entries=max_entries,
+        drain_interval_s=drain_interval_s,
+        explicit_steps=explicit_steps,
+        **kw,
+    )

@@ -114,13 +114,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser(commands: list[tuple[str, str]], verb: str | None, module) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG, description="GPU memory profiler for PyTorch.")
+    parser = _Parser(prog=PROG, description="GPU memory profiler for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in commands:
         if name == verb:
-            p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p = sub.add_parser(
+                name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
             module.add_arguments(p)
         else:
             # Never parsed in this process: a help line is all it needs.

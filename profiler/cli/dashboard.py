@@ -27,12 +27,13 @@ ENV_TRACES = "VRAMSCOPE_TRACES"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("traces", metavar="TRACES_DIR", nargs="?", default=None,
-                        help=f"a directory of runs (default: {DEFAULT_TRACES})")
-    parser.add_argument("--port", type=_port, default=8501, metavar="N",
-                        help="the port to serve on (default: 8501)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="the address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "traces", metavar="TRACES_DIR", nargs="?", default=None, help=f"a directory of runs (default: {DEFAULT_TRACES})"
+    )
+    parser.add_argument("--port", type=_port, default=8501, metavar="N", help="the port to serve on (default: 8501)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)"
+    )
 
 
 def _port(text: str) -> int:
@@ -47,12 +48,23 @@ def _port(text: str) -> int:
 
 def streamlit_command(traces: Path, port: int, host: str) -> tuple[list[str], dict]:
     """The command line and environment that serve the dashboard."""
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
-           "--server.headless", "true",
-           "--server.address", host,
-           "--server.port", str(port),
-           "--browser.gatherUsageStats", "false",
-           "--global.developmentMode", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--global.developmentMode",
+        "false",
+    ]
     env = dict(os.environ)
     env[ENV_TRACES] = str(traces)
     # The app imports `profiler` and `dashboard` from the repository, wherever it is started.

@@ -51,13 +51,23 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.trace}: {exc}") from None
         table = model.measured_vs_predicted(trace, model.estimate(**kw, detail=True))
         if args.json:
-            print(json.dumps({"run": str(args.trace), "rows": table.astype(object).where(
-                table.notna(), None).to_dict("records")}, indent=1, default=str))
+            print(
+                json.dumps(
+                    {
+                        "run": str(args.trace),
+                        "rows": table.astype(object).where(table.notna(), None).to_dict("records"),
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
             return 0
         for r in table.itertuples():
             err = "" if r.error_pct != r.error_pct else f"{r.error_pct:+6.1f}%"
-            print(f"{r.level:<8} {r.name:<16} {human_bytes(r.measured_bytes):>10} {human_bytes(r.predicted_bytes):>10} "
-                  f"{err:>8}  {r.explanation}")
+            print(
+                f"{r.level:<8} {r.name:<16} {human_bytes(r.measured_bytes):>10} {human_bytes(r.predicted_bytes):>10} "
+                f"{err:>8}  {r.explanation}"
+            )
         return 0
 
     try:
@@ -70,9 +80,17 @@ def run(args: argparse.Namespace) -> int:
             shape = model.shape_from_preset(args.preset)
             batch = args.batch or PRESETS[args.preset].batch_size
             seq = args.seq or PRESETS[args.preset].seq_len
-        est = model.estimate(shape, batch=batch, seq=seq, precision=args.precision, optimizer=args.optimizer,
-                             checkpointing=args.checkpointing, accumulation=args.accumulation,
-                             kv_tokens=args.kv_tokens, detail=True)
+        est = model.estimate(
+            shape,
+            batch=batch,
+            seq=seq,
+            precision=args.precision,
+            optimizer=args.optimizer,
+            checkpointing=args.checkpointing,
+            accumulation=args.accumulation,
+            kv_tokens=args.kv_tokens,
+            detail=True,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.json:

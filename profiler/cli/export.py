@@ -16,8 +16,12 @@ HELP = __doc__.splitlines()[0]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run directory (holding meta.json)")
-    parser.add_argument("--memory-viz", metavar="OUT.pickle", required=True,
-                        help="write a snapshot pickle that pytorch.org/memory_viz opens")
+    parser.add_argument(
+        "--memory-viz",
+        metavar="OUT.pickle",
+        required=True,
+        help="write a snapshot pickle that pytorch.org/memory_viz opens",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,8 +38,7 @@ def _summary(trace) -> dict:
         "status": trace.status,
         "meta": trace.meta,
         "tables": {
-            t: {"rows": len(getattr(trace, t)),
-                "source": "journal" if t in trace.from_journal else "parquet"}
+            t: {"rows": len(getattr(trace, t)), "source": "journal" if t in trace.from_journal else "parquet"}
             for t in schema.TABLE_NAMES
         },
     }

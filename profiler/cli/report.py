@@ -20,10 +20,10 @@ HELP = __doc__.splitlines()[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN",
-                        help="a run directory (holding meta.json), or a multi-rank job's directory")
-    parser.add_argument("--top", type=_count, default=10, metavar="N",
-                        help="how many modules to list (default: 10)")
+    parser.add_argument(
+        "run", metavar="RUN", help="a run directory (holding meta.json), or a multi-rank job's directory"
+    )
+    parser.add_argument("--top", type=_count, default=10, metavar="N", help="how many modules to list (default: 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 

@@ -38,21 +38,35 @@ def add_arguments(parser) -> None:
     # Everything after the script (or -m MODULE) is the script's, and argparse must not
     # read `--n` as an abbreviation of `--name` there: no abbreviations at all.
     parser.allow_abbrev = False
-    parser.usage = ("%(prog)s [options] script.py [args ...]\n"
-                    "       %(prog)s [options] -m module [args ...]")
+    parser.usage = "%(prog)s [options] script.py [args ...]\n       %(prog)s [options] -m module [args ...]"
     parser.add_argument("--out", default="traces", help="directory for the run (default: traces)")
     parser.add_argument("--name", help="run name (default: the script's or module's name)")
-    parser.add_argument("--backend", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="cuda: allocator history; cpu: tensor storages (default: auto)")
-    parser.add_argument("--no-stacks", action="store_true",
-                        help="do not record Python stacks (cheaper, no Stacks view)")
-    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                        help="record a toggle in the run's config (repeatable)")
-    parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE [ARGS]",
-                        help="run a module as `python -m MODULE ARGS` does; the rest of the "
-                             "line is its arguments")
-    parser.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [ARGS]",
-                        help="the script to run, then its arguments")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="cuda: allocator history; cpu: tensor storages (default: auto)",
+    )
+    parser.add_argument(
+        "--no-stacks", action="store_true", help="do not record Python stacks (cheaper, no Stacks view)"
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="record a toggle in the run's config (repeatable)",
+    )
+    parser.add_argument(
+        "-m",
+        dest="module",
+        nargs=argparse.REMAINDER,
+        metavar="MODULE [ARGS]",
+        help="run a module as `python -m MODULE ARGS` does; the rest of the line is its arguments",
+    )
+    parser.add_argument(
+        "target", nargs=argparse.REMAINDER, metavar="script.py [ARGS]", help="the script to run, then its arguments"
+    )
 
 
 def _parse_config(items: list[str]) -> dict:
@@ -98,8 +112,7 @@ class _Target:
     def check_module(self) -> None:
         """Fail as a usage error, before capture starts, when the module cannot be found."""
         if self.module.startswith("."):
-            raise UsageError(f"cannot run module {self.module!r}: relative module names are not "
-                             f"supported")
+            raise UsageError(f"cannot run module {self.module!r}: relative module names are not supported")
         # find_spec imports the parent packages, as python -m does before running.
         try:
             spec = importlib.util.find_spec(self.module)
@@ -145,9 +158,14 @@ def _run_file(given: str) -> None:
         source = f.read()
     code = compile(source, filename, "exec", dont_inherit=True)  # bytes: PEP 263 cookies apply
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=filename, __cached__=None, __spec__=None, __package__=None,
-                         __loader__=SourceFileLoader("__main__", filename),
-                         __builtins__=builtins)
+    main.__dict__.update(
+        __file__=filename,
+        __cached__=None,
+        __spec__=None,
+        __package__=None,
+        __loader__=SourceFileLoader("__main__", filename),
+        __builtins__=builtins,
+    )
     saved = sys.modules.get("__main__")
     sys.modules["__main__"] = main  # pickle and multiprocessing find the script's classes
     try:
@@ -197,9 +215,14 @@ def run(args) -> int:
     try:
         if target.module is not None:
             target.check_module()
-        prof = profile(out=args.out, name=args.name or target.name, config=config,
-                       backend=args.backend, stacks=not args.no_stacks,
-                       extra_meta=dict(command=target.command))
+        prof = profile(
+            out=args.out,
+            name=args.name or target.name,
+            config=config,
+            backend=args.backend,
+            stacks=not args.no_stacks,
+            extra_meta=dict(command=target.command),
+        )
         try:
             prof.__enter__()
         except VramscopeError:
@@ -214,8 +237,9 @@ def run(args) -> int:
             error = exc
         sys.argv = saved_argv
         # Finalizes the trace (status complete, or error) and never raises.
-        prof.__exit__(type(error) if error is not None else None, error,
-                      error.__traceback__ if error is not None else None)
+        prof.__exit__(
+            type(error) if error is not None else None, error, error.__traceback__ if error is not None else None
+        )
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path

@@ -22,24 +22,33 @@ HELP = __doc__.splitlines()[0]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (holding meta.json)")
-    parser.add_argument("--device-memory", metavar="SIZE",
-                        help="the card's memory, e.g. 80GiB (default: meta's device_total_bytes)")
-    parser.add_argument("--margin", metavar="SIZE", default="1GiB",
-                        help="kept free for the CUDA context and workspaces the allocator cannot see "
-                             "(default 1GiB)")
-    parser.add_argument("--axis", choices=["batch", "seq"], default="batch",
-                        help="what varies between the runs: batch_size or seq_len (default batch)")
-    parser.add_argument("--values", metavar="X,Y,...",
-                        help="the batch sizes (or seq lens) of the runs, in order, for runs whose "
-                             "config does not record them")
+    parser.add_argument(
+        "--device-memory", metavar="SIZE", help="the card's memory, e.g. 80GiB (default: meta's device_total_bytes)"
+    )
+    parser.add_argument(
+        "--margin",
+        metavar="SIZE",
+        default="1GiB",
+        help="kept free for the CUDA context and workspaces the allocator cannot see (default 1GiB)",
+    )
+    parser.add_argument(
+        "--axis",
+        choices=["batch", "seq"],
+        default="batch",
+        help="what varies between the runs: batch_size or seq_len (default batch)",
+    )
+    parser.add_argument(
+        "--values",
+        metavar="X,Y,...",
+        help="the batch sizes (or seq lens) of the runs, in order, for runs whose config does not record them",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
 def run(args: argparse.Namespace) -> int:
     from profiler.trace import meta as trace_meta
     from profiler.trace.summary_cache import load_summary
-    from profiler.whatif import (DEFAULT_MARGIN_BYTES, WhatIfError, parse_size, point_from_summary,
-                                 whatif)
+    from profiler.whatif import DEFAULT_MARGIN_BYTES, WhatIfError, parse_size, point_from_summary, whatif
 
     values = _values(args.values, len(args.runs), WhatIfError)
     points = []
@@ -82,22 +91,35 @@ def format_result(r: dict) -> str:
     for p in r["runs"]:
         reserved = _gib(p["reserved_bytes"]) if p["reserved_bytes"] else "n/a"
         err = f" ({p['fit_error'] * 100:+.2f}%)" if p["fit_error"] is not None else ""
-        lines.append(f"  {key}={p[key]:<6} allocated {_gib(p['allocated_bytes'])}  reserved {reserved}  "
-                     f"ratio {p['ratio']:.4f}  fit {_gib(p['fit_allocated_bytes'])}{err}")
-    lines += ["", f"fitted model at the peak: bytes = fixed + slope x {key}",
-              f"  {'category':<16}{'fixed':>16}{'slope / unit':>18}"]
+        lines.append(
+            f"  {key}={p[key]:<6} allocated {_gib(p['allocated_bytes'])}  reserved {reserved}  "
+            f"ratio {p['ratio']:.4f}  fit {_gib(p['fit_allocated_bytes'])}{err}"
+        )
+    lines += [
+        "",
+        f"fitted model at the peak: bytes = fixed + slope x {key}",
+        f"  {'category':<16}{'fixed':>16}{'slope / unit':>18}",
+    ]
     cats = sorted(r["categories"].items(), key=lambda kv: -abs(kv[1]["slope_bytes"]) - abs(kv[1]["fixed_bytes"]))
     for name, c in cats:
         if c["fixed_bytes"] == 0 and c["slope_bytes"] == 0:
             continue
         lines.append(f"  {name:<16}{_mib(c['fixed_bytes']):>16}{_mib(c['slope_bytes']):>18}")
     lines.append(f"  {'total':<16}{_mib(r['fixed_bytes']):>16}{_mib(r['slope_bytes']):>18}")
-    lines += ["", f"reserved = allocated x {r['overhead_ratio']:.4f} (largest measured reserved/allocated)",
-              f"device memory {_gib(r['device_memory_bytes'])} ({r['device_memory_source']}) - margin "
-              f"{_gib(r['margin_bytes'])} = budget {_gib(r['budget_bytes'])}", ""]
-    for label, pred in (("largest that fits", r["at_largest"]),
-                        (f"{round((r['over_factor'] - 1) * 100)}% larger", r["at_over"])):
-        lines.append(f"{label:<18} {key}={pred[key]:<6} predicted peak allocated {_gib(pred['allocated_bytes'])}"
-                     f", reserved {_gib(pred['reserved_bytes'])} "
-                     f"({pred['reserved_fraction_of_device'] * 100:.1f}% of the device)")
+    lines += [
+        "",
+        f"reserved = allocated x {r['overhead_ratio']:.4f} (largest measured reserved/allocated)",
+        f"device memory {_gib(r['device_memory_bytes'])} ({r['device_memory_source']}) - margin "
+        f"{_gib(r['margin_bytes'])} = budget {_gib(r['budget_bytes'])}",
+        "",
+    ]
+    for label, pred in (
+        ("largest that fits", r["at_largest"]),
+        (f"{round((r['over_factor'] - 1) * 100)}% larger", r["at_over"]),
+    ):
+        lines.append(
+            f"{label:<18} {key}={pred[key]:<6} predicted peak allocated {_gib(pred['allocated_bytes'])}"
+            f", reserved {_gib(pred['reserved_bytes'])} "
+            f"({pred['reserved_fraction_of_device'] * 100:.1f}% of the device)"
+        )
     return "\n".join(lines)

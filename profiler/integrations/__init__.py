@@ -29,7 +29,7 @@ from collections.abc import Iterable
 __all__ = ["StepCapture"]
 
 # Live captures, closed at interpreter exit if a crash skipped every other path.
-_OPEN: "weakref.WeakSet[StepCapture]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[StepCapture] = weakref.WeakSet()
 
 
 class StepCapture:
@@ -41,8 +41,18 @@ class StepCapture:
     Use it directly to drive a hand-written loop the same way.
     """
 
-    def __init__(self, out="traces", name=None, steps=None, config=None, *, framework=None,
-                 convention=None, ranks=(0,), **profile_kwargs):
+    def __init__(
+        self,
+        out="traces",
+        name=None,
+        steps=None,
+        config=None,
+        *,
+        framework=None,
+        convention=None,
+        ranks=(0,),
+        **profile_kwargs,
+    ):
         self.out = out
         self.name = name
         self.config = dict(config or {})
@@ -55,10 +65,10 @@ class StepCapture:
             raise TypeError(f"pass {sorted(bad)} to the callback itself, not as profile() kwargs")
         _check_profile_kwargs(profile_kwargs)
         self.profile_kwargs = dict(profile_kwargs)
-        self.prof = None          # the open Profiler, if any
+        self.prof = None  # the open Profiler, if any
         self.run_dirs: list = []  # one per consecutive block of chosen steps
         self.step_map: dict[int, int] = {}  # vramscope step -> framework step (open capture)
-        self.disabled = False     # set once a capture could not start (warned)
+        self.disabled = False  # set once a capture could not start (warned)
         self._prev_excepthook = None
 
     # -- what to capture ------------------------------------------------------------
@@ -137,12 +147,19 @@ class StepCapture:
     def _open(self, model) -> None:
         from profiler.capture import session
 
-        meta = {"framework": dict(self.framework, convention=self.convention,
-                                  requested_steps=_describe_steps(self.steps)),
-                "framework_steps": {}}
+        meta = {
+            "framework": dict(self.framework, convention=self.convention, requested_steps=_describe_steps(self.steps)),
+            "framework_steps": {},
+        }
         # Steps end at the framework's step end (prof.step()), never at optimizer.step().
-        prof = session.profile(out=self.out, name=self.name, config=self.config,
-                               extra_meta=meta, explicit_steps=True, **self.profile_kwargs)
+        prof = session.profile(
+            out=self.out,
+            name=self.name,
+            config=self.config,
+            extra_meta=meta,
+            explicit_steps=True,
+            **self.profile_kwargs,
+        )
         try:
             prof.__enter__()
         except RuntimeError as e:  # another capture is active: do not break the training run
@@ -158,8 +175,7 @@ class StepCapture:
             try:
                 prof.register_model(model)
             except Exception as e:  # naming is a nicety; the capture goes on without it
-                warnings.warn(f"vramscope: could not register the model ({e})", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(f"vramscope: could not register the model ({e})", RuntimeWarning, stacklevel=3)
 
     def _publish_map(self, prof=None) -> None:
         prof = prof or self.prof

@@ -40,13 +40,17 @@ class VramscopeCallback(CaptureResults, TrainerCallback):
     process closes it.
     """
 
-    def __init__(self, out="traces", name=None, steps=None, config=None, *, ranks=(0,),
-                 **profile_kwargs):
+    def __init__(self, out="traces", name=None, steps=None, config=None, *, ranks=(0,), **profile_kwargs):
         self.capture = StepCapture(
-            out=out, name=name, steps=steps, config=config, ranks=ranks,
+            out=out,
+            name=name,
+            steps=steps,
+            config=config,
+            ranks=ranks,
             framework={"name": "transformers", "version": transformers.__version__},
-            convention=CONVENTION, **profile_kwargs)
-
+            convention=CONVENTION,
+            **profile_kwargs,
+        )
 
     def __enter__(self):
         return self

@@ -38,15 +38,19 @@ class VramscopeCallback(CaptureResults, Callback):
     closes the capture with the error recorded (on_exception).
     """
 
-    def __init__(self, out="traces", name=None, steps=None, config=None, *, ranks=(0,),
-                 **profile_kwargs):
+    def __init__(self, out="traces", name=None, steps=None, config=None, *, ranks=(0,), **profile_kwargs):
         super().__init__()
         self.capture = StepCapture(
-            out=out, name=name, steps=steps, config=config, ranks=ranks,
+            out=out,
+            name=name,
+            steps=steps,
+            config=config,
+            ranks=ranks,
             framework={"name": "lightning", "version": lightning.__version__},
-            convention=CONVENTION, **profile_kwargs)
+            convention=CONVENTION,
+            **profile_kwargs,
+        )
         self._step_at_start: int | None = None
-
 
     # -- Trainer events -------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):

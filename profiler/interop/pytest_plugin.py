@@ -1,7 +1,7 @@
 """pytest plugin: memory budgets and memory regression checks for tests.
 
-Load it with ``-p profiler.pytest_plugin`` (an alias of ``profiler.interop.pytest_plugin``) (or, once vramscope is installed, through
-its ``pytest11`` entry point named ``vramscope``).
+Load it with ``-p profiler.pytest_plugin`` (an alias of ``profiler.interop.pytest_plugin``), or,
+once vramscope is installed, through its ``pytest11`` entry point named ``vramscope``.
 
 Budgets
     ``@pytest.mark.vram_limit("2 GiB")`` runs the test body under ``profiler.profile``
@@ -60,42 +60,55 @@ DEFAULT_REGRESSION_PCT = 10.0
 _TOP = 5
 _STACK_DEPTH = 4
 # Frames from these places say little about which test code allocated: shown only if nothing else.
-_NOISE = ("/_pytest/", "/pytest/", "/pluggy/", "/torch/", "/xdist/", "/execnet/", "/runpy.py",
-          "<frozen ")
+_NOISE = ("/_pytest/", "/pytest/", "/pluggy/", "/torch/", "/xdist/", "/execnet/", "/runpy.py", "<frozen ")
 _PEAKS_KEY = pytest.StashKey[dict]()
 
 
 # -- registration -----------------------------------------------------------------------
 
+
 def pytest_addoption(parser):
     group = parser.getgroup("vramscope", "memory budgets and regressions (vramscope)")
-    group.addoption("--vram-traces", metavar="DIR", default=None,
-                    help="write the traces of profiled tests under DIR (default: pytest's "
-                         "temporary directory)")
-    group.addoption("--vram-baseline", metavar="FILE", default=None,
-                    help="profile every test and compare its peak with the one stored in FILE "
-                         "(JSON)")
-    group.addoption("--vram-regression", metavar="PCT", type=float, default=None,
-                    help=f"with --vram-baseline: fail a test whose peak grew more than PCT %% "
-                         f"over its stored peak (default {DEFAULT_REGRESSION_PCT:g})")
-    group.addoption("--vram-update-baseline", action="store_true", default=False,
-                    help="with --vram-baseline: store this session's peaks in FILE (no "
-                         "regression check)")
+    group.addoption(
+        "--vram-traces",
+        metavar="DIR",
+        default=None,
+        help="write the traces of profiled tests under DIR (default: pytest's temporary directory)",
+    )
+    group.addoption(
+        "--vram-baseline",
+        metavar="FILE",
+        default=None,
+        help="profile every test and compare its peak with the one stored in FILE (JSON)",
+    )
+    group.addoption(
+        "--vram-regression",
+        metavar="PCT",
+        type=float,
+        default=None,
+        help=f"with --vram-baseline: fail a test whose peak grew more than PCT %% "
+        f"over its stored peak (default {DEFAULT_REGRESSION_PCT:g})",
+    )
+    group.addoption(
+        "--vram-update-baseline",
+        action="store_true",
+        default=False,
+        help="with --vram-baseline: store this session's peaks in FILE (no regression check)",
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "vram_limit(budget): profile the test body with vramscope and fail it when "
-                   "its peak allocated memory exceeds budget (bytes, or '512 MiB', '2 GiB', '1.5GB')")
-    config.addinivalue_line(
-        "markers", "vram_off: do not profile this test under --vram-baseline")
+        "markers",
+        "vram_limit(budget): profile the test body with vramscope and fail it when "
+        "its peak allocated memory exceeds budget (bytes, or '512 MiB', '2 GiB', '1.5GB')",
+    )
+    config.addinivalue_line("markers", "vram_off: do not profile this test under --vram-baseline")
     opt = config.option
     if opt.vram_baseline is None and (opt.vram_update_baseline or opt.vram_regression is not None):
         raise pytest.UsageError("--vram-update-baseline and --vram-regression need --vram-baseline FILE")
-    if opt.vram_regression is not None and (not math.isfinite(opt.vram_regression)
-                                            or opt.vram_regression < 0):
-        raise pytest.UsageError(f"--vram-regression: expected a percentage >= 0, "
-                                f"got {opt.vram_regression}")
+    if opt.vram_regression is not None and (not math.isfinite(opt.vram_regression) or opt.vram_regression < 0):
+        raise pytest.UsageError(f"--vram-regression: expected a percentage >= 0, got {opt.vram_regression}")
     stored = {}
     if opt.vram_baseline and not opt.vram_update_baseline:
         stored = read_baseline(opt.vram_baseline).get("tests", {})
@@ -105,6 +118,7 @@ def pytest_configure(config):
 
 # -- the baseline file ------------------------------------------------------------------
 
+
 def read_baseline(path) -> dict:
     """The baseline's contents ({"version", "tests"}); an empty one when FILE does not exist."""
     p = Path(path)
@@ -113,7 +127,7 @@ def read_baseline(path) -> dict:
     try:
         data = json.loads(p.read_text() or "{}")
     except (OSError, ValueError) as e:
-        raise pytest.UsageError(f"--vram-baseline {path}: not a readable JSON baseline ({e})")
+        raise pytest.UsageError(f"--vram-baseline {path}: not a readable JSON baseline ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("tests", {}), dict):
         raise pytest.UsageError(f"--vram-baseline {path}: expected an object with a 'tests' object")
     data.setdefault("tests", {})
@@ -158,15 +172,17 @@ class _locked:
 
 # -- profiling a test -------------------------------------------------------------------
 
+
 def _budget(item):
     marker = item.get_closest_marker("vram_limit")
     if marker is None:
         return None
     args = list(marker.args) or [marker.kwargs.get("budget")]
     if len(args) != 1 or args[0] is None:
-        raise pytest.fail.Exception(f"vram_limit: expected one budget, e.g. "
-                                    f"@pytest.mark.vram_limit('2 GiB'); got {marker.args!r}",
-                                    pytrace=False)
+        raise pytest.fail.Exception(
+            f"vram_limit: expected one budget, e.g. @pytest.mark.vram_limit('2 GiB'); got {marker.args!r}",
+            pytrace=False,
+        )
     try:
         return parse_size(args[0])
     except ValueError as e:
@@ -195,28 +211,29 @@ def pytest_runtest_call(item):
     from profiler.capture.session import profile
     from profiler.trace.meta import read_meta
 
-    prof = profile(out=str(_trace_root(config)), name=_run_name(item),
-                   config={"pytest_nodeid": item.nodeid})
+    prof = profile(out=str(_trace_root(config)), name=_run_name(item), config={"pytest_nodeid": item.nodeid})
     with prof:
         result = yield  # the body's own failure propagates: no budget check then
     meta = read_meta(prof.run_dir)
     peak = int(meta.get("max_allocated_bytes") or 0)
     backend = str(meta.get("backend"))
-    item.user_properties += [("vram_peak_bytes", peak), ("vram_backend", backend),
-                             ("vram_trace", str(prof.run_dir))]
+    item.user_properties += [("vram_peak_bytes", peak), ("vram_backend", backend), ("vram_trace", str(prof.run_dir))]
     problems = []
     if budget is not None and peak > budget:
-        problems.append(f"peak {exact_bytes(peak)} exceeds the budget {exact_bytes(budget)} "
-                        f"by {exact_bytes(peak - budget)}")
+        problems.append(
+            f"peak {exact_bytes(peak)} exceeds the budget {exact_bytes(budget)} by {exact_bytes(peak - budget)}"
+        )
     if baseline and not config.option.vram_update_baseline:
         stored = config.stash[_PEAKS_KEY]["stored"].get(item.nodeid, {}).get(backend)
         pct = config.option.vram_regression
         pct = DEFAULT_REGRESSION_PCT if pct is None else pct
         if stored is not None and peak > int(stored) * (1 + pct / 100):
             growth = 100 * (peak - int(stored)) / int(stored) if int(stored) else math.inf
-            problems.append(f"peak {exact_bytes(peak)} grew {growth:.1f}% over the baseline's "
-                            f"{exact_bytes(int(stored))} ({backend}; allowed: +{pct:g}%, "
-                            f"baseline {config.option.vram_baseline})")
+            problems.append(
+                f"peak {exact_bytes(peak)} grew {growth:.1f}% over the baseline's "
+                f"{exact_bytes(int(stored))} ({backend}; allowed: +{pct:g}%, "
+                f"baseline {config.option.vram_baseline})"
+            )
     if problems:
         raise pytest.fail.Exception(_failure(item, problems, prof.run_dir, peak), pytrace=False)
     return result
@@ -243,8 +260,11 @@ def peak_report(run_dir, top: int = _TOP) -> list[str]:
     lines = []
     mods = module_table(trace, lt=lt)
     if len(mods):
-        mods = mods[mods["peak_contribution_bytes"] > 0].sort_values(
-            "peak_contribution_bytes", ascending=False, kind="stable").head(top)
+        mods = (
+            mods[mods["peak_contribution_bytes"] > 0]
+            .sort_values("peak_contribution_bytes", ascending=False, kind="stable")
+            .head(top)
+        )
     if len(mods):
         lines.append("top modules at the peak:")
         width = max(len(str(m or "(root)")) for m in mods["module"])
@@ -254,11 +274,13 @@ def peak_report(run_dir, top: int = _TOP) -> list[str]:
         lines.append("top modules at the peak: none (no module was running)")
     live = alive_at_peak(trace, lt)
     by_stack = breakdown(live, "stack_id").head(top)
-    names = {int(f): (str(file), int(line), str(fn)) for f, file, line, fn in
-             zip(trace.frames["frame_id"], trace.frames["filename"], trace.frames["line"],
-                 trace.frames["function"])}
-    chains = {int(s): list(f) for s, f in zip(trace.stacks["stack_id"], trace.stacks["frame_ids"])
-              if f is not None}
+    names = {
+        int(f): (str(file), int(line), str(fn))
+        for f, file, line, fn in zip(
+            trace.frames["frame_id"], trace.frames["filename"], trace.frames["line"], trace.frames["function"]
+        )
+    }
+    chains = {int(s): list(f) for s, f in zip(trace.stacks["stack_id"], trace.stacks["frame_ids"]) if f is not None}
     lines.append("top stacks at the peak (innermost frame first):")
     for sid, b, n in zip(by_stack["stack_id"], by_stack["total_bytes"], by_stack["count"]):
         lines.append(f"  {exact_bytes(int(b))} in {int(n)} block{'s' if n != 1 else ''}")
@@ -280,6 +302,7 @@ def _short(file: str) -> str:
 
 # -- collecting peaks (the controller, or the only process) -------------------------------
 
+
 class _Collector:
     """Gathers each profiled test's peak from its report: on the controller under xdist."""
 
@@ -291,8 +314,9 @@ class _Collector:
             return
         props = dict(report.user_properties)
         if "vram_peak_bytes" in props:
-            self.state["measured"].setdefault(report.nodeid, {})[str(props["vram_backend"])] = \
-                int(props["vram_peak_bytes"])
+            self.state["measured"].setdefault(report.nodeid, {})[str(props["vram_backend"])] = int(
+                props["vram_peak_bytes"]
+            )
 
 
 def pytest_sessionfinish(session):
@@ -312,11 +336,8 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     tr = terminalreporter
     tr.section("vramscope peaks", sep="-")
-    rows = sorted(((max(p.values()), nodeid, p) for nodeid, p in state["measured"].items()),
-                  reverse=True)
+    rows = sorted(((max(p.values()), nodeid, p) for nodeid, p in state["measured"].items()), reverse=True)
     for _, nodeid, p in rows[:10]:
-        tr.write_line("  ".join(f"{exact_bytes(b)} [{be}]" for be, b in sorted(p.items()))
-                      + f"  {nodeid}")
+        tr.write_line("  ".join(f"{exact_bytes(b)} [{be}]" for be, b in sorted(p.items())) + f"  {nodeid}")
     if config.option.vram_update_baseline:
-        tr.write_line(f"vramscope: {len(state['measured'])} peaks stored in "
-                      f"{config.option.vram_baseline}")
+        tr.write_line(f"vramscope: {len(state['measured'])} peaks stored in {config.option.vram_baseline}")

@@ -24,8 +24,17 @@ _IPC_OPTIONS = ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 _JOURNAL_BUFFER = 1 << 20  # a flush reaches the OS in one write
 
 # What reading corrupt or torn IPC bytes can raise; any of them ends the readable prefix.
-_TEAR_ERRORS = (pa.ArrowException, OSError, EOFError, MemoryError, ValueError, TypeError,
-                IndexError, KeyError, OverflowError)
+_TEAR_ERRORS = (
+    pa.ArrowException,
+    OSError,
+    EOFError,
+    MemoryError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+)
 
 
 class JournalWriter:
@@ -75,8 +84,7 @@ def read_journal(path: str | os.PathLike, sch: pa.Schema | None) -> pa.Table:
     return _combine(batches, sch)
 
 
-def _read_batches(reader: ipc.RecordBatchStreamReader, sch: pa.Schema,
-                  into: list[pa.RecordBatch]) -> None:
+def _read_batches(reader: ipc.RecordBatchStreamReader, sch: pa.Schema, into: list[pa.RecordBatch]) -> None:
     """Append the stream's valid batches of schema `sch` to `into`, up to the first that is not."""
     while True:
         try:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
 
 from profiler.errors import TraceError, one_line
 from profiler.trace import schema
@@ -27,6 +27,7 @@ from profiler.trace.model import MISSING, UNREADABLE, RankRecord  # noqa: F401  
 from profiler.trace.problems import trace_error
 
 # -- runs under a folder ----------------------------------------------------------------
+
 
 def iter_runs(root) -> list[Path]:
     """Run directories (holding meta.json) at `root` or up to three levels below it:
@@ -53,8 +54,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _natural_key(path: Path) -> list:
     # rank=10 after rank=9, not after rank=1.
-    return [[int(p) if p.isdigit() else p for p in re.split(r"(\d+)", part)]
-            for part in path.parts]
+    return [[int(p) if p.isdigit() else p for p in re.split(r"(\d+)", part)] for part in path.parts]
 
 
 def load_runs(root, tables: Iterable[str] | None = None) -> list[tuple[Path, object]]:
@@ -139,15 +139,24 @@ def read_ranks(run_root) -> list[RankRecord]:
     sizes = [s for s in (world_size_of(r.meta) for r in found) if s]
     world = max(sizes + [r.rank + 1 for r in found], default=0)
     present = {r.rank for r in found}
-    missing = [RankRecord(r, root / f"rank={r}", None, None,
-                          f"{root}: no partition rank={r} (world size {world}): the rank never wrote a trace",
-                          exists=False)
-               for r in range(world) if r not in present]
+    missing = [
+        RankRecord(
+            r,
+            root / f"rank={r}",
+            None,
+            None,
+            f"{root}: no partition rank={r} (world size {world}): the rank never wrote a trace",
+            exists=False,
+        )
+        for r in range(world)
+        if r not in present
+    ]
     return sorted(found + missing, key=lambda r: r.rank)
 
 
 # -- a multi-rank run's views, read from disk ---------------------------------------------
 # Each reads the ranks (unless `records` are given) and hands them to profiler.analysis.ranks.
+
 
 def _records(run_root, records) -> list[RankRecord]:
     return list(records) if records is not None else read_ranks(run_root)
@@ -167,8 +176,7 @@ def rank_categories(run_root, ranks=None, records: list[RankRecord] | None = Non
     return rank_categories_of(_records(run_root, records), ranks)
 
 
-def rank_timelines(run_root, ranks=None, max_points: int = 2000,
-                   records: list[RankRecord] | None = None):
+def rank_timelines(run_root, ranks=None, max_points: int = 2000, records: list[RankRecord] | None = None):
     """analysis.ranks.rank_timelines_of each readable rank's trace (`ranks`: the rank numbers to
     read, default every readable rank); a rank that cannot be loaded is left out, never raised."""
     from profiler.analysis.ranks import TIMELINE_TABLES, rank_timelines_of, readable_ranks

@@ -25,13 +25,13 @@ def read_meta(run_dir) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise trace_error(run, f"{schema.META_FILE} is not UTF-8 text (bad byte at offset "
-                               f"{exc.start})") from None
+        raise trace_error(run, f"{schema.META_FILE} is not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise trace_error(run, f"{schema.META_FILE} is not valid JSON ({exc.msg}, line {exc.lineno} "
-                               f"column {exc.colno})") from None
+        raise trace_error(
+            run, f"{schema.META_FILE} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+        ) from None
     except (RecursionError, ValueError) as exc:
         raise trace_error(run, f"{schema.META_FILE} cannot be parsed: {type(exc).__name__}") from None
     _check_meta(run, meta)
@@ -52,12 +52,17 @@ def _check_meta(run: Path, meta) -> None:
     if not isinstance(meta, dict):
         raise trace_error(run, f"{name} is not a JSON object")
     if meta.get("format") != schema.FORMAT_NAME:
-        raise trace_error(run, f"not a vramscope trace ({name} format is {show(meta.get('format'))}, "
-                               f"expected {schema.FORMAT_NAME!r})")
+        raise trace_error(
+            run, f"not a vramscope trace ({name} format is {show(meta.get('format'))}, expected {schema.FORMAT_NAME!r})"
+        )
     version = meta.get("schema_version")
     if not is_int(version) or version != schema.SCHEMA_VERSION:
-        raise trace_error(run, f"trace schema version {show(version)} is not supported; this "
-                               f"vramscope reads version {schema.SCHEMA_VERSION}", TraceVersionError)
+        raise trace_error(
+            run,
+            f"trace schema version {show(version)} is not supported; this "
+            f"vramscope reads version {schema.SCHEMA_VERSION}",
+            TraceVersionError,
+        )
     missing = [k for k in schema.META_REQUIRED if k not in meta]
     if missing:
         raise trace_error(run, f"{name} lacks required key(s): {', '.join(missing)}")
@@ -67,8 +72,7 @@ def _check_meta(run: Path, meta) -> None:
     for key in schema.META_COUNTERS:
         value = meta[key]
         if value is not None and not (is_int(value) and value >= 0):
-            raise trace_error(run, f"{name} {key} must be a non-negative integer or null, not "
-                                   f"{show(value)}")
+            raise trace_error(run, f"{name} {key} must be a non-negative integer or null, not {show(value)}")
     for key in schema.META_OBJECTS:
         if not isinstance(meta[key], dict):
             raise trace_error(run, f"{name} {key} must be a JSON object")

@@ -11,8 +11,8 @@ each of them (iter_runs, load_runs), is profiler.trace.layout's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -41,8 +41,9 @@ def _wanted(tables: Iterable[str] | None) -> tuple[str, ...]:
     wanted = tuple(tables)
     unknown = [t for t in wanted if t not in schema.TABLES]
     if unknown:
-        raise UsageError(f"unknown trace table(s): {', '.join(map(str, unknown))}; tables are "
-                         f"{', '.join(schema.TABLE_NAMES)}")
+        raise UsageError(
+            f"unknown trace table(s): {', '.join(map(str, unknown))}; tables are {', '.join(schema.TABLE_NAMES)}"
+        )
     return tuple(t for t in schema.TABLE_NAMES if t in wanted)  # schema order, no repeats
 
 
@@ -89,8 +90,7 @@ def _read_raw(run: Path, table: str) -> pa.Table:
 def _require(run: Path, source: str, table: str, present, required) -> None:
     missing = [c for c in required if c not in present]
     if missing:
-        raise trace_error(run, f"{source}: table {table} lacks required column(s) "
-                          f"{', '.join(missing)}")
+        raise trace_error(run, f"{source}: table {table} lacks required column(s) {', '.join(missing)}")
 
 
 def _conform(run: Path, source: str, tbl: pa.Table, target: pa.Schema) -> pa.Table:
@@ -116,8 +116,9 @@ def _cast(run: Path, source: str, field: pa.Field, column: pa.ChunkedArray) -> p
     try:
         return column.cast(field.type)  # safe: overflow or fractions fail here
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise trace_error(run, f"{source}: column {field.name} of type {have} does not fit "
-                          f"{field.type}: {exc}") from None
+        raise trace_error(
+            run, f"{source}: column {field.name} of type {have} does not fit {field.type}: {exc}"
+        ) from None
 
 
 def _same_kind(have: pa.DataType, want: pa.DataType) -> bool:
@@ -134,8 +135,7 @@ def _same_kind(have: pa.DataType, want: pa.DataType) -> bool:
     if t.is_boolean(want):
         return t.is_boolean(have)
     if t.is_list(want):
-        return (t.is_list(have) or t.is_large_list(have)) and _same_kind(have.value_type,
-                                                                        want.value_type)
+        return (t.is_list(have) or t.is_large_list(have)) and _same_kind(have.value_type, want.value_type)
     return False
 
 
@@ -156,8 +156,10 @@ def _check_values(run: Path, table: str, tbl: pa.Table) -> None:
         back = np.flatnonzero(np.diff(values.astype(np.int64)) < 0)
         if len(back):
             i = int(back[0]) + 1
-            raise trace_error(run, f"table {table}: {column} numbers go backwards at row {i} "
-                              f"({int(values[i - 1])} then {int(values[i])})")
+            raise trace_error(
+                run,
+                f"table {table}: {column} numbers go backwards at row {i} ({int(values[i - 1])} then {int(values[i])})",
+            )
 
 
 def _row_count(run: Path, table: str, finished: bool) -> int:
@@ -194,13 +196,11 @@ def _load(run: Path, wanted: tuple[str, ...]) -> Trace:
         _check_values(run, table, tbl)
     if _is_empty(run, arrow, finished):
         raise trace_error(run, "trace is empty (no events and no steps)", EmptyTraceError)
-    frames = {t: _to_pandas(run, t, arrow[t]) if t in arrow else _empty_frame(t)
-              for t in schema.TABLE_NAMES}
+    frames = {t: _to_pandas(run, t, arrow[t]) if t in arrow else _empty_frame(t) for t in schema.TABLE_NAMES}
     return Trace(path=run, meta=meta, from_journal=from_journal, **frames)
 
 
-def _read_tables(run: Path, wanted: tuple[str, ...],
-                 meta: dict) -> tuple[dict[str, pa.Table], tuple[str, ...]]:
+def _read_tables(run: Path, wanted: tuple[str, ...], meta: dict) -> tuple[dict[str, pa.Table], tuple[str, ...]]:
     """Each wanted table, from Parquet where finalized, else from the journals."""
     status = meta.get("status")
     out = {}
@@ -212,8 +212,9 @@ def _read_tables(run: Path, wanted: tuple[str, ...],
             out[table] = schema.empty_table(table)
         elif status is not None:
             # Finalizing deletes journals only after every Parquet file is in place.
-            raise trace_error(run, f"{schema.parquet_name(table)} is missing although the run "
-                              f"finished (status {status})")
+            raise trace_error(
+                run, f"{schema.parquet_name(table)} is missing although the run finished (status {status})"
+            )
         else:
             journal_tables.append(table)
     if journal_tables:

@@ -150,15 +150,20 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         C("action", STR, "Action", not_null=True),
         C("addr", I64),
         C("size_bytes", I64, "requested bytes, as torch records them", non_negative=True, not_null=True),
-        C("block_bytes", I64, "bytes of the allocator block (what memory_allocated() counts): requests "
-          "rounded up, and large blocks sometimes handed out unsplit", non_negative=True, journal=False),
+        C(
+            "block_bytes",
+            I64,
+            "bytes of the allocator block (what memory_allocated() counts): requests "
+            "rounded up, and large blocks sometimes handed out unsplit",
+            non_negative=True,
+            journal=False,
+        ),
         C("stream", I64, journal_required=False),
         C("step", I32),
         C("module", STR, journal=False),
         C("phase", STR, journal=False),
         C("category", STR, "Category", journal=False),
-        C("tag", STR, '"phase|module|category" (profiler.trace.tags), any part may be empty',
-          published=False),
+        C("tag", STR, '"phase|module|category" (profiler.trace.tags), any part may be empty', published=False),
         C("stack_id", I32, journal_required=False),
     ),
     "steps": (
@@ -174,9 +179,13 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         C("num_ooms", I64, "null on CPU", required=False),
         C("events_seen", I64, "cumulative, this capture", required=False),
         C("events_dropped", I64, "cumulative, this capture", required=False),
-        C("modules_hooked", pa.bool_(), "whether module hooks ran in this step; when they did not, "
-          "modules and phases come from an identical hooked step (finalize/templates.py)",
-          required=False),
+        C(
+            "modules_hooked",
+            pa.bool_(),
+            "whether module hooks ran in this step; when they did not, "
+            "modules and phases come from an identical hooked step (finalize/templates.py)",
+            required=False,
+        ),
     ),
     "phases": (
         C("step", I32),
@@ -195,8 +204,12 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
     ),
     "roles": (
         C("ts_us", I64),
-        C("event_index", I64, "events recorded before the role was registered: the role belongs "
-          "to the allocation at `addr` that is live at that point of the stream"),
+        C(
+            "event_index",
+            I64,
+            "events recorded before the role was registered: the role belongs "
+            "to the allocation at `addr` that is live at that point of the stream",
+        ),
         C("step", I32, required=False),
         C("addr", I64),
         C("size_bytes", I64, non_negative=True),
@@ -265,9 +278,11 @@ RAW_EVENTS = JOURNALS["events"]
 
 # Columns a reader needs; a table missing any of these is rejected.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    t: tuple(c.name for c in published_columns(t) if c.required_in(journal=False)) for t in COLUMNS}
+    t: tuple(c.name for c in published_columns(t) if c.required_in(journal=False)) for t in COLUMNS
+}
 JOURNAL_REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    t: tuple(c.name for c in journal_columns(t) if c.required_in(journal=True)) for t in COLUMNS}
+    t: tuple(c.name for c in journal_columns(t) if c.required_in(journal=True)) for t in COLUMNS
+}
 
 
 def _flagged(flag: str) -> dict[str, tuple[str, ...]]:

@@ -65,9 +65,12 @@ def read_summary(run_dir) -> dict | None:
         summary = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
         return None
-    if (not isinstance(summary, dict) or summary.get("summary_version") != SUMMARY_VERSION
-            or summary.get("status") in (None, "running")
-            or summary.get("meta_sha256") != _meta_digest(run_dir)):
+    if (
+        not isinstance(summary, dict)
+        or summary.get("summary_version") != SUMMARY_VERSION
+        or summary.get("status") in (None, "running")
+        or summary.get("meta_sha256") != _meta_digest(run_dir)
+    ):
         return None
     summary.pop("meta_sha256")
     return summary
@@ -89,6 +92,7 @@ def load_summary(run_dir, load=None) -> dict:
 
         def load(path):
             return load_trace(path, tables=SUMMARY_TABLES)
+
     summary = run_summary(load(run_dir))
     if summary["status"] != "running" and digest is not None:
         try:

@@ -74,8 +74,9 @@ def new_run_id(name: str) -> str:
 class TraceWriter:
     """Owns a run directory for the duration of one capture."""
 
-    def __init__(self, out_dir: str | os.PathLike, name: str, meta: dict,
-                 run_id: str | None = None, subdir: str | None = None):
+    def __init__(
+        self, out_dir: str | os.PathLike, name: str, meta: dict, run_id: str | None = None, subdir: str | None = None
+    ):
         self.run_id = run_id or new_run_id(name)
         self.run_dir = Path(out_dir) / self.run_id
         if subdir:  # one partition of a multi-rank run, e.g. "rank=3"
@@ -136,8 +137,7 @@ class TraceWriter:
         self.flush()
         for journal in self._journals.values():
             journal.close()
-        raw = {t: read_journal(self.run_dir / schema.journal_name(t), s)
-               for t, s in self._schemas.items()}
+        raw = {t: read_journal(self.run_dir / schema.journal_name(t), s) for t, s in self._schemas.items()}
         facts: dict = {}
         final = finalize_tables(raw, self.meta, facts)
         for table, tbl in final.items():
@@ -146,8 +146,7 @@ class TraceWriter:
             (self.run_dir / schema.journal_name(table)).unlink(missing_ok=True)
         self.meta.update(meta_updates or {})
         self.meta.update(facts)
-        self.meta.update(status=status, ended_at=time.time(),
-                         event_count=final["events"].num_rows)
+        self.meta.update(status=status, ended_at=time.time(), event_count=final["events"].num_rows)
         write_meta(self.run_dir, self.meta)
         self.finalized = True
         return self.run_dir
@@ -159,8 +158,13 @@ def _to_arrow(values, type_: pa.DataType) -> pa.Array:
     if pa.types.is_dictionary(type_):
         # Encoded while converting: cheaper than making strings, then dictionary_encode.
         return pa.array(values, type_)
-    if (type(values) in (list, tuple) and values and type(values[0]) is int
-            and pa.types.is_integer(type_) and values[0] == values[-1]
-            and values.count(values[0]) == len(values)):  # one value: the step, the stream
+    if (
+        type(values) in (list, tuple)
+        and values
+        and type(values[0]) is int
+        and pa.types.is_integer(type_)
+        and values[0] == values[-1]
+        and values.count(values[0]) == len(values)
+    ):  # one value: the step, the stream
         return pa.array(np.full(len(values), values[0], dtype=type_.to_pandas_dtype()))
     return pa.array(values, type_)

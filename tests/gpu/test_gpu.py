@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gpu_oracle import allocated_at_step_ends, categories_alive_at, load_events, replay
 
 pytestmark = [
@@ -52,6 +51,7 @@ def _gpt_step_fn(steps: int):
     def run():
         for _ in range(steps):
             train_step(model, opt, batch, autocast_dtype=torch.bfloat16).item()
+
     return model, opt, run
 
 
@@ -76,12 +76,20 @@ def test_replay_reproduces_allocator_peak(gpt_run):
     ev, meta = load_events(run_dir)
     peak, _ = replay(ev, meta["baseline_allocated_bytes"])
     peak_completed, _ = replay(ev, meta["baseline_allocated_bytes"], release="free_completed")
-    _save("exact_accounting", dict(events=len(ev), baseline=meta["baseline_allocated_bytes"],
-                                   replayed_peak=peak, replayed_peak_free_completed=peak_completed,
-                                   meta_max_allocated=meta["max_allocated_bytes"],
-                                   torch_max_memory_allocated=torch_peak,
-                                   dropped=meta["events_dropped"], device=meta["device"],
-                                   torch=meta["torch_version"]))
+    _save(
+        "exact_accounting",
+        dict(
+            events=len(ev),
+            baseline=meta["baseline_allocated_bytes"],
+            replayed_peak=peak,
+            replayed_peak_free_completed=peak_completed,
+            meta_max_allocated=meta["max_allocated_bytes"],
+            torch_max_memory_allocated=torch_peak,
+            dropped=meta["events_dropped"],
+            device=meta["device"],
+            torch=meta["torch_version"],
+        ),
+    )
     assert meta["events_dropped"] == 0
     assert peak == peak_completed == meta["max_allocated_bytes"] == torch_peak
 
@@ -107,12 +115,19 @@ def test_allocations_carry_module_or_optimizer(gpt_run):
     tagged = allocs["module"].notna() | (allocs["phase"] == "optimizer")
     share = allocs["size_bytes"][tagged].sum() / allocs["size_bytes"].sum()
     untagged = allocs[~tagged].groupby(["phase", "category"], observed=True)["size_bytes"].sum()
-    per_step = {int(s): float(g["size_bytes"][tagged[g.index]].sum() / g["size_bytes"].sum())
-                for s, g in allocs.groupby("step")}
+    per_step = {
+        int(s): float(g["size_bytes"][tagged[g.index]].sum() / g["size_bytes"].sum()) for s, g in allocs.groupby("step")
+    }
     meta = json.loads((run_dir / "meta.json").read_text())
-    _save("attribution", dict(tagged_share=float(share), per_step=per_step,
-                              steps_from_template=meta.get("steps_from_template"),
-                              untagged_bytes={str(k): int(v) for k, v in untagged.items()}))
+    _save(
+        "attribution",
+        dict(
+            tagged_share=float(share),
+            per_step=per_step,
+            steps_from_template=meta.get("steps_from_template"),
+            untagged_bytes={str(k): int(v) for k, v in untagged.items()},
+        ),
+    )
     assert share >= 0.995
     assert meta.get("steps_from_template", 0) >= 3
 
@@ -162,8 +177,9 @@ def test_categories_agree_with_memtracker():
     mt.track_external(model, opt)
     with mt:
         run()
-    theirs = {str(getattr(k, "value", k)): int(v)
-              for k, v in mt.get_tracker_snapshot("peak")[torch.device("cuda", 0)].items()}
+    theirs = {
+        str(getattr(k, "value", k)): int(v) for k, v in mt.get_tracker_snapshot("peak")[torch.device("cuda", 0)].items()
+    }
     del model, opt, mt, run
     _fresh_gpu()
 
@@ -177,13 +193,17 @@ def test_categories_agree_with_memtracker():
     seg = pq.read_table(prof.run_dir / "segments.parquet").to_pandas()
     _, at = replay(ev, meta["baseline_allocated_bytes"])
     ours = categories_alive_at(ev, seg, at)
-    pairs = {"parameter": "Parameter", "optimizer_state": "Optstate",
-             "activation": "Activation", "temporary": "Temp", "gradient": "Gradient"}
+    pairs = {
+        "parameter": "Parameter",
+        "optimizer_state": "Optstate",
+        "activation": "Activation",
+        "temporary": "Temp",
+        "gradient": "Gradient",
+    }
     table = {c: dict(vramscope=ours.get(c, 0), memtracker=theirs.get(m, 0)) for c, m in pairs.items()}
     for row in table.values():
         row["diff_pct"] = 100.0 * (row["vramscope"] - row["memtracker"]) / max(row["memtracker"], 1)
-    _save("memtracker", dict(table=table, memtracker_raw=theirs, vramscope_raw=ours,
-                             peak_event_index=at))
+    _save("memtracker", dict(table=table, memtracker_raw=theirs, vramscope_raw=ours, peak_event_index=at))
     for c in ("parameter", "optimizer_state", "activation", "temporary"):
         if table[c]["memtracker"] or table[c]["vramscope"]:
             assert abs(table[c]["diff_pct"]) <= 2.0, (c, table[c])
@@ -204,19 +224,32 @@ def test_oom_under_vramscope_run(tmp_path):
     script = tmp_path / "oom_script.py"
     script.write_text(OOM_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "run", "--out", str(tmp_path / "t"),
-                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "profiler.cli", "run", "--out", str(tmp_path / "t"), str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     print(proc.stderr[-2000:])
     runs = list((tmp_path / "t").iterdir())
     assert len(runs) == 1
     meta = json.loads((runs[0] / "meta.json").read_text())
     ev, _ = load_events(runs[0])
     import pyarrow.parquet as pq
+
     seg = pq.read_table(runs[0] / "segments.parquet").to_pandas()
-    _save("oom", dict(returncode=proc.returncode, stderr_tail=proc.stderr.strip().splitlines()[-2:],
-                      status=meta["status"], oom=meta.get("oom"),
-                      oom_events=int((ev["action"] == "oom").sum()),
-                      oom_segment_rows=int((seg["snapshot"] == "oom").sum())))
+    _save(
+        "oom",
+        dict(
+            returncode=proc.returncode,
+            stderr_tail=proc.stderr.strip().splitlines()[-2:],
+            status=meta["status"],
+            oom=meta.get("oom"),
+            oom_events=int((ev["action"] == "oom").sum()),
+            oom_segment_rows=int((seg["snapshot"] == "oom").sum()),
+        ),
+    )
     assert proc.returncode != 0
     assert "OutOfMemoryError" in proc.stderr
     assert meta["status"] == "oom"
@@ -230,12 +263,10 @@ def test_full_ring_is_counted_not_silent(tmp_path):
 
     _fresh_gpu()
     model, opt, run = _gpt_step_fn(steps=1)
-    with profiler.profile(out=tmp_path, name="tiny-ring", max_entries=500,
-                          drain_interval_s=3600) as prof:
+    with profiler.profile(out=tmp_path, name="tiny-ring", max_entries=500, drain_interval_s=3600) as prof:
         run()
     del model, opt, run
     _fresh_gpu()
     meta = json.loads((prof.run_dir / "meta.json").read_text())
-    _save("ring_drops", dict(max_entries=500, events_kept=meta["event_count"],
-                             events_dropped=meta["events_dropped"]))
+    _save("ring_drops", dict(max_entries=500, events_kept=meta["event_count"], events_dropped=meta["events_dropped"]))
     assert meta["events_dropped"] > 0

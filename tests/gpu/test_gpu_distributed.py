@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from gpu_oracle import allocated_at_step_ends, load_events, replay
 
 pytestmark = [
@@ -27,13 +26,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("variant", ["ddp", "fsdp-zero3", "fsdp-offload"])
 def test_each_rank_replays_its_own_gpu(tmp_path, variant):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "workloads.distributed", "--preset", "tiny", "--variant", variant, "--steps", "4",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "workloads.distributed",
+        "--preset",
+        "tiny",
+        "--variant",
+        variant,
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
     (job,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     for rank in (0, 1):
         run = job / f"rank={rank}"
@@ -81,13 +95,25 @@ dist.destroy_process_group()
 def test_vramscope_run_under_torchrun(tmp_path, die_at):
     script = tmp_path / "ddp_nccl.py"
     script.write_text(NCCL_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "profiler.cli", "run", "--out", str(tmp_path / "t"), str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "profiler.cli",
+        "run",
+        "--out",
+        str(tmp_path / "t"),
+        str(script),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), **({"DIE_AT": str(die_at)} if die_at else {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert (proc.returncode == 0) == (die_at is None), proc.stderr[-3000:]
     (job,) = [p for p in (tmp_path / "t").iterdir() if p.is_dir()]
     from profiler.trace.reader import load_trace
+
     for rank in (0, 1):
         trace = load_trace(job / f"rank={rank}")
         assert trace.meta["device_index"] == rank and trace.meta["run_id"] == job.name
@@ -99,5 +125,7 @@ def test_vramscope_run_under_torchrun(tmp_path, die_at):
             assert {"parameter", "gradient", "optimizer_state"} <= set(ev["category"].astype(str))
             print(f"[vramscope run rank {rank}] peak {peak:,} B on cuda:{meta['device_index']}")
         else:
-            print(f"[rank {rank} after rank 1 died] status {trace.meta.get('status')}, "
-                  f"steps {sorted(set(trace.steps['step']))}")
+            print(
+                f"[rank {rank} after rank 1 died] status {trace.meta.get('status')}, "
+                f"steps {sorted(set(trace.steps['step']))}"
+            )

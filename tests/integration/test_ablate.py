@@ -19,16 +19,17 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from fakes import write_trace
+
 from profiler.cli import main
-from workloads.ablate_cli import render
 from workloads import ablate, run_one
+from workloads.ablate_cli import render
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 # -- the matrix -----------------------------------------------------------------------
+
 
 def test_seeds_start_with_the_baseline_and_skip_cuda_rows_on_cpu():
     configs = ablate.configurations("seeds", device="cpu")
@@ -55,8 +56,10 @@ def test_kv_suite_is_inference_with_a_concat_baseline():
 
 def test_vary_is_a_cartesian_product_on_top_of_fixed_toggles():
     configs = ablate.configurations(
-        "seeds", vary={"precision": ["fp32", "bf16"], "checkpointing": [None, "full", "every:2"]},
-        fixed={"accumulation": 4})
+        "seeds",
+        vary={"precision": ["fp32", "bf16"], "checkpointing": [None, "full", "every:2"]},
+        fixed={"accumulation": 4},
+    )
     assert len(configs) == 6
     assert configs[0].toggles == {"accumulation": 4, "precision": "fp32"}  # None: the toggle unset
     assert configs[0].name == "precision=fp32,checkpointing=off"
@@ -101,13 +104,13 @@ BASE = dict(status="ok", peak_allocated_bytes=1000, median_step_ms=100.0, tokens
 
 
 def test_memory_saved_and_speed_change_from_step_times():
-    d = ablate.baseline_diffs(dict(status="ok", peak_allocated_bytes=750, median_step_ms=80.0,
-                                   tokens_per_s=None, loss=2.75), BASE)
+    d = ablate.baseline_diffs(
+        dict(status="ok", peak_allocated_bytes=750, median_step_ms=80.0, tokens_per_s=None, loss=2.75), BASE
+    )
     assert d["memory_saved_pct"] == pytest.approx(25.0)  # (1000 - 750) / 1000
     assert d["speed_change_pct"] == pytest.approx(25.0)  # 100 / 80 - 1: positive = faster
     assert d["loss_delta"] == pytest.approx(0.25)
-    d = ablate.baseline_diffs(dict(status="ok", peak_allocated_bytes=1500, median_step_ms=200.0,
-                                   loss=None), BASE)
+    d = ablate.baseline_diffs(dict(status="ok", peak_allocated_bytes=1500, median_step_ms=200.0, loss=None), BASE)
     assert d["memory_saved_pct"] == pytest.approx(-50.0)  # more memory: negative
     assert d["speed_change_pct"] == pytest.approx(-50.0)  # twice the time: half the speed
     assert d["loss_delta"] is None
@@ -130,12 +133,15 @@ def test_no_diffs_against_a_failed_baseline_or_for_a_failed_row():
 
 # -- rows from fake children ----------------------------------------------------------
 
+
 @pytest.fixture
 def fake_run(tmp_path) -> Path:
     """A real trace directory for the fake children's ok results to point at."""
-    events = [("alloc", 0x100, 4096, "forward", "blocks.0", "parameter"),
-              ("alloc", 0x200, 1024, "forward", "blocks.0", "activation"),
-              ("alloc", 0x300, 2048, "optimizer", None, "optimizer_state")]
+    events = [
+        ("alloc", 0x100, 4096, "forward", "blocks.0", "parameter"),
+        ("alloc", 0x200, 1024, "forward", "blocks.0", "activation"),
+        ("alloc", 0x300, 2048, "optimizer", None, "optimizer_state"),
+    ]
     return write_trace(tmp_path / "fake-traces", events)
 
 
@@ -151,12 +157,23 @@ def fake_children(monkeypatch, fake_run):
     def launch(argv, env, timeout):
         toggles = json.loads(_arg(argv, "--toggles"))
         calls.append({"toggles": toggles, "env": env, "argv": argv})
-        result = {"status": "ok", "run_dir": str(fake_run), "peak_allocated_bytes": 10_000,
-                  "peak_reserved_bytes": None, "median_step_ms": 100.0, "tokens_per_s": 1280.0,
-                  "loss": 5.0, "losses": [5.5, 5.0], "error": None}
+        result = {
+            "status": "ok",
+            "run_dir": str(fake_run),
+            "peak_allocated_bytes": 10_000,
+            "peak_reserved_bytes": None,
+            "median_step_ms": 100.0,
+            "tokens_per_s": 1280.0,
+            "loss": 5.0,
+            "losses": [5.5, 5.0],
+            "error": None,
+        }
         if toggles.get("precision") == "bf16" and len(toggles) == 1:
-            result = {"status": "oom", "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB",
-                      "peak_allocated_bytes": 99_999}
+            result = {
+                "status": "oom",
+                "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB",
+                "peak_allocated_bytes": 99_999,
+            }
         elif toggles.get("precision") == "fp16":
             result = {"status": "error", "error": "RuntimeError: fp16 exploded"}
         elif toggles.get("checkpointing") == "full" and len(toggles) == 1:
@@ -226,9 +243,10 @@ def _values(column) -> list:
 
 
 def test_a_mixed_toggle_column_still_fits_parquet(tmp_path):
-    rows = [ablate.result_row(ablate.Config(name=n, kind="train", toggles=t), {"status": "ok"})
-            for n, t in (("a", {"checkpointing": 4}), ("b", {"checkpointing": "every:2"}),
-                         ("c", {"accumulation": 4}))]
+    rows = [
+        ablate.result_row(ablate.Config(name=n, kind="train", toggles=t), {"status": "ok"})
+        for n, t in (("a", {"checkpointing": 4}), ("b", {"checkpointing": "every:2"}), ("c", {"accumulation": 4}))
+    ]
     table = ablate.build_table(rows)
     ablate.write_table(table, tmp_path / "t.parquet")
     back = pd.read_parquet(tmp_path / "t.parquet")
@@ -245,29 +263,57 @@ def test_the_launcher_stops_a_run_that_takes_too_long():
 
 # -- run_one --------------------------------------------------------------------------
 
+
 def _run_one(monkeypatch, tmp_path, body):
     fake = types.ModuleType("fake_workload")
     fake.run = body
     monkeypatch.setitem(sys.modules, "fake_workload", fake)
     monkeypatch.setitem(run_one.KINDS, "train", "fake_workload")
     out = tmp_path / "result.json"
-    assert run_one.main(["--kind", "train", "--preset", "tiny", "--toggles", '{"precision": "bf16"}',
-                         "--out", str(tmp_path), "--name", "x", "--steps", "2", "--result", str(out)]) == 0
+    assert (
+        run_one.main(
+            [
+                "--kind",
+                "train",
+                "--preset",
+                "tiny",
+                "--toggles",
+                '{"precision": "bf16"}',
+                "--out",
+                str(tmp_path),
+                "--name",
+                "x",
+                "--steps",
+                "2",
+                "--result",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
 def test_run_one_writes_what_the_workload_returns(monkeypatch, tmp_path):
     def body(preset, toggles, *, out, name, steps, device):
         return {"status": "ok", "toggles": toggles, "steps": steps, "device": device, "preset": preset}
+
     assert _run_one(monkeypatch, tmp_path, body) == {
-        "status": "ok", "toggles": {"precision": "bf16"}, "steps": 2, "device": "auto", "preset": "tiny"}
+        "status": "ok",
+        "toggles": {"precision": "bf16"},
+        "steps": 2,
+        "device": "auto",
+        "preset": "tiny",
+    }
 
 
-@pytest.mark.parametrize("exc, status", [(RuntimeError("CUDA out of memory.\nTried"), "oom"),
-                                         (ValueError("bad toggle\n  value"), "error")])
+@pytest.mark.parametrize(
+    "exc, status", [(RuntimeError("CUDA out of memory.\nTried"), "oom"), (ValueError("bad toggle\n  value"), "error")]
+)
 def test_run_one_turns_an_exception_into_a_result(monkeypatch, tmp_path, exc, status):
     def body(*a, **k):
         raise exc
+
     result = _run_one(monkeypatch, tmp_path, body)
     assert result["status"] == status
     assert "\n" not in result["error"] and result["error"].startswith(type(exc).__name__ + ": ")
@@ -281,35 +327,90 @@ def test_run_one_rejects_a_result_that_breaks_the_contract(monkeypatch, tmp_path
 
 # -- the text -------------------------------------------------------------------------
 
+
 def _rows():
     cfg = ablate.Config
     return [
-        ablate.result_row(cfg(name="baseline", kind="train", toggles={}),
-                          dict(status="ok", peak_allocated_bytes=4 << 20, peak_reserved_bytes=None,
-                               median_step_ms=100.0, tokens_per_s=1000.0, loss=5.0)),
-        ablate.result_row(cfg(name="ckpt", kind="train", toggles={"checkpointing": "full"}),
-                          dict(status="ok", peak_allocated_bytes=3 << 20, median_step_ms=125.0,
-                               tokens_per_s=800.0, loss=5.0)),
-        ablate.result_row(cfg(name="bf16", kind="train", toggles={"precision": "bf16"}),
-                          dict(status="oom", error="OutOfMemoryError: no room")),
-        ablate.result_row(cfg(name="flash", kind="train", toggles={"attention": "flash"}, skip="x"),
-                          dict(status="skipped", error="attention=flash needs CUDA")),
+        ablate.result_row(
+            cfg(name="baseline", kind="train", toggles={}),
+            dict(
+                status="ok",
+                peak_allocated_bytes=4 << 20,
+                peak_reserved_bytes=None,
+                median_step_ms=100.0,
+                tokens_per_s=1000.0,
+                loss=5.0,
+            ),
+        ),
+        ablate.result_row(
+            cfg(name="ckpt", kind="train", toggles={"checkpointing": "full"}),
+            dict(status="ok", peak_allocated_bytes=3 << 20, median_step_ms=125.0, tokens_per_s=800.0, loss=5.0),
+        ),
+        ablate.result_row(
+            cfg(name="bf16", kind="train", toggles={"precision": "bf16"}),
+            dict(status="oom", error="OutOfMemoryError: no room"),
+        ),
+        ablate.result_row(
+            cfg(name="flash", kind="train", toggles={"attention": "flash"}, skip="x"),
+            dict(status="skipped", error="attention=flash needs CUDA"),
+        ),
     ]
 
 
 def test_render_lines_up_toggles_numbers_and_reasons():
     text = render(ablate.build_table(_rows()))
     lines = text.splitlines()
-    assert lines[0].split() == ["name", "checkpointing", "precision", "attention", "status", "peak", "alloc",
-                                "step", "ms", "tokens/s", "mem", "saved", "speed", "loss", "loss", "diff"]
-    assert lines[1].split() == ["baseline", "-", "-", "-", "ok", "4.00", "MiB", "100.0", "1,000",
-                                "+0.0%", "+0.0%", "5.0000", "+0.0000"]
-    assert lines[2].split() == ["ckpt", "full", "-", "-", "ok", "3.00", "MiB", "125.0", "800",
-                                "+25.0%", "-20.0%", "5.0000", "+0.0000"]
+    assert lines[0].split() == [
+        "name",
+        "checkpointing",
+        "precision",
+        "attention",
+        "status",
+        "peak",
+        "alloc",
+        "step",
+        "ms",
+        "tokens/s",
+        "mem",
+        "saved",
+        "speed",
+        "loss",
+        "loss",
+        "diff",
+    ]
+    assert lines[1].split() == [
+        "baseline",
+        "-",
+        "-",
+        "-",
+        "ok",
+        "4.00",
+        "MiB",
+        "100.0",
+        "1,000",
+        "+0.0%",
+        "+0.0%",
+        "5.0000",
+        "+0.0000",
+    ]
+    assert lines[2].split() == [
+        "ckpt",
+        "full",
+        "-",
+        "-",
+        "ok",
+        "3.00",
+        "MiB",
+        "125.0",
+        "800",
+        "+25.0%",
+        "-20.0%",
+        "5.0000",
+        "+0.0000",
+    ]
     assert lines[3].split() == ["bf16", "-", "bf16", "-", "oom"]
     assert "peak reserved" not in text and "frag" not in text  # columns no row has (the CPU)
-    assert lines[-2:] == ["  bf16   oom: OutOfMemoryError: no room",
-                          "  flash  skipped: attention=flash needs CUDA"]
+    assert lines[-2:] == ["  bf16   oom: OutOfMemoryError: no room", "  flash  skipped: attention=flash needs CUDA"]
 
 
 def test_render_of_nothing():
@@ -318,22 +419,26 @@ def test_render_of_nothing():
 
 # -- the command line -----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    (["--vary", "precision"], "--vary expects KEY=A,B,..."),
-    (["--vary", "precision="], "--vary expects KEY=A,B,..."),
-    (["--vary", "a=1", "--vary", "a=2"], "--vary a given twice"),
-    (["--vary", "a=1,1"], "repeats a value"),
-    (["--set", "precision"], "--set expects KEY=VALUE"),
-    (["--set", "a=1", "--vary", "a=2,3"], "both --vary and --set"),
-    (["--steps", "0"], "argument --steps: expected a positive number"),
-    (["--timeout", "soon"], "argument --timeout: expected a positive number"),
-    (["--jobs", "0"], "argument --jobs: expected a positive number"),
-    (["--suite", "nope"], "argument --suite: invalid choice"),
-    (["--device", "tpu"], "argument --device: invalid choice"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--set", "precison=bf16"], "unknown train toggle(s) precison; known: precision,"),
-    (["--suite", "kv", "--vary", "optimizer=sgd,adamw"], "unknown infer toggle(s) optimizer"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vary", "precision"], "--vary expects KEY=A,B,..."),
+        (["--vary", "precision="], "--vary expects KEY=A,B,..."),
+        (["--vary", "a=1", "--vary", "a=2"], "--vary a given twice"),
+        (["--vary", "a=1,1"], "repeats a value"),
+        (["--set", "precision"], "--set expects KEY=VALUE"),
+        (["--set", "a=1", "--vary", "a=2,3"], "both --vary and --set"),
+        (["--steps", "0"], "argument --steps: expected a positive number"),
+        (["--timeout", "soon"], "argument --timeout: expected a positive number"),
+        (["--jobs", "0"], "argument --jobs: expected a positive number"),
+        (["--suite", "nope"], "argument --suite: invalid choice"),
+        (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--set", "precison=bf16"], "unknown train toggle(s) precison; known: precision,"),
+        (["--suite", "kv", "--vary", "optimizer=sgd,adamw"], "unknown infer toggle(s) optimizer"),
+    ],
+)
 def test_bad_arguments_are_one_line_usage_errors(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(ablate, "launch", lambda *a: pytest.fail("no run may start"))
     assert main(["ablate", "--device", "cpu", *argv] if "--device" not in argv else ["ablate", *argv]) == 2
@@ -353,28 +458,48 @@ def test_cuda_where_there_is_none_is_a_usage_error(capsys):
 def test_cli_prints_the_table_and_writes_it(fake_children, capsys, tmp_path):
     assert main(["ablate", "--suite", "kv", "--device", "cpu", "--out", str(tmp_path), "--steps", "3"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("vramscope ablate: suite kv, preset tiny, device cpu, 3 steps: "
-                                   "7 configurations in ")
+    assert captured.out.startswith("vramscope ablate: suite kv, preset tiny, device cpu, 3 steps: 7 configurations in ")
     assert "kv-int8" in captured.out and "table: " in captured.out
     assert captured.err.count("\n") == 7 and "[7/7] prealloc+w-int8" in captured.err  # plain progress
     assert len(list(tmp_path.glob("ablation-kv-*.parquet"))) == 1
 
 
 def test_cli_json_with_vary_and_set(fake_children, capsys, tmp_path):
-    assert main(["ablate", "--vary", "precision=fp32,bf16", "--vary", "optimizer=adamw,sgd",
-                 "--set", "accumulation=2", "--device", "cpu", "--out", str(tmp_path), "--json"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--vary",
+                "precision=fp32,bf16",
+                "--vary",
+                "optimizer=adamw,sgd",
+                "--set",
+                "accumulation=2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["vary"] == {"precision": ["fp32", "bf16"], "optimizer": ["adamw", "sgd"]}
     assert out["fixed"] == {"accumulation": 2}
     assert [r["name"] for r in out["rows"]] == [
-        "precision=fp32,optimizer=adamw", "precision=fp32,optimizer=sgd",
-        "precision=bf16,optimizer=adamw", "precision=bf16,optimizer=sgd"]
+        "precision=fp32,optimizer=adamw",
+        "precision=fp32,optimizer=sgd",
+        "precision=bf16,optimizer=adamw",
+        "precision=bf16,optimizer=sgd",
+    ]
     assert {r["config.accumulation"] for r in out["rows"]} == {"2"}
     assert [c["toggles"] for c in fake_children][1] == {"accumulation": 2, "precision": "fp32", "optimizer": "sgd"}
     assert Path(out["path"]).name.startswith("ablation-seeds-vary-")
 
 
 # -- for real -------------------------------------------------------------------------
+
 
 def _workloads_ready() -> bool:
     try:
@@ -389,9 +514,31 @@ def _ablate(tmp_path, suite) -> tuple[dict, float]:
     # Two runs at a time: each run is mostly a fresh interpreter importing torch, and the
     # checks here are of memory, which stays exact per process (CI wants both suites in 2 min).
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "ablate", "--preset", "tiny", "--suite", suite,
-                           "--steps", "5", "--device", "cpu", "--out", str(tmp_path), "--jobs", "2", "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "profiler.cli",
+            "ablate",
+            "--preset",
+            "tiny",
+            "--suite",
+            suite,
+            "--steps",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--jobs",
+            "2",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout), time.monotonic() - t0
 

@@ -74,8 +74,7 @@ def test_duckdb_reads_the_job_as_one_dataset_with_a_rank_column(job):
         trace = load_trace(run_root / f"rank={rank}", tables=["steps"])
         assert int(steps_df["peak_allocated_bytes"][rank]) == trace.meta["max_allocated_bytes"]
         # The replayed peak over every event, plus what was allocated before the capture.
-        assert int(events_df["peak_delta_bytes"][rank]) + r["baseline_allocated_bytes"] \
-            == r["max_allocated_bytes"]
+        assert int(events_df["peak_delta_bytes"][rank]) + r["baseline_allocated_bytes"] == r["max_allocated_bytes"]
 
 
 def test_measure_times_the_pages(job):

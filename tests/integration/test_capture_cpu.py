@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import profiler
-from profiler.trace import schema
 from profiler.capture import session
 from profiler.capture.cpu import CpuBackend
+from profiler.trace import schema
 from profiler.trace.reader import load_trace
 from workloads.model import GPT, preset
 from workloads.train import build, make_batch, train_step
@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # -- helpers --------------------------------------------------------------------------
 
-def _capture(tmp_path, steps, model=None, opt=None, name="tiny", optimizer="adamw",
-             explicit_steps=False):
+
+def _capture(tmp_path, steps, model=None, opt=None, name="tiny", optimizer="adamw", explicit_steps=False):
     torch.manual_seed(0)
     cfg = preset("tiny")
     if model is None:
@@ -69,8 +69,12 @@ def _replay(ev, baseline=0):
 def _live_at(ev, index):
     """Category -> bytes of allocations alive just after event `index`."""
     live = {}
-    rows = zip(ev["action"].astype(str)[: index + 1], ev["addr"][: index + 1],
-               ev["block_bytes"][: index + 1], ev["category"].astype(str)[: index + 1])
+    rows = zip(
+        ev["action"].astype(str)[: index + 1],
+        ev["addr"][: index + 1],
+        ev["block_bytes"][: index + 1],
+        ev["category"].astype(str)[: index + 1],
+    )
     for a, addr, s, c in rows:
         if a == "alloc":
             live[addr] = (s, c)
@@ -106,8 +110,11 @@ class CheckpointedGPT(GPT):
 def _checkpointed(optimizer="adamw"):
     torch.manual_seed(0)
     model = CheckpointedGPT(preset("tiny"))
-    opt = (torch.optim.AdamW(model.parameters(), lr=3e-4) if optimizer == "adamw"
-           else torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=3e-4)
+        if optimizer == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=0.1)
+    )
     return model, opt
 
 
@@ -119,6 +126,7 @@ def tiny(tmp_path_factory):
 
 
 # -- exact accounting -----------------------------------------------------------------
+
 
 def test_replay_reproduces_peak_and_step_counters(tiny):
     trace, _, _ = tiny
@@ -175,10 +183,16 @@ def test_online_counters_follow_the_replay_through_resize():
     cols = backend.drain(0)
     ev = pd.DataFrame({"action": cols["action"], "block_bytes": cols["size_bytes"]})
     after, peak, _ = _replay(ev)
-    assert [(a, s) for a, s in zip(cols["action"], cols["size_bytes"]) if a != "free_completed"] \
-        == [("alloc", 400), ("free_requested", 400), ("alloc", 4000), ("alloc", 4000),
-            ("free_requested", 4000), ("alloc", 200), ("free_requested", 200),
-            ("free_requested", 4000)]
+    assert [(a, s) for a, s in zip(cols["action"], cols["size_bytes"]) if a != "free_completed"] == [
+        ("alloc", 400),
+        ("free_requested", 400),
+        ("alloc", 4000),
+        ("alloc", 4000),
+        ("free_requested", 4000),
+        ("alloc", 200),
+        ("free_requested", 200),
+        ("free_requested", 4000),
+    ]
     assert after[-1] == backend.allocated == 0
     assert peak == backend.peak == peak_with_y == 8000
 
@@ -196,14 +210,14 @@ def test_parameters_are_pre_existing_state(tiny):
 
 # -- steps and phases ------------------------------------------------------------------
 
+
 def test_steps_found_from_optimizer_steps(tiny):
     trace, _, _ = tiny
     steps = trace.steps["step"].tolist()
     assert steps[:3] == [0, 1, 2] and steps == sorted(set(steps))
     phases = trace.phases
     for s in (0, 1, 2):
-        assert phases[phases["step"] == s]["phase"].astype(str).tolist() == \
-            ["forward", "backward", "optimizer"]
+        assert phases[phases["step"] == s]["phase"].astype(str).tolist() == ["forward", "backward", "optimizer"]
     assert set(trace.events["step"]) >= {0, 1, 2}
 
 
@@ -270,6 +284,7 @@ def test_decorator_form(tmp_path):
 
 # -- attribution -------------------------------------------------------------------------
 
+
 def test_training_allocations_carry_a_module_or_the_optimizer(tiny):
     trace, _, _ = tiny
     ev = trace.events
@@ -277,8 +292,7 @@ def test_training_allocations_carry_a_module_or_the_optimizer(tiny):
     allocs = ev[(ev["action"] == "alloc") & (ev["category"] != "parameter")]
     tagged = allocs["module"].notna() | (allocs["phase"] == "optimizer")
     share = allocs["size_bytes"][tagged].sum() / allocs["size_bytes"].sum()
-    assert share >= 0.995, allocs[~tagged].groupby(["phase", "category"], observed=True)[
-        "size_bytes"].sum()
+    assert share >= 0.995, allocs[~tagged].groupby(["phase", "category"], observed=True)["size_bytes"].sum()
 
 
 def test_each_gradient_carries_its_own_module(tiny):
@@ -292,8 +306,11 @@ def test_each_gradient_carries_its_own_module(tiny):
             continue
         alloc = _alloc_for_role(ev, row.addr, row.event_index)
         assert alloc is not None, row.name
-        assert (alloc["phase"], alloc["module"], alloc["category"]) == \
-            ("backward", param.rsplit(".", 1)[0], "gradient"), row.name
+        assert (alloc["phase"], alloc["module"], alloc["category"]) == (
+            "backward",
+            param.rsplit(".", 1)[0],
+            "gradient",
+        ), row.name
         checked += 1
     assert checked == 3 * 27  # three steps of every parameter but the tied embedding
 
@@ -337,6 +354,7 @@ def test_checkpoint_gradients_carry_backward_and_their_module(tmp_path):
 
 # -- categories --------------------------------------------------------------------------
 
+
 def test_sgd_without_momentum_has_no_optimizer_state(tmp_path):
     torch.manual_seed(0)
     model = GPT(preset("tiny"))
@@ -362,8 +380,9 @@ def test_checkpointing_lowers_activations_at_the_peak(tmp_path):
     """One SGD step each (the peak is then in backward, where activations live)."""
     torch.manual_seed(0)
     plain = GPT(preset("tiny"))
-    plain_trace, _, _ = _capture(tmp_path, steps=1, model=plain,
-                                 opt=torch.optim.SGD(plain.parameters(), lr=0.1), name="plain")
+    plain_trace, _, _ = _capture(
+        tmp_path, steps=1, model=plain, opt=torch.optim.SGD(plain.parameters(), lr=0.1), name="plain"
+    )
     model, opt = _checkpointed(optimizer="sgd")
     ckpt_trace, _, _ = _capture(tmp_path, steps=1, model=model, opt=opt, name="ckpt-sgd")
     out = {}
@@ -375,6 +394,7 @@ def test_checkpointing_lowers_activations_at_the_peak(tmp_path):
 
 
 # -- failure and crash safety --------------------------------------------------------------
+
 
 def test_exception_finalizes_with_error_and_reraises_the_same_object(tmp_path):
     torch.manual_seed(0)
@@ -417,9 +437,14 @@ def test_sigkill_leaves_a_loadable_consistent_trace(tmp_path):
     script.write_text(CRASH_SCRIPT)
     out = tmp_path / "traces"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "profiler.cli", "run", "--backend", "cpu",
-                             "--out", str(out), str(script)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "profiler.cli", "run", "--backend", "cpu", "--out", str(out), str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         deadline = time.monotonic() + 120

@@ -12,8 +12,10 @@ from workloads.model import preset
 from workloads.train import build, make_batch, train_step
 
 STEPS = 3
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+BACKENDS = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
 def _summary(trace) -> dict:

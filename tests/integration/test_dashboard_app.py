@@ -27,8 +27,16 @@ GPT2 = "gpt2-small-bf16-h100"
 SEEDS = TRACES / "h100-ablation-seeds"
 
 # page: charts it draws on the bundled traces
-EXPECTED_CHARTS = {"runs": 0, "overview": 3, "layers": 2, "categories": 2, "fragmentation": 2, "kv": 2,
-                   "compare": 3, "stacks": 1}
+EXPECTED_CHARTS = {
+    "runs": 0,
+    "overview": 3,
+    "layers": 2,
+    "categories": 2,
+    "fragmentation": 2,
+    "kv": 2,
+    "compare": 3,
+    "stacks": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +179,13 @@ def test_estimate_page_sets_measured_against_predicted(traces, monkeypatch):
 
 
 def test_estimate_page_says_when_a_run_is_not_understood(traces, monkeypatch):
-    at = page("estimate", traces, monkeypatch,
-              current_run=str(next((traces / "h100-ablation-kv").glob("ablate-kv-*"))))
+    at = page("estimate", traces, monkeypatch, current_run=str(next((traces / "h100-ablation-kv").glob("ablate-kv-*"))))
     _ok(at)
     assert at.info
 
 
 # -- multi-rank runs ----------------------------------------------------------------------------
+
 
 def _jobs(root: Path) -> tuple[Path, Path, Path]:
     """A complete 2-rank job (rank 1 peaks higher), a 3-rank job whose rank 2 never wrote, a single run."""
@@ -254,7 +262,6 @@ def test_the_dashboard_imports_no_cli_and_leaves_the_import_path_alone():
     for source in sorted((REPO / "dashboard").rglob("*.py")):
         tree = ast.parse(source.read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                     for a in n.names}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not any(m == "profiler.cli" or m.startswith("profiler.cli.") for m in imported), source
         assert "sys" not in imported, source  # no page puts the repository on sys.path itself

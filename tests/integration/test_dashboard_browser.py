@@ -52,8 +52,10 @@ PAGES = shots.app_pages() if shots.APP.is_file() else []
 @pytest.fixture(scope="module")
 def served():
     chromium = _require_browser()
-    with shots.dashboard(TRACES, timeout=SERVER_TIMEOUT_S) as base, \
-            shots.Browser(chromium=chromium, timeout=30) as browser:
+    with (
+        shots.dashboard(TRACES, timeout=SERVER_TIMEOUT_S) as base,
+        shots.Browser(chromium=chromium, timeout=30) as browser,
+    ):
         yield base, browser
 
 
@@ -61,8 +63,17 @@ def served():
 def test_app_defines_the_pages():
     assert shots.APP.is_file(), f"{shots.APP} is missing"
     titles = [t for _, t in PAGES]
-    for expected in ("Runs", "Overview", "Layers", "Categories", "Fragmentation", "KV cache",
-                     "Compare", "Stacks", "Live"):
+    for expected in (
+        "Runs",
+        "Overview",
+        "Layers",
+        "Categories",
+        "Fragmentation",
+        "KV cache",
+        "Compare",
+        "Stacks",
+        "Live",
+    ):
         assert expected in titles, f"page {expected!r} missing from the app's PAGES: {titles}"
     for url_path, title in PAGES:
         if url_path:
@@ -73,8 +84,10 @@ def test_app_defines_the_pages():
 def test_sidebar_links_every_page(served):
     base, browser = served
     state = browser.load(base + "/", timeout=PAGE_TIMEOUT_S)
-    links = {link.rstrip("/").rsplit("/", 1)[-1] if link.rstrip("/") != base else ""
-             for link in shots.nav_links(state["html"])}
+    links = {
+        link.rstrip("/").rsplit("/", 1)[-1] if link.rstrip("/") != base else ""
+        for link in shots.nav_links(state["html"])
+    }
     assert links == {p for p, _ in PAGES}, f"sidebar links {sorted(links)} vs the app's pages"
 
 
@@ -82,13 +95,15 @@ def test_sidebar_links_every_page(served):
 @pytest.mark.parametrize("url_path,title", PAGES, ids=[t for _, t in PAGES])
 def test_page_renders_without_error(served, url_path, title):
     base, browser = served
-    state = browser.load(f"{base}/{url_path}", timeout=PAGE_TIMEOUT_S,
-                         extra_done=shots.NOTICE_ONLY_PAGES.get(url_path, ()))
+    state = browser.load(
+        f"{base}/{url_path}", timeout=PAGE_TIMEOUT_S, extra_done=shots.NOTICE_ONLY_PAGES.get(url_path, ())
+    )
     bad = shots.problems(state, url_path)
     assert not bad, f"{title} (/{url_path}): " + "; ".join(bad)
 
 
 # -- the verb, without a browser ----------------------------------------------------------
+
 
 def test_missing_directory_is_one_line_exit_2(capsys, tmp_path):
     from profiler.cli import main
@@ -102,8 +117,9 @@ def test_missing_streamlit_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
     from profiler.cli import main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "streamlit" else real(name, *a, **k))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == "streamlit" else real(name, *a, **k)
+    )
     assert main(["dashboard", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "streamlit" in err

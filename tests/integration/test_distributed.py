@@ -39,6 +39,7 @@ def only_child(folder: Path) -> Path:
 
 # -- the shared run id ------------------------------------------------------------------
 
+
 def test_rank_from_env():
     info = distributed.rank_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
     assert (info.rank, info.world_size, info.local_rank, info.partition) == (3, 4, 1, "rank=3")
@@ -53,8 +54,13 @@ def test_run_id_from_the_environment_wins():
 
 
 def test_run_id_without_a_store_comes_from_the_job_identity():
-    env = {"MASTER_ADDR": "node0", "MASTER_PORT": "29500", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
-           "SLURM_JOB_ID": "4242"}
+    env = {
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+        "WORLD_SIZE": "16",
+        "LOCAL_WORLD_SIZE": "8",
+        "SLURM_JOB_ID": "4242",
+    }
     ranks = [distributed.RankInfo(rank=r, world_size=16, local_rank=r % 8, local_world_size=8) for r in (0, 9)]
     ids = {distributed.shared_run_id("train", info, env) for info in ranks}
     assert len(ids) == 1 and ids.pop().startswith("train-job-")
@@ -63,22 +69,44 @@ def test_run_id_without_a_store_comes_from_the_job_identity():
 
 
 def test_run_id_through_the_launchers_store():
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=10))
-    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "TORCHELASTIC_RUN_ID": "abc", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    ids = [distributed.shared_run_id("job", distributed.RankInfo(rank=r, world_size=2, local_rank=r,
-                                                                  local_world_size=2), env) for r in (1, 0)]
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=10)
+    )
+    env = {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_RUN_ID": "abc",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+    }
+    ids = [
+        distributed.shared_run_id(
+            "job", distributed.RankInfo(rank=r, world_size=2, local_rank=r, local_world_size=2), env
+        )
+        for r in (1, 0)
+    ]
     assert ids[0] == ids[1] and ids[0].startswith("job-") and "-job-" not in ids[0]
 
 
 # -- real jobs ----------------------------------------------------------------------------
 
+
 def test_fsdp_job_writes_one_partition_per_rank(tmp_path):
-    proc = torchrun("-m", "workloads.distributed", "--preset", "tiny", "--variant", "fsdp-zero3",
-                    "--steps", "3", "--out", str(tmp_path))
+    proc = torchrun(
+        "-m",
+        "workloads.distributed",
+        "--preset",
+        "tiny",
+        "--variant",
+        "fsdp-zero3",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
     job = only_child(tmp_path)
     assert result["run_dir"] == str(job)
     assert sorted(p.name for p in job.iterdir()) == ["rank=0", "rank=1"]
@@ -92,8 +120,16 @@ def test_fsdp_job_writes_one_partition_per_rank(tmp_path):
         ev, _ = load_events(job / f"rank={rank}")
         assert replay(ev, meta["baseline_allocated_bytes"])[0] == meta["max_allocated_bytes"]
         seen = set(trace.events["category"].astype(str))
-        assert {"parameter", "unsharded_parameter", "all_gather", "reduce_scatter", "unsharded_gradient",
-                "gradient", "optimizer_state", "activation"} <= seen
+        assert {
+            "parameter",
+            "unsharded_parameter",
+            "all_gather",
+            "reduce_scatter",
+            "unsharded_gradient",
+            "gradient",
+            "optimizer_state",
+            "activation",
+        } <= seen
         assert result["ranks"][rank]["peak_allocated_bytes"] == meta["max_allocated_bytes"]
         losses.append(result["ranks"][rank])
     assert result["peak_allocated_bytes"] == max(r["peak_allocated_bytes"] for r in result["ranks"])
@@ -164,8 +200,7 @@ def test_vramscope_run_under_torchrun(tmp_path):
 def test_a_dead_rank_leaves_the_other_ranks_data(tmp_path):
     script = tmp_path / "ddp_script.py"
     script.write_text(DDP_SCRIPT)
-    proc = torchrun("-m", "profiler.cli", "run", "--out", str(tmp_path / "t"), str(script),
-                    env={"DIE_AT": "2"})
+    proc = torchrun("-m", "profiler.cli", "run", "--out", str(tmp_path / "t"), str(script), env={"DIE_AT": "2"})
     assert proc.returncode != 0
     job = only_child(tmp_path / "t")
     survivor = load_trace(job / "rank=0")  # stopped by torchrun after rank 1 died: journals or parquet

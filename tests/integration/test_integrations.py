@@ -17,9 +17,11 @@ def _mapping(trace) -> dict[int, int]:
 
 
 def test_importing_integrations_imports_no_framework():
-    code = ("import sys, profiler.integrations as m; "
-            "bad = [x for x in ('transformers', 'lightning', 'pytorch_lightning') if x in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, profiler.integrations as m; "
+        "bad = [x for x in ('transformers', 'lightning', 'pytorch_lightning') if x in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -61,6 +63,7 @@ def test_hand_driven_capture_blocks_and_exception(tmp_path):
 
 # -- transformers --------------------------------------------------------------------------
 
+
 def test_hf_trainer_three_steps(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # Trainer needs it
@@ -69,16 +72,32 @@ def test_hf_trainer_three_steps(tmp_path):
     from profiler.integrations.hf import VramscopeCallback
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, 64, (12, 8))
     data = [{"input_ids": x, "labels": x.clone()} for x in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=4,
-                             report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
-                             disable_tqdm=True, dataloader_num_workers=0)
-    cb = VramscopeCallback(out=tmp_path / "traces", name="hf", steps=None, backend="cpu",
-                           config={"lr": args.learning_rate})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    cb = VramscopeCallback(
+        out=tmp_path / "traces", name="hf", steps=None, backend="cpu", config={"lr": args.learning_rate}
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
     with cb:
         trainer.train()
@@ -111,11 +130,18 @@ def test_hf_chosen_steps_and_exception(tmp_path):
     data = [{"input_ids": x, "labels": x.clone()} for x in ids]
 
     def trainer_for(out, *callbacks, steps=4):
-        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2, report_to="none", use_cpu=True,
-                                 save_strategy="no", logging_strategy="no", disable_tqdm=True)
-        return Trainer(model=GPT2LMHeadModel(cfg), args=args, train_dataset=data,
-                       callbacks=list(callbacks))
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=steps,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
+        return Trainer(model=GPT2LMHeadModel(cfg), args=args, train_dataset=data, callbacks=list(callbacks))
 
     # Steps 2..3 of 4, with gradient accumulation: the capture closes after step 3.
     cb = VramscopeCallback(out=tmp_path / "traces", name="chosen", steps=range(2, 4), backend="cpu")
@@ -138,10 +164,12 @@ def test_hf_chosen_steps_and_exception(tmp_path):
     assert trace.status == "error" and "boom at 2" in trace.meta["error"]
     assert _mapping(trace) == {0: 1, 1: 2}
     from profiler.capture import session
+
     assert session.active() is None
 
 
 # -- Lightning -----------------------------------------------------------------------------
+
 
 def _lightning_module(L):
     class Tiny(L.LightningModule):
@@ -166,8 +194,16 @@ def _loader(n=24):
 
 
 def _pl_trainer(L, max_steps, callbacks, **kw):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kw)
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kw,
+    )
 
 
 def test_lightning_three_steps(tmp_path):
@@ -216,4 +252,5 @@ def test_lightning_chosen_steps_accumulation_and_exception(tmp_path):
     assert trace.status == "error" and "boom at 2" in trace.meta["error"]
     assert _mapping(trace) == {0: 0, 1: 1}
     from profiler.capture import session
+
     assert session.active() is None

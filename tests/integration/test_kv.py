@@ -31,18 +31,23 @@ def kv_bytes(tokens: int, batch: int = BATCH, kv_heads: int = H, layers: int = L
 
 def _decode(kind: str, steps: int = STEPS, **toggles):
     """Greedy tokens (B, steps + 1) and kv_stats after the prefill and after each step."""
-    cfg = InferConfig(preset="tiny", kv=kind, steps=steps, batch=BATCH, prompt_len=PROMPT,
-                      block_size=BLOCK, **toggles)
+    cfg = InferConfig(preset="tiny", kv=kind, steps=steps, batch=BATCH, prompt_len=PROMPT, block_size=BLOCK, **toggles)
     model = build_model(cfg)
     stats = []
     with torch.no_grad(), infer.sdpa_backends("cpu"):
         cache, forward = make_decoder(cfg, model)
-        tokens = greedy_decode(forward, make_prompt(cfg), steps, recompute=cache is None,
-                               after_step=(lambda: stats.append(cache.kv_stats())) if cache else None)
+        tokens = greedy_decode(
+            forward,
+            make_prompt(cfg),
+            steps,
+            recompute=cache is None,
+            after_step=(lambda: stats.append(cache.kv_stats())) if cache else None,
+        )
     return tokens, stats, cache
 
 
 # -- bytes at every step ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["concat", "prealloc", "paged"])
 def test_token_state_bytes_exact_every_step(kind):
@@ -109,6 +114,7 @@ def test_sliding_ring_holds_the_last_window_positions():
 
 # -- decode results ------------------------------------------------------------------------
 
+
 def test_cached_decode_equals_recompute():
     reference, _, _ = _decode("none")
     assert reference.shape == (BATCH, STEPS + 1)
@@ -143,12 +149,17 @@ def test_config_fails_at_start_up():
 
 # -- the trace of infer.run ---------------------------------------------------------------------
 
+
 def _kv_live_at_step_ends(events) -> dict[int, int]:
     """Bytes of live kv_cache allocations after each step's events, by plain replay."""
     live, at = {}, {}
-    for action, addr, size, step, cat in zip(events["action"].astype(str), events["addr"],
-                                             events["size_bytes"], events["step"],
-                                             events["category"].astype(str)):
+    for action, addr, size, step, cat in zip(
+        events["action"].astype(str),
+        events["addr"],
+        events["size_bytes"],
+        events["step"],
+        events["category"].astype(str),
+    ):
         if action == "alloc" and cat == "kv_cache":
             live[addr] = size
         elif action == "free_requested":
@@ -160,8 +171,14 @@ def _kv_live_at_step_ends(events) -> dict[int, int]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_infer_run_trace_has_a_kv_row_per_step(tmp_path, kind):
     steps = 3
-    result = infer.run("tiny", {"kv": kind, "batch": 2, "prompt_len": 6, "block_size": 4, "window": 5},
-                       out=str(tmp_path), name=kind, steps=steps, device="cpu")
+    result = infer.run(
+        "tiny",
+        {"kv": kind, "batch": 2, "prompt_len": 6, "block_size": 4, "window": 5},
+        out=str(tmp_path),
+        name=kind,
+        steps=steps,
+        device="cpu",
+    )
     assert result["status"] == "ok", result["error"]
     assert result["median_step_ms"] > 0 and result["loss"] is None
     assert result["tokens_per_s"] == pytest.approx(2 / (result["median_step_ms"] / 1e3))
@@ -183,6 +200,7 @@ def test_infer_run_without_cache_and_with_int8_weights(tmp_path):
 
 # -- int8 weights ------------------------------------------------------------------------------
 
+
 def test_int8_linear_matches_its_dequantized_weight():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
@@ -203,13 +221,20 @@ def test_quantize_linears_skips_the_tied_head():
 
 # -- the Llama-style model -----------------------------------------------------------------------
 
+
 def test_llama_dynamic_cache_is_recorded(tmp_path):
     pytest.importorskip("transformers")
     from workloads.llama import llama_config
 
     steps = 3
-    result = infer.run("tiny", {"model": "llama", "kv": "concat", "batch": 2, "prompt_len": 6},
-                       out=str(tmp_path), name="llama", steps=steps, device="cpu")
+    result = infer.run(
+        "tiny",
+        {"model": "llama", "kv": "concat", "batch": 2, "prompt_len": 6},
+        out=str(tmp_path),
+        name="llama",
+        steps=steps,
+        device="cpu",
+    )
     assert result["status"] == "ok", result["error"]
     conf = llama_config(infer.gpt_preset("tiny"))
     assert conf.num_key_value_heads < conf.num_attention_heads  # grouped-query attention
@@ -238,12 +263,19 @@ def test_llama_cached_decode_equals_recompute():
 
 # -- CUDA ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ("none",) + KINDS)
 def test_infer_run_on_cuda(tmp_path, kind):
-    result = infer.run("tiny", {"kv": kind, "batch": 4, "prompt_len": 16, "window": 8},
-                       out=str(tmp_path), name=kind, steps=8, device="cuda")
+    result = infer.run(
+        "tiny",
+        {"kv": kind, "batch": 4, "prompt_len": 16, "window": 8},
+        out=str(tmp_path),
+        name=kind,
+        steps=8,
+        device="cuda",
+    )
     assert result["status"] == "ok", result["error"]
     assert result["peak_reserved_bytes"] >= result["peak_allocated_bytes"] > 0
     kv = load_trace(result["run_dir"]).kv

@@ -18,7 +18,7 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = ("-p", "profiler.pytest_plugin")
 
-MODEL = '''
+MODEL = """
 import pytest
 import torch
 from torch import nn
@@ -40,9 +40,11 @@ def make_big(n):
 def run(rows=8):
     model = Tiny()
     return model(torch.randn(rows, 64))
-'''
+"""
 
-BUDGETS = MODEL + '''
+BUDGETS = (
+    MODEL
+    + """
 
 @pytest.mark.vram_limit("64 MiB")
 def test_small():
@@ -58,7 +60,8 @@ def test_too_big():
 
 def test_unmarked():
     run()
-'''
+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +87,20 @@ def pt(pytester, monkeypatch, _warm):
     return pytester
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2 GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), (4096, 4096),
-    ("100", 100), ("3 kB", 3000), ("1K", 1024), ("0.5 gib", 1 << 29), ("7 B", 7),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2 GiB", 2 << 30),
+        ("512 MiB", 512 << 20),
+        ("1.5GB", 1_500_000_000),
+        (4096, 4096),
+        ("100", 100),
+        ("3 kB", 3000),
+        ("1K", 1024),
+        ("0.5 gib", 1 << 29),
+        ("7 B", 7),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -105,9 +118,12 @@ def test_budget_pass_and_readable_failure(pt):
     result.assert_outcomes(passed=2, failed=1)
     out = result.stdout.str()
     # The verdict: peak and budget, human and exact.
-    result.stdout.re_match_lines([
-        r".*test_budget.py::test_too_big: peak \d+\.\d\d MiB \([\d,]+ B\) exceeds the budget "
-        r"1\.00 MiB \(1,048,576 B\) by .*"])
+    result.stdout.re_match_lines(
+        [
+            r".*test_budget.py::test_too_big: peak \d+\.\d\d MiB \([\d,]+ B\) exceeds the budget "
+            r"1\.00 MiB \(1,048,576 B\) by .*"
+        ]
+    )
     # The top modules and stacks at the peak: the model's module, the helper that allocated.
     assert "top modules at the peak:" in out
     assert "Tiny" in out
@@ -127,13 +143,15 @@ def test_budget_pass_and_readable_failure(pt):
 
 
 def test_bad_marker_fails_readably(pt):
-    pt.makepyfile(test_bad='''
+    pt.makepyfile(
+        test_bad="""
 import pytest
 
 @pytest.mark.vram_limit("lots")
 def test_x():
     pass
-''')
+"""
+    )
     result = pt.runpytest(*PLUGIN)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*vram_limit: not a size: 'lots'*"])
@@ -147,7 +165,9 @@ def test_options_need_a_baseline(pt):
 
 
 def test_regression_against_a_baseline(pt):
-    grows = MODEL + '''
+    grows = (
+        MODEL
+        + """
 
 ROWS = {rows}
 
@@ -159,7 +179,8 @@ def test_grows():
 
 def test_steady():
     run()
-'''
+"""
+    )
     pt.makepyfile(test_reg=grows.format(rows=256))
     baseline = pt.path / "vram.json"
     first = pt.runpytest(*PLUGIN, "--vram-baseline", str(baseline), "--vram-update-baseline")
@@ -183,29 +204,43 @@ def test_steady():
     assert read_baseline(baseline)["tests"]["test_reg.py::test_grows"]["cpu"] == before  # not updated
 
     # A generous allowance passes; updating stores the new peak.
-    pt.runpytest(*PLUGIN, "--vram-baseline", str(baseline), "--vram-regression", "500") \
-        .assert_outcomes(passed=2)
-    pt.runpytest(*PLUGIN, "--vram-baseline", str(baseline), "--vram-update-baseline") \
-        .assert_outcomes(passed=2)
+    pt.runpytest(*PLUGIN, "--vram-baseline", str(baseline), "--vram-regression", "500").assert_outcomes(passed=2)
+    pt.runpytest(*PLUGIN, "--vram-baseline", str(baseline), "--vram-update-baseline").assert_outcomes(passed=2)
     assert read_baseline(baseline)["tests"]["test_reg.py::test_grows"]["cpu"] > 1.5 * before
 
 
 @pytest.mark.slow  # worker processes import torch (and torch._dynamo, at the first capture)
 def test_xdist_budgets_and_baseline(pt):
     pytest.importorskip("xdist")
-    more = MODEL + "\n\n" + "\n\n".join(f'''
+    more = (
+        MODEL
+        + "\n\n"
+        + "\n\n".join(
+            f"""
 @pytest.mark.vram_limit("64 MiB")
 def test_fits_{i}():
     run()
-''' for i in range(4))
+"""
+            for i in range(4)
+        )
+    )
     pt.makepyfile(test_budget=BUDGETS, test_more=more)
     baseline = pt.path / "out" / "vram.json"
-    result = pt.runpytest_subprocess(*PLUGIN, "-p", "xdist.plugin", "-n", "2",
-                                     "--vram-baseline", str(baseline), "--vram-update-baseline",
-                                     timeout=120)
+    result = pt.runpytest_subprocess(
+        *PLUGIN,
+        "-p",
+        "xdist.plugin",
+        "-n",
+        "2",
+        "--vram-baseline",
+        str(baseline),
+        "--vram-update-baseline",
+        timeout=120,
+    )
     result.assert_outcomes(passed=6, failed=1)
-    result.stdout.fnmatch_lines(["*test_too_big: peak * exceeds the budget 1.00 MiB (1,048,576 B)*",
-                                 "*test_budget.py:* make_big*"])
+    result.stdout.fnmatch_lines(
+        ["*test_too_big: peak * exceeds the budget 1.00 MiB (1,048,576 B)*", "*test_budget.py:* make_big*"]
+    )
     # Both workers' peaks reached the controller, which wrote them all.
     stored = read_baseline(baseline)["tests"]
     assert len(stored) == 7 and all(v["cpu"] > 0 for v in stored.values())
@@ -236,7 +271,9 @@ def test_concurrent_baseline_writes_lose_nothing(tmp_path):
 
 
 def test_plugin_import_is_cheap():
-    code = ("import sys, profiler.pytest_plugin; "
-            "bad = [m for m in ('torch', 'pandas', 'profiler.analysis') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, profiler.pytest_plugin; "
+        "bad = [m for m in ('torch', 'pandas', 'profiler.analysis') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A third-party-style training script: its own model, optimizer and argparse, and an
 # `--out` option of its own that must not be mistaken for vramscope's.
-THIRD_PARTY = textwrap.dedent('''
+THIRD_PARTY = textwrap.dedent("""
     import argparse
     import json
     import os
@@ -71,13 +71,19 @@ THIRD_PARTY = textwrap.dedent('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
 
 def _vramscope(*args, cwd, timeout=180):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "profiler.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "profiler.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _only_run(out: Path) -> Path:
@@ -99,11 +105,25 @@ def test_profiles_an_unmodified_third_party_script(tmp_path, third_party):
     seen = tmp_path / "seen.json"
     # cwd is not the script's directory, and the script is named by a relative path.
     rel = os.path.relpath(third_party, tmp_path)
-    proc = _vramscope("run", "--backend", "cpu", "--out", out, "--config", "opt=adam",
-                      rel, "--steps", "3", "--lr", "0.05", "--out", seen, cwd=tmp_path)
+    proc = _vramscope(
+        "run",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+        "--config",
+        "opt=adam",
+        rel,
+        "--steps",
+        "3",
+        "--lr",
+        "0.05",
+        "--out",
+        seen,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert [ln.split()[:2] for ln in proc.stdout.splitlines()] == \
-        [["step", "0"], ["step", "1"], ["step", "2"]]
+    assert [ln.split()[:2] for ln in proc.stdout.splitlines()] == [["step", "0"], ["step", "1"], ["step", "2"]]
 
     what = json.loads(seen.read_text())
     assert what["argv"] == [rel, "--steps", "3", "--lr", "0.05", "--out", str(seen)]
@@ -127,16 +147,30 @@ def test_profiles_an_unmodified_third_party_script(tmp_path, third_party):
     assert (ev["category"] == "optimizer_state").any()
 
 
-@pytest.mark.parametrize("mode, code, status", [
-    ("exit3", 3, "error"),
-    ("raise", 1, "error"),
-    ("interrupt", 130, "error"),
-    ("train", 0, "complete"),
-])
+@pytest.mark.parametrize(
+    "mode, code, status",
+    [
+        ("exit3", 3, "error"),
+        ("raise", 1, "error"),
+        ("interrupt", 130, "error"),
+        ("train", 0, "complete"),
+    ],
+)
 def test_exit_codes_pass_through(tmp_path, third_party, mode, code, status):
     out = tmp_path / "traces"
-    proc = _vramscope("run", "--backend", "cpu", "--out", out, third_party, "--mode", mode,
-                      "--out", tmp_path / "seen.json", cwd=tmp_path)
+    proc = _vramscope(
+        "run",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+        third_party,
+        "--mode",
+        mode,
+        "--out",
+        tmp_path / "seen.json",
+        cwd=tmp_path,
+    )
     assert proc.returncode == code, proc.stderr
     trace = load_trace(_only_run(out))
     assert trace.status == status  # finalized in every case
@@ -156,9 +190,22 @@ def test_exit_codes_pass_through(tmp_path, third_party, mode, code, status):
 def test_module_gets_its_arguments(tmp_path):
     """The acceptance example: options after -m MODULE are the module's."""
     out = tmp_path / "traces"
-    proc = _vramscope("run", "--backend", "cpu", "--out", out,
-                      "-m", "workloads.train", "--preset", "tiny", "--steps", "2", "--device", "cpu",
-                      cwd=tmp_path)
+    proc = _vramscope(
+        "run",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+        "-m",
+        "workloads.train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert [ln.split()[:2] for ln in proc.stdout.splitlines()] == [["step", "0"], ["step", "1"]]
     trace = load_trace(_only_run(out))
@@ -171,16 +218,19 @@ def test_module_sees_what_python_dash_m_gives(tmp_path):
     pkg = tmp_path / "mypkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "job.py").write_text(textwrap.dedent("""
+    (pkg / "job.py").write_text(
+        textwrap.dedent("""
         import json, sys
         if __name__ == "__main__":
             json.dump(dict(argv=sys.argv, path0=sys.path[0], spec=__spec__.name,
                            package=__package__), open(sys.argv[-1], "w"))
-    """))
+    """)
+    )
     out = tmp_path / "traces"
     seen = tmp_path / "seen.json"
-    proc = _vramscope("run", "--backend", "cpu", "--out", out, "-m", "mypkg.job",
-                      "--out", "x", "-m", "y", seen, cwd=tmp_path)
+    proc = _vramscope(
+        "run", "--backend", "cpu", "--out", out, "-m", "mypkg.job", "--out", "x", "-m", "y", seen, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     what = json.loads(seen.read_text())
     assert what["argv"] == [str(pkg / "job.py"), "--out", "x", "-m", "y", str(seen)]
@@ -189,13 +239,16 @@ def test_module_sees_what_python_dash_m_gives(tmp_path):
     assert load_trace(_only_run(out)).status == "complete"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--backend", "cpu"], "needs a script"),
-    (["run", "--backend", "cpu", "no_such_script.py", "--steps", "2"], "no such script"),
-    (["run", "--config", "novalue", "SCRIPT"], "--config expects KEY=VALUE"),
-    (["run", "-m"], "-m needs a module"),
-    (["run", "-m", "no_such_module_xyz", "--flag"], "no module named no_such_module_xyz"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--backend", "cpu"], "needs a script"),
+        (["run", "--backend", "cpu", "no_such_script.py", "--steps", "2"], "no such script"),
+        (["run", "--config", "novalue", "SCRIPT"], "--config expects KEY=VALUE"),
+        (["run", "-m"], "-m needs a module"),
+        (["run", "-m", "no_such_module_xyz", "--flag"], "no module named no_such_module_xyz"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(tmp_path, third_party, args, message):
     out = tmp_path / "traces"
     args = [third_party if a == "SCRIPT" else a for a in args]

@@ -22,8 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from profiler.analysis import category_at_peak, category_peaks
 from profiler.trace.reader import load_trace
 from workloads.model import preset
-from workloads.toggles import (AllocatorConfig, CompileConfig, TrainToggles, apply_toggles, from_dict,
-                               offload, precision)
+from workloads.toggles import AllocatorConfig, CompileConfig, TrainToggles, apply_toggles, from_dict, offload, precision
 from workloads.train import Trainer, main, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +41,9 @@ def toggles(d: dict | None = None, device: str = "cpu") -> TrainToggles:
     return from_dict(d or {}, device=device, batch_size=CFG.batch_size)
 
 
-def trainer_losses(d: dict | None = None, device: str = "cpu", steps: int = EQUIV_STEPS,
-                   compile_backend=None) -> list[float]:
+def trainer_losses(
+    d: dict | None = None, device: str = "cpu", steps: int = EQUIV_STEPS, compile_backend=None
+) -> list[float]:
     t = toggles(d, device)
     if compile_backend is not None:
         t.compile = CompileConfig(backend=compile_backend)
@@ -64,6 +64,7 @@ def captured(tmp_path_factory):
             assert res["status"] == "ok", res
             cache[key] = (res, load_trace(res["run_dir"]))
         return cache[key]
+
     return get
 
 
@@ -94,10 +95,20 @@ class OpLog(TorchDispatchMode):
 
 # -- the run() contract -------------------------------------------------------------
 
+
 def test_run_result_follows_the_interface(captured):
     res, trace = captured()
-    assert set(res) >= {"status", "run_dir", "peak_allocated_bytes", "peak_reserved_bytes",
-                        "median_step_ms", "tokens_per_s", "loss", "losses", "error"}
+    assert set(res) >= {
+        "status",
+        "run_dir",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "median_step_ms",
+        "tokens_per_s",
+        "loss",
+        "losses",
+        "error",
+    }
     assert res["error"] is None and trace.status == "complete"
     assert res["peak_allocated_bytes"] == trace.meta["max_allocated_bytes"] > 0
     assert res["peak_reserved_bytes"] is None  # no caching allocator on the CPU
@@ -140,16 +151,30 @@ def test_oom_is_status_oom_and_the_trace_finalizes(tmp_path, monkeypatch):
 
 
 def test_cli_prints_the_result_json(tmp_path, capsys):
-    main(["--preset", "tiny", "--steps", "2", "--device", "cpu", "--out", str(tmp_path),
-          "--precision", "bf16", "--checkpointing", "every:2"])
+    main(
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--precision",
+            "bf16",
+            "--checkpointing",
+            "every:2",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["status"] == "ok" and len(res["losses"]) == 2
     config = load_trace(res["run_dir"]).meta["config"]
-    assert config == {"preset": "tiny", "batch_size": 4, "seq_len": 32, "precision": "bf16",
-                      "checkpointing": "every:2"}
+    assert config == {"preset": "tiny", "batch_size": 4, "seq_len": 32, "precision": "bf16", "checkpointing": "every:2"}
 
 
 # -- each toggle is in effect -------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["full", "every:2", "selective"])
 def test_checkpointing_recomputes_and_lowers_activations(captured, mode):
@@ -248,6 +273,7 @@ def test_offload_packs_saved_tensors(monkeypatch):
             def counted_unpack(p):
                 calls["unpack"] += 1
                 return unpack(p)
+
             self.pack_hook, self.unpack_hook = counted_pack, counted_unpack
 
     monkeypatch.setattr(offload, "save_on_cpu", Spy)
@@ -284,6 +310,7 @@ def test_compile_traces_the_model():
 
 
 # -- loss equivalence -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def baseline_losses():
@@ -360,14 +387,32 @@ def test_compile_refuses_cuda_graph_modes():
 
 
 def test_off_values_and_round_trip():
-    off = {"precision": "fp32", "accumulation": 1, "offload": "off", "compile": None,
-           "checkpointing": "none", "attention": False}
+    off = {
+        "precision": "fp32",
+        "accumulation": 1,
+        "offload": "off",
+        "compile": None,
+        "checkpointing": "none",
+        "attention": False,
+    }
     assert from_dict(off) == TrainToggles()
-    d = {"precision": "bf16", "checkpointing": "every:2", "accumulation": 2, "optimizer": "sgd",
-         "attention": "math", "offload": "on", "compile": "aot_eager"}
+    d = {
+        "precision": "bf16",
+        "checkpointing": "every:2",
+        "accumulation": 2,
+        "optimizer": "sgd",
+        "attention": "math",
+        "offload": "on",
+        "compile": "aot_eager",
+    }
     assert from_dict(d).to_dict() == d
-    cuda = {"optimizer": "adamw_fused", "attention": "flash", "precision": "bf16",
-            "alloc_conf": "expandable_segments:True", "compile": "on"}
+    cuda = {
+        "optimizer": "adamw_fused",
+        "attention": "flash",
+        "precision": "bf16",
+        "alloc_conf": "expandable_segments:True",
+        "compile": "on",
+    }
     assert from_dict(cuda, device="cuda").to_dict() == cuda  # constructing needs no GPU
 
 
@@ -376,8 +421,7 @@ def test_allocator_checks_the_environment_it_cannot_set():
     conf.apply({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:True"})
     conf.apply({"PYTORCH_ALLOC_CONF": "expandable_segments:True,max_split_size_mb:128"})
     for env in ({}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}):
-        with pytest.raises(RuntimeError, match="the runner must start the process with "
-                                               "PYTORCH_CUDA_ALLOC_CONF="):
+        with pytest.raises(RuntimeError, match="the runner must start the process with PYTORCH_CUDA_ALLOC_CONF="):
             conf.apply(env)
 
 
@@ -393,9 +437,11 @@ def test_allocator_is_checked_before_the_model_is_touched(monkeypatch):
 
 # -- on a GPU ---------------------------------------------------------------------------
 
-_SDPA_OPS = {"flash": "aten::_scaled_dot_product_flash_attention",
-             "efficient": "aten::_scaled_dot_product_efficient_attention",
-             "cudnn": "aten::_scaled_dot_product_cudnn_attention"}
+_SDPA_OPS = {
+    "flash": "aten::_scaled_dot_product_flash_attention",
+    "efficient": "aten::_scaled_dot_product_efficient_attention",
+    "cudnn": "aten::_scaled_dot_product_cudnn_attention",
+}
 # Kernel-name fragments that identify a backend (cuDNN's generated names vary by version).
 _KERNEL_HINTS = {"flash": ("flash",), "efficient": ("fmha", "memeff", "efficient"), "cudnn": ()}
 
@@ -425,17 +471,39 @@ def test_gpu_pinned_sdpa_backend_is_used(backend):
 
 
 def _train_cli(tmp_path, env, *extra):
-    return subprocess.run([sys.executable, "-m", "workloads.train", "--preset", "tiny", "--steps", "2",
-                           "--device", "cuda", "--out", str(tmp_path), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workloads.train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @gpu
 @needs_cuda
 def test_gpu_expandable_segments_map_pages(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
-    proc = _train_cli(tmp_path, {**env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-                      "--alloc-conf", "expandable_segments:True")
+    proc = _train_cli(
+        tmp_path,
+        {**env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+        "--alloc-conf",
+        "expandable_segments:True",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trace = load_trace(json.loads(proc.stdout)["run_dir"])
     assert (trace.events["action"] == "segment_map").any()
@@ -472,12 +540,17 @@ def test_gpu_fp16_scaler_runs(tmp_path):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("d,rtol", [({"optimizer": "adamw_fused"}, FP32_RTOL),
-                                    ({"precision": "bf16", "attention": "flash"}, HALF_RTOL),
-                                    ({"precision": "bf16", "attention": "efficient"}, HALF_RTOL),
-                                    ({"precision": "bf16", "checkpointing": "selective"}, HALF_RTOL),
-                                    ({"offload": "on", "checkpointing": "every:2"}, FP32_RTOL)],
-                         ids=lambda x: json.dumps(x) if isinstance(x, dict) else None)
+@pytest.mark.parametrize(
+    "d,rtol",
+    [
+        ({"optimizer": "adamw_fused"}, FP32_RTOL),
+        ({"precision": "bf16", "attention": "flash"}, HALF_RTOL),
+        ({"precision": "bf16", "attention": "efficient"}, HALF_RTOL),
+        ({"precision": "bf16", "checkpointing": "selective"}, HALF_RTOL),
+        ({"offload": "on", "checkpointing": "every:2"}, FP32_RTOL),
+    ],
+    ids=lambda x: json.dumps(x) if isinstance(x, dict) else None,
+)
 def test_gpu_loss_matches_baseline(d, rtol):
     base = trainer_losses(device="cuda")
     for got, want in zip(trainer_losses(d, device="cuda"), base):

@@ -13,13 +13,39 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-
-from analysis_runs import (CPU_ACTIVE, CPU_ALLOCATED, CPU_BASELINE, CPU_EVENTS, CUDA_ACTIVE, CUDA_ALLOCATED,
-                           CUDA_RESERVED, S1, S2, S3, SEG, cpu, cuda, freed, load)  # noqa: F401
+from analysis_runs import (
+    CPU_ACTIVE,
+    CPU_ALLOCATED,
+    CPU_BASELINE,
+    CPU_EVENTS,
+    CUDA_ACTIVE,
+    CUDA_ALLOCATED,
+    CUDA_RESERVED,  # noqa: F401
+    S1,
+    S2,
+    S3,
+    SEG,
+    freed,
+    load,
+)
 from fakes import write_trace
-from profiler.analysis import (alive_at_peak, breakdown, category_at_peak, category_peaks, category_timeline,
-                               downsample, lifetimes, live_at, memory_timeline, module_table, peak, phase_spans,
-                               rollup, step_spans)
+
+from profiler.analysis import (
+    alive_at_peak,
+    breakdown,
+    category_at_peak,
+    category_peaks,
+    category_timeline,
+    downsample,
+    lifetimes,
+    live_at,
+    memory_timeline,
+    module_table,
+    peak,
+    phase_spans,
+    rollup,
+    step_spans,
+)
 from profiler.analysis.categories import category_names
 from profiler.analysis.live import pair_frees
 from profiler.analysis.timeline import ALLOC, FREE_COMPLETED, FREE_REQUESTED, OTHER_KIND, Peak
@@ -51,20 +77,52 @@ def test_cuda_counters_differ_while_frees_are_pending(cuda):
 
 
 def test_traces_without_free_requested_fall_back_to_free_completed(tmp_path):
-    events = [("alloc", 0x1, 1000, "forward", "a"), ("alloc", 0x2, 200, "forward", "a"),
-              ("free_completed", 0x2, 200, "forward", "a"), ("free_completed", 0x1, 1000, "backward", "a")]
+    events = [
+        ("alloc", 0x1, 1000, "forward", "a"),
+        ("alloc", 0x2, 200, "forward", "a"),
+        ("free_completed", 0x2, 200, "forward", "a"),
+        ("free_completed", 0x1, 1000, "backward", "a"),
+    ]
     tl = memory_timeline(load(write_trace(tmp_path / "cpu", events)))
     assert tl["allocated_bytes"].tolist() == tl["active_bytes"].tolist() == [1000, 1200, 1000, 0]
     # A block pending free at the start was never allocated: its completion lowers active only.
-    segs = [dict(snapshot="start", ts_us=990, event_index=0, segment_addr=S1, segment_bytes=SEG, stream=0,
-                 segment_type="small", is_expandable=False, block_addr=a, block_bytes=b, requested_bytes=b,
-                 state=st) for a, b, st in ((S1, 512, "active_pending_free"), (S1 + 0x200, 1024, "active_allocated"),
-                                            (S1 + 0x600, SEG - 0x600, "inactive"))]
-    events = [("alloc", S1 + 0x600, 512, "forward", "m"), ("free_completed", S1, 512, "forward", "m"),
-              ("free_completed", S1 + 0x200, 1024, "forward", "m"),
-              ("free_completed", S1 + 0x600, 512, "forward", "m")]
-    t = load(write_trace(tmp_path / "cuda", events, segments=segs, backend="cuda",
-                         baseline_allocated_bytes=1024, max_allocated_bytes=1536))
+    segs = [
+        dict(
+            snapshot="start",
+            ts_us=990,
+            event_index=0,
+            segment_addr=S1,
+            segment_bytes=SEG,
+            stream=0,
+            segment_type="small",
+            is_expandable=False,
+            block_addr=a,
+            block_bytes=b,
+            requested_bytes=b,
+            state=st,
+        )
+        for a, b, st in (
+            (S1, 512, "active_pending_free"),
+            (S1 + 0x200, 1024, "active_allocated"),
+            (S1 + 0x600, SEG - 0x600, "inactive"),
+        )
+    ]
+    events = [
+        ("alloc", S1 + 0x600, 512, "forward", "m"),
+        ("free_completed", S1, 512, "forward", "m"),
+        ("free_completed", S1 + 0x200, 1024, "forward", "m"),
+        ("free_completed", S1 + 0x600, 512, "forward", "m"),
+    ]
+    t = load(
+        write_trace(
+            tmp_path / "cuda",
+            events,
+            segments=segs,
+            backend="cuda",
+            baseline_allocated_bytes=1024,
+            max_allocated_bytes=1536,
+        )
+    )
     tl = memory_timeline(t)
     assert tl["allocated_bytes"].tolist() == [1536, 1536, 512, 0]
     assert tl["active_bytes"].tolist() == [2048, 1536, 512, 0]
@@ -85,8 +143,7 @@ def test_downsample_keeps_the_global_max_and_min():
     top, bottom = int(np.argmax(values)), int(np.argmin(values))
     reserved = pd.array(values + 5, dtype="Int64")
     reserved[:10] = pd.NA
-    df = pd.DataFrame({"event_index": np.arange(len(values)), "allocated_bytes": values,
-                       "reserved_bytes": reserved})
+    df = pd.DataFrame({"event_index": np.arange(len(values)), "allocated_bytes": values, "reserved_bytes": reserved})
     out = downsample(df, 200, ["allocated_bytes", "reserved_bytes"])
     assert len(out) <= 200
     assert top in set(out["event_index"]) and bottom in set(out["event_index"])
@@ -97,8 +154,7 @@ def test_downsample_keeps_the_global_max_and_min():
 
 
 def test_timeline_downsampled_before_the_frame_is_built(tmp_path):
-    events = [("alloc", 0x1000 + i, 512 * (i % 7 + 1), "forward" if i < 150 else "backward", "m")
-              for i in range(300)]
+    events = [("alloc", 0x1000 + i, 512 * (i % 7 + 1), "forward" if i < 150 else "backward", "m") for i in range(300)]
     events += [e for i in range(300) for e in freed(0x1000 + i, 512 * (i % 7 + 1), "backward", "m")]
     t = load(write_trace(tmp_path, events))
     small = memory_timeline(t, max_points=30)
@@ -112,7 +168,20 @@ def test_block_bytes_win_over_requested_sizes(cpu):
     # The allocator counts rounded blocks; a trace that records them is replayed in blocks.
     cpu.events["block_bytes"] = cpu.events["size_bytes"].astype("float64") + 24
     assert memory_timeline(cpu)["allocated_bytes"].tolist() == [
-        11_024, 11_248, 11_024, 11_024, 14_048, 14_572, 11_548, 11_548, 10_524, 10_524, 11_248, 10_524, 10_524]
+        11_024,
+        11_248,
+        11_024,
+        11_024,
+        14_048,
+        14_572,
+        11_548,
+        11_548,
+        10_524,
+        10_524,
+        11_248,
+        10_524,
+        10_524,
+    ]
     live = alive_at_peak(cpu)
     assert live["size_bytes"].sum() == 14_572
     assert live.dropna(subset=["addr"])["requested_bytes"].tolist() == [1000, 3000, 500]
@@ -120,22 +189,30 @@ def test_block_bytes_win_over_requested_sizes(cpu):
 
 def test_step_and_phase_spans(cuda, cpu):
     steps = step_spans(cuda)
-    assert steps[["step", "event_index_start", "event_index_end", "peak_allocated_bytes", "peak_active_bytes"]] \
-        .values.tolist() == [[0, 0, 4, 6144, 6656], [1, 5, 10, 6656, 7680]]
+    assert steps[
+        ["step", "event_index_start", "event_index_end", "peak_allocated_bytes", "peak_active_bytes"]
+    ].values.tolist() == [[0, 0, 4, 6144, 6656], [1, 5, 10, 6656, 7680]]
     # No phases table: first and last event of each (step, phase).
     spans = phase_spans(cuda)
     assert spans[["step", "phase", "event_index_start", "event_index_end"]].values.tolist() == [
-        [0, "forward", 0, 3], [0, "backward", 4, 4], [1, "backward", 5, 10]]
+        [0, "forward", 0, 3],
+        [0, "backward", 4, 4],
+        [1, "backward", 5, 10],
+    ]
     assert phase_spans(cpu)["phase"].tolist() == ["forward", "backward", "optimizer"]
 
 
 def test_phase_spans_from_the_phases_table(tmp_path):
-    phases = [dict(step=0, phase="forward", ts_us_start=1_000, ts_us_end=1_035),
-              dict(step=0, phase="backward", ts_us_start=1_036, ts_us_end=1_070)]
+    phases = [
+        dict(step=0, phase="forward", ts_us_start=1_000, ts_us_end=1_035),
+        dict(step=0, phase="backward", ts_us_start=1_036, ts_us_end=1_070),
+    ]
     t = load(write_trace(tmp_path, CPU_EVENTS, phases=phases))
     spans = phase_spans(t)
     assert spans[["phase", "event_index_start", "event_index_end"]].values.tolist() == [
-        ["forward", 0, 3], ["backward", 4, 7]]
+        ["forward", 0, 3],
+        ["backward", 4, 7],
+    ]
 
 
 # -- live -------------------------------------------------------------------------------
@@ -156,16 +233,18 @@ def test_live_at_peak_holds_exactly_the_allocated_bytes(cpu):
 def test_live_at_allocated_and_active_sets(cpu, cuda):
     assert live_at(cpu, 2)["addr"].dropna().tolist() == [0x1000]  # 0x2000's free was requested ...
     pending = live_at(cpu, 2, active=True).dropna(subset=["addr"])  # ... and completes at event 3
-    assert pending[["addr", "state"]].values.tolist() == [[0x1000, "active_allocated"],
-                                                          [0x2000, "active_pending_free"]]
+    assert pending[["addr", "state"]].values.tolist() == [[0x1000, "active_allocated"], [0x2000, "active_pending_free"]]
     assert live_at(cpu, 12)["size_bytes"].sum() == 10_500
     with pytest.raises(ValueError):
         live_at(cpu, 13)
     cols = ["addr", "size_bytes", "category", "alloc_index", "state"]
     # Baseline blocks are alive until their own free; they carry their category.
     assert live_at(cuda, 2)[cols].values.tolist() == [
-        [S1, 1024, "parameter", -1, "active_allocated"], [S1 + 0x800, 512, "other", -1, "active_allocated"],
-        [S1 + 0x400, 512, "activation", 0, "active_allocated"], [S3, 4096, "activation", 2, "active_allocated"]]
+        [S1, 1024, "parameter", -1, "active_allocated"],
+        [S1 + 0x800, 512, "other", -1, "active_allocated"],
+        [S1 + 0x400, 512, "activation", 0, "active_allocated"],
+        [S3, 4096, "activation", 2, "active_allocated"],
+    ]
     active = live_at(cuda, 2, active=True)
     assert active[cols].values.tolist()[2] == [S2, 512, None, -1, "active_pending_free"]  # since before capture
     assert active["size_bytes"].sum() == CUDA_ACTIVE[2] and active["addr"].notna().all()
@@ -190,15 +269,21 @@ def test_lifetimes(cuda):
 
 
 def test_pair_frees_on_unusual_streams():
-    kinds, addr = zip(*[
-        (OTHER_KIND, 100),  # 0  a segment event at a block's address: never paired
-        (ALLOC, 100), (FREE_REQUESTED, 100), (FREE_REQUESTED, 100), (FREE_COMPLETED, 100),  # 1-4  a double request
-        (FREE_COMPLETED, 200),  # 5  frees with no alloc before them end blocks older than the capture
-        (FREE_REQUESTED, 300),  # 6
-        (ALLOC, 300), (ALLOC, 300),  # 7, 8  the free of 7 was dropped
-        (FREE_COMPLETED, 300),  # 9  belongs to 8, which had no request
-        (FREE_REQUESTED, 200),  # 10
-    ])
+    kinds, addr = zip(
+        *[
+            (OTHER_KIND, 100),  # 0  a segment event at a block's address: never paired
+            (ALLOC, 100),
+            (FREE_REQUESTED, 100),
+            (FREE_REQUESTED, 100),
+            (FREE_COMPLETED, 100),  # 1-4  a double request
+            (FREE_COMPLETED, 200),  # 5  frees with no alloc before them end blocks older than the capture
+            (FREE_REQUESTED, 300),  # 6
+            (ALLOC, 300),
+            (ALLOC, 300),  # 7, 8  the free of 7 was dropped
+            (FREE_COMPLETED, 300),  # 9  belongs to 8, which had no request
+            (FREE_REQUESTED, 200),  # 10
+        ]
+    )
     p = pair_frees(np.array(kinds, np.int8), np.array(addr, np.int64))
     assert p.alloc_index.tolist() == [1, 7, 8]
     assert p.request_index.tolist() == [2, 11, 11]
@@ -250,7 +335,10 @@ def test_breakdowns(cpu):
     live = alive_at_peak(cpu)
     by_module = breakdown(live, "module")
     assert by_module[["module", "total_bytes", "count"]].values.tolist() == [
-        [None, 10_000, 0], ["l2", 3500, 2], ["l1", 1000, 1]]
+        [None, 10_000, 0],
+        ["l2", 3500, 2],
+        ["l1", 1000, 1],
+    ]
     assert by_module["share"].tolist() == pytest.approx([10_000 / 14_500, 3500 / 14_500, 1000 / 14_500])
     by_both = breakdown(live, ["module", "category"])
     assert by_both.iloc[1][["module", "category", "total_bytes"]].tolist() == ["l2", "activation", 3000]
@@ -260,8 +348,7 @@ def test_breakdowns(cpu):
 # -- modules ----------------------------------------------------------------------------
 def test_module_table(cpu):
     table = module_table(cpu).set_index("module")
-    cols = ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes", "peak_contribution_bytes",
-            "param_bytes"]
+    cols = ["forward_alloc_bytes", "backward_alloc_bytes", "retained_bytes", "peak_contribution_bytes", "param_bytes"]
     assert table.loc["l1", cols].tolist() == [1200, 0, 1000, 1000, 4096]
     assert table.loc["l2", cols].tolist() == [3000, 500, 3000, 3500, 8192]
     assert table.loc["l2", "class_name"] == "Linear" and table.loc["l2", "depth"] == 1
@@ -275,7 +362,8 @@ def test_modules_stop_holding_bytes_when_their_free_is_requested(tmp_path):
         ("free_requested", 0x100, 100, "forward", "a"),  # 2  a's block: no longer allocated ...
         ("alloc", 0x300, 120, "backward", "b"),  # 3  the peak: 180 allocated, 280 active
         ("free_completed", 0x100, 100, "backward", "a"),  # 4  ... nor active
-        *freed(0x200, 60, "backward", "b"), *freed(0x300, 120, "backward", "b"),
+        *freed(0x200, 60, "backward", "b"),
+        *freed(0x300, 120, "backward", "b"),
     ]
     t = load(write_trace(tmp_path, events, max_allocated_bytes=180))
     assert peak(t).event_index == 3 and peak(t).allocated_bytes == 180
@@ -293,8 +381,11 @@ def test_module_table_recompute_and_unknown_modules(tmp_path):
         *freed(0x20, 40, "backward", "blocks.0.mlp"),
         ("alloc", 0x30, 60, "backward", "blocks.0"),
     ]
-    mods = [dict(module="blocks", parent=None, class_name="ModuleList", depth=0, param_bytes=0,
-                 buffer_bytes=0, param_count=0)]
+    mods = [
+        dict(
+            module="blocks", parent=None, class_name="ModuleList", depth=0, param_bytes=0, buffer_bytes=0, param_count=0
+        )
+    ]
     t = load(write_trace(tmp_path, events, modules=mods))
     table = module_table(t).set_index("module")
     assert table.loc["blocks.0.mlp", "recompute_alloc_bytes"] == 40
@@ -351,15 +442,19 @@ def test_category_at_peak(cpu, cuda):
     assert at_peak["total_bytes"].sum() == 14_500
     assert set(at_peak.index) >= set(category_names())
     gpu = category_at_peak(cuda).set_index("category")["total_bytes"]
-    assert (gpu["parameter"], gpu["activation"], gpu["temporary"], gpu["other"], gpu.sum()) == \
-        (1024, 4608, 1024, 0, 6656)
+    assert (gpu["parameter"], gpu["activation"], gpu["temporary"], gpu["other"], gpu.sum()) == (
+        1024,
+        4608,
+        1024,
+        0,
+        6656,
+    )
 
 
 def test_category_peaks(cpu, cuda):
     def peaks(trace):
         df = category_peaks(trace).set_index("category")
         return {c: tuple(r) for c, r in df[["peak_bytes", "event_index"]].iterrows() if r["peak_bytes"]}
-    assert peaks(cpu) == {"activation": (4000, 4), "temporary": (700, 10), "gradient": (500, 5),
-                          "other": (10_000, -1)}
-    assert peaks(cuda) == {"parameter": (1024, -1), "other": (512, -1), "activation": (4608, 2),
-                           "temporary": (2048, 8)}
+
+    assert peaks(cpu) == {"activation": (4000, 4), "temporary": (700, 10), "gradient": (500, 5), "other": (10_000, -1)}
+    assert peaks(cuda) == {"parameter": (1024, -1), "other": (512, -1), "activation": (4608, 2), "temporary": (2048, 8)}

@@ -14,8 +14,14 @@ from profiler.trace.reader import load_trace
 
 TRACES = Path(__file__).resolve().parents[2] / "traces"
 
-FRAMES = pd.DataFrame({"frame_id": [10, 11, 12], "filename": ["/src/model.py", "/src/train.py", "/src/model.py"],
-                       "line": [5, 40, 9], "function": ["attn", "main", "mlp"]})
+FRAMES = pd.DataFrame(
+    {
+        "frame_id": [10, 11, 12],
+        "filename": ["/src/model.py", "/src/train.py", "/src/model.py"],
+        "line": [5, 40, 9],
+        "function": ["attn", "main", "mlp"],
+    }
+)
 # frame_ids innermost first: both sites are called from main.
 STACKS = pd.DataFrame({"stack_id": [1, 2, 3], "frame_ids": [[10, 11], [12, 11], None]})
 MAIN, ATTN, MLP = "main (train.py:40)", "attn (model.py:5)", "mlp (model.py:9)"
@@ -33,8 +39,12 @@ def test_stack_tree_nodes_sum_the_sites_below_them():
     tree = stack_tree(_live([(1, 300), (1, 100), (2, 250), (None, 50)]), STACKS, FRAMES)
     assert list(tree.columns) == TREE_COLUMNS
     nodes = {row.id: (row.parent, row.label, row.bytes) for row in tree.itertuples()}
-    assert nodes == {MAIN: ("", MAIN, 650), f"{MAIN}/{ATTN}": (MAIN, ATTN, 400),
-                     f"{MAIN}/{MLP}": (MAIN, MLP, 250), NO_STACK: ("", NO_STACK, 50)}
+    assert nodes == {
+        MAIN: ("", MAIN, 650),
+        f"{MAIN}/{ATTN}": (MAIN, ATTN, 400),
+        f"{MAIN}/{MLP}": (MAIN, MLP, 250),
+        NO_STACK: ("", NO_STACK, 50),
+    }
     assert tree.loc[tree["parent"] == "", "bytes"].sum() == 700
 
 
@@ -67,16 +77,23 @@ def test_kv_table_counts_tokens_and_unused_bytes():
 
 
 def test_kv_token_bytes_is_the_median_per_token_position():
-    kv = kv_table(_kv_trace([(0, "a", 1, 10, 1000, 1000, 0), (1, "a", 1, 20, 2000, 4000, 0),
-                             (2, "a", 1, 0, 0, 512, 0), (3, "a", 1, 30, 6000, 6000, 0)]))
+    kv = kv_table(
+        _kv_trace(
+            [
+                (0, "a", 1, 10, 1000, 1000, 0),
+                (1, "a", 1, 20, 2000, 4000, 0),
+                (2, "a", 1, 0, 0, 512, 0),
+                (3, "a", 1, 30, 6000, 6000, 0),
+            ]
+        )
+    )
     assert kv_token_bytes(kv) == 100.0  # of 100, 100, 200; the row with no tokens is left out
     assert kv_token_bytes(kv[kv["tokens_total"] == 0]) is None
     assert kv_table(_kv_trace([])).empty
 
 
 def test_kv_waste_averages_each_cache_over_its_steps():
-    kv = kv_table(_kv_trace([(0, "k", 1, 1, 100, 300, 10), (1, "k", 1, 2, 200, 300, 30),
-                             (0, "v", 1, 1, 50, 50, 0)]))
+    kv = kv_table(_kv_trace([(0, "k", 1, 1, 100, 300, 10), (1, "k", 1, 2, 200, 300, 30), (0, "v", 1, 1, 50, 50, 0)]))
     waste = kv_waste({"run-a": kv})
     assert list(waste.columns) == WASTE_COLUMNS
     assert waste.values.tolist() == [["run-a", "k", 150.0, 150.0, 20.0], ["run-a", "v", 50.0, 0.0, 0.0]]

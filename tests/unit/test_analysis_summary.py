@@ -11,38 +11,61 @@ import os
 from pathlib import Path
 
 import pytest
-
-from analysis_runs import CPU_EVENTS, CPU_BASELINE, MODULES, SEG, cpu, cpu_steps, cuda, load  # noqa: F401
+from analysis_runs import CPU_BASELINE, CPU_EVENTS, MODULES, SEG, cpu, cpu_steps, cuda, load  # noqa: F401
 from fakes import write_trace
-from profiler.trace import schema
-from profiler.analysis import (compare, compare_categories, compare_many, compare_modules, compare_summaries,
-                               run_summary, summarize)
+
+from profiler.analysis import (
+    compare,
+    compare_categories,
+    compare_many,
+    compare_modules,
+    compare_summaries,
+    run_summary,
+    summarize,
+)
 from profiler.analysis.summary import SUMMARY_VERSION
-from profiler.trace.summary_cache import SUMMARY_FILE, load_summaries, load_summary, read_summary, write_summary
 from profiler.cli import report
+from profiler.trace import schema
 from profiler.trace.model import Trace
+from profiler.trace.summary_cache import SUMMARY_FILE, load_summaries, load_summary, read_summary, write_summary
 
 
 # -- run_summary ------------------------------------------------------------------------
 def test_run_summary_of_the_cpu_run(cpu):
     s = run_summary(cpu)
-    assert {k: s[k] for k in ("summary_version", "name", "backend", "device", "torch_version", "status",
-                              "config")} == {"summary_version": SUMMARY_VERSION, "name": "cpu", "backend": "cpu",
-                                             "device": "cpu", "torch_version": "test", "status": "complete",
-                                             "config": {"ckpt": False, "tokens_per_step": 1000}}
+    assert {k: s[k] for k in ("summary_version", "name", "backend", "device", "torch_version", "status", "config")} == {
+        "summary_version": SUMMARY_VERSION,
+        "name": "cpu",
+        "backend": "cpu",
+        "device": "cpu",
+        "torch_version": "test",
+        "status": "complete",
+        "config": {"ckpt": False, "tokens_per_step": 1000},
+    }
     assert (s["steps"], s["events"], s["events_dropped"]) == (3, 13, 0)
-    assert (s["peak_allocated_bytes"], s["peak_event_index"], s["peak_step"], s["peak_phase"]) == \
-        (14_500, 5, 0, "backward")
+    assert (s["peak_allocated_bytes"], s["peak_event_index"], s["peak_step"], s["peak_phase"]) == (
+        14_500,
+        5,
+        0,
+        "backward",
+    )
     assert (s["active_at_peak_bytes"], s["peak_active_bytes"]) == (14_500, 14_500)
     assert s["allocator_max_allocated_bytes"] == 14_500 and s["replay_matches_allocator"] is True
     assert s["peak_reserved_bytes"] is None and s["fragmentation_ratio_at_peak"] is None
     assert s["largest_free_block_at_peak_bytes"] is None
     assert (s["median_step_time_us"], s["tokens_per_step"], s["tokens_per_s"]) == (100.0, 1000, 10_000_000.0)
-    assert {c: b for c, b in s["categories_at_peak_bytes"].items() if b} == \
-        {"other": CPU_BASELINE, "activation": 4000, "gradient": 500}
+    assert {c: b for c, b in s["categories_at_peak_bytes"].items() if b} == {
+        "other": CPU_BASELINE,
+        "activation": 4000,
+        "gradient": 500,
+    }
     assert sum(s["categories_at_peak_bytes"].values()) == s["peak_allocated_bytes"]
-    assert {c: b for c, b in s["category_peak_bytes"].items() if b} == \
-        {"other": CPU_BASELINE, "activation": 4000, "temporary": 700, "gradient": 500}
+    assert {c: b for c, b in s["category_peak_bytes"].items() if b} == {
+        "other": CPU_BASELINE,
+        "activation": 4000,
+        "temporary": 700,
+        "gradient": 500,
+    }
     assert json.loads(json.dumps(s, allow_nan=False)) == s  # JSON-ready as it is
 
 
@@ -52,10 +75,16 @@ def test_run_summary_of_the_cuda_run(cuda):
     assert (s["peak_reserved_bytes"], s["allocator_max_reserved_bytes"]) == (3 * SEG, 3 * SEG)
     assert s["replay_matches_allocator"] is True
     assert s["fragmentation_ratio_at_peak"] == pytest.approx((3 * SEG - 6656) / (3 * SEG))
-    assert (s["reserved_minus_allocated_at_peak_bytes"], s["inactive_split_at_peak_bytes"],
-            s["largest_free_block_at_peak_bytes"]) == (3 * SEG - 6656, 6_284_288, SEG - 1024)
-    assert {c: b for c, b in s["categories_at_peak_bytes"].items() if b} == \
-        {"parameter": 1024, "activation": 4608, "temporary": 1024}
+    assert (
+        s["reserved_minus_allocated_at_peak_bytes"],
+        s["inactive_split_at_peak_bytes"],
+        s["largest_free_block_at_peak_bytes"],
+    ) == (3 * SEG - 6656, 6_284_288, SEG - 1024)
+    assert {c: b for c, b in s["categories_at_peak_bytes"].items() if b} == {
+        "parameter": 1024,
+        "activation": 4608,
+        "temporary": 1024,
+    }
     assert s["category_peak_bytes"]["temporary"] == 2048 and s["category_peak_bytes"]["other"] == 512
     assert (s["steps"], s["events"], s["tokens_per_s"]) == (2, 11, None)
 
@@ -65,6 +94,7 @@ def _counting_loader(calls: list):
     def load_run(path):
         calls.append(Path(path))
         return load(Path(path))
+
     return load_run
 
 
@@ -89,8 +119,17 @@ def test_load_summary_computes_once_then_reads_the_cache(cpu):
     assert first == run_summary(cpu)
 
 
-@pytest.mark.parametrize("garbage", [b"", b"{", b"\xff\xfe", b"[1, 2]", b'{"summary_version": 1}',
-                                     json.dumps({"summary_version": SUMMARY_VERSION + 1}).encode()])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"summary_version": 1}',
+        json.dumps({"summary_version": SUMMARY_VERSION + 1}).encode(),
+    ],
+)
 def test_a_corrupt_or_foreign_summary_is_recomputed(cpu, garbage):
     write_summary(cpu.path, run_summary(cpu))
     (cpu.path / SUMMARY_FILE).write_bytes(garbage)
@@ -125,6 +164,7 @@ def test_meta_rewritten_while_summarising_leaves_the_cache_stale(cpu):
         meta = Path(path) / schema.META_FILE  # e.g. the run's final meta.json lands now
         meta.write_text(json.dumps({**trace.meta, "status": "oom"}))
         return trace
+
     assert load_summary(cpu.path, load=finishing_meanwhile)["status"] == "complete"
     assert (cpu.path / SUMMARY_FILE).is_file()
     assert read_summary(cpu.path) is None
@@ -150,6 +190,7 @@ def test_a_failed_write_keeps_the_previous_summary(cpu):
 def test_an_unwritable_run_still_gets_its_summary(cpu, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError("read-only")
+
     monkeypatch.setattr("profiler.trace.summary_cache.write_summary", refuse)
     assert load_summary(cpu.path, load=_counting_loader([]))["peak_allocated_bytes"] == 14_500
 
@@ -159,8 +200,17 @@ def test_an_unwritable_run_still_gets_its_summary(cpu, monkeypatch):
 def cpu_smaller(tmp_path) -> Trace:
     """The CPU run with l2 keeping 2,000 instead of 3,000 bytes, and 80 us steps instead of 100."""
     events = [(a, addr, 2000 if addr == 0x3000 else size, *rest) for a, addr, size, *rest in CPU_EVENTS]
-    return load(write_trace(tmp_path / "b", events, name="smaller", modules=MODULES, steps=cpu_steps(80),
-                            baseline_allocated_bytes=CPU_BASELINE, config={"ckpt": True}))
+    return load(
+        write_trace(
+            tmp_path / "b",
+            events,
+            name="smaller",
+            modules=MODULES,
+            steps=cpu_steps(80),
+            baseline_allocated_bytes=CPU_BASELINE,
+            config={"ckpt": True},
+        )
+    )
 
 
 def test_summarize_is_one_flat_row(cpu):
@@ -183,8 +233,12 @@ def test_compare_deltas(cpu, cpu_smaller):
 def test_compare_categories_and_modules(cpu, cpu_smaller):
     for a, b in ((cpu, cpu_smaller), (run_summary(cpu), run_summary(cpu_smaller))):
         cats = compare_categories(a, b)
-        assert cats.iloc[0][["category", "a_bytes", "b_bytes", "delta_bytes"]].tolist() == \
-            ["activation", 4000, 3000, -1000]
+        assert cats.iloc[0][["category", "a_bytes", "b_bytes", "delta_bytes"]].tolist() == [
+            "activation",
+            4000,
+            3000,
+            -1000,
+        ]
         assert cats["delta_bytes"].iloc[1:].eq(0).all()
     mods = compare_modules(cpu, cpu_smaller)
     assert mods.iloc[0][["module", "a_bytes", "b_bytes", "delta_bytes"]].tolist() == ["l2", 3500, 2500, -1000]
@@ -206,6 +260,7 @@ def test_compare_many(cpu, cpu_smaller):
 def test_compare_summaries_from_the_cache(cpu, cpu_smaller):
     def no_trace(path):
         raise AssertionError(f"{path} was loaded although its summary.json is fresh")
+
     for t in (cpu, cpu_smaller):
         write_summary(t.path, run_summary(t))
     summaries = load_summaries([cpu.path, cpu_smaller.path], load=no_trace)
@@ -250,12 +305,22 @@ def test_report_cuda_fragmentation_and_top(cuda, capsys):
 
 def test_report_json(cuda, capsys):
     data = json.loads(_report(cuda.path, capsys, json=True))
-    assert data["peak"] == {"allocated_bytes": 6656, "active_bytes": 7168, "reserved_bytes": 3 * SEG, "step": 1,
-                            "phase": "backward", "event_index": 5, "ts_us": 1_050}
+    assert data["peak"] == {
+        "allocated_bytes": 6656,
+        "active_bytes": 7168,
+        "reserved_bytes": 3 * SEG,
+        "step": 1,
+        "phase": "backward",
+        "event_index": 5,
+        "ts_us": 1_050,
+    }
     assert data["allocator"]["replay_matches"] is True
     assert data["run"]["backend"] == "cuda" and data["run"]["events"] == 11
-    assert {c["category"]: c["total_bytes"] for c in data["categories"]} == \
-        {"activation": 4608, "parameter": 1024, "temporary": 1024}
+    assert {c["category"]: c["total_bytes"] for c in data["categories"]} == {
+        "activation": 4608,
+        "parameter": 1024,
+        "temporary": 1024,
+    }
     assert data["fragmentation"]["inactive_split_bytes"] == 6_284_288
     assert data["fragmentation"]["active_bytes"] == 7168
     assert data["modules"][0]["module"] == "m"

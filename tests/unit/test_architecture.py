@@ -20,10 +20,28 @@ MAX_FUNCTION_LINES = 60
 LONG_MARKER = "(long:"
 
 # Calls that reach the file system. analysis/ takes a Trace or DataFrame and returns one.
-FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "iterdir", "glob",
-              "rglob", "exists", "is_dir", "is_file", "listdir", "scandir",
-              "read_table", "read_parquet", "load_trace", "load_runs", "iter_runs", "mkdir",
-              "unlink"}
+FILE_CALLS = {
+    "open",
+    "read_text",
+    "read_bytes",
+    "write_text",
+    "write_bytes",
+    "iterdir",
+    "glob",
+    "rglob",
+    "exists",
+    "is_dir",
+    "is_file",
+    "listdir",
+    "scandir",
+    "read_table",
+    "read_parquet",
+    "load_trace",
+    "load_runs",
+    "iter_runs",
+    "mkdir",
+    "unlink",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -90,14 +108,18 @@ def _in(module: str, room: str) -> bool:
 
 
 def test_profiler_never_imports_workloads_or_the_dashboard():
-    bad = [(m, d) for m, deps in _graph().items() if _in(m, "profiler")
-           for d in deps if _in(d, "workloads") or _in(d, "dashboard")]
+    bad = [
+        (m, d)
+        for m, deps in _graph().items()
+        if _in(m, "profiler")
+        for d in deps
+        if _in(d, "workloads") or _in(d, "dashboard")
+    ]
     assert not bad
 
 
 def test_no_dashboard_module_imports_the_cli():
-    bad = [(m, d) for m, deps in _graph().items() if _in(m, "dashboard")
-           for d in deps if _in(d, "profiler.cli")]
+    bad = [(m, d) for m, deps in _graph().items() if _in(m, "dashboard") for d in deps if _in(d, "profiler.cli")]
     assert not bad
 
 
@@ -165,7 +187,7 @@ def _says_why(node) -> bool:
 
 def test_files_stay_short():
     long_files = []
-    for module, (path, tree) in _sources().items():
+    for path, tree in _sources().values():
         lines = len(path.read_text().splitlines())
         if lines > MAX_FILE_LINES and not _says_why(tree):
             long_files.append(f"{path.relative_to(REPO)}: {lines} lines")
@@ -174,7 +196,7 @@ def test_files_stay_short():
 
 def test_functions_stay_short():
     long_functions = []
-    for module, (path, tree) in _sources().items():
+    for path, tree in _sources().values():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -183,10 +205,13 @@ def test_functions_stay_short():
     assert not long_functions
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(bad, expected):
     found = [sorted(c) for c in _strongly_connected(bad) if len(c) > 1]
     assert found == expected

@@ -91,8 +91,7 @@ class _MarkerLikeBackend(CpuBackend):
         return super().drain(step, with_segments)
 
 
-def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_end(
-        tmp_path, monkeypatch):
+def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_end(tmp_path, monkeypatch):
     import torch
 
     from profiler.capture import session
@@ -107,5 +106,4 @@ def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_
             opt.step()
     assert prof.step_index == 3
     # The root's parameters at step 0, then each step end marks the step it starts.
-    assert backend.calls == [("position", 0), ("position", 1), ("position", 2), ("position", 3),
-                             ("drain", 3, True)]
+    assert backend.calls == [("position", 0), ("position", 1), ("position", 2), ("position", 3), ("drain", 3, True)]

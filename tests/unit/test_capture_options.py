@@ -13,8 +13,10 @@ from profiler.errors import UsageError
 
 
 def test_profile_defaults_are_the_options_defaults():
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(CaptureOptions)}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(CaptureOptions)
+    }
     params = inspect.signature(profile).parameters
     explicit = {n: p.default for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
     assert set(explicit) <= set(defaults)
@@ -24,8 +26,18 @@ def test_profile_defaults_are_the_options_defaults():
 
 
 def test_profile_and_profiler_build_the_same_options(tmp_path):
-    kw = dict(backend="cpu", stacks=False, modules=False, hooked_steps=None, max_entries=10,
-              drain_interval_s=0, run_id="r", subdir="s", extra_meta={"a": 1}, explicit_steps=True)
+    kw = dict(
+        backend="cpu",
+        stacks=False,
+        modules=False,
+        hooked_steps=None,
+        max_entries=10,
+        drain_interval_s=0,
+        run_id="r",
+        subdir="s",
+        extra_meta={"a": 1},
+        explicit_steps=True,
+    )
     a = profile(tmp_path, "n", {"x": 1}, **kw).options
     b = Profiler(tmp_path, "n", {"x": 1}, **kw).options
     assert a == b == CaptureOptions(out=tmp_path, name="n", config={"x": 1}, **kw)
@@ -44,18 +56,21 @@ def test_options_are_frozen_and_own_their_dicts():
         CaptureOptions("traces")  # keyword only
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(backend="gpu"), "unknown backend 'gpu'"),
-    (dict(hooked_steps=(3,)), "hooked_steps"),
-    (dict(hooked_steps=(3, -1)), "hooked_steps"),
-    (dict(hooked_steps="3,50"), "hooked_steps"),
-    (dict(hooked_steps=(True, 5)), "hooked_steps"),
-    (dict(max_entries=0), "max_entries"),
-    (dict(max_entries=2.5), "max_entries"),
-    (dict(drain_interval_s=-1), "drain_interval_s"),
-    (dict(drain_interval_s="1"), "drain_interval_s"),
-    (dict(config=3), "config"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(backend="gpu"), "unknown backend 'gpu'"),
+        (dict(hooked_steps=(3,)), "hooked_steps"),
+        (dict(hooked_steps=(3, -1)), "hooked_steps"),
+        (dict(hooked_steps="3,50"), "hooked_steps"),
+        (dict(hooked_steps=(True, 5)), "hooked_steps"),
+        (dict(max_entries=0), "max_entries"),
+        (dict(max_entries=2.5), "max_entries"),
+        (dict(drain_interval_s=-1), "drain_interval_s"),
+        (dict(drain_interval_s="1"), "drain_interval_s"),
+        (dict(config=3), "config"),
+    ],
+)
 def test_bad_options_fail_when_the_profiler_is_made(kw, words):
     with pytest.raises(CaptureOptionError, match=words) as info:
         profile(**kw)

@@ -140,22 +140,26 @@ def test_stack_icicle_roots_sum_to_the_peak(loaded):
     assert int(roots["bytes"].sum()) == analysis.peak(trace, lt).allocated_bytes
 
 
-@pytest.mark.parametrize("build", [
-    lambda: figures.memory_timeline(pd.DataFrame(columns=["event_index"])),
-    lambda: figures.module_bar(pd.DataFrame({"module": [], "x": []}), "x"),
-    lambda: figures.kv_growth({}),
-    lambda: figures.stack_icicle(pd.DataFrame(columns=["id", "parent", "label", "bytes"])),
-    lambda: figures.diff_bar(pd.DataFrame({"k": [], "delta_bytes": []}), "k"),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: figures.memory_timeline(pd.DataFrame(columns=["event_index"])),
+        lambda: figures.module_bar(pd.DataFrame({"module": [], "x": []}), "x"),
+        lambda: figures.kv_growth({}),
+        lambda: figures.stack_icicle(pd.DataFrame(columns=["id", "parent", "label", "bytes"])),
+        lambda: figures.diff_bar(pd.DataFrame({"k": [], "delta_bytes": []}), "k"),
+    ],
+)
 def test_empty_inputs_give_an_annotated_figure(build):
     fig = build()
     assert not fig.data and fig.layout.annotations
 
 
 def test_rank_figures(tmp_path):
+    from rank_runs import write_job
+
     from profiler.analysis import ranks
     from profiler.trace import layout
-    from rank_runs import write_job
 
     job = write_job(tmp_path, "job", {0: 2000, 1: 6000, 2: 3000}, world_size=4)
     table = layout.rank_table(job)

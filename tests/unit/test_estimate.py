@@ -7,8 +7,15 @@ import os
 
 import pytest
 
-from profiler.estimate import (block_activation_bytes, config_from_meta, estimate, kv_cache_bytes,
-                               measured_vs_predicted, shape_from_hf, shape_from_preset)
+from profiler.estimate import (
+    block_activation_bytes,
+    config_from_meta,
+    estimate,
+    kv_cache_bytes,
+    measured_vs_predicted,
+    shape_from_hf,
+    shape_from_preset,
+)
 
 SEEDS = os.path.join(os.path.dirname(__file__), "..", "..", "traces", "h100-ablation-seeds")
 
@@ -29,11 +36,11 @@ def test_gpt2_small_fp32_adamw_by_hand():
     e = estimate(s, batch=8, seq=1024, precision="fp32", optimizer="adamw", detail=True)
     bsV = 8 * 1024 * 50304
     assert e["parameter"] == 4 * P
-    assert e["optimizer_state"] == 8 * P          # exp_avg + exp_avg_sq, steps on the CPU
-    assert e["gradient"] == 0                     # zero_grad(set_to_none) before forward
+    assert e["optimizer_state"] == 8 * P  # exp_avg + exp_avg_sq, steps on the CPU
+    assert e["gradient"] == 0  # zero_grad(set_to_none) before forward
     embed, ln_f = 4 * sbh, 4 * sbh + 2 * 8 * 1024 * 4
-    assert e["activation"] == embed + 12 * block + ln_f + 4 * bsV   # + saved log-softmax
-    assert e["temporary"] == 2 * 4 * bsV                            # loss-backward gradients
+    assert e["activation"] == embed + 12 * block + ln_f + 4 * bsV  # + saved log-softmax
+    assert e["temporary"] == 2 * 4 * bsV  # loss-backward gradients
     assert e["peak_phase"] == "loss_backward"
     assert e["peak"] == 4 * P + 8 * P + e["activation"] + e["temporary"] + e["workspace"]
     fused = estimate(s, batch=8, seq=1024, optimizer="adamw_fused")
@@ -74,8 +81,16 @@ def test_tiny_bf16_checkpointed_by_hand():
 
 
 def test_kv_cache_and_hf_config():
-    s = shape_from_hf({"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                       "hidden_size": 4096, "vocab_size": 128256, "intermediate_size": 14336})
+    s = shape_from_hf(
+        {
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_size": 4096,
+            "vocab_size": 128256,
+            "intermediate_size": 14336,
+        }
+    )
     # 32 layers x 2 x 8192 tokens x 8 kv heads x 128 head_dim x 2 B x batch 1 = 1 GiB
     assert kv_cache_bytes(s, tokens=8192, batch=1) == 32 * 2 * 8192 * 8 * 128 * 2 == 1 << 30
 
@@ -99,8 +114,10 @@ def test_bundled_h100_runs_within_10_percent(capsys):
             continue
         table = measured_vs_predicted(trace, estimate(**kw, detail=True))
         peak = table[table["name"] == "peak"].iloc[0]
-        rows.append(f"{name:<22} measured {peak.measured_bytes / 2**30:7.3f} GiB  predicted "
-                    f"{peak.predicted_bytes / 2**30:7.3f} GiB  {peak.error_pct:+6.2f}%")
+        rows.append(
+            f"{name:<22} measured {peak.measured_bytes / 2**30:7.3f} GiB  predicted "
+            f"{peak.predicted_bytes / 2**30:7.3f} GiB  {peak.error_pct:+6.2f}%"
+        )
         if abs(peak.error_pct) > 10:
             misses.append(name)
         layers = table[table["level"] == "layer"]

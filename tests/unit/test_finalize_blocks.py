@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from fakes import reference_block_sizes
+
 from profiler.trace.finalize import blocks
 from profiler.trace.finalize.blocks import MIN_BLOCK, SMALL_BUFFER, AllocatorRules, BlockReplay
 
@@ -16,6 +16,7 @@ SEG = 0x1000_0000
 
 
 # -- the rules -----------------------------------------------------------------------------------
+
 
 def test_round_size():
     rules = AllocatorRules()
@@ -50,6 +51,7 @@ def test_should_split():
 
 
 # -- the replay ----------------------------------------------------------------------------------
+
 
 def _blocks(replay: BlockReplay) -> list[tuple]:
     return sorted((b.addr - SEG, b.size, b.allocated) for b in replay.blocks.values())
@@ -109,15 +111,33 @@ def test_block_sizes_of_a_stream():
 
 # -- block_sizes against the replay's methods ----------------------------------------------------
 
+
 def _state(r: BlockReplay):
-    return ([(k, b.addr, b.size, b.segment, b.allocated) for k, b in r.blocks.items()],
-            list(r.ends.items()), sorted(r.small_segments), list(r.segment_bytes.items()), r.misses)
+    return (
+        [(k, b.addr, b.size, b.segment, b.allocated) for k, b in r.blocks.items()],
+        list(r.ends.items()),
+        sorted(r.small_segments),
+        list(r.segment_bytes.items()),
+        r.misses,
+    )
 
 
-SETTINGS = [None, {"expandable_segments": True}, {"max_split_size": 3 << 20},
-            {"roundup_power2_divisions": {"1": 4, "2": 8}}]
-ACTIONS = ["alloc", "free_requested", "free_completed", "segment_alloc", "segment_free",
-           "segment_map", "segment_unmap", "oom"]
+SETTINGS = [
+    None,
+    {"expandable_segments": True},
+    {"max_split_size": 3 << 20},
+    {"roundup_power2_divisions": {"1": 4, "2": 8}},
+]
+ACTIONS = [
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "segment_alloc",
+    "segment_free",
+    "segment_map",
+    "segment_unmap",
+    "oom",
+]
 
 
 def _replay_case(rng: random.Random):
@@ -130,8 +150,9 @@ def _replay_case(rng: random.Random):
         off = 0
         while off < seg_bytes:
             size = min(seg_bytes - off, rng.choice([512, 1024, 1 << 20, 3 << 20]))
-            segs.append((base, seg_bytes, kind, base + off, size,
-                         rng.choice(["inactive", "inactive", "active_allocated"])))
+            segs.append(
+                (base, seg_bytes, kind, base + off, size, rng.choice(["inactive", "inactive", "active_allocated"]))
+            )
             off += size
         base += seg_bytes + (1 << 20)
     pool = [s[3] for s in segs] + [rng.randrange(0, base + (64 << 20), 512) for _ in range(20)]
@@ -196,10 +217,7 @@ def test_block_sizes_is_the_replay_methods_inlined():
 def test_block_sizes_fails_where_the_replay_methods_fail():
     # A zero-byte block merges with itself: the methods raise KeyError, and so must the loop.
     segs = [(0x1000, 1024, "small", 0x1000, 0, "active_allocated")]
-    for replay, sizes_of in ((BlockReplay(), blocks.block_sizes),
-                             (BlockReplay(), reference_block_sizes)):
+    for replay, sizes_of in ((BlockReplay(), blocks.block_sizes), (BlockReplay(), reference_block_sizes)):
         replay.load_segments(segs)
         with pytest.raises(KeyError):
             sizes_of(["free_completed"], [0x1000], [0], replay)
-
-

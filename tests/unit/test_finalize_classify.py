@@ -36,9 +36,15 @@ def _classify(events, roles=(), baseline=()):
     action, addr, phase, hint = (list(c) for c in zip(*events))
     role_addr, role_index, role_name = (list(c) for c in zip(*roles)) if roles else ([], [], [])
     codes, baseline_codes = classify_events(
-        action=_objects(action), addr=np.array(addr), phase=_objects(phase), hint=_objects(hint),
-        role_addr=np.array(role_addr, np.int64), role_index=np.array(role_index, np.int64),
-        role_name=role_name, baseline_addr=np.array(baseline, np.int64))
+        action=_objects(action),
+        addr=np.array(addr),
+        phase=_objects(phase),
+        hint=_objects(hint),
+        role_addr=np.array(role_addr, np.int64),
+        role_index=np.array(role_index, np.int64),
+        role_name=role_name,
+        baseline_addr=np.array(baseline, np.int64),
+    )
     return _names(codes), _names(baseline_codes)
 
 
@@ -58,8 +64,19 @@ def test_each_rule():
     ]
     roles = [(0x30, 4, "gradient"), (0x70, 9, "parameter"), (0x99, 0, "optimizer_state")]
     codes, baseline = _classify(events, roles, baseline=[0x99, 0x88])
-    assert codes == ["activation", "temporary", "temporary", "gradient", "activation", "kv_cache", "other",
-                     "other", "parameter", "optimizer_state", "all_gather"]
+    assert codes == [
+        "activation",
+        "temporary",
+        "temporary",
+        "gradient",
+        "activation",
+        "kv_cache",
+        "other",
+        "other",
+        "parameter",
+        "optimizer_state",
+        "all_gather",
+    ]
     assert baseline == ["optimizer_state", "other"]
 
 

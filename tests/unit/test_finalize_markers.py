@@ -14,8 +14,10 @@ FWD = make_tag("forward", "l1")
 DICTIONARY = [FWD, markers.marker_tag(0, 1), markers.marker_tag(1, 2)]
 # alloc, marker 0 (alloc, free_requested, free_completed), alloc, marker 1 (alloc, free_completed), free
 TAGS = np.array([0, 1, 1, 1, 0, 2, 2, -1])
-ACTIONS = np.array(["alloc", "alloc", "free_requested", "free_completed", "alloc", "alloc", "free_completed",
-                    "free_completed"], dtype=object)
+ACTIONS = np.array(
+    ["alloc", "alloc", "free_requested", "free_completed", "alloc", "alloc", "free_completed", "free_completed"],
+    dtype=object,
+)
 
 
 def test_marker_tags_round_trip():
@@ -32,8 +34,9 @@ def test_marker_positions_point_past_each_markers_free():
 
 
 def test_a_marker_without_its_free_starts_after_its_alloc():
-    ids, steps, after = markers.marker_positions(DICTIONARY, np.array([0, 1, 0]),
-                                                 np.array(["alloc", "alloc", "alloc"], dtype=object))
+    ids, steps, after = markers.marker_positions(
+        DICTIONARY, np.array([0, 1, 0]), np.array(["alloc", "alloc", "alloc"], dtype=object)
+    )
     assert (ids.tolist(), steps.tolist(), after.tolist()) == ([0], [1], [2])
 
 
@@ -45,18 +48,32 @@ def test_steps_from_markers():
 
 def _events(tags: list, actions: list) -> pa.Table:
     n = len(tags)
-    return pa.table({
-        "ts_us": pa.array(range(n), pa.int64()), "action": pa.array(actions, schema.STR),
-        "addr": pa.array([0x100 * i for i in range(n)], pa.int64()), "size_bytes": pa.array([512] * n, pa.int64()),
-        "stream": pa.array([0] * n, pa.int64()), "step": pa.array([0] * n, pa.int32()),
-        "tag": pa.array(tags, schema.STR), "stack_id": pa.array([None] * n, pa.int32()),
-    }, schema=schema.RAW_EVENTS)
+    return pa.table(
+        {
+            "ts_us": pa.array(range(n), pa.int64()),
+            "action": pa.array(actions, schema.STR),
+            "addr": pa.array([0x100 * i for i in range(n)], pa.int64()),
+            "size_bytes": pa.array([512] * n, pa.int64()),
+            "stream": pa.array([0] * n, pa.int64()),
+            "step": pa.array([0] * n, pa.int32()),
+            "tag": pa.array(tags, schema.STR),
+            "stack_id": pa.array([None] * n, pa.int32()),
+        },
+        schema=schema.RAW_EVENTS,
+    )
 
 
 def _roles(event_index: list) -> pa.Table:
     n = len(event_index)
-    rows = {"ts_us": [0] * n, "event_index": event_index, "step": [0] * n, "addr": [0] * n,
-            "size_bytes": [512] * n, "role": ["parameter"] * n, "name": ["w"] * n}
+    rows = {
+        "ts_us": [0] * n,
+        "event_index": event_index,
+        "step": [0] * n,
+        "addr": [0] * n,
+        "size_bytes": [512] * n,
+        "role": ["parameter"] * n,
+        "name": ["w"] * n,
+    }
     return pa.table(rows, schema=schema.TABLES["roles"])
 
 

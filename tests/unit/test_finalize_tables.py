@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from fakes import base_meta, reference_block_sizes
+
 from profiler.trace import schema
 from profiler.trace.finalize import tables
 from profiler.trace.journal import read_journal
@@ -23,9 +23,19 @@ def _raw(events: list[tuple], steps: list[dict] = (), segments: list[dict] = (),
     if events:
         action, addr, size, step, tag = (list(c) for c in zip(*events))
         n = len(events)
-        raw["events"] = pa.table({"ts_us": list(range(n)), "action": action, "addr": addr, "size_bytes": size,
-                                  "stream": [0] * n, "step": step, "tag": tag, "stack_id": [None] * n},
-                                 schema=schema.RAW_EVENTS)
+        raw["events"] = pa.table(
+            {
+                "ts_us": list(range(n)),
+                "action": action,
+                "addr": addr,
+                "size_bytes": size,
+                "stream": [0] * n,
+                "step": step,
+                "tag": tag,
+                "stack_id": [None] * n,
+            },
+            schema=schema.RAW_EVENTS,
+        )
     for name, rows in (("steps", steps), ("segments", segments), ("roles", roles)):
         if rows:
             cols = {f.name: [r.get(f.name) for r in rows] for f in schema.JOURNALS[name]}
@@ -34,10 +44,12 @@ def _raw(events: list[tuple], steps: list[dict] = (), segments: list[dict] = (),
 
 
 def test_a_cpu_stream_is_decoded_and_classified():
-    events = [("alloc", 0x10, 100, 0, make_tag("forward", "l1")),
-              ("alloc", 0x20, 50, 0, make_tag("forward", "l2", "kv_cache")),
-              ("free_completed", 0x10, 100, 0, make_tag("backward", "l1")),
-              ("oom", 0, 0, 0, None)]
+    events = [
+        ("alloc", 0x10, 100, 0, make_tag("forward", "l1")),
+        ("alloc", 0x20, 50, 0, make_tag("forward", "l2", "kv_cache")),
+        ("free_completed", 0x10, 100, 0, make_tag("backward", "l1")),
+        ("oom", 0, 0, 0, None),
+    ]
     facts: dict = {}
     out = tables.finalize_tables(_raw(events), {"backend": "cpu"}, facts)
     assert set(out) == set(schema.TABLE_NAMES) and facts == {}
@@ -53,9 +65,12 @@ def test_a_cpu_stream_is_decoded_and_classified():
 
 def test_markers_set_steps_and_are_published_without_a_phase():
     marker = "#m:0:1"
-    events = [("alloc", 0x10, 100, 0, make_tag("forward", "l1")),
-              ("alloc", 0x90, 512, 0, marker), ("free_completed", 0x90, 512, 0, marker),
-              ("free_completed", 0x10, 100, 0, make_tag("forward", "l1"))]
+    events = [
+        ("alloc", 0x10, 100, 0, make_tag("forward", "l1")),
+        ("alloc", 0x90, 512, 0, marker),
+        ("free_completed", 0x90, 512, 0, marker),
+        ("free_completed", 0x10, 100, 0, make_tag("forward", "l1")),
+    ]
     ev = tables.finalize_tables(_raw(events), {"backend": "cpu"})["events"]
     assert ev.column("step").to_pylist() == [0, 1, 1, 1]
     assert ev.column("phase").to_pylist() == ["forward", None, None, "forward"]
@@ -64,16 +79,37 @@ def test_markers_set_steps_and_are_published_without_a_phase():
 
 
 def test_cuda_block_bytes_are_replayed_from_the_start_snapshot():
-    seg = dict(snapshot="start", ts_us=0, event_index=0, segment_addr=0x1000, segment_bytes=20 << 20,
-               segment_type="large", block_addr=0x1000, block_bytes=20 << 20, state="inactive")
-    live = dict(seg, block_addr=0x9000, block_bytes=512, state="active_allocated", segment_addr=0x9000,
-                segment_bytes=2 << 20, segment_type="small")
+    seg = dict(
+        snapshot="start",
+        ts_us=0,
+        event_index=0,
+        segment_addr=0x1000,
+        segment_bytes=20 << 20,
+        segment_type="large",
+        block_addr=0x1000,
+        block_bytes=20 << 20,
+        state="inactive",
+    )
+    live = dict(
+        seg,
+        block_addr=0x9000,
+        block_bytes=512,
+        state="active_allocated",
+        segment_addr=0x9000,
+        segment_bytes=2 << 20,
+        segment_type="small",
+    )
     events = [("alloc", 0x1000, 1000, 0, make_tag("forward", "l1")), ("alloc", 0x5, 1, 0, None)]
     facts: dict = {}
-    out = tables.finalize_tables(_raw(events, segments=[seg, live],
-                                      roles=[dict(ts_us=0, event_index=0, addr=0x9000, size_bytes=512,
-                                                  role="parameter")]),
-                                 {"backend": "cuda", "allocator_settings": None}, facts)
+    out = tables.finalize_tables(
+        _raw(
+            events,
+            segments=[seg, live],
+            roles=[dict(ts_us=0, event_index=0, addr=0x9000, size_bytes=512, role="parameter")],
+        ),
+        {"backend": "cuda", "allocator_settings": None},
+        facts,
+    )
     assert out["events"].column("block_bytes").to_pylist() == [1024, 512]  # 0x5 is no block: a miss
     assert facts == {"block_replay_misses": 1}
     # The baseline block the role names is published with its category.
@@ -83,8 +119,10 @@ def test_cuda_block_bytes_are_replayed_from_the_start_snapshot():
 def test_unhooked_steps_take_modules_from_templates():
     tag = make_tag("forward", "l1")
     events = [("alloc", 0x10, 100, 0, tag), ("alloc", 0x10, 100, 1, make_tag("forward", None))]
-    steps = [dict(step=0, ts_us=1, allocated_bytes=0, modules_hooked=True),
-             dict(step=1, ts_us=2, allocated_bytes=0, modules_hooked=False)]
+    steps = [
+        dict(step=0, ts_us=1, allocated_bytes=0, modules_hooked=True),
+        dict(step=1, ts_us=2, allocated_bytes=0, modules_hooked=False),
+    ]
     facts: dict = {}
     out = tables.finalize_tables(_raw(events, steps=steps), {"backend": "cpu"}, facts)
     assert out["events"].column("module").to_pylist() == ["l1", "l1"]
@@ -104,6 +142,7 @@ def test_helpers():
 
 
 # -- fast paths against the plain ones -----------------------------------------------------------
+
 
 def _reference_tag_parts(tag):
     """Phase, module and hint as before: every event's tag parsed on its own."""
@@ -136,29 +175,43 @@ def _synthetic_raw(tmp_path, backend: str, seed: int) -> tuple[dict, dict]:
     w = TraceWriter(tmp_path, f"synthetic-{backend}-{seed}", meta)
     seg_addrs = [0x10_0000 * (i + 1) for i in range(6)]
     if backend == "cuda":
-        w.append("segments", {
-            "snapshot": ["start"] * 6, "ts_us": [0] * 6, "event_index": [0] * 6,
-            "segment_addr": seg_addrs, "segment_bytes": [2 << 20 if i % 2 else 20 << 20 for i in range(6)],
-            "stream": [0] * 6, "segment_type": ["small" if i % 2 else "large" for i in range(6)],
-            "is_expandable": [False] * 6, "block_addr": seg_addrs,
-            "block_bytes": [2 << 20 if i % 2 else 20 << 20 for i in range(6)],
-            "requested_bytes": [None] * 6, "state": ["inactive"] * 5 + ["active_allocated"],
-        })
+        w.append(
+            "segments",
+            {
+                "snapshot": ["start"] * 6,
+                "ts_us": [0] * 6,
+                "event_index": [0] * 6,
+                "segment_addr": seg_addrs,
+                "segment_bytes": [2 << 20 if i % 2 else 20 << 20 for i in range(6)],
+                "stream": [0] * 6,
+                "segment_type": ["small" if i % 2 else "large" for i in range(6)],
+                "is_expandable": [False] * 6,
+                "block_addr": seg_addrs,
+                "block_bytes": [2 << 20 if i % 2 else 20 << 20 for i in range(6)],
+                "requested_bytes": [None] * 6,
+                "state": ["inactive"] * 5 + ["active_allocated"],
+            },
+        )
     phases = ["forward", "backward", "optimizer", "recompute", "eval", None]
-    tags = [make_tag(rng.choice(phases), rng.choice([None, "enc", "enc.0", "dec.1"]),
-                     rng.choice([None, None, "kv_cache", "bogus"])) for _ in range(25)]
+    tags = [
+        make_tag(
+            rng.choice(phases),
+            rng.choice([None, "enc", "enc.0", "dec.1"]),
+            rng.choice([None, None, "kv_cache", "bogus"]),
+        )
+        for _ in range(25)
+    ]
     tags += [None, "", "#m:0:1", "a|b|c|d"]
     live: list[tuple[int, int]] = []
     ts = 0
     for step in range(6):
-        cols = {k: [] for k in ("ts_us", "action", "addr", "size_bytes", "stream", "step", "tag",
-                                "stack_id")}
+        cols = {k: [] for k in ("ts_us", "action", "addr", "size_bytes", "stream", "step", "tag", "stack_id")}
 
-        def add(action, addr, size, tag, stack):
+        def add(action, addr, size, tag, stack):  # called within this iteration: binds cols and step late
             nonlocal ts
             ts += rng.randint(0, 5)
-            for k, v in zip(cols, (ts, action, addr, size, 0, step, tag, stack)):
-                cols[k].append(v)
+            for k, v in zip(cols, (ts, action, addr, size, 0, step, tag, stack)):  # noqa: B023
+                cols[k].append(v)  # noqa: B023
 
         for _ in range(rng.randint(50, 120)):
             if live and rng.random() < 0.45:
@@ -175,11 +228,18 @@ def _synthetic_raw(tmp_path, backend: str, seed: int) -> tuple[dict, dict]:
             add("segment_alloc", 0x90_0000, 2 << 20, None, None)
             add("oom", 0, 0, None, None)
         w.append("events", cols)
-        w.append("roles", {"ts_us": [ts], "event_index": [rng.randrange(1, 200)], "step": [step],
-                           "addr": [rng.choice(live)[0] if live else seg_addrs[5]],
-                           "size_bytes": [512], "role": [rng.choice(["parameter", "gradient",
-                                                                     "optimizer_state", "buffer"])],
-                           "name": [f"p{step}"]})
+        w.append(
+            "roles",
+            {
+                "ts_us": [ts],
+                "event_index": [rng.randrange(1, 200)],
+                "step": [step],
+                "addr": [rng.choice(live)[0] if live else seg_addrs[5]],
+                "size_bytes": [512],
+                "role": [rng.choice(["parameter", "gradient", "optimizer_state", "buffer"])],
+                "name": [f"p{step}"],
+            },
+        )
         w.flush()
     raw = {t: read_journal(w.run_dir / schema.journal_name(t), s) for t, s in w._schemas.items()}
     return raw, w.meta

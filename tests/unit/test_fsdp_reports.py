@@ -32,7 +32,19 @@ def test_the_reports_cover_every_fsdp_category_that_lives_on_the_gpu():
     for path in REPORTS:
         report = json.loads(path.read_text())
         evaluate(report)
-        held |= {r["category"] for rank in report["ranks"] for rows in rank["tables"].values()
-                 for r in rows if r["held"] and r["vramscope"] > 0}
-    assert {"parameter", "unsharded_parameter", "all_gather", "gradient", "optimizer_state", "activation",
-            "total without other"} <= held
+        held |= {
+            r["category"]
+            for rank in report["ranks"]
+            for rows in rank["tables"].values()
+            for r in rows
+            if r["held"] and r["vramscope"] > 0
+        }
+    assert {
+        "parameter",
+        "unsharded_parameter",
+        "all_gather",
+        "gradient",
+        "optimizer_state",
+        "activation",
+        "total without other",
+    } <= held

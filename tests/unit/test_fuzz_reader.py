@@ -23,19 +23,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from profiler.trace import schema
 from profiler.cli import main
 from profiler.errors import TraceError
-from profiler.trace.reader import load_trace
+from profiler.trace import schema
 from profiler.trace.journal import read_journal
+from profiler.trace.reader import load_trace
 
 pytestmark = pytest.mark.slow
 
 # -- corruptions: each takes hypothesis `data` and the run dir, and changes the dir ------------
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 META_KEYS = schema.META_REQUIRED + ("status", "ended_at", "event_count")
@@ -64,7 +63,7 @@ def overwrite(data, run):
     if (f := _pick_file(data, run)) and (raw := bytearray(f.read_bytes())):
         at = data.draw(st.integers(0, len(raw) - 1))
         chunk = data.draw(st.binary(min_size=1, max_size=64))
-        raw[at:at + len(chunk)] = chunk
+        raw[at : at + len(chunk)] = chunk
         f.write_bytes(bytes(raw))
 
 
@@ -74,8 +73,7 @@ def delete(data, run):
 
 
 def garbage(data, run):
-    names = [schema.META_FILE] + [n(t) for t in schema.TABLE_NAMES
-                                  for n in (schema.parquet_name, schema.journal_name)]
+    names = [schema.META_FILE] + [n(t) for t in schema.TABLE_NAMES for n in (schema.parquet_name, schema.journal_name)]
     (run / data.draw(st.sampled_from(names))).write_bytes(data.draw(st.binary(max_size=256)))
 
 
@@ -92,9 +90,9 @@ def meta_replace(data, run):
 
 
 def meta_text(data, run):
-    (run / schema.META_FILE).write_bytes(data.draw(st.binary(max_size=64))
-                                         if data.draw(st.booleans()) else
-                                         data.draw(st.text(max_size=64)).encode())
+    (run / schema.META_FILE).write_bytes(
+        data.draw(st.binary(max_size=64)) if data.draw(st.booleans()) else data.draw(st.text(max_size=64)).encode()
+    )
 
 
 def meta_edit(data, run):
@@ -111,8 +109,7 @@ def meta_edit(data, run):
 def meta_version(data, run):
     meta = _meta(run)
     if isinstance(meta, dict):
-        meta["schema_version"] = data.draw(st.integers(-2, 5) | st.just(True) | st.just(1.0)
-                                           | st.just("1"))
+        meta["schema_version"] = data.draw(st.integers(-2, 5) | st.just(True) | st.just(1.0) | st.just("1"))
         (run / schema.META_FILE).write_text(json.dumps(meta))
 
 
@@ -155,19 +152,28 @@ def drop_column(data, run):
 def rename_column(data, run):
     if f := _table_file(data, run):
         i, new = data.draw(st.integers(0, 20)), data.draw(st.text(max_size=10))
-        _rewrite(f, lambda t: t.rename_columns(
-            [new if j == i % t.num_columns else n for j, n in enumerate(t.column_names)]))
+        _rewrite(
+            f, lambda t: t.rename_columns([new if j == i % t.num_columns else n for j, n in enumerate(t.column_names)])
+        )
 
 
 def duplicate_column(data, run):
     if f := _table_file(data, run):
         i = data.draw(st.integers(0, 20))
-        _rewrite(f, lambda t: t.append_column(t.schema.field(i % t.num_columns),
-                                              t.column(i % t.num_columns)))
+        _rewrite(f, lambda t: t.append_column(t.schema.field(i % t.num_columns), t.column(i % t.num_columns)))
 
 
-RETYPES = [pa.string(), pa.float64(), pa.int8(), pa.uint64(), pa.bool_(), pa.null(),
-           pa.list_(pa.int64()), pa.binary(), pa.timestamp("us")]
+RETYPES = [
+    pa.string(),
+    pa.float64(),
+    pa.int8(),
+    pa.uint64(),
+    pa.bool_(),
+    pa.null(),
+    pa.list_(pa.int64()),
+    pa.binary(),
+    pa.timestamp("us"),
+]
 
 
 def retype_column(data, run):
@@ -191,7 +197,7 @@ def set_values(data, run):
     """Integer columns get drawn values: negative sizes, steps that go backwards, overflow."""
     if f := _table_file(data, run):
         i = data.draw(st.integers(0, 20))
-        edges = st.sampled_from([-1, -(2 ** 63), 2 ** 31, 2 ** 63 - 1])
+        edges = st.sampled_from([-1, -(2**63), 2**31, 2**63 - 1])
         values = data.draw(st.lists(st.integers(-3, 3) | edges | st.none(), min_size=1, max_size=4))
 
         def change(t):
@@ -202,23 +208,41 @@ def set_values(data, run):
         _rewrite(f, change)
 
 
-CORRUPTIONS = [truncate, flip_bytes, overwrite, delete, garbage, dir_in_place, meta_replace,
-               meta_text, meta_edit, meta_version, drop_column, rename_column, duplicate_column,
-               retype_column, set_values]
+CORRUPTIONS = [
+    truncate,
+    flip_bytes,
+    overwrite,
+    delete,
+    garbage,
+    dir_in_place,
+    meta_replace,
+    meta_text,
+    meta_edit,
+    meta_version,
+    drop_column,
+    rename_column,
+    duplicate_column,
+    retype_column,
+    set_values,
+]
 
 
 def _fingerprint(run: Path) -> dict:
-    return {str(p.relative_to(run)): hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else "d"
-            for p in sorted(run.rglob("*"))}
+    return {
+        str(p.relative_to(run)): hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else "d"
+        for p in sorted(run.rglob("*"))
+    }
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[
-    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_corrupted_traces_fail_cleanly(sample_runs, capsys, data):
     base = sample_runs[data.draw(st.sampled_from(sorted(sample_runs)), label="base")]
-    corruptions = data.draw(st.lists(st.sampled_from(CORRUPTIONS), min_size=1, max_size=3),
-                            label="corruptions")
+    corruptions = data.draw(st.lists(st.sampled_from(CORRUPTIONS), min_size=1, max_size=3), label="corruptions")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         shutil.copytree(base, run)

@@ -7,8 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from profiler.analysis.compare import (Headline, compare, compare_summaries, headline, memory_saved_pct,
-                                       speed_change_pct)
+from profiler.analysis.compare import Headline, compare, compare_summaries, headline, memory_saved_pct, speed_change_pct
 from profiler.analysis.summary import tokens_per_second
 from workloads import ablate
 
@@ -54,16 +53,27 @@ def test_headline_of_two_summaries():
 
 
 def _summary(name, peak, step_us, tokens_per_s=None) -> dict:
-    return {"run_id": name, "name": name, "peak_allocated_bytes": peak, "median_step_time_us": step_us,
-            "tokens_per_s": tokens_per_s}
+    return {
+        "run_id": name,
+        "name": name,
+        "peak_allocated_bytes": peak,
+        "median_step_time_us": step_us,
+        "tokens_per_s": tokens_per_s,
+    }
 
 
 @pytest.mark.parametrize("base_tokens, run_tokens", [(None, None), (1000.0, 2000.0), (1000.0, None)])
 def test_compare_and_ablate_give_the_same_headline(base_tokens, run_tokens):
     summaries = [_summary("base", 1000, 100_000.0, base_tokens), _summary("run", 750, 200_000.0, run_tokens)]
-    rows = [{"status": "ok", "peak_allocated_bytes": s["peak_allocated_bytes"],
-             "median_step_ms": s["median_step_time_us"] / 1000, "tokens_per_s": s["tokens_per_s"]}
-            for s in summaries]
+    rows = [
+        {
+            "status": "ok",
+            "peak_allocated_bytes": s["peak_allocated_bytes"],
+            "median_step_ms": s["median_step_time_us"] / 1000,
+            "tokens_per_s": s["tokens_per_s"],
+        }
+        for s in summaries
+    ]
     table = compare_summaries(summaries, baseline=0)
     diffs = ablate.baseline_diffs(rows[1], rows[0])
     expected = headline(*summaries)

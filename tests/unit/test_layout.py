@@ -18,6 +18,7 @@ from profiler.trace.reader import load_trace
 
 # -- meta.json ------------------------------------------------------------------------------
 
+
 def test_strict_and_lenient_meta(finished_run):
     meta = trace_meta.read_meta(finished_run)
     assert meta["format"] == schema.FORMAT_NAME and trace_meta.read_meta_lenient(finished_run) == meta
@@ -44,6 +45,7 @@ def test_world_size_of():
 
 # -- rank partitions --------------------------------------------------------------------------
 
+
 def test_rank_dirs_are_only_rank_folders(tmp_path):
     job = write_job(tmp_path, "job", {0: 100, 1: 100})
     (job / "rank=7").write_text("a file, not a partition")
@@ -59,7 +61,11 @@ def test_read_ranks_marks_missing_partitions(tmp_path):
     (job / "rank=2" / "events.parquet").write_bytes(b"junk")
     records = layout.read_ranks(job / "rank=0")  # a partition stands for its job
     assert [(r.rank, r.exists, r.status) for r in records] == [
-        (0, True, "complete"), (1, False, "missing"), (2, True, "unreadable"), (3, False, "missing")]
+        (0, True, "complete"),
+        (1, False, "missing"),
+        (2, True, "unreadable"),
+        (3, False, "missing"),
+    ]
     assert records[0].summary == summary_cache.load_summary(job / "rank=0") and records[0].error is None
     assert records[2].meta["world_size"] == 4 and "events.parquet" in records[2].error
     assert records[1].meta is None and "no partition rank=1 (world size 4)" in records[1].error
@@ -69,8 +75,19 @@ def test_each_loader_has_one_home():
     from profiler import analysis
     from profiler.trace import reader
 
-    for name in ("rank_table", "rank_categories", "rank_timelines", "read_ranks", "rank_dirs", "run_root_of",
-                 "is_multi_rank", "RANK_DIR", "rank_number", "MISSING", "UNREADABLE"):
+    for name in (
+        "rank_table",
+        "rank_categories",
+        "rank_timelines",
+        "read_ranks",
+        "rank_dirs",
+        "run_root_of",
+        "is_multi_rank",
+        "RANK_DIR",
+        "rank_number",
+        "MISSING",
+        "UNREADABLE",
+    ):
         assert hasattr(layout, name) and not hasattr(ranks, name), name
     assert hasattr(ranks, "RankRecord") and ranks.RankRecord is layout.RankRecord  # the type analysis takes
     for name in ("SUMMARY_FILE", "load_summaries", "read_summary", "write_summary"):
@@ -86,10 +103,19 @@ NOWHERE = Path("/nonexistent/job")
 
 
 def _summary(peak: int, step_us: float, status: str = "complete") -> dict:
-    return {"run_id": "job", "name": "job", "status": status, "config": {"world_size": 3},
-            "peak_allocated_bytes": peak, "median_step_time_us": step_us, "steps": 2, "events": 10,
-            "events_dropped": 0, "categories_at_peak_bytes": {"parameter": 100, "activation": peak - 100},
-            "category_peak_bytes": {"parameter": 100, "activation": peak - 100}}
+    return {
+        "run_id": "job",
+        "name": "job",
+        "status": status,
+        "config": {"world_size": 3},
+        "peak_allocated_bytes": peak,
+        "median_step_time_us": step_us,
+        "steps": 2,
+        "events": 10,
+        "events_dropped": 0,
+        "categories_at_peak_bytes": {"parameter": 100, "activation": peak - 100},
+        "category_peak_bytes": {"parameter": 100, "activation": peak - 100},
+    }
 
 
 def _records() -> list[RankRecord]:

@@ -27,13 +27,19 @@ LARGE = 2 << 32  # a 20 MiB segment the trace allocates
 
 
 def _frames(fn):
-    return [{"filename": "train.py", "line": 10, "name": fn},
-            {"filename": "main.py", "line": 3, "name": "main"}]
+    return [{"filename": "train.py", "line": 10, "name": fn}, {"filename": "main.py", "line": 3, "name": "main"}]
 
 
 def _entry(action, addr, size, t, meta="", stacks=True, stream=0):
-    e = {"action": action, "addr": addr, "size": size, "stream": stream, "time_us": t,
-         "compile_context": "N/A", "user_metadata": meta}
+    e = {
+        "action": action,
+        "addr": addr,
+        "size": size,
+        "stream": stream,
+        "time_us": t,
+        "compile_context": "N/A",
+        "user_metadata": meta,
+    }
     if stacks:
         e["frames"] = _frames(f"f_{action}")
     return e
@@ -80,21 +86,34 @@ def _end_state(segs, live, ops):
         blocks, at = [], seg_addr
         for a in sorted(x for x in live if seg_addr <= x < seg_addr + total):
             if a > at:
-                blocks.append({"address": at, "size": a - at, "requested_size": 0, "state": "inactive",
-                               "frames": []})
+                blocks.append({"address": at, "size": a - at, "requested_size": 0, "state": "inactive", "frames": []})
             size, state = live[a]
-            blocks.append({"address": a, "size": size, "requested_size": size, "state": state,
-                           "frames": _frames("alloc")})
+            blocks.append(
+                {"address": a, "size": size, "requested_size": size, "state": state, "frames": _frames("alloc")}
+            )
             at = a + size
         if at < seg_addr + total:
-            blocks.append({"address": at, "size": seg_addr + total - at, "requested_size": 0,
-                           "state": "inactive", "frames": []})
+            blocks.append(
+                {"address": at, "size": seg_addr + total - at, "requested_size": 0, "state": "inactive", "frames": []}
+            )
         alloc = sum(b["size"] for b in blocks if b["state"] == "active_allocated")
         active = sum(b["size"] for b in blocks if b["state"] != "inactive")
-        out.append({"device": 0, "address": seg_addr, "total_size": total, "allocated_size": alloc,
-                    "active_size": active, "requested_size": active, "stream": 0,
-                    "segment_type": kind, "segment_pool_id": (0, 0), "is_expandable": False,
-                    "frames": [], "blocks": blocks})
+        out.append(
+            {
+                "device": 0,
+                "address": seg_addr,
+                "total_size": total,
+                "allocated_size": alloc,
+                "active_size": active,
+                "requested_size": active,
+                "stream": 0,
+                "segment_type": kind,
+                "segment_pool_id": (0, 0),
+                "is_expandable": False,
+                "frames": [],
+                "blocks": blocks,
+            }
+        )
     return out
 
 
@@ -106,18 +125,29 @@ def _snapshot(drop_first=0, stacks=True):
         for s in end:
             for b in s["blocks"]:
                 b.pop("frames")
-    return {"segments": end, "device_traces": [entries],
-            "allocator_settings": {"expandable_segments": False, "max_split_size": -1},
-            "external_annotations": []}
+    return {
+        "segments": end,
+        "device_traces": [entries],
+        "allocator_settings": {"expandable_segments": False, "max_split_size": -1},
+        "external_annotations": [],
+    }
 
 
 def _oracle(snap, device=0):
     """(start allocated bytes, peak allocated bytes) from the snapshot alone."""
-    end = sum(b["size"] for s in snap["segments"] if s.get("device", 0) == device
-              for b in s["blocks"] if b["state"] != "inactive")
+    end = sum(
+        b["size"]
+        for s in snap["segments"]
+        if s.get("device", 0) == device
+        for b in s["blocks"]
+        if b["state"] != "inactive"
+    )
     entries = snap["device_traces"][device]
-    start = end - sum(e["size"] for e in entries if e["action"] == "alloc") \
+    start = (
+        end
+        - sum(e["size"] for e in entries if e["action"] == "alloc")
         + sum(e["size"] for e in entries if e["action"] == "free_completed")
+    )
     cur = peak = start
     for e in entries:
         if e["action"] == "alloc":
@@ -180,8 +210,9 @@ def test_import_peak_matches_snapshot_alone(tmp_path):
     blocks = _start_blocks(trace)
     assert blocks == {SMALL: (4096, "active_allocated"), SMALL + 4096: (2 * MIB - 4096, "inactive")}
     ev = trace.events
-    assert list(ev["block_bytes"][ev["action"].astype(str) == "alloc"]) == \
-        [e["size"] for e in snap["device_traces"][0] if e["action"] == "alloc"]
+    assert list(ev["block_bytes"][ev["action"].astype(str) == "alloc"]) == [
+        e["size"] for e in snap["device_traces"][0] if e["action"] == "alloc"
+    ]
     # Tags: a vramscope tag is taken whole, anything else is the module; phase unknown then.
     assert str(ev["phase"].iloc[1]) == "forward" and str(ev["module"].iloc[1]) == "model.fc1"
     assert str(ev["module"].iloc[2]) == "model.fc2" and ev["phase"].isna().iloc[2]
@@ -214,7 +245,7 @@ def test_import_wrapped_ring(tmp_path):
     assert blocks[SMALL] == (4096, "active_allocated")
     # Every segment of the start map is tiled by its blocks.
     seg = trace.segments[trace.segments["snapshot"].astype(str) == "start"]
-    for addr, g in seg.groupby("segment_addr"):
+    for _addr, g in seg.groupby("segment_addr"):
         assert g["block_bytes"].sum() == g["segment_bytes"].iloc[0]
     assert _events(trace) == _entries(snap)
 
@@ -240,12 +271,21 @@ def test_import_without_stacks(tmp_path):
 
 def test_import_two_devices(tmp_path, capsys):
     snap = _snapshot()
-    one = [dict(s, device=1, address=s["address"] + (8 << 32),
-                blocks=[dict(b, address=b["address"] + (8 << 32)) for b in s["blocks"]])
-           for s in snap["segments"] if s["address"] == SMALL]
-    dev1 = [_entry("alloc", SMALL + (8 << 32) + 4096, 512, 5),
-            _entry("free_requested", SMALL + (8 << 32) + 4096, 512, 6),
-            _entry("free_completed", SMALL + (8 << 32) + 4096, 512, 7)]
+    one = [
+        dict(
+            s,
+            device=1,
+            address=s["address"] + (8 << 32),
+            blocks=[dict(b, address=b["address"] + (8 << 32)) for b in s["blocks"]],
+        )
+        for s in snap["segments"]
+        if s["address"] == SMALL
+    ]
+    dev1 = [
+        _entry("alloc", SMALL + (8 << 32) + 4096, 512, 5),
+        _entry("free_requested", SMALL + (8 << 32) + 4096, 512, 6),
+        _entry("free_completed", SMALL + (8 << 32) + 4096, 512, 7),
+    ]
     snap["segments"] += one
     snap["device_traces"].append(dev1)
     path = _dump(tmp_path, snap)
@@ -298,14 +338,16 @@ def test_export_then_import_loses_nothing(tmp_path, capsys):
     assert _entries(exported) == _entries(snap)
     e = exported["device_traces"][0][0]
     assert set(e) >= {"action", "addr", "size", "stream", "time_us", "frames", "user_metadata"}
-    assert [x["time_us"] for x in exported["device_traces"][0]] == \
-        [x["time_us"] for x in snap["device_traces"][0]]
+    assert [x["time_us"] for x in exported["device_traces"][0]] == [x["time_us"] for x in snap["device_traces"][0]]
     assert exported["device_traces"][0][0]["frames"] == _frames("f_alloc")
     # The end map came back as dumped.
-    assert [(s["address"], s["total_size"], [(b["address"], b["size"], b["state"]) for b in s["blocks"]])
-            for s in exported["segments"]] == \
-        [(s["address"], s["total_size"], [(b["address"], b["size"], b["state"]) for b in s["blocks"]])
-         for s in snap["segments"]]
+    assert [
+        (s["address"], s["total_size"], [(b["address"], b["size"], b["state"]) for b in s["blocks"]])
+        for s in exported["segments"]
+    ] == [
+        (s["address"], s["total_size"], [(b["address"], b["size"], b["state"]) for b in s["blocks"]])
+        for s in snap["segments"]
+    ]
     assert exported["allocator_settings"] == snap["allocator_settings"]
     # Tags rebuilt from phase/module/category.
     metas = [x["user_metadata"] for x in exported["device_traces"][0]]
@@ -366,16 +408,20 @@ class _Foreign:
     pass
 
 
-@pytest.mark.parametrize("payload", [
-    b"not a pickle at all",
-    b"\x80\x04\x95",  # torn
-    pickle.dumps([1, 2, 3]),
-    pickle.dumps({"hello": "world"}),
-    pickle.dumps(_Foreign()),
-    pickle.dumps({"segments": [{"address": "x"}], "device_traces": []}),
-    pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "addr": "bad"}]]}),
-    pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "stream": "s"}]]}),
-], ids=["garbage", "torn", "list", "dict", "object", "bad-segment", "bad-entry", "bad-stream"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not a pickle at all",
+        b"\x80\x04\x95",  # torn
+        pickle.dumps([1, 2, 3]),
+        pickle.dumps({"hello": "world"}),
+        pickle.dumps(_Foreign()),
+        pickle.dumps({"segments": [{"address": "x"}], "device_traces": []}),
+        pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "addr": "bad"}]]}),
+        pickle.dumps({"segments": [], "device_traces": [[{"action": "alloc", "stream": "s"}]]}),
+    ],
+    ids=["garbage", "torn", "list", "dict", "object", "bad-segment", "bad-entry", "bad-stream"],
+)
 def test_import_rejects_bad_pickles(tmp_path, capsys, payload):
     path = tmp_path / "bad.pickle"
     path.write_bytes(payload)
@@ -405,18 +451,32 @@ def test_import_empty_snapshot(tmp_path):
 def test_import_segment_free_and_expandable_map(tmp_path):
     x, e = 3 << 32, 4 << 32
     snap = {
-        "segments": [{"device": 0, "address": e, "total_size": 4 * MIB, "stream": 0,
-                      "segment_type": "large", "is_expandable": True, "blocks": [
-                          {"address": e, "size": MIB, "requested_size": MIB, "state": "active_allocated"},
-                          {"address": e + MIB, "size": 2 * MIB, "requested_size": 2 * MIB,
-                           "state": "active_allocated"},
-                          {"address": e + 3 * MIB, "size": MIB, "requested_size": 0, "state": "inactive"}]}],
-        "device_traces": [[
-            _entry("free_requested", x, 512, 1), _entry("free_completed", x, 512, 2),
-            _entry("segment_free", x, 2 * MIB, 3),  # a segment from before the trace
-            _entry("segment_map", e, 2 * MIB, 4), _entry("alloc", e, MIB, 5),
-            _entry("segment_map", e + 2 * MIB, 2 * MIB, 6), _entry("alloc", e + MIB, 2 * MIB, 7),
-        ]],
+        "segments": [
+            {
+                "device": 0,
+                "address": e,
+                "total_size": 4 * MIB,
+                "stream": 0,
+                "segment_type": "large",
+                "is_expandable": True,
+                "blocks": [
+                    {"address": e, "size": MIB, "requested_size": MIB, "state": "active_allocated"},
+                    {"address": e + MIB, "size": 2 * MIB, "requested_size": 2 * MIB, "state": "active_allocated"},
+                    {"address": e + 3 * MIB, "size": MIB, "requested_size": 0, "state": "inactive"},
+                ],
+            }
+        ],
+        "device_traces": [
+            [
+                _entry("free_requested", x, 512, 1),
+                _entry("free_completed", x, 512, 2),
+                _entry("segment_free", x, 2 * MIB, 3),  # a segment from before the trace
+                _entry("segment_map", e, 2 * MIB, 4),
+                _entry("alloc", e, MIB, 5),
+                _entry("segment_map", e + 2 * MIB, 2 * MIB, 6),
+                _entry("alloc", e + MIB, 2 * MIB, 7),
+            ]
+        ],
         "allocator_settings": {"expandable_segments": True},
     }
     trace = _import(tmp_path, _dump(tmp_path, snap))

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from fakes import replay_peak
+from rank_runs import GRAD, PARAM, peak_of, rank_events, step_us, write_job, write_rank
+
 from profiler.analysis import ranks
 from profiler.analysis.compare import compare_summaries
 from profiler.errors import TraceError
 from profiler.trace import layout
 from profiler.trace.summary_cache import load_summary
-from rank_runs import PARAM, GRAD, peak_of, rank_events, step_us, write_job, write_rank
 
 ACT = {0: 2000, 1: 6000}  # rank 1 holds the larger activation: peaks 3500 and 7500
 PEAKS = {r: peak_of(a) for r, a in ACT.items()}
@@ -64,9 +64,17 @@ def test_skew_by_hand(two_ranks):
     table = layout.rank_table(two_ranks)
     skew = ranks.rank_skew(table)
     median = (3500 + 7500) / 2
-    assert skew == dict(max_bytes=7500, max_rank=1, min_bytes=3500, min_rank=0, median_bytes=median,
-                        max_min_ratio=pytest.approx(7500 / 3500), spread_bytes=4000,
-                        skew_pct=pytest.approx((7500 - median) / median * 100), ranks=2)
+    assert skew == dict(
+        max_bytes=7500,
+        max_rank=1,
+        min_bytes=3500,
+        min_rank=0,
+        median_bytes=median,
+        max_min_ratio=pytest.approx(7500 / 3500),
+        spread_bytes=4000,
+        skew_pct=pytest.approx((7500 - median) / median * 100),
+        ranks=2,
+    )
     assert table["is_max"].tolist() == [False, True]
     np.testing.assert_allclose(table["skew_pct"], [(3500 - median) / median * 100, (7500 - median) / median * 100])
 
@@ -174,6 +182,7 @@ def test_cached_summaries_spare_loading_any_trace(two_ranks, monkeypatch):
 
 # -- the dashboard's runs table ---------------------------------------------------------------
 
+
 @pytest.fixture
 def data():
     return pytest.importorskip("dashboard.data", reason="the dashboard needs streamlit")
@@ -220,11 +229,10 @@ def test_default_ranks_to_overlay(data, four_ranks_two_failed):
     assert data.default_ranks(table, ranks.rank_skew(table), most=2) == [0, 1]
 
 
-
 def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
-    from profiler.cli import main
-
     from rank_runs import peak_of, write_job
+
+    from profiler.cli import main
 
     job = write_job(tmp_path, "job-1", {0: 1000, 1: 3000, 2: 2000}, world_size=4)
     assert main(["report", str(job), "--json"]) == 0
@@ -241,9 +249,9 @@ def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
 
 
 def test_jobs_inside_an_ablation_folder_are_found(tmp_path):
-    from profiler.trace.layout import iter_runs
-
     from rank_runs import write_job
+
+    from profiler.trace.layout import iter_runs
 
     write_job(tmp_path / "h200x2-fsdp", "job-a", {0: 1000, 1: 2000})  # <root>/<group>/<job>/rank=N
     write_job(tmp_path, "job-b", {0: 1000})  # <root>/<job>/rank=N

@@ -14,12 +14,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import KILLED_FLUSHES, SAMPLE_EVENTS, finished_trace, killed_trace
 from fakes import write_trace
-from profiler.trace import schema
+
 from profiler.cli import main
 from profiler.errors import EmptyTraceError, TraceError, TraceVersionError, UsageError
+from profiler.trace import schema
 from profiler.trace.layout import iter_runs, load_runs
 from profiler.trace.reader import load_trace
 
@@ -153,11 +153,14 @@ def test_missing_column(finished_run):
     _one_line_error(e, str(finished_run), "events", "addr")
 
 
-@pytest.mark.parametrize("column, values", [
-    ("size_bytes", lambda n: pa.array(["big"] * n)),
-    ("action", lambda n: pa.array([1.5] * n)),
-    ("addr", lambda n: pa.array([1.5] * n)),  # a float that is not an integer
-])
+@pytest.mark.parametrize(
+    "column, values",
+    [
+        ("size_bytes", lambda n: pa.array(["big"] * n)),
+        ("action", lambda n: pa.array([1.5] * n)),
+        ("addr", lambda n: pa.array([1.5] * n)),  # a float that is not an integer
+    ],
+)
 def test_wrong_column_type(finished_run, column, values):
     _rewrite_parquet(finished_run, "events", lambda t: _replace(t, column, values(t.num_rows)))
     with pytest.raises(TraceError) as e:
@@ -166,8 +169,9 @@ def test_wrong_column_type(finished_run, column, values):
 
 
 def test_negative_size(finished_run):
-    _rewrite_parquet(finished_run, "events",
-                     lambda t: _replace(t, "size_bytes", pa.array([-1] * t.num_rows, pa.int64())))
+    _rewrite_parquet(
+        finished_run, "events", lambda t: _replace(t, "size_bytes", pa.array([-1] * t.num_rows, pa.int64()))
+    )
     with pytest.raises(TraceError) as e:
         load_trace(finished_run)
     _one_line_error(e, "size_bytes", "negative")
@@ -206,12 +210,15 @@ def test_file_instead_of_dir(tmp_path):
     _one_line_error(e, "not a directory")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ('{"format": ', "not valid JSON"),
-    ("[1, 2]", "not a JSON object"),
-    ('{"format": "other"}', "not a vramscope trace"),
-    (b"\xff\xfe{}", "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ('{"format": ', "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"format": "other"}', "not a vramscope trace"),
+        (b"\xff\xfe{}", "UTF-8"),
+    ],
+)
 def test_corrupt_meta(finished_run, text, needle):
     path = finished_run / schema.META_FILE
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -220,12 +227,15 @@ def test_corrupt_meta(finished_run, text, needle):
     _one_line_error(e, str(finished_run), needle)
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"schema_version": True}, "version"),  # JSON true is not version 1
-    ({"max_allocated_bytes": -5}, "max_allocated_bytes"),
-    ({"status": "exploded"}, "status"),
-    ({"config": [1]}, "config"),
-])
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"schema_version": True}, "version"),  # JSON true is not version 1
+        ({"max_allocated_bytes": -5}, "max_allocated_bytes"),
+        ({"status": "exploded"}, "status"),
+        ({"config": [1]}, "config"),
+    ],
+)
 def test_bad_meta_values(finished_run, changes, needle):
     _edit_meta(finished_run, **changes)
     with pytest.raises(TraceError) as e:
@@ -318,8 +328,7 @@ def test_info_json(killed_run, capsys):
     assert main(["info", "--json", str(killed_run)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "running"
-    assert summary["tables"]["events"] == {
-        "rows": KILLED_FLUSHES * len(SAMPLE_EVENTS), "source": "journal"}
+    assert summary["tables"]["events"] == {"rows": KILLED_FLUSHES * len(SAMPLE_EVENTS), "source": "journal"}
 
 
 def test_info_bad_trace_is_one_line_exit_2(tmp_path, capsys):
@@ -358,15 +367,23 @@ def test_keyboard_interrupt_exits_130(monkeypatch, finished_run):
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, *args] if not code else [sys.executable, "-c", code],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args] if not code else [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_cli_imports_only_the_chosen_verb():
     # `vramscope --help` must not import any verb, nor pandas (the capture process stays lean).
-    code = ("import sys; from profiler.cli import main; rc = main(['--help']);"
-            "bad = [m for m in sys.modules if m == 'pandas' or m.startswith('profiler.cli.')];"
-            "print(bad); sys.exit(rc)")
+    code = (
+        "import sys; from profiler.cli import main; rc = main(['--help']);"
+        "bad = [m for m in sys.modules if m == 'pandas' or m.startswith('profiler.cli.')];"
+        "print(bad); sys.exit(rc)"
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

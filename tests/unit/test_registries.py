@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # -- toggles ----------------------------------------------------------------------------
 
+
 def test_toggle_registry_is_consistent():
     assert KEYS == tuple(t.key for t in TOGGLES)
     assert len(set(KEYS)) == len(KEYS) and len({t.attr for t in TOGGLES}) == len(TOGGLES)
@@ -59,6 +60,7 @@ def test_lists_derived_from_the_toggle_registry():
 
 # -- KV caches --------------------------------------------------------------------------
 
+
 def test_kv_registry_and_what_derives_from_it():
     assert KINDS == tuple(CACHES) and all(cls.kind == kind for kind, cls in CACHES.items())
     assert infer.KV_CHOICES == ("none", *KINDS)
@@ -84,6 +86,7 @@ def test_ablate_suite_choices_are_the_suites():
 
 # -- categories ---------------------------------------------------------------------------
 
+
 def test_every_category_is_classified_and_roles_map_to_categories():
     values = [c.value for c in schema.Category]
     assert classify.CATEGORY_VALUES == values
@@ -97,7 +100,7 @@ def test_the_estimate_speaks_the_trace_categories():
     assert set(estimate.PREDICTED) <= values
     assert set(estimate._EXPLAIN) == {*estimate.PREDICTED, "other", "total"}
     est = estimate.estimate("tiny", batch=4, seq=32)
-    assert list(est)[:len(estimate.BREAKDOWN)] == list(estimate.BREAKDOWN)
+    assert list(est)[: len(estimate.BREAKDOWN)] == list(estimate.BREAKDOWN)
     from workloads.toggles.optimizer import NAMES
     from workloads.toggles.precision import DTYPES
 
@@ -106,6 +109,7 @@ def test_the_estimate_speaks_the_trace_categories():
 
 
 # -- CLI verbs ------------------------------------------------------------------------------
+
 
 def test_ablate_comes_from_the_entry_point_group():
     assert ("ablate", "workloads.ablate_cli") in cli._entry_point_verbs()
@@ -136,8 +140,9 @@ def fake_plugin(tmp_path, monkeypatch):
     dist = tmp_path / "vramscope_fake_verbs-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vramscope-fake-verbs\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[vramscope.verbs]\nhello = vramscope_fake_verb\n"
-                                           "run = vramscope_fake_verb\n")
+    (dist / "entry_points.txt").write_text(
+        "[vramscope.verbs]\nhello = vramscope_fake_verb\nrun = vramscope_fake_verb\n"
+    )
     (tmp_path / "vramscope_fake_verb.py").write_text(VERB)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
@@ -160,21 +165,31 @@ def test_entry_point_verbs_are_listed_and_run(fake_plugin, capsys):
 def test_a_built_in_verb_never_looks_at_other_packages(monkeypatch):
     def fail():
         raise AssertionError("entry points read for a built-in verb")
+
     monkeypatch.setattr(cli, "_entry_point_verbs", fail)
     assert cli._commands("run") == cli._COMMANDS
 
 
 def test_help_imports_no_verb_nor_workloads():
-    code = ("import sys; from profiler.cli import main; rc = main(['--help']);"
-            "print([m for m in sys.modules if m.split('.')[0] in ('workloads', 'pandas')"
-            " or m.startswith('profiler.cli.')]); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    code = (
+        "import sys; from profiler.cli import main; rc = main(['--help']);"
+        "print([m for m in sys.modules if m.split('.')[0] in ('workloads', 'pandas')"
+        " or m.startswith('profiler.cli.')]); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ablate" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 # -- one file plus one entry, in an overlay copy ------------------------------------------
+
 
 def _overlay(tmp_path: Path, package: str) -> Path:
     root = tmp_path / "overlay"
@@ -200,8 +215,9 @@ def _changed(root: Path, package: str) -> list[str]:
 
 def _run(root: Path, code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)]))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=root, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=root, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -245,11 +261,16 @@ def test_a_new_toggle_is_one_file_and_one_registry_entry(tmp_path):
     root = _overlay(tmp_path, "workloads")
     (root / "workloads/toggles/dummy.py").write_text(DUMMY_TOGGLE)
     registry = root / "workloads/toggles/__init__.py"
-    _add_line(registry, "from workloads.toggles.compile import CompileConfig\n",
-              "from workloads.toggles.dummy import DummyConfig\n")
+    _add_line(
+        registry,
+        "from workloads.toggles.compile import CompileConfig\n",
+        "from workloads.toggles.dummy import DummyConfig\n",
+    )
     _add_line(registry, "    AllocatorConfig,\n", "    DummyConfig,\n")
     assert _changed(root, "workloads") == ["workloads/toggles/__init__.py", "workloads/toggles/dummy.py"]
-    out = _run(root, f"""
+    out = _run(
+        root,
+        f"""
         from workloads import suites, train
         from workloads.toggles import dummy, from_dict
 
@@ -262,7 +283,8 @@ def test_a_new_toggle_is_one_file_and_one_registry_entry(tmp_path):
         assert result["status"] == "ok", result
         assert dummy.APPLIED == ["cpu"]
         print("ok")
-    """)
+    """,
+    )
     assert out.strip() == "ok"
 
 
@@ -282,11 +304,12 @@ def test_a_new_kv_cache_is_one_file_and_one_registry_entry(tmp_path):
     root = _overlay(tmp_path, "workloads")
     (root / "workloads/kv/dummy.py").write_text(DUMMY_CACHE)
     registry = root / "workloads/kv/__init__.py"
-    _add_line(registry, "from workloads.kv.concat import ConcatCache\n",
-              "from workloads.kv.dummy import DummyCache\n")
+    _add_line(registry, "from workloads.kv.concat import ConcatCache\n", "from workloads.kv.dummy import DummyCache\n")
     _add_line(registry, "        Int8Cache,\n", "        DummyCache,\n")
     assert _changed(root, "workloads") == ["workloads/kv/__init__.py", "workloads/kv/dummy.py"]
-    out = _run(root, f"""
+    out = _run(
+        root,
+        f"""
         from workloads import infer, suites
 
         assert "dummy" in infer.KV_CHOICES
@@ -296,17 +319,23 @@ def test_a_new_kv_cache_is_one_file_and_one_registry_entry(tmp_path):
                            device="cpu")
         assert result["status"] == "ok", result
         print("ok")
-    """)
+    """,
+    )
     assert out.strip() == "ok"
 
 
 @pytest.mark.slow
 def test_a_new_category_is_one_enum_line(tmp_path):
     root = _overlay(tmp_path, "profiler")
-    _add_line(root / "profiler/trace/schema.py", '    REDUCE_SCATTER = "reduce_scatter"  # reduce-scatter input buffers\n',
-              '    LORA_ADAPTER = "lora_adapter"\n')
+    _add_line(
+        root / "profiler/trace/schema.py",
+        '    REDUCE_SCATTER = "reduce_scatter"  # reduce-scatter input buffers\n',
+        '    LORA_ADAPTER = "lora_adapter"\n',
+    )
     assert _changed(root, "profiler") == ["profiler/trace/schema.py"]
-    out = _run(root, f"""
+    out = _run(
+        root,
+        f"""
         import torch
 
         import profiler
@@ -319,5 +348,6 @@ def test_a_new_category_is_one_enum_line(tmp_path):
             prof.step()
         at_peak = category_at_peak(load_trace(prof.run_dir))
         print(int(at_peak.set_index("category").loc["lora_adapter", "total_bytes"]))
-    """)
+    """,
+    )
     assert int(out.strip().splitlines()[-1]) >= 4096

@@ -27,7 +27,10 @@ def test_bundled_trace_reports_as_recorded(run, capsys, monkeypatch):
 
 
 def test_golden_covers_every_bundled_run():
-    runs = {str(p.parent.relative_to(REPO)) for p in (REPO / "traces").rglob("meta.json")
-            if not p.parent.name.startswith("rank=")}
+    runs = {
+        str(p.parent.relative_to(REPO))
+        for p in (REPO / "traces").rglob("meta.json")
+        if not p.parent.name.startswith("rank=")
+    }
     jobs = {str(p.parent.relative_to(REPO)) for p in (REPO / "traces").rglob("rank=0")}
     assert runs | jobs == set(GOLDEN), "record new bundled runs in tests/fixtures/report_json.json"

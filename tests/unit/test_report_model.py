@@ -74,8 +74,10 @@ def test_text_table_aligns_numbers_right():
 
 
 def test_importing_the_reporter_loads_no_capture_cli_or_pandas():
-    code = ("import sys, profiler.report; "
-            "print([m for m in sys.modules if m.startswith(('profiler.capture', 'profiler.cli', 'torch', "
-            "'pandas'))])")
+    code = (
+        "import sys, profiler.report; "
+        "print([m for m in sys.modules if m.startswith(('profiler.capture', 'profiler.cli', 'torch', "
+        "'pandas'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,19 @@ from profiler.errors import TraceError
 from profiler.trace import schema
 from profiler.trace.reader import load_trace
 
-PUBLISHED_EVENTS = ("ts_us", "action", "addr", "size_bytes", "block_bytes", "stream", "step", "module", "phase",
-                    "category", "stack_id")
+PUBLISHED_EVENTS = (
+    "ts_us",
+    "action",
+    "addr",
+    "size_bytes",
+    "block_bytes",
+    "stream",
+    "step",
+    "module",
+    "phase",
+    "category",
+    "stack_id",
+)
 JOURNAL_EVENTS = ("ts_us", "action", "addr", "size_bytes", "stream", "step", "tag", "stack_id")
 
 
@@ -49,13 +60,19 @@ def test_every_required_or_checked_column_is_in_its_table():
         for table, columns in checks.items():
             assert set(columns) <= set(schema.TABLES[table].names), (table, columns)
             for column in columns:
-                assert pa.types.is_integer(schema.TABLES[table].field(column).type) or \
-                    column in schema.NOT_NULL.get(table, ()), (table, column)
+                assert pa.types.is_integer(schema.TABLES[table].field(column).type) or column in schema.NOT_NULL.get(
+                    table, ()
+                ), (table, column)
 
 
 def test_derived_checks_are_the_formats():
-    assert schema.REQUIRED_COLUMNS["steps"] == ("step", "ts_us", "allocated_bytes", "reserved_bytes",
-                                                "max_allocated_bytes")
+    assert schema.REQUIRED_COLUMNS["steps"] == (
+        "step",
+        "ts_us",
+        "allocated_bytes",
+        "reserved_bytes",
+        "max_allocated_bytes",
+    )
     assert schema.REQUIRED_COLUMNS["events"] == PUBLISHED_EVENTS
     assert schema.NON_NEGATIVE == {
         "events": ("size_bytes", "block_bytes"),
@@ -69,17 +86,34 @@ def test_derived_checks_are_the_formats():
 
 
 def test_meta_keys():
-    assert schema.META_REQUIRED == ("format", "schema_version", "run_id", "name", "backend", "device",
-                                    "torch_version", "config", "allocator_settings", "baseline_allocated_bytes",
-                                    "max_allocated_bytes", "max_reserved_bytes", "events_dropped")
+    assert schema.META_REQUIRED == (
+        "format",
+        "schema_version",
+        "run_id",
+        "name",
+        "backend",
+        "device",
+        "torch_version",
+        "config",
+        "allocator_settings",
+        "baseline_allocated_bytes",
+        "max_allocated_bytes",
+        "max_reserved_bytes",
+        "events_dropped",
+    )
     assert schema.META_STRINGS == ("run_id", "name", "backend")
-    assert schema.META_COUNTERS == ("baseline_allocated_bytes", "max_allocated_bytes", "max_reserved_bytes",
-                                    "events_dropped")
+    assert schema.META_COUNTERS == (
+        "baseline_allocated_bytes",
+        "max_allocated_bytes",
+        "max_reserved_bytes",
+        "events_dropped",
+    )
     assert schema.META_OBJECTS == ("config",)
     assert "status" not in schema.META_REQUIRED and "status" in {k.name for k in schema.META_KEYS}
 
 
 # -- the reader enforces what the columns say ------------------------------------------------
+
 
 @pytest.fixture
 def run(sample_runs, tmp_path):
@@ -154,8 +188,12 @@ def test_each_required_meta_key_is_required(run, key):
     assert key in message or key.replace("_", " ") in message  # "schema version None is not supported"
 
 
-@pytest.mark.parametrize("key, bad", [(k, -1) for k in schema.META_COUNTERS] + [(k, 5) for k in schema.META_STRINGS]
-                         + [(k, [1]) for k in schema.META_OBJECTS])
+@pytest.mark.parametrize(
+    "key, bad",
+    [(k, -1) for k in schema.META_COUNTERS]
+    + [(k, 5) for k in schema.META_STRINGS]
+    + [(k, [1]) for k in schema.META_OBJECTS],
+)
 def test_each_typed_meta_key_is_checked(run, key, bad):
     _edit_meta(run, lambda m: m.update({key: bad}))
     assert f"meta.json {key} must be" in _error(run)

@@ -10,19 +10,37 @@ from pathlib import Path
 import pytest
 
 from profiler.cli import main
-from profiler.whatif import (Point, WhatIfError, check_same_setup, fit, fit_line, largest_fitting,
-                             parse_size, point_from_summary, whatif)
+from profiler.whatif import (
+    WhatIfError,
+    check_same_setup,
+    fit,
+    fit_line,
+    largest_fitting,
+    parse_size,
+    point_from_summary,
+    whatif,
+)
 
 GiB = 1 << 30
 MiB = 1 << 20
 
 
 def summary(batch, cats, reserved=None, name=None, **config):
-    return {"name": name or f"b{batch}", "device": "NVIDIA H100 80GB HBM3",
-            "config": {"preset": "gpt2-small", "precision": "bf16", "batch_size": batch,
-                       "tokens_per_step": batch * 1024, **config},
-            "categories_at_peak_bytes": cats, "peak_allocated_bytes": sum(cats.values()),
-            "peak_reserved_bytes": reserved, "allocator_max_reserved_bytes": None}
+    return {
+        "name": name or f"b{batch}",
+        "device": "NVIDIA H100 80GB HBM3",
+        "config": {
+            "preset": "gpt2-small",
+            "precision": "bf16",
+            "batch_size": batch,
+            "tokens_per_step": batch * 1024,
+            **config,
+        },
+        "categories_at_peak_bytes": cats,
+        "peak_allocated_bytes": sum(cats.values()),
+        "peak_reserved_bytes": reserved,
+        "allocator_max_reserved_bytes": None,
+    }
 
 
 def test_fit_line_two_points_is_exact():
@@ -98,6 +116,7 @@ def test_seq_axis_reads_seq_len():
 
 # -- a real CPU check ------------------------------------------------------------------
 
+
 def _train(tmp_path, monkeypatch, batch: int) -> Path:
     """The tiny preset at `batch`. Where train.run takes `batch_size` as a toggle it is passed so
     (and recorded in meta's config); otherwise the preset is replaced for the call and the
@@ -109,8 +128,7 @@ def _train(tmp_path, monkeypatch, batch: int) -> Path:
         toggles = {"batch_size": batch}
     else:
         toggles = {}
-        monkeypatch.setattr(train, "model_preset",
-                            lambda name: dataclasses.replace(preset(name), batch_size=batch))
+        monkeypatch.setattr(train, "model_preset", lambda name: dataclasses.replace(preset(name), batch_size=batch))
     result = train.run("tiny", toggles, out=str(tmp_path), name=f"tiny-b{batch}", steps=2, device="cpu")
     assert result["status"] == "ok", result
     meta_path = Path(result["run_dir"]) / "meta.json"
@@ -130,8 +148,10 @@ def test_cpu_runs_predict_a_third_batch(tmp_path, monkeypatch, capsys):
     m = fit(pts)
     measured = load_summary(runs[16])["peak_allocated_bytes"]
     predicted = m.allocated(16)
-    print(f"tiny cpu: batch 16 predicted {predicted:.0f} B, measured {measured} B, "
-          f"error {(predicted - measured) / measured * 100:+.3f}%")
+    print(
+        f"tiny cpu: batch 16 predicted {predicted:.0f} B, measured {measured} B, "
+        f"error {(predicted - measured) / measured * 100:+.3f}%"
+    )
     assert predicted == pytest.approx(measured, rel=0.03)
 
     # The verb end to end, on the same runs.
@@ -149,7 +169,14 @@ TRACES = Path(__file__).resolve().parents[2] / "traces"
 
 
 def test_cli_refuses_mixed_setup_in_one_line(capsys):
-    rc = main(["whatif", str(TRACES / "gpt2-small-bf16-h100"), "--values", "8,8",
-               next(str(p) for p in (TRACES / "h100-ablation-seeds").glob("ablate-seeds-bf16-2*"))])
+    rc = main(
+        [
+            "whatif",
+            str(TRACES / "gpt2-small-bf16-h100"),
+            "--values",
+            "8,8",
+            next(str(p) for p in (TRACES / "h100-ablation-seeds").glob("ablate-seeds-bf16-2*")),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("vramscope: error:")

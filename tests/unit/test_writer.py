@@ -11,9 +11,10 @@ import random
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-
 from fakes import base_meta
-from profiler.trace import journal as journal_module, schema
+
+from profiler.trace import journal as journal_module
+from profiler.trace import schema
 from profiler.trace.journal import read_journal
 from profiler.trace.schema import RAW_EVENTS
 from profiler.trace.tags import make_tag
@@ -109,8 +110,13 @@ def test_appended_garbage_keeps_the_whole_journal(journal, closed):
     if closed:  # as finalize leaves it: an end-of-stream marker, then the garbage
         data += b"\xff\xff\xff\xff\x00\x00\x00\x00"
     rng = random.Random(1)
-    tails = [b"\x00", b"\xff" * 4, b"\xff\xff\xff\xff\x10\x00\x00\x00" + b"\x01" * 40,
-             b"\xff\xff\xff\xff\xff\xff\xff\x7f", bytes(300)]
+    tails = [
+        b"\x00",
+        b"\xff" * 4,
+        b"\xff\xff\xff\xff\x10\x00\x00\x00" + b"\x01" * 40,
+        b"\xff\xff\xff\xff\xff\xff\xff\x7f",
+        bytes(300),
+    ]
     tails += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]
     tails += [data[-k:] for k in (1, 16, 200)]  # a repeat of its own last bytes
     for tail in tails:
@@ -121,6 +127,7 @@ def test_appended_garbage_keeps_the_whole_journal(journal, closed):
 
 def test_reader_keeps_a_killed_run_whose_journal_ends_in_garbage(killed_run):
     from conftest import KILLED_FLUSHES, SAMPLE_EVENTS
+
     from profiler.trace.reader import load_trace
 
     journal = killed_run / schema.journal_name("events")
@@ -141,8 +148,9 @@ def test_journal_of_another_schema_is_a_tear_at_the_start(tmp_path):
     assert read_journal(path, None).equals(other)  # None: whatever the stream holds
 
 
-@pytest.mark.parametrize("make", [lambda p: None, lambda p: p.mkdir(), lambda p: p.write_bytes(b""),
-                                  lambda p: p.write_bytes(b"garbage" * 9)])
+@pytest.mark.parametrize(
+    "make", [lambda p: None, lambda p: p.mkdir(), lambda p: p.write_bytes(b""), lambda p: p.write_bytes(b"garbage" * 9)]
+)
 def test_unreadable_journal_is_empty_not_an_error(tmp_path, make):
     path = tmp_path / "events.journal"
     make(path)
@@ -183,8 +191,18 @@ def test_no_fsync_and_atomic_meta(tmp_path, monkeypatch):
 def test_append_columns(tmp_path):
     w = TraceWriter(tmp_path, "cols", base_meta())
     n = 4
-    w.append("events", {"ts_us": (1, 2, 3, 4), "action": ("alloc",) * n, "addr": [7] * n,
-                        "size_bytes": [512] * n, "step": [3] * n, "tag": None, "stack_id": None})
+    w.append(
+        "events",
+        {
+            "ts_us": (1, 2, 3, 4),
+            "action": ("alloc",) * n,
+            "addr": [7] * n,
+            "size_bytes": [512] * n,
+            "step": [3] * n,
+            "tag": None,
+            "stack_id": None,
+        },
+    )
     w.append("steps", {"step": None, "ts_us": [5], "allocated_bytes": [0]})  # first column None
     w.flush()
     ev = read_journal(w.run_dir / schema.journal_name("events"), RAW_EVENTS)

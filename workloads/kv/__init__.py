@@ -18,7 +18,8 @@ from workloads.kv.ragged import RaggedBatch
 from workloads.kv.sliding import SlidingCache
 
 CACHES: dict[str, type[KVCache]] = {
-    c.kind: c for c in (
+    c.kind: c
+    for c in (
         ConcatCache,
         PreallocCache,
         SlidingCache,
@@ -28,13 +29,33 @@ CACHES: dict[str, type[KVCache]] = {
 }
 KINDS = tuple(CACHES)
 
-__all__ = ["CACHES", "KINDS", "BlockPool", "ConcatCache", "Int8Cache", "KVCache", "KVSpec", "PagedCache",
-           "PreallocCache", "RaggedBatch", "SlidingCache", "attention_mask", "make_cache"]
+__all__ = [
+    "CACHES",
+    "KINDS",
+    "BlockPool",
+    "ConcatCache",
+    "Int8Cache",
+    "KVCache",
+    "KVSpec",
+    "PagedCache",
+    "PreallocCache",
+    "RaggedBatch",
+    "SlidingCache",
+    "attention_mask",
+    "make_cache",
+]
 
 
-def make_cache(kind: str, spec: KVSpec, batch: int, *, max_len: int | None = None,
-               window: int | None = None, block_size: int | None = None,
-               pool: BlockPool | None = None) -> KVCache:
+def make_cache(
+    kind: str,
+    spec: KVSpec,
+    batch: int,
+    *,
+    max_len: int | None = None,
+    window: int | None = None,
+    block_size: int | None = None,
+    pool: BlockPool | None = None,
+) -> KVCache:
     """A cache of `kind`; max_len is required for prealloc, window for sliding;
     block_size (default 16) and an optional shared pool apply to paged."""
     if kind not in CACHES:

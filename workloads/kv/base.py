@@ -91,8 +91,16 @@ class KVCache:
         self.seen = 0  # tokens processed per sequence (positions 0 .. seen-1)
 
     @classmethod
-    def create(cls, spec: KVSpec, batch: int, *, max_len: int | None = None, window: int | None = None,
-               block_size: int | None = None, pool=None) -> "KVCache":
+    def create(
+        cls,
+        spec: KVSpec,
+        batch: int,
+        *,
+        max_len: int | None = None,
+        window: int | None = None,
+        block_size: int | None = None,
+        pool=None,
+    ) -> KVCache:
         """A cache from workloads.kv.make_cache's options; this kind needs none of them."""
         return cls(spec, batch)
 
@@ -120,9 +128,13 @@ class KVCache:
 
     # -- the KV protocol -----------------------------------------------------------
     def kv_stats(self) -> dict:
-        return dict(batch=self.batch, tokens=self.tokens,
-                    token_state_bytes=self.token_state_bytes(),
-                    reserved_bytes=self.reserved_bytes(), extra_bytes=self.extra_bytes())
+        return dict(
+            batch=self.batch,
+            tokens=self.tokens,
+            token_state_bytes=self.token_state_bytes(),
+            reserved_bytes=self.reserved_bytes(),
+            extra_bytes=self.extra_bytes(),
+        )
 
     def token_state_bytes(self) -> int:
         raise NotImplementedError
@@ -137,8 +149,9 @@ class KVCache:
         s = self.spec
         want = (self.batch, s.kv_heads, k.shape[2], s.head_dim)
         if tuple(k.shape) != want or tuple(v.shape) != want or not 0 <= layer < s.layers:
-            raise ValueError(f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)}, "
-                             f"expected {want} and layer < {s.layers}")
+            raise ValueError(
+                f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)}, expected {want} and layer < {s.layers}"
+            )
         return k.shape[2]
 
 

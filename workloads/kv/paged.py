@@ -41,8 +41,7 @@ class BlockPool:
     def allocate(self) -> int:
         s = self.spec
         with category(KV_CATEGORY):
-            block = torch.empty((s.layers, 2, s.kv_heads, self.block_size, s.head_dim),
-                                dtype=s.dtype, device=s.device)
+            block = torch.empty((s.layers, 2, s.kv_heads, self.block_size, s.head_dim), dtype=s.dtype, device=s.device)
         block_id, self._next_id = self._next_id, self._next_id + 1
         self.blocks[block_id] = block
         return block_id
@@ -55,8 +54,7 @@ class BlockPool:
 class PagedCache(KVCache):
     kind = "paged"
 
-    def __init__(self, spec: KVSpec, batch: int, block_size: int = 16,
-                 pool: BlockPool | None = None) -> None:
+    def __init__(self, spec: KVSpec, batch: int, block_size: int = 16, pool: BlockPool | None = None) -> None:
         super().__init__(spec, batch)
         self.pool = pool or BlockPool(spec, block_size)
         if self.pool.block_size != block_size:
@@ -65,11 +63,10 @@ class PagedCache(KVCache):
         self.block_table: list[list[int]] = [[] for _ in range(batch)]  # per sequence: block ids
         # Per layer, K and V: one list per sequence of its blocks' (kv_heads, bs, hd) views,
         # kept so that a step's gather does not re-slice every block.
-        self._views = [([[] for _ in range(batch)], [[] for _ in range(batch)])
-                       for _ in range(spec.layers)]
+        self._views = [([[] for _ in range(batch)], [[] for _ in range(batch)]) for _ in range(spec.layers)]
 
     @classmethod
-    def create(cls, spec, batch, *, block_size=None, pool=None, **_) -> "PagedCache":
+    def create(cls, spec, batch, *, block_size=None, pool=None, **_) -> PagedCache:
         """block_size defaults to the shared pool's, else 16."""
         return cls(spec, batch, block_size or (pool.block_size if pool else 16), pool)
 
@@ -96,8 +93,8 @@ class PagedCache(KVCache):
         for i in range(start // bs, (end - 1) // bs + 1):  # the blocks that the new tokens touch
             lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
             for b in range(self.batch):
-                ks[b][i][:, lo - i * bs:hi - i * bs].copy_(k[b, :, lo - start:hi - start])
-                vs[b][i][:, lo - i * bs:hi - i * bs].copy_(v[b, :, lo - start:hi - start])
+                ks[b][i][:, lo - i * bs : hi - i * bs].copy_(k[b, :, lo - start : hi - start])
+                vs[b][i][:, lo - i * bs : hi - i * bs].copy_(v[b, :, lo - start : hi - start])
         mask = attention_mask(T, end, k.device)
         if start == 0:
             return k, v, mask  # nothing older to gather
@@ -115,8 +112,9 @@ class PagedCache(KVCache):
         for table in self.block_table:
             self.pool.free(table)
         self.block_table = [[] for _ in range(self.batch)]
-        self._views = [([[] for _ in range(self.batch)], [[] for _ in range(self.batch)])
-                       for _ in range(self.spec.layers)]
+        self._views = [
+            ([[] for _ in range(self.batch)], [[] for _ in range(self.batch)]) for _ in range(self.spec.layers)
+        ]
 
     def _blocks(self) -> list[torch.Tensor]:
         return [self.pool.blocks[i] for table in self.block_table for i in table]

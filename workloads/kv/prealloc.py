@@ -17,7 +17,7 @@ class PreallocCache(FixedKV):
         self.max_len = max_len
 
     @classmethod
-    def create(cls, spec, batch, *, max_len=None, **_) -> "PreallocCache":
+    def create(cls, spec, batch, *, max_len=None, **_) -> PreallocCache:
         if max_len is None:
             raise ValueError("a prealloc cache needs max_len")
         return cls(spec, batch, max_len)
@@ -27,8 +27,8 @@ class PreallocCache(FixedKV):
         end = self.seen + T
         if end > self.max_len:
             raise ValueError(f"{end} tokens do not fit a cache of max_len={self.max_len}")
-        self.k[layer][:, :, self.seen:end].copy_(k)
-        self.v[layer][:, :, self.seen:end].copy_(v)
+        self.k[layer][:, :, self.seen : end].copy_(k)
+        self.v[layer][:, :, self.seen : end].copy_(v)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], attention_mask(T, end, k.device)
 
     def reset(self) -> None:

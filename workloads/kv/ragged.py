@@ -30,7 +30,7 @@ class RaggedBatch:
         return torch.cat([c.positions(1) for c in self.caches])[:, None]  # (B, 1)
 
     def update(self, layer, k, v):
-        outs = [c.update(layer, k[i:i + 1], v[i:i + 1]) for i, c in enumerate(self.caches)]
+        outs = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
         lens = [o[0].shape[2] for o in outs]
         if len(set(lens)) == 1:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), None

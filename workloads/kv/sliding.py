@@ -22,7 +22,7 @@ class SlidingCache(FixedKV):
         self.window = window
 
     @classmethod
-    def create(cls, spec, batch, *, window=None, **_) -> "SlidingCache":
+    def create(cls, spec, batch, *, window=None, **_) -> SlidingCache:
         if window is None:
             raise ValueError("a sliding cache needs window")
         return cls(spec, batch, window)
@@ -36,8 +36,8 @@ class SlidingCache(FixedKV):
         ring_k, ring_v, w, held = self.k[layer], self.v[layer], self.window, self.tokens
         if T == 1:  # decode: overwrite the oldest slot, attend over the whole ring
             slot = self.seen % w
-            ring_k[:, :, slot:slot + 1].copy_(k)
-            ring_v[:, :, slot:slot + 1].copy_(v)
+            ring_k[:, :, slot : slot + 1].copy_(k)
+            ring_v[:, :, slot : slot + 1].copy_(v)
             n = min(self.seen + 1, w)
             return ring_k[:, :, :n], ring_v[:, :, :n], None
         # Several new tokens (a prefill): attend over the held window plus the new
@@ -50,6 +50,6 @@ class SlidingCache(FixedKV):
             k_all, v_all = k, v
         keep = min(T, w)
         slots = torch.arange(self.seen + T - keep, self.seen + T, device=k.device) % w
-        ring_k.index_copy_(2, slots, k[:, :, T - keep:])
-        ring_v.index_copy_(2, slots, v[:, :, T - keep:])
+        ring_k.index_copy_(2, slots, k[:, :, T - keep :])
+        ring_v.index_copy_(2, slots, v[:, :, T - keep :])
         return k_all, v_all, attention_mask(T, held + T, k.device, window=w)

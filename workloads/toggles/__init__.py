@@ -31,9 +31,22 @@ from workloads.toggles.plan import StepPlan
 from workloads.toggles.precision import PrecisionConfig
 
 __all__ = [
-    "AccumulationConfig", "AllocatorConfig", "AttentionConfig", "CheckpointConfig", "CompileConfig",
-    "KEYS", "OffloadConfig", "OptimizerConfig", "PrecisionConfig", "StepPlan", "TOGGLES", "Toggle",
-    "TrainToggles", "apply_toggles", "by_key", "from_dict",
+    "AccumulationConfig",
+    "AllocatorConfig",
+    "AttentionConfig",
+    "CheckpointConfig",
+    "CompileConfig",
+    "KEYS",
+    "OffloadConfig",
+    "OptimizerConfig",
+    "PrecisionConfig",
+    "StepPlan",
+    "TOGGLES",
+    "Toggle",
+    "TrainToggles",
+    "apply_toggles",
+    "by_key",
+    "from_dict",
 ]
 
 # The registry. Its order is the order toggles are checked, listed and, within a stage, applied in:
@@ -87,11 +100,16 @@ batch_size: sequences per optimizer step, for the accumulation check (None skips
 # A dataclass built from the registry, so that a new toggle needs no field written here.
 TrainToggles = dataclasses.make_dataclass(
     "TrainToggles",
-    [("device", str, dataclasses.field(default="cpu")),
-     ("batch_size", int | None, dataclasses.field(default=None)),
-     *[(t.attr, t | None, dataclasses.field(default=None)) for t in TOGGLES]],
-    bases=(_ToggleSet,), kw_only=True, slots=True,
-    namespace={"__module__": __name__, "__doc__": _TRAIN_TOGGLES_DOC})
+    [
+        ("device", str, dataclasses.field(default="cpu")),
+        ("batch_size", int | None, dataclasses.field(default=None)),
+        *[(t.attr, t | None, dataclasses.field(default=None)) for t in TOGGLES],
+    ],
+    bases=(_ToggleSet,),
+    kw_only=True,
+    slots=True,
+    namespace={"__module__": __name__, "__doc__": _TRAIN_TOGGLES_DOC},
+)
 
 
 def from_dict(d: dict | None, *, device: str = "cpu", batch_size: int | None = None) -> TrainToggles:
@@ -136,6 +154,6 @@ def apply_toggles(toggles: TrainToggles, model: nn.Module) -> tuple[nn.Module, t
     for _, setting in staged["model"]:
         if setting is not None:
             model = setting.apply(model)
-    (optimizer_toggle, setting), = staged["optimizer"]  # exactly one: off is its default
+    ((optimizer_toggle, setting),) = staged["optimizer"]  # exactly one: off is its default
     optimizer = (setting or optimizer_toggle()).apply(model)
     return model, optimizer, plan

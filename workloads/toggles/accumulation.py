@@ -31,7 +31,7 @@ class AccumulationConfig(Toggle):
             raise ValueError(f"accumulation {self.micro_batches}: use 2 or more micro-batches (1 is off)")
 
     @classmethod
-    def from_value(cls, value) -> "AccumulationConfig | None":
+    def from_value(cls, value) -> AccumulationConfig | None:
         try:
             k = int(value) if isinstance(value, str) else value
         except ValueError:
@@ -44,8 +44,10 @@ class AccumulationConfig(Toggle):
     def check(self, toggles) -> None:
         batch_size = toggles.batch_size
         if batch_size is not None and batch_size % self.micro_batches:
-            raise ValueError(f"accumulation {self.micro_batches} does not divide the batch of "
-                             f"{batch_size} sequences into equal micro-batches")
+            raise ValueError(
+                f"accumulation {self.micro_batches} does not divide the batch of "
+                f"{batch_size} sequences into equal micro-batches"
+            )
 
     def apply(self, plan: StepPlan) -> None:
         plan.micro_batches = self.micro_batches

@@ -14,8 +14,8 @@ Examples: "expandable_segments:True", "max_split_size_mb:128",
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -26,7 +26,7 @@ ENV_ALIAS = "PYTORCH_ALLOC_CONF"  # torch's newer, device-neutral name for the s
 
 
 def parse(conf: str) -> dict[str, str]:
-    """"a:1, b:2" -> {"a": "1", "b": "2"}; raises ValueError on anything not key:value."""
+    """ "a:1, b:2" -> {"a": "1", "b": "2"}; raises ValueError on anything not key:value."""
     out = {}
     for item in str(conf).split(","):
         key, sep, value = (s.strip() for s in item.partition(":"))
@@ -56,7 +56,7 @@ class AllocatorConfig(Toggle):
         parse(self.alloc_conf)  # a typo fails here, not as an allocator warning mid-run
 
     @classmethod
-    def from_value(cls, value) -> "AllocatorConfig":
+    def from_value(cls, value) -> AllocatorConfig:
         return cls(alloc_conf=value)
 
     def to_value(self) -> str:
@@ -81,4 +81,5 @@ class AllocatorConfig(Toggle):
         raise RuntimeError(
             f"alloc_conf {self.alloc_conf!r} is not in effect: this process has {name}="
             f"{actual!r}. CUDA reads it once at start-up, so the runner must start the process "
-            f"with {ENV}={self.alloc_conf!r} in its environment")
+            f"with {ENV}={self.alloc_conf!r} in its environment"
+        )

@@ -27,8 +27,13 @@ _HALF_ONLY = ("flash", "cudnn")
 
 def sdp_backend(name: str):
     from torch.nn.attention import SDPBackend
-    return {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+    return {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[name]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,8 +41,10 @@ class AttentionConfig(Toggle):
     key = "attention"
     stage = "step"
     cli = {"choices": list(BACKENDS)}
-    ablation = (("bf16+attn-flash", {"precision": "bf16", "attention": "flash"}),  # flash takes no fp32 on CUDA
-                ("attn-efficient", {"attention": "efficient"}))
+    ablation = (
+        ("bf16+attn-flash", {"precision": "bf16", "attention": "flash"}),  # flash takes no fp32 on CUDA
+        ("attn-efficient", {"attention": "efficient"}),
+    )
 
     backend: str
     """math, flash, efficient or cudnn (off, None, lets SDPA choose)."""
@@ -47,7 +54,7 @@ class AttentionConfig(Toggle):
             raise ValueError(f"attention {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
     @classmethod
-    def from_value(cls, value) -> "AttentionConfig":
+    def from_value(cls, value) -> AttentionConfig:
         return cls(backend=value)
 
     def to_value(self) -> str:
@@ -57,13 +64,16 @@ class AttentionConfig(Toggle):
         device, half_precision = torch.device(toggles.device), toggles.precision is not None
         allowed = _DEVICE_BACKENDS.get(device.type, ("math",))
         if self.backend not in allowed:
-            raise ValueError(f"attention {self.backend} does not run on {device.type}; "
-                             f"there use {' or '.join(allowed)}")
+            raise ValueError(
+                f"attention {self.backend} does not run on {device.type}; there use {' or '.join(allowed)}"
+            )
         if device.type == "cuda" and self.backend in _HALF_ONLY and not half_precision:
-            raise ValueError(f"attention {self.backend} takes fp16/bf16 inputs only on cuda: "
-                             "set precision bf16 or fp16")
+            raise ValueError(
+                f"attention {self.backend} takes fp16/bf16 inputs only on cuda: set precision bf16 or fp16"
+            )
 
     def apply(self, plan: StepPlan) -> None:
         from torch.nn.attention import sdpa_kernel
+
         backend = sdp_backend(self.backend)
         plan.step_contexts.append(lambda: sdpa_kernel([backend]))

@@ -65,7 +65,7 @@ class Toggle:
             cls.flags = ("--" + cls.key.replace("_", "-"),)
 
     @classmethod
-    def from_value(cls, value) -> "Toggle | None":
+    def from_value(cls, value) -> Toggle | None:
         raise NotImplementedError
 
     def to_value(self):

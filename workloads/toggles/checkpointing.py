@@ -37,8 +37,11 @@ class CheckpointConfig(Toggle):
     key = "checkpointing"
     stage = "model"
     cli = {"metavar": "full|every:k|selective"}
-    ablation = (("ckpt-full", {"checkpointing": "full"}), ("ckpt-every2", {"checkpointing": "every:2"}),
-                ("ckpt-selective", {"checkpointing": "selective"}))
+    ablation = (
+        ("ckpt-full", {"checkpointing": "full"}),
+        ("ckpt-every2", {"checkpointing": "every:2"}),
+        ("ckpt-selective", {"checkpointing": "selective"}),
+    )
 
     mode: str
     """"full", "every" (every k-th Block) or "selective" (recompute attention and activations)."""
@@ -53,12 +56,14 @@ class CheckpointConfig(Toggle):
         if self.mode != "every" and self.every != 1:
             raise ValueError(f"checkpointing {self.mode} takes no k (got every={self.every})")
         if self.mode == "selective" and not _has_sac():
-            raise ValueError("checkpointing selective needs torch.utils.checkpoint."
-                             f"create_selective_checkpoint_contexts (torch >= 2.4); torch is {torch.__version__}")
+            raise ValueError(
+                "checkpointing selective needs torch.utils.checkpoint."
+                f"create_selective_checkpoint_contexts (torch >= 2.4); torch is {torch.__version__}"
+            )
 
     @classmethod
-    def parse(cls, text: str) -> "CheckpointConfig":
-        """"full", "selective" or "every:k"."""
+    def parse(cls, text: str) -> CheckpointConfig:
+        """ "full", "selective" or "every:k"."""
         mode, _, k = str(text).partition(":")
         if mode == "every":
             if not k.isdigit():
@@ -69,7 +74,7 @@ class CheckpointConfig(Toggle):
         return cls(mode=mode)
 
     @classmethod
-    def from_value(cls, value) -> "CheckpointConfig":
+    def from_value(cls, value) -> CheckpointConfig:
         return cls.parse(value)
 
     def to_value(self) -> str:
@@ -109,6 +114,7 @@ def _checkpoint_forward(block: nn.Module, context_fn) -> None:
 
 def _has_sac() -> bool:
     from torch.utils import checkpoint as ckpt
+
     return hasattr(ckpt, "create_selective_checkpoint_contexts") and hasattr(ckpt, "CheckpointPolicy")
 
 
@@ -122,9 +128,11 @@ def _saved_ops() -> frozenset:
 
 def _policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
+
     return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
     return create_selective_checkpoint_contexts(_policy)

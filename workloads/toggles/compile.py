@@ -17,8 +17,8 @@ compile on the CPU; the Trainer alone (no capture) compiles there fine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -46,13 +46,15 @@ class CompileConfig(Toggle):
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"compile mode {self.mode!r} is not one of {', '.join(map(str, MODES))} "
-                             "(CUDA-graph modes hide per-step allocations from the capture)")
+            raise ValueError(
+                f"compile mode {self.mode!r} is not one of {', '.join(map(str, MODES))} "
+                "(CUDA-graph modes hide per-step allocations from the capture)"
+            )
         if not (callable(self.backend) or (isinstance(self.backend, str) and self.backend)):
             raise ValueError(f"compile backend must be a name such as 'inductor', got {self.backend!r}")
 
     @classmethod
-    def from_value(cls, value) -> "CompileConfig":
+    def from_value(cls, value) -> CompileConfig:
         if is_on(value):
             return cls()
         if isinstance(value, str):

@@ -31,7 +31,7 @@ class OffloadConfig(Toggle):
     """Pin the host copies; None pins on cuda (faster, asynchronous copies) and not on cpu."""
 
     @classmethod
-    def from_value(cls, value) -> "OffloadConfig":
+    def from_value(cls, value) -> OffloadConfig:
         if is_on(value):
             return cls()
         raise ValueError(f"offload: expected on or off, got {value!r}")

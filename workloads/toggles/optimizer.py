@@ -24,8 +24,11 @@ class OptimizerConfig(Toggle):
     key = "optimizer"
     stage = "optimizer"
     cli = {"choices": list(NAMES)}
-    ablation = (("sgd", {"optimizer": "sgd"}), ("sgd-momentum", {"optimizer": "sgd_momentum"}),
-                ("adamw-fused", {"optimizer": "adamw_fused"}))
+    ablation = (
+        ("sgd", {"optimizer": "sgd"}),
+        ("sgd-momentum", {"optimizer": "sgd_momentum"}),
+        ("adamw-fused", {"optimizer": "adamw_fused"}),
+    )
 
     name: str = "adamw"
     """sgd, sgd_momentum, adamw or adamw_fused (CUDA only)."""
@@ -39,7 +42,7 @@ class OptimizerConfig(Toggle):
             raise ValueError(f"optimizer {self.name!r} is not one of {', '.join(NAMES)}")
 
     @classmethod
-    def from_value(cls, value) -> "OptimizerConfig":
+    def from_value(cls, value) -> OptimizerConfig:
         return cls(name=value)
 
     def to_value(self) -> str:

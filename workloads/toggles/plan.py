@@ -8,12 +8,13 @@ fill in a StepPlan, which `workloads.train.Trainer` follows.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator
 
 import torch
 
-ContextFactory = Callable[[], ContextManager]
+ContextFactory = Callable[[], AbstractContextManager]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -39,7 +39,7 @@ class PrecisionConfig(Toggle):
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_value(cls, value) -> "PrecisionConfig | None":
+    def from_value(cls, value) -> PrecisionConfig | None:
         return None if value == "fp32" else cls(dtype=value)
 
     def to_value(self) -> str:
@@ -49,8 +49,10 @@ class PrecisionConfig(Toggle):
         """Refuse fp16 where no GradScaler exists for the device (CPU before torch 2.3)."""
         device = torch.device(toggles.device)
         if self.dtype == "fp16" and not scaler_available(device):
-            raise ValueError(f"precision fp16 needs torch.amp.GradScaler({device.type!r}), which "
-                             f"torch {torch.__version__} does not provide; use bf16 on {device.type}")
+            raise ValueError(
+                f"precision fp16 needs torch.amp.GradScaler({device.type!r}), which "
+                f"torch {torch.__version__} does not provide; use bf16 on {device.type}"
+            )
 
     def apply(self, plan: StepPlan) -> None:
         dtype, device_type = self.torch_dtype, plan.device.type

@@ -12,5 +12,14 @@ from profiler.interop.memviz.to_snapshot import export_memory_viz, snapshot_of
 from profiler.interop.memviz.to_trace import import_snapshot, tag_of
 from profiler.trace.tags import parse_tag
 
-__all__ = ["load_snapshot", "check_snapshot", "pick_device", "import_snapshot", "snapshot_of",
-           "export_memory_viz", "tag_of", "Rewind", "parse_tag"]
+__all__ = [
+    "load_snapshot",
+    "check_snapshot",
+    "pick_device",
+    "import_snapshot",
+    "snapshot_of",
+    "export_memory_viz",
+    "tag_of",
+    "Rewind",
+    "parse_tag",
+]

@@ -31,38 +31,42 @@ def load_snapshot(path) -> dict:
     except RecursionError:
         raise TraceError(f"{path}: not a torch memory snapshot (nested too deeply)") from None
     except Exception as exc:  # noqa: BLE001 - corrupt pickles raise almost any type
-        raise TraceError(f"{path}: not a torch memory snapshot (unreadable pickle: "
-                         f"{type(exc).__name__}: {exc})") from None
+        raise TraceError(
+            f"{path}: not a torch memory snapshot (unreadable pickle: {type(exc).__name__}: {exc})"
+        ) from None
     check_snapshot(snap, path)
     return snap
 
 
 def check_snapshot(snap, where="snapshot") -> None:
     if not isinstance(snap, dict):
-        raise TraceError(f"{where}: not a torch memory snapshot (a pickled {type(snap).__name__}, "
-                         f"not a dict)")
+        raise TraceError(f"{where}: not a torch memory snapshot (a pickled {type(snap).__name__}, not a dict)")
     if "segments" not in snap and "device_traces" not in snap:
         keys = ", ".join(sorted(map(str, snap))[:6]) or "none"
-        raise TraceError(f"{where}: not a torch memory snapshot (no segments or device_traces; "
-                         f"keys: {keys})")
+        raise TraceError(f"{where}: not a torch memory snapshot (no segments or device_traces; keys: {keys})")
     segs, traces = snap.get("segments", []), snap.get("device_traces", [])
     if not isinstance(segs, list) or not isinstance(traces, list):
-        raise TraceError(f"{where}: not a torch memory snapshot (segments and device_traces must "
-                         f"be lists)")
+        raise TraceError(f"{where}: not a torch memory snapshot (segments and device_traces must be lists)")
     for seg in segs:
-        if not isinstance(seg, dict) or not is_int(seg.get("address")) \
-                or not is_int(seg.get("total_size")) or not isinstance(seg.get("blocks", []), list):
+        if (
+            not isinstance(seg, dict)
+            or not is_int(seg.get("address"))
+            or not is_int(seg.get("total_size"))
+            or not isinstance(seg.get("blocks", []), list)
+        ):
             raise TraceError(f"{where}: malformed segment in snapshot: {_show(seg)}")
         for b in seg.get("blocks", []):
-            if not isinstance(b, dict) or not is_int(b.get("size")) \
-                    or b.get("state") not in _BLOCK_STATES:
+            if not isinstance(b, dict) or not is_int(b.get("size")) or b.get("state") not in _BLOCK_STATES:
                 raise TraceError(f"{where}: malformed block in snapshot: {_show(b)}")
     for dev in traces:
         if not isinstance(dev, list):
             raise TraceError(f"{where}: malformed device trace (not a list)")
         for e in dev:
-            if not isinstance(e, dict) or not isinstance(e.get("action"), str) \
-                    or not all(is_int(e.get(k) or 0) for k in ("addr", "size", "stream", "time_us")):
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("action"), str)
+                or not all(is_int(e.get(k) or 0) for k in ("addr", "size", "stream", "time_us"))
+            ):
                 raise TraceError(f"{where}: malformed trace entry in snapshot: {_show(e)}")
 
 

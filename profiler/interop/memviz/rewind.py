@@ -59,20 +59,24 @@ class Rewind:
     estimated: int = 0  # block sizes estimated from a request
 
     @classmethod
-    def from_segments(cls, segments: list[dict], rules: AllocatorRules) -> "Rewind":
+    def from_segments(cls, segments: list[dict], rules: AllocatorRules) -> Rewind:
         r = cls(rules=rules)
         for seg in segments:
-            s = _Seg(seg["address"], seg["total_size"], int(seg.get("stream", 0) or 0),
-                     seg.get("segment_type") or ("small" if seg["total_size"] == SMALL_BUFFER
-                                                 else "large"),
-                     bool(seg.get("is_expandable", False)))
+            s = _Seg(
+                seg["address"],
+                seg["total_size"],
+                int(seg.get("stream", 0) or 0),
+                seg.get("segment_type") or ("small" if seg["total_size"] == SMALL_BUFFER else "large"),
+                bool(seg.get("is_expandable", False)),
+            )
             r.segments[s.addr] = s
             addr = s.addr
             for b in seg.get("blocks", []):
                 baddr = b.get("address", addr)
                 if b["state"] != _INACTIVE:
-                    r.blocks[baddr] = _Blk(baddr, b["size"], b.get("requested_size", b["size"]),
-                                           b["state"], b.get("frames"))
+                    r.blocks[baddr] = _Blk(
+                        baddr, b["size"], b.get("requested_size", b["size"]), b["state"], b.get("frames")
+                    )
                 addr = baddr + b["size"]
         return r
 
@@ -110,8 +114,9 @@ class Rewind:
             if addr in self.segments:
                 self.misses += 1
                 return
-            self.segments[addr] = _Seg(addr, size, int(e.get("stream", 0) or 0),
-                                       "small" if size == SMALL_BUFFER else "large")
+            self.segments[addr] = _Seg(
+                addr, size, int(e.get("stream", 0) or 0), "small" if size == SMALL_BUFFER else "large"
+            )
         elif action == "segment_map":
             for s in self.segments.values():
                 if s.addr + s.size == addr + size and s.size >= size:
@@ -133,8 +138,7 @@ class Rewind:
         seg = self.segment_of(addr)
         if seg is not None:
             # The free gap the block lies in, up to the next live block or the segment's end.
-            nxt = min((b for b in self.blocks if addr < b < seg.addr + seg.size),
-                      default=seg.addr + seg.size)
+            nxt = min((b for b in self.blocks if addr < b < seg.addr + seg.size), default=seg.addr + seg.size)
             gap = nxt - addr
             small = seg.segment_type == "small"
             if gap >= size and not self.rules.should_split(gap, size, small):
@@ -149,8 +153,7 @@ class Rewind:
         placed: set[int] = set()
         for s in sorted(self.segments.values(), key=lambda s: s.addr):
             end = s.addr + s.size
-            inside = sorted((b for a, b in self.blocks.items() if s.addr <= a < end),
-                            key=lambda b: b.addr)
+            inside = sorted((b for a, b in self.blocks.items() if s.addr <= a < end), key=lambda b: b.addr)
             blocks, at = [], s.addr
             for b in inside:
                 placed.add(b.addr)
@@ -158,17 +161,23 @@ class Rewind:
                     self.misses += 1
                     continue
                 if b.addr > at:
-                    blocks.append(dict(address=at, size=b.addr - at, requested_size=0,
-                                       state=_INACTIVE, frames=[]))
+                    blocks.append(dict(address=at, size=b.addr - at, requested_size=0, state=_INACTIVE, frames=[]))
                 size = min(b.size, end - b.addr)
-                blocks.append(dict(address=b.addr, size=size, requested_size=b.requested,
-                                   state=b.state, frames=b.frames or []))
+                blocks.append(
+                    dict(address=b.addr, size=size, requested_size=b.requested, state=b.state, frames=b.frames or [])
+                )
                 at = b.addr + size
             if at < end:
-                blocks.append(dict(address=at, size=end - at, requested_size=0, state=_INACTIVE,
-                                   frames=[]))
-            out.append(dict(address=s.addr, total_size=s.size, stream=s.stream,
-                            segment_type=s.segment_type, is_expandable=s.is_expandable,
-                            blocks=blocks))
+                blocks.append(dict(address=at, size=end - at, requested_size=0, state=_INACTIVE, frames=[]))
+            out.append(
+                dict(
+                    address=s.addr,
+                    total_size=s.size,
+                    stream=s.stream,
+                    segment_type=s.segment_type,
+                    is_expandable=s.is_expandable,
+                    blocks=blocks,
+                )
+            )
         orphans = [b for a, b in sorted(self.blocks.items()) if a not in placed]
         return out, orphans

@@ -23,10 +23,14 @@ _ALLOCATED = schema.BlockState.ACTIVE_ALLOCATED.value
 
 def _frames_by_stack(trace) -> dict[int, list[dict]]:
     fr = trace.frames
-    by_id = {int(i): {"filename": str(f), "line": int(line), "name": str(n)}
-             for i, f, line, n in zip(fr["frame_id"], fr["filename"], fr["line"], fr["function"])}
-    return {int(s): [dict(by_id[int(i)]) for i in ids if int(i) in by_id]
-            for s, ids in zip(trace.stacks["stack_id"], trace.stacks["frame_ids"])}
+    by_id = {
+        int(i): {"filename": str(f), "line": int(line), "name": str(n)}
+        for i, f, line, n in zip(fr["frame_id"], fr["filename"], fr["line"], fr["function"])
+    }
+    return {
+        int(s): [dict(by_id[int(i)]) for i in ids if int(i) in by_id]
+        for s, ids in zip(trace.stacks["stack_id"], trace.stacks["frame_ids"])
+    }
 
 
 def _opt_int(v):
@@ -50,8 +54,10 @@ def snapshot_of(trace) -> dict:
     ev = trace.events
     oom = trace.meta.get("oom") or {}
     entries = []
-    cols = [ev[c].tolist() for c in ("action", "addr", "size_bytes", "stream", "ts_us", "stack_id",
-                                     "phase", "module", "category")]
+    cols = [
+        ev[c].tolist()
+        for c in ("action", "addr", "size_bytes", "stream", "ts_us", "stack_id", "phase", "module", "category")
+    ]
     for action, addr, size, stream, ts, sid, phase, module, cat in zip(*cols):
         sid = _opt_int(sid)
         tag = make_tag(_opt_str(phase), _opt_str(module), _opt_str(cat))
@@ -86,9 +92,23 @@ def _segments_of(trace, stacks) -> list[dict]:
         return []
     seg = seg[seg["snapshot"].astype(str) == kind]
     out: dict[int, dict] = {}
-    rows = zip(*(seg[c].tolist() for c in ("segment_addr", "segment_bytes", "stream", "segment_type",
-                                           "is_expandable", "block_addr", "block_bytes",
-                                           "requested_bytes", "state", "stack_id")))
+    rows = zip(
+        *(
+            seg[c].tolist()
+            for c in (
+                "segment_addr",
+                "segment_bytes",
+                "stream",
+                "segment_type",
+                "is_expandable",
+                "block_addr",
+                "block_bytes",
+                "requested_bytes",
+                "state",
+                "stack_id",
+            )
+        )
+    )
     for s_addr, s_bytes, stream, s_type, expandable, b_addr, b_bytes, req, state, sid in rows:
         s_addr = _opt_int(s_addr)
         if s_addr is None:
@@ -96,20 +116,33 @@ def _segments_of(trace, stacks) -> list[dict]:
         s = out.get(s_addr)
         if s is None:
             s = out[s_addr] = {
-                "device": 0, "address": s_addr, "total_size": _opt_int(s_bytes) or 0,
-                "allocated_size": 0, "active_size": 0, "requested_size": 0,
-                "stream": _opt_int(stream) or 0, "segment_type": _opt_str(s_type) or "large",
-                "segment_pool_id": (0, 0), "is_expandable": bool(expandable) if expandable == expandable
-                and expandable is not None else False, "frames": [], "blocks": [],
+                "device": 0,
+                "address": s_addr,
+                "total_size": _opt_int(s_bytes) or 0,
+                "allocated_size": 0,
+                "active_size": 0,
+                "requested_size": 0,
+                "stream": _opt_int(stream) or 0,
+                "segment_type": _opt_str(s_type) or "large",
+                "segment_pool_id": (0, 0),
+                "is_expandable": bool(expandable) if expandable == expandable and expandable is not None else False,
+                "frames": [],
+                "blocks": [],
             }
         size = _opt_int(b_bytes) or 0
         state = _opt_str(state) or _INACTIVE
         requested = _opt_int(req)
         requested = size if requested is None and state != _INACTIVE else requested or 0
         sid = _opt_int(sid)
-        s["blocks"].append({"address": _opt_int(b_addr) or s_addr, "size": size,
-                            "requested_size": requested, "state": state,
-                            "frames": [dict(f) for f in stacks.get(sid, [])] if sid is not None else []})
+        s["blocks"].append(
+            {
+                "address": _opt_int(b_addr) or s_addr,
+                "size": size,
+                "requested_size": requested,
+                "state": state,
+                "frames": [dict(f) for f in stacks.get(sid, [])] if sid is not None else [],
+            }
+        )
         if state == _ALLOCATED:
             s["allocated_size"] += size
         if state != _INACTIVE:

@@ -33,9 +33,13 @@ class _Interner:
     def stack(self, frames) -> int | None:
         if not frames or not isinstance(frames, list):
             return None
-        key = tuple(self.frame_ids.setdefault(
-            (str(f.get("filename", "?")), _line(f.get("line")), str(f.get("name", "?"))),
-            len(self.frame_ids)) for f in frames if isinstance(f, dict))
+        key = tuple(
+            self.frame_ids.setdefault(
+                (str(f.get("filename", "?")), _line(f.get("line")), str(f.get("name", "?"))), len(self.frame_ids)
+            )
+            for f in frames
+            if isinstance(f, dict)
+        )
         if not key:
             return None
         return self.stack_ids.setdefault(key, len(self.stack_ids))
@@ -43,9 +47,15 @@ class _Interner:
     def tables(self) -> tuple[dict, dict]:
         frames = sorted((fid, k) for k, fid in self.frame_ids.items())
         stacks = sorted((sid, list(k)) for k, sid in self.stack_ids.items())
-        return ({"frame_id": [f[0] for f in frames], "filename": [f[1][0] for f in frames],
-                 "line": [f[1][1] for f in frames], "function": [f[1][2] for f in frames]},
-                {"stack_id": [s[0] for s in stacks], "frame_ids": [s[1] for s in stacks]})
+        return (
+            {
+                "frame_id": [f[0] for f in frames],
+                "filename": [f[1][0] for f in frames],
+                "line": [f[1][1] for f in frames],
+                "function": [f[1][2] for f in frames],
+            },
+            {"stack_id": [s[0] for s in stacks], "frame_ids": [s[1] for s in stacks]},
+        )
 
 
 def _line(v) -> int:
@@ -61,25 +71,48 @@ def tag_of(user_metadata) -> str:
     return make_tag(None, user_metadata, None)
 
 
-def _segment_rows(segments: list[dict], kind: str, ts_us: int, event_index: int,
-                  interner: _Interner) -> dict:
-    cols: dict[str, list] = {k: [] for k in (
-        "snapshot", "ts_us", "event_index", "segment_addr", "segment_bytes", "stream",
-        "segment_type", "is_expandable", "block_addr", "block_bytes", "requested_bytes",
-        "state", "stack_id")}
+def _segment_rows(segments: list[dict], kind: str, ts_us: int, event_index: int, interner: _Interner) -> dict:
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "snapshot",
+            "ts_us",
+            "event_index",
+            "segment_addr",
+            "segment_bytes",
+            "stream",
+            "segment_type",
+            "is_expandable",
+            "block_addr",
+            "block_bytes",
+            "requested_bytes",
+            "state",
+            "stack_id",
+        )
+    }
     for seg in segments:
         addr = seg["address"]
         for b in seg.get("blocks", []):
             baddr = b.get("address", addr)
-            row = (kind, ts_us, event_index, seg["address"], seg["total_size"],
-                   int(seg.get("stream", 0) or 0), seg.get("segment_type") or "large",
-                   bool(seg.get("is_expandable", False)), baddr, b["size"],
-                   b.get("requested_size"), b["state"], interner.stack(b.get("frames")))
+            row = (
+                kind,
+                ts_us,
+                event_index,
+                seg["address"],
+                seg["total_size"],
+                int(seg.get("stream", 0) or 0),
+                seg.get("segment_type") or "large",
+                bool(seg.get("is_expandable", False)),
+                baddr,
+                b["size"],
+                b.get("requested_size"),
+                b["state"],
+                interner.stack(b.get("frames")),
+            )
             for k, v in zip(cols, row):
                 cols[k].append(v)
             addr = baddr + b["size"]
     return cols
-
 
 
 @dataclass
@@ -93,8 +126,7 @@ class _Replay:
     misses: int  # entries the forward replay could not place
 
 
-def import_snapshot(path, out_dir="traces", name: str | None = None,
-                    device: int | None = None) -> tuple[Path, dict]:
+def import_snapshot(path, out_dir="traces", name: str | None = None, device: int | None = None) -> tuple[Path, dict]:
     """Write a vramscope trace from a snapshot pickle; returns (run directory, import facts)."""
     from profiler.trace.writer import TraceWriter  # pyarrow only when importing
 
@@ -114,9 +146,14 @@ def import_snapshot(path, out_dir="traces", name: str | None = None,
     replay = _replay(entries, seg_start, orphans, rules)
 
     facts = dict(
-        source=str(path), device=dev, devices={str(d): v for d, v in snapshot_devices(snap).items()},
-        entries=len(entries), rewind_misses=rw.misses, estimated_block_sizes=rw.estimated,
-        start_blocks_outside_segments=len(orphans), trace_starts_mid_run=_starts_mid_run(entries),
+        source=str(path),
+        device=dev,
+        devices={str(d): v for d, v in snapshot_devices(snap).items()},
+        entries=len(entries),
+        rewind_misses=rw.misses,
+        estimated_block_sizes=rw.estimated,
+        start_blocks_outside_segments=len(orphans),
+        trace_starts_mid_run=_starts_mid_run(entries),
         forward_replay_misses=replay.misses,
     )
     name = name or Path(path).stem or "imported"
@@ -131,8 +168,11 @@ def import_snapshot(path, out_dir="traces", name: str | None = None,
 def _replay(entries: list[dict], seg_start: list[dict], orphans: list, rules: AllocatorRules) -> _Replay:
     """Replay forward from the rebuilt start, as finalize will, for the peaks."""
     replay = BlockReplay(rules)
-    replay.load_segments((s["address"], s["total_size"], s["segment_type"], b["address"],
-                          b["size"], b["state"]) for s in seg_start for b in s["blocks"])
+    replay.load_segments(
+        (s["address"], s["total_size"], s["segment_type"], b["address"], b["size"], b["state"])
+        for s in seg_start
+        for b in s["blocks"]
+    )
     actions = [e["action"] for e in entries]
     addrs = [e.get("addr", 0) for e in entries]
     sizes = [e.get("size", 0) for e in entries]
@@ -169,15 +209,22 @@ def _starts_mid_run(entries: list[dict]) -> bool:
 
 def _meta(snap: dict, dev: int, settings: dict, replay: _Replay, facts: dict) -> dict:
     return dict(
-        backend=schema.Backend.CUDA.value, device="imported from snapshot",
-        device_index=dev, torch_version=str(snap.get("torch_version") or "unknown"),
-        config={}, allocator_settings=settings,
+        backend=schema.Backend.CUDA.value,
+        device="imported from snapshot",
+        device_index=dev,
+        torch_version=str(snap.get("torch_version") or "unknown"),
+        config={},
+        allocator_settings=settings,
         baseline_allocated_bytes=int(replay.baseline_allocated),
         max_allocated_bytes=int(replay.max_allocated),
-        max_allocated_source="replay", max_reserved_bytes=int(replay.max_reserved),
-        max_reserved_source="replay", baseline_reserved_bytes=int(replay.baseline_reserved),
+        max_allocated_source="replay",
+        max_reserved_bytes=int(replay.max_reserved),
+        max_reserved_source="replay",
+        baseline_reserved_bytes=int(replay.baseline_reserved),
         # A snapshot does not say how many entries its ring dropped.
-        events_dropped=0, events_dropped_known=False, imported=facts,
+        events_dropped=0,
+        events_dropped_known=False,
+        imported=facts,
     )
 
 
@@ -186,21 +233,24 @@ def _write_tables(writer, entries: list[dict], seg_start: list[dict], seg_end: l
     interner = _Interner()
     t0 = entries[0].get("time_us", 0) if entries else 0
     t_end = entries[-1].get("time_us", 0) if entries else 0
-    writer.append("segments", _segment_rows(seg_start, schema.SnapshotKind.START.value,
-                                            int(t0 or 0), 0, interner))
+    writer.append("segments", _segment_rows(seg_start, schema.SnapshotKind.START.value, int(t0 or 0), 0, interner))
     if entries:
-        writer.append("events", {
-            "ts_us": [int(e.get("time_us", 0) or 0) for e in entries],
-            "action": [e["action"] for e in entries],
-            "addr": [int(e.get("addr", 0) or 0) for e in entries],
-            "size_bytes": [int(e.get("size", 0) or 0) for e in entries],
-            "stream": [int(e.get("stream", 0) or 0) for e in entries],
-            "step": [0] * len(entries),
-            "tag": [tag_of(e.get("user_metadata")) for e in entries],
-            "stack_id": [interner.stack(e.get("frames")) for e in entries],
-        })
-    writer.append("segments", _segment_rows(seg_end, schema.SnapshotKind.END.value,
-                                            int(t_end or 0), len(entries), interner))
+        writer.append(
+            "events",
+            {
+                "ts_us": [int(e.get("time_us", 0) or 0) for e in entries],
+                "action": [e["action"] for e in entries],
+                "addr": [int(e.get("addr", 0) or 0) for e in entries],
+                "size_bytes": [int(e.get("size", 0) or 0) for e in entries],
+                "stream": [int(e.get("stream", 0) or 0) for e in entries],
+                "step": [0] * len(entries),
+                "tag": [tag_of(e.get("user_metadata")) for e in entries],
+                "stack_id": [interner.stack(e.get("frames")) for e in entries],
+            },
+        )
+    writer.append(
+        "segments", _segment_rows(seg_end, schema.SnapshotKind.END.value, int(t_end or 0), len(entries), interner)
+    )
     frames, stacks = interner.tables()
     writer.append("frames", frames)
     writer.append("stacks", stacks)

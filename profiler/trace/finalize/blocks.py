@@ -33,7 +33,7 @@ class AllocatorRules:
     roundup_divisions: tuple[int, ...] = (0,) * ROUNDUP_INTERVALS
 
     @classmethod
-    def from_settings(cls, settings: dict | None) -> "AllocatorRules":
+    def from_settings(cls, settings: dict | None) -> AllocatorRules:
         s = settings or {}
         mss = s.get("max_split_size", -1)
         div = s.get("roundup_power2_divisions") or {}
@@ -43,9 +43,11 @@ class AllocatorRules:
         else:
             divisions = tuple(int(d) for d in div)[:ROUNDUP_INTERVALS]
         divisions += (0,) * (ROUNDUP_INTERVALS - len(divisions))
-        return cls(max_split_size=mss if mss and mss > 0 else 1 << 62,
-                   expandable_segments=bool(s.get("expandable_segments", False)),
-                   roundup_divisions=divisions)
+        return cls(
+            max_split_size=mss if mss and mss > 0 else 1 << 62,
+            expandable_segments=bool(s.get("expandable_segments", False)),
+            roundup_divisions=divisions,
+        )
 
     def round_size(self, size: int) -> int:
         if size < MIN_BLOCK:
@@ -229,8 +231,11 @@ def block_sizes(actions, addrs, sizes, replay: BlockReplay) -> list:
                     continue
                 have = b.size
                 rest = have - want
-                if (rest >= MIN_BLOCK if loose or b.segment in small_segments
-                        else want < max_split and rest > SMALL_SIZE):
+                if (
+                    rest >= MIN_BLOCK
+                    if loose or b.segment in small_segments
+                    else want < max_split and rest > SMALL_SIZE
+                ):
                     del blocks[addr]  # _drop(b)
                     if end_get(addr + have) == addr:
                         del ends[addr + have]

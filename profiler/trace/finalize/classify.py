@@ -27,8 +27,7 @@ from profiler.trace.schema import ROLE_CATEGORIES, Category, Phase
 _ROLE_PRECEDENCE = tuple(ROLE_CATEGORIES)
 _ROLE_TO_CATEGORY = {role: category.value for role, category in ROLE_CATEGORIES.items()}
 # Hints that registered roles override (rule 2b).
-WEAK_HINTS = frozenset({Category.ALL_GATHER.value, Category.REDUCE_SCATTER.value,
-                        Category.UNSHARDED_PARAMETER.value})
+WEAK_HINTS = frozenset({Category.ALL_GATHER.value, Category.REDUCE_SCATTER.value, Category.UNSHARDED_PARAMETER.value})
 
 CATEGORY_VALUES = [c.value for c in Category]
 _CAT_CODE = {c: i for i, c in enumerate(CATEGORY_VALUES)}
@@ -127,9 +126,17 @@ def classify_events(
 
     baseline_codes = np.full(len(baseline_addr), _CAT_CODE[Category.OTHER.value], dtype=np.int64)
     if len(role_addr):
-        _apply_roles(codes, baseline_codes, addr=addr, alloc_idx=alloc_idx, touched=is_alloc | is_free,
-                     role_addr=role_addr, role_index=role_index, role_name=role_name,
-                     baseline_addr=baseline_addr)
+        _apply_roles(
+            codes,
+            baseline_codes,
+            addr=addr,
+            alloc_idx=alloc_idx,
+            touched=is_alloc | is_free,
+            role_addr=role_addr,
+            role_index=role_index,
+            role_name=role_name,
+            baseline_addr=baseline_addr,
+        )
 
     # Rule 1: explicit hints win.
     for value in hinted - WEAK_HINTS:
@@ -159,8 +166,18 @@ def _phase_categories(phase: np.ndarray, alloc_idx: np.ndarray, free_of: np.ndar
     return cat
 
 
-def _apply_roles(codes: np.ndarray, baseline_codes: np.ndarray, *, addr, alloc_idx, touched,
-                 role_addr, role_index, role_name, baseline_addr) -> None:
+def _apply_roles(
+    codes: np.ndarray,
+    baseline_codes: np.ndarray,
+    *,
+    addr,
+    alloc_idx,
+    touched,
+    role_addr,
+    role_index,
+    role_name,
+    baseline_addr,
+) -> None:
     """Rule 2: each role's category on the alloc it names, or on the baseline block it names.
 
     Applied lowest precedence first, so that higher ones overwrite.
@@ -188,8 +205,14 @@ def _apply_roles(codes: np.ndarray, baseline_codes: np.ndarray, *, addr, alloc_i
             baseline_codes[j] = cat_code
 
 
-def _inherit_on_free(codes: np.ndarray, addr: np.ndarray, freed: np.ndarray, alloc_of: np.ndarray,
-                     baseline_addr: np.ndarray, baseline_codes: np.ndarray) -> None:
+def _inherit_on_free(
+    codes: np.ndarray,
+    addr: np.ndarray,
+    freed: np.ndarray,
+    alloc_of: np.ndarray,
+    baseline_addr: np.ndarray,
+    baseline_codes: np.ndarray,
+) -> None:
     """Frees take their alloc's category, or that of the baseline block they release (else other)."""
     has_alloc = alloc_of[freed] >= 0
     codes[freed[has_alloc]] = codes[alloc_of[freed[has_alloc]]]

@@ -26,7 +26,7 @@ def parse_marker(tag: str | None) -> tuple[int, int] | None:
     if not tag or not tag.startswith(PREFIX):
         return None
     try:
-        marker_id, step = tag[len(PREFIX):].split(":")
+        marker_id, step = tag[len(PREFIX) :].split(":")
         return int(marker_id), int(step)
     except ValueError:
         return None
@@ -49,13 +49,15 @@ def marker_positions(tag_dictionary: list, tag_indices: np.ndarray, action: np.n
     # The free that follows each marker alloc (markers are freed before anything else happens
     # on that thread; another thread's events may interleave, which is harmless).
     k = np.searchsorted(frees, allocs, side="right")
-    after = np.where(k < len(frees), frees[np.minimum(k, max(len(frees) - 1, 0))] + 1
-                     if len(frees) else allocs + 1, allocs + 1)
+    after = np.where(
+        k < len(frees), frees[np.minimum(k, max(len(frees) - 1, 0))] + 1 if len(frees) else allocs + 1, allocs + 1
+    )
     return ids, steps, after
 
 
-def steps_from_markers(n: int, marker_steps: np.ndarray, marker_alloc_index: np.ndarray,
-                       first_step: int = 0) -> np.ndarray:
+def steps_from_markers(
+    n: int, marker_steps: np.ndarray, marker_alloc_index: np.ndarray, first_step: int = 0
+) -> np.ndarray:
     """Step of every event: the step announced by the last marker at or before it."""
     if len(marker_alloc_index) == 0:
         return np.full(n, first_step, dtype=np.int32)
@@ -90,15 +92,13 @@ def resolve(events, roles):
     ids, steps, after = marker_positions(dictionary, indices, action)
     alloc_at = _marker_alloc_indices(dictionary, indices, action)
     step_col = steps_from_markers(len(action), steps, alloc_at)
-    events = events.set_column(events.schema.get_field_index("step"), "step",
-                               pa.array(step_col, pa.int32()))
+    events = events.set_column(events.schema.get_field_index("step"), "step", pa.array(step_col, pa.int32()))
     if roles.num_rows:
         pos = roles.column("event_index").to_numpy(zero_copy_only=False).copy()
         by_id = dict(zip(ids.tolist(), after.tolist()))
         neg = pos < 0
         pos[neg] = [by_id.get(int(-(v + 1)), -1) for v in pos[neg]]
-        roles = roles.set_column(roles.schema.get_field_index("event_index"), "event_index",
-                                 pa.array(pos, pa.int64()))
+        roles = roles.set_column(roles.schema.get_field_index("event_index"), "event_index", pa.array(pos, pa.int64()))
     return events, roles
 
 

@@ -106,18 +106,18 @@ def _strings(table: pa.Table, name: str) -> np.ndarray:
     return np.array(values + [None], dtype=object)[idx]
 
 
-def _block_bytes(ev: pa.Table, action: np.ndarray, start: pa.Table, meta: dict,
-                 facts: dict) -> pa.Array:
+def _block_bytes(ev: pa.Table, action: np.ndarray, start: pa.Table, meta: dict, facts: dict) -> pa.Array:
     """Block sizes per event: replayed on CUDA, the storage size itself on CPU."""
     if meta.get("backend") == "cpu" or not ev.num_rows:
         return ev.column("size_bytes")
     replay = BlockReplay(AllocatorRules.from_settings(meta.get("allocator_settings")))
     if start.num_rows:
-        cols = [start.column(c).to_pylist() for c in
-                ("segment_addr", "segment_bytes", "segment_type", "block_addr", "block_bytes", "state")]
+        cols = [
+            start.column(c).to_pylist()
+            for c in ("segment_addr", "segment_bytes", "segment_type", "block_addr", "block_bytes", "state")
+        ]
         replay.load_segments(zip(*cols))
-    sizes = block_sizes(action.tolist(), _pylist(ev.column("addr")),
-                        _pylist(ev.column("size_bytes")), replay)
+    sizes = block_sizes(action.tolist(), _pylist(ev.column("addr")), _pylist(ev.column("size_bytes")), replay)
     facts["block_replay_misses"] = replay.misses
     return pa.array(sizes, pa.int64())
 
@@ -150,8 +150,9 @@ def _hooked_steps(steps: pa.Table) -> set[int] | None:
     return {int(s) for s, f in zip(steps.column("step").to_pylist(), flags) if f is None or f}
 
 
-def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
-                    facts: dict | None = None) -> dict[str, pa.Table]:
+def finalize_tables(
+    raw: dict[str, pa.Table], meta: dict | None = None, facts: dict | None = None
+) -> dict[str, pa.Table]:
     """Raw journal tables in, published tables (schema.TABLES) out.
 
     `facts` (if given) receives what finalizing learned, such as block replay misses.
@@ -163,14 +164,21 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
     raw["events"], raw["roles"] = markers.resolve(raw["events"], raw["roles"])
     ev = raw["events"]
     action = _strings(ev, "action") if ev.num_rows else np.array([], object)
-    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
-        _event_tags(ev, action, raw["steps"], facts)
+    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = _event_tags(
+        ev, action, raw["steps"], facts
+    )
     segments = raw["segments"]
-    start = segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value)) \
-        if segments.num_rows else segments
+    start = (
+        segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value))
+        if segments.num_rows
+        else segments
+    )
     block_bytes = _block_bytes(ev, action, start, meta, facts)
-    start_live = start.filter(pc.equal(start.column("state"), schema.BlockState.ACTIVE_ALLOCATED.value)) \
-        if start.num_rows else start
+    start_live = (
+        start.filter(pc.equal(start.column("state"), schema.BlockState.ACTIVE_ALLOCATED.value))
+        if start.num_rows
+        else start
+    )
     baseline_addr = _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
 
     phase = _objects(phase_values, phase_codes)
@@ -178,8 +186,9 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
     span_phase = _fill_markers(phase) if MARKER_PHASE in phase_values else phase
     if MARKER_PHASE in phase_values:  # published as no phase
         phase_codes = np.where(phase_codes == phase_values.index(MARKER_PHASE), -1, phase_codes)
-    codes, baseline_codes = _classify(ev, action, span_phase, _objects(hint_values, hint_codes),
-                                      raw["roles"], baseline_addr)
+    codes, baseline_codes = _classify(
+        ev, action, span_phase, _objects(hint_values, hint_codes), raw["roles"], baseline_addr
+    )
     events = pa.table(
         {
             "ts_us": ev.column("ts_us"),
@@ -197,17 +206,14 @@ def finalize_tables(raw: dict[str, pa.Table], meta: dict | None = None,
         schema=schema.TABLES["events"],
     )
     cat_values = np.array(CATEGORY_VALUES + [None], dtype=object)
-    out = {"events": events,
-           "segments": _segment_categories(segments, baseline_addr, cat_values[baseline_codes])}
+    out = {"events": events, "segments": _segment_categories(segments, baseline_addr, cat_values[baseline_codes])}
     for name in schema.TABLE_NAMES:
         if name not in out:
-            out[name] = raw[name].cast(schema.TABLES[name]) if raw[name].num_rows else \
-                schema.empty_table(name)
+            out[name] = raw[name].cast(schema.TABLES[name]) if raw[name].num_rows else schema.empty_table(name)
     return out
 
 
-def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table,
-                facts: dict) -> list[tuple[list, np.ndarray]]:
+def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table, facts: dict) -> list[tuple[list, np.ndarray]]:
     """(values, per-event codes) of phase, module and hint, with unhooked steps filled from templates."""
     if not ev.num_rows:
         return [([], np.array([], np.int64)) for _ in range(3)]
@@ -216,19 +222,32 @@ def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table,
     if hooked is None:
         return parts
     # Steps captured without module hooks borrow them from an identical hooked step.
-    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = \
-        [(values, np.array(codes, copy=True)) for values, codes in parts]
-    facts.update(fill_from_templates(
-        step=_column_np(ev, "step"), action=action, size=_column_np(ev, "size_bytes"),
-        hooked_steps=hooked, module=module_codes, phase=phase_codes, hint=hint_codes))
+    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = [
+        (values, np.array(codes, copy=True)) for values, codes in parts
+    ]
+    facts.update(
+        fill_from_templates(
+            step=_column_np(ev, "step"),
+            action=action,
+            size=_column_np(ev, "size_bytes"),
+            hooked_steps=hooked,
+            module=module_codes,
+            phase=phase_codes,
+            hint=hint_codes,
+        )
+    )
     return [(phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes)]
 
 
-def _classify(ev: pa.Table, action: np.ndarray, phase: np.ndarray, hint: np.ndarray, roles: pa.Table,
-              baseline_addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _classify(
+    ev: pa.Table, action: np.ndarray, phase: np.ndarray, hint: np.ndarray, roles: pa.Table, baseline_addr: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """classify_events over the decoded columns: category codes of events and of baseline blocks."""
     return classify_events(
-        action=action, addr=_column_np(ev, "addr"), phase=phase, hint=hint,
+        action=action,
+        addr=_column_np(ev, "addr"),
+        phase=phase,
+        hint=hint,
         role_addr=_column_np(roles, "addr") if roles.num_rows else np.array([], np.int64),
         role_index=_column_np(roles, "event_index") if roles.num_rows else np.array([], np.int64),
         role_name=[str(r) for r in roles.column("role").to_pylist()] if roles.num_rows else [],
@@ -249,6 +268,7 @@ def _segment_categories(segments: pa.Table, baseline_addr, baseline_cat) -> pa.T
         lookup.get(b) if s == schema.SnapshotKind.START.value and st == "active_allocated" else e
         for s, st, b, e in zip(snap, state, block, existing)
     ]
-    segments = segments.set_column(segments.schema.get_field_index("category"), "category",
-                                   _encode(np.array(cats, dtype=object)))
+    segments = segments.set_column(
+        segments.schema.get_field_index("category"), "category", _encode(np.array(cats, dtype=object))
+    )
     return segments.cast(schema.TABLES["segments"])

@@ -18,9 +18,16 @@ import numpy as np
 _BLOCK_ACTIONS = ("alloc", "free_requested", "free_completed")
 
 
-def fill_from_templates(*, step: np.ndarray, action: np.ndarray, size: np.ndarray,
-                        hooked_steps: set[int], module: np.ndarray, phase: np.ndarray,
-                        hint: np.ndarray) -> dict:
+def fill_from_templates(
+    *,
+    step: np.ndarray,
+    action: np.ndarray,
+    size: np.ndarray,
+    hooked_steps: set[int],
+    module: np.ndarray,
+    phase: np.ndarray,
+    hint: np.ndarray,
+) -> dict:
     """Fill module/phase/hint in place for unhooked steps; returns counts for meta."""
     is_block = np.isin(action, _BLOCK_ACTIONS)
     order = np.argsort(step, kind="stable")
