@@ -1,56 +1,8 @@
 """Analytic memory model of a GPT training step (and a KV cache), and measured vs predicted.
 
 Pure arithmetic: no torch is needed. transformers is imported lazily, only by
-`shape_from_hf` for a Hugging Face config.
-
-Notation: b batch (micro-batch under accumulation), s sequence, h width, a heads,
-L layers, V vocabulary, P parameters (tied embedding counted once), sbh = s*b*h.
-
-Activations per block (Korthikanti et al. 2022, "Reducing Activation Recomputation
-in Large Transformer Models", eq. 1): s*b*h*(34 + 5*a*s/h) bytes, everything 2 bytes
-and dropout masks 1 byte per element:
-    attention 11*sbh + 5*a*s^2*b: QKV input 2, Q and K 4, V 2, output-projection
-        input 2, output dropout mask 1 (= 11 sbh); scores 2*a*s^2*b, softmax dropout
-        mask a*s^2*b, dropout output 2*a*s^2*b (= 5 a s^2 b);
-    MLP 19*sbh: fc input 2, GELU input 8, GELU output (proj input) 8, dropout mask 1;
-    layer norms 4*sbh: the two inputs.
-Adjusted for our workloads (nanoGPT, workloads/model.py):
-  * no dropout: the two 1-byte sbh masks go (34 -> 32), and so does the a*s^2*b mask;
-  * flash / memory-efficient SDPA: no s^2 score or softmax storage, so the whole
-    5*a*s/h term goes. SDPA saves its output (already counted as the projection input:
-    the .transpose().contiguous() after SDPA is a no-op, the kernel's output is laid
-    out (B,T,nh,hs)) and a logsumexp of b*a*s fp32;
-  * the layer norms also keep mean and rstd: 2 x b*s fp32 each;
-  * fp32: every 2-byte term doubles: 64*sbh;
-  * bf16/fp16 autocast: the residual stream stays fp32 (x + bf16 -> fp32) and the layer
-    norms run in fp32, so the two layer-norm inputs are 4-byte (4 -> 8 sbh); the layer-norm
-    fp32 outputs are not kept (the linear saves its bf16 cast instead, 2 sbh, already
-    counted): 32 + 4 = 36*sbh; plus autocast's bf16 copies of the block's matmul weights
-    (2 bytes per block weight), which backward keeps.
-Checkpointing (non-reentrant torch.utils.checkpoint on whole Blocks):
-  * full / every:k: a checkpointed block keeps only its input, the fp32 residual
-    (4*sbh; 2*sbh in the paper's all-2-byte setting); during its recompute in backward
-    one block's full activations exist again (one block at a time);
-  * selective (workloads/toggles/checkpointing.py): the outputs of the four matmuls are
-    kept (qkv 3h, attention proj h, fc 4h, mlp proj h = 9 sbh elements in the compute
-    dtype) plus the block input; SDPA, GELU, layer norms and casts are recomputed.
-Outside the blocks: the embedding sum (fp32 b*s*h), the final layer norm's input (the
-last block's output, counted with the blocks) and output (fp32, or its bf16 cast plus
-the bf16 copy of the tied V*h weight), and the logits:
-  * end of forward: the logits b*s*V in the compute dtype, the fp32 copy logits.float()
-    (the same tensor in fp32: .float() is then a no-op) and cross_entropy's saved
-    log-softmax b*s*V*4. The loop drops the logits after the loss, so only the
-    log-softmax stays saved;
-  * loss backward (the peak on every bundled run): the saved log-softmax, the gradient
-    wrt it and the gradient wrt the fp32 logits: 3 x b*s*V*4. The first is reported as
-    "activation", the two gradients as "temporary", as the trace classifies them.
-Parameters, gradients, optimizer state: fp32 master weights (4 B/param, autocast keeps
-them fp32), fp32 gradients; AdamW keeps exp_avg and exp_avg_sq (2 x 4 B/param) and a
-step scalar per parameter tensor (on the CPU for the foreach AdamW; on the device,
-4 B each, for the fused one); SGD with momentum one buffer (4 B/param), plain SGD none.
-KV cache: layers x 2 x tokens x kv_heads x head_dim x dtype bytes x batch.
-Workspace: cuBLAS allocates a workspace per handle on first use (two are seen on the
-H100 runs: 33 MiB in forward, 32 MiB in backward); device-dependent, a parameter.
+`shape_from_hf` for a Hugging Face config. The terms (what a block, the optimizer and a
+KV cache keep, and why) are in profiler/estimate_terms.py, with the notation used here.
 
 The predicted peak is the max over phases (see `phases`):
   forward_end    P + G_acc + O + A + logits at the end of forward;
@@ -69,10 +21,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from profiler.estimate_terms import (
+    OPTIMIZERS,
+    PRECISION_BYTES,
+    Activations,
+    activations,
+    block_activation_bytes,
+    checkpointed_block_bytes,
+    checkpointed_layers,
+    kv_cache_bytes,
+    optimizer_state_bytes,
+)
 from profiler.presets import PRESETS, ModelShape, shape_from_hf, shape_from_preset, to_shape
 from profiler.trace.schema import Category
 
 __all__ = [
+    "OPTIMIZERS",
+    "PRECISION_BYTES",
     "ModelShape",
     "block_activation_bytes",
     "checkpointed_block_bytes",
@@ -87,8 +52,6 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZERS = ("sgd", "sgd_momentum", "adamw", "adamw_fused")
 DEFAULT_WORKSPACE = 65 * MiB
 # The trace categories the formulas predict a training step's bytes in; measured against a run,
 # the bytes of every other category (FSDP's, a KV cache, ...) are reported together as "other".
@@ -117,122 +80,6 @@ UNDERSTOOD_KEYS = {
 }  # tokens_per_step is derived (batch x seq), not a toggle
 
 
-def _checkpointed(n_layer: int, checkpointing) -> list[bool]:
-    if checkpointing in (None, False, "off", "none", ""):
-        return [False] * n_layer
-    text = str(checkpointing)
-    if text in ("full", "selective"):
-        return [True] * n_layer
-    mode, _, k = text.partition(":")
-    if mode == "every" and k.isdigit() and int(k) >= 1:
-        return [i % int(k) == 0 for i in range(n_layer)]
-    raise ValueError(f"checkpointing {checkpointing!r} is not one of full, every:k, selective")
-
-
-def block_activation_bytes(
-    shape: ModelShape, *, batch: int, seq: int, precision: str = "fp32", flash: bool = True, dropout: bool = False
-) -> int:
-    """Bytes one un-checkpointed block keeps for backward (see the module docstring)."""
-    b, s, h, a = batch, seq, shape.n_embd, shape.n_head
-    sbh = s * b * h
-    wide = shape.ffn / (4 * h)  # GELU in/out scale with the FFN width: 16 of the 32 are 8+8
-    kv = shape.kv_heads / shape.n_head  # K and V: 4 of the 32 (2 each)
-    if precision == "fp32":
-        coeff = 2 * (32 - 16 - 4 + 16 * wide + 4 * kv)  # all 2-byte terms doubled: 64
-        weights = 0
-    else:
-        coeff = 36 - 16 - 4 + 16 * wide + 4 * kv  # the two layer-norm inputs fp32: 32 + 4
-        weights = 2 * shape.block_matmul_params()  # autocast's bf16 weight copies
-    total = int(coeff * sbh) + weights
-    total += 2 * 2 * b * s * 4  # two layer norms' mean and rstd, fp32
-    if dropout:
-        total += 2 * sbh  # two 1-byte masks
-    if flash:
-        total += b * a * s * 4  # SDPA logsumexp, fp32
-    else:  # math attention: softmax output (2 B) kept; with dropout also mask (1 B) and its output (2 B)
-        unit = 2 if precision == "fp32" else 1
-        total += 2 * unit * a * s * s * b + ((1 + 2 * unit) * a * s * s * b if dropout else 0)
-    return total
-
-
-def checkpointed_block_bytes(shape: ModelShape, *, batch: int, seq: int, precision: str, selective: bool) -> int:
-    """Bytes a checkpointed block keeps: its input (fp32 residual), or under selective
-    checkpointing also its matmul outputs (9*sbh elements in the compute dtype)."""
-    sbh = seq * batch * shape.n_embd
-    if not selective:
-        return 4 * sbh
-    e = PRECISION_BYTES[precision]
-    kvd = shape.kv_heads * shape.head_dim
-    mm_out = seq * batch * ((shape.n_embd + 2 * kvd) + shape.n_embd + shape.ffn + shape.n_embd)
-    return 4 * sbh + e * mm_out
-
-
-def optimizer_state_bytes(shape: ModelShape, optimizer: str) -> int:
-    P = shape.num_params()
-    if optimizer == "sgd":
-        return 0
-    if optimizer == "sgd_momentum":
-        return 4 * P
-    if optimizer == "adamw":
-        return 8 * P  # step tensors stay on the CPU for the foreach implementation
-    if optimizer == "adamw_fused":
-        return 8 * P + 4 * shape.num_param_tensors()  # one fp32 step per parameter on the device
-    raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-
-
-def kv_cache_bytes(shape: ModelShape, *, tokens: int, batch: int, dtype_bytes: int = 2) -> int:
-    """layers x 2 (K and V) x tokens x kv_heads x head_dim x dtype bytes x batch."""
-    return shape.n_layer * 2 * tokens * shape.kv_heads * shape.head_dim * dtype_bytes * batch
-
-
-@dataclass(frozen=True, slots=True)
-class _Activations:
-    """A micro-batch's activation terms, in bytes (see the module docstring)."""
-
-    embed: int  # wte(idx) + wpe(pos), fp32 (block 0's input)
-    per_block: list[int]  # what each block keeps for backward, checkpointed or not
-    full_block: int  # one un-checkpointed block: what a recompute brings back
-    ln_f: int
-    saved_logsoftmax: int
-    logits_forward: int  # logits, their fp32 copy and the saved log-softmax at the end of forward
-    loss_grads: int  # the two b*s*V fp32 gradients of the loss backward
-
-    @property
-    def blocks_total(self) -> int:
-        return sum(self.per_block)
-
-    @property
-    def kept(self) -> int:
-        """Everything saved for backward once the logits are gone."""
-        return self.embed + self.blocks_total + self.ln_f + self.saved_logsoftmax
-
-
-def _activations(
-    shape: ModelShape, *, batch: int, seq: int, precision: str, checkpointing, flash: bool, dropout: bool
-) -> _Activations:
-    b, s, h, V = batch, seq, shape.n_embd, shape.vocab_size
-    e = PRECISION_BYTES[precision]
-    sbh, bsV = s * b * h, b * s * V
-    full_block = block_activation_bytes(shape, batch=b, seq=s, precision=precision, flash=flash, dropout=dropout)
-    kept_block = checkpointed_block_bytes(
-        shape, batch=b, seq=s, precision=precision, selective=str(checkpointing) == "selective"
-    )
-    if precision == "fp32":
-        ln_f = 4 * sbh + 2 * b * s * 4  # output (lm_head input) + mean/rstd
-    else:
-        ln_f = 2 * sbh + 2 * b * s * 4 + 2 * V * h  # bf16 cast + stats + bf16 copy of the tied weight
-    saved_logsoftmax = 4 * bsV
-    return _Activations(
-        embed=4 * sbh,
-        per_block=[kept_block if c else full_block for c in _checkpointed(shape.n_layer, checkpointing)],
-        full_block=full_block,
-        ln_f=ln_f,
-        saved_logsoftmax=saved_logsoftmax,
-        logits_forward=(e * bsV + 4 * bsV if precision != "fp32" else 4 * bsV) + saved_logsoftmax,
-        loss_grads=2 * 4 * bsV,
-    )
-
-
 def estimate(
     model_cfg,
     *,
@@ -258,12 +105,8 @@ def estimate(
     "logits_forward" and "num_params"). See the module docstring.
     """
     shape = to_shape(model_cfg)
-    if precision not in PRECISION_BYTES:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
-    accumulation = int(accumulation or 1)
-    if batch % accumulation:
-        raise ValueError(f"batch {batch} is not divisible by accumulation {accumulation}")
-    act = _activations(
+    accumulation = _checked_accumulation(batch, accumulation, precision)
+    act = activations(
         shape,
         batch=batch // accumulation,
         seq=seq,
@@ -273,43 +116,85 @@ def estimate(
         dropout=dropout,
     )
     P = shape.num_params()
-    params = grads_full = 4 * P
-    opt = optimizer_state_bytes(shape, optimizer)
-    g_acc = grads_full if accumulation > 1 else 0
-    kv = kv_cache_bytes(shape, tokens=kv_tokens, batch=batch, dtype_bytes=kv_dtype_bytes) if kv_tokens else 0
-
-    base = params + g_acc + opt + kv
-    phases = {
-        "forward_end": base + act.embed + act.blocks_total + act.ln_f + act.logits_forward + workspace_bytes // 2,
-        "loss_backward": base + act.kept + act.loss_grads + workspace_bytes,
-        "optimizer_step": params + grads_full + opt + kv + (4 * P if optimizer.startswith("adamw") else 0),
-    }
-    if _any_checkpointed(checkpointing, shape.n_layer):
-        phases["recompute"] = (
-            params + grads_full + opt + kv + act.embed + act.blocks_total + act.full_block + workspace_bytes
-        )
-    peak_phase = max(phases, key=phases.get)
-    out = {
-        "parameter": params,
-        "gradient": g_acc if peak_phase in ("forward_end", "loss_backward") else grads_full,
-        "optimizer_state": opt,
-        "activation": _activation_at(act, peak_phase),
-        "temporary": act.loss_grads if peak_phase == "loss_backward" else 0,
-        "workspace": workspace_bytes,
-        "kv_cache": kv,
-        "peak": phases[peak_phase],
-        "peak_phase": peak_phase,
-    }
+    held = _Held(
+        parameter=4 * P,
+        gradient=4 * P,
+        gradient_in_forward=4 * P if accumulation > 1 else 0,
+        optimizer_state=optimizer_state_bytes(shape, optimizer),
+        kv_cache=kv_cache_bytes(shape, tokens=kv_tokens, batch=batch, dtype_bytes=kv_dtype_bytes) if kv_tokens else 0,
+    )
+    phases = _phases(
+        act,
+        held,
+        foreach_temporary=4 * P if optimizer.startswith("adamw") else 0,
+        recompute=_any_checkpointed(checkpointing, shape.n_layer),
+        workspace_bytes=workspace_bytes,
+    )
+    peak_phase = max(phases, key=phases.__getitem__)
+    out = _breakdown(act, held, phases, peak_phase, workspace_bytes)
     if detail:
         out.update(phases=phases, per_block=act.per_block, logits_forward=act.logits_forward, num_params=P)
     return out
 
 
+def _checked_accumulation(batch: int, accumulation: int, precision: str) -> int:
+    """The accumulation steps (1 when unset), or ValueError for an unknown precision or an uneven split."""
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
+    accumulation = int(accumulation or 1)
+    if batch % accumulation:
+        raise ValueError(f"batch {batch} is not divisible by accumulation {accumulation}")
+    return accumulation
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """The bytes of a step that are not activations, in bytes."""
+
+    parameter: int
+    gradient: int  # every gradient, as after backward
+    gradient_in_forward: int  # the gradients already held in forward: all under accumulation, else none
+    optimizer_state: int
+    kv_cache: int
+
+
+def _phases(
+    act: Activations, held: _Held, *, foreach_temporary: int, recompute: bool, workspace_bytes: int
+) -> dict[str, int]:
+    """Bytes allocated at each phase's high point (see the module docstring)."""
+    base = held.parameter + held.gradient_in_forward + held.optimizer_state + held.kv_cache
+    after_backward = held.parameter + held.gradient + held.optimizer_state + held.kv_cache
+    phases = {
+        "forward_end": base + act.embed + act.blocks_total + act.ln_f + act.logits_forward + workspace_bytes // 2,
+        "loss_backward": base + act.kept + act.loss_grads + workspace_bytes,
+        "optimizer_step": after_backward + foreach_temporary,
+    }
+    if recompute:
+        phases["recompute"] = after_backward + act.embed + act.blocks_total + act.full_block + workspace_bytes
+    return phases
+
+
+def _breakdown(act: Activations, held: _Held, phases: dict[str, int], peak_phase: str, workspace_bytes: int) -> dict:
+    """estimate()'s keys: the bytes per category at the peak of `peak_phase`, and the peak."""
+    in_forward = peak_phase in ("forward_end", "loss_backward")
+    return {
+        "parameter": held.parameter,
+        "gradient": held.gradient_in_forward if in_forward else held.gradient,
+        "optimizer_state": held.optimizer_state,
+        "activation": _activation_at(act, peak_phase),
+        "temporary": act.loss_grads if peak_phase == "loss_backward" else 0,
+        "workspace": workspace_bytes,
+        "kv_cache": held.kv_cache,
+        "peak": phases[peak_phase],
+        "peak_phase": peak_phase,
+    }
+
+
 def _any_checkpointed(checkpointing, n_layer: int) -> bool:
-    return any(_checkpointed(n_layer, checkpointing))
+    return any(checkpointed_layers(n_layer, checkpointing))
 
 
-def _activation_at(act: _Activations, phase: str) -> int:
+def _activation_at(act: Activations, phase: str) -> int:
     """Activation bytes alive at the predicted peak of `phase`."""
     if phase == "loss_backward":
         return act.kept
