@@ -60,6 +60,7 @@ def _main(argv: list[str]) -> int:
     module = _import_verb(verb, dict(commands)[verb]) if verb else None
     parser = _build_parser(commands, verb, module)
     args = parser.parse_args(argv)
+    assert module is not None  # parse_args has refused a missing or unknown verb
     return int(module.run(args) or 0)
 
 

@@ -38,37 +38,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.trace:
+        return _compare_with_run(args)
+    return _predict(args)
+
+
+def _compare_with_run(args: argparse.Namespace) -> int:
+    """Measured vs predicted for the run at --trace, as a table or JSON."""
     from profiler import estimate as model
+    from profiler.trace.reader import load_trace
     from profiler.units import human_bytes
 
-    if args.trace:
-        from profiler.trace.reader import load_trace
-
-        trace = load_trace(args.trace)
-        try:
-            kw = model.config_from_meta(trace.meta)
-        except ValueError as exc:
-            raise UsageError(f"{args.trace}: {exc}") from None
-        table = model.measured_vs_predicted(trace, model.estimate(**kw, detail=True))
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "run": str(args.trace),
-                        "rows": table.astype(object).where(table.notna(), None).to_dict("records"),
-                    },
-                    indent=1,
-                    default=str,
-                )
+    trace = load_trace(args.trace)
+    try:
+        kw = model.config_from_meta(trace.meta)
+    except ValueError as exc:
+        raise UsageError(f"{args.trace}: {exc}") from None
+    table = model.measured_vs_predicted(trace, model.estimate(**kw, detail=True))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run": str(args.trace),
+                    "rows": table.astype(object).where(table.notna(), None).to_dict("records"),
+                },
+                indent=1,
+                default=str,
             )
-            return 0
-        for r in table.itertuples():
-            err = "" if r.error_pct != r.error_pct else f"{r.error_pct:+6.1f}%"
-            print(
-                f"{r.level:<8} {r.name:<16} {human_bytes(r.measured_bytes):>10} {human_bytes(r.predicted_bytes):>10} "
-                f"{err:>8}  {r.explanation}"
-            )
+        )
         return 0
+    for r in table.itertuples():
+        err = "" if r.error_pct != r.error_pct else f"{r.error_pct:+6.1f}%"
+        print(
+            f"{r.level:<8} {r.name:<16} {human_bytes(r.measured_bytes):>10} {human_bytes(r.predicted_bytes):>10} "
+            f"{err:>8}  {r.explanation}"
+        )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """The predicted bytes per category and the peak for the model and step the arguments describe."""
+    from profiler import estimate as model
+    from profiler.units import human_bytes
 
     try:
         if args.hf_config:
