@@ -43,7 +43,7 @@ from workloads.model import GPT, PRESETS
 from workloads.model import preset as model_preset
 from workloads.toggles.checkpointing import checkpoint_modules
 from workloads.toggles.optimizer import LR
-from workloads.train import SHAPE_KEYS, _read_meta, _shape_overrides, make_batch, timed_steps
+from workloads.train import SHAPE_KEYS, _read_meta, _shape_overrides, empty_result, make_batch, timed_steps
 
 # The variants of the FSDP suite; the first is the baseline.
 VARIANTS: dict[str, dict] = {
@@ -194,18 +194,7 @@ def run(
     Called on every rank (under torchrun); every rank returns the job's result, with
     `ranks` listing each rank's peaks, and peak_allocated_bytes the largest of them.
     """
-    result = dict(
-        status="error",
-        run_dir=None,
-        peak_allocated_bytes=None,
-        peak_reserved_bytes=None,
-        median_step_ms=None,
-        tokens_per_s=None,
-        loss=None,
-        losses=[],
-        error=None,
-        ranks=[],
-    )
+    result = empty_result(ranks=[])
     step_ms: list[float] = []
     prof = None
     cfg = None
@@ -213,47 +202,69 @@ def run(
         if device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = init_process_group(device)
-        world = dist.get_world_size()
         cfg, toggles = _shape_overrides(model_preset(preset), toggles)
-        parsed = DistToggles.from_dict(toggles, device=device, world_size=world)
-        config = {
-            "preset": preset,
-            "batch_size": cfg.batch_size,
-            "seq_len": cfg.seq_len,
-            "world_size": world,
-            **toggles,
-        }
-        prof = capture.profile(out=out, name=name or f"dist-{preset}", config=config, backend=dev.type)
+        parsed = DistToggles.from_dict(toggles, device=device, world_size=dist.get_world_size())
+        prof = _profile(preset, cfg, toggles, dev, out=out, name=name)
         with prof:
-            torch.manual_seed(seed)  # equal weights on every rank
-            model = Model(parsed.model, cfg, dev)
-            shard(model, parsed, dev)
-            opt = torch.optim.AdamW(model.module.parameters(), lr=LR)
-            gen = torch.Generator(device=dev).manual_seed(seed + 1000 * dist.get_rank())
-            batch = make_batch(cfg, dev, gen)  # this rank's data
-            autocast = (
-                torch.autocast(dev.type, dtype=torch.bfloat16)
-                if parsed.bf16 and parsed.parallel == "ddp"
-                else contextlib.nullcontext()
-            )
-
-            def step():
-                with autocast:
-                    loss = model.loss(*batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach()
-
+            # `step` keeps the model, optimizer and batch alive past the capture: its trace
+            # does not end with their teardown.
+            step = _training_step(parsed, cfg, dev, seed=seed)
             timed_steps(step, steps, dev, result["losses"], step_ms)
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         result.update(status="oom", error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
         result.update(status="error", error=one_line(exc))
-    mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, status=result["status"], error=result["error"])
     if prof is not None and prof.run_dir is not None:
         result["run_dir"] = str(prof.run_dir.parent)  # the job's directory, every rank beneath
+    result["ranks"] = _gather(_rank_figures(result, prof, step_ms))
+    _job_figures(result, cfg)
+    if result["losses"]:
+        result["loss"] = result["losses"][-1]
+    return result
+
+
+def _profile(preset: str, cfg, toggles: dict, dev: torch.device, *, out: str, name: str | None):
+    """This rank's capture (not entered yet), its config naming the job's shape and toggles."""
+    config = {
+        "preset": preset,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "world_size": dist.get_world_size(),
+        **toggles,
+    }
+    return capture.profile(out=out, name=name or f"dist-{preset}", config=config, backend=dev.type)
+
+
+def _training_step(parsed: DistToggles, cfg, dev: torch.device, *, seed: int):
+    """Build and shard the model and its optimizer; the step that trains them on this rank's own batch."""
+    torch.manual_seed(seed)  # equal weights on every rank
+    model = Model(parsed.model, cfg, dev)
+    shard(model, parsed, dev)
+    opt = torch.optim.AdamW(model.module.parameters(), lr=LR)
+    gen = torch.Generator(device=dev).manual_seed(seed + 1000 * dist.get_rank())
+    batch = make_batch(cfg, dev, gen)  # this rank's data
+    autocast = (
+        torch.autocast(dev.type, dtype=torch.bfloat16)
+        if parsed.bf16 and parsed.parallel == "ddp"
+        else contextlib.nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = model.loss(*batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _rank_figures(result: dict, prof, step_ms: list[float]) -> dict:
+    """This rank's status, peaks, partition and median step time, for the job's `ranks`."""
+    mine = dict(rank=dist.get_rank() if dist.is_initialized() else 0, status=result["status"], error=result["error"])
+    if prof is not None and prof.run_dir is not None:
         meta = _read_meta(prof.run_dir)
         mine.update(
             peak_allocated_bytes=meta.get("max_allocated_bytes"),
@@ -262,11 +273,7 @@ def run(
         )
     if step_ms:
         mine["median_step_ms"] = statistics.median(step_ms)
-    result["ranks"] = _gather(mine)
-    _job_figures(result, cfg)
-    if result["losses"]:
-        result["loss"] = result["losses"][-1]
-    return result
+    return mine
 
 
 def _gather(mine: dict) -> list[dict]:

@@ -190,42 +190,14 @@ def run(
     run: an out-of-memory error is status "oom", anything else "error", and a capture
     that started still finalizes (with that status) and reports its peaks.
     """
-    result = dict(
-        status="error",
-        run_dir=None,
-        peak_allocated_bytes=None,
-        peak_reserved_bytes=None,
-        median_step_ms=None,
-        tokens_per_s=None,
-        loss=None,
-        losses=[],
-        error=None,
-    )
+    result = empty_result()
     step_ms: list[float] = []
-    prof = None
+    prof = cfg = None
     try:
-        device = resolve_device(device)
-        cfg, toggles = _shape_overrides(model_preset(preset), toggles)
-        parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
-        dev = torch.device(device)
-        if parsed.compile and dev.type == "cpu":
-            raise ValueError(
-                "compile is not captured on cpu: dynamo skips compilation under the CPU "
-                "backend's TorchDispatchMode, so the run would measure eager mode"
-            )
-        # Module hooks and dynamo do not mix (workloads/toggles/compile.py): a compiled run
-        # is captured with phases and categories, without module attribution.
-        hooks = parsed.compile is None
-        prof = capture.profile(
-            out=out,
-            name=name or f"train-{preset}",
-            config={"preset": preset, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, **toggles},
-            backend=dev.type,
-            modules=hooks,
-        )
+        cfg, parsed, dev, prof = _start_capture(preset, toggles, out=out, name=name, device=device)
         with prof:
             trainer = Trainer(cfg, parsed, seed=seed)
-            if not hooks:
+            if parsed.compile is not None:
                 # Without module hooks nothing meets the root module: name its modules and
                 # parameters now, or parameters would count as "other".
                 prof.register_model(trainer.model)
@@ -235,6 +207,51 @@ def run(
         result.update(status="oom", error=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - the runner wants a result row, not a traceback
         result.update(status="error", error=one_line(exc))
+    _fill_figures(result, prof, cfg, step_ms)
+    return result
+
+
+def empty_result(**extra) -> dict:
+    """A result dict (workloads/interface.md) of a run that has not finished yet; `extra` keys go last."""
+    return dict(
+        status="error",
+        run_dir=None,
+        peak_allocated_bytes=None,
+        peak_reserved_bytes=None,
+        median_step_ms=None,
+        tokens_per_s=None,
+        loss=None,
+        losses=[],
+        error=None,
+        **extra,
+    )
+
+
+def _start_capture(preset: str, toggles: dict, *, out: str, name: str | None, device: str):
+    """The preset's shape, the parsed toggles, the device and the capture (not entered yet) of a training run."""
+    device = resolve_device(device)
+    cfg, toggles = _shape_overrides(model_preset(preset), toggles)
+    parsed = from_dict(toggles, device=device, batch_size=cfg.batch_size)
+    dev = torch.device(device)
+    if parsed.compile and dev.type == "cpu":
+        raise ValueError(
+            "compile is not captured on cpu: dynamo skips compilation under the CPU "
+            "backend's TorchDispatchMode, so the run would measure eager mode"
+        )
+    # Module hooks and dynamo do not mix (workloads/toggles/compile.py): a compiled run
+    # is captured with phases and categories, without module attribution.
+    prof = capture.profile(
+        out=out,
+        name=name or f"train-{preset}",
+        config={"preset": preset, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, **toggles},
+        backend=dev.type,
+        modules=parsed.compile is None,
+    )
+    return cfg, parsed, dev, prof
+
+
+def _fill_figures(result: dict, prof, cfg, step_ms: list[float]) -> None:
+    """The run's directory and peaks from its capture, its speed from the step times, its last loss."""
     if prof is not None and prof.run_dir is not None:
         result["run_dir"] = str(prof.run_dir)
         meta = _read_meta(prof.run_dir)
@@ -245,7 +262,6 @@ def run(
         result["tokens_per_s"] = cfg.batch_size * cfg.seq_len / (result["median_step_ms"] / 1e3)
     if result["losses"]:
         result["loss"] = result["losses"][-1]
-    return result
 
 
 def _read_meta(run_dir) -> dict:
