@@ -82,75 +82,89 @@ def snapshot_of(trace) -> dict:
     }
 
 
+_SEGMENT_COLUMNS = (
+    "segment_addr",
+    "segment_bytes",
+    "stream",
+    "segment_type",
+    "is_expandable",
+    "block_addr",
+    "block_bytes",
+    "requested_bytes",
+    "state",
+    "stack_id",
+)
+
+
 def _segments_of(trace, stacks) -> list[dict]:
-    seg = trace.segments
-    if seg.empty:
+    seg = _snapshot_rows(trace.segments)
+    if seg is None:
         return []
-    kinds = set(seg["snapshot"].astype(str))
-    kind = "end" if "end" in kinds else "start" if "start" in kinds else None
-    if kind is None:
-        return []
-    seg = seg[seg["snapshot"].astype(str) == kind]
     out: dict[int, dict] = {}
-    rows = zip(
-        *(
-            seg[c].tolist()
-            for c in (
-                "segment_addr",
-                "segment_bytes",
-                "stream",
-                "segment_type",
-                "is_expandable",
-                "block_addr",
-                "block_bytes",
-                "requested_bytes",
-                "state",
-                "stack_id",
-            )
-        )
-    )
+    rows = zip(*(seg[c].tolist() for c in _SEGMENT_COLUMNS))
     for s_addr, s_bytes, stream, s_type, expandable, b_addr, b_bytes, req, state, sid in rows:
         s_addr = _opt_int(s_addr)
         if s_addr is None:
             continue
         s = out.get(s_addr)
         if s is None:
-            s = out[s_addr] = {
-                "device": 0,
-                "address": s_addr,
-                "total_size": _opt_int(s_bytes) or 0,
-                "allocated_size": 0,
-                "active_size": 0,
-                "requested_size": 0,
-                "stream": _opt_int(stream) or 0,
-                "segment_type": _opt_str(s_type) or "large",
-                "segment_pool_id": (0, 0),
-                "is_expandable": bool(expandable) if expandable == expandable and expandable is not None else False,
-                "frames": [],
-                "blocks": [],
-            }
-        size = _opt_int(b_bytes) or 0
-        state = _opt_str(state) or _INACTIVE
-        requested = _opt_int(req)
-        requested = size if requested is None and state != _INACTIVE else requested or 0
-        sid = _opt_int(sid)
-        s["blocks"].append(
-            {
-                "address": _opt_int(b_addr) or s_addr,
-                "size": size,
-                "requested_size": requested,
-                "state": state,
-                "frames": [dict(f) for f in stacks.get(sid, [])] if sid is not None else [],
-            }
-        )
-        if state == _ALLOCATED:
-            s["allocated_size"] += size
-        if state != _INACTIVE:
-            s["active_size"] += size
-            s["requested_size"] += requested
+            s = out[s_addr] = _segment(s_addr, s_bytes, stream, s_type, expandable)
+        _add_block(s, stacks, b_addr, b_bytes, req, state, sid)
     for s in out.values():
         s["blocks"].sort(key=lambda b: b["address"])
     return [out[a] for a in sorted(out)]
+
+
+def _snapshot_rows(seg):
+    """The rows of the `end` segment map, else of the `start` one, else None."""
+    if seg.empty:
+        return None
+    kinds = set(seg["snapshot"].astype(str))
+    kind = "end" if "end" in kinds else "start" if "start" in kinds else None
+    if kind is None:
+        return None
+    return seg[seg["snapshot"].astype(str) == kind]
+
+
+def _segment(s_addr: int, s_bytes, stream, s_type, expandable) -> dict:
+    """A snapshot segment with no blocks yet."""
+    return {
+        "device": 0,
+        "address": s_addr,
+        "total_size": _opt_int(s_bytes) or 0,
+        "allocated_size": 0,
+        "active_size": 0,
+        "requested_size": 0,
+        "stream": _opt_int(stream) or 0,
+        "segment_type": _opt_str(s_type) or "large",
+        "segment_pool_id": (0, 0),
+        "is_expandable": bool(expandable) if expandable == expandable and expandable is not None else False,
+        "frames": [],
+        "blocks": [],
+    }
+
+
+def _add_block(s: dict, stacks, b_addr, b_bytes, req, state, sid) -> None:
+    """Append a block to segment `s` and count it in the segment's allocated, active and requested sizes."""
+    size = _opt_int(b_bytes) or 0
+    state = _opt_str(state) or _INACTIVE
+    requested = _opt_int(req)
+    requested = size if requested is None and state != _INACTIVE else requested or 0
+    sid = _opt_int(sid)
+    s["blocks"].append(
+        {
+            "address": _opt_int(b_addr) or s["address"],
+            "size": size,
+            "requested_size": requested,
+            "state": state,
+            "frames": [dict(f) for f in stacks.get(sid, [])] if sid is not None else [],
+        }
+    )
+    if state == _ALLOCATED:
+        s["allocated_size"] += size
+    if state != _INACTIVE:
+        s["active_size"] += size
+        s["requested_size"] += requested
 
 
 def export_memory_viz(run, out_path) -> dict:
