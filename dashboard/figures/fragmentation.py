@@ -1,0 +1,64 @@
+"""The Fragmentation page: the allocator's slack over time and one moment's segment map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from dashboard.figures.base import empty_figure, gib, with_layout
+
+STATE_COLORS = {"active_allocated": "#1f77b4", "active_pending_free": "#ff7f0e", "inactive": "#d9d9d9"}
+
+
+def fragmentation_lines(frag: pd.DataFrame) -> go.Figure:
+    """analysis.fragmentation: byte series in GiB, the ratio on a second axis."""
+    d = frag[frag["reserved_bytes"].notna()] if len(frag) else frag
+    if d.empty:
+        return empty_figure("Fragmentation", "no allocator segments (CPU backend)")
+    x = d["event_index"].astype(float).to_numpy()
+    fig = go.Figure(
+        [
+            go.Scatter(x=x, y=gib(d[c]), name=c, mode="lines+markers")
+            for c in ("reserved_minus_allocated_bytes", "inactive_split_bytes", "largest_free_block_bytes")
+        ]
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=d["fragmentation_ratio"],
+            name="fragmentation_ratio",
+            yaxis="y2",
+            mode="lines+markers",
+            line=dict(dash="dash"),
+        )
+    )
+    fig.update_layout(yaxis2=dict(title="ratio", overlaying="y", side="right", range=[0, 1]))
+    return with_layout(fig, "Fragmentation", "event index")
+
+
+def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
+    """analysis.segment_map_at: one bar per segment, its blocks stacked by address, coloured
+    by state or category."""
+    if layout.empty:
+        return empty_figure("Segment map", "no segments at this moment")
+    d = layout.copy()
+    seg_ids = {a: f"seg {i} @0x{int(a):x}" for i, a in enumerate(pd.unique(d["segment_addr"]))}
+    d["segment"] = d["segment_addr"].map(seg_ids)
+    d["key"] = d[color_by].astype(object).where(d[color_by].notna(), "free" if color_by == "category" else "?")
+    fig = go.Figure()
+    for key, g in d.groupby("key", sort=True):
+        fig.add_trace(
+            go.Bar(
+                y=g["segment"],
+                x=g["size_bytes"] / (1 << 20),
+                base=(g["block_addr"] - g["segment_addr"]) / (1 << 20),
+                orientation="h",
+                name=str(key),
+                marker_color=STATE_COLORS.get(str(key)),
+                customdata=np.stack([g["block_addr"].to_numpy(), g["size_bytes"].to_numpy()], axis=1),
+                hovertemplate="0x%{customdata[0]:x}: %{customdata[1]:,} B",
+            )
+        )
+    fig.update_layout(barmode="overlay", height=max(300, 22 * len(seg_ids)))
+    return with_layout(fig, "Segment map", "MiB from segment start", "segment").update_layout(hovermode="closest")
