@@ -273,19 +273,20 @@ def block_sizes(actions, addrs, sizes, replay: BlockReplay) -> list:
                     blocks[addr] = b
                     ends[addr + merged] = addr
                 prev_addr = end_get(addr)
-                prev = get(prev_addr) if prev_addr is not None else None
-                if prev is not None and not prev.allocated and prev.segment == seg:
-                    mine = b.size
-                    del blocks[addr]  # _drop(b)
-                    if end_get(addr + mine) == addr:
-                        del ends[addr + mine]
-                    theirs = prev.size  # _drop(prev)
-                    del blocks[prev_addr]
-                    if end_get(prev_addr + theirs) == prev_addr:
-                        del ends[prev_addr + theirs]
-                    prev.size = merged = theirs + mine  # _put(prev)
-                    blocks[prev_addr] = prev
-                    ends[prev_addr + merged] = prev_addr
+                if prev_addr is not None:
+                    prev = get(prev_addr)
+                    if prev is not None and not prev.allocated and prev.segment == seg:
+                        mine = b.size
+                        del blocks[addr]  # _drop(b)
+                        if end_get(addr + mine) == addr:
+                            del ends[addr + mine]
+                        theirs = prev.size  # _drop(prev)
+                        del blocks[prev_addr]
+                        if end_get(prev_addr + theirs) == prev_addr:
+                            del ends[prev_addr + theirs]
+                        prev.size = merged = theirs + mine  # _put(prev)
+                        blocks[prev_addr] = prev
+                        ends[prev_addr + merged] = prev_addr
                 emit(have)
             elif action == "free_requested":
                 b = get(addr)
