@@ -136,8 +136,9 @@ def _fill_markers(phase: np.ndarray) -> np.ndarray:
         return phase
     idx = np.where(is_marker, 0, np.arange(len(phase)))
     np.maximum.accumulate(idx, out=idx)
-    filled = phase[idx]
-    return np.where(filled == MARKER_PHASE, None, filled)
+    filled = phase[idx]  # a new array: fancy indexing copies
+    filled[filled == MARKER_PHASE] = None
+    return filled
 
 
 def _hooked_steps(steps: pa.Table) -> set[int] | None:
@@ -168,18 +169,9 @@ def finalize_tables(
         ev, action, raw["steps"], facts
     )
     segments = raw["segments"]
-    start = (
-        segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value))
-        if segments.num_rows
-        else segments
-    )
+    start = _start_snapshot(segments)
     block_bytes = _block_bytes(ev, action, start, meta, facts)
-    start_live = (
-        start.filter(pc.equal(start.column("state"), schema.BlockState.ACTIVE_ALLOCATED.value))
-        if start.num_rows
-        else start
-    )
-    baseline_addr = _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
+    baseline_addr = _baseline_addresses(start)
 
     phase = _objects(phase_values, phase_codes)
     # Markers sit inside phases without ending them: classify as if they were absent.
@@ -211,6 +203,21 @@ def finalize_tables(
         if name not in out:
             out[name] = raw[name].cast(schema.TABLES[name]) if raw[name].num_rows else schema.empty_table(name)
     return out
+
+
+def _start_snapshot(segments: pa.Table) -> pa.Table:
+    """The rows of the segment map taken when capture started."""
+    if not segments.num_rows:
+        return segments
+    return segments.filter(pc.equal(segments.column("snapshot"), schema.SnapshotKind.START.value))
+
+
+def _baseline_addresses(start: pa.Table) -> np.ndarray:
+    """Addresses of the blocks already allocated when capture started."""
+    if not start.num_rows:
+        return np.array([], np.int64)
+    start_live = start.filter(pc.equal(start.column("state"), schema.BlockState.ACTIVE_ALLOCATED.value))
+    return _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
 
 
 def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table, facts: dict) -> list[tuple[list, np.ndarray]]:
