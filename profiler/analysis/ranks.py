@@ -249,13 +249,13 @@ def rank_categories_of(records: list[RankRecord], ranks=None) -> pd.DataFrame:
     categories_at_peak_bytes is categories.category_at_peak: the category columns of a row sum to
     that rank's replayed peak (peak_allocated_bytes here).
     """
-    chosen = readable_ranks(records, ranks)
-    seen = {c for r in chosen for c in (r.summary.get("categories_at_peak_bytes") or {})}
+    chosen = [(r.rank, r.summary) for r in readable_ranks(records, ranks) if r.summary is not None]
+    seen = {c for _, summary in chosen for c in (summary.get("categories_at_peak_bytes") or {})}
     names = category_names(seen)
     rows = []
-    for r in chosen:
-        at_peak = r.summary.get("categories_at_peak_bytes") or {}
-        rows.append([r.rank] + [int(at_peak.get(c, 0)) for c in names] + [int(r.summary["peak_allocated_bytes"])])
+    for rank, summary in chosen:
+        at_peak = summary.get("categories_at_peak_bytes") or {}
+        rows.append([rank] + [int(at_peak.get(c, 0)) for c in names] + [int(summary["peak_allocated_bytes"])])
     return pd.DataFrame(rows, columns=["rank", *names, "peak_allocated_bytes"]).astype(np.int64)
 
 
@@ -293,33 +293,34 @@ def run_group_summary_of(records: list[RankRecord], root) -> dict:
     peak_rank, peak_skew_pct, peak_max_min_ratio, peak_spread_bytes. `root`: the job's directory,
     for the TraceError raised when no rank can be read.
     """
-    ok = [r for r in records if r.summary is not None]
+    ok = [(r.rank, r.summary) for r in records if r.summary is not None]
     if not ok:
         first = next((r.error for r in records if r.error), "no rank=N partitions")
         raise TraceError(one_line(f"{root}: no rank of this multi-rank run can be read ({first})"))
-    base = next((r for r in ok if r.rank == 0), ok[0]).summary
+    base = next((summary for rank, summary in ok if rank == 0), ok[0][1])
+    summaries = [summary for _, summary in ok]
     skew = rank_skew(rank_table_of(records))
     # The rank the table marks as largest (allocator maxima), so the job agrees with the Ranks page.
-    top = next((r for r in ok if r.rank == skew["max_rank"]), None) or max(
-        ok, key=lambda r: (r.summary.get("peak_allocated_bytes") or 0, -r.rank)
+    top_rank, top = next(((rank, s) for rank, s in ok if rank == skew["max_rank"]), None) or max(
+        ok, key=lambda pair: (pair[1].get("peak_allocated_bytes") or 0, -pair[0])
     )
     status = job_status(records)
     out = dict(base)
-    out.update({k: top.summary.get(k) for k in _AT_PEAK_KEYS})
-    out.update({k: _max_of(r.summary.get(k) for r in ok) for k in _MAX_KEYS})
-    step_time = _max_of(r.summary.get("median_step_time_us") for r in ok)
-    matches = [r.summary.get("replay_matches_allocator") for r in ok]
-    categories = {c for r in ok for c in (r.summary.get("category_peak_bytes") or {})}
+    out.update({k: top.get(k) for k in _AT_PEAK_KEYS})
+    out.update({k: _max_of(s.get(k) for s in summaries) for k in _MAX_KEYS})
+    step_time = _max_of(s.get("median_step_time_us") for s in summaries)
+    matches = [s.get("replay_matches_allocator") for s in summaries]
+    categories = {c for s in summaries for c in (s.get("category_peak_bytes") or {})}
     out.update(
         status=status,
-        steps=min(int(r.summary.get("steps") or 0) for r in ok),
-        events=sum(int(r.summary.get("events") or 0) for r in ok),
-        events_dropped=sum(int(r.summary.get("events_dropped") or 0) for r in ok),
+        steps=min(int(s.get("steps") or 0) for s in summaries),
+        events=sum(int(s.get("events") or 0) for s in summaries),
+        events_dropped=sum(int(s.get("events_dropped") or 0) for s in summaries),
         median_step_time_us=step_time,
         tokens_per_s=tokens_per_second(base.get("config"), step_time),
         replay_matches_allocator=None if all(m is None for m in matches) else all(m is not False for m in matches),
         category_peak_bytes={
-            c: max(int((r.summary.get("category_peak_bytes") or {}).get(c, 0)) for r in ok) for c in sorted(categories)
+            c: max(int((s.get("category_peak_bytes") or {}).get(c, 0)) for s in summaries) for c in sorted(categories)
         },
         world_size=max(len(records), _world_size({"config": base.get("config")}) or 0),
         ranks_readable=len(ok),
@@ -328,7 +329,7 @@ def run_group_summary_of(records: list[RankRecord], root) -> dict:
             for r in records
             if r.summary is None or (status != RUNNING and r.status != schema.Status.COMPLETE.value)
         ],
-        peak_rank=top.rank,
+        peak_rank=top_rank,
         peak_skew_pct=skew["skew_pct"],
         peak_max_min_ratio=skew["max_min_ratio"],
         peak_spread_bytes=skew["spread_bytes"],
