@@ -255,7 +255,9 @@ def compare_many(runs, baseline=0) -> pd.DataFrame:
 
 def world_size_of(summary: dict) -> int:
     """A summary's world_size (a job's, or a single run's from its config), else 1."""
-    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        config = {}
     return int(summary.get("world_size") or config.get("world_size") or 1)
 
 

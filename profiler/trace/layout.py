@@ -85,10 +85,10 @@ def rank_dirs(run_root) -> list[Path]:
     """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9)."""
     root = Path(run_root)
     try:
-        children = [c for c in root.iterdir() if c.is_dir() and rank_number(c) is not None]
+        numbered = [(n, c) for c in root.iterdir() if c.is_dir() and (n := rank_number(c)) is not None]
     except OSError:
         return []
-    return sorted(children, key=rank_number)
+    return [c for _, c in sorted(numbered, key=lambda pair: pair[0])]
 
 
 def run_root_of(path) -> Path:
@@ -110,6 +110,8 @@ _MAX_READERS = 8
 def _read_rank(run_dir: Path) -> RankRecord:
     from profiler.trace.summary_cache import load_summary
 
+    rank = rank_number(run_dir)
+    assert rank is not None  # rank_dirs lists only rank=N directories
     summary, error = None, None
     try:
         summary = load_summary(run_dir)
@@ -117,7 +119,7 @@ def _read_rank(run_dir: Path) -> RankRecord:
         error = one_line(str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad rank must not hide the others
         error = one_line(f"{run_dir}: {type(exc).__name__}: {exc}")
-    return RankRecord(rank_number(run_dir), run_dir, read_meta_lenient(run_dir), summary, error)
+    return RankRecord(rank, run_dir, read_meta_lenient(run_dir), summary, error)
 
 
 def read_ranks(run_root) -> list[RankRecord]:

@@ -85,7 +85,9 @@ def world_size_of(meta: dict | None) -> int | None:
     """The world size a rank's meta.json records (its own key, else its config's), or None."""
     if not meta:
         return None
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        config = {}
     for value in (meta.get("world_size"), config.get("world_size")):
         if is_int(value) and value:
             return value
