@@ -24,6 +24,9 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,7 +53,7 @@ class CpuBackend:
     # drained events is an exact position.
     drain_every_step = True
     positions_need_drain = True
-    start_segments = None  # no allocator, no segments
+    start_segments: dict | None = None  # no allocator, no segments
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 0):
         self.device_type = "cpu"
@@ -71,7 +74,7 @@ class CpuBackend:
         # id(module) -> weakref, for modules whose parameters and buffers are recorded.
         self._modules_seen: dict[int, weakref.ref] = {}
         self._module_hook = None
-        self._saved_resize = None
+        self._saved_resize: Callable[..., Any] | None = None
         self._own_dir = __file__.rsplit("/", 2)[0]
 
     def set_tag(self, tag: str) -> None:
@@ -92,7 +95,7 @@ class CpuBackend:
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)
         if self._saved_resize is not None:
-            torch.UntypedStorage.resize_ = self._saved_resize
+            torch.UntypedStorage.resize_ = self._saved_resize  # type: ignore[method-assign]
             self._saved_resize = None
         self._modules_seen = {}
         with self._lock:
@@ -143,7 +146,7 @@ class CpuBackend:
             return out
 
         self._saved_resize = original
-        torch.UntypedStorage.resize_ = resize_
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]  # patched for the capture only
 
     def _alloc_locked(self, addr, size, tag, stack) -> None:
         self.allocated += size
@@ -207,8 +210,8 @@ class CpuBackend:
 
     def _stack(self) -> int | None:
         intern = self.interner
-        f = sys._getframe(3)
-        ids = []
+        f: FrameType | None = sys._getframe(3)
+        ids: list[int] = []
         while f is not None and len(ids) < _FRAME_LIMIT:
             code = f.f_code
             if not code.co_filename.startswith(self._own_dir):

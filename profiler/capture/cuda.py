@@ -166,7 +166,7 @@ class CudaBackend:
         # Frame lists arrive as distinct objects; a tuple of their frame dicts' ids is a
         # cheap key within one snapshot, and content is interned once per new key.
         by_ids: dict[tuple, int] = {}
-        out = []
+        out: list[int | None] = []
         intern = self.interner
         for e in trace:
             frames = e.get("frames")
@@ -286,8 +286,8 @@ _observers: list = []
 
 def on_oom(callback) -> None:
     """Route the allocator's OOM observer (which cannot be detached) to `callback`."""
-    if not _observers:
-        torch._C._cuda_attach_out_of_memory_observer(_dispatch_oom)
+    if not _observers:  # a private binding, absent from torch's stubs
+        torch._C._cuda_attach_out_of_memory_observer(_dispatch_oom)  # type: ignore[attr-defined]
     _observers.clear()
     _observers.append(callback)
 

@@ -8,12 +8,17 @@ journals on disk always agree with one another.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from profiler.capture.backend import Backend
+    from profiler.trace.writer import TraceWriter
 
 
 class TraceFeed:
     """Buffers one capture's small tables and drains its backend into its writer."""
 
-    def __init__(self, backend, writer):
+    def __init__(self, backend: Backend, writer: TraceWriter) -> None:
         self.backend = backend
         self.writer = writer
         self.events_since_boundary = 0  # events drained since the last step end

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class StackInterner:
-    def __init__(self):
+    def __init__(self) -> None:
         self._frame_ids: dict[tuple, int] = {}
         self._stack_ids: dict[tuple, int] = {}
         self._new_frames: list[tuple] = []

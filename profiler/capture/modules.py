@@ -17,12 +17,17 @@ C call each; tag strings are built once per (phase, module, hint).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from profiler.trace.schema import Phase
 from profiler.trace.tags import make_tag
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
 
 _FORWARD = Phase.FORWARD.value
 _BACKWARD = Phase.BACKWARD.value
@@ -36,7 +41,7 @@ _RECENT_MAX = 64
 
 
 class _ThreadState(threading.local):
-    def __init__(self):
+    def __init__(self) -> None:
         self.stack: list[str] = []  # module names, innermost last
         self.hint: str | None = None  # category hint (profiler.category)
         self.module_hook_task: int | None = None  # graph task of the last module bw hook
@@ -46,7 +51,7 @@ class _ThreadState(threading.local):
 class ModuleTracer:
     """Installs the hooks and keeps names; `recorder` owns phases and steps."""
 
-    def __init__(self, recorder, set_tag, get_tag):
+    def __init__(self, recorder, set_tag: Callable[[str], None], get_tag: Callable[[], str]) -> None:
         self.recorder = recorder
         self.set_tag = set_tag
         self.get_tag = get_tag
@@ -54,7 +59,7 @@ class ModuleTracer:
         self.roots: list[nn.Module] = []
         self.local = _ThreadState()
         self._tags: dict[tuple, str] = {}
-        self._bw_hooks: dict[str, object] = {}
+        self._bw_hooks: dict[str, Callable[[Any], None]] = {}
         # grad_fns of recent root outputs, so that backward() knows the loss's
         # own backward is already stamped with the root module's name.
         # grad_fns hooked during this root forward, by id, holding the wrapper so
@@ -63,8 +68,8 @@ class ModuleTracer:
         # references are dropped when the root forward returns, and at most
         # _RECENT_MAX are held, so no graph outlives its own lifetime by much.
         self._recent: dict[int, object] = {}
-        self._original_call_impl = None
-        self._installed_call_impl = None
+        self._original_call_impl: Callable[..., Any] | None = None
+        self._installed_call_impl: Callable[..., Any] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def install(self) -> None:
@@ -92,11 +97,11 @@ class ModuleTracer:
 
         self._original_call_impl = original
         self._installed_call_impl = _call_impl
-        nn.Module._call_impl = _call_impl
+        nn.Module._call_impl = _call_impl  # type: ignore[method-assign, assignment]  # patched for the capture only
 
     def remove(self) -> None:
         if self._original_call_impl is not None and nn.Module._call_impl is self._installed_call_impl:
-            nn.Module._call_impl = self._original_call_impl
+            nn.Module._call_impl = self._original_call_impl  # type: ignore[method-assign]
         self._original_call_impl = None
 
     def _unwind(self) -> None:
@@ -213,7 +218,7 @@ class ModuleTracer:
             fn = output.grad_fn
             if fn is None:
                 return
-            fns = (fn,)
+            fns: Sequence[Node] = (fn,)
         else:
             fns = _grad_fns(output)
             if not fns:
@@ -248,12 +253,12 @@ class ModuleTracer:
         if len(recent) > _RECENT_MAX:
             del recent[next(iter(recent))]
 
-    def _make_bw_hook(self, name: str):
+    def _make_bw_hook(self, name: str) -> Callable[[Any], None]:
         tag = self.tag(_BACKWARD, name)
         set_tag = self.set_tag
         local = self.local
 
-        def hook(grad_outputs, _tag=tag):
+        def hook(grad_outputs, _tag=tag) -> None:
             set_tag(_tag)
             local.module_hook_task = _in_backward()
 
@@ -273,13 +278,13 @@ class ModuleTracer:
         return hook
 
 
-def _grad_fns(output) -> list:
+def _grad_fns(output) -> list[Node]:
     """grad_fns of the tensors in a tuple, list or dict output (ModelOutput is a dict)."""
     if isinstance(output, dict):
         output = list(output.values())
     if not isinstance(output, (tuple, list)):
         return []
-    seen = []
+    seen: list[Node] = []
     for o in output:
         if isinstance(o, torch.Tensor) and o.grad_fn is not None and o.grad_fn not in seen:
             seen.append(o.grad_fn)

@@ -72,7 +72,7 @@ class CaptureOptions:
         if self.hooked_steps is None:
             return True
         first, every = self.hooked_steps
-        return step < first or (every and step % every == 0)
+        return step < first or (every != 0 and step % every == 0)
 
     def as_kwargs(self) -> dict:
         """The options as keyword arguments of Profiler and profile()."""

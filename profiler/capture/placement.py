@@ -33,6 +33,7 @@ def place(options: CaptureOptions, rank: distributed.RankInfo | None) -> Placeme
     if rank is None:
         return Placement(options.run_id, options.subdir, extra_meta, config)
     config.setdefault("world_size", rank.world_size)
+    assert options.name is not None  # CaptureOptions fills in "run"
     run_id = options.run_id or distributed.shared_run_id(options.name, rank, nth=next(_DIST_CAPTURES))
     return Placement(run_id, rank.partition, {**rank.meta(), **extra_meta}, config)
 
@@ -57,4 +58,5 @@ def open_writer(options: CaptureOptions, place: Placement, backend_name: str, fa
     )
     meta.setdefault("allocator_settings", None)
     meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+    assert options.name is not None  # CaptureOptions fills in "run"
     return TraceWriter(options.out, options.name, meta, run_id=place.run_id, subdir=place.subdir)
