@@ -19,15 +19,20 @@ DTensors whose local tensors carry the usual roles (profiler/capture/roles.py).
 The patches are on FSDPParamGroup's class, installed for the capture only.
 FSDP2 is found lazily: a script that never imports it pays nothing. The capture
 is given, not imported: its `category(name)` context, `position()`,
-`register_roles(...)`, `backend` and `step_index` are all this module uses.
+`register_roles(...)` and `step_index` are all this module uses, with the tags
+of its backend.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 from profiler.trace.schema import Category
+
+if TYPE_CHECKING:
+    from profiler.capture.backend import Backend
 
 _GROUP_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
 _HINTED = {
@@ -61,10 +66,11 @@ def unsharded_grads(group):
 class FsdpInstrumentation:
     """Category hints around FSDPParamGroup's collectives, for one capture."""
 
-    def __init__(self, capture):
+    def __init__(self, capture, backend: Backend) -> None:
         self.capture = capture
+        self.backend = backend
         self._saved: dict[str, object] = {}
-        self._cls = None
+        self._cls: type | None = None
 
     def install(self) -> bool:
         cls = _param_group_class()
@@ -98,13 +104,12 @@ class FsdpInstrumentation:
         return method
 
     def _naming_unsharded_grads(self, post_backward):
-        capture = self.capture
+        capture, backend = self.capture, self.backend
 
         @functools.wraps(post_backward)
         def method(group, *args, **kwargs):
             named = list(unsharded_grads(group))
             if named:
-                backend = capture.backend
                 tag = backend.get_tag()
                 pos = capture.position()
                 backend.set_tag(tag)  # a CUDA position marker re-tags this thread

@@ -13,21 +13,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
 import time
+from pathlib import Path
 
-import torch
-
-from profiler.capture import api, distributed, placement
+from profiler.capture import api, distributed, placement, run_meta
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
-from profiler.capture.backend import Backend, make_backend
+from profiler.capture.backend import make_backend
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
 from profiler.capture.modules import ModuleTracer
 from profiler.capture.options import CaptureOptions
-from profiler.capture.roles import named_grads, named_states, tensor_roles
-from profiler.trace.schema import Phase, SnapshotKind, Status
+from profiler.capture.parts import CaptureParts
+from profiler.capture.roles import named_grads, named_states
+from profiler.trace.schema import Phase, SnapshotKind
 from profiler.trace.writer import TraceWriter
 
 __all__ = ["CaptureOptions", "Profiler", "active", "category", "mark", "profile", "record_kv", "register_model", "step"]
@@ -46,10 +45,9 @@ def _nothing() -> None:
 class Profiler:
     """Context manager and decorator. See `profile()` and CaptureOptions for the arguments."""
 
-    def __init__(self, out="traces", name=None, config=None, **options):
+    def __init__(self, out="traces", name=None, config=None, **options) -> None:
         self.options = CaptureOptions(out=out, name=name, config=config, **options)
-        self.writer: TraceWriter | None = None
-        self.run_dir = None  # the last capture's, kept after it ends
+        self.run_dir: Path | None = None  # the last capture's, kept after it ends
         self._reset_state()
 
     @classmethod
@@ -64,16 +62,24 @@ class Profiler:
         self._explicit_steps = self.options.explicit_steps
         self._last_boundary_auto = False
         self._awaiting_dist_facts = False
-        self._oom_info = None
+        self._oom_info: dict | None = None
         self._param_names: dict[int, str] = {}  # id(param) -> qualified name
         self._known_states: dict[str, int] = {}  # optimizer state name -> registered addr
         self._capture_s = 0.0  # host time spent in our own step-boundary work
         self._hooks_on = False
-        self.backend: Backend | None = None
-        self.tracer: ModuleTracer | None = None
-        self.feed: TraceFeed | None = None
-        self._fsdp: FsdpInstrumentation | None = None
+        self._run: CaptureParts | None = None  # made by _start
         self._remove_optimizer_hooks = self._restore_backward = _nothing
+
+    @property
+    def _parts(self) -> CaptureParts:
+        if self._run is None:
+            raise RuntimeError("this vramscope capture has not started")
+        return self._run
+
+    @property
+    def writer(self) -> TraceWriter | None:
+        """The last capture's writer (None before the first)."""
+        return self._run.writer if self._run is not None else None
 
     # -- entering and leaving -----------------------------------------------------------
     def __enter__(self):
@@ -89,50 +95,40 @@ class Profiler:
         self._reset_state()
         opts = self.options
         rank = distributed.rank_from_env() if opts.subdir is None else None
-        run = placement.place(opts, rank)
+        where = placement.place(opts, rank)
         # The process group's backend is known only once the script made it, and it may be
         # gone again by the end (destroy_process_group): look at step boundaries.
         self._awaiting_dist_facts = rank is not None
-        self.backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
-        facts = self.backend.start()
+        backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
+        facts = backend.start()
         try:
-            self.writer = placement.open_writer(opts, run, self.backend.name, facts)
+            writer = placement.open_writer(opts, where, backend.name, facts)
         except BaseException:
-            self.backend.stop()
+            backend.stop()
             raise
-        self.run_dir = self.writer.run_dir
-        self.feed = TraceFeed(self.backend, self.writer)
-        if self.backend.start_segments:
-            self.writer.append("segments", self.backend.start_segments)
-        self.tracer = ModuleTracer(self, self.backend.set_tag, self.backend.get_tag)
+        self.run_dir = writer.run_dir
+        feed = TraceFeed(backend, writer)
+        if backend.start_segments:
+            writer.append("segments", backend.start_segments)
+        tracer = ModuleTracer(self, backend.set_tag, backend.get_tag)
+        fsdp = FsdpInstrumentation(self, backend)
+        self._run = CaptureParts(backend, writer, feed, tracer, fsdp)
         self._set_module_hooks(opts.modules)
         self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
-        self._restore_backward = patch_backward(self.enter_phase, self.tracer, self.backend)
-        self._fsdp = FsdpInstrumentation(self)
-        self._fsdp.install()
-        self.backend.install_oom_observer(self._on_oom)
+        self._restore_backward = patch_backward(self.enter_phase, tracer, backend)
+        fsdp.install()
+        backend.install_oom_observer(self._on_oom)
 
     def __exit__(self, exc_type, exc, tb):
         api.deactivate()
-        if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
-            status = Status.OOM.value
-        elif exc_type is not None and not _is_clean_exit(exc_type, exc):
-            status = Status.ERROR.value
-        else:
-            status = Status.COMPLETE.value
+        status = run_meta.exit_status(exc_type, exc)
         try:
             self._teardown()
             self._finish(status, exc)
         except Exception as e:  # never let our failure replace the user's outcome
-            print(
-                f"vramscope: warning: the trace could not be finalized ({type(e).__name__}: {e}); "
-                f"its journals are kept in {self.run_dir} and still load",
-                file=sys.stderr,
-            )
-            try:
-                self.writer.flush({"status": status, "finalize_error": f"{type(e).__name__}: {e}"})
-            except Exception:
-                pass
+            meta = run_meta.unfinalized_meta(status, e, self.run_dir)
+            with contextlib.suppress(Exception):
+                self._parts.writer.flush(meta)
         return False  # never swallow the user's exception
 
     def __call__(self, fn):
@@ -151,7 +147,7 @@ class Profiler:
         """Mark the end of a step. Once called, optimizer steps no longer end steps."""
         if not self._explicit_steps:
             self._explicit_steps = True
-            if self._last_boundary_auto and self.feed.events_since_boundary == 0:
+            if self._last_boundary_auto and self._parts.feed.events_since_boundary == 0:
                 return  # the optimizer hook already ended this step
         self._boundary()
 
@@ -161,16 +157,16 @@ class Profiler:
         Module hooks do this on a model's first forward; a compiled model runs no
         module hooks, so call this to keep its names and parameter category.
         """
-        return self.tracer.register_root(model)
+        return self._parts.tracer.register_root(model)
 
     def update_meta(self, fields: dict) -> None:
         """Add run-level facts to meta.json (written at the next drain and at the end)."""
-        self.writer.meta.update(fields)
+        self._parts.writer.meta.update(fields)
 
     def mark(self, phase: str) -> None:
         """Start a user-defined phase (until the next mark, forward, or step)."""
         self.enter_phase(phase)
-        self.tracer.retag()
+        self._parts.tracer.retag()
 
     @contextlib.contextmanager
     def category(self, name: str):
@@ -178,35 +174,37 @@ class Profiler:
         if api.active() is not self:
             yield
             return
-        local = self.tracer.local
+        tracer = self._parts.tracer
+        local = tracer.local
         previous, local.hint = local.hint, name
-        self.tracer.retag()
+        tracer.retag()
         try:
             yield
         finally:
             local.hint = previous
             if api.active() is self:
-                self.tracer.retag()
+                tracer.retag()
 
     def position(self) -> int:
         """An exact stream position for roles registered now (see profiler.trace.finalize.markers).
 
         On CUDA this drops a marker, which re-tags the calling thread: the caller re-tags.
         """
-        if self.backend.positions_need_drain:
+        backend = self._parts.backend
+        if backend.positions_need_drain:
             self._drain(flush=False)
-        return self.backend.position(self.step_index)
+        return backend.position(self.step_index)
 
     def register_roles(self, named, role: str, position: int, step: int, known=None) -> None:
         """Give the storages of `named` ((name, tensor) pairs) `role`, as alive at `position`.
 
         `known` (name -> addr) skips tensors registered before at the same address.
         """
-        self.feed.buffer_roles(tensor_roles(named, role, self.backend.device_type, position, step, known=known))
+        self._parts.register_roles(named, role, position, step, known=known)
 
     def record_kv_row(self, row: dict) -> None:
         """Add a KV cache row (profiler.record_kv) at the current step."""
-        self.feed.buffer("kv", step=self.step_index, ts_us=_now_us(), **row)
+        self._parts.feed.buffer("kv", step=self.step_index, ts_us=_now_us(), **row)
 
     # -- phases and modules (called by the tracer and hooks) --------------------------
     def enter_phase(self, phase: str | None) -> None:
@@ -214,7 +212,7 @@ class Profiler:
             return
         now = _now_us()
         if self.phase is not None:
-            self.feed.buffer(
+            self._parts.feed.buffer(
                 "phases", step=self.step_index, phase=self.phase, ts_us_start=self._phase_start, ts_us_end=now
             )
         self.phase = phase
@@ -223,7 +221,8 @@ class Profiler:
     def on_new_root(self, module, root_name, prefix) -> None:
         # Parameters usually pre-date the capture: name their storages, at a position
         # in the stream that is exact (a marker on CUDA, the event count on CPU).
-        self.backend.adopt(module)
+        run = self._parts
+        run.backend.adopt(module)
         pos = self.position()
         named = [(prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)]
         for n, p in named:
@@ -231,32 +230,21 @@ class Profiler:
         self.register_roles(named, "parameter", pos, self.step_index)
         buffers = ((prefix + n, b) for n, b in module.named_buffers(remove_duplicate=True))
         self.register_roles(buffers, "buffer", pos, self.step_index)
-        self.tracer.retag()
+        run.tracer.retag()
 
     def on_new_module(self, module, name, parent, depth) -> None:
-        params = list(module.parameters(recurse=False))
-        buffers = list(module.buffers(recurse=False))
-        self.feed.buffer(
-            "modules",
-            module=name,
-            parent=parent,
-            class_name=type(module).__name__,
-            depth=depth,
-            param_bytes=sum(p.numel() * p.element_size() for p in params),
-            buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
-            param_count=sum(p.numel() for p in params),
-        )
+        self._parts.buffer_module(module, name, parent, depth)
 
     def on_root_exit(self) -> None:
         # Inference loops may never step: drain on a timer so the ring never fills.
-        if self.feed.due(self.options.drain_interval_s):
+        if self._parts.feed.due(self.options.drain_interval_s):
             t0 = time.perf_counter()
             self._drain()
             self._capture_s += time.perf_counter() - t0
 
     def _on_optimizer_start(self) -> None:
         self.enter_phase(_OPT)
-        self.tracer.retag()
+        self._parts.tracer.retag()
 
     def _on_optimizer_end(self, optimizer) -> None:
         t0 = time.perf_counter()
@@ -266,7 +254,7 @@ class Profiler:
         else:
             pos = self.position()
             self.enter_phase(None)
-            self.tracer.retag()
+            self._parts.tracer.retag()
         # Gradients and states are alive right now, at the boundary's position.
         names = self._param_names
         self.register_roles(named_grads(optimizer, names), "gradient", pos, step)
@@ -279,7 +267,8 @@ class Profiler:
         t0 = time.perf_counter()
         if self._awaiting_dist_facts:
             self._record_dist_facts()
-        backend, feed = self.backend, self.feed
+        run = self._parts
+        backend, feed = run.backend, run.feed
         row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
         self.enter_phase(None)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
@@ -291,7 +280,7 @@ class Profiler:
         self._set_module_hooks(self.options.modules and self.options.hooks_step(self.step_index))
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        self.tracer.retag()
+        run.tracer.retag()
         if backend.drain_every_step or feed.due(self.options.drain_interval_s):
             self._drain()
         self._capture_s += time.perf_counter() - t0
@@ -300,66 +289,50 @@ class Profiler:
     def _record_dist_facts(self) -> None:
         facts = distributed.late_facts()
         if facts:
-            self.writer.meta.update(facts)
+            self._parts.writer.meta.update(facts)
             self._awaiting_dist_facts = False
 
     def _set_module_hooks(self, on: bool) -> None:
         if on and not self._hooks_on:
-            self.tracer.install()
+            self._parts.tracer.install()
         elif self._hooks_on and not on:
-            self.tracer.remove()
+            self._parts.tracer.remove()
         self._hooks_on = on
 
     # -- draining -----------------------------------------------------------------------
     def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
         """Move new allocator events and buffered rows to the writer; flush the journals."""
-        self.feed.drain(self.step_index, with_segments)
+        run = self._parts
+        run.feed.drain(self.step_index, with_segments)
         if flush:
-            self.writer.flush(self._live_meta())
-
-    def _append_segments(self, kind: str) -> None:
-        """The segment map kept by the last drain(with_segments=True), if the backend has one."""
-        segs = self.backend.segments_now(kind, _now_us(), self.backend.events_seen)
-        if segs:
-            self.writer.append("segments", segs)
+            run.writer.flush(self._live_meta())
 
     def _live_meta(self) -> dict:
-        return dict(
-            events_dropped=self.backend.dropped,
-            steps_completed=self.step_index,
-            capture_host_s=round(self._capture_s, 6),
-            **self.backend.peaks(),
-        )
+        return run_meta.live_meta(self._parts.backend, self.step_index, self._capture_s)
 
     # -- OOM --------------------------------------------------------------------------
     def _on_oom(self, device, alloc_bytes, device_allocated, device_free) -> None:
-        self._oom_info = dict(
-            device=int(device),
-            requested_bytes=int(alloc_bytes),
-            device_allocated_bytes=int(device_allocated),
-            device_free_bytes=int(device_free),
-            step=self.step_index,
-        )
+        oom = self._oom_info = run_meta.oom_meta(device, alloc_bytes, device_allocated, device_free, self.step_index)
         try:
             self._drain(with_segments=True)
-            self._append_segments(SnapshotKind.OOM.value)
-            self.writer.flush(dict(self._live_meta(), oom=self._oom_info))
+            self._parts.append_segments(SnapshotKind.OOM.value)
+            self._parts.writer.flush(dict(self._live_meta(), oom=oom))
         except Exception as e:  # the user's OOM error matters more than ours
-            self._oom_info["capture_error"] = repr(e)
+            oom["capture_error"] = repr(e)
 
     # -- the end ------------------------------------------------------------------------
     def _teardown(self) -> None:
         self._remove_optimizer_hooks()
         self._restore_backward()
         self._set_module_hooks(False)
-        self._fsdp.remove()
-        self.backend.remove_oom_observer()
+        self._parts.uninstall()
 
     def _finish(self, status: str, exc) -> None:
-        backend = self.backend
+        run = self._parts
+        backend, feed = run.backend, run.feed
         self._drain(with_segments=True, flush=False)
-        if self.feed.events_since_boundary or self.step_index == 0:
-            self.feed.buffer(
+        if feed.events_since_boundary or self.step_index == 0:
+            feed.buffer(
                 "steps",
                 step=self.step_index,
                 ts_us=_now_us(),
@@ -369,20 +342,11 @@ class Profiler:
                 **backend.stats_row(),
             )
         self.enter_phase(None)
-        self._append_segments(SnapshotKind.END.value)
-        self.feed.push_rows()
+        run.append_segments(SnapshotKind.END.value)
+        feed.push_rows()
         backend.stop()
-        final = self._live_meta()
-        final.update(events_seen=backend.events_seen, **distributed.late_facts())
-        if self._oom_info:
-            final["oom"] = self._oom_info
-        if exc is not None and status != Status.COMPLETE.value:
-            final["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        self.writer.finalize(status, final)
-
-
-def _is_clean_exit(exc_type, exc) -> bool:
-    return issubclass(exc_type, SystemExit) and exc.code in (0, None)
+        final = run_meta.final_meta(self._live_meta(), backend.events_seen, self._oom_info, status, exc)
+        run.writer.finalize(status, final)
 
 
 def profile(

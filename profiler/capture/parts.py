@@ -1,0 +1,60 @@
+"""The parts of one running capture, and what they do together.
+
+The session makes them as it is entered (backend, writer, the feed between the
+two, the module tracer and the FSDP instrumentation) and keeps them after it
+ends. What needs only the parts lives here; steps and phases are the session's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from profiler.capture.backend import Backend
+from profiler.capture.feed import TraceFeed
+from profiler.capture.fsdp import FsdpInstrumentation
+from profiler.capture.modules import ModuleTracer
+from profiler.capture.roles import tensor_roles
+from profiler.trace.writer import TraceWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureParts:
+    """Made together by the session as it is entered; kept after it ends."""
+
+    backend: Backend
+    writer: TraceWriter
+    feed: TraceFeed
+    tracer: ModuleTracer
+    fsdp: FsdpInstrumentation
+
+    def register_roles(self, named, role: str, position: int, step: int, known=None) -> None:
+        """Give the storages of `named` ((name, tensor) pairs) `role`, as alive at `position`."""
+        self.feed.buffer_roles(tensor_roles(named, role, self.backend.device_type, position, step, known=known))
+
+    def buffer_module(self, module, name: str, parent: str | None, depth: int) -> None:
+        """A row of the modules table: where `module` sits, and what it holds itself."""
+        params = list(module.parameters(recurse=False))
+        buffers = list(module.buffers(recurse=False))
+        self.feed.buffer(
+            "modules",
+            module=name,
+            parent=parent,
+            class_name=type(module).__name__,
+            depth=depth,
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+            param_count=sum(p.numel() for p in params),
+        )
+
+    def append_segments(self, kind: str) -> None:
+        """The segment map kept by the last drain(with_segments=True), if the backend has one."""
+        backend = self.backend
+        segs = backend.segments_now(kind, time.time_ns() // 1000, backend.events_seen)
+        if segs:
+            self.writer.append("segments", segs)
+
+    def uninstall(self) -> None:
+        """Take out what the parts hooked into torch (module hooks are the session's)."""
+        self.fsdp.remove()
+        self.backend.remove_oom_observer()
