@@ -76,7 +76,8 @@ def axis_key(axis: str) -> str:
 def axis_value(config: dict, axis: str) -> int | None:
     """The run's batch size (or seq_len) from its config, top level or under "toggles"."""
     key = axis_key(axis)
-    for where in (config, config.get("toggles") if isinstance(config.get("toggles"), dict) else {}):
+    toggles = config.get("toggles")
+    for where in (config, toggles if isinstance(toggles, dict) else {}):
         v = where.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
@@ -92,7 +93,9 @@ def _max_or_none(*values):
 
 def point_from_summary(summary: dict, axis: str = "batch", x: int | None = None, meta: dict | None = None) -> Point:
     """A Point from a run summary; ``x`` overrides the axis value read from the config."""
-    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        config = {}
     name = str(summary.get("name") or summary.get("run_id") or "?")
     if x is None:
         x = axis_value(config, axis)
