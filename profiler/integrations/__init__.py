@@ -24,7 +24,8 @@ import atexit
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = ["StepCapture"]
 
@@ -69,7 +70,8 @@ class StepCapture:
         self.run_dirs: list = []  # one per consecutive block of chosen steps
         self.step_map: dict[int, int] = {}  # vramscope step -> framework step (open capture)
         self.disabled = False  # set once a capture could not start (warned)
-        self._prev_excepthook = None
+        self._prev_excepthook: Callable[..., Any] | None = None
+        self._hook: Callable[..., Any] | None = None  # ours, while installed
 
     # -- what to capture ------------------------------------------------------------
     def wants(self, step: int) -> bool:
@@ -204,7 +206,7 @@ class StepCapture:
 
     def _restore_excepthook(self) -> None:
         prev, self._prev_excepthook = self._prev_excepthook, None
-        if prev is not None and sys.excepthook is getattr(self, "_hook", None):
+        if prev is not None and sys.excepthook is self._hook:
             sys.excepthook = prev
         self._hook = None
 
