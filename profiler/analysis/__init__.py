@@ -6,6 +6,7 @@ Nothing here prints, plots or opens a file: profiler.trace reads a run into a Tr
 (summary_cache), and hands analysis what it loaded.
 
     timeline        allocated / active / reserved bytes per event, step and phase spans, the peak
+    columns         what the others share: event kinds, dictionary codes, integer columns, block bytes
     downsample      fewer rows for a plot, keeping each bucket's minimum and maximum
     live            what is alive at a moment, and breakdowns of it
     modules         per-module forward / backward / retained / peak bytes, and subtree roll-ups

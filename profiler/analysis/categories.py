@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from profiler.analysis.columns import codes_of, event_bytes, event_kinds, int_column
 from profiler.analysis.downsample import downsample_index
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown
-from profiler.analysis.timeline import allocated_delta, codes_of, event_bytes, event_kinds, int_column
+from profiler.analysis.timeline import allocated_delta
 from profiler.trace.schema import Category
 
 OTHER = Category.OTHER.value

@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from profiler.analysis.columns import action_mask, int_column, is_cpu, runs
 from profiler.analysis.live import Lifetimes, lifetimes
-from profiler.analysis.timeline import action_mask, baseline_active_bytes, int_column, is_cpu, peak, runs
+from profiler.analysis.timeline import baseline_active_bytes, peak
 from profiler.trace.schema import Action, BlockState, SnapshotKind
 
 _SEGMENT_ACTIONS = (

@@ -18,18 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profiler.analysis.timeline import (
-    ALLOC,
-    FREE_COMPLETED,
-    FREE_REQUESTED,
-    baseline_active_bytes,
-    counters,
-    event_bytes,
-    event_kinds,
-    int_column,
-    peak,
-    release_kind,
-)
+from profiler.analysis.columns import ALLOC, FREE_COMPLETED, FREE_REQUESTED, event_bytes, event_kinds, int_column
+from profiler.analysis.timeline import baseline_active_bytes, counters, peak, release_kind
 from profiler.trace.schema import BlockState, SnapshotKind
 
 LIVE_COLUMNS = (

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from profiler.analysis.columns import codes_of, int_column
 from profiler.analysis.live import Lifetimes, alive_at_peak, lifetimes
-from profiler.analysis.timeline import codes_of, int_column
 from profiler.trace.schema import Phase
 
 SUMMED = (

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from profiler.analysis.categories import category_names
+from profiler.analysis.columns import int_column
 from profiler.analysis.summary import tokens_per_second
-from profiler.analysis.timeline import int_column, memory_timeline, step_spans
+from profiler.analysis.timeline import memory_timeline, step_spans
 from profiler.errors import TraceError, one_line
 from profiler.trace import schema
 from profiler.trace.meta import world_size_of as _world_size

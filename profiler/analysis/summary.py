@@ -13,9 +13,10 @@ import math
 import numpy as np
 
 from profiler.analysis.categories import category_at_peak, category_peaks
+from profiler.analysis.columns import int_column
 from profiler.analysis.fragmentation import fragmentation_at_peak
 from profiler.analysis.live import Lifetimes, lifetimes
-from profiler.analysis.timeline import int_column, peak, reserved_bytes, start_reserved_bytes
+from profiler.analysis.timeline import peak, reserved_bytes, start_reserved_bytes
 
 # Bump when run_summary's keys or the meaning of a number changes: older cached ones are recomputed.
 SUMMARY_VERSION = 1
