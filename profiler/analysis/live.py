@@ -212,12 +212,25 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
     """
     lt = lt or lifetimes(trace)
     k = _check_index(event_index, lt.n_events)
+    parts = [p for p in (_baseline_alive(lt, k, active), _captured_alive(trace, lt, k, active)) if len(p)]
+    known = sum(int(p["size_bytes"].sum()) for p in parts)
+    if k >= 0:
+        total = int((lt.active_bytes if active else lt.allocated_bytes)[k])
+    else:
+        total = baseline_active_bytes(trace) if active else trace.baseline_bytes
+    if total != known:
+        parts.append(_unknown_blocks(total - known))
+    return _typed(parts)
+
+
+def _captured_alive(trace, lt: Lifetimes, k: int, active: bool) -> pd.DataFrame:
+    """The captured allocations alive just after event k."""
     made = int(np.searchsorted(lt.alloc_index, k, side="right"))  # allocs at or before k
     stop = (lt.end_index if active else lt.release_index)[:made]
     alive = np.flatnonzero(stop > k)
     idx = lt.alloc_index[alive]
     ev = trace.events
-    captured = pd.DataFrame(
+    return pd.DataFrame(
         {
             "addr": lt.addr[alive],
             "size_bytes": lt.size_bytes[alive],
@@ -230,9 +243,13 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
             "state": np.where(lt.release_index[alive] > k, ALLOCATED, PENDING_FREE).astype(object),
         }
     )
+
+
+def _baseline_alive(lt: Lifetimes, k: int, active: bool) -> pd.DataFrame:
+    """The blocks of the start snapshot still alive just after event k."""
     base = lt.baseline
     base = base[(base["end_index" if active else "release_index"].to_numpy(np.int64) > k)]
-    baseline = pd.DataFrame(
+    return pd.DataFrame(
         {
             "addr": base["addr"].to_numpy(np.int64),
             "size_bytes": base["size_bytes"].to_numpy(np.int64),
@@ -245,29 +262,23 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
             "state": np.where(base["release_index"].to_numpy(np.int64) > k, ALLOCATED, PENDING_FREE).astype(object),
         }
     )
-    parts = [p for p in (baseline, captured) if len(p)]
-    known = sum(int(p["size_bytes"].sum()) for p in parts)
-    if k >= 0:
-        total = int((lt.active_bytes if active else lt.allocated_bytes)[k])
-    else:
-        total = baseline_active_bytes(trace) if active else trace.baseline_bytes
-    if total != known:
-        parts.append(
-            pd.DataFrame(
-                {
-                    "addr": [pd.NA],
-                    "size_bytes": [total - known],
-                    "requested_bytes": [pd.NA],
-                    "module": [None],
-                    "phase": [None],
-                    "category": [None],
-                    "stack_id": [pd.NA],
-                    "alloc_index": [-1],
-                    "state": [None],
-                }
-            )
-        )
-    return _typed(parts)
+
+
+def _unknown_blocks(size_bytes: int) -> pd.DataFrame:
+    """One row for bytes the replay counts but no known block holds."""
+    return pd.DataFrame(
+        {
+            "addr": [pd.NA],
+            "size_bytes": [size_bytes],
+            "requested_bytes": [pd.NA],
+            "module": [None],
+            "phase": [None],
+            "category": [None],
+            "stack_id": [pd.NA],
+            "alloc_index": [-1],
+            "state": [None],
+        }
+    )
 
 
 def _take(events: pd.DataFrame, name: str, idx: np.ndarray) -> np.ndarray:

@@ -60,6 +60,19 @@ def tokens_per_second(config, step_time_us: float | None) -> float | None:
     return _finite(tokens * 1e6 / step_time_us)
 
 
+def _peak_reserved_bytes(trace) -> int | None:
+    """The most bytes reserved, the state before the first event included; None on CPU."""
+    reserved = reserved_bytes(trace)
+    if reserved is None:
+        return None
+    return max([start_reserved_bytes(trace)] + ([int(reserved.max())] if len(reserved) else []))
+
+
+def _step_count(trace) -> int:
+    """Rows of the steps table, or the distinct steps of the events where that table is empty."""
+    return len(trace.steps) or int((np.unique(int_column(trace.events, "step", -1)) >= 0).sum())
+
+
 def run_summary(trace, lt: Lifetimes | None = None) -> dict:
     """Everything the Runs page and the Compare table show of one run, JSON-ready.
 
@@ -77,14 +90,10 @@ def run_summary(trace, lt: Lifetimes | None = None) -> dict:
     lt = lt or lifetimes(trace)
     top = peak(trace, lt)
     meta = trace.meta
-    reserved = reserved_bytes(trace)
-    if reserved is not None:  # the state before the first event counts too
-        peak_reserved = max([start_reserved_bytes(trace)] + ([int(reserved.max())] if len(reserved) else []))
-    else:
-        peak_reserved = None
+    peak_reserved = _peak_reserved_bytes(trace)
     frag = fragmentation_at_peak(trace, lt)
     active = lt.active_bytes
-    n_steps = len(trace.steps) or int((np.unique(int_column(trace.events, "step", -1)) >= 0).sum())
+    n_steps = _step_count(trace)
     allocator_max = _int_or_none(meta.get("max_allocated_bytes"))
     step_time = median_step_time_us(trace)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
