@@ -12,6 +12,7 @@ for _path in (_TESTS, _TESTS.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from analysis_runs import cpu, cuda  # noqa: E402, F401  (fixtures that the analysis tests share)
 from fakes import base_meta, write_trace  # noqa: E402  (needs the path above)
 
 from profiler.trace.tags import make_tag  # noqa: E402
