@@ -17,13 +17,13 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import profiler
 from profiler.errors import one_line
+from profiler.trace.meta import read_meta_lenient
 from workloads.kv import KINDS, KVSpec, make_cache
 from workloads.model import GPT, Block, CausalSelfAttention
 from workloads.model import preset as gpt_preset
@@ -292,9 +292,7 @@ def run(preset: str, toggles: dict, *, out: str, name: str, steps: int, device: 
 
 
 def _result(run_dir, status, error, times, batch) -> dict:
-    meta = {}
-    if run_dir is not None and (Path(run_dir) / "meta.json").exists():
-        meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    meta = (read_meta_lenient(run_dir) or {}) if run_dir is not None else {}
     median_s = statistics.median(times) if times else None
     return dict(
         status=status,

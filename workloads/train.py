@@ -16,13 +16,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from profiler.capture import session as capture
 from profiler.errors import one_line
-from profiler.trace.schema import META_FILE, Phase
+from profiler.trace.meta import read_meta_lenient
+from profiler.trace.schema import Phase
 from workloads.model import GPT, PRESETS, GPTConfig
 from workloads.model import preset as model_preset
 from workloads.toggles import KEYS, TOGGLES, TrainToggles, apply_toggles, from_dict
@@ -265,10 +265,7 @@ def _fill_figures(result: dict, prof, cfg, step_ms: list[float]) -> None:
 
 
 def _read_meta(run_dir) -> dict:
-    try:
-        return json.loads((Path(run_dir) / META_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_meta_lenient(run_dir) or {}
 
 
 def _parser() -> argparse.ArgumentParser:
