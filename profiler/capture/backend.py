@@ -13,9 +13,12 @@ cheap and the number of events drained so far is an exact position.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from profiler.capture.frames import StackInterner
+
+if TYPE_CHECKING:
+    from profiler.capture.compiled import CompiledTags
 
 BACKEND_NAMES = ("auto", "cuda", "cpu")
 OomCallback = Callable[[int, int, int, int], None]  # device, requested, allocated, free
@@ -71,6 +74,10 @@ class Backend(Protocol):
 
     def pause_stacks(self, paused: bool) -> None:
         """Stop (or resume) gathering Python stacks, around autograd's backward."""
+
+    def attribute_compiled(self, tags: CompiledTags) -> None:
+        """Rename allocations made by torch.compile'd code from their stacks, as it drains
+        (a no-op where compiled code does not run or stacks do not show its lines)."""
 
     def install_oom_observer(self, callback: OomCallback) -> None:
         """Call `callback` when the device runs out of memory (a no-op without allocator)."""

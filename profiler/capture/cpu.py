@@ -86,6 +86,9 @@ class CpuBackend:
     def pause_stacks(self, paused: bool) -> None:
         pass  # CPU backward runs on the calling thread: its stacks are informative
 
+    def attribute_compiled(self, tags) -> None:
+        pass  # dynamo does not compile under this backend's dispatch mode: compiled models run eagerly
+
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> dict:
         self._mode.__enter__()

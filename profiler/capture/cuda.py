@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import gc
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 
 from profiler.capture.frames import StackInterner
 from profiler.trace.finalize.markers import marker_tag
+
+if TYPE_CHECKING:
+    from profiler.capture.compiled import CompiledTags
 
 _memory = torch.cuda.memory
 _KEEP_STATS = (
@@ -64,6 +68,7 @@ class CudaBackend:
         self._allocs_at_start = 0
         self._marker_id = -1
         self.start_segments: dict | None = None
+        self.compiled: CompiledTags | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def _enable(self, clear: bool, stacks: bool | None = None) -> None:
@@ -146,6 +151,9 @@ class CudaBackend:
         self._count_drops(action.count("alloc"), stats)
         n = len(trace)
         self.events_seen += n
+        stack_ids = self._stack_ids(trace) if self.stacks else None
+        if stack_ids is not None and self.compiled is not None:
+            tag = self.compiled.retag(tag, stack_ids)
         return {
             "ts_us": ts,
             "action": action,
@@ -154,7 +162,7 @@ class CudaBackend:
             "stream": stream,
             "step": [step] * n,
             "tag": tag,
-            "stack_id": self._stack_ids(trace) if self.stacks else None,
+            "stack_id": stack_ids,
         }
 
     def _count_drops(self, allocs: int, stats: dict) -> None:
@@ -168,6 +176,7 @@ class CudaBackend:
         by_ids: dict[tuple, int] = {}
         out: list[int | None] = []
         intern = self.interner
+        compiled = self.compiled
         for e in trace:
             frames = e.get("frames")
             if not frames:
@@ -178,8 +187,13 @@ class CudaBackend:
             if sid is None:
                 sid = intern.stack(tuple(intern.frame(f["filename"], f["line"], f["name"]) for f in frames))
                 by_ids[key] = sid
+                if compiled is not None:
+                    compiled.see_stack(sid, frames)
             out.append(sid)
         return out
+
+    def attribute_compiled(self, tags: CompiledTags) -> None:
+        self.compiled = tags
 
     def adopt(self, module) -> None:
         pass  # tensors that pre-date the capture are in the start segment map

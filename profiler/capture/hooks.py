@@ -35,9 +35,13 @@ def hook_optimizer_steps(before: Callable[[], None], after: Callable[[object], N
     return remove
 
 
-def patch_backward(enter_phase: Callable[[str], None], tracer, backend) -> Callable[[], None]:
+def patch_backward(
+    enter_phase: Callable[[str], None], tracer, backend, keep_stacks: Callable[[], bool] = bool
+) -> Callable[[], None]:
     """Wrap torch.autograd.backward: the backward phase, its tag on the loss's own
-    backward, and no Python stacks while autograd's thread allocates."""
+    backward, and no Python stacks while autograd's thread allocates, unless
+    `keep_stacks()`: a compiled backward runs generated Python code, whose lines
+    name its layers (profiler/capture/compiled.py)."""
     original = torch.autograd.backward
 
     @functools.wraps(original)
@@ -51,11 +55,14 @@ def patch_backward(enter_phase: Callable[[str], None], tracer, backend) -> Calla
             fn = t.grad_fn if isinstance(t, torch.Tensor) else None
             if fn is not None:
                 fn.register_prehook(tracer.loss_hook())
-        backend.pause_stacks(True)
+        pause = not keep_stacks()
+        if pause:
+            backend.pause_stacks(True)
         try:
             return original(tensors, *args, **kwargs)
         finally:
-            backend.pause_stacks(False)
+            if pause:
+                backend.pause_stacks(False)
 
     torch.autograd.backward = backward
     restored = False

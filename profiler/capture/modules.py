@@ -16,9 +16,10 @@ C call each; tag strings are built once per (phase, module, hint).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -38,6 +39,31 @@ _grad_enabled = torch.is_grad_enabled
 # Phases that a root forward ends: forward starts a new step's work after them.
 _STEP_PHASES = (None, _BACKWARD, Phase.OPTIMIZER.value)
 _RECENT_MAX = 64
+# torch.compile(module) wraps `module` in an OptimizedModule, which holds it as `_orig_mod`.
+_COMPILED_CHILD = "_orig_mod"
+
+
+def user_path(path: str) -> str:
+    """A module path as the user's model names it: without compiled wrappers' `_orig_mod`."""
+    if _COMPILED_CHILD not in path:
+        return path
+    return ".".join(p for p in path.split(".") if p != _COMPILED_CHILD)
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # none compiled without it
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def _wrapped(module: nn.Module) -> nn.Module:
+    """The module a compiled wrapper holds."""
+    return cast(nn.Module, module._orig_mod)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while _is_compiled_wrapper(module):
+        module = _wrapped(module)
+    return module
 
 
 class _ThreadState(threading.local):
@@ -57,6 +83,7 @@ class ModuleTracer:
         self.get_tag = get_tag
         self.names: dict[nn.Module, str] = {}
         self.roots: list[nn.Module] = []
+        self._root_prefixes: dict[str, str] = {}  # root name -> its children's prefix
         self.local = _ThreadState()
         self._tags: dict[tuple, str] = {}
         self._bw_hooks: dict[str, Callable[[Any], None]] = {}
@@ -139,12 +166,12 @@ class ModuleTracer:
         if stack:
             # Not a registered submodule of a known root (built on the fly):
             # name it under the module that called it.
-            name = f"{stack[-1]}.{type(module).__name__}"
+            name = f"{stack[-1]}.{type(_unwrapped(module)).__name__}"
             self._add(module, name, parent=stack[-1], depth=stack[-1].count(".") + 1)
             return name
         # A new outermost module. The first root's children keep their plain
         # paths (blocks.3.attn.qkv); later roots are prefixed by class name.
-        root_name = type(module).__name__
+        root_name = type(_unwrapped(module)).__name__
         taken = set(self.names.values())
         if root_name in taken:
             i = 2
@@ -153,18 +180,34 @@ class ModuleTracer:
             root_name = f"{root_name}#{i}"
         prefix = "" if not self.roots else root_name + "."
         self.roots.append(module)
-        self._add(module, root_name, parent=None, depth=0)
+        self._root_prefixes[root_name] = prefix
         for path, sub in module.named_modules(remove_duplicate=True):
-            if path and sub not in self.names:
-                parent = path.rpartition(".")[0]
-                parent_name = (prefix + parent) if parent else root_name
-                self._add(sub, prefix + path, parent=parent_name, depth=path.count(".") + 1)
-        self.recorder.on_new_root(module, root_name, prefix)
+            if sub in self.names:
+                continue
+            path = user_path(path)
+            if not path:
+                self._add(sub, root_name, parent=None, depth=0)
+                continue
+            parent = path.rpartition(".")[0]
+            parent_name = (prefix + parent) if parent else root_name
+            self._add(sub, prefix + path, parent=parent_name, depth=path.count(".") + 1)
+        self.recorder.on_new_root(_unwrapped(module), root_name, prefix)
         return root_name
 
     def _add(self, module: nn.Module, name: str, parent: str | None, depth: int) -> None:
+        """Name `module`; a compiled wrapper shares its name with the module it wraps,
+        which alone makes the modules-table row."""
         self.names[module] = name
-        self.recorder.on_new_module(module, name, parent, depth)
+        if _is_compiled_wrapper(module):
+            self._add(_wrapped(module), name, parent, depth)
+        else:
+            self.recorder.on_new_module(module, name, parent, depth)
+
+    def compiled_child(self, compiled: str, relative: str) -> str:
+        """The name of the module at `relative` (a path inside a compiled graph) below the
+        module named `compiled`, the compiled callable the graph ran in."""
+        prefix = self._root_prefixes.get(compiled)
+        return (prefix if prefix is not None else compiled + ".") + relative
 
     # -- hooks (hot path) -----------------------------------------------------------
     def _pre_forward(self, module, args):

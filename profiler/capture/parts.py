@@ -1,8 +1,9 @@
 """The parts of one running capture, and what they do together.
 
 The session makes them as it is entered (backend, writer, the feed between the
-two, the module tracer and the FSDP instrumentation) and keeps them after it
-ends. What needs only the parts lives here; steps and phases are the session's.
+two, the module tracer, the FSDP instrumentation, the hook on inductor's compiled
+graphs) and keeps them after it ends. What needs only the parts lives here; steps
+and phases are the session's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import time
 
 from profiler.capture.backend import Backend
+from profiler.capture.compiled import CompileHook
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.modules import ModuleTracer
@@ -27,6 +29,7 @@ class CaptureParts:
     feed: TraceFeed
     tracer: ModuleTracer
     fsdp: FsdpInstrumentation
+    compiled: CompileHook
 
     def register_roles(self, named, role: str, position: int, step: int, known=None) -> None:
         """Give the storages of `named` ((name, tensor) pairs) `role`, as alive at `position`."""
@@ -57,4 +60,5 @@ class CaptureParts:
     def uninstall(self) -> None:
         """Take out what the parts hooked into torch (module hooks are the session's)."""
         self.fsdp.remove()
+        self.compiled.remove()
         self.backend.remove_oom_observer()

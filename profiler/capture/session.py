@@ -19,10 +19,11 @@ from pathlib import Path
 from profiler.capture import api, distributed, placement, run_meta
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
 from profiler.capture.backend import make_backend
+from profiler.capture.compiled import CompiledTags, CompileHook, dynamo_compiled
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
-from profiler.capture.modules import ModuleTracer
+from profiler.capture.modules import ModuleTracer, user_path
 from profiler.capture.options import CaptureOptions
 from profiler.capture.parts import CaptureParts
 from profiler.capture.roles import named_grads, named_states
@@ -112,10 +113,12 @@ class Profiler:
             writer.append("segments", backend.start_segments)
         tracer = ModuleTracer(self, backend.set_tag, backend.get_tag)
         fsdp = FsdpInstrumentation(self, backend)
-        self._run = CaptureParts(backend, writer, feed, tracer, fsdp)
+        self._run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook())
+        self._run.compiled.install()
+        backend.attribute_compiled(CompiledTags(tracer.compiled_child))
         self._set_module_hooks(opts.modules)
         self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
-        self._restore_backward = patch_backward(self.enter_phase, tracer, backend)
+        self._restore_backward = patch_backward(self.enter_phase, tracer, backend, keep_stacks=dynamo_compiled)
         fsdp.install()
         backend.install_oom_observer(self._on_oom)
 
@@ -224,11 +227,11 @@ class Profiler:
         run = self._parts
         run.backend.adopt(module)
         pos = self.position()
-        named = [(prefix + n, p) for n, p in module.named_parameters(remove_duplicate=True)]
+        named = [(user_path(prefix + n), p) for n, p in module.named_parameters(remove_duplicate=True)]
         for n, p in named:
             self._param_names.setdefault(id(p), n)
         self.register_roles(named, "parameter", pos, self.step_index)
-        buffers = ((prefix + n, b) for n, b in module.named_buffers(remove_duplicate=True))
+        buffers = ((user_path(prefix + n), b) for n, b in module.named_buffers(remove_duplicate=True))
         self.register_roles(buffers, "buffer", pos, self.step_index)
         run.tracer.retag()
 
@@ -277,7 +280,11 @@ class Profiler:
         pos = backend.position(self.step_index)
         row.update(events_seen=backend.events_seen, events_dropped=backend.dropped)
         feed.buffer("steps", **row)
-        self._set_module_hooks(self.options.modules and self.options.hooks_step(self.step_index))
+        # Once dynamo has compiled, hooks stay as they are: its guards cover the tracer's
+        # wrapper, so each change would recompile every compiled graph.
+        opts = self.options
+        hooked = opts.modules and opts.hooks_step(self.step_index)
+        self._set_module_hooks(self._hooks_on if dynamo_compiled() else hooked)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
         run.tracer.retag()
@@ -346,6 +353,7 @@ class Profiler:
         feed.push_rows()
         backend.stop()
         final = run_meta.final_meta(self._live_meta(), backend.events_seen, self._oom_info, status, exc)
+        final.update(run.compiled.meta())
         run.writer.finalize(status, final)
 
 

@@ -1,0 +1,220 @@
+"""torch.compile under the capture on the CPU: module names, exact parameter and AdamW
+bytes, the hook on inductor's generated code, and no recompile caused by the capture.
+
+Under the CPU backend (a TorchDispatchMode) dynamo skips compiled frames and the model
+runs eagerly: names come from the module tracer. Where dynamo must really compile
+(recompile counts), the capture runs with a CPU backend that leaves its dispatch mode
+out; the module tracer, the hooks and the steps are the session's own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from nanogpt import GPT, batch, train
+
+import profiler
+from profiler.capture import compiled, session
+from profiler.capture.cpu import CpuBackend
+from profiler.trace.reader import load_trace
+
+REPO = Path(__file__).resolve().parents[2]
+USER_MODULES = {"GPT", "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "lm_head", "transformer.ln_f"}
+
+
+def _model():
+    torch.manual_seed(0)
+    model = GPT(n_layer=2)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory):
+    model, opt = _model()
+    inputs, targets = batch(model)
+    with profiler.profile(out=tmp_path_factory.mktemp("traces"), name="compiled", backend="cpu") as prof:
+        train(torch.compile(model), opt, 3, inputs, targets)
+    return load_trace(prof.run_dir), model, opt
+
+
+def test_compiled_model_keeps_the_users_module_names(compiled_run):
+    trace, _, _ = compiled_run
+    names = set(trace.modules["module"])
+    assert USER_MODULES <= names
+    assert not {n for n in names if "_orig_mod" in n or "OptimizedModule" in n}
+    assert trace.modules.set_index("module").loc["GPT", "class_name"] == "GPT"
+    allocs = trace.events[trace.events["action"] == "alloc"]
+    assert not allocs["module"].dropna().astype(str).str.contains("_orig_mod|OptimizedModule").any()
+    for phase, module in (("forward", "transformer.h.0.attn.c_attn"), ("backward", "transformer.h.1.mlp.c_fc")):
+        made = allocs[(allocs["phase"] == phase) & (allocs["module"] == module)]
+        assert made["size_bytes"].sum() > 0, (phase, module)
+    assert allocs[allocs["phase"] == "backward"]["module"].nunique() > 10
+
+
+def test_parameters_and_adamw_states_are_exact_and_named(compiled_run):
+    trace, model, opt = compiled_run
+    numel = sum(p.numel() for p in model.parameters())  # wte and lm_head share one weight
+    roles, ev = trace.roles, trace.events
+    params = roles[(roles["role"] == "parameter") & (roles["step"] == 0)]
+    assert set(params["name"]) == {n for n, _ in model.named_parameters()}
+    assert "transformer.h.0.attn.c_attn.weight" in set(params["name"])
+    assert params["size_bytes"].sum() == numel * 4
+    assert ev[(ev["action"] == "alloc") & (ev["category"] == "parameter")]["size_bytes"].sum() == numel * 4
+    states = roles[roles["role"] == "optimizer_state"]
+    moments = states[states["name"].str.endswith((".exp_avg", ".exp_avg_sq"))]
+    assert moments["size_bytes"].sum() == 2 * numel * 4
+    assert "transformer.h.1.mlp.c_fc.weight.exp_avg" in set(moments["name"])
+    step_bytes = sum(s["step"].nbytes for s in opt.state.values())
+    made = ev[(ev["action"] == "alloc") & (ev["category"] == "optimizer_state")]
+    assert made["size_bytes"].sum() == 2 * numel * 4 + step_bytes
+
+
+def test_a_compiled_submodule_is_named_as_the_user_named_it(tmp_path):
+    model, opt = _model()
+    model.transformer.h[1] = torch.compile(model.transformer.h[1])
+    inputs, targets = batch(model)
+    with profiler.profile(out=tmp_path, backend="cpu") as prof:
+        train(model, opt, 1, inputs, targets)
+    trace = load_trace(prof.run_dir)
+    rows = trace.modules.set_index("module")
+    assert rows.loc["transformer.h.1", "class_name"] == "Block"
+    assert {"transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"} <= set(rows.index)
+    assert not rows.index.str.contains("_orig_mod").any()
+    assert "transformer.h.1.attn.c_attn.weight" in set(trace.roles["name"])
+    allocs = trace.events[trace.events["action"] == "alloc"]
+    assert (allocs["module"] == "transformer.h.1.mlp.c_fc").any()
+
+
+class _DispatchFreeBackend(CpuBackend):
+    """The CPU backend without its dispatch mode, so that dynamo compiles under the capture."""
+
+    def start(self) -> dict:
+        return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
+
+    def stop(self) -> None:
+        pass
+
+
+def _compile_counts(steps: int, capture_dir=None, **options) -> dict:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, opt = _model()
+    inputs, targets = batch(model)
+    if capture_dir is None:
+        train(torch.compile(model, backend="aot_eager"), opt, steps, inputs, targets)
+    else:
+        with profiler.profile(out=capture_dir, backend="cpu", **options) as prof:
+            train(torch.compile(model, backend="aot_eager"), opt, steps, inputs, targets)
+        options["hooked"] = load_trace(prof.run_dir).steps["modules_hooked"].tolist()
+    return dict(frames=dict(counters["frames"]), graphs=counters["stats"]["unique_graphs"], **options)
+
+
+@pytest.mark.parametrize("hooked_steps", [(3, 50), (1, 2)])
+def test_the_capture_causes_no_recompile(tmp_path, monkeypatch, hooked_steps):
+    """Module hooks stop after the first steps; dynamo guards on the tracer's wrapper, so
+    once dynamo has compiled they stay in: the compile counts match a run without capture."""
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: _DispatchFreeBackend(stacks=True))
+    plain = _compile_counts(6)
+    captured = _compile_counts(6, tmp_path, hooked_steps=hooked_steps)
+    print(f"compiles: plain {plain} | captured {captured}")
+    assert plain["graphs"] == captured["graphs"] == 1
+    assert plain["frames"] == captured["frames"]
+    assert all(captured["hooked"])
+
+
+_HOOK_LIFECYCLE = """
+import sys, tempfile, torch, profiler
+
+def finders():
+    return [f for f in sys.meta_path if type(f).__module__ == "profiler.capture.compiled"]
+
+with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):
+    assert len(finders()) == 1
+    torch.nn.Linear(2, 2)(torch.randn(1, 2)).sum().backward()
+assert "torch._inductor.graph" not in sys.modules, "the capture imported inductor"
+assert not finders()
+with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.graph import GraphLowering
+    assert GraphLowering._compile_to_module_lines.__name__ == "compile_with_line_map"
+    assert inductor_config.fx_graph_cache is False and functorch_config.enable_autograd_cache is False
+assert GraphLowering._compile_to_module_lines.__name__ == "_compile_to_module_lines"
+assert inductor_config.fx_graph_cache is True and functorch_config.enable_autograd_cache is True
+assert not finders()
+with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):  # inductor imported already
+    assert not finders() and GraphLowering._compile_to_module_lines.__name__ == "compile_with_line_map"
+assert GraphLowering._compile_to_module_lines.__name__ == "_compile_to_module_lines"
+print("ok")
+"""
+
+
+def test_the_hook_waits_for_inductor_and_leaves_with_the_capture(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}  # caches on by default
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_HOOK_LIFECYCLE)], env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    assert out.stdout.decode().strip() == "ok"
+
+
+@pytest.mark.slow
+def test_inductor_lines_name_forward_and_backward_modules():
+    """A real inductor compile on the CPU: every allocation the generated code makes is
+    on a mapped line, whose module is the user's, in forward and in backward."""
+    from torch._inductor.codecache import PyCodeCache
+
+    hook = compiled.CompileHook()
+    hook.install()
+    try:
+        torch._dynamo.reset()
+        model, _ = _model()
+        cmodel = torch.compile(model)
+        inputs, targets = batch(model, seq_len=8)
+        cmodel(inputs, targets)[1].backward()  # compiles forward and backward
+    finally:
+        hook.remove()
+    assert not hook.errors and hook.graphs == 2
+    files = [m for m in PyCodeCache.modules if os.path.realpath(m.__file__) in compiled.mapped_files()]
+    seen = _allocation_lines(files, lambda: cmodel(inputs, targets)[1].backward())
+    infos = [compiled.lookup(f, line) for f, line in seen]
+    assert seen and None not in infos
+    named = {(i.phase, i.module) for i in infos}
+    for phase in ("forward", "backward"):
+        assert {(phase, "transformer.h.0.attn.c_attn"), (phase, "transformer.h.1.mlp.c_fc")} <= named
+        assert (phase, "lm_head") in named
+    assert not {m for _, m in named if "_orig_mod" in m}
+    tags = compiled.CompiledTags(lambda outer, rel: rel)  # the first root's children: no prefix
+    for sid, (f, line) in enumerate(seen):
+        tags.see_stack(sid, [{"filename": "other.py", "line": 1}, {"filename": f, "line": line}])
+    renamed = tags.retag(["forward|GPT|"] * len(seen), list(range(len(seen))))
+    assert "forward|transformer.h.0.attn.c_attn|" in renamed
+
+
+def _allocation_lines(modules, run) -> list[tuple[str, int]]:
+    """(file, line) of each empty_strided_cpu call the generated modules make while `run` runs."""
+    seen: list[tuple[str, int]] = []
+    saved = []
+    for mod in modules:
+        original = mod.empty_strided_cpu
+
+        def recording(*args, _original=original, **kwargs):
+            caller = sys._getframe(1)
+            seen.append((caller.f_code.co_filename, caller.f_lineno))
+            return _original(*args, **kwargs)
+
+        saved.append((mod, original))
+        mod.empty_strided_cpu = recording
+    try:
+        run()
+    finally:
+        for mod, original in saved:
+            mod.empty_strided_cpu = original
+    return seen
