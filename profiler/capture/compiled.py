@@ -61,10 +61,14 @@ def mapped_files() -> set[str]:
     return set(_maps)
 
 
-def lookup(filename: str, line: int) -> LineInfo | None:
+def file_map(filename: str) -> dict[int, LineInfo] | None:
+    """The map of a generated file, by the name a frame gives it."""
     m = _maps.get(filename)
-    if m is None:
-        m = _maps.get(os.path.realpath(filename))
+    return m if m is not None else _maps.get(os.path.realpath(filename))
+
+
+def lookup(filename: str, line: int) -> LineInfo | None:
+    m = file_map(filename)
     return None if m is None else m.get(line)
 
 
@@ -209,14 +213,22 @@ class CompiledTags:
         self._by_stack: dict[int, LineInfo] = {}  # stack id -> the innermost mapped line's info
         self._seen: set[int] = set()
         self._tags: dict[tuple[str, int], str] = {}
+        self._files: dict[str, dict[int, LineInfo] | None] = {}  # filename -> its map, while _maps keeps its size
+        self._maps_size = 0
 
     def see_stack(self, stack_id: int, frames) -> None:
         """Once per new stack: the first frame (innermost first) on a mapped line."""
         if stack_id in self._seen or not _maps:
             return
         self._seen.add(stack_id)
+        files = self._files
+        if self._maps_size != len(_maps):
+            files.clear()
+            self._maps_size = len(_maps)
         for f in frames:
-            info = lookup(f["filename"], f["line"])
+            name = f["filename"]
+            m = files[name] if name in files else files.setdefault(name, file_map(name))
+            info = m.get(f["line"]) if m is not None else None
             if info is not None:
                 self._by_stack[stack_id] = info
                 return

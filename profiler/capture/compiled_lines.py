@@ -143,7 +143,7 @@ def line_infos(graph: Any, code: str, line_map=None, shift: int = 0) -> dict[int
     for body in _bodies(lines):
         for n in body:
             text = lines[n - 1]
-            if _PARTITION_CALL.search(text):
+            if not text.strip() or _PARTITION_CALL.search(text):
                 continue
             found = None
             assign = _ASSIGN.match(text)

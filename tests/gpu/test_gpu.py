@@ -7,6 +7,7 @@ VRAMSCOPE_RESULTS is set, written there as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -270,3 +271,106 @@ def test_full_ring_is_counted_not_silent(tmp_path):
     meta = json.loads((prof.run_dir / "meta.json").read_text())
     _save("ring_drops", dict(max_entries=500, events_kept=meta["event_count"], events_dropped=meta["events_dropped"]))
     assert meta["events_dropped"] > 0
+
+
+# -- torch.compile: layer names from inductor's generated code -------------------------
+
+
+def _compile_counts() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], counters["stats"]["unique_graphs"]
+
+
+def _compiled_gpt_steps(steps: int, out=None):
+    """A fresh nanoGPT GPT-2 small, compiled, trained `steps` steps (B=8x1024, bf16 autocast,
+    fused AdamW), under a capture when `out` is given. Returns the run directory, the
+    compile counts (frames, graphs) before the first step, after it and after the last,
+    and the allocator's peak."""
+    from nanogpt import batch, gpt2_small, train
+
+    import profiler
+
+    _fresh_gpu()
+    torch.manual_seed(0)
+    model = gpt2_small().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
+    cmodel = torch.compile(model)
+    inputs, targets = batch(model, batch_size=8, device="cuda")
+    capture = profiler.profile(out=out, name="gpt2-small-compiled") if out is not None else contextlib.nullcontext()
+    counts = [_compile_counts()]
+    with capture as prof:
+        train(cmodel, opt, 1, inputs, targets, torch.bfloat16)
+        counts.append(_compile_counts())
+        train(cmodel, opt, steps - 1, inputs, targets, torch.bfloat16)
+        counts.append(_compile_counts())
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, cmodel
+    _fresh_gpu()
+    return (prof.run_dir if out is not None else None), counts, peak
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def _attribution_at_peak(trace) -> dict:
+    """Bytes alive at the peak that carry a module and a phase, or are parameters and
+    optimizer state (which carry their category and the optimizer phase)."""
+    from profiler.analysis.live import alive_at_peak, breakdown
+
+    live = alive_at_peak(trace)
+    total = int(live["size_bytes"].sum())
+    kept = live["category"].isin(["parameter", "optimizer_state"]) | (live["phase"] == "optimizer")
+    named = live["module"].notna() & live["phase"].notna()
+    top = breakdown(live[named], "module").head(8)
+    return dict(
+        blocks=len(live),
+        share=float(live["size_bytes"][named | kept].sum()) / total,
+        root_share=float(live["size_bytes"][live["module"] == "GPT"].sum()) / total,
+        top={str(m): int(b) for m, b in zip(top["module"], top["total_bytes"])},
+    )
+
+
+def _block_bytes(ev, block: str, step: int) -> dict:
+    """Bytes one block allocated in one step, by phase."""
+    allocs = ev[(ev["action"] == "alloc") & (ev["step"] == step)]
+    mine = allocs["module"].astype(str).str.startswith(block + ".") | (allocs["module"] == block)
+    by_phase = allocs[mine].groupby("phase", observed=True)["size_bytes"].sum()
+    return {str(p): int(by_phase.get(p, 0)) for p in {*map(str, by_phase.index), "forward", "backward"}}
+
+
+def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
+    """A plain compiled model first, then a fresh one under the capture, in one process."""
+    from profiler.analysis.timeline import peak
+    from profiler.trace.reader import load_trace
+
+    _, plain, _ = _compiled_gpt_steps(5)
+    run_dir, captured, torch_peak = _compiled_gpt_steps(20, tmp_path)
+    # [frames, graphs] compiled by the end of step 1, then by the end of the run
+    delta = {
+        n: [c[i] - cs[0][i] for c in cs[1:] for i in (0, 1)] for n, cs in (("plain", plain), ("captured", captured))
+    }
+    trace = load_trace(run_dir)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    at_peak = _attribution_at_peak(trace)
+    block = _block_bytes(trace.events, "transformer.h.5", step=10)
+    replay_peak = peak(trace).allocated_bytes
+    modules = set(trace.events["module"].dropna().astype(str))
+    print(f"\ncompile: peak {_gib(replay_peak)} replayed, {_gib(torch_peak)} max_memory_allocated")
+    print(
+        f"compile: attributed at the peak {100 * at_peak['share']:.2f}% of {at_peak['blocks']} blocks' bytes "
+        f"(root GPT alone {100 * at_peak['root_share']:.1f}%)"
+    )
+    print("compile: top modules at the peak: " + ", ".join(f"{m} {_gib(b)}" for m, b in at_peak["top"].items()))
+    print(f"compile: transformer.h.5 allocated in step 10: {block}")
+    print(f"compile: [frames, graphs] compiled by step 1 and by the end: {delta}")
+    print(f"compile: hook {meta.get('compile_attribution')} errors {meta.get('compile_attribution_errors')}")
+    _save("compiled_attribution", dict(at_peak, block=block, compiles=delta, peak=replay_peak, torch_peak=torch_peak))
+    assert replay_peak == torch_peak
+    assert at_peak["share"] >= 0.99
+    assert not {m for m in modules if "_orig_mod" in m or "OptimizedModule" in m}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.11.mlp.c_fc", "lm_head"} <= modules
+    assert block["forward"] > 0 and block["backward"] > 0
+    assert delta["captured"] == delta["plain"] and delta["captured"][:2] == delta["captured"][2:]
+    assert "compile_attribution_errors" not in meta and meta["compile_attribution"]["graphs"] >= 2
