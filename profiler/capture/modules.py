@@ -12,6 +12,12 @@ thread-local, so each thread's tag is set by hooks that run on that thread:
 
 Hooks run thousands of times a step, so they do dictionary lookups and one
 C call each; tag strings are built once per (phase, module, hint).
+
+A compiled wrapper (torch.compile's OptimizedModule) takes the name of the module
+it wraps, and paths leave out its `_orig_mod`: names are the user's whether dynamo
+compiles the model or runs it eagerly (under the CPU backend's dispatch mode).
+Inside a compiled graph no hook runs; profiler/capture/compiled.py names what
+the graph allocates.
 """
 
 from __future__ import annotations
