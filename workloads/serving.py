@@ -215,7 +215,12 @@ def compare(cfg: ServingConfig, out: str | None = None) -> list[dict]:
     requests = make_requests(cfg)
     rows, outputs = [], []
     for mode in MODES:
-        capture = profiler.profile(out=out, name=f"serving-{mode}", config=dict(serving=mode)) if out else None
+        # Several forwards (prefills, then a decode) make one serving step: steps end at profiler.step().
+        capture = (
+            profiler.profile(out=out, name=f"serving-{mode}", config=dict(serving=mode), explicit_steps=True)
+            if out
+            else None
+        )
         t0 = time.perf_counter()
         with torch.no_grad(), sdpa_backends(cfg.device):
             if capture:

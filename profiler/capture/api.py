@@ -61,7 +61,7 @@ def record_kv(cache, name: str | None = None) -> dict | None:
 
     row = kv_row(cache, name)
     if _ACTIVE is not None and row is not None:
-        _ACTIVE.record_kv_row(row)
+        _ACTIVE.record_kv_row(row, cache)
     return row
 
 

@@ -4,10 +4,22 @@ A cache implements `kv_stats() -> dict` with `batch`, `tokens`,
 `token_state_bytes` (bytes holding real K and V states), `reserved_bytes`
 (everything the cache holds for K and V, used or not) and optionally
 `extra_bytes` (scales, block tables). transformers' Cache objects are measured
-from their tensors without any change to the model.
+from their tensors without any change to the model:
+
+- a layer that grows by concatenation (DynamicLayer) holds exactly its token states;
+- a preallocated layer (StaticLayer and its sliding variant, which have `max_cache_len`)
+  holds all its positions but only `get_seq_length()` of them are filled: token states
+  count the filled positions, reserved bytes the whole preallocation;
+- reserved bytes are the bytes of the storages under the K and V tensors, so a layer that
+  keeps a view of a larger tensor (the sliding DynamicLayer) reserves what it keeps alive.
+
+Quantized layers keep their states in `_quantized_keys`/`_quantized_values`, in layouts that
+differ by backend; only their plain K and V tensors (the residual window) are measured.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -24,33 +36,77 @@ def kv_row(cache, name: str | None = None) -> dict | None:
             reserved_bytes=int(s["reserved_bytes"]),
             extra_bytes=int(s.get("extra_bytes", 0)),
         )
-    tensors = list(_hf_cache_tensors(cache))
-    if not tensors:
+    layers = list(_hf_layers(cache))
+    if not layers:
         return None
-    # A DynamicCache grows by concatenation: what it holds is exactly its token states.
-    held = sum(t.numel() * t.element_size() for t in tensors)
-    k = tensors[0]
+    token_state = reserved = tokens = 0
+    storages: set[tuple[str, int]] = set()
+    for k, v, filled in layers:
+        tokens = max(tokens, filled)
+        for t in (k, v):
+            token_state += filled * _position_bytes(t)
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key not in storages:  # K and V of one layer never share, but views might
+                storages.add(key)
+                reserved += storage.nbytes()
     return dict(
         cache=name or type(cache).__name__,
-        batch=int(k.shape[0]),
-        tokens=int(k.shape[-2]),
-        token_state_bytes=held,
-        reserved_bytes=held,
+        batch=int(layers[0][0].shape[0]),
+        tokens=tokens,
+        token_state_bytes=token_state,
+        reserved_bytes=reserved,
         extra_bytes=0,
     )
 
 
-def _hf_cache_tensors(cache):
-    """K and V tensors of a transformers Cache, across its layouts over versions."""
+def kv_shapes(cache) -> dict | None:
+    """The facts of the formula layers x 2 x tokens x kv_heads x head_dim x dtype_bytes x batch
+    for a transformers Cache whose layers all hold (batch, kv_heads, positions, head_dim) K and V
+    of one shape and dtype; None otherwise (mixed layers, other layouts, no states yet)."""
+    layers = list(_hf_layers(cache))
+    if not layers:
+        return None
+    facts = set()
+    for k, v, _ in layers:
+        if k.dim() != 4 or v.dim() != 4:
+            return None
+        facts.add((k.shape[0], k.shape[1], k.shape[3], k.element_size()))
+        facts.add((v.shape[0], v.shape[1], v.shape[3], v.element_size()))
+    if len(facts) != 1:
+        return None
+    batch, kv_heads, head_dim, dtype_bytes = (int(x) for x in facts.pop())
+    return dict(layers=len(layers), kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, batch=batch)
+
+
+def _position_bytes(t: torch.Tensor) -> int:
+    """Bytes of one token position of a (..., positions, head_dim) tensor."""
+    return t.numel() // t.shape[-2] * t.element_size()
+
+
+def _states(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0
+
+
+def _hf_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(K, V, filled positions) of each layer of a transformers Cache that holds states,
+    across its layouts over versions."""
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers >= 4.54: a list of layer caches
         for layer in layers:
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr, None)
-                if isinstance(t, torch.Tensor) and t.numel():
-                    yield t
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not (_states(k) and _states(v)):
+                continue
+            positions = int(k.shape[-2])
+            filled = positions
+            if getattr(layer, "max_cache_len", None) is not None:  # preallocated: filled up to its length
+                try:
+                    filled = min(int(layer.get_seq_length()), positions)
+                except Exception:  # an unknown layer kind: count it as full
+                    filled = positions
+            yield k, v, filled
         return
-    for attr in ("key_cache", "value_cache"):  # older DynamicCache
-        for t in getattr(cache, attr, None) or ():
-            if isinstance(t, torch.Tensor) and t.numel():
-                yield t
+    keys, values = getattr(cache, "key_cache", None) or (), getattr(cache, "value_cache", None) or ()
+    for k, v in zip(keys, values):  # older DynamicCache
+        if _states(k) and _states(v):
+            yield k, v, int(k.shape[-2])

@@ -132,6 +132,10 @@ class ModuleTracer:
         self._installed_call_impl = _call_impl
         nn.Module._call_impl = _call_impl  # type: ignore[method-assign, assignment]  # patched for the capture only
 
+    @property
+    def installed(self) -> bool:
+        return self._original_call_impl is not None
+
     def remove(self) -> None:
         if self._original_call_impl is not None and nn.Module._call_impl is self._installed_call_impl:
             nn.Module._call_impl = self._original_call_impl  # type: ignore[method-assign]

@@ -2,8 +2,9 @@
 
 The session makes them as it is entered (backend, writer, the feed between the
 two, the module tracer, the FSDP instrumentation, the hook on inductor's compiled
-graphs) and keeps them after it ends. What needs only the parts lives here; steps
-and phases are the session's.
+graphs, the inference step rule and the watch on transformers' caches) and keeps
+them after it ends. What needs only the parts lives here; steps and phases are the
+session's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from profiler.capture.backend import Backend
 from profiler.capture.compiled import CompileHook
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
+from profiler.capture.hf_cache import CacheWatch
+from profiler.capture.inference import InferenceSteps
 from profiler.capture.modules import ModuleTracer
 from profiler.capture.roles import tensor_roles
 from profiler.trace.writer import TraceWriter
@@ -30,6 +33,26 @@ class CaptureParts:
     tracer: ModuleTracer
     fsdp: FsdpInstrumentation
     compiled: CompileHook
+    inference: InferenceSteps
+    caches: CacheWatch
+
+    def __post_init__(self) -> None:
+        self.inference.on_forward_end = self.caches.measure  # an inference forward's cache state
+
+    def install(self) -> None:
+        """Hook what the parts watch (module hooks are the session's)."""
+        self.fsdp.install()
+        self.caches.install()
+
+    def on_new_root(self, module) -> None:
+        self.inference.add_root(module)
+        self.caches.install()  # a model's first forward: transformers is imported by now if used
+
+    def step_ends(self, step: int) -> None:
+        """Step `step` ends: its KV rows, and the inference rule's view of who ends steps."""
+        self.caches.step_ends(step)
+        self.inference.on_step_end()
+        self.caches.install()
 
     def register_roles(self, named, role: str, position: int, step: int, known=None) -> None:
         """Give the storages of `named` ((name, tensor) pairs) `role`, as alive at `position`."""
@@ -62,3 +85,5 @@ class CaptureParts:
         self.fsdp.remove()
         self.compiled.remove()
         self.backend.remove_oom_observer()
+        self.inference.remove()
+        self.caches.uninstall()

@@ -1,9 +1,10 @@
 """The capture session: `profiler.profile(...)`, `prof.step()`, `profiler.mark(...)`.
 
 One session owns a backend (CUDA allocator history or CPU storage tracking),
-the module tracer, and a writer. It decides when a step ends (an optimizer
-step, or `prof.step()` once a script calls it), drains events there, and
-records phases, roles (parameters, gradients, optimizer states) and counters.
+the module tracer, and a writer. It decides when a step ends (an optimizer step,
+`prof.step()` once a script calls it, or an inference forward: inference.py),
+drains events there, and records phases, roles (parameters, gradients,
+optimizer states) and counters.
 Everything a capture accumulates is reset when it is entered: one Profiler
 entered twice writes two runs.
 """
@@ -22,7 +23,9 @@ from profiler.capture.backend import make_backend
 from profiler.capture.compiled import CompiledTags, CompileHook, dynamo_compiled
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
+from profiler.capture.hf_cache import CacheWatch
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
+from profiler.capture.inference import InferenceSteps
 from profiler.capture.modules import ModuleTracer, user_path
 from profiler.capture.options import CaptureOptions
 from profiler.capture.parts import CaptureParts
@@ -113,13 +116,15 @@ class Profiler:
             writer.append("segments", backend.start_segments)
         tracer = ModuleTracer(self, backend.set_tag, backend.get_tag)
         fsdp = FsdpInstrumentation(self, backend)
-        self._run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook())
+        inference = InferenceSteps(tracer, self._boundary, self.enter_phase, live=not opts.explicit_steps)
+        caches = CacheWatch(self.category, feed, writer.meta)
+        self._run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook(), inference, caches)
         self._run.compiled.install()
         backend.attribute_compiled(CompiledTags(tracer.compiled_child))
         self._set_module_hooks(opts.modules)
         self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, tracer, backend, keep_stacks=dynamo_compiled)
-        fsdp.install()
+        self._run.install()
         backend.install_oom_observer(self._on_oom)
 
     def __exit__(self, exc_type, exc, tb):
@@ -205,9 +210,10 @@ class Profiler:
         """
         self._parts.register_roles(named, role, position, step, known=known)
 
-    def record_kv_row(self, row: dict) -> None:
-        """Add a KV cache row (profiler.record_kv) at the current step."""
+    def record_kv_row(self, row: dict, cache=None) -> None:
+        """Add a KV cache row (profiler.record_kv) at the current step; `cache` then gets no row of ours."""
         self._parts.feed.buffer("kv", step=self.step_index, ts_us=_now_us(), **row)
+        self._parts.caches.recorded(cache)
 
     # -- phases and modules (called by the tracer and hooks) --------------------------
     def enter_phase(self, phase: str | None) -> None:
@@ -233,6 +239,7 @@ class Profiler:
         self.register_roles(named, "parameter", pos, self.step_index)
         buffers = ((user_path(prefix + n), b) for n, b in module.named_buffers(remove_duplicate=True))
         self.register_roles(buffers, "buffer", pos, self.step_index)
+        run.on_new_root(module)
         run.tracer.retag()
 
     def on_new_module(self, module, name, parent, depth) -> None:
@@ -274,6 +281,7 @@ class Profiler:
         backend, feed = run.backend, run.feed
         row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
         self.enter_phase(None)
+        run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
             self._drain()
         self.step_index += 1
@@ -337,6 +345,7 @@ class Profiler:
     def _finish(self, status: str, exc) -> None:
         run = self._parts
         backend, feed = run.backend, run.feed
+        run.caches.step_ends(self.step_index)
         self._drain(with_segments=True, flush=False)
         if feed.events_since_boundary or self.step_index == 0:
             feed.buffer(
@@ -380,8 +389,8 @@ def profile(
     every)` runs module hooks in the first steps and every `every`-th step; the
     other steps take their modules from an identical hooked step (None: every step).
     `**kw`: the other fields of CaptureOptions (run_id, subdir, extra_meta).
-    Use as `with profile(...) as prof:` (call `prof.step()` per step if the script
-    has no optimizer) or as a decorator. Bad options raise CaptureOptionError here.
+    Use as `with profile(...) as prof:` or as a decorator. Steps end at optimizer steps, at
+    no_grad forwards (capture/inference.py) or at `prof.step()`. Bad options raise CaptureOptionError here.
     """
     return Profiler(
         out=out,
