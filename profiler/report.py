@@ -77,7 +77,7 @@ def build_report(trace, top: int = 10) -> dict:
     )
     cats = category_at_peak(trace, lt)
     allocator_max = s["allocator_max_allocated_bytes"]
-    return plain(
+    report = plain(
         {
             "run": {
                 k: s[k]
@@ -116,6 +116,18 @@ def build_report(trace, top: int = 10) -> dict:
             "tokens_per_s": s["tokens_per_s"],
         }
     )
+    if not trace.kv.empty:  # only runs with KV caches have the section
+        report["kv"] = kv_caches(trace)
+    return report
+
+
+def kv_caches(trace) -> list[dict]:
+    """Each KV cache at its last step: tokens, token-state, reserved bytes, bytes per token, and
+    the formula layers x 2 x tokens x kv_heads x head_dim x dtype x batch where the capture
+    recorded the shapes (meta.json's kv_shapes)."""
+    from profiler.analysis.kv import kv_summary, kv_table
+
+    return plain(kv_summary(kv_table(trace), trace.meta.get("kv_shapes")).to_dict("records"))
 
 
 def plain(value):
@@ -276,9 +288,39 @@ def _ranks(r: dict) -> list[str]:
     )
 
 
+def _kv(r: dict) -> list[str]:
+    rows = [
+        [
+            c["cache"],
+            str(c["step"]),
+            "" if c["batch"] is None else str(c["batch"]),
+            f"{c['tokens']:,}",
+            exact_bytes(c["token_state_bytes"]),
+            exact_bytes(c["reserved_bytes"]),
+            human_bytes(c["extra_bytes"]),
+            "n/a" if c["bytes_per_token"] is None else f"{c['bytes_per_token']:,.0f} B",
+        ]
+        for c in r["kv"]
+    ]
+    head = ["cache", "step", "batch", "tokens", "token states", "reserved", "extra", "per token"]
+    lines = ["KV caches at their last step"] + text_table(head, rows, {1, 2, 3, 4, 5, 6, 7})
+    for c in r["kv"]:
+        f = c["shape"]
+        if f is not None:
+            verdict = "agrees" if c["formula_matches"] else "DIFFERS from the measured token states"
+            lines.append(
+                f"  {c['cache']}: {f['layers']} layers x 2 x {c['tokens']:,} tokens x {f['kv_heads']} kv_heads"
+                f" x {f['head_dim']} head_dim x {f['dtype_bytes']} B x batch {f['batch']}"
+                f" = {c['formula_bytes']:,} B, {verdict}"
+            )
+    return lines
+
+
 def render(report: dict) -> str:
     """The report as aligned plain text."""
     sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
+    if report.get("kv"):
+        sections.append(_kv(report))
     if "ranks" in report:
         sections.insert(0, _ranks(report))
     return "\n\n".join("\n".join(s) for s in sections)

@@ -53,3 +53,68 @@ def kv_waste(kvs: dict[str, pd.DataFrame]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=WASTE_COLUMNS)
+
+
+SHAPE_KEYS = ("layers", "kv_heads", "head_dim", "dtype_bytes", "batch")
+SUMMARY_COLUMNS = [
+    "cache",
+    "steps",
+    "step",
+    "batch",
+    "tokens",
+    "token_state_bytes",
+    "reserved_bytes",
+    "extra_bytes",
+    "bytes_per_token",
+    "shape",
+    "formula_bytes",
+    "formula_matches",
+]
+
+
+def kv_summary(kv: pd.DataFrame, shapes=None) -> pd.DataFrame:
+    """Per cache of a kv_table: how many steps recorded it, its last row (step, batch, tokens,
+    token-state, reserved and extra bytes), and K+V bytes per token position (kv_token_bytes).
+
+    Where `shapes` (meta.json's kv_shapes: cache -> layers, kv_heads, head_dim, dtype_bytes,
+    batch) knows the cache, `shape` holds those facts and `formula_bytes` the token-state bytes
+    they imply at the last row's tokens, layers x 2 x tokens x kv_heads x head_dim x dtype_bytes
+    x batch, and `formula_matches` whether the measured bytes equal it; else both are None."""
+    rows = []
+    if kv.empty:
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    for cache, g in kv.groupby("cache", sort=True):
+        last = g.sort_values(["step", "ts_us"], kind="stable").iloc[-1]
+        tokens = int(last["tokens"])
+        shape = _shape(shapes, str(cache))
+        formula = None
+        if shape is not None:
+            formula = shape["layers"] * 2 * tokens * shape["kv_heads"] * shape["head_dim"]
+            formula *= shape["dtype_bytes"] * shape["batch"]
+        rows.append(
+            {
+                "cache": str(cache),
+                "steps": int(g["step"].nunique()),
+                "step": int(last["step"]),
+                "batch": int(last["batch"]) if pd.notna(last["batch"]) else None,
+                "tokens": tokens,
+                "token_state_bytes": int(last["token_state_bytes"]),
+                "reserved_bytes": int(last["reserved_bytes"]),
+                "extra_bytes": int(last["extra_bytes"]),
+                "bytes_per_token": kv_token_bytes(g),
+                "shape": shape,
+                "formula_bytes": formula,
+                "formula_matches": None if formula is None else formula == int(last["token_state_bytes"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _shape(shapes, cache: str) -> dict | None:
+    """The formula's facts for `cache`, if `shapes` holds all of them as non-negative ints."""
+    s = shapes.get(cache) if isinstance(shapes, dict) else None
+    if not isinstance(s, dict):
+        return None
+    facts = {k: s.get(k) for k in SHAPE_KEYS}
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in facts.values())
+    return facts if ok else None

@@ -328,6 +328,11 @@ META_KEYS: tuple[MetaKey, ...] = (
     MetaKey("max_reserved_bytes", "counter", doc="null on CPU"),
     MetaKey("events_dropped", "counter"),
     MetaKey("status", required=False, doc="Status; absent while the capture runs"),
+    MetaKey(
+        "kv_shapes",
+        required=False,
+        doc="kv cache name -> {layers, kv_heads, head_dim, dtype_bytes, batch} of transformers caches",
+    ),
 )
 META_REQUIRED = tuple(k.name for k in META_KEYS if k.required)
 META_STRINGS = tuple(k.name for k in META_KEYS if k.kind == "string")
