@@ -56,6 +56,9 @@ def build_ranks(job_dir) -> dict:
 # -- the facts ------------------------------------------------------------------------
 
 
+_RUN_KEYS = ("run_id", "name", "backend", "device", "torch_version", "status", "steps", "events", "events_dropped")
+
+
 def build_report(trace, top: int = 10) -> dict:
     """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
     from profiler.analysis.categories import category_at_peak
@@ -79,21 +82,7 @@ def build_report(trace, top: int = 10) -> dict:
     allocator_max = s["allocator_max_allocated_bytes"]
     report = plain(
         {
-            "run": {
-                k: s[k]
-                for k in (
-                    "run_id",
-                    "name",
-                    "backend",
-                    "device",
-                    "torch_version",
-                    "status",
-                    "steps",
-                    "events",
-                    "events_dropped",
-                )
-            }
-            | {"path": str(trace.path)},
+            "run": {k: s[k] for k in _RUN_KEYS} | {"path": str(trace.path)},
             "peak": {
                 "allocated_bytes": p.allocated_bytes,
                 "active_bytes": s["active_at_peak_bytes"],

@@ -80,7 +80,7 @@ def kv_summary(kv: pd.DataFrame, shapes=None) -> pd.DataFrame:
     batch) knows the cache, `shape` holds those facts and `formula_bytes` the token-state bytes
     they imply at the last row's tokens, layers x 2 x tokens x kv_heads x head_dim x dtype_bytes
     x batch, and `formula_matches` whether the measured bytes equal it; else both are None."""
-    rows = []
+    rows: list[dict] = []
     if kv.empty:
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     for cache, g in kv.groupby("cache", sort=True):

@@ -95,7 +95,7 @@ def _hf_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     if layers is not None:  # transformers >= 4.54: a list of layer caches
         for layer in layers:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if not (_states(k) and _states(v)):
+            if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and _states(k) and _states(v)):
                 continue
             positions = int(k.shape[-2])
             filled = positions

@@ -374,3 +374,83 @@ def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
     assert block["forward"] > 0 and block["backward"] > 0
     assert delta["captured"] == delta["plain"] and delta["captured"][:2] == delta["captured"][2:]
     assert "compile_attribution_errors" not in meta and meta["compile_attribution"]["graphs"] >= 2
+
+
+def _kv_alive_after(events, step: int | None = None) -> int:
+    """Requested bytes of kv_cache allocations alive after `step`'s events (after all: None)."""
+    live: dict[int, int] = {}
+    for action, addr, size, s, cat in zip(
+        events["action"].astype(str),
+        events["addr"],
+        events["size_bytes"],
+        events["step"],
+        events["category"].astype(str),
+    ):
+        if step is not None and s > step:
+            break
+        if action == "alloc" and cat == "kv_cache":
+            live[addr] = size
+        elif action == "free_requested":
+            live.pop(addr, None)
+    return sum(live.values())
+
+
+def test_generate_kv_cache_exact_on_cuda(tmp_path):
+    """An unmodified generate() on a bf16 Llama: one step per forward, KV bytes to the formula."""
+    transformers = pytest.importorskip("transformers")
+    import profiler
+    from profiler.trace.reader import load_trace
+
+    layers, hidden, heads, kv_heads, vocab = 4, 256, 8, 4, 1024
+    batch, prompt, new, bf16 = 4, 16, 32, 2
+    head_dim = hidden // heads
+
+    def formula(tokens: int) -> int:
+        return layers * 2 * tokens * kv_heads * head_dim * bf16 * batch
+
+    _fresh_gpu()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+    )
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    with profiler.profile(out=tmp_path, name="generate-kv") as prof:
+        out = model.generate(
+            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+        )
+        torch.cuda.synchronize()
+    assert out.sequences.shape == (batch, prompt + new)
+    trace = load_trace(prof.run_dir)
+    steps = trace.steps["step"].tolist()
+    kv = trace.kv.sort_values("step")
+    expect = [formula(prompt + s) for s in range(new)]
+    measured = kv["token_state_bytes"].tolist()
+    alive = [_kv_alive_after(trace.events, s) for s in range(new)]
+    final = formula(prompt + new - 1)
+    alive_end = _kv_alive_after(trace.events)
+    rows_ok = sum(a == b for a, b in zip(measured, expect))
+    alive_ok = sum(a == b for a, b in zip(alive, expect))
+    print(f"\n[generate_kv] steps {len(steps)} (max_new_tokens {new}: the prefill and {new - 1} decodes)")
+    print(f"[generate_kv] kv rows {len(kv)}; tokens {kv['tokens'].iloc[0]}..{kv['tokens'].iloc[-1]}")
+    print(f"[generate_kv] token-state bytes == formula at {rows_ok}/{new} steps")
+    print(f"[generate_kv] kv_cache bytes alive at step ends == formula at {alive_ok}/{new} steps")
+    print(f"[generate_kv] kv_cache bytes alive at the end {alive_end:,} B, formula {final:,} B")
+    _save(
+        "generate_kv", dict(steps=len(steps), kv_rows=len(kv), measured=measured, formula=expect, alive_end=alive_end)
+    )
+    del model, out
+    _fresh_gpu()
+    assert steps == list(range(new))
+    assert kv["step"].tolist() == list(range(new))
+    assert kv["tokens"].tolist() == [prompt + s for s in range(new)]
+    assert measured == expect
+    assert alive == expect
+    assert alive_end == final
