@@ -71,6 +71,20 @@ SUMMARY_COLUMNS = [
     "formula_matches",
 ]
 
+_SUMMARY_TYPES = {
+    "cache": str,
+    "steps": "int64",
+    "step": "int64",
+    "batch": "Int64",
+    "tokens": "int64",
+    "token_state_bytes": "int64",
+    "reserved_bytes": "int64",
+    "extra_bytes": "int64",
+    "bytes_per_token": "float64",
+    "formula_bytes": "Int64",
+    "formula_matches": "boolean",
+}
+
 
 def kv_summary(kv: pd.DataFrame, shapes=None) -> pd.DataFrame:
     """Per cache of a kv_table: how many steps recorded it, its last row (step, batch, tokens,
@@ -81,10 +95,8 @@ def kv_summary(kv: pd.DataFrame, shapes=None) -> pd.DataFrame:
     they imply at the last row's tokens, layers x 2 x tokens x kv_heads x head_dim x dtype_bytes
     x batch, and `formula_matches` whether the measured bytes equal it; else both are None."""
     rows: list[dict] = []
-    if kv.empty:
-        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     for cache, g in kv.groupby("cache", sort=True):
-        last = g.sort_values(["step", "ts_us"], kind="stable").iloc[-1]
+        last = g.sort_values("step", kind="stable").iloc[-1]
         tokens = int(last["tokens"])
         shape = _shape(shapes, str(cache))
         formula = None
@@ -107,7 +119,8 @@ def kv_summary(kv: pd.DataFrame, shapes=None) -> pd.DataFrame:
                 "formula_matches": None if formula is None else formula == int(last["token_state_bytes"]),
             }
         )
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    # Built as objects, then typed: missing counts are NA, and bytes never pass through a float.
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS, dtype=object).astype(_SUMMARY_TYPES)
 
 
 def _shape(shapes, cache: str) -> dict | None:

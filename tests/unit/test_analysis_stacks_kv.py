@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from profiler.analysis.kv import WASTE_COLUMNS, kv_table, kv_token_bytes, kv_waste
+from profiler.analysis.kv import SUMMARY_COLUMNS, WASTE_COLUMNS, kv_summary, kv_table, kv_token_bytes, kv_waste
 from profiler.analysis.stacks import NO_STACK, TREE_COLUMNS, frame_labels, stack_tree
 from profiler.trace.reader import load_trace
 
@@ -98,6 +98,29 @@ def test_kv_waste_averages_each_cache_over_its_steps():
     assert list(waste.columns) == WASTE_COLUMNS
     assert waste.values.tolist() == [["run-a", "k", 150.0, 150.0, 20.0], ["run-a", "v", 50.0, 0.0, 0.0]]
     assert kv_waste({}).empty
+
+
+def test_kv_summary_sets_each_cache_against_its_formula():
+    # 2 layers x 2 x tokens x 2 kv_heads x 16 head_dim x 4 B x batch 3 = 1,536 B per token
+    shape = dict(layers=2, kv_heads=2, head_dim=16, dtype_bytes=4, batch=3)
+    rows = [
+        (0, "dyn", 3, 5, 5 * 1536, 5 * 1536, 0),
+        (1, "dyn", 3, 6, 6 * 1536, 6 * 1536, 0),
+        (1, "half", 3, 6, 3 * 1536, 3 * 1536, 0),  # holds half what its shapes imply
+        (0, "static", 3, 4, 4 * 1536, 10 * 1536, 0),
+        (0, "bad", 3, 1, 1536, 1536, 0),
+    ]
+    shapes = {"dyn": shape, "half": shape, "static": shape, "bad": dict(shape, layers="2")}
+    s = kv_summary(kv_table(_kv_trace(rows)), shapes).set_index("cache")
+    assert list(s.reset_index().columns) == SUMMARY_COLUMNS
+    assert s.loc["dyn", ["steps", "step", "tokens", "token_state_bytes"]].tolist() == [2, 1, 6, 6 * 1536]
+    assert s.loc["dyn", "bytes_per_token"] == 512.0  # per token position: 1,536 B / batch 3
+    assert (s.loc["dyn", "formula_bytes"], s.loc["dyn", "formula_matches"]) == (6 * 1536, True)
+    assert (s.loc["half", "formula_bytes"], s.loc["half", "formula_matches"]) == (6 * 1536, False)
+    assert s.loc["static", "formula_matches"] and s.loc["static", "reserved_bytes"] == 10 * 1536
+    assert s.loc["bad", "shape"] is None and pd.isna(s.loc["bad", "formula_bytes"])  # malformed: no formula
+    assert kv_summary(kv_table(_kv_trace(rows)), None)["formula_bytes"].isna().all()
+    assert kv_summary(kv_table(_kv_trace([])), shapes).empty
 
 
 @pytest.mark.parametrize("run", sorted((TRACES / "h100-ablation-kv").glob("ablate-kv-kv-*")))
