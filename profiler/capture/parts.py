@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from profiler.capture import distributed, placement
 from profiler.capture.backend import Backend
-from profiler.capture.compiled import CompileHook
+from profiler.capture.compiled import CompiledTags, CompileHook
 from profiler.capture.feed import TraceFeed
 from profiler.capture.fsdp import FsdpInstrumentation
 from profiler.capture.hf_cache import CacheWatch
@@ -87,3 +88,30 @@ class CaptureParts:
         self.backend.remove_oom_observer()
         self.inference.remove()
         self.caches.uninstall()
+
+
+def open_parts(session, opts, rank, make_backend) -> CaptureParts:
+    """Start a backend, open the run's writer and make the parts that report to `session`.
+
+    `rank`: this process's torchrun rank, or None; `make_backend`: the factory (tests swap it).
+    Module, optimizer and backward hooks are the session's to install.
+    """
+    where = placement.place(opts, rank)
+    backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
+    facts = backend.start()
+    try:
+        writer = placement.open_writer(opts, where, backend.name, facts)
+    except BaseException:
+        backend.stop()
+        raise
+    feed = TraceFeed(backend, writer)
+    if backend.start_segments:
+        writer.append("segments", backend.start_segments)
+    tracer = ModuleTracer(session, backend.set_tag, backend.get_tag)
+    fsdp = FsdpInstrumentation(session, backend)
+    inference = InferenceSteps(tracer, session._boundary, session.enter_phase, live=not opts.explicit_steps)
+    caches = CacheWatch(session.category, feed, writer.meta)
+    run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook(), inference, caches)
+    run.compiled.install()
+    backend.attribute_compiled(CompiledTags(tracer.compiled_child))
+    return run

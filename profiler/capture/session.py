@@ -17,18 +17,14 @@ import functools
 import time
 from pathlib import Path
 
-from profiler.capture import api, distributed, placement, run_meta
+from profiler.capture import api, distributed, run_meta
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
 from profiler.capture.backend import make_backend
-from profiler.capture.compiled import CompiledTags, CompileHook, dynamo_compiled
-from profiler.capture.feed import TraceFeed
-from profiler.capture.fsdp import FsdpInstrumentation
-from profiler.capture.hf_cache import CacheWatch
+from profiler.capture.compiled import dynamo_compiled
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
-from profiler.capture.inference import InferenceSteps
-from profiler.capture.modules import ModuleTracer, user_path
+from profiler.capture.modules import user_path
 from profiler.capture.options import CaptureOptions
-from profiler.capture.parts import CaptureParts
+from profiler.capture.parts import CaptureParts, open_parts
 from profiler.capture.roles import named_grads, named_states
 from profiler.trace.schema import Phase, SnapshotKind
 from profiler.trace.writer import TraceWriter
@@ -99,33 +95,16 @@ class Profiler:
         self._reset_state()
         opts = self.options
         rank = distributed.rank_from_env() if opts.subdir is None else None
-        where = placement.place(opts, rank)
         # The process group's backend is known only once the script made it, and it may be
         # gone again by the end (destroy_process_group): look at step boundaries.
         self._awaiting_dist_facts = rank is not None
-        backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
-        facts = backend.start()
-        try:
-            writer = placement.open_writer(opts, where, backend.name, facts)
-        except BaseException:
-            backend.stop()
-            raise
-        self.run_dir = writer.run_dir
-        feed = TraceFeed(backend, writer)
-        if backend.start_segments:
-            writer.append("segments", backend.start_segments)
-        tracer = ModuleTracer(self, backend.set_tag, backend.get_tag)
-        fsdp = FsdpInstrumentation(self, backend)
-        inference = InferenceSteps(tracer, self._boundary, self.enter_phase, live=not opts.explicit_steps)
-        caches = CacheWatch(self.category, feed, writer.meta)
-        self._run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook(), inference, caches)
-        self._run.compiled.install()
-        backend.attribute_compiled(CompiledTags(tracer.compiled_child))
+        run = self._run = open_parts(self, opts, rank, make_backend)
+        self.run_dir = run.writer.run_dir
         self._set_module_hooks(opts.modules)
         self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
-        self._restore_backward = patch_backward(self.enter_phase, tracer, backend, keep_stacks=dynamo_compiled)
-        self._run.install()
-        backend.install_oom_observer(self._on_oom)
+        self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
+        run.install()
+        run.backend.install_oom_observer(self._on_oom)
 
     def __exit__(self, exc_type, exc, tb):
         api.deactivate()
