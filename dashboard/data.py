@@ -37,6 +37,7 @@ RUN_COLUMNS = (
     "preset",
     "toggles",
     "status",
+    "steps",
     "world_size",
     "peak_allocated_bytes",
     "peak_skew_pct",
@@ -73,6 +74,7 @@ def stamp(run) -> tuple:
 
 def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
     """One Runs-page row; a run that could not be read keeps its path and its one-line error.
+    steps are the completed ones, as `vramscope report` counts them.
     A multi-rank run's row (summary from layout.run_group_summary) adds world_size, skew and failed ranks."""
     row = dict.fromkeys(RUN_COLUMNS)
     row.update(run=str(run), name=run.name, error=error)
@@ -84,6 +86,7 @@ def run_row(run: Path, summary: dict | None = None, error: str | None = None) ->
     row.update({k: summary.get(k) for k in RUN_COLUMNS if k in summary})
     row.update(preset=preset, toggles=", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     row["failed_ranks"] = ", ".join(map(str, summary.get("failed_ranks") or ())) or None
+    row["status"] = layout.shown_status(run, row["status"])  # no final status: running, died or running?
     return row
 
 

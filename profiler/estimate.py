@@ -49,6 +49,7 @@ __all__ = [
     "shape_from_hf",
     "shape_from_preset",
     "to_shape",
+    "workspace_bytes_for",
 ]
 
 MiB = 1 << 20
@@ -208,8 +209,14 @@ def _activation_at(act: Activations, phase: str) -> int:
 # -- a run's config ----------------------------------------------------------------------
 
 
+def workspace_bytes_for(meta: dict) -> int:
+    """The cuBLAS workspace to count for a run: DEFAULT_WORKSPACE on the CUDA backend, none on the CPU."""
+    return DEFAULT_WORKSPACE if meta.get("backend") == "cuda" else 0
+
+
 def config_from_meta(meta: dict) -> dict:
-    """estimate() keyword arguments for a run's meta.json, or ValueError naming what is not understood."""
+    """estimate() keyword arguments for a run's meta.json, or ValueError naming what is not understood.
+    The cuBLAS workspace is counted on the CUDA backend only (workspace_bytes_for)."""
     cfg = dict(meta.get("config") or {})
     unknown = sorted(k for k, v in cfg.items() if k not in UNDERSTOOD_KEYS and v not in (None, False, "off", "none"))
     if unknown:
@@ -232,6 +239,7 @@ def config_from_meta(meta: dict) -> dict:
         "optimizer": cfg.get("optimizer") if cfg.get("optimizer") not in off else "adamw",
         "checkpointing": cfg.get("checkpointing") if cfg.get("checkpointing") not in off else None,
         "accumulation": int(cfg.get("accumulation") or 1),
+        "workspace_bytes": workspace_bytes_for(meta),
     }
 
 

@@ -125,6 +125,25 @@ def optimizer_state_bytes(shape: ModelShape, optimizer: str) -> int:
     raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
+# torch.optim's per-parameter states shaped like their parameter (AdamW's two moments, SGD's
+# momentum, RMSprop's and Adadelta's averages, Adagrad's sum), and its step count: a float32
+# scalar tensor per parameter (on the device only for the fused or capturable AdamW).
+PARAMETER_SHAPED_STATES = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum"}
+)
+STEP_STATE = "step"
+STEP_STATE_BYTES = 4
+
+
+def state_tensor_bytes(state: str, parameter_bytes: int) -> int | None:
+    """Bytes of one parameter's optimizer state `state` (its torch.optim name); None when not modelled."""
+    if state in PARAMETER_SHAPED_STATES:
+        return parameter_bytes
+    if state == STEP_STATE:
+        return STEP_STATE_BYTES
+    return None
+
+
 def kv_cache_bytes(shape: ModelShape, *, tokens: int, batch: int, dtype_bytes: int = 2) -> int:
     """layers x 2 (K and V) x tokens x kv_heads x head_dim x dtype bytes x batch."""
     return shape.n_layer * 2 * tokens * shape.kv_heads * shape.head_dim * dtype_bytes * batch

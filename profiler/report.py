@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from profiler import report_state
 from profiler.units import exact_bytes, human_bytes
 
 
@@ -46,7 +47,11 @@ def build_ranks(job_dir) -> dict:
     if skew["max_rank"] is None:
         raise TraceError(f"{job_dir}: no rank of this job could be read")
     keep = ["rank", "status", "peak_allocated_bytes", "peak_reserved_bytes", "median_step_time_us", "skew_pct", "error"]
-    rows = [{k: row[k] for k in keep} for row in table.to_dict("records")]
+    # A rank without a final status is checked against its process: running, died or running?.
+    rows = [
+        {k: row[k] for k in keep} | {"status": layout.shown_status(row["path"], row["status"])}
+        for row in table.to_dict("records")
+    ]
     largest = table.loc[table["rank"] == skew["max_rank"], "path"].iloc[0]
     return plain(
         {"path": str(job_dir), "world_size": len(table), "skew": skew, "rows": rows, "largest_rank_path": str(largest)}
@@ -82,7 +87,7 @@ def build_report(trace, top: int = 10) -> dict:
     allocator_max = s["allocator_max_allocated_bytes"]
     report = plain(
         {
-            "run": {k: s[k] for k in _RUN_KEYS} | {"path": str(trace.path)},
+            "run": {k: s[k] for k in _RUN_KEYS} | {"path": str(trace.path), **report_state.run_state(trace, s)},
             "peak": {
                 "allocated_bytes": p.allocated_bytes,
                 "active_bytes": s["active_at_peak_bytes"],
@@ -170,9 +175,9 @@ def _header(r: dict) -> list[str]:
     return [
         f"vramscope report: {run['name']}  ({run['run_id']})",
         f"  backend {run['backend']}   device {run['device']}   torch {run['torch_version']}",
-        f"  status {run['status']}   steps {run['steps']:,}   events {run['events']:,}"
+        f"  status {run['status']}   steps {report_state.steps_text(run)}   events {run['events']:,}"
         f"   dropped {run['events_dropped']:,}{step_time}",
-    ]
+    ] + report_state.state_lines(run)
 
 
 def _peak(r: dict) -> list[str]:

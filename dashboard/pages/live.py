@@ -5,13 +5,14 @@ import streamlit as st
 from dashboard import figures
 from dashboard.pages import _shared as ui
 from profiler import analysis
+from profiler.trace.meta import RUNNING, RUNNING_ELSEWHERE
 from profiler.units import exact_bytes
 
 st.title("Live")
 table = ui.runs()
-running = table[table["status"] == "running"]
+running = table[table["status"].isin([RUNNING, RUNNING_ELSEWHERE])]  # not those that died
 if running.empty:
-    st.info("No run is capturing now: every run under the folder has a final status.")
+    st.info("No run is capturing now: every run under the folder has ended (or its process died).")
     st.stop()
 run = ui.pick_run(running, "Running run")
 seconds = st.slider("Refresh every (s)", 1, 30, 2)

@@ -19,18 +19,22 @@ from profiler.analysis.live import Lifetimes, lifetimes
 from profiler.analysis.timeline import peak, reserved_bytes, start_reserved_bytes
 
 # Bump when run_summary's keys or the meaning of a number changes: older cached ones are recomputed.
-SUMMARY_VERSION = 1
+# 2: steps counts completed steps only, tail_step says whether a partial one follows them.
+SUMMARY_VERSION = 2
 # Tables run_summary reads; a caller may load only these.
 SUMMARY_TABLES = ("events", "steps", "segments")
 
 
-def median_step_time_us(trace) -> float | None:
-    """Median of the differences between consecutive step-end timestamps; None under two steps."""
-    steps = trace.steps
+def median_step_time_us(trace, completed: int | None = None) -> float | None:
+    """Median of the differences between consecutive step-end timestamps of the completed steps
+    (the first `completed` rows: a trailing partial step's row marks the end of the capture, not
+    of a step); None under two steps."""
+    steps = trace.steps.sort_values("step", kind="stable")
+    if completed is not None:
+        steps = steps.iloc[:completed]
     if len(steps) < 2:
         return None
-    ts = int_column(steps.sort_values("step", kind="stable"), "ts_us")
-    return float(np.median(np.diff(ts)))
+    return float(np.median(np.diff(int_column(steps, "ts_us"))))
 
 
 def _int_or_none(value) -> int | None:
@@ -68,16 +72,33 @@ def _peak_reserved_bytes(trace) -> int | None:
     return max([start_reserved_bytes(trace)] + ([int(reserved.max())] if len(reserved) else []))
 
 
-def _step_count(trace) -> int:
-    """Rows of the steps table, or the distinct steps of the events where that table is empty."""
-    return len(trace.steps) or int((np.unique(int_column(trace.events, "step", -1)) >= 0).sum())
+def step_counts(trace) -> tuple[int, bool]:
+    """(steps completed, whether a partial step follows them): steps as the optimizer (or the
+    script's profiler.step()) counted them.
+
+    A finished capture writes one more steps row for the events after its last boundary
+    (teardown frees, an evaluation): meta.json's steps_completed tells those rows apart, so they
+    are the tail, not steps the user ran. While a capture runs, or after it was killed, every
+    row is a boundary and the events since the last one are the step in progress. A finished
+    trace with neither rows nor that count (an imported snapshot) counts its events' steps.
+    """
+    rows = int_column(trace.steps, "step")
+    recorded = trace.meta.get("steps_completed")
+    known = isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0
+    event_steps = int_column(trace.events, "step", -1)
+    finished = trace.meta.get("status") is not None
+    if finished and not known and not len(rows):
+        return int((np.unique(event_steps) >= 0).sum()), False
+    completed = int((rows < recorded).sum()) if finished and known else len(rows)
+    tail = len(rows) > completed or bool(len(event_steps) and event_steps.max() >= completed)
+    return completed, tail
 
 
 def run_summary(trace, lt: Lifetimes | None = None) -> dict:
     """Everything the Runs page and the Compare table show of one run, JSON-ready.
 
     Labels: run_id, name, backend, device, torch_version, status, config (meta's, nested).
-    Counts: steps, events, events_dropped.
+    Counts: steps (completed; tail_step: a partial step follows them), events, events_dropped.
     Peak (allocated bytes, frees counted when requested): peak_allocated_bytes and where
     (peak_event_index, peak_step, peak_phase), active_at_peak_bytes; peak_active_bytes
     (the maximum of active bytes, wherever it is); peak_reserved_bytes (null on CPU);
@@ -93,9 +114,9 @@ def run_summary(trace, lt: Lifetimes | None = None) -> dict:
     peak_reserved = _peak_reserved_bytes(trace)
     frag = fragmentation_at_peak(trace, lt)
     active = lt.active_bytes
-    n_steps = _step_count(trace)
+    n_steps, tail_step = step_counts(trace)
     allocator_max = _int_or_none(meta.get("max_allocated_bytes"))
-    step_time = median_step_time_us(trace)
+    step_time = median_step_time_us(trace, n_steps)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     at_peak = category_at_peak(trace, lt)
     own_peaks = category_peaks(trace, lt)
@@ -109,6 +130,7 @@ def run_summary(trace, lt: Lifetimes | None = None) -> dict:
         "status": trace.status,
         "config": config,
         "steps": int(n_steps),
+        "tail_step": tail_step,
         "events": int(len(trace.events)),
         "events_dropped": _int_or_none(meta.get("events_dropped")) or 0,
         "peak_allocated_bytes": int(top.allocated_bytes),

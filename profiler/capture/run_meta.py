@@ -63,11 +63,14 @@ def final_meta(live: dict, events_seen: int, oom: dict | None, status: str, exc)
     return final
 
 
-def unfinalized_meta(status: str, error: Exception, run_dir) -> dict:
-    """Warn that finalizing failed; the meta.json that says so, next to the journals."""
+def unfinalized_meta(status: str, error: Exception, run_dir, steps_completed: int) -> dict:
+    """Warn that finalizing failed; the meta.json that says so, next to the journals.
+
+    steps_completed is written again: the last drain's count may lag, and readers tell the
+    trailing partial step's row from the completed steps by it."""
     print(
         f"vramscope: warning: the trace could not be finalized ({type(error).__name__}: {error}); "
         f"its journals are kept in {run_dir} and still load",
         file=sys.stderr,
     )
-    return {"status": status, "finalize_error": f"{type(error).__name__}: {error}"}
+    return {"status": status, "finalize_error": f"{type(error).__name__}: {error}", "steps_completed": steps_completed}

@@ -113,7 +113,7 @@ class Profiler:
             self._teardown()
             self._finish(status, exc)
         except Exception as e:  # never let our failure replace the user's outcome
-            meta = run_meta.unfinalized_meta(status, e, self.run_dir)
+            meta = run_meta.unfinalized_meta(status, e, self.run_dir, self.step_index)
             with contextlib.suppress(Exception):
                 self._parts.writer.flush(meta)
         return False  # never swallow the user's exception

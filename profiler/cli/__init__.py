@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import sys
 
 from profiler.errors import UsageError, VramscopeError
@@ -37,6 +38,7 @@ _COMMANDS: list[tuple[str, str]] = [
 PLUGIN_GROUP = "vramscope.verbs"
 
 EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
+EXIT_BROKEN_PIPE = 141  # what a shell reports for SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the line a ^C left half-written
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `vramscope report RUN | head`: the reader has what it wanted
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except SystemExit as exc:  # argparse: 2 on bad usage, 0 after --help
         return _exit_code(exc.code)
 
@@ -174,6 +179,15 @@ def _print_error(message: str) -> None:
     # One line, whatever the message holds: scripts grep for this prefix.
     line = " ".join(message.split())
     print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+def _drop_stdout() -> None:
+    # Python flushes stdout again at exit, into the closed pipe: point it at /dev/null first.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by something without a descriptor
+        pass
 
 
 def _exit_code(code) -> int:

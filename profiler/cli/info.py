@@ -33,9 +33,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(trace) -> dict:
+    from profiler.analysis.summary import step_counts
+    from profiler.trace.meta import run_status
+
+    steps, tail = step_counts(trace)
     return {
         "path": str(trace.path),
-        "status": trace.status,
+        "status": run_status(trace.meta),  # without a final status: running, died or running?
+        "steps": steps,  # completed, as `vramscope report` counts them
+        "tail_step": tail,
         "meta": trace.meta,
         "tables": {
             t: {"rows": len(getattr(trace, t)), "source": "journal" if t in trace.from_journal else "parquet"}
@@ -47,7 +53,9 @@ def _summary(trace) -> dict:
 def _format(summary: dict) -> str:
     meta = summary["meta"]
     width = max(len(k) for k in meta) + 2
-    lines = [f"run {summary['path']}  (status: {summary['status']})", "", "meta:"]
+    tail = "  (+ a partial step after the last one: its rows and events are kept)" if summary["tail_step"] else ""
+    lines = [f"run {summary['path']}  (status: {summary['status']})", f"steps: {summary['steps']:,} completed{tail}"]
+    lines += ["", "meta:"]
     lines += [f"  {k:<{width}}{_value(v)}" for k, v in sorted(meta.items())]
     lines += ["", "tables:"]
     for name, t in summary["tables"].items():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from profiler.errors import TraceError, one_line
 from profiler.trace import schema
-from profiler.trace.meta import read_meta_lenient, world_size_of
+from profiler.trace.meta import DIED, RUNNING, RUNNING_ELSEWHERE, read_meta_lenient, run_status, world_size_of
 from profiler.trace.model import MISSING, UNREADABLE, RankRecord  # noqa: F401  (what read_ranks returns)
 from profiler.trace.problems import trace_error
 
@@ -100,6 +100,20 @@ def run_root_of(path) -> Path:
 def is_multi_rank(path) -> bool:
     """Whether `path` is a multi-rank run (it holds rank=N partitions) or one of its partitions."""
     return bool(rank_dirs(run_root_of(path)))
+
+
+def shown_status(path, recorded: str | None) -> str:
+    """The status to show for the run or multi-rank job at `path`, whose trace or summary says
+    `recorded`: a final status as it is; "running" checked against the capture's process
+    (meta.run_status): died, running, or running? where it cannot be checked. A job runs while
+    any rank does and died once any rank died without a final status."""
+    if recorded not in (None, RUNNING):
+        return recorded
+    parts = rank_dirs(path) if rank_number(path) is None else []
+    if not parts:
+        return run_status(read_meta_lenient(path))
+    found = {run_status(read_meta_lenient(p)) for p in parts}
+    return next((s for s in (DIED, RUNNING, RUNNING_ELSEWHERE) if s in found), RUNNING)
 
 
 # -- reading every rank -------------------------------------------------------------------

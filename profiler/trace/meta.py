@@ -1,10 +1,13 @@
 """meta.json, read here and only here: read_meta() checks it as the reader needs it,
-read_meta_lenient() takes whatever JSON object is there (labels for a run that cannot be read).
+read_meta_lenient() takes whatever JSON object is there (labels for a run that cannot be read),
+run_status() says whether a run without a final status is still being written.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from profiler.errors import TraceVersionError
@@ -92,3 +95,62 @@ def world_size_of(meta: dict | None) -> int | None:
         if is_int(value) and value:
             return value
     return None
+
+
+# -- whether a run is still being written ----------------------------------------------
+
+RUNNING = "running"
+RUNNING_ELSEWHERE = "running?"  # no final status, and its process is on another host: unknown
+DIED = "died"  # no final status, and its process is gone: killed (SIGKILL, the OOM killer) or crashed
+# A process that started this long after the capture did holds a reused pid. The slack absorbs
+# the whole-second boot time the start is computed from, and wall-clock steps since.
+_PID_REUSE_SLACK_S = 60.0
+
+
+def run_status(meta: dict | None) -> str:
+    """The status to show for a run: the final one meta.json records (complete, oom, error); else
+    running while the capture's process (meta's pid, on meta's hostname) is alive, died once it is
+    gone, and running? when that cannot be checked from here (another host, no pid recorded)."""
+    meta = meta if isinstance(meta, dict) else {}
+    status = meta.get("status")
+    if isinstance(status, str) and status:
+        return status
+    pid, host = meta.get("pid"), meta.get("hostname")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or host != socket.gethostname():
+        return RUNNING_ELSEWHERE
+    if os.name != "posix":
+        return RUNNING_ELSEWHERE  # signal 0 is a probe on POSIX only
+    return RUNNING if process_alive(pid, meta.get("started_at")) else DIED
+
+
+def process_alive(pid: int, started_at=None) -> bool:
+    """Whether process `pid` of this host runs (POSIX): signal 0 probes it; on Linux, /proc also
+    tells a zombie (killed, not yet reaped) and a reused pid (a process started after `started_at`)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user
+    except OSError:
+        return True  # cannot tell: do not declare it dead
+    found = _proc_state(pid)
+    if found is None:
+        return True  # no /proc (macOS): signal 0 said it exists
+    state, started = found
+    if state in ("Z", "X"):
+        return False
+    return not (isinstance(started_at, (int, float)) and started > started_at + _PID_REUSE_SLACK_S)
+
+
+def _proc_state(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in epoch seconds) of a process, from /proc; None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # the name, in parentheses, may hold spaces
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+        # stat(5): field 3 is the state, field 22 the start in clock ticks since boot.
+        return fields[0].decode(), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
