@@ -142,3 +142,16 @@ def test_a_model_object_on_the_meta_device_estimates_like_its_config():
     by_name = estimate("gpt2-small", batch=8, seq=1024, precision="bf16", optimizer="adamw")
     assert by_model == by_name
     assert by_model["parameter"] == 4 * model.num_params()
+
+
+def test_the_cublas_workspace_is_counted_on_cuda_runs_only():
+    from profiler.estimate import DEFAULT_WORKSPACE
+
+    meta = {"config": {"preset": "tiny"}}
+    on_cpu = config_from_meta({**meta, "backend": "cpu"})
+    on_cuda = config_from_meta({**meta, "backend": "cuda"})
+    assert on_cpu["workspace_bytes"] == 0
+    assert on_cuda["workspace_bytes"] == DEFAULT_WORKSPACE == 65 << 20
+    cpu, cuda = estimate(**on_cpu, detail=True), estimate(**on_cuda, detail=True)
+    assert cpu["workspace"] == 0 and cpu["peak_phase"] == cuda["peak_phase"] == "loss_backward"
+    assert cuda["peak"] - cpu["peak"] == DEFAULT_WORKSPACE  # the loss backward holds the whole workspace
