@@ -5,7 +5,12 @@ peak numbers against `vramscope report`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -156,11 +161,23 @@ def test_live_page_follows_an_unfinished_run(traces, tmp_path, monkeypatch):
     shutil.copytree(TRACES / GPT2, run)
     meta = json.loads((run / "meta.json").read_text())
     del meta["status"]
+    # No final status, and its capture's process (this one) alive: a run being written.
+    meta.update(pid=os.getpid(), hostname=socket.gethostname(), started_at=time.time())
     (run / "meta.json").write_text(json.dumps(meta))
     at = page("live", tmp_path, monkeypatch)
     _ok(at)
     assert len(at.get("plotly_chart")) == 1
     assert {m.label for m in at.metric} >= {"Events so far", "Peak allocated so far"}
+    # Once its process is gone, there is nothing left to follow.
+    (run / "meta.json").write_text(json.dumps(meta | {"pid": _ended_pid()}))
+    gone = page("live", tmp_path, monkeypatch)
+    assert not gone.exception and gone.info and not gone.get("plotly_chart")
+
+
+def _ended_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_estimate_page_sets_measured_against_predicted(traces, monkeypatch):
