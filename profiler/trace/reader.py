@@ -189,8 +189,7 @@ def _load(run: Path, wanted: tuple[str, ...]) -> Trace:
     if not run.is_dir():
         raise trace_error(run, "not a directory")
     meta = read_meta(run)
-    status = meta.get("status")
-    finished = status is not None
+    finished = _finalized(meta)
     arrow, from_journal = _read_tables(run, wanted, meta)
     for table, tbl in arrow.items():
         _check_values(run, table, tbl)
@@ -203,14 +202,15 @@ def _load(run: Path, wanted: tuple[str, ...]) -> Trace:
 def _read_tables(run: Path, wanted: tuple[str, ...], meta: dict) -> tuple[dict[str, pa.Table], tuple[str, ...]]:
     """Each wanted table, from Parquet where finalized, else from the journals."""
     status = meta.get("status")
+    finalized = _finalized(meta)
     out = {}
     journal_tables = []
     for table in wanted:
         if (run / schema.parquet_name(table)).is_file():
             out[table] = _read_parquet(run, table)
-        elif status is not None and table in schema.OPTIONAL_TABLES:
+        elif finalized and table in schema.OPTIONAL_TABLES:
             out[table] = schema.empty_table(table)
-        elif status is not None:
+        elif finalized:
             # Finalizing deletes journals only after every Parquet file is in place.
             raise trace_error(
                 run, f"{schema.parquet_name(table)} is missing although the run finished (status {status})"
@@ -220,6 +220,12 @@ def _read_tables(run: Path, wanted: tuple[str, ...], meta: dict) -> tuple[dict[s
     if journal_tables:
         out.update(_read_journals(run, tuple(journal_tables), meta))
     return out, tuple(journal_tables)
+
+
+def _finalized(meta: dict) -> bool:
+    """Whether the capture published its tables: it wrote a final status, and no finalize_error
+    (a capture whose finalizing failed keeps its journals, and says so in meta.json)."""
+    return meta.get("status") is not None and not meta.get("finalize_error")
 
 
 def _is_empty(run: Path, arrow: dict[str, pa.Table], finished: bool) -> bool:

@@ -281,3 +281,30 @@ def test_estimate_with_a_shape_adds_no_cublas_workspace_on_cpu(runs, capsys):
     with_workspace = estimate(shape_from_preset("tiny"), batch=4, seq=32)
     assert with_workspace["peak"] - tiny["peak"] >= 32 << 20  # what a CUDA run would add
     assert ("held", "parameter") in {(r["level"], r["name"]) for r in found["rows"]}
+
+
+def test_a_run_that_could_not_be_finalized_reports_why(tmp_path, monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    import profiler
+    from profiler.trace.writer import TraceWriter
+
+    def disk_full(self, status, meta_updates=None):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(TraceWriter, "finalize", disk_full)
+    model = nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    with profiler.profile(out=tmp_path, name="full", backend="cpu") as prof:
+        for _ in range(2):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    capsys.readouterr()  # the capture's warning
+    meta = json.loads((prof.run_dir / "meta.json").read_text())
+    assert (meta["status"], meta["steps_completed"]) == ("complete", 2)
+    rc, text, _ = _cli(capsys, "report", prof.run_dir)
+    lines = text.splitlines()
+    assert rc == 0 and lines[2].startswith("  status complete   steps 2 (+ tail)")  # zero_grad's frees
+    assert lines[3] == "  finalize error: OSError: No space left on device"
