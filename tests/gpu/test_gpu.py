@@ -19,6 +19,8 @@ import pytest
 import torch
 from gpu_oracle import allocated_at_step_ends, categories_alive_at, load_events, replay
 
+from profiler.trace.reader import load_trace
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -256,6 +258,11 @@ def test_oom_under_vramscope_run(tmp_path):
     assert meta["status"] == "oom"
     assert (ev["action"] == "oom").sum() >= 1
     assert (seg["snapshot"] == "oom").sum() > 0
+    from profiler import report
+
+    facts = report.build_report(load_trace(runs[0]))
+    assert facts["run"]["oom"] == meta["oom"]
+    assert any(line.startswith("  out of memory: ") for line in report.render(facts).splitlines()[:6])
 
 
 def test_full_ring_is_counted_not_silent(tmp_path):
@@ -454,3 +461,34 @@ def test_generate_kv_cache_exact_on_cuda(tmp_path):
     assert measured == expect
     assert alive == expect
     assert alive_end == final
+
+
+def test_estimate_of_a_cuda_run_without_a_preset(tmp_path):
+    """estimate --trace on any run: parameters and AdamW moments predicted from the run's own tensors;
+    the allocator rounds each to 512 B blocks. Steps are the optimizer's; the workspace counts on CUDA."""
+    import profiler
+    from profiler.analysis.summary import step_counts
+    from profiler.estimate import DEFAULT_WORKSPACE, workspace_bytes_for
+    from profiler.estimate_trace import compare_with_trace
+
+    _fresh_gpu()
+    with profiler.profile(out=tmp_path, name="mlp", backend="cuda") as prof:
+        model = torch.nn.Sequential(torch.nn.Linear(100, 300), torch.nn.GELU(), torch.nn.Linear(300, 7)).cuda()
+        opt = torch.optim.AdamW(model.parameters())  # foreach: the step counts stay on the CPU
+        for _ in range(3):
+            model(torch.randn(16, 100, device="cuda")).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    trace = load_trace(prof.run_dir)
+    params = list(model.parameters())
+    nbytes = sum(p.numel() * 4 for p in params)
+    blocks = sum(-(-p.numel() * 4 // 512) * 512 for p in params)
+    rows = {(r.level, r.name): r for r in compare_with_trace(trace).itertuples()}
+    _save("estimate_cuda", {f"{k[0]}:{k[1]}": (r.measured_bytes, r.predicted_bytes) for k, r in rows.items()})
+    assert step_counts(trace)[0] == 3 and workspace_bytes_for(trace.meta) == DEFAULT_WORKSPACE
+    assert rows[("held", "parameter")].predicted_bytes == nbytes
+    assert rows[("held", "parameter")].measured_bytes == blocks
+    moments = [rows[("state", s)] for s in ("exp_avg", "exp_avg_sq")]
+    assert [r.measured_bytes for r in moments] == [r.predicted_bytes for r in moments] == [nbytes, nbytes]
+    assert ("state", "step") not in rows
+    assert rows[("held", "optimizer_state")].measured_bytes >= 2 * blocks

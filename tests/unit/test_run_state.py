@@ -121,3 +121,17 @@ def test_a_job_died_once_a_rank_died(tmp_path):
     _rank(live, 0, _meta(os.getpid()))
     _rank(live, 1, _meta(os.getpid(), host=HOST + "-elsewhere"))
     assert layout.shown_status(live, "running") == RUNNING
+
+
+def test_the_report_says_what_went_wrong_under_the_status():
+    from profiler.report_state import state_lines, steps_text
+
+    oom = dict(device=0, requested_bytes=2 << 30, device_allocated_bytes=78 << 30, device_free_bytes=512 << 20, step=4)
+    run = dict(status="oom", steps=4, tail_step=True, error="OutOfMemoryError: CUDA out of memory.", oom=oom)
+    assert steps_text(run) == "4 (+ tail)"
+    assert state_lines(run) == [
+        "  error: OutOfMemoryError: CUDA out of memory.",
+        "  out of memory: 2.00 GiB requested on device 0 at step 4, with 78.00 GiB allocated and 512.00 MiB free",
+    ]
+    assert steps_text(dict(status=DIED, steps=2, tail_step=True)) == "2 (+ 1 unfinished)"
+    assert state_lines(dict(status="complete", steps=1, tail_step=False)) == []
