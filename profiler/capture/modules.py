@@ -201,7 +201,9 @@ class ModuleTracer:
             parent = path.rpartition(".")[0]
             parent_name = (prefix + parent) if parent else root_name
             self._add(sub, prefix + path, parent=parent_name, depth=path.count(".") + 1)
-        self.recorder.on_new_root(_unwrapped(module), root_name, prefix)
+        # The root hooks go on what the script calls: on a compiled wrapper they run outside
+        # dynamo's graph, so adding or removing them never changes what dynamo guards on.
+        self.recorder.on_new_root(_unwrapped(module), root_name, prefix, called=module)
         return root_name
 
     def _add(self, module: nn.Module, name: str, parent: str | None, depth: int) -> None:

@@ -206,7 +206,7 @@ class Profiler:
         self.phase = phase
         self._phase_start = now
 
-    def on_new_root(self, module, root_name, prefix) -> None:
+    def on_new_root(self, module, root_name, prefix, called=None) -> None:
         # Parameters usually pre-date the capture: name their storages, at a position
         # in the stream that is exact (a marker on CUDA, the event count on CPU).
         run = self._parts
@@ -218,7 +218,7 @@ class Profiler:
         self.register_roles(named, "parameter", pos, self.step_index)
         buffers = ((user_path(prefix + n), b) for n, b in module.named_buffers(remove_duplicate=True))
         self.register_roles(buffers, "buffer", pos, self.step_index)
-        run.on_new_root(module)
+        run.on_new_root(module if called is None else called)
         run.tracer.retag()
 
     def on_new_module(self, module, name, parent, depth) -> None:

@@ -151,7 +151,7 @@ def test_a_map_joins_the_module_the_graph_ran_in(generated):
 
 
 class _Recorder:
-    def on_new_root(self, module, root_name, prefix):
+    def on_new_root(self, module, root_name, prefix, called=None):
         pass
 
     def on_new_module(self, module, name, parent, depth):
