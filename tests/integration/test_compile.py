@@ -34,6 +34,17 @@ def _model():
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
+@pytest.fixture(autouse=True)
+def _forget_compiles():
+    """Later captures in this process must not see these tests' compiles: the capture keeps
+    module hooks as they are once dynamo has compiled anything in the process."""
+    yield
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory):
     model, opt = _model()
