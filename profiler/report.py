@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from profiler import report_state
+from profiler.report_explain import render_explanation
 from profiler.units import exact_bytes, human_bytes
 
 
@@ -67,11 +68,13 @@ _RUN_KEYS = ("run_id", "name", "backend", "device", "torch_version", "status", "
 def build_report(trace, top: int = 10) -> dict:
     """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
     from profiler.analysis.categories import category_at_peak
+    from profiler.analysis.explain import explain
     from profiler.analysis.fragmentation import fragmentation_at_peak
     from profiler.analysis.live import lifetimes
     from profiler.analysis.modules import module_table
     from profiler.analysis.summary import run_summary
     from profiler.analysis.timeline import peak
+    from profiler.report_explain import explanation_facts
 
     lt = lifetimes(trace)  # paired once, shared by every section
     s = run_summary(trace, lt)
@@ -106,6 +109,7 @@ def build_report(trace, top: int = 10) -> dict:
             "modules": modules[busy].head(top).to_dict("records"),
             "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
             "fragmentation": fragmentation_at_peak(trace, lt),
+            "explanation": explanation_facts(explain(trace, lt)),
             "median_step_time_us": s["median_step_time_us"],
             "tokens_per_s": s["tokens_per_s"],
         }
@@ -313,6 +317,8 @@ def _kv(r: dict) -> list[str]:
 def render(report: dict) -> str:
     """The report as aligned plain text."""
     sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
+    if report.get("explanation", {}).get("has_segments"):
+        sections.append(render_explanation(report["explanation"]))
     if report.get("kv"):
         sections.append(_kv(report))
     if "ranks" in report:

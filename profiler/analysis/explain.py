@@ -59,6 +59,7 @@ class Explanation:
 
     has_segments: bool
     event_index: int | None = None
+    at_reserved_peak: bool = True
     step: int | None = None
     phase: str | None = None
     reserved_bytes: int | None = None
@@ -184,10 +185,17 @@ def hole_table(trace, holes: pd.DataFrame, labels: dict[int, str]) -> pd.DataFra
         {"module": module, "site": site, "stack_id": stack, "size_bytes": holes["size_bytes"].to_numpy(np.int64)}
     )
     df["module"] = df["module"].astype(object).where(df["module"].notna(), None)
-    g = df.groupby(["module", "site", "stack_id"], dropna=False, sort=False)["size_bytes"]
-    out = pd.DataFrame({"holes": g.size(), "bytes": g.sum()}).reset_index()
     sizes = _site_sizes(trace)
-    out["request_sizes"] = [int(sizes.get(s, 0)) if s >= 0 else 0 for s in out["stack_id"]]
+    df["request_sizes"] = [int(sizes.get(s, 0)) if s >= 0 else 0 for s in df["stack_id"]]
+    # Stacks that differ only in library frames share a site: one row, the largest stack's id.
+    df = df.sort_values("size_bytes", ascending=False, kind="stable")
+    g = df.groupby(["module", "site"], dropna=False, sort=False)
+    out = g.agg(
+        stack_id=("stack_id", "first"),
+        holes=("size_bytes", "size"),
+        bytes=("size_bytes", "sum"),
+        request_sizes=("request_sizes", "max"),
+    ).reset_index()
     out["stack_id"] = out["stack_id"].where(out["stack_id"] >= 0, pd.NA).astype("Int64")
     out["module"] = out["module"].astype(object).where(out["module"].notna(), None)
     return out.sort_values("bytes", ascending=False, kind="stable").reset_index(drop=True)[list(HOLE_COLUMNS)]
@@ -327,6 +335,9 @@ def _suggest_pending(e: Explanation) -> list[Suggestion]:
 def _verdict(e: Explanation) -> str:
     gap, reserved = e.gap_bytes or 0, e.reserved_bytes or 0
     where = f"step {e.step}" + (f", {e.phase}" if e.phase else "")
+    moment = f"At the peak of reserved memory ({where})"
+    if not e.at_reserved_peak:
+        moment = f"At event {e.event_index} ({where})"
     if reserved == 0:
         return "Nothing was reserved."
     named = {
@@ -339,10 +350,7 @@ def _verdict(e: Explanation) -> str:
     said = ", ".join(f"{b:,} B {v}" for b, v in causes) or "nothing"
     share = gap / reserved
     weight = "little to win back" if share < 0.05 else "worth winning back" if share < 0.2 else "a large share"
-    return (
-        f"At the peak of reserved memory ({where}), {gap:,} B of {reserved:,} B reserved ({share:.1%}) are not"
-        f" allocated, {weight}: {said}."
-    )
+    return f"{moment}, {gap:,} B of {reserved:,} B reserved ({share:.1%}) are not allocated, {weight}: {said}."
 
 
 def explain(trace, lt: Lifetimes | None = None, event_index: int | None = None) -> Explanation:
@@ -366,6 +374,7 @@ def explain(trace, lt: Lifetimes | None = None, event_index: int | None = None) 
     e = Explanation(
         has_segments=True,
         event_index=k,
+        at_reserved_peak=event_index is None,
         step=None if step is None or pd.isna(step) else int(step),
         phase=None if phase is None or pd.isna(phase) else str(phase),
         reserved_bytes=reserved,

@@ -33,6 +33,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("export", "profiler.cli.export"),
     ("estimate", "profiler.cli.estimate"),
     ("whatif", "profiler.cli.whatif"),
+    ("explain", "profiler.cli.explain"),
 ]
 
 PLUGIN_GROUP = "vramscope.verbs"

@@ -1,0 +1,57 @@
+"""explain() on the bundled H100 traces: the gap accounted to the byte, the split share dropping
+with expandable segments, and inactive splits that agree with the allocator's own counter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from profiler.analysis.explain import PART_NAMES, explain
+from profiler.analysis.live import lifetimes
+from profiler.analysis.timeline import reserved_bytes, step_spans
+from profiler.cli import main
+from profiler.trace.reader import load_trace
+
+TRACES = Path(__file__).resolve().parents[2] / "traces"
+SEEDS = TRACES / "h100-ablation-seeds"
+BASELINE = next(SEEDS.glob("ablate-seeds-baseline-*"))
+EXPANDABLE = next(SEEDS.glob("ablate-seeds-expandable-*"))
+KV_CONCAT = next((TRACES / "h100-ablation-kv").glob("ablate-kv-vary-kv-concat-*"))
+
+
+@pytest.mark.parametrize("run", [BASELINE, EXPANDABLE, KV_CONCAT], ids=lambda p: p.name.split("-2026")[0])
+def test_the_gap_adds_up_to_the_byte(run):
+    trace = load_trace(run)
+    lt = lifetimes(trace)
+    e = explain(trace, lt)
+    assert e.parts["unplaced"] == 0
+    assert sum(e.parts[p] for p in PART_NAMES) == e.gap_bytes == e.reserved_bytes - e.allocated_bytes
+    # The replayed segments hold what the allocator's segment events say is reserved then.
+    assert e.reserved_bytes == int(reserved_bytes(trace)[e.event_index]) == trace.meta["max_reserved_bytes"]
+    assert e.allocated_bytes == int(lt.allocated_bytes[e.event_index])
+
+
+def test_expandable_segments_cut_the_split_share():
+    base, expandable = explain(load_trace(BASELINE)), explain(load_trace(EXPANDABLE))
+    assert base.expandable_segments is False and expandable.expandable_segments is True
+    assert expandable.split_share < base.split_share / 3
+    assert any("expandable_segments:True" in s.action for s in base.suggestions)
+    assert not any("expandable_segments" in s.action for s in expandable.suggestions)
+
+
+def test_splits_at_step_ends_agree_with_the_allocator_counter():
+    trace = load_trace(KV_CONCAT)
+    lt = lifetimes(trace)
+    ends = step_spans(trace, lt).set_index("step")["event_index_end"]
+    counter = trace.steps.set_index("step")["inactive_split_bytes"]
+    for step in (1, 20, 64):
+        e = explain(trace, lt, int(ends[step]))
+        assert e.parts["inactive_split"] == int(counter[step])
+        assert e.at_reserved_peak is False
+
+
+def test_cli_explain_step_out_of_range_is_one_line(capsys):
+    assert main(["explain", str(EXPANDABLE), "--step", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 99 is not in this run" in err
