@@ -20,6 +20,7 @@ from pathlib import Path
 
 from profiler import report_state
 from profiler.report_explain import render_explanation
+from profiler.report_leaks import render_growth
 from profiler.units import exact_bytes, human_bytes
 
 
@@ -70,11 +71,13 @@ def build_report(trace, top: int = 10) -> dict:
     from profiler.analysis.categories import category_at_peak
     from profiler.analysis.explain import explain
     from profiler.analysis.fragmentation import fragmentation_at_peak
+    from profiler.analysis.leaks import leaks
     from profiler.analysis.live import lifetimes
     from profiler.analysis.modules import module_table
     from profiler.analysis.summary import run_summary
     from profiler.analysis.timeline import peak
     from profiler.report_explain import explanation_facts
+    from profiler.report_leaks import growth_facts
 
     lt = lifetimes(trace)  # paired once, shared by every section
     s = run_summary(trace, lt)
@@ -110,6 +113,7 @@ def build_report(trace, top: int = 10) -> dict:
             "categories": cats[cats["total_bytes"] != 0].to_dict("records"),
             "fragmentation": fragmentation_at_peak(trace, lt),
             "explanation": explanation_facts(explain(trace, lt)),
+            "growth": growth_facts(leaks(trace, lt)),
             "median_step_time_us": s["median_step_time_us"],
             "tokens_per_s": s["tokens_per_s"],
         }
@@ -319,6 +323,8 @@ def render(report: dict) -> str:
     sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
     if report.get("explanation", {}).get("has_segments"):
         sections.append(render_explanation(report["explanation"]))
+    if "growth" in report:
+        sections.append(render_growth(report["growth"]))
     if report.get("kv"):
         sections.append(_kv(report))
     if "ranks" in report:

@@ -34,6 +34,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("estimate", "profiler.cli.estimate"),
     ("whatif", "profiler.cli.whatif"),
     ("explain", "profiler.cli.explain"),
+    ("leaks", "profiler.cli.leaks"),
 ]
 
 PLUGIN_GROUP = "vramscope.verbs"
