@@ -299,3 +299,85 @@ def differing_columns(df: pd.DataFrame, keep=("name",)) -> list[str]:
         if c in keep or values.nunique(dropna=False) > 1:
             out.append(c)
     return out
+
+
+# -- two runs in full: `vramscope diff` -------------------------------------------------------
+
+PHASE_DIFF_COLUMNS = ("step", "phase", "a_peak_bytes", "b_peak_bytes", "delta_bytes", "a_has_peak", "b_has_peak")
+
+
+def phase_peaks(trace, lt=None) -> pd.DataFrame:
+    """step, phase, peak_bytes (allocated), has_peak: the highest allocated bytes in each (step, phase)
+    span of phase_spans, and whether the run's peak event lies in it."""
+    from profiler.analysis.live import lifetimes
+    from profiler.analysis.timeline import peak, phase_spans
+
+    lt = lt or lifetimes(trace)
+    spans = phase_spans(trace)
+    spans = spans[spans["event_index_end"] >= spans["event_index_start"]]
+    starts = spans["event_index_start"].to_numpy(np.int64)
+    ends = spans["event_index_end"].to_numpy(np.int64)
+    at = peak(trace, lt).event_index
+    out = pd.DataFrame(
+        {
+            "step": spans["step"].to_numpy(np.int64),
+            "phase": spans["phase"].astype(str).to_numpy(),
+            "peak_bytes": [int(lt.allocated_bytes[s : e + 1].max()) for s, e in zip(starts, ends)],
+            "has_peak": (starts <= at) & (at <= ends),
+        }
+    )
+    # A phase may come back within a step (recompute inside backward): one row, its highest.
+    return out.groupby(["step", "phase"], sort=False, as_index=False).agg(
+        peak_bytes=("peak_bytes", "max"), has_peak=("has_peak", "any")
+    )
+
+
+def compare_phases(run_a, run_b, lt_a=None, lt_b=None) -> pd.DataFrame:
+    """PHASE_DIFF_COLUMNS: each (step, phase) of either run with its peak allocated bytes in both,
+    aligned by step number and phase name; a_has_peak / b_has_peak mark the span holding each run's peak."""
+    a, b = phase_peaks(run_a, lt_a), phase_peaks(run_b, lt_b)
+    df = a.merge(b, on=["step", "phase"], how="outer", suffixes=("_a", "_b"), sort=False)
+    order = {p: i for i, p in enumerate(dict.fromkeys(list(a["phase"]) + list(b["phase"])))}
+    df = df.assign(_order=df["phase"].map(order)).sort_values(["step", "_order"], kind="stable")
+    out = pd.DataFrame(
+        {
+            "step": df["step"].astype(np.int64).to_numpy(),
+            "phase": df["phase"].to_numpy(),
+            "a_peak_bytes": df["peak_bytes_a"].astype("Int64").to_numpy(),
+            "b_peak_bytes": df["peak_bytes_b"].astype("Int64").to_numpy(),
+            "a_has_peak": df["has_peak_a"].fillna(False).astype(bool).to_numpy(),
+            "b_has_peak": df["has_peak_b"].fillna(False).astype(bool).to_numpy(),
+        }
+    )
+    out["delta_bytes"] = out["b_peak_bytes"] - out["a_peak_bytes"]
+    return out[list(PHASE_DIFF_COLUMNS)].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class RunDiff:
+    """Two runs side by side, as `vramscope diff` shows them: compare()'s metrics, the categories
+    and modules at each run's peak (compare_categories, compare_modules: the Compare page's), the
+    (step, phase) spans aligned (compare_phases), and where each run peaked."""
+
+    a: dict  # run_summary of a
+    b: dict
+    metrics: pd.DataFrame
+    categories: pd.DataFrame
+    modules: pd.DataFrame
+    phases: pd.DataFrame
+
+
+def diff_runs(trace_a, trace_b) -> RunDiff:
+    """Everything `vramscope diff A B` prints, from two Traces (each paired once)."""
+    from profiler.analysis.live import lifetimes
+
+    lt_a, lt_b = lifetimes(trace_a), lifetimes(trace_b)
+    sa, sb = run_summary(trace_a, lt_a), run_summary(trace_b, lt_b)
+    return RunDiff(
+        a=sa,
+        b=sb,
+        metrics=compare(sa, sb),
+        categories=compare_categories(sa, sb),
+        modules=compare_modules(trace_a, trace_b),
+        phases=compare_phases(trace_a, trace_b, lt_a, lt_b),
+    )

@@ -35,6 +35,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("whatif", "profiler.cli.whatif"),
     ("explain", "profiler.cli.explain"),
     ("leaks", "profiler.cli.leaks"),
+    ("diff", "profiler.cli.diff"),
 ]
 
 PLUGIN_GROUP = "vramscope.verbs"
