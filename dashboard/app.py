@@ -16,6 +16,7 @@ PAGES = [
     ("layers.py", "Layers", ":material/account_tree:"),
     ("categories.py", "Categories", ":material/stacked_line_chart:"),
     ("fragmentation.py", "Fragmentation", ":material/grid_view:"),
+    ("leaks.py", "Growth", ":material/trending_up:"),
     ("kv.py", "KV cache", ":material/memory:"),
     ("compare.py", "Compare", ":material/compare_arrows:"),
     ("ranks.py", "Ranks", ":material/dns:"),

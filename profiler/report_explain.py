@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from profiler.units import exact_bytes, human_bytes
 
-_PART_LABELS = {
+PART_LABELS = {
     "pending_free": "pending free (another stream)",
     "inactive_split": "inactive split (holes in used segments)",
     "free_segments": "segments kept, wholly free",
@@ -65,7 +65,7 @@ def render_explanation(f: dict) -> list[str]:
     lines = [f"Why reserved exceeds allocated, at {moment} ({where})", "  " + f["verdict"], ""]
     rows = [["reserved", exact_bytes(f["reserved_bytes"])], ["allocated", exact_bytes(f["allocated_bytes"])]]
     rows.append(["reserved - allocated", exact_bytes(f["gap_bytes"])])
-    for part, label in _PART_LABELS.items():
+    for part, label in PART_LABELS.items():
         value = f["parts"][part]
         if part == "private_pools" and not f["private_pools_known"]:
             label += " (pools not recorded: counted with the rest)"

@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
+from dashboard.pages._verdicts import fragmentation_verdict
 from profiler import analysis
 
 st.title("Fragmentation")
@@ -15,6 +16,8 @@ trace, lt = loaded
 if trace.backend == "cpu" or trace.events.empty:
     st.info("No allocator segments in this run (CPU backend or no events): nothing fragments.")
     st.stop()
+fragmentation_verdict(trace, lt)
+st.subheader("Over the run")
 every = st.number_input("Also sample every N events (0: step ends and the peak only)", 0, value=0, step=1000)
 frag = analysis.fragmentation(trace, every_n_events=int(every) or None, lt=lt)
 st.plotly_chart(figures.fragmentation_lines(frag))

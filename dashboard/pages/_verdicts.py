@@ -1,0 +1,62 @@
+"""The verdicts the Fragmentation and Growth pages lead with, drawn from the same analysis
+functions (and the same facts) as `vramscope explain` and `vramscope leaks`."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from profiler.units import exact_bytes, human_bytes
+
+
+def fragmentation_verdict(trace, lt) -> None:
+    """Why reserved exceeds allocated at the reserved peak: the verdict, its parts in bytes,
+    what to try, and the holes by the free that left them."""
+    from profiler.analysis.explain import explain
+    from profiler.report_explain import PART_LABELS, explanation_facts
+
+    f = explanation_facts(explain(trace, lt), top=20)
+    st.subheader("Verdict")
+    st.markdown(f["verdict"])
+    parts = pd.DataFrame(
+        {
+            "cause": [PART_LABELS[p] for p in f["parts"]],
+            "bytes": [human_bytes(v) for v in f["parts"].values()],
+            "exact bytes": [f"{v:,}" for v in f["parts"].values()],
+        }
+    )
+    st.dataframe(parts, hide_index=True)
+    st.caption(
+        f"They add up to reserved - allocated = {exact_bytes(f['gap_bytes'])}; inside allocated bytes,"
+        f" rounding requests up to blocks adds {exact_bytes(f['rounding_bytes'])}."
+    )
+    for s in f["suggestions"]:
+        figure = "" if s["figure_bytes"] is None else f" ({human_bytes(s['figure_bytes'])})"
+        st.markdown(f"- **`{s['action']}`**{figure}: {s['why']}")
+    if f["holes"]:
+        with st.expander("Holes inside used segments, by the free that left them"):
+            holes = pd.DataFrame(f["holes"])
+            holes["size"] = [human_bytes(b) for b in holes["bytes"]]
+            st.dataframe(holes[["size", "bytes", "holes", "module", "site"]], hide_index=True)
+
+
+def growth_view(trace, lt) -> None:
+    """What keeps growing from step to step: the verdict, the leaks and other growth, and the
+    bytes per step end of the groups that grew."""
+    from profiler.analysis.leaks import STEADY, leaks
+    from profiler.report_leaks import growth_facts
+
+    g = leaks(trace, lt)
+    f = growth_facts(g, top=20)
+    st.markdown(f["verdict"])
+    for title, key in (("Leaks", "leaks"), ("Grew, then stopped or still filling a cache", "other_growth")):
+        if f[key]:
+            st.subheader(title)
+            st.dataframe(pd.DataFrame(f[key]), hide_index=True)
+    grew = g.table["kind"] != STEADY
+    if grew.any():
+        per_step = g.by_step[grew.to_numpy()].T
+        per_step.columns = [f"{s} ({m or 'no module'})" for s, m in zip(g.table["site"][grew], g.table["module"][grew])]
+        per_step.index.name = "step"
+        st.line_chart(per_step)
+        st.caption("Bytes alive at each step end, per allocation site that grew.")
