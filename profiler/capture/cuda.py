@@ -249,6 +249,7 @@ class CudaBackend:
                 "stream",
                 "segment_type",
                 "is_expandable",
+                "segment_pool",
                 "block_addr",
                 "block_bytes",
                 "requested_bytes",
@@ -275,6 +276,7 @@ class CudaBackend:
                     ("stream", seg["stream"]),
                     ("segment_type", seg["segment_type"]),
                     ("is_expandable", bool(seg.get("is_expandable", False))),
+                    ("segment_pool", _pool_id(seg)),
                     ("block_addr", blk["address"]),
                     ("block_bytes", blk["size"]),
                     ("requested_bytes", blk.get("requested_size")),
@@ -313,3 +315,12 @@ def clear_oom() -> None:
 def _dispatch_oom(device, alloc_bytes, device_allocated, device_free):
     for cb in list(_observers):
         cb(device, alloc_bytes, device_allocated, device_free)
+
+
+def _pool_id(seg: dict) -> str | None:
+    """A segment's pool as "a,b" (torch's segment_pool_id pair); None where torch does not say."""
+    pool = seg.get("segment_pool_id")
+    try:
+        return ",".join(str(int(p)) for p in pool) if pool is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -225,6 +225,13 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         C("stream", I64, required=False),
         C("segment_type", STR, "small | large", required=False),
         C("is_expandable", pa.bool_(), required=False),
+        C(
+            "segment_pool",
+            STR,
+            'torch\'s segment_pool_id as "a,b": "0,0" is the default pool, any other a private pool'
+            " (CUDA graphs, MemPool)",
+            required=False,
+        ),
         C("block_addr", I64),
         C("block_bytes", I64, non_negative=True),
         C("requested_bytes", I64, required=False),

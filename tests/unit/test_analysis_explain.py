@@ -17,8 +17,9 @@ from profiler.analysis.live import lifetimes
 A, B, C = S1, S1 + SEG, S1 + 2 * SEG
 
 
-def _free_segment(seg):
+def _free_segment(seg, pool=None):
     return dict(
+        segment_pool=pool,
         snapshot="start",
         ts_us=990,
         event_index=0,
@@ -45,12 +46,12 @@ EVENTS = [
 ]
 
 
-def _run(tmp_path, **meta):
+def _run(tmp_path, pools=(None, None, None), **meta):
     return load(
         write_trace(
             tmp_path,
             EVENTS,
-            segments=[_free_segment(s) for s in (A, B, C)],
+            segments=[_free_segment(s, p) for s, p in zip((A, B, C), pools)],
             backend="cuda",
             device="cuda:0",
             max_allocated_bytes=12288,
@@ -115,6 +116,16 @@ def test_the_shared_fixture_at_its_reserved_peak(cuda):  # noqa: F811
     assert e.parts["free_segments"] == e.parts["unplaced"] == 0
     # The hole at S1+0x600 was left by no captured free: it was free when capture began.
     assert sum(e.parts.values()) == e.gap_bytes == 3 * SEG - 6656
+
+
+def test_free_bytes_in_a_private_pool_are_counted_apart(tmp_path):
+    # C in a CUDA graph's pool: its free bytes are the pool's, and empty_cache would not return them.
+    e = explain(_run(tmp_path, pools=("0,0", "0,0", "1,0")))
+    assert e.private_pools_known
+    assert (e.parts["private_pools"], e.parts["free_segments"]) == (SEG, 0)
+    assert e.parts["inactive_split"] == 1024 + (SEG - 0x3400) + (SEG - 2048)
+    assert sum(e.parts.values()) == e.gap_bytes
+    assert not any("empty_cache" in s.action for s in e.suggestions)
 
 
 def test_no_segments_on_the_cpu_backend(tmp_path):
