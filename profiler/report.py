@@ -15,11 +15,11 @@ A distributed job's directory (one rank=N partition per rank) gets a table of it
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from profiler import report_state
 from profiler.report_explain import render_explanation
+from profiler.report_format import plain, text_table
 from profiler.report_leaks import render_growth
 from profiler.units import exact_bytes, human_bytes
 
@@ -132,46 +132,7 @@ def kv_caches(trace) -> list[dict]:
     return plain(kv_summary(kv_table(trace), trace.meta.get("kv_shapes")).to_dict("records"))
 
 
-def plain(value):
-    """numpy and pandas scalars to Python ones, NaN and NA to None: json.dumps takes the result."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if hasattr(value, "item"):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (int, float, str, bool)):
-        return value
-    try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(value)
-
-
 # -- the text -------------------------------------------------------------------------
-
-
-def text_table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    """Aligned columns: numbers right-aligned, text left-aligned."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-
-    def line(cells):
-        return (
-            "  "
-            + "  ".join(
-                str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-            ).rstrip()
-        )
-
-    return [line(headers)] + [line(r) for r in rows]
 
 
 def _header(r: dict) -> list[str]:

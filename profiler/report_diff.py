@@ -15,7 +15,7 @@ _LABEL_KEYS = ("run_id", "name", "backend", "device", "steps", "peak_step", "pea
 def diff_facts(d, paths: tuple[str, str], top: int = 10) -> dict:
     """A RunDiff as plain values: labels of both runs, every metric, the categories that differ,
     the `top` modules by change, and every aligned (step, phase) span."""
-    from profiler.report import plain
+    from profiler.report_format import plain
 
     cats = d.categories[(d.categories["a_bytes"] != 0) | (d.categories["b_bytes"] != 0)]
     return plain(
@@ -49,7 +49,7 @@ def _value(metric: str, v) -> str:
 
 
 def _metrics(f: dict) -> list[str]:
-    from profiler.report import text_table
+    from profiler.report_format import text_table
 
     rows = []
     for m in f["metrics"]:
@@ -78,7 +78,7 @@ def _peak_steps(f: dict, all_steps: bool) -> list[dict]:
 
 def render_diff(f: dict, all_steps: bool = False) -> list[str]:
     """The comparison as lines of text: b against a, deltas as b - a."""
-    from profiler.report import text_table
+    from profiler.report_format import text_table
 
     a, b = f["a"], f["b"]
     lines = [f"vramscope diff: a = {a['name']} ({a['path']})", f"                b = {b['name']} ({b['path']})"]

@@ -22,7 +22,7 @@ def explanation_facts(e, top: int = 8) -> dict:
     """An Explanation as plain values: the moment, the parts, the top `top` hole sources, suggestions."""
     from dataclasses import asdict
 
-    from profiler.report import plain
+    from profiler.report_format import plain
 
     if not e.has_segments:
         return {"has_segments": False}
@@ -56,7 +56,7 @@ def explanation_facts(e, top: int = 8) -> dict:
 
 def render_explanation(f: dict) -> list[str]:
     """The explanation as lines of text (the report's section, `vramscope explain`'s output)."""
-    from profiler.report import text_table
+    from profiler.report_format import text_table
 
     if not f["has_segments"]:
         return ["Why reserved exceeds allocated: n/a (the CPU backend has no allocator segments)"]

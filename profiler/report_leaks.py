@@ -10,7 +10,7 @@ def growth_facts(g, top: int = 10) -> dict:
     """A Growth as plain values: the verdict, the step ends, the leaks, and the other groups
     that grew (filled once, still filling), `top` of each at most."""
     from profiler.analysis.leaks import FILLED, FILLING, LEAK
-    from profiler.report import plain
+    from profiler.report_format import plain
 
     t = g.table
     grew = t[t["kind"].isin([FILLED, FILLING])]
@@ -29,7 +29,7 @@ def growth_facts(g, top: int = 10) -> dict:
 
 def render_growth(f: dict) -> list[str]:
     """The growth facts as lines of text."""
-    from profiler.report import text_table
+    from profiler.report_format import text_table
 
     lines = ["Growth across steps (memory alive at each step end)", "  " + f["verdict"]]
     ends = f["allocated_at_step_end_bytes"]
