@@ -17,7 +17,8 @@ TRACES = Path(__file__).resolve().parents[2] / "traces"
 SEEDS = TRACES / "h100-ablation-seeds"
 BASELINE = next(SEEDS.glob("ablate-seeds-baseline-*"))
 EXPANDABLE = next(SEEDS.glob("ablate-seeds-expandable-*"))
-KV_CONCAT = next((TRACES / "h100-ablation-kv").glob("ablate-kv-vary-kv-concat-*"))
+KV_CONCAT = next((TRACES / "h100-ablation-kv").glob("ablate-kv-vary-kv-concat-*"))  # Llama, DynamicCache
+GPT_CONCAT = next((TRACES / "h100-ablation-kv").glob("ablate-kv-baseline-*"))  # GPT-2, the torch.cat cache
 
 
 @pytest.mark.parametrize("run", [BASELINE, EXPANDABLE, KV_CONCAT], ids=lambda p: p.name.split("-2026")[0])
@@ -40,15 +41,27 @@ def test_expandable_segments_cut_the_split_share():
     assert not any("expandable_segments" in s.action for s in expandable.suggestions)
 
 
-def test_splits_at_step_ends_agree_with_the_allocator_counter():
-    trace = load_trace(KV_CONCAT)
+@pytest.mark.parametrize("run, steps", [(KV_CONCAT, (1, 20, 64)), (GPT_CONCAT, (0, 29, 64))], ids=["llama", "gpt"])
+def test_splits_at_step_ends_agree_with_the_allocator_counter(run, steps):
+    trace = load_trace(run)
     lt = lifetimes(trace)
     ends = step_spans(trace, lt).set_index("step")["event_index_end"]
     counter = trace.steps.set_index("step")["inactive_split_bytes"]
-    for step in (1, 20, 64):
+    for step in steps:
         e = explain(trace, lt, int(ends[step]))
         assert e.parts["inactive_split"] == int(counter[step])
-        assert e.at_reserved_peak is False
+        assert sum(e.parts.values()) == e.gap_bytes and e.at_reserved_peak is False
+
+
+def test_the_torch_cat_cache_fragments_as_it_decodes():
+    trace = load_trace(GPT_CONCAT)
+    lt = lifetimes(trace)
+    ends = step_spans(trace, lt).set_index("step")["event_index_end"]
+    first, last = (explain(trace, lt, int(ends[s])) for s in (0, 64))
+    # Reserved stays put while the holes between the growing K/V tensors more than double.
+    assert first.reserved_bytes == last.reserved_bytes
+    assert last.parts["inactive_split"] > 2 * first.parts["inactive_split"]
+    assert any(h.startswith("concat.py:") for h in last.holes["site"])
 
 
 def test_cli_explain_step_out_of_range_is_one_line(capsys):
