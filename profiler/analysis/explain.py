@@ -244,7 +244,8 @@ def _suggest_empty_cache(e: Explanation) -> list[Suggestion]:
         Suggestion(
             "torch.cuda.empty_cache() where segments sit empty",
             max(typical, e.parts["free_segments"]),
-            f"at the reserved peak {e.parts['free_segments']:,} B are in segments with nothing in them, and at a"
+            f"{'at the reserved peak' if e.at_reserved_peak else 'then'} {e.parts['free_segments']:,} B are in"
+            " segments with nothing in them, and at a"
             f" typical step end (the median) {typical:,} B: memory other processes could use, which this process"
             " would have to reserve again",
         )
@@ -269,7 +270,7 @@ def _verdict(e: Explanation) -> str:
     where = f"step {e.step}" + (f", {e.phase}" if e.phase else "")
     moment = f"At the peak of reserved memory ({where})"
     if not e.at_reserved_peak:
-        moment = f"At event {e.event_index} ({where})"
+        moment = f"At event {e.event_index:,} ({where})"
     if reserved == 0:
         return "Nothing was reserved."
     named = {

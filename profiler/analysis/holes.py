@@ -3,7 +3,8 @@
 A hole is free space in a segment that also holds live blocks (an inactive split). The free
 that left it is that of the allocation released last, at or before the moment, whose block
 started inside the hole: coalescing makes the latest free the one that completed the hole.
-A hole no freed block started in is the untouched rest of a segment (NEVER_USED).
+A hole no captured free started in has been unused since capture began (NEVER_USED): the
+rest of a segment cut for a smaller block, or space freed before capture.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from profiler.analysis.live import Lifetimes
 from profiler.analysis.sites import site_of
 from profiler.trace.schema import BlockState
 
-NEVER_USED = "(never handed out: the rest of a segment)"
+NEVER_USED = "(no captured free left it: unused since capture began)"
 BEFORE_CAPTURE = "(freed before capture)"
 HOLE_COLUMNS = ("module", "site", "stack_id", "holes", "bytes", "request_sizes")
 
