@@ -155,10 +155,13 @@ def rounding_bytes(trace, lt: Lifetimes, k: int) -> tuple[int, int]:
     return int((live["size_bytes"] - requested).sum()), int(requested.sum())
 
 
-def free_segments_at_step_ends(trace, lt: Lifetimes) -> pd.DataFrame:
+def free_segments_at_step_ends(trace, lt: Lifetimes, most: int = 64) -> pd.DataFrame:
     """step, free_segment_bytes: what an empty_cache() at the end of each step would hand back
-    (segments with nothing in them, private pools excepted: empty_cache leaves those)."""
+    (segments with nothing in them, private pools excepted: empty_cache leaves those). At most
+    `most` step ends, evenly spread and the last kept: each costs a pass over the allocations."""
     spans = step_spans(trace, lt)
+    if len(spans) > most:
+        spans = spans.iloc[np.unique(np.linspace(0, len(spans) - 1, most).round().astype(np.int64))]
     pools = _pools(trace) or {}
     rows = []
     segments = _Segments(trace)
@@ -171,15 +174,25 @@ def free_segments_at_step_ends(trace, lt: Lifetimes) -> pd.DataFrame:
 
 
 def varying_sites(trace) -> set[int]:
-    """stack_ids whose set of request sizes differs from one step to another (variable shapes)."""
+    """stack_ids whose set of request sizes differs from one step to another (variable shapes).
+
+    A step's sizes are a subset of the site's; the sets are all equal exactly when every step
+    where the site allocates has as many distinct sizes as the site has in all."""
     ev = trace.events
     allocs = ev[(ev["action"] == "alloc") & ev["stack_id"].notna() & ev["step"].notna()]
     if allocs.empty:
         return set()
-    sizes = allocs.groupby([allocs["stack_id"].astype(np.int64), allocs["step"].astype(np.int64)])["size_bytes"]
-    per_step = sizes.agg(lambda s: tuple(sorted(set(s.tolist()))))
-    varies = per_step.groupby(level=0).nunique()
-    return {int(s) for s in varies[varies > 1].index}
+    keys = pd.DataFrame(
+        {
+            "stack_id": allocs["stack_id"].to_numpy(np.int64),
+            "step": allocs["step"].to_numpy(np.int64),
+            "size": allocs["size_bytes"].to_numpy(np.int64),
+        }
+    ).drop_duplicates()
+    per_step = keys.groupby(["stack_id", "step"]).size()
+    overall = keys.drop_duplicates(["stack_id", "size"]).groupby("stack_id").size()
+    short = per_step < overall.reindex(per_step.index.get_level_values("stack_id")).to_numpy()
+    return {int(s) for s in per_step.index.get_level_values("stack_id")[short.to_numpy()]}
 
 
 def _suggest_expandable(e: Explanation) -> list[Suggestion]:

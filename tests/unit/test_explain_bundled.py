@@ -62,6 +62,10 @@ def test_the_torch_cat_cache_fragments_as_it_decodes():
     assert first.reserved_bytes == last.reserved_bytes
     assert last.parts["inactive_split"] > 2 * first.parts["inactive_split"]
     assert any(h.startswith("concat.py:") for h in last.holes["site"])
+    # The cache's tensors change size every token: the bucket suggestion names its line.
+    (buckets,) = [s for s in last.suggestions if s.action.startswith("pad variable-length")]
+    grown = last.holes[last.holes["site"].str.startswith("concat.py:")]["bytes"].sum()
+    assert buckets.figure_bytes == grown and "concat.py:33 update" in buckets.why
 
 
 def test_cli_explain_step_out_of_range_is_one_line(capsys):
