@@ -66,12 +66,12 @@ def hole_table(trace, holes: pd.DataFrame, labels: dict[int, str]) -> pd.DataFra
     take = np.maximum(idx, 0)
     module = np.where(captured, ev["module"].astype(object).to_numpy()[take] if len(ev) else None, None)
     stack = np.where(captured, int_column(ev, "stack_id", fill=-1)[take] if len(ev) else -1, -1)
-    who = np.where(idx == -2, NEVER_USED, np.where(idx == -1, BEFORE_CAPTURE, None)).astype(object)
-    site = [w if w is not None else site_of(s if s >= 0 else None, labels) for w, s in zip(who, stack)]
+    named = {-2: NEVER_USED, -1: BEFORE_CAPTURE}
+    site = [named.get(i) or site_of(s if s >= 0 else None, labels) for i, s in zip(idx.tolist(), stack.tolist())]
     df = pd.DataFrame(
         {"module": module, "site": site, "stack_id": stack, "size_bytes": holes["size_bytes"].to_numpy(np.int64)}
     )
-    df["module"] = df["module"].astype(object).where(df["module"].notna(), None)
+    df["module"] = pd.Series([m if isinstance(m, str) else None for m in df["module"]], dtype=object)
     sizes = _site_sizes(trace)
     df["request_sizes"] = [int(sizes.get(s, 0)) if s >= 0 else 0 for s in df["stack_id"]]
     # Stacks that differ only in library frames share a site: one row, the largest stack's id.
