@@ -94,6 +94,23 @@ def cpu(tmp_path) -> Trace:
     )
 
 
+@pytest.fixture
+def cpu_smaller(tmp_path) -> Trace:
+    """The CPU run with l2 keeping 2,000 instead of 3,000 bytes, and 80 us steps instead of 100."""
+    events = [(a, addr, 2000 if addr == 0x3000 else size, *rest) for a, addr, size, *rest in CPU_EVENTS]
+    return load(
+        write_trace(
+            tmp_path / "b",
+            events,
+            name="smaller",
+            modules=MODULES,
+            steps=cpu_steps(80),
+            baseline_allocated_bytes=CPU_BASELINE,
+            config={"ckpt": True},
+        )
+    )
+
+
 # -- the CUDA run -----------------------------------------------------------------------
 # Segments of the small pool are 2 MiB and its blocks 512-byte multiples, as torch makes them,
 # so that the writer's block replay hands every block back at its requested size.

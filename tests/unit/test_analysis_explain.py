@@ -8,7 +8,7 @@ reserved peak's fullest event is the last alloc (event 6).
 
 from __future__ import annotations
 
-from analysis_runs import S1, SEG, cuda, load  # noqa: F401
+from analysis_runs import S1, SEG, _block, cuda, load  # noqa: F401
 from fakes import write_trace
 
 from profiler.analysis.explain import BEFORE_CAPTURE, NEVER_USED, PART_NAMES, explain, reserved_peak_index
@@ -18,21 +18,7 @@ A, B, C = S1, S1 + SEG, S1 + 2 * SEG
 
 
 def _free_segment(seg, pool=None):
-    return dict(
-        segment_pool=pool,
-        snapshot="start",
-        ts_us=990,
-        event_index=0,
-        segment_addr=seg,
-        segment_bytes=SEG,
-        stream=0,
-        segment_type="small",
-        is_expandable=False,
-        block_addr=seg,
-        block_bytes=SEG,
-        requested_bytes=0,
-        state="inactive",
-    )
+    return _block(seg, seg, SEG, "inactive") | {"segment_pool": pool}
 
 
 EVENTS = [

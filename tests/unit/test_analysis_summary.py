@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from analysis_runs import CPU_BASELINE, CPU_EVENTS, MODULES, SEG, cpu, cpu_steps, cuda, load  # noqa: F401
+from analysis_runs import CPU_BASELINE, CPU_EVENTS, MODULES, SEG, cpu, cpu_smaller, cpu_steps, cuda, load  # noqa: F401
 from fakes import write_trace
 
 from profiler.analysis import (
@@ -26,7 +26,6 @@ from profiler.analysis import (
 from profiler.analysis.summary import SUMMARY_VERSION
 from profiler.cli import report
 from profiler.trace import schema
-from profiler.trace.model import Trace
 from profiler.trace.summary_cache import SUMMARY_FILE, load_summaries, load_summary, read_summary, write_summary
 
 
@@ -196,23 +195,6 @@ def test_an_unwritable_run_still_gets_its_summary(cpu, monkeypatch):
 
 
 # -- compare ----------------------------------------------------------------------------
-@pytest.fixture
-def cpu_smaller(tmp_path) -> Trace:
-    """The CPU run with l2 keeping 2,000 instead of 3,000 bytes, and 80 us steps instead of 100."""
-    events = [(a, addr, 2000 if addr == 0x3000 else size, *rest) for a, addr, size, *rest in CPU_EVENTS]
-    return load(
-        write_trace(
-            tmp_path / "b",
-            events,
-            name="smaller",
-            modules=MODULES,
-            steps=cpu_steps(80),
-            baseline_allocated_bytes=CPU_BASELINE,
-            config={"ckpt": True},
-        )
-    )
-
-
 def test_summarize_is_one_flat_row(cpu):
     s = summarize(cpu)
     assert s["name"] == "cpu" and s["config.ckpt"] is False and "config" not in s
