@@ -245,7 +245,7 @@ def run(args) -> int:
         sys.path[:] = saved_path
 
     code = _outcome(error)
-    if prof.run_dir is not None:
+    if prof.run_dir is not None and prof.failure is None:  # a failed capture said where, once
         print(f"vramscope: trace written to {prof.run_dir}", file=sys.stderr)
     return code
 

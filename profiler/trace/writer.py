@@ -19,6 +19,7 @@ Imports only numpy and pyarrow: this runs inside the profiled process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -122,12 +123,27 @@ class TraceWriter:
             self.meta.update(meta_updates)
             write_meta(self.run_dir, self.meta)
 
+    def update_meta(self, updates: dict) -> None:
+        """Add `updates` to meta.json now, journals aside."""
+        self.meta.update(updates)
+        write_meta(self.run_dir, self.meta)
+
     def _journal(self, table: str) -> JournalWriter:
         journal = self._journals.get(table)
         if journal is None:
             journal = JournalWriter(self.run_dir / schema.journal_name(table), self._schemas[table])
             self._journals[table] = journal
         return journal
+
+    def abandon(self) -> None:
+        """Write no more journal batches: drop the queued rows and close each journal as it
+        stands (after a failed write, its readable prefix is what a reader keeps)."""
+        for batches in self._pending.values():
+            batches.clear()
+        journals, self._journals = self._journals, {}
+        for journal in journals.values():
+            with contextlib.suppress(Exception):
+                journal.close()
 
     # -- end of capture ---------------------------------------------------------------
     def finalize(self, status: str, meta_updates: dict | None = None) -> Path:

@@ -1,0 +1,179 @@
+"""The capture never harms the job it watches: its own errors, signals, and run directories.
+
+A full disk is faked (the trace writer's flush raises ENOSPC from a chosen step on): the
+script must run every step and exit as it would without vramscope, and the trace must say
+the capture failed, and why.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import profiler
+from profiler.trace.reader import load_trace
+from profiler.trace.writer import TraceWriter
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 12
+DISK_FULL_AT = 4  # the flush of this step's end is the first to fail
+
+
+def _train(steps: int, on_step=None) -> int:
+    """A small training loop; returns the steps it ran to the end."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    done = 0
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step)
+        loss = net(torch.randn(8, 16)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        done += 1
+    return done
+
+
+def _fill_disk_from(step_to_fail: int, monkeypatch):
+    """A step callback that makes every trace flush raise ENOSPC from `step_to_fail` on."""
+    original = TraceWriter.flush
+
+    def full_disk(self, meta_updates=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def on_step(step: int) -> None:
+        if step == step_to_fail:
+            monkeypatch.setattr(TraceWriter, "flush", full_disk)
+
+    return on_step, original
+
+
+def test_a_full_disk_stops_the_capture_not_the_script(tmp_path, monkeypatch, capfd):
+    on_step, original = _fill_disk_from(DISK_FULL_AT, monkeypatch)
+    with profiler.profile(out=tmp_path, name="full", backend="cpu") as prof:
+        done = _train(STEPS, on_step)
+    assert done == STEPS
+    assert profiler.capture.api.active() is None  # the module-level calls are no-ops again
+
+    err = capfd.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("vramscope:")]
+    assert len(warnings) == 1, err
+    assert "capture stopped at step" in warnings[0] and "No space left on device" in warnings[0]
+
+    # meta.json as the failure left it, before the writer works again at the end:
+    monkeypatch.setattr(TraceWriter, "flush", original)
+    meta = json.loads((prof.run_dir / "meta.json").read_text())
+    assert meta["status"] == "capture_failed"
+    assert meta["capture_error"] == "OSError: [Errno 28] No space left on device"
+    assert prof.failure == meta["capture_error"]
+
+    trace = load_trace(prof.run_dir)
+    assert trace.status == "capture_failed"
+    # What reached disk before the failure: the steps whose end flushed, none after.
+    steps = trace.steps["step"].tolist()
+    assert steps == list(range(len(steps))) and 0 < len(steps) <= DISK_FULL_AT
+
+
+def test_after_a_failure_the_hooks_are_gone(tmp_path, monkeypatch):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    on_step, _ = _fill_disk_from(1, monkeypatch)
+    call_impl, backward = nn.Module._call_impl, torch.autograd.backward
+    theirs = []  # the script's own global hook, after ours: torch iterates over both as ours fails
+    with profiler.profile(out=tmp_path, name="gone", backend="cpu") as prof:
+        handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: theirs.append(1))
+        try:
+            assert _train(3, on_step) == 3
+        finally:
+            handle.remove()
+        assert theirs == [1, 1, 1]
+        assert not prof.capturing
+        assert nn.Module._call_impl is call_impl and torch.autograd.backward is backward
+        profiler.step()  # a no-op now, never an error
+        profiler.mark("eval")
+    assert nn.Module._call_impl is call_impl
+
+
+def test_a_bug_in_a_hook_stops_the_capture(tmp_path, monkeypatch, capfd):
+    from profiler.capture.modules import ModuleTracer
+
+    def broken(self, module, args):
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr(ModuleTracer, "_pre_forward", broken)
+    with profiler.profile(out=tmp_path, name="bug", backend="cpu") as prof:
+        done = _train(3)
+    assert done == 3
+    trace = load_trace(prof.run_dir)
+    assert trace.meta["capture_error"] == "ZeroDivisionError: a bug of ours"
+    assert trace.status == "capture_failed" and len(trace.events) > 0  # what it saw before the bug
+    assert capfd.readouterr().err.count("vramscope: warning: the capture stopped") == 1
+
+
+# A training script that fills the disk itself, at one step, as the run goes on.
+FILLS_THE_DISK = textwrap.dedent(f"""
+    import errno, os, sys
+    import torch
+    from torch import nn
+    from profiler.trace.writer import TraceWriter
+
+    def full_disk(self, meta_updates=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range({STEPS}):
+        if step == {DISK_FULL_AT}:
+            TraceWriter.flush = full_disk
+        net(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        print("step", step, flush=True)
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_vramscope_run_finishes_the_script_when_the_disk_fills(tmp_path, code):
+    script = tmp_path / "fills.py"
+    script.write_text(FILLS_THE_DISK)
+    out = tmp_path / "traces"
+    proc = subprocess.run(
+        [sys.executable, "-m", "profiler.cli", "run", "--backend", "cpu", "--out", str(out), str(script), str(code)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.split() == [w for s in range(STEPS) for w in ("step", str(s))]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("vramscope:") == 1, proc.stderr
+    (run,) = out.iterdir()
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "capture_failed"
+    assert meta["capture_error"] == "OSError: [Errno 28] No space left on device"
+
+    report = subprocess.run(
+        [sys.executable, "-m", "profiler.cli", "report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert report.returncode == 0, report.stderr
+    assert "capture_failed" in report.stdout
+    assert "capture stopped: OSError: [Errno 28] No space left on device" in report.stdout
