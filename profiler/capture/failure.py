@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from profiler.capture import api
+from profiler.errors import one_line
 from profiler.trace.schema import META_FILE, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,16 +50,10 @@ def stop_capture(session, error: BaseException) -> None:
     if session.failure is not None or not session.capturing:
         return
     session.capturing = False
-    session.failure = describe(error)
+    session.failure = one_line(error)
     if api.active() is session:
         api.deactivate()
     stop(session._parts, session._unhook, session.failure, session.step_index)
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an error: its type and the first line of its message."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def failed_meta(reason: str, steps_completed: int) -> dict:
@@ -83,7 +78,7 @@ def publish(writer, reason: str, step: int) -> None:
     try:
         writer.finalize(meta["status"], meta)
     except Exception as e:  # noqa: BLE001 - the journals stay, and still load
-        _write_meta_anyhow(writer, dict(meta, finalize_error=describe(e)))
+        _write_meta_anyhow(writer, dict(meta, finalize_error=one_line(e)))
 
 
 def _write_meta_anyhow(writer, updates: dict) -> None:

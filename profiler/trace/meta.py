@@ -143,6 +143,12 @@ def process_alive(pid: int, started_at=None) -> bool:
     return not (isinstance(started_at, (int, float)) and started > started_at + _PID_REUSE_SLACK_S)
 
 
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` of this host started (epoch seconds), from /proc; None without it."""
+    found = _proc_state(pid)
+    return None if found is None else found[1]
+
+
 def _proc_state(pid: int) -> tuple[str, float] | None:
     """(state letter, start time in epoch seconds) of a process, from /proc; None without /proc."""
     try:

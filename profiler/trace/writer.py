@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from profiler.errors import RunDirectoryExists
 from profiler.trace import schema
 from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
@@ -72,17 +73,33 @@ def new_run_id(name: str) -> str:
     return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
+def _new_run_dir(out_dir: Path, name: str, run_id: str | None, subdir: str | None) -> tuple[str, Path]:
+    """(run id, directory) of a run directory made now, never one that exists: two captures
+    writing one directory would leave a trace of neither. `subdir` is one partition of a
+    multi-rank run ("rank=3"), whose run directory the other ranks share."""
+    while True:
+        chosen = run_id or new_run_id(name)
+        run_dir = out_dir / chosen / subdir if subdir else out_dir / chosen
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+            return chosen, run_dir
+        except FileExistsError:
+            if run_id is None:
+                continue  # a fresh id met another run's: draw again
+            raise RunDirectoryExists(
+                f"{run_dir} exists already: a capture writes only a new run directory "
+                "(give another run id, or another --out)"
+            ) from None
+
+
 class TraceWriter:
     """Owns a run directory for the duration of one capture."""
 
     def __init__(
         self, out_dir: str | os.PathLike, name: str, meta: dict, run_id: str | None = None, subdir: str | None = None
     ):
-        self.run_id = run_id or new_run_id(name)
-        self.run_dir = Path(out_dir) / self.run_id
-        if subdir:  # one partition of a multi-rank run, e.g. "rank=3"
-            self.run_dir = self.run_dir / subdir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.run_dir = _new_run_dir(Path(out_dir), name, run_id, subdir)
         self.meta = dict(meta)
         self.meta.update(
             format=schema.FORMAT_NAME,

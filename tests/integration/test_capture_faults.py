@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 import profiler
+from profiler.capture import distributed
+from profiler.errors import RunDirectoryExists
 from profiler.trace.reader import load_trace
 from profiler.trace.writer import TraceWriter
 
@@ -177,3 +179,61 @@ def test_vramscope_run_finishes_the_script_when_the_disk_fills(tmp_path, code):
     assert report.returncode == 0, report.stderr
     assert "capture_failed" in report.stdout
     assert "capture stopped: OSError: [Errno 28] No space left on device" in report.stdout
+
+
+# -- run directories ----------------------------------------------------------------------
+
+SINGLE_PROCESS_GROUP = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "1"}
+
+
+def test_a_job_of_one_process_gets_a_fresh_id_each_launch():
+    info = distributed.rank_from_env(SINGLE_PROCESS_GROUP)
+    ids = {distributed.shared_run_id("train", info, SINGLE_PROCESS_GROUP) for _ in range(4)}
+    assert len(ids) == 4
+
+
+def test_ranks_with_nothing_that_marks_their_launch_take_ids_of_their_own():
+    # Two ranks over two nodes, with no SLURM and no torchrun run id: nothing they share tells
+    # this launch from the next one with the same address and port.
+    env = {"MASTER_ADDR": "node0", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+    info = distributed.RankInfo(rank=0, world_size=2, local_rank=0, local_world_size=1)
+    assert len({distributed.shared_run_id("train", info, env) for _ in range(3)}) == 3
+    unset = {**env, "TORCHELASTIC_RUN_ID": "none"}  # torchrun's default --rdzv-id marks nothing
+    assert len({distributed.shared_run_id("train", info, unset) for _ in range(3)}) == 3
+    launch = {**env, "TORCHELASTIC_RUN_ID": "5b1c0e"}
+    assert len({distributed.shared_run_id("train", info, launch) for _ in range(3)}) == 1
+
+
+def test_the_writer_never_reuses_a_run_directory(tmp_path):
+    first = TraceWriter(tmp_path, "mine", {}, run_id="fixed")
+    with pytest.raises(RunDirectoryExists, match="exists already"):
+        TraceWriter(tmp_path, "mine", {}, run_id="fixed")
+    TraceWriter(tmp_path, "mine", {}, run_id="job", subdir="rank=0")
+    with pytest.raises(RunDirectoryExists):
+        TraceWriter(tmp_path, "mine", {}, run_id="job", subdir="rank=0")
+    TraceWriter(tmp_path, "mine", {}, run_id="job", subdir="rank=1")  # another rank's partition
+    assert json.loads((first.run_dir / "meta.json").read_text())["run_id"] == "fixed"
+
+
+def test_concurrent_launches_with_a_process_group_environment_stay_apart(tmp_path):
+    script = tmp_path / "train_one.py"
+    script.write_text(FILLS_THE_DISK.replace(f"step == {DISK_FULL_AT}", "step < 0"))
+    out = tmp_path / "traces"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **SINGLE_PROCESS_GROUP)
+    cmd = [sys.executable, "-m", "profiler.cli", "run", "--backend", "cpu", "--out", str(out), "--name", "same"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(script), "0"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    written = set()
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()
+        written.add(stderr.decode().rpartition("trace written to ")[2].strip())
+    runs = sorted(out.iterdir())
+    assert len(runs) == 4 and {str(r / "rank=0") for r in runs} == written
+    for run in runs:
+        trace = load_trace(run / "rank=0")
+        assert trace.status == "complete" and trace.steps["step"].tolist()[:STEPS] == list(range(STEPS))
