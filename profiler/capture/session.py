@@ -17,7 +17,7 @@ import functools
 import time
 from pathlib import Path
 
-from profiler.capture import api, distributed, failure, run_meta
+from profiler.capture import api, distributed, failure, run_meta, signals
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
 from profiler.capture.backend import make_backend
 from profiler.capture.compiled import dynamo_compiled
@@ -67,7 +67,7 @@ class Profiler:
         self.capturing = False  # entered, not yet left, and not stopped by a failure of ours
         self.failure: str | None = None  # why the capture stopped early (meta.json's capture_error)
         self._run: CaptureParts | None = None  # made by _start
-        self._remove_optimizer_hooks = self._restore_backward = lambda: None
+        self._remove_optimizer_hooks = self._restore_backward = self._restore_signals = lambda: None
 
     @property
     def _parts(self) -> CaptureParts:
@@ -100,19 +100,26 @@ class Profiler:
         run = self._run = open_parts(self, opts, rank, make_backend)
         self.run_dir = run.writer.run_dir
         self._set_module_hooks(opts.modules)
-        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
+        self._remove_optimizer_hooks = hook_optimizer_steps(functools.partial(self.mark, _OPT), self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
         run.install()
         run.backend.install_oom_observer(self._on_oom)
+        self._restore_signals = signals.install()
         self.capturing = True
 
     def __exit__(self, exc_type, exc, tb):
         api.deactivate()
+        self._restore_signals()  # a second SIGTERM while finalizing kills at once, as usual
         status = run_meta.exit_status(exc_type, exc)
         if self.failure is not None:  # stopped early: publish what reached disk before that
             failure.quietly(self._remove_optimizer_hooks)
             failure.publish(self._parts.writer, self.failure, self.step_index)
-            return False
+        else:
+            self._end(status, exc)
+        signals.redeliver(exc)  # ended by SIGTERM or SIGHUP: the process ends as it would have
+        return False  # never swallow the user's exception
+
+    def _end(self, status: str, exc) -> None:
         self.capturing = False
         try:
             self._teardown()
@@ -121,7 +128,6 @@ class Profiler:
             meta = run_meta.unfinalized_meta(status, e, self.run_dir, self.step_index)
             with contextlib.suppress(Exception):
                 self._parts.writer.flush(meta)
-        return False  # never swallow the user's exception
 
     def __call__(self, fn):
         """Decorator form: each call of `fn` is one capture, with a run of its own."""
@@ -238,11 +244,6 @@ class Profiler:
             t0 = time.perf_counter()
             self._drain()
             self._capture_s += time.perf_counter() - t0
-
-    @guarded
-    def _on_optimizer_start(self) -> None:
-        self.enter_phase(_OPT)
-        self._parts.tracer.retag()
 
     @guarded
     def _on_optimizer_end(self, optimizer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -237,3 +238,80 @@ def test_concurrent_launches_with_a_process_group_environment_stay_apart(tmp_pat
     for run in runs:
         trace = load_trace(run / "rank=0")
         assert trace.status == "complete" and trace.steps["step"].tolist()[:STEPS] == list(range(STEPS))
+
+
+# -- SIGTERM and SIGHUP -------------------------------------------------------------------
+
+# Trains until killed; says "ready" once two steps are done. MODE picks how it is captured
+# and whether it handles SIGTERM itself.
+UNTIL_KILLED = textwrap.dedent("""
+    import signal, sys, time
+    import torch
+    from torch import nn
+
+    mode = sys.argv[1]
+    stop = []
+    if mode == "own-handler":
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+
+    def train():
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        step = 0
+        while not stop:
+            net(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            if step == 2:
+                print("ready", flush=True)
+            time.sleep(0.01)
+        print("stopped on my own", flush=True)
+        sys.exit(7)
+
+    if mode == "api":
+        import profiler
+        with profiler.profile(out=sys.argv[2], name="api", backend="cpu"):
+            train()
+    else:
+        train()
+""")
+
+
+def _start_until_killed(tmp_path, mode: str) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "until_killed.py"
+    script.write_text(UNTIL_KILLED)
+    out = tmp_path / "traces"
+    if mode == "api":
+        cmd = [sys.executable, str(script), mode, str(out)]
+    else:
+        cmd = [sys.executable, "-m", "profiler.cli", "run", "--backend", "cpu", "--out", str(out), str(script), mode]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc, out
+
+
+@pytest.mark.parametrize(
+    "mode, sig", [("run", signal.SIGTERM), ("run", signal.SIGHUP), ("api", signal.SIGTERM)], ids=str
+)
+def test_a_terminating_signal_finalizes_then_ends_the_process_as_it_would(tmp_path, mode, sig):
+    proc, out = _start_until_killed(tmp_path, mode)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -sig, stderr  # killed by the signal itself, as without vramscope
+    assert "Traceback" not in stderr
+    (run,) = out.iterdir()
+    trace = load_trace(run)
+    assert trace.status == "terminated" and trace.meta["error"] == f"Terminated: received {sig.name}"
+    assert len(trace.steps) >= 2 and not list(run.glob("*.journal"))
+
+
+def test_the_scripts_own_sigterm_handler_decides(tmp_path):
+    proc, out = _start_until_killed(tmp_path, "own-handler")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 7 and "stopped on my own" in stdout, stderr
+    (run,) = out.iterdir()
+    assert load_trace(run).status == "error"  # sys.exit(7), as the script chose
