@@ -56,6 +56,13 @@ def stop_capture(session, error: BaseException) -> None:
     stop(session._parts, session._unhook, session.failure, session.step_index)
 
 
+def check_recording(session) -> None:
+    """Stop `session` if its backend stopped recording on an error of ours since the last drain."""
+    error = getattr(session._parts.backend, "failure", None) if session.capturing else None
+    if error is not None:
+        stop_capture(session, error)
+
+
 def failed_meta(reason: str, steps_completed: int) -> dict:
     """What meta.json says of a capture that stopped: no longer running, and why."""
     return {"status": Status.CAPTURE_FAILED.value, "capture_error": reason, "steps_completed": steps_completed}

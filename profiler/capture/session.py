@@ -110,6 +110,7 @@ class Profiler:
     def __exit__(self, exc_type, exc, tb):
         api.deactivate()
         self._restore_signals()  # a second SIGTERM while finalizing kills at once, as usual
+        failure.check_recording(self)
         status = run_meta.exit_status(exc_type, exc)
         if self.failure is not None:  # stopped early: publish what reached disk before that
             failure.quietly(self._remove_optimizer_hooks)

@@ -315,3 +315,17 @@ def test_the_scripts_own_sigterm_handler_decides(tmp_path):
     assert proc.returncode == 7 and "stopped on my own" in stdout, stderr
     (run,) = out.iterdir()
     assert load_trace(run).status == "error"  # sys.exit(7), as the script chose
+
+
+def test_a_bug_while_tracking_an_op_stops_the_capture(tmp_path, monkeypatch, capfd):
+    from profiler.capture.cpu import CpuBackend
+
+    def broken(self, t, tag=None):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(CpuBackend, "track", broken)
+    with profiler.profile(out=tmp_path, name="op", backend="cpu") as prof:
+        assert _train(3) == 3  # every op returned its result
+    assert prof.failure == "KeyError: 'a bug of ours'"
+    assert json.loads((prof.run_dir / "meta.json").read_text())["status"] == "capture_failed"
+    assert capfd.readouterr().err.count("vramscope: warning: the capture stopped") == 1
