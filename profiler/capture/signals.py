@@ -36,19 +36,21 @@ def install() -> Callable[[], None]:
     """Route SIGTERM and SIGHUP through the capture; returns what puts the handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return _nothing  # signal handlers can only be set from the main thread
-    saved = {}
+    saved = {}  # signum -> (the handler before ours, ours)
     for signum in HANDLED:
         previous = signal.getsignal(signum)
         if previous is signal.SIG_IGN or previous is None:  # ignored, or set outside Python
             continue
+        ours = _handler(previous)
         with contextlib.suppress(ValueError, OSError):
-            signal.signal(signum, _handler(previous))
-            saved[signum] = previous
+            signal.signal(signum, ours)
+            saved[signum] = (previous, ours)
 
     def restore() -> None:
-        for signum, previous in saved.items():
-            with contextlib.suppress(ValueError, OSError):
-                signal.signal(signum, previous)
+        for signum, (previous, ours) in saved.items():
+            if signal.getsignal(signum) is ours:  # one the script set since stays
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(signum, previous)
         saved.clear()
 
     return restore

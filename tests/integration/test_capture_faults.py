@@ -329,3 +329,20 @@ def test_a_bug_while_tracking_an_op_stops_the_capture(tmp_path, monkeypatch, cap
     assert prof.failure == "KeyError: 'a bug of ours'"
     assert json.loads((prof.run_dir / "meta.json").read_text())["status"] == "capture_failed"
     assert capfd.readouterr().err.count("vramscope: warning: the capture stopped") == 1
+
+
+def test_a_handler_the_script_sets_during_the_capture_stays(tmp_path):
+    def theirs(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    with profiler.profile(out=tmp_path, name="handlers", backend="cpu"):
+        assert signal.getsignal(signal.SIGTERM) is not before  # ours, while capturing
+        signal.signal(signal.SIGTERM, theirs)
+    try:
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    with profiler.profile(out=tmp_path, name="handlers", backend="cpu"):
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before
