@@ -115,11 +115,14 @@ class TraceWriter:
         self._schemas = dict(schema.JOURNALS)
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
         self._journals: dict[str, JournalWriter] = {}
+        self._abandoned = False  # abandon(): no more rows
         self.finalized = False
 
     # -- capture-time -----------------------------------------------------------------
     def append(self, table: str, columns: dict) -> None:
         """Queue rows given as {column: sequence}; they reach disk at the next flush()."""
+        if self._abandoned:
+            return  # a new journal would replace the one the failed capture left
         sch = self._schemas[table]
         n = next((len(v) for v in columns.values() if v is not None), 0)
         if not n:
@@ -155,6 +158,7 @@ class TraceWriter:
     def abandon(self) -> None:
         """Write no more journal batches: drop the queued rows and close each journal as it
         stands (after a failed write, its readable prefix is what a reader keeps)."""
+        self._abandoned = True
         for batches in self._pending.values():
             batches.clear()
         journals, self._journals = self._journals, {}
