@@ -16,6 +16,10 @@ class UsageError(VramscopeError):
     """A bad CLI argument or API call."""
 
 
+class RunDirectoryExists(UsageError):
+    """A capture asked to write into a run directory that exists (another run's)."""
+
+
 class TraceError(VramscopeError):
     """A trace that cannot be read: missing, truncated, foreign or malformed."""
 

@@ -18,7 +18,8 @@ FINAL = tuple(s.value for s in Status)  # what a capture writes when it ends
 def run_state(trace, summary: dict) -> dict:
     """How the run stands: its status as it should be shown (a run without a final status checked
     against its capture's process, profiler.trace.meta.run_status), whether a partial step follows
-    the completed ones, and what meta.json says went wrong (error, finalize_error, oom), if anything."""
+    the completed ones, and what meta.json says went wrong (error, capture_error, finalize_error, oom), if
+    anything."""
     from profiler.trace.meta import DIED, RUNNING_ELSEWHERE, run_status
 
     meta = trace.meta
@@ -31,7 +32,7 @@ def run_state(trace, summary: dict) -> dict:
         )
     elif state["status"] == RUNNING_ELSEWHERE:
         state["status_note"] = f"no final status yet; the capture's process ({where}) cannot be checked from here"
-    state.update({k: meta[k] for k in ("error", "finalize_error", "oom") if meta.get(k)})
+    state.update({k: meta[k] for k in ("error", "capture_error", "finalize_error", "oom") if meta.get(k)})
     return state
 
 
@@ -48,7 +49,11 @@ def state_lines(run: dict) -> list[str]:
     lines = [f"  {run['status_note']}"] if run.get("status_note") else []
     lines += [
         f"  {label}: {run[key]}"
-        for key, label in (("error", "error"), ("finalize_error", "finalize error"))
+        for key, label in (
+            ("error", "error"),
+            ("capture_error", "capture stopped"),
+            ("finalize_error", "finalize error"),
+        )
         if run.get(key)
     ]
     oom = run.get("oom")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import tempfile
 
 import numpy as np
@@ -37,7 +36,7 @@ import profiler as capture
 from profiler.analysis.live import breakdown, live_at
 from profiler.analysis.timeline import peak
 from profiler.trace.reader import load_trace
-from workloads.distributed import VARIANTS, DistToggles, Model, init_process_group, shard
+from workloads.distributed import VARIANTS, DistToggles, Model, exit_rank, init_process_group, shard
 from workloads.model import PRESETS
 from workloads.model import preset as model_preset
 from workloads.toggles.optimizer import LR
@@ -278,4 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # see exit_rank: a rank must not tear down gloo threads at interpreter exit

@@ -90,4 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # under torchrun: see exit_rank, a rank must not tear down gloo threads at exit
+        from workloads.distributed import exit_rank
+
+        exit_rank(code)
+    sys.exit(code)

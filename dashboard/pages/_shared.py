@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from profiler.errors import TraceError, one_line
+from dashboard.text import literal
+from profiler.errors import TraceError
 from profiler.trace import layout
 
 CURRENT = "current_run"  # session key: the run the single-run pages show (a rank's partition of a job)
@@ -33,7 +34,7 @@ def runs() -> pd.DataFrame:
     try:
         return data.cached_runs_table(str(root), data.root_stamp(root))
     except TraceError as exc:
-        st.error(one_line(str(exc)))
+        st.error(literal(exc))
         return pd.DataFrame(columns=list(data.RUN_COLUMNS))
 
 
@@ -56,7 +57,7 @@ def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
         ok = ok[only(ok)]
     paths = ok["run"].tolist()
     if not paths:
-        st.info(f"No readable runs under {data.traces_dir()}.")
+        st.info(f"No readable runs under {literal(data.traces_dir())}.")
         return None
     names = dict(zip(ok["run"], ok["name"]))
     current = st.session_state.get(CURRENT)
@@ -82,5 +83,5 @@ def load(run: str):
     try:
         return data.trace_of(run)
     except TraceError as exc:
-        st.error(one_line(str(exc)))
+        st.error(literal(exc))
         return None

@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
+from dashboard.text import literal
 from profiler import analysis
 from profiler.analysis.compare import ablation_view, differing_columns
 from profiler.analysis.ranks import step_aligned
@@ -45,9 +46,8 @@ if "loss_delta" not in view or view["loss_delta"].isna().all():
 elif off.empty:
     st.success(f"Loss check: every run is within {tolerance:g} of the baseline's loss.")
 else:
-    st.error(
-        f"Loss check: {', '.join(map(str, off['name']))} differ from the baseline's loss by more than {tolerance:g}."
-    )
+    differing = literal(", ".join(map(str, off["name"])))
+    st.error(f"Loss check: {differing} differ from the baseline's loss by more than {tolerance:g}.")
 
 column = st.radio("Overlay", ["allocated_bytes", "active_bytes", "reserved_bytes"], horizontal=True)
 lines = {}

@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
+from dashboard.text import literal
 from profiler import estimate as est
 
 st.title("Measured vs predicted")
@@ -15,7 +16,7 @@ trace, _ = loaded
 try:
     table = est.measured_vs_predicted(trace)
 except ValueError as e:  # a config the analytic model does not understand
-    st.info(f"No prediction for this run: {e}")
+    st.info(f"No prediction for this run: {literal(e)}")
     st.stop()
 cats = table[table["level"] == "category"]
 st.plotly_chart(figures.measured_vs_predicted(cats))

@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
+from dashboard.text import literal
 from profiler import analysis
 from profiler.trace.meta import RUNNING, RUNNING_ELSEWHERE
 from profiler.units import exact_bytes
@@ -25,7 +26,7 @@ def _live(run: str) -> None:
         return
     trace, lt = loaded
     if trace.status != "running":
-        st.success(f"The run finished with status {trace.status}.")
+        st.success(f"The run finished with status {literal(trace.status)}.")
     p = analysis.peak(trace, lt)
     cols = st.columns(3)
     cols[0].metric("Events so far", f"{len(trace.events):,}")

@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
+from dashboard.text import literal
 from profiler.analysis import ranks
 from profiler.analysis.categories import category_names
 from profiler.trace import layout
@@ -54,7 +55,7 @@ st.plotly_chart(figures.rank_peaks(table, skew))
 
 failed = table[table["error"].notna()]
 for message in failed["error"].head(MAX_WARNINGS):
-    st.warning(message)
+    st.warning(literal(message))
 if len(failed) > MAX_WARNINGS:
     st.warning(f"... and {len(failed) - MAX_WARNINGS} more failed ranks (see the table below).")
 

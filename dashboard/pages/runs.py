@@ -3,9 +3,10 @@
 import streamlit as st
 
 from dashboard.pages import _shared as ui
+from dashboard.text import literal
 
 st.title("Runs")
-st.caption(f"Folder: {ui.data.traces_dir()}")
+st.caption(f"Folder: {literal(ui.data.traces_dir())}")
 table = ui.runs()
 if table.empty:
     st.info("No runs found. Set VRAMSCOPE_TRACES to a folder of vramscope traces.")
@@ -19,10 +20,11 @@ if table["world_size"].notna().any():
 st.dataframe(table, hide_index=True, column_config=ui.number_columns(table))
 bad = table[table["error"].notna()]
 for message in bad["error"]:
-    st.warning(message)
+    st.warning(literal(message))
 for name, failed in zip(table["name"], table["failed_ranks"]):
     if isinstance(failed, str):
-        st.warning(f"{name}: rank(s) {failed} missing, failed or unfinished; the Ranks page says why.")
+        ranks = f"{literal(name)}: rank(s) {literal(failed)}"
+        st.warning(f"{ranks} missing, failed or unfinished; the Ranks page says why.")
 
 ok = ui.readable(table)
 names = dict(zip(ok["run"], ok["name"]))

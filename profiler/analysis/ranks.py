@@ -264,12 +264,14 @@ def rank_categories_of(records: list[RankRecord], ranks=None) -> pd.DataFrame:
 
 
 def job_status(records: list[RankRecord]) -> str:
-    """complete when every rank completed; running while none has ended; oom or error when a rank ended
-    so; incomplete when ranks are missing, unreadable or died while others finished."""
+    """complete when every rank completed; running while none has ended; oom, error, terminated or
+    capture_failed when a rank ended so (in that order); incomplete when ranks are missing, unreadable
+    or died while others finished."""
     statuses = [r.status for r in records]
     if statuses and all(s == schema.Status.COMPLETE.value for s in statuses):
         return schema.Status.COMPLETE.value
-    for status in (schema.Status.OOM.value, schema.Status.ERROR.value):
+    ended = (schema.Status.OOM, schema.Status.ERROR, schema.Status.TERMINATED, schema.Status.CAPTURE_FAILED)
+    for status in (s.value for s in ended):
         if status in statuses:
             return status
     if statuses and all(s == RUNNING for s in statuses):

@@ -67,6 +67,7 @@ class CpuBackend:
         self.dropped = 0
         self.allocated = 0
         self.peak = 0
+        self.failure: Exception | None = None  # an error of ours while tracking: nothing more is recorded
         # Re-entrant: a weakref callback can run inside the locked section of its own
         # thread (a garbage collection triggered by an allocation there).
         self._lock = threading.RLock()
@@ -290,6 +291,14 @@ class _StorageMode(TorchDispatchMode):
         if _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
+        if self.backend.failure is None:
+            try:
+                self._track(func, args, kwargs, out)
+            except Exception as e:  # noqa: BLE001 - ours: recording stops, the op's result stands
+                self.backend.failure = e  # the session stops the capture at its next drain
+        return out
+
+    def _track(self, func, args, kwargs, out) -> None:
         track = self.backend.track
         # Inputs first: a storage made before capture is "allocated" when first used,
         # as pre-existing state (no phase, no module), not as this op's output. The
@@ -301,4 +310,3 @@ class _StorageMode(TorchDispatchMode):
         for x in tree_flatten(out)[0]:
             if isinstance(x, torch.Tensor):
                 track(x)
-        return out

@@ -11,7 +11,7 @@ leaves its own journals and every other rank's data as they were.
 
 The ranks agree on the run id before any process group exists (the capture may
 start before the script calls init_process_group): through torchrun's own
-key-value store when there is one, else from the launcher's job identity.
+key-value store when there is one, else from what marks the launch (shared_run_id).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from profiler.trace.meta import process_started_at
 from profiler.trace.writer import new_run_id, run_slug
 
 RUN_ID_ENV = "VRAMSCOPE_RUN_ID"
@@ -70,30 +71,35 @@ def rank_from_env(env=None) -> RankInfo | None:
     )
 
 
-def _job_identity(env) -> str:
-    """What every rank of one launch sees alike, without talking to the others."""
-    keys = (
-        "SLURM_JOB_ID",
-        "SLURM_STEP_ID",
-        "TORCHELASTIC_RUN_ID",
-        "TORCHELASTIC_RESTART_COUNT",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-    )
-    parts = [f"{k}={env.get(k, '')}" for k in keys]
+def _launch_identity(env) -> str | None:
+    """What every rank of one launch sees alike, without talking to the others, and no other
+    launch sees: None when nothing marks the launch. MASTER_ADDR and MASTER_PORT name where a
+    job meets, not which launch it is: every single-node run on the default port shares them."""
+    marks = []
+    for key in ("SLURM_JOB_ID", "SLURM_STEP_ID"):
+        if env.get(key):
+            marks.append(f"{key}={env[key]}")
+    if env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):  # torchrun --standalone: a fresh uuid
+        marks.append(f"TORCHELASTIC_RUN_ID={env['TORCHELASTIC_RUN_ID']}")
     if env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
-        parts.append(f"launcher={os.getppid()}")  # one node: the ranks share their launcher
-    return "|".join(parts)
+        # One node: the ranks share their launcher, a process of its own per launch
+        # (its start time tells it from a later process that reuses its pid).
+        launcher = os.getppid()
+        marks.append(f"launcher={launcher}@{process_started_at(launcher)}")
+    if not marks:
+        return None
+    keys = ("TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")
+    return "|".join(marks + [f"{k}={env.get(k, '')}" for k in keys])
 
 
 def shared_run_id(name: str, info: RankInfo, env=None, nth: int = 0) -> str:
-    """The run id every rank of this launch uses.
+    """The run id every rank of this launch uses, and no other launch.
 
-    VRAMSCOPE_RUN_ID wins. Under torchrun, the first rank to ask proposes a fresh id
-    in the launcher's store and every rank reads back the one that was kept. Without
-    a store, the id is derived from the job's identity (SLURM job, torchrun's master
-    address and port, the launcher's pid on one node), which all ranks share.
+    VRAMSCOPE_RUN_ID wins. A job of one process shares its id with no one: a fresh id.
+    Under torchrun, the first rank to ask proposes a fresh id in the launcher's store and
+    every rank reads back the one that was kept. Without a store, the id is derived from
+    what marks the launch (a SLURM job step, torchrun's run id, the launcher process on
+    one node); without any of those, each rank takes a fresh id of its own.
     `nth` numbers a process's captures: the n-th capture of every rank shares one
     id, and the next capture gets another.
     """
@@ -101,12 +107,15 @@ def shared_run_id(name: str, info: RankInfo, env=None, nth: int = 0) -> str:
     suffix = f"-{nth}" if nth else ""
     if env.get(RUN_ID_ENV):
         return env[RUN_ID_ENV] + suffix
-    if info.world_size == 1 and "MASTER_PORT" not in env:
+    if info.world_size == 1:
         return new_run_id(name)
     agreed = _agree_through_store(f"{name}/{nth}", name, env)
     if agreed:
         return agreed
-    digest = hashlib.sha1(_job_identity(env).encode()).hexdigest()[:10]
+    launch = _launch_identity(env)
+    if launch is None:
+        return new_run_id(name)
+    digest = hashlib.sha1(launch.encode()).hexdigest()[:10]
     return f"{run_slug(name)}-job-{digest}{suffix}"
 
 

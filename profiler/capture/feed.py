@@ -39,6 +39,9 @@ class TraceFeed:
 
     def drain(self, step: int, with_segments: bool = False) -> None:
         """Move new events (labelled `step`) and buffered rows to the writer."""
+        failure = getattr(self.backend, "failure", None)
+        if failure is not None:  # the backend stopped recording on an error of ours: so does the capture
+            raise failure
         cols = self.backend.drain(step, with_segments)
         self.last_drain = time.perf_counter()
         if cols:

@@ -108,12 +108,15 @@ class FsdpInstrumentation:
 
         @functools.wraps(post_backward)
         def method(group, *args, **kwargs):
-            named = list(unsharded_grads(group))
-            if named:
-                tag = backend.get_tag()
-                pos = capture.position()
-                backend.set_tag(tag)  # a CUDA position marker re-tags this thread
-                capture.register_roles(named, Category.UNSHARDED_GRADIENT.value, pos, capture.step_index)
+            try:
+                named = list(unsharded_grads(group))
+                if named:
+                    tag = backend.get_tag()
+                    pos = capture.position()
+                    backend.set_tag(tag)  # a CUDA position marker re-tags this thread
+                    capture.register_roles(named, Category.UNSHARDED_GRADIENT.value, pos, capture.step_index)
+            except Exception as e:  # noqa: BLE001 - ours: the capture stops, FSDP's backward goes on
+                capture.capture_failed(e)
             return post_backward(group, *args, **kwargs)
 
         return method

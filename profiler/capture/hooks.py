@@ -44,8 +44,7 @@ def patch_backward(
     name its layers (profiler/capture/compiled.py)."""
     original = torch.autograd.backward
 
-    @functools.wraps(original)
-    def backward(tensors, *args, **kwargs):
+    def tag_backward(tensors) -> None:
         enter_phase(_BWD)
         backend.set_tag(tracer.tag(_BWD, None))
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors or ())
@@ -55,9 +54,17 @@ def patch_backward(
             fn = t.grad_fn if isinstance(t, torch.Tensor) else None
             if fn is not None:
                 fn.register_prehook(tracer.loss_hook())
-        pause = not keep_stacks()
-        if pause:
-            backend.pause_stacks(True)
+
+    @functools.wraps(original)
+    def backward(tensors, *args, **kwargs):
+        pause = False
+        try:
+            tag_backward(tensors)
+            pause = not keep_stacks()
+            if pause:
+                backend.pause_stacks(True)
+        except Exception as e:  # noqa: BLE001 - ours: the capture stops, the backward runs
+            tracer.recorder.capture_failed(e)
         try:
             return original(tensors, *args, **kwargs)
         finally:

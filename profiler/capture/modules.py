@@ -22,6 +22,7 @@ the graph allocates.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -115,22 +116,36 @@ class ModuleTracer:
         original = nn.Module._call_impl
         pre, post, unwind = self._pre_forward, self._post_forward, self._unwind
         compiling = torch.compiler.is_compiling
+        failed = self._failed
 
+        # An error of ours stops the capture (profiler/capture/failure.py); the module runs on.
         def _call_impl(module, *args, **kwargs):
             if compiling():  # inside a graph being traced: hooks would only break it
                 return original(module, *args, **kwargs)
-            pre(module, args)
+            try:
+                pre(module, args)
+            except Exception as e:  # noqa: BLE001
+                failed(e)
             try:
                 out = original(module, *args, **kwargs)
             except BaseException:
-                unwind()
+                try:
+                    unwind()
+                except Exception as e:  # noqa: BLE001 - the script's exception is the one to raise
+                    failed(e)
                 raise
-            post(module, args, out)
+            try:
+                post(module, args, out)
+            except Exception as e:  # noqa: BLE001
+                failed(e)
             return out
 
         self._original_call_impl = original
         self._installed_call_impl = _call_impl
         nn.Module._call_impl = _call_impl  # type: ignore[method-assign, assignment]  # patched for the capture only
+
+    def _failed(self, error: Exception) -> None:
+        self.recorder.capture_failed(error)
 
     @property
     def installed(self) -> bool:
@@ -169,6 +184,20 @@ class ModuleTracer:
         (for compiled models, whose forward runs no module hooks)."""
         name = self.names.get(module)
         return name if name is not None else self._discover(module)
+
+    @contextlib.contextmanager
+    def hinted(self, name: str, still_on: Callable[[], bool]):
+        """Stamp allocations made inside the block with the category hint `name`; the tag is
+        restored after it while `still_on()` (the capture may have ended inside the block)."""
+        local = self.local
+        previous, local.hint = local.hint, name
+        self.retag()
+        try:
+            yield
+        finally:
+            local.hint = previous
+            if still_on():
+                self.retag()
 
     # -- naming -------------------------------------------------------------------
     def _discover(self, module: nn.Module) -> str:

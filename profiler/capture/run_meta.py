@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from profiler.capture import distributed
+from profiler.capture import distributed, signals
 from profiler.trace.schema import Status
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ def exit_status(exc_type, exc) -> str:
     """The run's status, from the exception (if any) that left the capture."""
     if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
         return Status.OOM.value
+    if exc_type is not None and issubclass(exc_type, signals.Terminated):
+        return Status.TERMINATED.value
     if exc_type is not None and not _is_clean_exit(exc_type, exc):
         return Status.ERROR.value
     return Status.COMPLETE.value

@@ -17,10 +17,11 @@ import functools
 import time
 from pathlib import Path
 
-from profiler.capture import api, distributed, run_meta
+from profiler.capture import api, distributed, failure, run_meta, signals
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
 from profiler.capture.backend import make_backend
 from profiler.capture.compiled import dynamo_compiled
+from profiler.capture.failure import guarded
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
 from profiler.capture.modules import user_path
 from profiler.capture.options import CaptureOptions
@@ -36,10 +37,6 @@ _OPT = Phase.OPTIMIZER.value
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _nothing() -> None:
-    pass
 
 
 class Profiler:
@@ -67,8 +64,10 @@ class Profiler:
         self._known_states: dict[str, int] = {}  # optimizer state name -> registered addr
         self._capture_s = 0.0  # host time spent in our own step-boundary work
         self._hooks_on = False
+        self.capturing = False  # entered, not yet left, and not stopped by a failure of ours
+        self.failure: str | None = None  # why the capture stopped early (meta.json's capture_error)
         self._run: CaptureParts | None = None  # made by _start
-        self._remove_optimizer_hooks = self._restore_backward = _nothing
+        self._remove_optimizer_hooks = self._restore_backward = self._restore_signals = lambda: None
 
     @property
     def _parts(self) -> CaptureParts:
@@ -101,14 +100,28 @@ class Profiler:
         run = self._run = open_parts(self, opts, rank, make_backend)
         self.run_dir = run.writer.run_dir
         self._set_module_hooks(opts.modules)
-        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
+        self._remove_optimizer_hooks = hook_optimizer_steps(functools.partial(self.mark, _OPT), self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
         run.install()
         run.backend.install_oom_observer(self._on_oom)
+        self._restore_signals = signals.install()
+        self.capturing = True
 
     def __exit__(self, exc_type, exc, tb):
         api.deactivate()
+        self._restore_signals()  # a second SIGTERM while finalizing kills at once, as usual
+        failure.check_recording(self)
         status = run_meta.exit_status(exc_type, exc)
+        if self.failure is not None:  # stopped early: publish what reached disk before that
+            failure.quietly(self._remove_optimizer_hooks)
+            failure.publish(self._parts.writer, self.failure, self.step_index)
+        else:
+            self._end(status, exc)
+        signals.redeliver(exc)  # ended by SIGTERM or SIGHUP: the process ends as it would have
+        return False  # never swallow the user's exception
+
+    def _end(self, status: str, exc) -> None:
+        self.capturing = False
         try:
             self._teardown()
             self._finish(status, exc)
@@ -116,7 +129,6 @@ class Profiler:
             meta = run_meta.unfinalized_meta(status, e, self.run_dir, self.step_index)
             with contextlib.suppress(Exception):
                 self._parts.writer.flush(meta)
-        return False  # never swallow the user's exception
 
     def __call__(self, fn):
         """Decorator form: each call of `fn` is one capture, with a run of its own."""
@@ -130,6 +142,7 @@ class Profiler:
         return wrapper
 
     # -- public API -----------------------------------------------------------------
+    @guarded
     def step(self) -> None:
         """Mark the end of a step. Once called, optimizer steps no longer end steps."""
         if not self._explicit_steps:
@@ -138,6 +151,7 @@ class Profiler:
                 return  # the optimizer hook already ended this step
         self._boundary()
 
+    @guarded
     def register_model(self, model) -> str:
         """Name `model`'s modules and register its parameters now.
 
@@ -146,32 +160,24 @@ class Profiler:
         """
         return self._parts.tracer.register_root(model)
 
+    @guarded
     def update_meta(self, fields: dict) -> None:
         """Add run-level facts to meta.json (written at the next drain and at the end)."""
         self._parts.writer.meta.update(fields)
 
+    @guarded
     def mark(self, phase: str) -> None:
         """Start a user-defined phase (until the next mark, forward, or step)."""
         self.enter_phase(phase)
         self._parts.tracer.retag()
 
-    @contextlib.contextmanager
     def category(self, name: str):
         """Stamp allocations made inside the block with a category (see profiler.category)."""
         if api.active() is not self:
-            yield
-            return
-        tracer = self._parts.tracer
-        local = tracer.local
-        previous, local.hint = local.hint, name
-        tracer.retag()
-        try:
-            yield
-        finally:
-            local.hint = previous
-            if api.active() is self:
-                tracer.retag()
+            return contextlib.nullcontext()
+        return self._parts.tracer.hinted(name, still_on=lambda: api.active() is self)
 
+    @guarded
     def position(self) -> int:
         """An exact stream position for roles registered now (see profiler.trace.finalize.markers).
 
@@ -182,6 +188,7 @@ class Profiler:
             self._drain(flush=False)
         return backend.position(self.step_index)
 
+    @guarded
     def register_roles(self, named, role: str, position: int, step: int, known=None) -> None:
         """Give the storages of `named` ((name, tensor) pairs) `role`, as alive at `position`.
 
@@ -189,13 +196,18 @@ class Profiler:
         """
         self._parts.register_roles(named, role, position, step, known=known)
 
+    @guarded
     def record_kv_row(self, row: dict, cache=None) -> None:
         """Add a KV cache row (profiler.record_kv) at the current step; `cache` then gets no row of ours."""
         self._parts.feed.buffer("kv", step=self.step_index, ts_us=_now_us(), **row)
         self._parts.caches.recorded(cache)
 
     # -- phases and modules (called by the tracer and hooks) --------------------------
+    @guarded
     def enter_phase(self, phase: str | None) -> None:
+        self._set_phase(phase)
+
+    def _set_phase(self, phase: str | None) -> None:
         if phase == self.phase:
             return
         now = _now_us()
@@ -206,6 +218,7 @@ class Profiler:
         self.phase = phase
         self._phase_start = now
 
+    @guarded
     def on_new_root(self, module, root_name, prefix, called=None) -> None:
         # Parameters usually pre-date the capture: name their storages, at a position
         # in the stream that is exact (a marker on CUDA, the event count on CPU).
@@ -221,9 +234,11 @@ class Profiler:
         run.on_new_root(module if called is None else called)
         run.tracer.retag()
 
+    @guarded
     def on_new_module(self, module, name, parent, depth) -> None:
         self._parts.buffer_module(module, name, parent, depth)
 
+    @guarded
     def on_root_exit(self) -> None:
         # Inference loops may never step: drain on a timer so the ring never fills.
         if self._parts.feed.due(self.options.drain_interval_s):
@@ -231,10 +246,7 @@ class Profiler:
             self._drain()
             self._capture_s += time.perf_counter() - t0
 
-    def _on_optimizer_start(self) -> None:
-        self.enter_phase(_OPT)
-        self._parts.tracer.retag()
-
+    @guarded
     def _on_optimizer_end(self, optimizer) -> None:
         t0 = time.perf_counter()
         step = self.step_index
@@ -242,7 +254,7 @@ class Profiler:
             pos = self._boundary(auto=True)
         else:
             pos = self.position()
-            self.enter_phase(None)
+            self._set_phase(None)
             self._parts.tracer.retag()
         # Gradients and states are alive right now, at the boundary's position.
         names = self._param_names
@@ -251,6 +263,7 @@ class Profiler:
         self._capture_s += time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------
+    @guarded
     def _boundary(self, auto=False) -> int:
         """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
@@ -259,7 +272,7 @@ class Profiler:
         run = self._parts
         backend, feed = run.backend, run.feed
         row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
-        self.enter_phase(None)
+        self._set_phase(None)
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
             self._drain()
@@ -306,6 +319,8 @@ class Profiler:
 
     # -- OOM --------------------------------------------------------------------------
     def _on_oom(self, device, alloc_bytes, device_allocated, device_free) -> None:
+        if not self.capturing:
+            return
         oom = self._oom_info = run_meta.oom_meta(device, alloc_bytes, device_allocated, device_free, self.step_index)
         try:
             self._drain(with_segments=True)
@@ -314,9 +329,15 @@ class Profiler:
         except Exception as e:  # the user's OOM error matters more than ours
             oom["capture_error"] = repr(e)
 
+    capture_failed = failure.stop_capture  # an error of ours: the capture stops, the script runs on
+
     # -- the end ------------------------------------------------------------------------
     def _teardown(self) -> None:
         self._remove_optimizer_hooks()
+        self._unhook()
+
+    def _unhook(self) -> None:
+        """Take out every hook but the optimizer's (failure.stop_capture says why)."""
         self._restore_backward()
         self._set_module_hooks(False)
         self._parts.uninstall()
@@ -327,16 +348,9 @@ class Profiler:
         run.caches.step_ends(self.step_index)
         self._drain(with_segments=True, flush=False)
         if feed.events_since_boundary or self.step_index == 0:
-            feed.buffer(
-                "steps",
-                step=self.step_index,
-                ts_us=_now_us(),
-                modules_hooked=self._hooks_on,
-                events_seen=backend.events_seen,
-                events_dropped=backend.dropped,
-                **backend.stats_row(),
-            )
-        self.enter_phase(None)
+            row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
+            feed.buffer("steps", events_seen=backend.events_seen, events_dropped=backend.dropped, **row)
+        self._set_phase(None)
         run.append_segments(SnapshotKind.END.value)
         feed.push_rows()
         backend.stop()

@@ -47,6 +47,18 @@ EXIT_BROKEN_PIPE = 141  # what a shell reports for SIGPIPE
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
+        code = _outcome(argv)
+        # What is still buffered meets a closed pipe here, not in Python's own flush at exit,
+        # which would print an "Exception ignored" traceback.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _outcome(argv: list[str]) -> int:
+    try:
         return _main(argv)
     except VramscopeError as exc:
         _print_error(str(exc))

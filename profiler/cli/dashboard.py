@@ -2,7 +2,8 @@
 
 Starts `streamlit run dashboard/app.py`, headless, bound to 127.0.0.1 unless
 --host says otherwise, with VRAMSCOPE_TRACES set to TRACES_DIR (default: the
-repository's bundled traces/ directory). Runs until interrupted (^C).
+repository's bundled traces/ directory). Runs until interrupted (^C) or
+terminated (SIGTERM, SIGHUP), and takes the server down with it.
 Needs the optional dependencies: pip install 'vramscope[dashboard]'.
 """
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from profiler.capture import signals
 from profiler.errors import UsageError, VramscopeError
 
 NAME = "dashboard"
@@ -83,13 +85,24 @@ def run(args: argparse.Namespace) -> int:
     cmd, env = streamlit_command(traces.resolve(), args.port, args.host)
     print(f"vramscope dashboard: {traces.resolve()} at http://{args.host}:{args.port}", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env)
+    # SIGTERM and SIGHUP (kill, a closed terminal, a service manager) would end this process
+    # alone, and leave the server running, orphaned and still listening: they end both.
+    restore_signals = signals.install()
     try:
         return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    except (KeyboardInterrupt, signals.Terminated) as exc:
+        _stop(proc)
+        restore_signals()
+        signals.redeliver(exc)  # ended as the signal would have ended it
         raise
+    finally:
+        restore_signals()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -10,7 +10,9 @@ ranks (status, peaks, skew), then the full report of its largest rank. A folder 
 runs (vramscope run's --out) gets one row per run and job: name, status, peak
 allocated, steps, path (--json: a list); with no run in it, a one-line error (exit 2).
 
-Status is complete, oom or error once the capture ended; without a final status, a
+Status is complete, oom or error once the capture ended, terminated after SIGTERM or
+SIGHUP, capture_failed when the capture stopped on an error of its own (the script ran
+on; the report gives the reason and the steps written before); without a final status, a
 run is running while its process is alive, died once it is gone (killed or crashed),
 and running? when its process is on another host. Steps are those the optimizer (or
 profiler.step()) completed; "+ tail" marks the events after the last one.

@@ -10,8 +10,9 @@ before the script or -m; everything after it belongs to the script. Steps are
 found from optimizer steps (or the script's own profiler.step() calls).
 
 The exit code is the script's: 0, its sys.exit() code, 1 after an uncaught
-exception (with its traceback), 130 after Ctrl-C. The trace is finalized in
-every case, with status complete or error.
+exception (with its traceback), 130 after Ctrl-C; SIGTERM and SIGHUP end it as
+they would end the script (143 and 129 in a shell), once the trace is finalized.
+The trace is finalized in every case, with status complete, error or terminated.
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ def run(args) -> int:
     import torch
 
     from profiler.capture.session import profile
+    from profiler.capture.signals import Terminated
 
     if args.backend == "cuda" and not torch.cuda.is_available():
         raise UsageError("--backend cuda: no CUDA device is available")
@@ -236,7 +238,9 @@ def run(args) -> int:
         except BaseException as exc:  # noqa: BLE001 - every outcome is the script's to report
             error = exc
         sys.argv = saved_argv
-        # Finalizes the trace (status complete, or error) and never raises.
+        if isinstance(error, Terminated):  # the capture re-sends the signal once it has finalized
+            print(f"vramscope: {error}: the trace is finalized in {prof.run_dir}", file=sys.stderr, flush=True)
+        # Finalizes the trace (status complete, error or terminated) and never raises.
         prof.__exit__(
             type(error) if error is not None else None, error, error.__traceback__ if error is not None else None
         )
@@ -245,7 +249,7 @@ def run(args) -> int:
         sys.path[:] = saved_path
 
     code = _outcome(error)
-    if prof.run_dir is not None:
+    if prof.run_dir is not None and prof.failure is None:  # a failed capture said where, once
         print(f"vramscope: trace written to {prof.run_dir}", file=sys.stderr)
     return code
 

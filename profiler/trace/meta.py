@@ -108,9 +108,10 @@ _PID_REUSE_SLACK_S = 60.0
 
 
 def run_status(meta: dict | None) -> str:
-    """The status to show for a run: the final one meta.json records (complete, oom, error); else
-    running while the capture's process (meta's pid, on meta's hostname) is alive, died once it is
-    gone, and running? when that cannot be checked from here (another host, no pid recorded)."""
+    """The status to show for a run: the final one meta.json records (complete, oom, error,
+    terminated, capture_failed); else running while the capture's process (meta's pid, on meta's
+    hostname) is alive, died once it is gone, and running? when that cannot be checked from here
+    (another host, no pid recorded)."""
     meta = meta if isinstance(meta, dict) else {}
     status = meta.get("status")
     if isinstance(status, str) and status:
@@ -141,6 +142,12 @@ def process_alive(pid: int, started_at=None) -> bool:
     if state in ("Z", "X"):
         return False
     return not (isinstance(started_at, (int, float)) and started > started_at + _PID_REUSE_SLACK_S)
+
+
+def process_started_at(pid: int) -> float | None:
+    """When process `pid` of this host started (epoch seconds), from /proc; None without it."""
+    found = _proc_state(pid)
+    return None if found is None else found[1]
 
 
 def _proc_state(pid: int) -> tuple[str, float] | None:

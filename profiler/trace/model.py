@@ -43,7 +43,7 @@ class Trace:
 
     @property
     def status(self) -> str:
-        """complete, oom or error; 'running' while no final status is written."""
+        """complete, oom, error, terminated or capture_failed; 'running' while no final status is written."""
         return self.meta.get("status") or "running"
 
     @property

@@ -224,8 +224,13 @@ def _read_tables(run: Path, wanted: tuple[str, ...], meta: dict) -> tuple[dict[s
 
 def _finalized(meta: dict) -> bool:
     """Whether the capture published its tables: it wrote a final status, and no finalize_error
-    (a capture whose finalizing failed keeps its journals, and says so in meta.json)."""
-    return meta.get("status") is not None and not meta.get("finalize_error")
+    (a capture whose finalizing failed keeps its journals, and says so in meta.json). A capture
+    that stopped on an error of its own says so at once, and publishes its tables only as the
+    script leaves it (ended_at): a process killed in between leaves journals alone."""
+    status = meta.get("status")
+    if status == schema.Status.CAPTURE_FAILED.value and "ended_at" not in meta:
+        return False
+    return status is not None and not meta.get("finalize_error")
 
 
 def _is_empty(run: Path, arrow: dict[str, pa.Table], finished: bool) -> bool:

@@ -83,6 +83,8 @@ class Status(str, enum.Enum):
     COMPLETE = "complete"
     OOM = "oom"
     ERROR = "error"
+    TERMINATED = "terminated"  # SIGTERM or SIGHUP ended the script (the capture finalized first)
+    CAPTURE_FAILED = "capture_failed"  # the capture itself failed and stopped; the script ran on
 
 
 class BlockState(str, enum.Enum):

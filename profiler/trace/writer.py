@@ -19,6 +19,7 @@ Imports only numpy and pyarrow: this runs inside the profiled process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from profiler.errors import RunDirectoryExists
 from profiler.trace import schema
 from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
@@ -71,17 +73,33 @@ def new_run_id(name: str) -> str:
     return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
+def _new_run_dir(out_dir: Path, name: str, run_id: str | None, subdir: str | None) -> tuple[str, Path]:
+    """(run id, directory) of a run directory made now, never one that exists: two captures
+    writing one directory would leave a trace of neither. `subdir` is one partition of a
+    multi-rank run ("rank=3"), whose run directory the other ranks share."""
+    while True:
+        chosen = run_id or new_run_id(name)
+        run_dir = out_dir / chosen / subdir if subdir else out_dir / chosen
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+            return chosen, run_dir
+        except FileExistsError:
+            if run_id is None:
+                continue  # a fresh id met another run's: draw again
+            raise RunDirectoryExists(
+                f"{run_dir} exists already: a capture writes only a new run directory "
+                "(give another run id, or another --out)"
+            ) from None
+
+
 class TraceWriter:
     """Owns a run directory for the duration of one capture."""
 
     def __init__(
         self, out_dir: str | os.PathLike, name: str, meta: dict, run_id: str | None = None, subdir: str | None = None
     ):
-        self.run_id = run_id or new_run_id(name)
-        self.run_dir = Path(out_dir) / self.run_id
-        if subdir:  # one partition of a multi-rank run, e.g. "rank=3"
-            self.run_dir = self.run_dir / subdir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.run_dir = _new_run_dir(Path(out_dir), name, run_id, subdir)
         self.meta = dict(meta)
         self.meta.update(
             format=schema.FORMAT_NAME,
@@ -97,11 +115,14 @@ class TraceWriter:
         self._schemas = dict(schema.JOURNALS)
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
         self._journals: dict[str, JournalWriter] = {}
+        self._abandoned = False  # abandon(): no more rows
         self.finalized = False
 
     # -- capture-time -----------------------------------------------------------------
     def append(self, table: str, columns: dict) -> None:
         """Queue rows given as {column: sequence}; they reach disk at the next flush()."""
+        if self._abandoned:
+            return  # a new journal would replace the one the failed capture left
         sch = self._schemas[table]
         n = next((len(v) for v in columns.values() if v is not None), 0)
         if not n:
@@ -122,12 +143,28 @@ class TraceWriter:
             self.meta.update(meta_updates)
             write_meta(self.run_dir, self.meta)
 
+    def update_meta(self, updates: dict) -> None:
+        """Add `updates` to meta.json now, journals aside."""
+        self.meta.update(updates)
+        write_meta(self.run_dir, self.meta)
+
     def _journal(self, table: str) -> JournalWriter:
         journal = self._journals.get(table)
         if journal is None:
             journal = JournalWriter(self.run_dir / schema.journal_name(table), self._schemas[table])
             self._journals[table] = journal
         return journal
+
+    def abandon(self) -> None:
+        """Write no more journal batches: drop the queued rows and close each journal as it
+        stands (after a failed write, its readable prefix is what a reader keeps)."""
+        self._abandoned = True
+        for batches in self._pending.values():
+            batches.clear()
+        journals, self._journals = self._journals, {}
+        for journal in journals.values():
+            with contextlib.suppress(Exception):
+                journal.close()
 
     # -- end of capture ---------------------------------------------------------------
     def finalize(self, status: str, meta_updates: dict | None = None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -65,6 +66,11 @@ def page(name: str, root: Path, monkeypatch, **state) -> AppTest:
     for key, value in state.items():
         at.session_state[key] = value
     return at.run()
+
+
+def _as_read(markdown: str) -> str:
+    """A message as the page shows it: trace strings come backslash-escaped (dashboard/text.py)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def _ok(at: AppTest) -> None:
@@ -229,7 +235,7 @@ def test_ranks_page_shows_every_rank(tmp_path, monkeypatch):
     at = page("ranks", tmp_path, monkeypatch, current_job=str(three))
     _ok(at)
     assert at.dataframe[0].value["status"].tolist() == ["complete", "complete", "missing"]
-    assert len(at.warning) == 1 and "rank=2" in at.warning[0].value
+    assert len(at.warning) == 1 and "rank=2" in _as_read(at.warning[0].value)
 
 
 def test_ranks_page_without_a_multi_rank_run(traces, monkeypatch):
@@ -247,7 +253,7 @@ def test_runs_page_shows_a_job_as_one_row(tmp_path, monkeypatch):
     assert table.loc[str(two), "world_size"] == 2 and table.loc[str(two), "peak_allocated_bytes"] == 7500
     assert table.loc[str(three), "world_size"] == 3 and table.loc[str(three), "failed_ranks"] == "2"
     assert pd.isna(table.loc[str(single), "world_size"])
-    assert len(at.warning) == 1 and "three" in at.warning[0].value
+    assert len(at.warning) == 1 and "three" in _as_read(at.warning[0].value)
 
 
 def test_single_run_pages_show_one_rank_of_a_job(tmp_path, monkeypatch):
@@ -282,3 +288,17 @@ def test_the_dashboard_imports_no_cli_and_leaves_the_import_path_alone():
         imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert not any(m == "profiler.cli" or m.startswith("profiler.cli.") for m in imported), source
         assert "sys" not in imported, source  # no page puts the repository on sys.path itself
+
+
+def test_trace_strings_reach_the_page_as_text(tmp_path, monkeypatch):
+    # A run folder whose name is Markdown: its one-line error quotes it in a warning.
+    bad = tmp_path / "![pixel](https:evil.example) **loud**"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{nope")
+    at = page("runs", tmp_path, monkeypatch)
+    assert not at.exception
+    (warning,) = at.warning
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").render(warning.value)
+    assert "<img" not in html and "<strong" not in html and "<a " not in html
+    assert bad.name in html  # shown as written

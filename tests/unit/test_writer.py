@@ -212,3 +212,16 @@ def test_append_columns(tmp_path):
     assert steps.num_rows == 1 and steps.column("step").null_count == 1
     with pytest.raises((OverflowError, pa.ArrowInvalid)):
         w.append("events", {"ts_us": [1, 2], "step": [1 << 40] * 2})  # int32, as before
+
+
+def test_an_abandoned_writer_keeps_its_journals_as_they_are(tmp_path):
+    w = TraceWriter(tmp_path, "abandoned", base_meta())
+    w.append("events", _events(0, 5))
+    w.flush()
+    w.abandon()  # a capture that failed: nothing more reaches its journals
+    path = w.run_dir / schema.journal_name("events")
+    size = path.stat().st_size
+    w.append("events", _events(1, 7))
+    w.flush()
+    assert path.stat().st_size == size
+    assert read_journal(path, RAW_EVENTS).num_rows == 5
