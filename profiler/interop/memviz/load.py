@@ -35,7 +35,14 @@ MAX_BLOCKS = 20_000_000
 MAX_DEVICES = 1024
 INT64_END = 1 << 63  # addresses, sizes and times must lie in [0, INT64_END)
 
-_SHOW = reprlib.Repr()
+
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x, level):
+        # repr() of an int of thousands of digits raises (and is slow before that).
+        return repr(x) if x.bit_length() <= 256 else f"<an integer of {x.bit_length():,} bits>"
+
+
+_SHOW = _ShortRepr()
 _SHOW.maxlevel, _SHOW.maxdict, _SHOW.maxlist, _SHOW.maxtuple = 2, 4, 4, 4
 _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 40, 40, 40
 
