@@ -68,15 +68,18 @@ def build_report(trace, top: int = 10) -> dict:
     """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
     from profiler.analysis.categories import category_at_peak
     from profiler.analysis.fragmentation import fragmentation_at_peak
+    from profiler.analysis.integrity import check_module_peaks, trace_warnings
     from profiler.analysis.live import lifetimes
     from profiler.analysis.modules import module_table
     from profiler.analysis.summary import run_summary
     from profiler.analysis.timeline import peak
 
     lt = lifetimes(trace)  # paired once, shared by every section
+    warnings = trace_warnings(trace, lt)  # raises where the numbers cannot be trusted
     s = run_summary(trace, lt)
     p = peak(trace, lt)
     modules = module_table(trace, lt=lt)
+    check_module_peaks(trace, modules, p.allocated_bytes)
     busy = (
         modules[
             ["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "peak_contribution_bytes"]
@@ -112,6 +115,8 @@ def build_report(trace, top: int = 10) -> dict:
     )
     if not trace.kv.empty:  # only runs with KV caches have the section
         report["kv"] = kv_caches(trace)
+    if warnings:  # only a trace that does not add up has them
+        report["warnings"] = warnings
     return report
 
 
@@ -312,7 +317,8 @@ def _kv(r: dict) -> list[str]:
 
 def render(report: dict) -> str:
     """The report as aligned plain text."""
-    sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
+    header = _header(report) + [f"  warning: {w}" for w in report.get("warnings", [])]
+    sections = [header, _peak(report), _modules(report), _categories(report), _fragmentation(report)]
     if report.get("kv"):
         sections.append(_kv(report))
     if "ranks" in report:
