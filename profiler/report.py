@@ -71,6 +71,7 @@ def build_report(trace, top: int = 10) -> dict:
     from profiler.analysis.categories import category_at_peak
     from profiler.analysis.explain import explain
     from profiler.analysis.fragmentation import fragmentation_at_peak
+    from profiler.analysis.integrity import check_module_peaks, trace_warnings
     from profiler.analysis.leaks import leaks
     from profiler.analysis.live import lifetimes
     from profiler.analysis.modules import module_table
@@ -80,9 +81,11 @@ def build_report(trace, top: int = 10) -> dict:
     from profiler.report_leaks import growth_facts
 
     lt = lifetimes(trace)  # paired once, shared by every section
+    warnings = trace_warnings(trace, lt)  # raises where the numbers cannot be trusted
     s = run_summary(trace, lt)
     p = peak(trace, lt)
     modules = module_table(trace, lt=lt)
+    check_module_peaks(trace, modules, p.allocated_bytes)
     busy = (
         modules[
             ["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "peak_contribution_bytes"]
@@ -120,6 +123,8 @@ def build_report(trace, top: int = 10) -> dict:
     )
     if not trace.kv.empty:  # only runs with KV caches have the section
         report["kv"] = kv_caches(trace)
+    if warnings:  # only a trace that does not add up has them
+        report["warnings"] = warnings
     return report
 
 
@@ -281,7 +286,8 @@ def _kv(r: dict) -> list[str]:
 
 def render(report: dict) -> str:
     """The report as aligned plain text."""
-    sections = [_header(report), _peak(report), _modules(report), _categories(report), _fragmentation(report)]
+    header = _header(report) + [f"  warning: {w}" for w in report.get("warnings", [])]
+    sections = [header, _peak(report), _modules(report), _categories(report), _fragmentation(report)]
     if report.get("explanation", {}).get("has_segments"):
         sections.append(render_explanation(report["explanation"]))
     if "growth" in report:

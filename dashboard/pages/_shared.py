@@ -80,8 +80,14 @@ def multi_rank_runs(table: pd.DataFrame) -> pd.DataFrame:
 
 def load(run: str):
     """(Trace, Lifetimes) or None with the error shown."""
+    from profiler.analysis.integrity import trace_warnings
+
     try:
-        return data.trace_of(run)
+        loaded = data.trace_of(run)
+        warnings = trace_warnings(*loaded)  # raises where the numbers cannot be trusted
     except TraceError as exc:
         st.error(literal(exc))
         return None
+    for w in warnings:
+        st.warning(f"This trace does not add up: {w}")
+    return loaded

@@ -82,8 +82,11 @@ def rank_number(path) -> int | None:
 
 
 def rank_dirs(run_root) -> list[Path]:
-    """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9)."""
+    """The rank=N partitions of one multi-rank run, sorted by N (rank=10 after rank=9). A directory
+    holding meta.json is one run and has none, whatever folders it holds: a run holds no runs."""
     root = Path(run_root)
+    if os.path.lexists(root / schema.META_FILE):
+        return []
     try:
         numbered = [(n, c) for c in root.iterdir() if c.is_dir() and (n := rank_number(c)) is not None]
     except OSError:

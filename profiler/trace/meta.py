@@ -12,8 +12,9 @@ from pathlib import Path
 
 from profiler.errors import TraceVersionError
 from profiler.trace import schema
-from profiler.trace.problems import is_int, reading, show, trace_error
+from profiler.trace.problems import is_int, read_small, reading, show, trace_error
 
+INT64_END = 1 << 63  # counters are stored and summed as int64
 _STATUSES = tuple(s.value for s in schema.Status)
 
 
@@ -24,7 +25,7 @@ def read_meta(run_dir) -> dict:
     if not meta_path.is_file():
         raise trace_error(run, f"not a vramscope trace (no {schema.META_FILE})")
     with reading(run, schema.META_FILE):
-        raw = meta_path.read_bytes()
+        raw = read_small(meta_path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -44,7 +45,7 @@ def read_meta(run_dir) -> dict:
 def read_meta_lenient(run_dir) -> dict | None:
     """meta.json as a dict, unchecked, or None when there is no JSON object to read."""
     try:
-        meta = json.loads((Path(run_dir) / schema.META_FILE).read_bytes())
+        meta = json.loads(read_small(Path(run_dir) / schema.META_FILE))
     except (OSError, ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
         return None
     return meta if isinstance(meta, dict) else None
@@ -74,8 +75,8 @@ def _check_meta(run: Path, meta) -> None:
             raise trace_error(run, f"{name} {key} must be a string, not {show(meta[key])}")
     for key in schema.META_COUNTERS:
         value = meta[key]
-        if value is not None and not (is_int(value) and value >= 0):
-            raise trace_error(run, f"{name} {key} must be a non-negative integer or null, not {show(value)}")
+        if value is not None and not (is_int(value) and 0 <= value < INT64_END):
+            raise trace_error(run, f"{name} {key} must be an integer in 0..2^63-1 or null, not {show(value)}")
     for key in schema.META_OBJECTS:
         if not isinstance(meta[key], dict):
             raise trace_error(run, f"{name} {key} must be a JSON object")

@@ -11,6 +11,7 @@ each of them (iter_runs, load_runs), is profiler.trace.layout's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from profiler.trace.finalize.tables import finalize_tables
 from profiler.trace.journal import read_journal
 from profiler.trace.meta import read_meta
 from profiler.trace.model import Trace
-from profiler.trace.problems import reading, trace_error
+from profiler.trace.problems import check_regular, reading, trace_error
 
 # finalize_tables derives events and segments categories from these raw tables.
 _CLASSIFY_INPUTS = ("events", "roles", "segments")
@@ -50,6 +51,7 @@ def _wanted(tables: Iterable[str] | None) -> tuple[str, ...]:
 def _read_parquet(run: Path, table: str) -> pa.Table:
     name = schema.parquet_name(table)
     target = schema.TABLES[table]
+    check_regular(run, name)
     with reading(run, name):
         with pq.ParquetFile(run / name) as pf:
             present = pf.schema_arrow.names
@@ -77,9 +79,13 @@ def _read_raw(run: Path, table: str) -> pa.Table:
     name = schema.journal_name(table)
     target = schema.JOURNALS[table]
     required = schema.JOURNAL_REQUIRED_COLUMNS[table]
+    if os.path.lexists(run / name):
+        check_regular(run, name)
     with reading(run, name):
-        # A torn last batch is dropped by read_journal: a killed run keeps its whole batches.
-        tbl = read_journal(run / name, target)
+        # A torn last batch is dropped by read_journal: a killed run keeps its whole batches. The
+        # stream's own schema is read, so that a column of another type is cast or refused below,
+        # never the whole journal dropped as foreign.
+        tbl = read_journal(run / name, None)
         tbl.validate(full=True)
     if tbl.num_rows == 0:
         return target.empty_table()  # an empty journal may carry any schema
@@ -165,13 +171,16 @@ def _check_values(run: Path, table: str, tbl: pa.Table) -> None:
 def _row_count(run: Path, table: str, finished: bool) -> int:
     """Rows in a table that the caller did not ask for: only its metadata is read."""
     path = run / schema.parquet_name(table)
-    if path.is_file():
+    if os.path.lexists(path):
+        check_regular(run, path.name)
         with reading(run, path.name), pq.ParquetFile(path) as pf:
             return pf.metadata.num_rows
     if finished:
         raise trace_error(run, f"{path.name} is missing")
+    if os.path.lexists(run / schema.journal_name(table)):
+        check_regular(run, schema.journal_name(table))
     with reading(run, schema.journal_name(table)):
-        return read_journal(run / schema.journal_name(table), schema.JOURNALS[table]).num_rows
+        return read_journal(run / schema.journal_name(table), None).num_rows
 
 
 # -- load -----------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def _read_tables(run: Path, wanted: tuple[str, ...], meta: dict) -> tuple[dict[s
     out = {}
     journal_tables = []
     for table in wanted:
-        if (run / schema.parquet_name(table)).is_file():
+        if os.path.lexists(run / schema.parquet_name(table)):
             out[table] = _read_parquet(run, table)
         elif finalized and table in schema.OPTIONAL_TABLES:
             out[table] = schema.empty_table(table)

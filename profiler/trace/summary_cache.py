@@ -19,6 +19,7 @@ from pathlib import Path
 from profiler.analysis.summary import SUMMARY_TABLES, SUMMARY_VERSION, run_summary
 from profiler.trace import schema
 from profiler.trace.files import atomic_write
+from profiler.trace.problems import read_small
 
 SUMMARY_FILE = "summary.json"
 
@@ -33,7 +34,7 @@ def _mtime_ns(path: Path) -> int | None:
 def _meta_digest(run_dir: Path) -> str | None:
     """A fingerprint of meta.json's bytes (None if unreadable): a summary is of one meta.json."""
     try:
-        return hashlib.sha256((Path(run_dir) / schema.META_FILE).read_bytes()).hexdigest()
+        return hashlib.sha256(read_small(Path(run_dir) / schema.META_FILE)).hexdigest()
     except OSError:
         return None
 
@@ -62,7 +63,7 @@ def read_summary(run_dir) -> dict | None:
     if meta_mtime is None or summary_mtime is None or meta_mtime > summary_mtime:
         return None
     try:
-        summary = json.loads(path.read_bytes())
+        summary = json.loads(read_small(path))
     except (OSError, ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
         return None
     if (

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from profiler.interop.memviz.sorted_ints import SortedInts
 from profiler.trace import schema
 from profiler.trace.finalize.blocks import SMALL_BUFFER, AllocatorRules
 
@@ -50,13 +51,19 @@ class _Blk:
 
 @dataclass
 class Rewind:
-    """The allocator state at some point, with the means to step it back."""
+    """The allocator state at some point, with the means to step it back.
+
+    Live blocks and segments are also kept as sorted address sets, so that finding the segment
+    around an address or the next live block costs a bisection, not a scan: a snapshot may hold
+    millions of blocks, and each trace entry asks once."""
 
     rules: AllocatorRules = field(default_factory=AllocatorRules)
     segments: dict[int, _Seg] = field(default_factory=dict)
     blocks: dict[int, _Blk] = field(default_factory=dict)  # live (not inactive) blocks
     misses: int = 0  # entries that did not fit the state
     estimated: int = 0  # block sizes estimated from a request
+    _seg_addrs: SortedInts = field(default_factory=SortedInts)
+    _blk_addrs: SortedInts = field(default_factory=SortedInts)
 
     @classmethod
     def from_segments(cls, segments: list[dict], rules: AllocatorRules) -> Rewind:
@@ -78,18 +85,39 @@ class Rewind:
                         baddr, b["size"], b.get("requested_size", b["size"]), b["state"], b.get("frames")
                     )
                 addr = baddr + b["size"]
+        r._seg_addrs = SortedInts(r.segments)
+        r._blk_addrs = SortedInts(r.blocks)
         return r
 
+    def _add_segment(self, s: _Seg) -> None:
+        self.segments[s.addr] = s
+        self._seg_addrs.add(s.addr)
+
+    def _drop_segment(self, addr: int) -> _Seg | None:
+        self._seg_addrs.discard(addr)
+        return self.segments.pop(addr, None)
+
+    def _add_block(self, b: _Blk) -> None:
+        self.blocks[b.addr] = b
+        self._blk_addrs.add(b.addr)
+
+    def _drop_block(self, addr: int) -> _Blk | None:
+        self._blk_addrs.discard(addr)
+        return self.blocks.pop(addr, None)
+
     def segment_of(self, addr: int) -> _Seg | None:
-        for s in self.segments.values():
-            if s.addr <= addr < s.addr + s.size:
-                return s
-        return None
+        start = self._seg_addrs.floor(addr)
+        s = self.segments.get(start) if start is not None else None
+        return s if s is not None and addr < s.addr + s.size else None
+
+    def _any_block_in(self, addr: int, end: int) -> bool:
+        first = self._blk_addrs.ceiling(addr)
+        return first is not None and first < end
 
     def undo(self, e: dict) -> None:
-        action, addr, size = e["action"], e.get("addr", 0), e.get("size", 0)
+        action, addr, size = e["action"], e.get("addr", 0) or 0, e.get("size", 0) or 0
         if action == "alloc":
-            b = self.blocks.pop(addr, None)
+            b = self._drop_block(addr)
             if b is None or b.state != _ALLOCATED:
                 self.misses += 1
         elif action == "free_requested":
@@ -106,31 +134,38 @@ class Rewind:
                 self.misses += 1
                 return
             self._restore(addr, size, _PENDING, e.get("frames"))
-        elif action == "segment_alloc":
-            s = self.segments.pop(addr, None)
-            if s is None or any(s.addr <= b < s.addr + s.size for b in self.blocks):
+        elif action in ("segment_alloc", "segment_free"):
+            self._undo_segment(action, addr, size, e)
+        elif action in ("segment_map", "segment_unmap"):
+            self._undo_map(action, addr, size, e)
+
+    def _undo_segment(self, action: str, addr: int, size: int, e: dict) -> None:
+        if action == "segment_alloc":
+            s = self._drop_segment(addr)
+            if s is None or self._any_block_in(s.addr, s.addr + s.size):
                 self.misses += 1
-        elif action == "segment_free":
-            if addr in self.segments:
-                self.misses += 1
-                return
-            self.segments[addr] = _Seg(
-                addr, size, int(e.get("stream", 0) or 0), "small" if size == SMALL_BUFFER else "large"
-            )
-        elif action == "segment_map":
-            for s in self.segments.values():
-                if s.addr + s.size == addr + size and s.size >= size:
-                    s.size -= size
-                    if not s.size:
-                        del self.segments[s.addr]
-                    return
+        elif addr in self.segments:
             self.misses += 1
-        elif action == "segment_unmap":
-            for s in self.segments.values():
-                if s.addr + s.size == addr:
-                    s.size += size
-                    return
-            self.segments[addr] = _Seg(addr, size, int(e.get("stream", 0) or 0), "large", True)
+        else:
+            small = "small" if size == SMALL_BUFFER else "large"
+            self._add_segment(_Seg(addr, size, int(e.get("stream", 0) or 0), small))
+
+    def _undo_map(self, action: str, addr: int, size: int, e: dict) -> None:
+        if action == "segment_map":
+            # The segment grew by this mapping at its end: shrink it back.
+            s = self.segment_of(addr + size - 1) if size else None
+            if s is not None and s.addr + s.size == addr + size and s.size >= size:
+                s.size -= size
+                if not s.size:
+                    self._drop_segment(s.addr)
+                return
+            self.misses += 1
+            return
+        s = self.segment_of(addr - 1)
+        if s is not None and s.addr + s.size == addr:
+            s.size += size
+            return
+        self._add_segment(_Seg(addr, size, int(e.get("stream", 0) or 0), "large", True))
 
     def _restore(self, addr: int, requested: int, state: str, frames) -> None:
         """Bring back a block freed later: its size is estimated from the request."""
@@ -138,22 +173,24 @@ class Rewind:
         seg = self.segment_of(addr)
         if seg is not None:
             # The free gap the block lies in, up to the next live block or the segment's end.
-            nxt = min((b for b in self.blocks if addr < b < seg.addr + seg.size), default=seg.addr + seg.size)
-            gap = nxt - addr
+            nxt = self._blk_addrs.ceiling(addr + 1)
+            end = seg.addr + seg.size
+            gap = (nxt if nxt is not None and nxt < end else end) - addr
             small = seg.segment_type == "small"
             if gap >= size and not self.rules.should_split(gap, size, small):
                 size = gap  # handed out whole
             size = min(size, max(gap, 0)) or size
         self.estimated += 1
-        self.blocks[addr] = _Blk(addr, size, requested, state, frames)
+        self._add_block(_Blk(addr, size, requested, state, frames))
 
     def segment_list(self) -> tuple[list[dict], list[_Blk]]:
         """(segments in the snapshot's shape, with gaps as inactive blocks; live blocks in no segment)."""
         out = []
         placed: set[int] = set()
-        for s in sorted(self.segments.values(), key=lambda s: s.addr):
+        for start in self._seg_addrs:
+            s = self.segments[start]
             end = s.addr + s.size
-            inside = sorted((b for a, b in self.blocks.items() if s.addr <= a < end), key=lambda b: b.addr)
+            inside = [self.blocks[a] for a in self._blk_addrs.between(s.addr, end)]
             blocks, at = [], s.addr
             for b in inside:
                 placed.add(b.addr)
@@ -179,5 +216,5 @@ class Rewind:
                     blocks=blocks,
                 )
             )
-        orphans = [b for a, b in sorted(self.blocks.items()) if a not in placed]
+        orphans = [self.blocks[a] for a in self._blk_addrs if a not in placed]
         return out, orphans
