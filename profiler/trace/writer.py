@@ -137,8 +137,11 @@ class TraceWriter:
         for table, batches in self._pending.items():
             if not batches:
                 continue
-            self._journal(table).write(batches)
+            # Taken off the queue first: a flush cut short (a signal's exception, a full disk)
+            # must not write the same rows again at the next one.
+            taken = batches[:]
             batches.clear()
+            self._journal(table).write(taken)
         if meta_updates:
             self.meta.update(meta_updates)
             write_meta(self.run_dir, self.meta)
