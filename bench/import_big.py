@@ -12,7 +12,7 @@ The snapshot is built as torch builds it (torch/csrc/profiler/python/combined_tr
 py_symbolize): every distinct frame is one dict, and every distinct traceback one list of those
 dicts, so pickle writes each frame once and each traceback's list once. Every allocation and
 every free request gathers its own traceback (record_memory_history's default context "all"),
-80 to 160 frames deep (Python and C++ frames); a free_completed carries the traceback of its
+110 to 240 frames deep (Python and C++ frames); a free_completed carries the traceback of its
 request. The run is a training loop over 4 large segments: each step allocates 1,000 blocks,
 requests their frees and completes them. The ring has wrapped: the history starts in the middle
 of a step, so its first frees are of blocks allocated before it, which the import rebuilds.
@@ -51,7 +51,7 @@ def _frames(rnd: random.Random) -> list[dict]:
 
 def _traceback(rnd: random.Random, pool: list[dict], trunk: list[dict]) -> list[dict]:
     """A new list (one per traceback), sharing the frame dicts: a common trunk and a varied tip."""
-    depth = rnd.randint(80, 160)
+    depth = rnd.randint(110, 240)
     return trunk[: depth // 2] + [pool[rnd.randrange(len(pool))] for _ in range(depth - depth // 2)]
 
 

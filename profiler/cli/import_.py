@@ -103,7 +103,7 @@ def _progress_bar(size: int):
         yield None
         return
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, object] = {}
+        tasks: dict = {}  # stage -> the bar's task id
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:

@@ -10,6 +10,7 @@ unknown: module and category come from `user_metadata` alone (a vramscope tag
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ class _Interner:
 
     def tables(self) -> tuple[dict, dict]:
         frames = sorted((fid, k) for k, fid in self.frame_ids.items())
-        stacks = sorted((sid, list(k)) for k, sid in self.stack_ids.items())
+        stacks = sorted((sid, k) for k, sid in self.stack_ids.items())  # ids are dense: already in order
         return (
             {
                 "frame_id": [f[0] for f in frames],
@@ -210,8 +211,12 @@ def import_snapshot(
     name = name or Path(path).stem or "imported"
     writer = TraceWriter(out_dir, name, _meta(snap, dev, settings, replay, facts))
     facts["stacks_truncated"] = _write_tables(writer, entries, seg_start, seg_end)
-    oom = any(e["action"] == "oom" for e in entries)
-    status = schema.Status.OOM.value if oom else schema.Status.COMPLETE.value
+    status = schema.Status.OOM.value if any(e["action"] == "oom" for e in entries) else schema.Status.COMPLETE.value
+    # The tables are on disk: let the snapshot's objects go before finalizing reads them back,
+    # so that the two never take memory at once.
+    writer.flush()
+    del snap, traces, entries, seg_end, seg_start, orphans, rw
+    gc.collect()
     run_dir = writer.finalize(status)
     return run_dir, facts
 
