@@ -1,0 +1,125 @@
+"""The allocator trace tracker (tracker.cpp), compiled on first use and cached.
+
+Built with the system's C++ compiler straight against torch's headers and
+libraries (no ninja, no nvcc): one shared object per source, flags, Python and
+torch version, kept under $VRAMSCOPE_EXT_DIR or ~/.cache/vramscope/ext. The
+variant that reads Python frames (3.11 to 3.13) is tried first, then one
+without. `load()` never raises: it returns the module or the reason there is none,
+and the capture falls back to torch's own memory history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("tracker.cpp")
+_BUILD_TIMEOUT_S = 300
+_loaded: dict[bool, tuple[object | None, str | None]] = {}  # cuda -> (module, error)
+last_build_s: float | None = None  # seconds the last compile took (None: loaded from cache)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VRAMSCOPE_EXT_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramscope", "ext"
+    )
+    return Path(root)
+
+
+def cuda_include_dirs() -> list[str]:
+    """Where cuda_runtime_api.h is: a CUDA toolkit, or the nvidia-* wheels torch depends on."""
+    roots = [os.environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    found = [os.path.join(r, "include") for r in roots if r]
+    for entry in sys.path:
+        found += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return [d for d in dict.fromkeys(found) if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))]
+
+
+def _command(cuda: bool, frames: bool, name: str, out: Path) -> list[str]:
+    import torch
+    from torch.utils import cpp_extension
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    cmd = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE), "-o", str(out)]
+    cmd += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    if frames:
+        cmd.append("-DVRAMSCOPE_FRAMES")
+    if not cuda:
+        cmd.append("-DVRAMSCOPE_NO_CUDA")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    if cuda:
+        cuda_dirs = cuda_include_dirs()
+        if not cuda_dirs:
+            raise FileNotFoundError("no cuda_runtime_api.h (no CUDA toolkit, no nvidia-cuda-runtime headers)")
+        includes += cuda_dirs[:1]
+    cmd += [f"-I{d}" for d in includes]
+    cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    if cuda:
+        cmd.append("-lc10_cuda")
+    return cmd
+
+
+def _key(cmd: list[str]) -> str:
+    import torch
+
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join(cmd[6:]).encode())  # the flags, not the output path
+    h.update(f"{sys.version}|{torch.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def _build(cuda: bool, frames: bool):
+    global last_build_s
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise FileNotFoundError("no C++ compiler (c++) on PATH")
+    probe = _command(cuda, frames, "x", Path("x"))
+    name = f"vramscope_tracker_{_key(probe)}"
+    cmd = _command(cuda, frames, name, Path("x"))
+    ext_dir = _cache_dir()
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    so = ext_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if not so.exists():
+        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+        cmd[cmd.index("-o") + 1] = str(tmp)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise RuntimeError(f"compile failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+        os.replace(tmp, so)  # another process building the same file wins or loses whole
+        last_build_s = time.perf_counter() - t0
+    spec = importlib.util.spec_from_file_location(name, so)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {so}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(cuda: bool = True) -> tuple[object | None, str | None]:
+    """(the tracker module, None) or (None, why it could not be built); cached per process."""
+    if cuda in _loaded:
+        return _loaded[cuda]
+    errors = []
+    result: tuple[object | None, str | None] = (None, None)
+    for frames in (True, False):
+        try:
+            result = (_build(cuda, frames), None)
+            break
+        except Exception as e:  # any failure: try the next variant, then fall back
+            errors.append(f"{'frames' if frames else 'no frames'}: {type(e).__name__}: {e}")
+    if result[0] is None:
+        result = (None, " | ".join(errors))
+    _loaded[cuda] = result
+    return result
