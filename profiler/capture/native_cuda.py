@@ -123,7 +123,8 @@ class NativeCudaBackend(CudaBackend):
             new[i] = sid
             if self.compiled is not None:
                 self.compiled.see_stack(
-                    sid, [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, frame_ids)]
+                    sid,
+                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, frame_ids)],
                 )
         self._stack_of = np.concatenate([self._stack_of, new])
 
@@ -148,6 +149,6 @@ def make_native_backend(device=None, stacks: bool = True, max_entries: int = 1_0
     tracker, error = native.load(cuda=True)
     if tracker is None:
         return None, error
-    if stacks and not tracker.reads_frames:
+    if stacks and not getattr(tracker, "reads_frames", False):
         return None, "the tracker cannot read Python frames here (needs Python 3.11 to 3.13)"
     return NativeCudaBackend(tracker, device=device, stacks=stacks, max_entries=max_entries), None

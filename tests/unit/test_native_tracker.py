@@ -6,6 +6,9 @@ calls, with the GIL released as it is inside an op.
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import pytest
 import torch
 
@@ -93,3 +96,55 @@ def test_stopped_tracker_records_nothing(tracker):
     tracker.stop()
     tracker.record_for_test(ALLOC, 0, 100, 512, 7)
     assert len(tracker.drain()["ts_us"]) == 0
+
+
+class _FakeCuda:
+    """The few CUDA calls NativeCudaBackend makes, answered on a machine without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.allocs = 0
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "init", lambda: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(name="fake", total_memory=1 << 30)
+        )
+        monkeypatch.setattr(torch._C, "_cuda_memoryStats", self.stats, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_memorySnapshot", lambda d=None: {"segments": []}, raising=False)
+        for name in ("_cuda_setMemoryMetadata", "_cuda_getMemoryMetadata"):  # replaced by the tracker's
+            monkeypatch.setattr(torch._C, name, None, raising=False)
+
+    def stats(self, index):
+        return {"allocation": {"all": {"allocated": self.allocs}}}
+
+
+def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.writer import TraceWriter
+
+    fake = _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=tracker.reads_frames)
+    facts = backend.start()
+    assert facts["capture_path"] == "native"
+    backend.set_tag("forward|lin|")
+    _allocate_here(tracker, 100)
+    backend.set_tag("backward|lin|")
+    tracker.record_for_test(FREE_REQUESTED, 0, 100, 512, 7)
+    tracker.record_for_test(FREE_COMPLETED, 0, 100, 512, 7)
+    fake.allocs = 2  # one alloc the tracker never saw: counted as dropped
+    cols = backend.drain(step=3)
+    assert backend.dropped == 1 and backend.events_seen == 3
+    assert cols["action"].to_pylist() == ["alloc", "free_requested", "free_completed"]
+    assert cols["tag"].to_pylist() == ["forward|lin|", "backward|lin|", "backward|lin|"]
+    assert cols["step"].tolist() == [3, 3, 3]
+    if tracker.reads_frames:
+        sids = cols["stack_id"].to_pylist()
+        assert sids[0] == sids[2] is not None
+        frames, stacks = backend.interner.take_new()
+        assert frames["function"][stacks["frame_ids"][0][0]] == "_allocate_here"
+    writer = TraceWriter(tmp_path, "native", {})
+    writer.append("events", cols)  # the writer takes the columns as they are
+    writer.flush()
+    assert backend.drain(step=4) is None
+    backend.stop()
