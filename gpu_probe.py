@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -225,6 +227,11 @@ def build_tracker():
         reads_frames=getattr(module, "reads_frames", None),
         error=error,
         cuda_include_dirs=native.cuda_include_dirs(),
+        compilers={c: shutil.which(c) for c in ("c++", "g++", "ninja", "nvcc")},
+        cuda_headers_found={
+            d: sorted(os.listdir(d))[:5]
+            for d in glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "*", "include"))
+        },
     )
     print(f"  {out}", flush=True)
     return out

@@ -50,6 +50,7 @@ class NativeCudaBackend(CudaBackend):
         self._frame_of: list[int] = []  # tracker frame id -> interner frame id
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
+        self._last_segments: list = []
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> dict:

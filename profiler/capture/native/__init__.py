@@ -36,12 +36,20 @@ def _cache_dir() -> Path:
 
 
 def cuda_include_dirs() -> list[str]:
-    """Where cuda_runtime_api.h is: a CUDA toolkit, or the nvidia-* wheels torch depends on."""
+    """Where CUDA's runtime headers are: a CUDA toolkit, or the nvidia-* wheels torch depends
+    on (whose runtime wheel lacks crt/, which the nvcc or crt wheels, or triton, may bring)."""
     roots = [os.environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
     found = [os.path.join(r, "include") for r in roots if r]
     for entry in sys.path:
         found += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
-    return [d for d in dict.fromkeys(found) if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))]
+        found += glob.glob(os.path.join(entry, "triton", "backends", "nvidia", "include"))
+    found = [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+    runtime = [d for d in found if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))]
+    crt = [d for d in found if os.path.exists(os.path.join(d, "crt", "host_defines.h"))]
+    complete = [d for d in runtime if d in crt]
+    if complete:
+        return complete[:1]
+    return runtime[:1] + crt[:1] if runtime and crt else []
 
 
 def _command(cuda: bool, frames: bool, name: str, out: Path) -> list[str]:
@@ -60,8 +68,11 @@ def _command(cuda: bool, frames: bool, name: str, out: Path) -> list[str]:
     if cuda:
         cuda_dirs = cuda_include_dirs()
         if not cuda_dirs:
-            raise FileNotFoundError("no cuda_runtime_api.h (no CUDA toolkit, no nvidia-cuda-runtime headers)")
-        includes += cuda_dirs[:1]
+            raise FileNotFoundError(
+                "no CUDA headers (cuda_runtime_api.h and crt/host_defines.h): no CUDA toolkit, "
+                "no nvidia-cuda-runtime with nvidia-cuda-nvcc or nvidia-cuda-crt headers"
+            )
+        includes += cuda_dirs
     cmd += [f"-I{d}" for d in includes]
     cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
     if cuda:
