@@ -154,13 +154,14 @@ def exactness(run_dir: Path, torch_peak: int, allocs: int, frees: int) -> dict:
         peak_exact=replay_peak == torch_peak,
         alloc_events=int((action == "alloc").sum()),
         allocator_allocs=allocs,
+        free_requested_events=int((action == "free_requested").sum()),
         free_completed_events=int((action == "free_completed").sum()),
-        allocator_frees=frees,
+        allocator_frees=frees,  # the allocator counts a free in free(), where free_requested is recorded
         events_dropped=meta.get("events_dropped"),
         block_replay_misses=meta.get("block_replay_misses"),
         capture_host_s=meta.get("capture_host_s"),
     )
-    out["counts_exact"] = out["alloc_events"] == allocs and out["free_completed_events"] == frees
+    out["counts_exact"] = out["alloc_events"] == allocs and out["free_requested_events"] == frees
     live = alive_at_peak(trace)
     total = float(live["size_bytes"].sum()) or 1.0
     shares = {}
@@ -178,7 +179,7 @@ def exactness(run_dir: Path, torch_peak: int, allocs: int, frees: int) -> dict:
     )
     print(
         f"  {out['capture_path']}: peak {replay_peak} vs {torch_peak} exact={out['peak_exact']}; "
-        f"allocs {out['alloc_events']}/{allocs} frees {out['free_completed_events']}/{frees} "
+        f"allocs {out['alloc_events']}/{allocs} frees {out['free_requested_events']}/{frees} "
         f"dropped {out['events_dropped']}; at peak: stack {out['at_peak']['with_stack']:.3f} "
         f"module {out['at_peak']['with_module']:.3f}",
         flush=True,
