@@ -154,7 +154,10 @@ int64_t now_us() {
 // A str's text as UTF-8 without the GIL: read from its canonical buffer, never from
 // the cached UTF-8 copy (which may not exist yet and would be made under the GIL).
 std::string utf8_of(PyObject* s) {
-  if (s == nullptr || !PyUnicode_Check(s) || !PyUnicode_IS_READY(s)) return "?";
+  if (s == nullptr || !PyUnicode_Check(s)) return "?";
+#if PY_VERSION_HEX < 0x030C0000
+  if (!PyUnicode_IS_READY(s)) return "?";  // a legacy string not made canonical yet
+#endif
   Py_ssize_t n = PyUnicode_GET_LENGTH(s);
   int kind = PyUnicode_KIND(s);
   const void* data = PyUnicode_DATA(s);
