@@ -87,7 +87,7 @@ class Backend(Protocol):
 
 
 def make_backend(
-    name: str, stacks: bool, max_entries: int, device: int | None = None, capture_path: str = "python"
+    name: str, stacks: bool, max_entries: int, device: int | None = None, capture_path: str = "auto"
 ) -> Backend:
     """The backend called `name` ("auto": CUDA when a device is available).
 

@@ -25,10 +25,10 @@ class CaptureOptions:
     """What the run toggled, shown in comparisons (meta.json's `config`)."""
     backend: str = "auto"
     """"cuda", "cpu", or "auto": CUDA when a device is available."""
-    capture_path: str = "python"
+    capture_path: str = "auto"
     """How CUDA events arrive: "native" (an allocator trace tracker compiled on first use),
-    "python" (torch's memory history, drained by snapshot), or "auto": native wherever it builds.
-    "python" stays the default until the native path's figures are measured on a GPU."""
+    "python" (torch's memory history, drained by snapshot), or "auto": native wherever it
+    builds, else python; meta.json says which ran (`capture_path`) and why (`capture_path_error`)."""
     stacks: bool = True
     """Record the Python stack of each allocation."""
     modules: bool = True

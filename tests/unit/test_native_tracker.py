@@ -148,3 +148,41 @@ def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
     writer.flush()
     assert backend.drain(step=4) is None
     backend.stop()
+
+
+def test_build_failure_gives_a_reason_not_an_exception(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("VRAMSCOPE_EXT_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    module, error = native.load(cuda=False)
+    assert module is None
+    assert "frames: RuntimeError: compile failed" in error and "no frames: RuntimeError" in error
+
+
+def test_auto_falls_back_to_the_python_path_and_says_why(monkeypatch):
+    from profiler.capture.backend import make_backend
+    from profiler.capture.cuda import CudaBackend
+
+    _FakeCuda(monkeypatch)
+    monkeypatch.setattr(native, "_loaded", {True: (None, "compile failed: no compiler")})
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryMetadata", lambda tag: None, raising=False)
+    backend = make_backend("cuda", stacks=True, max_entries=8)  # capture_path "auto" by default
+    assert type(backend) is CudaBackend
+    facts = backend.start()
+    assert facts["capture_path"] == "python"
+    assert facts["capture_path_error"] == "compile failed: no compiler"
+    backend.stop()
+
+
+def test_auto_takes_the_native_path_where_it_builds(tracker, monkeypatch):
+    from profiler.capture.backend import make_backend
+    from profiler.capture.native_cuda import NativeCudaBackend
+
+    _FakeCuda(monkeypatch)
+    monkeypatch.setattr(native, "_loaded", {True: (tracker, None)})
+    backend = make_backend("cuda", stacks=tracker.reads_frames, max_entries=8)
+    assert type(backend) is NativeCudaBackend
+    facts = backend.start()
+    assert facts["capture_path"] == "native" and "capture_path_error" not in facts
+    backend.stop()
