@@ -7,7 +7,9 @@ torch.compile'd: step times with no capture / python path / native path in
 alternating rounds; exactness of each path (replayed peak vs max_memory_allocated,
 alloc and free events vs the allocator's counters); shares of the bytes alive at the
 peak that carry a stack and a module, per phase; dynamo recompiles with and without
-capture. Every section is wrapped: a failure prints its traceback and the probe goes on.
+capture; the segment map replayed from the event stream at the end against the allocator's
+snapshot (addresses, sizes, allocated bytes). Every section is wrapped: a failure prints
+its traceback and the probe goes on.
 Results: $OUT/gpu_probe.json.
 """
 
@@ -162,6 +164,7 @@ def exactness(run_dir: Path, torch_peak: int, allocs: int, frees: int) -> dict:
         capture_host_s=meta.get("capture_host_s"),
     )
     out["counts_exact"] = out["alloc_events"] == allocs and out["free_requested_events"] == frees
+    out["segments_at_end"] = segments_at_end(trace)
     live = alive_at_peak(trace)
     total = float(live["size_bytes"].sum()) or 1.0
     shares = {}
@@ -189,6 +192,38 @@ def exactness(run_dir: Path, torch_peak: int, allocs: int, frees: int) -> dict:
             f"    {phase:12s} {s['share_of_peak']:.3f} of peak: "
             f"stack {s['with_stack']:.3f} module {s['with_module']:.3f}"
         )
+    return out
+
+
+def _per_segment(addr, seg_bytes, block_bytes, state) -> dict:
+    """{segment address: (segment bytes, bytes in active_allocated blocks)}."""
+    out: dict = {}
+    for a, sb, bb, st in zip(addr, seg_bytes, block_bytes, state):
+        _, used = out.get(int(a), (0, 0))
+        out[int(a)] = (int(sb), used + (int(bb) if st == "active_allocated" else 0))
+    return out
+
+
+def segments_at_end(trace) -> dict:
+    """The segment map replayed from the start map and the event stream, at the last event,
+    against the allocator's own snapshot taken when the capture stopped (the "end" rows)."""
+    from profiler.analysis import segment_map_at
+
+    replayed = segment_map_at(trace, len(trace.events) - 1)
+    mine = _per_segment(replayed["segment_addr"], replayed["segment_bytes"], replayed["size_bytes"], replayed["state"])
+    seg = trace.segments[trace.segments["snapshot"] == "end"]
+    torch_map = _per_segment(seg["segment_addr"], seg["segment_bytes"], seg["block_bytes"], seg["state"])
+    out = dict(
+        segments=len(torch_map),
+        same_addresses=sorted(mine) == sorted(torch_map),
+        same_sizes_and_allocated=mine == torch_map,
+        mismatches=[
+            (hex(a), mine.get(a), torch_map.get(a))
+            for a in sorted(set(mine) | set(torch_map))
+            if mine.get(a) != torch_map.get(a)
+        ][:10],
+    )
+    print(f"  segment map at the end, replayed vs allocator: {out}", flush=True)
     return out
 
 

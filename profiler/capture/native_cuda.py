@@ -8,8 +8,10 @@ read from the allocating thread's frames without the GIL; a backward allocation
 on autograd's thread, which has none, gets the stack of the forward op that made
 the node being run.
 
-Segment maps still come from torch's snapshot, taken at the start, the end and on
-OOM only (its trace is empty here: history stays off).
+Segment maps come from torch's snapshot at the start, the end and on OOM only (its
+trace is empty here: history stays off). The map at any step boundary is the start
+map changed by the segment_alloc/free/map/unmap entries, which the tracker keeps
+like any other (profiler/analysis/fragmentation.py replays them).
 """
 
 from __future__ import annotations

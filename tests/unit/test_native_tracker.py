@@ -186,3 +186,70 @@ def test_auto_takes_the_native_path_where_it_builds(tracker, monkeypatch):
     facts = backend.start()
     assert facts["capture_path"] == "native" and "capture_path_error" not in facts
     backend.stop()
+
+
+SEGMENT_ALLOC, SEGMENT_FREE, SEGMENT_MAP, SEGMENT_UNMAP = 3, 4, 5, 6
+SMALL, LARGE = 2 << 20, 20 << 20
+S1, S2 = 0x7F0000000000, 0x7F0000000000 + (64 << 20)
+
+
+def test_segment_events_are_kept(tracker, monkeypatch):
+    from profiler.capture.native_cuda import NativeCudaBackend
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    for action in (SEGMENT_ALLOC, SEGMENT_MAP, SEGMENT_UNMAP, SEGMENT_FREE):
+        tracker.record_for_test(action, 0, S1, SMALL, 7)
+    cols = backend.drain(step=0)
+    assert cols["action"].to_pylist() == ["segment_alloc", "segment_map", "segment_unmap", "segment_free"]
+    assert cols["size_bytes"].tolist() == [SMALL] * 4
+    backend.stop()
+
+
+def _native_steps(tracker, backend) -> list[dict]:
+    """Three steps of segment and block events, drained at each step's end as a capture does."""
+    steps = [
+        [(SEGMENT_ALLOC, S1, SMALL), (ALLOC, S1, 1024), (ALLOC, S1 + 1024, 512)],
+        [(SEGMENT_ALLOC, S2, LARGE), (ALLOC, S2, LARGE), (FREE_REQUESTED, S1, 1024), (FREE_COMPLETED, S1, 1024)],
+        [(FREE_REQUESTED, S2, LARGE), (FREE_COMPLETED, S2, LARGE), (SEGMENT_FREE, S2, LARGE)],
+    ]
+    drained = []
+    for step, events in enumerate(steps):
+        for action, addr, size in events:
+            tracker.record_for_test(action, 0, addr, size, 7)
+        drained.append(backend.drain(step=step))
+    return drained
+
+
+def test_fragmentation_at_step_ends_from_the_native_stream(tracker, monkeypatch, tmp_path):
+    """No snapshot after the start: each step end's segment map is replayed from the stream."""
+    from fakes import base_meta
+
+    from profiler.analysis import fragmentation, segment_map_at
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.reader import load_trace
+    from profiler.trace.writer import TraceWriter
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    writer = TraceWriter(
+        tmp_path, "native", base_meta(backend="cuda", device="cuda:0", max_allocated_bytes=LARGE + 1536)
+    )
+    for cols in _native_steps(tracker, backend):
+        writer.append("events", cols)
+    backend.stop()
+    trace = load_trace(writer.finalize("complete"))
+    frag = fragmentation(trace).query("point == 'step_end'")
+    assert frag["step"].tolist() == [0, 1, 2]
+    assert frag["reserved_bytes"].tolist() == [SMALL, SMALL + LARGE, SMALL]
+    assert frag["allocated_bytes"].tolist() == [1536, LARGE + 512, 512]
+    # At the end: S1 keeps the 512-byte block, with free space on either side of it.
+    end = segment_map_at(trace, len(trace.events) - 1)
+    assert end[["segment_addr", "block_addr", "size_bytes", "state"]].values.tolist() == [
+        [S1, S1, 1024, "inactive"],
+        [S1, S1 + 1024, 512, "active_allocated"],
+        [S1, S1 + 1536, SMALL - 1536, "inactive"],
+    ]
+    assert frag["largest_free_block_bytes"].tolist()[-1] == SMALL - 1536
