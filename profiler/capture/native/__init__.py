@@ -1,11 +1,39 @@
 """The allocator trace tracker (tracker.cpp), compiled on first use and cached.
 
+Design. c10's CUDA caching allocator calls every attached trace tracker
+(`attachAllocatorTraceTracker`) with each trace entry, as it happens, under the
+allocator's lock, whether or not torch's own memory history records. The tracker
+appends the entry to column buffers (time, action, address, size, stream) with the
+allocating thread's label id (set by module hooks: an int, not a string per call),
+its Python stack and autograd's sequence numbers. A drain swaps the buffers under a
+mutex and hands them over as numpy arrays; Python turns them into Arrow columns.
+Nothing is converted per entry in Python, no snapshot is taken per drain, and
+torch's history stays off. Segment entries (segment_alloc/free/map/unmap) are kept
+like any other, so the segment map at any point is the start map replayed.
+
+Why frames are read without the GIL: the allocator calls us from inside an op, with
+the GIL released; taking it for each allocation would serialise kernel launches on
+it (and could deadlock against a thread that holds the GIL and waits on the
+allocator's lock). The allocating thread is inside a C call, so its interpreter
+frames cannot change while we read them: we follow them from its thread state,
+copy file and function names as text from the strings' canonical buffers, and
+touch no reference count. A backward allocation runs on autograd's thread, which
+has no Python frames: it gets the stack of the forward op whose node is being run,
+found by the node's sequence number.
+
+Limits: frames are read on Python 3.11 to 3.13 only (the interpreter frame layout
+is private and changes between versions; elsewhere the variant without frames is
+built, and a capture that wants stacks falls back to torch's history); at most 64
+innermost frames per stack; forward ops are remembered for their backward in a ring
+of 65,536 sequence numbers, so a backward node made more than 65,536 ops before it
+runs gets no stack; labels are interned for the process's life.
+
 Built with the system's C++ compiler straight against torch's headers and
 libraries (no ninja, no nvcc): one shared object per source, flags, Python and
 torch version, kept under $VRAMSCOPE_EXT_DIR or ~/.cache/vramscope/ext. The
-variant that reads Python frames (3.11 to 3.13) is tried first, then one
-without. `load()` never raises: it returns the module or the reason there is none,
-and the capture falls back to torch's own memory history.
+variant that reads Python frames is tried first, then one without. `load()` never
+raises: it returns the module or the reason there is none, and the capture falls
+back to torch's own memory history (meta.json's capture_path and capture_path_error).
 """
 
 from __future__ import annotations
