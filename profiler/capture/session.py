@@ -100,7 +100,7 @@ class Profiler:
         run = self._run = open_parts(self, opts, rank, make_backend)
         self.run_dir = run.writer.run_dir
         self._set_module_hooks(opts.modules)
-        self._remove_optimizer_hooks = hook_optimizer_steps(functools.partial(self.mark, _OPT), self._on_optimizer_end)
+        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
         run.install()
         run.backend.install_oom_observer(self._on_oom)
@@ -242,6 +242,18 @@ class Profiler:
     def on_root_exit(self) -> None:
         # Inference loops may never step: drain on a timer so the ring never fills.
         if self._parts.feed.due(self.options.drain_interval_s):
+            t0 = time.perf_counter()
+            self._drain()
+            self._capture_s += time.perf_counter() - t0
+
+    @guarded
+    def _on_optimizer_start(self) -> None:
+        self.mark(_OPT)
+        # Backward's kernels are queued ahead of the GPU here, so a drain that is due overlaps
+        # them; at the step's end, often just after the loss was read, it would add to the step.
+        # Only where markers give steps (CUDA): elsewhere the drain labels events with a step.
+        backend, feed = self._parts.backend, self._parts.feed
+        if not backend.positions_need_drain and feed.due(self.options.drain_interval_s):
             t0 = time.perf_counter()
             self._drain()
             self._capture_s += time.perf_counter() - t0
