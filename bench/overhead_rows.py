@@ -96,7 +96,7 @@ def train(steps: int, rounds: int, out: Path, capture_path: str, compiled: bool)
 
     def round_(prof):
         before = _compile_counts()
-        times = _timed(step, steps, after=prof.step if prof is not None else None)
+        times = _timed(step, steps)  # steps end at each optimizer step, as in most scripts
         into = compiles["captured" if prof is not None else "plain"]
         for k, v in _delta(before).items():
             into[k] += v
