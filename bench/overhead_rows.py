@@ -62,14 +62,12 @@ def rss_mb() -> float:
     return 0.0
 
 
-def _timed(step: Callable[[], None], n: int, after=None) -> list[float]:
+def _timed(step: Callable[[], None], n: int) -> list[float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-        if after is not None:
-            after()
     return times
 
 
