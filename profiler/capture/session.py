@@ -240,7 +240,9 @@ class Profiler:
 
     @guarded
     def on_root_exit(self) -> None:
-        # Inference loops may never step: drain on a timer so the ring never fills.
+        self._drain_if_due()  # inference loops may never step: the ring must not fill
+
+    def _drain_if_due(self) -> None:
         if self._parts.feed.due(self.options.drain_interval_s):
             t0 = time.perf_counter()
             self._drain()
@@ -249,14 +251,10 @@ class Profiler:
     @guarded
     def _on_optimizer_start(self) -> None:
         self.mark(_OPT)
-        # Backward's kernels are queued ahead of the GPU here, so a drain that is due overlaps
-        # them; at the step's end, often just after the loss was read, it would add to the step.
-        # Only where markers give steps (CUDA): elsewhere the drain labels events with a step.
-        backend, feed = self._parts.backend, self._parts.feed
-        if not backend.positions_need_drain and feed.due(self.options.drain_interval_s):
-            t0 = time.perf_counter()
-            self._drain()
-            self._capture_s += time.perf_counter() - t0
+        # Backward's kernels are queued ahead of the GPU: a due drain overlaps them (at the step's
+        # end it would add to it). Where markers give steps only: elsewhere the drain labels them.
+        if not self._parts.backend.positions_need_drain:
+            self._drain_if_due()
 
     @guarded
     def _on_optimizer_end(self, optimizer) -> None:
@@ -397,16 +395,5 @@ def profile(
     Use as `with profile(...) as prof:` or as a decorator. Steps end at optimizer steps, at
     no_grad forwards (capture/inference.py) or at `prof.step()`. Bad options raise CaptureOptionError here.
     """
-    return Profiler(
-        out=out,
-        name=name,
-        config=config,
-        backend=backend,
-        stacks=stacks,
-        modules=modules,
-        hooked_steps=hooked_steps,
-        max_entries=max_entries,
-        drain_interval_s=drain_interval_s,
-        explicit_steps=explicit_steps,
-        **kw,
-    )
+    named = {k: v for k, v in locals().items() if k != "kw"}  # the arguments above, by name
+    return Profiler(**named, **kw)
