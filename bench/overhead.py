@@ -1,122 +1,156 @@
-"""What capture costs: median step time with vs without it, in one process.
+"""What capture costs, for every workload of the capture-cost goals, in one process.
 
-    python bench/overhead.py [--preset gpt2-small] [--steps 20] [--rounds 3]
+    python bench/overhead.py [--json bench/results/overhead.json] [--steps 30] [--rounds 5]
+                             [--tokens 128] [--capture-path auto] [--rows train compiled ...]
 
-Workload: the preset in bf16 autocast with fused AdamW (CUDA). Each variant
-runs in alternating rounds with the uncaptured baseline, so drift in clocks
-or temperature hits both. Printed as ratios to the baseline's median step
-time; the mean ratio is printed too, because per-step drains are part of the
-cost even where the median hides them. MemTracker and torch.profiler are
-the anchors.
+Rows (bench/overhead_rows.py): gpt2-small bf16 fused AdamW B8x1024 with full capture,
+eager and torch.compile'd; KV decode of gpt2-small at B32 with a preallocated and a
+concat cache; transformers' generate() on a Llama-style model, B16, per token; the CPU
+backend (bench/overhead_cpu.py, "not run" where that module is absent).
+
+Each row alternates uncaptured and captured rounds (a fresh capture per round, after
+one untimed warm captured round), so drift hits both. Ratios are captured over
+uncaptured: the median step, the mean step (the total time a user feels), and the
+worst step over the uncaptured median. The first step of every round is left out of
+all three (a capture's start is paid once per run, not per step) and reported alone.
+A row that fails records its error and the run goes on; the JSON is rewritten after
+every row. Host RSS growth is measured over each row.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
+import json
+import shutil
 import statistics
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workloads.model import preset  # noqa: E402
-from workloads.train import build, make_batch, train_step  # noqa: E402
+from bench import overhead_rows as rows  # noqa: E402
+
+ROWS = ("train", "compiled", "decode_prealloc", "decode_concat", "generate", "cpu")
+CUDA_ROWS = ROWS[:-1]
 
 
-def _timed_steps(run_step, n: int, per_step=None) -> list[float]:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - t)
-        if per_step:
-            per_step()
-    return times
+def ratios(plain: list[list[float]], captured: list[list[float]]) -> dict:
+    """Step-time ratios over rounds of per-step seconds (first step of each round apart)."""
+    base = [t for r in plain for t in r[1:]]
+    cap = [t for r in captured for t in r[1:]]
+    if not base or not cap:
+        raise ValueError("rounds need two steps or more")
+    med = statistics.median(base)
+    return dict(
+        median_ratio=statistics.median(cap) / med,
+        mean_ratio=statistics.mean(cap) / statistics.mean(base),
+        worst_step_ratio=max(cap) / med,
+        first_step_ratio=max(r[0] for r in captured) / med,
+        baseline_median_ms=med * 1e3,
+        baseline_mean_ms=statistics.mean(base) * 1e3,
+        captured_median_ms=statistics.median(cap) * 1e3,
+        captured_mean_ms=statistics.mean(cap) * 1e3,
+        steps_per_round=len(captured[0]),
+        rounds=len(captured),
+    )
 
 
-def _history_only():
-    @contextlib.contextmanager
-    def ctx():
-        torch.cuda.memory._record_memory_history("all", context="all", stacks="python")
-        try:
-            yield None
-        finally:
-            torch.cuda.memory._record_memory_history(None)
+def run_row(name: str, args) -> dict:
+    out = rows.trace_dir()
+    try:
+        if name == "cpu":
+            return rows.cpu(args.steps, args.rounds)
+        if not torch.cuda.is_available():
+            return dict(status="not run", error="no CUDA device")
+        if name in ("train", "compiled"):
+            got = rows.train(args.steps, args.rounds, out, args.capture_path, compiled=name == "compiled")
+        elif name.startswith("decode_"):
+            got = rows.decode(name.removeprefix("decode_"), args.tokens, args.rounds, out, args.capture_path)
+        else:
+            got = rows.generate(args.tokens, args.rounds, out, args.capture_path)
+        plain, captured = got.pop("plain"), got.pop("captured")
+        return dict(ratios(plain, captured), **got)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-    return ctx()
+
+def summary(results: dict) -> dict:
+    def mean_of(*names):
+        got = [results["rows"].get(n, {}).get("mean_ratio") for n in names]
+        got = [g for g in got if g is not None]
+        return max(got) if got else None
+
+    worst = [r.get("worst_step_ratio") for r in results["rows"].values()]
+    worst = [w for w in worst if w is not None]
+    compiles = results["rows"].get("compiled", {}).get("compiles")
+    paths = {run.get("capture_path") for r in results["rows"].values() for run in r.get("runs", [])}
+    return dict(
+        train_full_capture_mean_ratio=mean_of("train"),
+        train_compiled_mean_ratio=mean_of("compiled"),
+        decode_full_capture_mean_ratio=mean_of("decode_prealloc", "decode_concat"),
+        generate_mean_ratio=mean_of("generate"),
+        worst_step_ratio=max(worst) if worst else None,
+        cpu_mean_ratio=results["rows"].get("cpu", {}).get("mean_ratio"),
+        compiled_recompiles_without_capture=(compiles or {}).get("plain"),
+        compiled_recompiles_with_capture=(compiles or {}).get("captured"),
+        capture_path=sorted(p for p in paths if p) or None,
+    )
 
 
-def _vramscope(out, stacks=True, modules=True):
-    import profiler
-
-    return profiler.profile(out=out, name="overhead", stacks=stacks, modules=modules)
+def print_row(name: str, row: dict) -> None:
+    if "mean_ratio" in row:
+        print(
+            f"{name:16s} median {row['median_ratio']:.3f}x  mean {row['mean_ratio']:.3f}x  "
+            f"worst step {row['worst_step_ratio']:.2f}x  (baseline {row.get('baseline_median_ms', 0):.2f} ms, "
+            f"RSS +{row.get('rss_growth_mb', 0):.0f} MB)",
+            flush=True,
+        )
+    else:
+        print(f"{name:16s} {row.get('status', 'failed')}: {row.get('error')}", flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="gpt2-small")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--anchor-steps", type=int, default=4, help="steps for the slow anchors")
+    ap.add_argument("--json", default="bench/results/overhead.json", help="where the results go")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per row")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode or generate round")
+    ap.add_argument("--capture-path", default="auto", choices=("auto", "native", "python"))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/overhead.py needs a CUDA device", file=sys.stderr)
+    if min(args.steps, args.rounds, args.tokens) < 2:
+        print("--steps, --rounds and --tokens must be at least 2", file=sys.stderr)
         return 2
-    cfg = preset(args.preset)
-    torch.manual_seed(0)
-    model, opt = build(cfg, device="cuda", fused=True)
-    batch = make_batch(cfg, device="cuda")
-
-    def step():
-        train_step(model, opt, batch, autocast_dtype=torch.bfloat16).item()
-
-    _timed_steps(step, 5)  # warm-up: kernels, autotuning, optimizer state
-    out = Path(tempfile.mkdtemp(prefix="vramscope-bench-"))
-    variants = {
-        "history only (torch, python stacks)": _history_only,
-        "vramscope, no stacks, no modules": lambda: _vramscope(out, stacks=False, modules=False),
-        "vramscope, no stacks": lambda: _vramscope(out, stacks=False),
-        "vramscope, full capture": lambda: _vramscope(out),
-    }
-    base: list[float] = []
-    results: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        base += _timed_steps(step, args.steps)
-        for name, make in variants.items():
-            with make():
-                results[name] += _timed_steps(step, args.steps)
-
-    # Anchors: few steps, they are slow.
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    mt = MemTracker()
-    mt.track_external(model, opt)
-    with mt:
-        results["MemTracker"] = _timed_steps(step, args.anchor_steps, per_step=mt.reset_mod_stats)
-    prof = torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-        profile_memory=True,
-        record_shapes=True,
-        with_stack=True,
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        torch=torch.__version__,
+        python=sys.version.split()[0],
+        args=vars(args),
+        rows={},
     )
-    with prof:
-        results["torch.profiler(profile_memory=True)"] = _timed_steps(step, args.anchor_steps)
-
-    b_med, b_mean = statistics.median(base), statistics.mean(base)
-    print(
-        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  preset {args.preset} "
-        f"bf16 fused AdamW, batch {cfg.batch_size}x{cfg.seq_len}"
-    )
-    print(f"baseline: median {b_med * 1e3:.2f} ms/step over {len(base)} steps")
-    print(f"{'variant':40s} {'median ms':>10s} {'ratio':>7s} {'mean ratio':>11s}")
-    for name, times in results.items():
-        med = statistics.median(times)
-        print(f"{name:40s} {med * 1e3:10.2f} {med / b_med:6.3f}x {statistics.mean(times) / b_mean:10.3f}x")
+    t_all = time.perf_counter()
+    for name in args.rows:
+        t0, rss0 = time.perf_counter(), rows.rss_mb()
+        try:
+            row = run_row(name, args)
+        except Exception as e:  # one row's failure must not cost the others
+            row = dict(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+        row.update(seconds=time.perf_counter() - t0, rss_growth_mb=rows.rss_mb() - rss0)
+        results["rows"][name] = row
+        results.update(summary(results), seconds=time.perf_counter() - t_all)
+        path.write_text(json.dumps(results, indent=1, default=str))
+        print_row(name, row)
+    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "args")}, indent=1, default=str))
     return 0
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from profiler.capture.compiled import CompiledTags
 
 BACKEND_NAMES = ("auto", "cuda", "cpu")
+CAPTURE_PATHS = ("auto", "native", "python")
 OomCallback = Callable[[int, int, int, int], None]  # device, requested, allocated, free
 
 
@@ -85,8 +86,16 @@ class Backend(Protocol):
     def remove_oom_observer(self) -> None: ...
 
 
-def make_backend(name: str, stacks: bool, max_entries: int, device: int | None = None) -> Backend:
-    """The backend called `name` ("auto": CUDA when a device is available)."""
+def make_backend(
+    name: str, stacks: bool, max_entries: int, device: int | None = None, capture_path: str = "auto"
+) -> Backend:
+    """The backend called `name` ("auto": CUDA when a device is available).
+
+    On CUDA, `capture_path` picks how events arrive: "native" (the allocator trace
+    tracker, profiler/capture/native_cuda.py) or "python" (torch's memory history);
+    "auto" and "native" use the tracker wherever it builds, else torch's history,
+    and meta.json says which ran (`capture_path`) and why (`capture_path_error`).
+    """
     import torch
 
     if name == "auto":
@@ -94,8 +103,17 @@ def make_backend(name: str, stacks: bool, max_entries: int, device: int | None =
     if name == "cuda":
         from profiler.capture.cuda import CudaBackend
 
+        error = None
+        if capture_path != "python":
+            from profiler.capture.native_cuda import make_native_backend
+
+            native, error = make_native_backend(device=device, stacks=stacks, max_entries=max_entries)
+            if native is not None:
+                return native
         # device: a rank's own GPU (LOCAL_RANK), which the script may not have selected yet.
-        return CudaBackend(device=device, stacks=stacks, max_entries=max_entries)
+        backend = CudaBackend(device=device, stacks=stacks, max_entries=max_entries)
+        backend.capture_path_error = error
+        return backend
     if name == "cpu":
         from profiler.capture.cpu import CpuBackend
 

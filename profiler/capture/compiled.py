@@ -249,6 +249,21 @@ class CompiledTags:
                 out[i] = tag
         return out
 
+    def renames(self) -> bool:
+        """Whether any stack seen so far passes through a mapped line."""
+        return bool(self._by_stack)
+
+    def renamed(self, tag: str, stack_id: int) -> str:
+        """`tag` as an allocation on stack `stack_id` carries it (unchanged off mapped stacks)."""
+        info = self._by_stack.get(stack_id)
+        if info is None:
+            return tag
+        key = (tag, stack_id)
+        out = self._tags.get(key)
+        if out is None:
+            out = self._tags[key] = self._renamed(tag, info)
+        return out
+
     def _renamed(self, tag: str, info: LineInfo) -> str:
         if not tag or tag.startswith(MARKER_PREFIX):
             return tag

@@ -48,6 +48,8 @@ class CudaBackend:
 
     name = "cuda"
     device_type = "cuda"
+    capture_path = "python"  # meta.json's capture_path (native_cuda.py is "native")
+    capture_path_error: str | None = None  # why the native path did not run, if it was tried
     # A snapshot costs about 1 us per entry: drain on the timer, and mark steps instead.
     drain_every_step = False
     positions_need_drain = False
@@ -101,6 +103,8 @@ class CudaBackend:
             allocator_settings=snap.get("allocator_settings") or {},
             baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
             baseline_reserved_bytes=_all(stats, "reserved_bytes", "current"),
+            capture_path=self.capture_path,
+            **({"capture_path_error": self.capture_path_error} if self.capture_path_error else {}),
         )
 
     def stop(self) -> None:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
-from profiler.capture.backend import BACKEND_NAMES
+from profiler.capture.backend import BACKEND_NAMES, CAPTURE_PATHS
 from profiler.errors import UsageError
 
 
@@ -25,6 +25,10 @@ class CaptureOptions:
     """What the run toggled, shown in comparisons (meta.json's `config`)."""
     backend: str = "auto"
     """"cuda", "cpu", or "auto": CUDA when a device is available."""
+    capture_path: str = "auto"
+    """How CUDA events arrive: "native" (an allocator trace tracker compiled on first use),
+    "python" (torch's memory history, drained by snapshot), or "auto": native wherever it
+    builds, else python; meta.json says which ran (`capture_path`) and why (`capture_path_error`)."""
     stacks: bool = True
     """Record the Python stack of each allocation."""
     modules: bool = True
@@ -53,6 +57,8 @@ class CaptureOptions:
         object.__setattr__(self, "name", self.name or "run")
         if self.backend not in BACKEND_NAMES:
             raise CaptureOptionError(f"unknown backend {self.backend!r}: expected auto, cuda or cpu")
+        if self.capture_path not in CAPTURE_PATHS:
+            raise CaptureOptionError(f"unknown capture_path {self.capture_path!r}: expected auto, native or python")
         if self.hooked_steps is not None:
             object.__setattr__(self, "hooked_steps", _first_every(self.hooked_steps))
         if not _is_int(self.max_entries) or self.max_entries <= 0:

@@ -97,7 +97,13 @@ def open_parts(session, opts, rank, make_backend) -> CaptureParts:
     Module, optimizer and backward hooks are the session's to install.
     """
     where = placement.place(opts, rank)
-    backend = make_backend(opts.backend, opts.stacks, opts.max_entries, device=distributed.device_index(rank))
+    backend = make_backend(
+        opts.backend,
+        opts.stacks,
+        opts.max_entries,
+        device=distributed.device_index(rank),
+        capture_path=opts.capture_path,
+    )
     facts = backend.start()
     try:
         writer = placement.open_writer(opts, where, backend.name, facts)

@@ -100,7 +100,7 @@ class Profiler:
         run = self._run = open_parts(self, opts, rank, make_backend)
         self.run_dir = run.writer.run_dir
         self._set_module_hooks(opts.modules)
-        self._remove_optimizer_hooks = hook_optimizer_steps(functools.partial(self.mark, _OPT), self._on_optimizer_end)
+        self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
         run.install()
         run.backend.install_oom_observer(self._on_oom)
@@ -240,11 +240,21 @@ class Profiler:
 
     @guarded
     def on_root_exit(self) -> None:
-        # Inference loops may never step: drain on a timer so the ring never fills.
+        self._drain_if_due()  # inference loops may never step: the ring must not fill
+
+    def _drain_if_due(self) -> None:
         if self._parts.feed.due(self.options.drain_interval_s):
             t0 = time.perf_counter()
             self._drain()
             self._capture_s += time.perf_counter() - t0
+
+    @guarded
+    def _on_optimizer_start(self) -> None:
+        self.mark(_OPT)
+        # Backward's kernels are queued ahead of the GPU: a due drain overlaps them (at the step's
+        # end it would add to it). Where markers give steps only: elsewhere the drain labels them.
+        if not self._parts.backend.positions_need_drain:
+            self._drain_if_due()
 
     @guarded
     def _on_optimizer_end(self, optimizer) -> None:
@@ -385,16 +395,5 @@ def profile(
     Use as `with profile(...) as prof:` or as a decorator. Steps end at optimizer steps, at
     no_grad forwards (capture/inference.py) or at `prof.step()`. Bad options raise CaptureOptionError here.
     """
-    return Profiler(
-        out=out,
-        name=name,
-        config=config,
-        backend=backend,
-        stacks=stacks,
-        modules=modules,
-        hooked_steps=hooked_steps,
-        max_entries=max_entries,
-        drain_interval_s=drain_interval_s,
-        explicit_steps=explicit_steps,
-        **kw,
-    )
+    named = {k: v for k, v in locals().items() if k != "kw"}  # the arguments above, by name
+    return Profiler(**named, **kw)

@@ -107,3 +107,25 @@ def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_
     assert prof.step_index == 3
     # The root's parameters at step 0, then each step end marks the step it starts.
     assert backend.calls == [("position", 0), ("position", 1), ("position", 2), ("position", 3), ("drain", 3, True)]
+
+
+def test_a_due_drain_runs_as_the_optimizer_starts_where_markers_give_steps(tmp_path, monkeypatch):
+    import torch
+
+    from profiler.capture import session
+
+    backend = _MarkerLikeBackend(stacks=False)
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=0) as prof:
+        for _ in range(2):
+            model(torch.randn(2, 4)).sum().backward()
+            backend.calls.append(("optimizer",))
+            opt.step()
+    assert prof.step_index == 2
+    # Due at every chance (forward's end and the step's end drain too): the optimizer's start drains.
+    calls = backend.calls
+    after_optimizer = [calls[i + 1] for i, c in enumerate(calls) if c == ("optimizer",)]
+    assert after_optimizer == [("drain", 0, False), ("drain", 1, False)]
+    assert [c for c in calls if c[0] == "position"] == [("position", 0), ("position", 1), ("position", 2)]

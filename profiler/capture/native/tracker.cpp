@@ -1,0 +1,471 @@
+// The CUDA caching allocator's trace entries, received as they happen.
+//
+// c10 calls every attached tracker for each trace entry, under the allocator's
+// lock, whether or not torch's own history is recording. We append each entry to
+// column buffers with a little context of the allocating thread:
+//   - a label id (the "phase|module|category" tag), set by the capture's hooks;
+//   - the Python stack, read from the thread's interpreter frames without the GIL
+//     (the thread is inside a C call, so its frames cannot change under us);
+//     no Python object is touched: names are copied as text, and no reference
+//     is taken or dropped;
+//   - autograd's forward sequence number, and in backward the sequence number of
+//     the node being run, so that a backward allocation without Python frames
+//     gets the stack of the forward op that made its node.
+// A drain swaps the buffers under a mutex and hands them over as numpy arrays.
+//
+// The allocator's lock is held while we run: nothing here calls into torch's
+// allocator or takes the GIL. c10 cannot detach a tracker: stopping sets a flag.
+//
+// Built without CUDA (VRAMSCOPE_NO_CUDA) for tests on machines without a GPU:
+// then entries arrive through record_for_test only.
+
+#include <ATen/SequenceNumber.h>
+#include <torch/csrc/autograd/function.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#ifndef VRAMSCOPE_NO_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#if defined(VRAMSCOPE_FRAMES)
+#if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030E0000
+#error "interpreter frames are read for Python 3.11 to 3.13 only"
+#endif
+#define Py_BUILD_CORE 1
+#include <internal/pycore_frame.h>
+#undef Py_BUILD_CORE
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kSnapshotAction = 7;  // TraceEntry::SNAPSHOT: a marker of torch's own snapshots
+constexpr int kAllocAction = 0, kFreeRequested = 1, kFreeCompleted = 2;
+constexpr size_t kSeqRing = 1 << 16;  // forward ops remembered for their backward
+
+struct Columns {
+  std::vector<int64_t> ts_us, addr, size, stream, fwd_seq, bwd_seq;
+  std::vector<int32_t> label, stack;
+  std::vector<int8_t> action;
+  void clear() {
+    for (auto* v : {&ts_us, &addr, &size, &stream, &fwd_seq, &bwd_seq}) v->clear();
+    label.clear();
+    stack.clear();
+    action.clear();
+  }
+};
+
+struct FrameText {
+  std::string filename, name;
+  int line;
+  bool operator==(const FrameText& o) const { return line == o.line && filename == o.filename && name == o.name; }
+};
+
+struct FrameTextHash {
+  size_t operator()(const FrameText& f) const {
+    return std::hash<std::string>()(f.filename) * 31 + std::hash<std::string>()(f.name) * 7 + f.line;
+  }
+};
+
+struct VecHash {
+  size_t operator()(const std::vector<int32_t>& v) const {
+    size_t h = v.size();
+    for (int32_t x : v) h = h * 1000003u ^ static_cast<size_t>(x);
+    return h;
+  }
+};
+
+// A code location seen before: (code object, instruction) -> frame id. The code
+// object's name pointers and first line are kept to tell a freed code object's
+// address, reused by another one, from the one we saw.
+struct CodeSpot {
+  const void* code;
+  int lasti;
+  bool operator==(const CodeSpot& o) const { return code == o.code && lasti == o.lasti; }
+};
+struct CodeSpotHash {
+  size_t operator()(const CodeSpot& c) const { return std::hash<const void*>()(c.code) ^ (static_cast<size_t>(c.lasti) << 1); }
+};
+struct CodeSpotValue {
+  const void* filename;
+  const void* name;
+  int firstline;
+  int32_t frame;
+};
+
+struct SeqSlot {
+  int64_t seq = -1;
+  int32_t stack = -1;
+};
+
+struct State {
+  std::mutex mu;
+  Columns cols;
+  std::unordered_map<CodeSpot, CodeSpotValue, CodeSpotHash> spots;
+  std::unordered_map<FrameText, int32_t, FrameTextHash> frame_ids;
+  std::vector<FrameText> frames;
+  std::unordered_map<std::vector<int32_t>, int32_t, VecHash> stack_ids;
+  std::vector<std::vector<int32_t>> stacks;
+  size_t frames_reported = 0, stacks_reported = 0;
+  std::unordered_map<uint64_t, int32_t> alive_stack;  // block addr -> its alloc's stack
+  std::vector<SeqSlot> seq_ring = std::vector<SeqSlot>(kSeqRing);
+  std::vector<int32_t> walk;  // scratch: frame ids of the stack being read
+  int64_t allocs = 0;
+};
+
+State& state() {
+  static State* s = new State();  // never destroyed: the allocator may call us at exit
+  return *s;
+}
+
+std::atomic<bool> g_on{false};
+std::atomic<int> g_device{0};
+std::atomic<bool> g_stacks{true};
+std::atomic<int> g_max_depth{64};
+std::atomic<bool> g_attached{false};
+thread_local int32_t tl_label = 0;
+
+// Labels: id -> text and the first str object seen for it (held, and handed back by
+// get_tag so that set_tag(get_tag()) finds it by pointer). Touched under the GIL only.
+std::vector<std::string> g_labels{""};
+std::vector<PyObject*> g_label_objs{nullptr};
+std::unordered_map<std::string, int32_t> g_label_ids{{"", 0}};
+std::unordered_map<PyObject*, int32_t> g_label_by_obj;
+
+int64_t now_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+#if defined(VRAMSCOPE_FRAMES)
+// A str's text as UTF-8 without the GIL: read from its canonical buffer, never from
+// the cached UTF-8 copy (which may not exist yet and would be made under the GIL).
+std::string utf8_of(PyObject* s) {
+  if (s == nullptr || !PyUnicode_Check(s)) return "?";
+#if PY_VERSION_HEX < 0x030C0000
+  if (!PyUnicode_IS_READY(s)) return "?";  // a legacy string not made canonical yet
+#endif
+  Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+  int kind = PyUnicode_KIND(s);
+  const void* data = PyUnicode_DATA(s);
+  std::string out;
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    Py_UCS4 c = PyUnicode_READ(kind, data, i);
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+    } else if (c < 0x800) {
+      out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    } else if (c < 0x10000) {
+      out.push_back(static_cast<char>(0xE0 | (c >> 12)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    } else {
+      out.push_back(static_cast<char>(0xF0 | (c >> 18)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    }
+  }
+  return out;
+}
+
+_PyInterpreterFrame* top_frame(PyThreadState* ts) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return ts->current_frame;
+#else
+  return ts->cframe != nullptr ? ts->cframe->current_frame : nullptr;
+#endif
+}
+
+PyCodeObject* code_of(_PyInterpreterFrame* f) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* exe = f->f_executable;
+  return (exe != nullptr && PyCode_Check(exe)) ? reinterpret_cast<PyCodeObject*>(exe) : nullptr;
+#else
+  return f->f_code;
+#endif
+}
+
+bool incomplete(_PyInterpreterFrame* f) {
+#if PY_VERSION_HEX >= 0x030C0000
+  if (f->owner == FRAME_OWNED_BY_CSTACK) return true;
+#endif
+  PyCodeObject* code = code_of(f);
+  return code == nullptr || _PyFrame_IsIncomplete(f);
+}
+
+int32_t frame_id(State& st, PyCodeObject* code, int lasti) {
+  CodeSpot key{code, lasti};
+  auto it = st.spots.find(key);
+  if (it != st.spots.end() && it->second.filename == code->co_filename && it->second.name == code->co_name &&
+      it->second.firstline == code->co_firstlineno) {
+    return it->second.frame;
+  }
+  FrameText text{utf8_of(code->co_filename), utf8_of(code->co_name),
+                 PyCode_Addr2Line(code, lasti * static_cast<int>(sizeof(_Py_CODEUNIT)))};
+  auto found = st.frame_ids.find(text);
+  int32_t id;
+  if (found != st.frame_ids.end()) {
+    id = found->second;
+  } else {
+    id = static_cast<int32_t>(st.frames.size());
+    st.frame_ids.emplace(text, id);
+    st.frames.push_back(std::move(text));
+  }
+  st.spots[key] = CodeSpotValue{code->co_filename, code->co_name, code->co_firstlineno, id};
+  return id;
+}
+
+// The allocating thread's Python stack as a stack id, innermost frame first (-1: none).
+int32_t python_stack(State& st) {
+  PyThreadState* ts = PyGILState_GetThisThreadState();
+  if (ts == nullptr) return -1;
+  int depth = g_max_depth.load(std::memory_order_relaxed);
+  auto& walk = st.walk;
+  walk.clear();
+  for (_PyInterpreterFrame* f = top_frame(ts); f != nullptr && static_cast<int>(walk.size()) < depth;
+       f = f->previous) {
+    if (incomplete(f)) continue;
+    walk.push_back(frame_id(st, code_of(f), _PyInterpreterFrame_LASTI(f)));
+  }
+  if (walk.empty()) return -1;
+  auto it = st.stack_ids.find(walk);
+  if (it != st.stack_ids.end()) return it->second;
+  auto id = static_cast<int32_t>(st.stacks.size());
+  st.stack_ids.emplace(walk, id);
+  st.stacks.push_back(walk);
+  return id;
+}
+constexpr bool kFrames = true;
+#else
+int32_t python_stack(State&) { return -1; }
+constexpr bool kFrames = false;
+#endif
+
+int64_t current_node_seq() {
+  auto node = torch::autograd::get_current_node();
+  if (!node) return -1;
+  uint64_t seq = node->sequence_nr();
+  return seq > static_cast<uint64_t>(INT64_MAX) ? -1 : static_cast<int64_t>(seq);
+}
+
+// The stack of an event: a fresh walk for allocations, the allocation's for frees.
+int32_t stack_for(State& st, int action, uint64_t addr, int64_t fwd_seq, int64_t bwd_seq) {
+  if (action == kFreeRequested || action == kFreeCompleted) {
+    auto it = st.alive_stack.find(addr);
+    if (it == st.alive_stack.end()) return -1;
+    int32_t s = it->second;
+    if (action == kFreeCompleted) st.alive_stack.erase(it);
+    return s;
+  }
+  int32_t s = g_stacks.load(std::memory_order_relaxed) ? python_stack(st) : -1;
+  if (action != kAllocAction) return s;
+  if (s >= 0 && bwd_seq < 0 && fwd_seq > 0) {
+    // The first allocation after a node was made belongs to the op that made it.
+    SeqSlot& slot = st.seq_ring[static_cast<size_t>(fwd_seq - 1) & (kSeqRing - 1)];
+    if (slot.seq != fwd_seq - 1) slot = SeqSlot{fwd_seq - 1, s};
+  } else if (s < 0 && bwd_seq >= 0) {
+    const SeqSlot& slot = st.seq_ring[static_cast<size_t>(bwd_seq) & (kSeqRing - 1)];
+    if (slot.seq == bwd_seq) s = slot.stack;
+  }
+  st.alive_stack[addr] = s;
+  return s;
+}
+
+void record(int action, int device, uint64_t addr, uint64_t size, int64_t stream) {
+  if (!g_on.load(std::memory_order_acquire) || device != g_device.load(std::memory_order_relaxed) ||
+      action == kSnapshotAction) {
+    return;
+  }
+  int64_t fwd_seq = static_cast<int64_t>(at::sequence_number::peek());
+  int64_t bwd_seq = current_node_seq();
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  int32_t stack = stack_for(st, action, addr, fwd_seq, bwd_seq);
+  Columns& c = st.cols;
+  c.ts_us.push_back(now_us());
+  c.action.push_back(static_cast<int8_t>(action));
+  c.addr.push_back(static_cast<int64_t>(addr));
+  c.size.push_back(static_cast<int64_t>(size));
+  c.stream.push_back(stream);
+  c.label.push_back(tl_label);
+  c.stack.push_back(stack);
+  c.fwd_seq.push_back(fwd_seq);
+  c.bwd_seq.push_back(bwd_seq);
+  if (action == kAllocAction) ++st.allocs;
+}
+
+#ifndef VRAMSCOPE_NO_CUDA
+template <typename S>
+int64_t stream_id(const S& s) {
+  if constexpr (std::is_pointer_v<S>) {
+    return static_cast<int64_t>(reinterpret_cast<intptr_t>(s));
+  } else {
+    return static_cast<int64_t>(s.id());
+  }
+}
+
+void on_entry(const c10::cuda::CUDACachingAllocator::TraceEntry& e) {
+  try {
+    record(static_cast<int>(e.action_), static_cast<int>(e.device_), static_cast<uint64_t>(e.addr_),
+           static_cast<uint64_t>(e.size_), stream_id(e.stream_));
+  } catch (...) {
+    // Out of host memory for our buffers: the entry is lost, and the allocator's own
+    // counters, compared at each drain, count it as dropped.
+  }
+}
+#endif
+
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
+  return out;
+}
+
+// -- Python API ------------------------------------------------------------------------
+
+bool attach() {
+#ifdef VRAMSCOPE_NO_CUDA
+  return false;
+#else
+  bool expected = false;
+  if (g_attached.compare_exchange_strong(expected, true)) {
+    c10::cuda::CUDACachingAllocator::attachAllocatorTraceTracker(&on_entry);
+  }
+  return true;
+#endif
+}
+
+void start(int device, bool stacks, int max_depth) {
+  State& st = state();
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    st.cols.clear();
+    st.spots.clear();
+    st.frame_ids.clear();
+    st.frames.clear();
+    st.stack_ids.clear();
+    st.stacks.clear();
+    st.frames_reported = st.stacks_reported = 0;
+    st.alive_stack.clear();
+    std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
+    st.allocs = 0;
+  }
+  g_device.store(device);
+  g_stacks.store(stacks);
+  g_max_depth.store(max_depth);
+  g_on.store(true, std::memory_order_release);
+}
+
+void stop() { g_on.store(false, std::memory_order_release); }
+
+void set_stacks(bool on) { g_stacks.store(on); }
+
+void set_tag(py::handle tag) {
+  PyObject* obj = tag.ptr();
+  auto hit = g_label_by_obj.find(obj);
+  if (hit != g_label_by_obj.end()) {
+    tl_label = hit->second;
+    return;
+  }
+  std::string text = py::cast<std::string>(tag);
+  auto known = g_label_ids.find(text);
+  int32_t id;
+  if (known != g_label_ids.end()) {
+    id = known->second;
+  } else {
+    id = static_cast<int32_t>(g_labels.size());
+    g_label_ids.emplace(text, id);
+    g_labels.push_back(text);
+    g_label_objs.push_back(nullptr);
+  }
+  if (g_label_objs[id] == nullptr) {
+    Py_INCREF(obj);
+    g_label_objs[id] = obj;
+  }
+  if (g_label_by_obj.size() < 65536) {  // str objects other than the first are not held: bounded
+    if (g_label_objs[id] == obj) g_label_by_obj.emplace(obj, id);
+  }
+  tl_label = id;
+}
+
+py::object get_tag() {
+  PyObject* obj = g_label_objs[tl_label];
+  if (obj != nullptr) return py::reinterpret_borrow<py::object>(obj);
+  return py::str(g_labels[tl_label]);
+}
+
+py::list labels_from(size_t first) {
+  py::list out;
+  for (size_t i = first; i < g_labels.size(); ++i) out.append(py::str(g_labels[i]));
+  return out;
+}
+
+py::dict drain() {
+  State& st = state();
+  Columns cols;
+  std::vector<FrameText> new_frames;
+  std::vector<std::vector<int32_t>> new_stacks;
+  int64_t allocs;
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    std::swap(cols, st.cols);
+    new_frames.assign(st.frames.begin() + static_cast<std::ptrdiff_t>(st.frames_reported), st.frames.end());
+    new_stacks.assign(st.stacks.begin() + static_cast<std::ptrdiff_t>(st.stacks_reported), st.stacks.end());
+    st.frames_reported = st.frames.size();
+    st.stacks_reported = st.stacks.size();
+    allocs = st.allocs;
+  }
+  py::dict out;
+  out["ts_us"] = to_array(cols.ts_us);
+  out["action"] = to_array(cols.action);
+  out["addr"] = to_array(cols.addr);
+  out["size"] = to_array(cols.size);
+  out["stream"] = to_array(cols.stream);
+  out["label"] = to_array(cols.label);
+  out["stack"] = to_array(cols.stack);
+  out["fwd_seq"] = to_array(cols.fwd_seq);
+  out["bwd_seq"] = to_array(cols.bwd_seq);
+  py::list frames;
+  for (auto& f : new_frames) frames.append(py::make_tuple(f.filename, f.line, f.name));
+  out["new_frames"] = frames;
+  out["new_stacks"] = new_stacks;
+  out["allocs"] = allocs;
+  return out;
+}
+
+void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64_t stream) {
+  py::gil_scoped_release release;  // as the allocator calls us: inside an op, GIL released
+  record(action, device, addr, size, stream);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attach", &attach, "attach the tracker to the CUDA caching allocator (once per process)");
+  m.def("start", &start, py::arg("device"), py::arg("stacks"), py::arg("max_depth"));
+  m.def("stop", &stop);
+  m.def("set_stacks", &set_stacks);
+  m.def("set_tag", &set_tag);
+  m.def("get_tag", &get_tag);
+  m.def("labels_from", &labels_from);
+  m.def("drain", &drain);
+  m.def("record_for_test", &record_for_test);
+  m.attr("reads_frames") = kFrames;
+}

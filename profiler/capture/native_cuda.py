@@ -1,0 +1,157 @@
+"""CUDA backend fed by the allocator trace tracker (profiler/capture/native).
+
+The same event stream as CudaBackend, without torch's memory history: c10 hands
+each trace entry to our tracker as it happens, and a drain takes whole columns
+(numpy arrays) instead of a snapshot's per-entry dicts. The tag is a label id the
+tracker keeps per thread, so hooks set an int, not a string. Python stacks are
+read from the allocating thread's frames without the GIL; a backward allocation
+on autograd's thread, which has none, gets the stack of the forward op that made
+the node being run.
+
+Segment maps come from torch's snapshot at the start, the end and on OOM only (its
+trace is empty here: history stays off). The map at any step boundary is the start
+map changed by the segment_alloc/free/map/unmap entries, which the tracker keeps
+like any other (profiler/analysis/fragmentation.py replays them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from profiler.capture.cuda import CudaBackend, _all
+
+# c10's TraceEntry::Action, in its order.
+ACTIONS = (
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "segment_alloc",
+    "segment_free",
+    "segment_map",
+    "segment_unmap",
+    "snapshot",
+    "oom",
+)
+_ACTIONS = pa.array(ACTIONS, pa.string())
+_MAX_DEPTH = 64  # innermost Python frames kept per stack
+
+
+class NativeCudaBackend(CudaBackend):
+    """CudaBackend whose events come from the tracker module `tracker` (see load())."""
+
+    capture_path = "native"
+
+    def __init__(self, tracker, device=None, stacks: bool = True, max_entries: int = 1_000_000):
+        super().__init__(device=device, stacks=stacks, max_entries=max_entries)
+        self.tracker = tracker
+        self.set_tag = tracker.set_tag
+        self.get_tag = tracker.get_tag
+        self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
+        self._frame_of: list[int] = []  # tracker frame id -> interner frame id
+        self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
+        self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
+        self._last_segments: list = []
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> dict:
+        with torch.cuda.device(self.device):
+            torch.cuda.init()
+            self.tracker.attach()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.set_tag("")
+            stats = torch._C._cuda_memoryStats(self.index)
+            self._allocs_at_start = _all(stats, "allocation", "allocated")
+            self.tracker.start(self.index, self.stacks, _MAX_DEPTH)
+            snap = torch._C._cuda_memorySnapshot(None)
+        self.start_segments = self.segment_rows(snap, "start", 0, 0)
+        props = torch.cuda.get_device_properties(self.device)
+        return dict(
+            device=props.name,
+            device_index=self.index,
+            device_total_bytes=int(props.total_memory),
+            allocator_settings=snap.get("allocator_settings") or {},
+            baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
+            baseline_reserved_bytes=_all(stats, "reserved_bytes", "current"),
+            capture_path=self.capture_path,
+        )
+
+    def stop(self) -> None:
+        self.tracker.stop()
+        self.set_tag("")
+
+    def pause_stacks(self, paused: bool) -> None:
+        pass  # reading frames never takes the GIL, and autograd's thread has none to read
+
+    # -- draining -------------------------------------------------------------------
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        if with_segments:
+            self._last_segments = torch._C._cuda_memorySnapshot(None)["segments"]
+        got = self.tracker.drain()
+        stats = torch._C._cuda_memoryStats(self.index)
+        expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
+        self.dropped = max(self.dropped, expected - int(got["allocs"]))
+        self._take_stacks(got["new_frames"], got["new_stacks"])
+        n = len(got["ts_us"])
+        if not n:
+            return None
+        self.events_seen += n
+        labels = self.tracker.labels_from(len(self._labels))
+        self._labels.extend(labels)
+        stack = got["stack"]
+        known = stack >= 0
+        stack_ids = np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
+        return {
+            "ts_us": got["ts_us"],
+            "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
+            "addr": got["addr"],
+            "size_bytes": got["size"],
+            "stream": got["stream"],
+            "step": np.full(n, step, dtype=np.int32),
+            "tag": self._tag_column(got["label"], stack_ids),
+            "stack_id": pa.array(stack_ids.astype(np.int32), mask=stack_ids < 0) if self.stacks else None,
+        }
+
+    def _take_stacks(self, frames: list, stacks: list) -> None:
+        intern = self.interner
+        for filename, line, name in frames:
+            self._frame_of.append(intern.frame(filename, line, name))
+            self._frames_text.append((filename, line, name))
+        if not stacks:
+            return
+        new = np.empty(len(stacks), dtype=np.int32)
+        for i, frame_ids in enumerate(stacks):
+            sid = intern.stack(tuple(self._frame_of[f] for f in frame_ids))
+            new[i] = sid
+            if self.compiled is not None:
+                self.compiled.see_stack(
+                    sid,
+                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, frame_ids)],
+                )
+        self._stack_of = np.concatenate([self._stack_of, new])
+
+    def _tag_column(self, label: np.ndarray, stack_ids: np.ndarray) -> pa.Array:
+        """Labels as a dictionary column of the tags in use; compiled code's renamed per stack."""
+        compiled = self.compiled
+        if compiled is None or not compiled.renames():
+            used, codes = np.unique(label, return_inverse=True)
+            words = [self._labels[i] for i in used]
+        else:
+            key = (label.astype(np.int64) << 32) | (stack_ids.astype(np.int64) & 0xFFFFFFFF)
+            used, codes = np.unique(key, return_inverse=True)
+            words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+
+
+def make_native_backend(device=None, stacks: bool = True, max_entries: int = 1_000_000):
+    """(NativeCudaBackend or None, why not): None where the tracker cannot be built,
+    or stacks are asked for and this build cannot read Python frames."""
+    from profiler.capture import native
+
+    tracker, error = native.load(cuda=True)
+    if tracker is None:
+        return None, error
+    if stacks and not getattr(tracker, "reads_frames", False):
+        return None, "the tracker cannot read Python frames here (needs Python 3.11 to 3.13)"
+    return NativeCudaBackend(tracker, device=device, stacks=stacks, max_entries=max_entries), None

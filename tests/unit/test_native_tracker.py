@@ -1,0 +1,255 @@
+"""The allocator trace tracker (profiler/capture/native), built without CUDA.
+
+Entries go in through record_for_test, which calls the same code the allocator
+calls, with the GIL released as it is inside an op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+import torch
+
+from profiler.capture import native
+
+ALLOC, FREE_REQUESTED, FREE_COMPLETED, SNAPSHOT = 0, 1, 2, 7
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    module, error = native.load(cuda=False)
+    if module is None:
+        pytest.skip(f"the tracker does not build here: {error}")
+    return module
+
+
+def _drained(tracker):
+    got = tracker.drain()
+    return got, {k: got[k].tolist() for k in ("action", "addr", "size", "stream", "label", "stack")}
+
+
+def _allocate_here(tracker, addr):
+    tracker.record_for_test(ALLOC, 0, addr, 512, 7)
+
+
+def test_columns_labels_and_devices(tracker):
+    tracker.start(0, True, 64)
+    tracker.set_tag("forward|a|")
+    tracker.record_for_test(ALLOC, 0, 100, 512, 7)
+    tracker.record_for_test(ALLOC, 1, 200, 512, 7)  # another device: not ours
+    tracker.set_tag("backward|b|")
+    tracker.record_for_test(FREE_REQUESTED, 0, 100, 512, 7)
+    tracker.record_for_test(FREE_COMPLETED, 0, 100, 512, 7)
+    tracker.record_for_test(SNAPSHOT, 0, 0, 0, 0)  # torch's own snapshots are not events
+    got, cols = _drained(tracker)
+    labels = tracker.labels_from(0)
+    assert cols["action"] == [ALLOC, FREE_REQUESTED, FREE_COMPLETED]
+    assert cols["addr"] == [100, 100, 100] and cols["size"] == [512] * 3 and cols["stream"] == [7] * 3
+    assert [labels[i] for i in cols["label"]] == ["forward|a|", "backward|b|", "backward|b|"]
+    assert tracker.get_tag() == "backward|b|"
+    assert got["allocs"] == 1
+    assert len(tracker.drain()["ts_us"]) == 0  # drained once
+
+
+def test_stacks_read_without_the_gil(tracker):
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    tracker.start(0, True, 64)
+    _allocate_here(tracker, 100)
+    tracker.record_for_test(FREE_COMPLETED, 0, 100, 512, 7)
+    got, cols = _drained(tracker)
+    frames = got["new_frames"]
+    stack = [frames[f] for f in got["new_stacks"][cols["stack"][0]]]
+    assert stack[0][2] == "_allocate_here" and stack[0][0] == __file__
+    assert stack[1][2] == "test_stacks_read_without_the_gil"
+    assert cols["stack"][1] == cols["stack"][0]  # a free carries its allocation's stack
+
+
+def test_backward_gets_the_forward_stack_of_its_node(tracker):
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    tracker.start(0, True, 64)
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2  # makes the node whose backward allocates below
+    _allocate_here(tracker, 100)  # the op's own allocation, as a CUDA op would make it
+
+    def in_backward(grad_outputs):
+        tracker.set_stacks(False)  # as on autograd's thread: no Python frames
+        try:
+            tracker.record_for_test(ALLOC, 0, 300, 512, 7)
+        finally:
+            tracker.set_stacks(True)
+
+    y.grad_fn.register_prehook(in_backward)
+    y.sum().backward()
+    got, cols = _drained(tracker)
+    assert cols["addr"] == [100, 300]
+    assert got["bwd_seq"][1] >= 0 and got["bwd_seq"][0] == -1
+    assert got["fwd_seq"][0] == got["bwd_seq"][1] + 1
+    assert cols["stack"][1] == cols["stack"][0] >= 0
+
+
+def test_stopped_tracker_records_nothing(tracker):
+    tracker.start(0, True, 64)
+    tracker.stop()
+    tracker.record_for_test(ALLOC, 0, 100, 512, 7)
+    assert len(tracker.drain()["ts_us"]) == 0
+
+
+class _FakeCuda:
+    """The few CUDA calls NativeCudaBackend makes, answered on a machine without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.allocs = 0
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "init", lambda: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(name="fake", total_memory=1 << 30)
+        )
+        monkeypatch.setattr(torch._C, "_cuda_memoryStats", self.stats, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_memorySnapshot", lambda d=None: {"segments": []}, raising=False)
+        for name in ("_cuda_setMemoryMetadata", "_cuda_getMemoryMetadata"):  # replaced by the tracker's
+            monkeypatch.setattr(torch._C, name, None, raising=False)
+
+    def stats(self, index):
+        return {"allocation": {"all": {"allocated": self.allocs}}}
+
+
+def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.writer import TraceWriter
+
+    fake = _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=tracker.reads_frames)
+    facts = backend.start()
+    assert facts["capture_path"] == "native"
+    backend.set_tag("forward|lin|")
+    _allocate_here(tracker, 100)
+    backend.set_tag("backward|lin|")
+    tracker.record_for_test(FREE_REQUESTED, 0, 100, 512, 7)
+    tracker.record_for_test(FREE_COMPLETED, 0, 100, 512, 7)
+    fake.allocs = 2  # one alloc the tracker never saw: counted as dropped
+    cols = backend.drain(step=3)
+    assert backend.dropped == 1 and backend.events_seen == 3
+    assert cols["action"].to_pylist() == ["alloc", "free_requested", "free_completed"]
+    assert cols["tag"].to_pylist() == ["forward|lin|", "backward|lin|", "backward|lin|"]
+    assert cols["step"].tolist() == [3, 3, 3]
+    if tracker.reads_frames:
+        sids = cols["stack_id"].to_pylist()
+        assert sids[0] == sids[2] is not None
+        frames, stacks = backend.interner.take_new()
+        assert frames["function"][stacks["frame_ids"][0][0]] == "_allocate_here"
+    writer = TraceWriter(tmp_path, "native", {})
+    writer.append("events", cols)  # the writer takes the columns as they are
+    writer.flush()
+    assert backend.drain(step=4) is None
+    backend.stop()
+
+
+def test_build_failure_gives_a_reason_not_an_exception(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("VRAMSCOPE_EXT_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    module, error = native.load(cuda=False)
+    assert module is None
+    assert "frames: RuntimeError: compile failed" in error and "no frames: RuntimeError" in error
+
+
+def test_auto_falls_back_to_the_python_path_and_says_why(monkeypatch):
+    from profiler.capture.backend import make_backend
+    from profiler.capture.cuda import CudaBackend
+
+    _FakeCuda(monkeypatch)
+    monkeypatch.setattr(native, "_loaded", {True: (None, "compile failed: no compiler")})
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryMetadata", lambda tag: None, raising=False)
+    backend = make_backend("cuda", stacks=True, max_entries=8)  # capture_path "auto" by default
+    assert type(backend) is CudaBackend
+    facts = backend.start()
+    assert facts["capture_path"] == "python"
+    assert facts["capture_path_error"] == "compile failed: no compiler"
+    backend.stop()
+
+
+def test_auto_takes_the_native_path_where_it_builds(tracker, monkeypatch):
+    from profiler.capture.backend import make_backend
+    from profiler.capture.native_cuda import NativeCudaBackend
+
+    _FakeCuda(monkeypatch)
+    monkeypatch.setattr(native, "_loaded", {True: (tracker, None)})
+    backend = make_backend("cuda", stacks=tracker.reads_frames, max_entries=8)
+    assert type(backend) is NativeCudaBackend
+    facts = backend.start()
+    assert facts["capture_path"] == "native" and "capture_path_error" not in facts
+    backend.stop()
+
+
+SEGMENT_ALLOC, SEGMENT_FREE, SEGMENT_MAP, SEGMENT_UNMAP = 3, 4, 5, 6
+SMALL, LARGE = 2 << 20, 20 << 20
+S1, S2 = 0x7F0000000000, 0x7F0000000000 + (64 << 20)
+
+
+def test_segment_events_are_kept(tracker, monkeypatch):
+    from profiler.capture.native_cuda import NativeCudaBackend
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    for action in (SEGMENT_ALLOC, SEGMENT_MAP, SEGMENT_UNMAP, SEGMENT_FREE):
+        tracker.record_for_test(action, 0, S1, SMALL, 7)
+    cols = backend.drain(step=0)
+    assert cols["action"].to_pylist() == ["segment_alloc", "segment_map", "segment_unmap", "segment_free"]
+    assert cols["size_bytes"].tolist() == [SMALL] * 4
+    backend.stop()
+
+
+def _native_steps(tracker, backend) -> list[dict]:
+    """Three steps of segment and block events, drained at each step's end as a capture does."""
+    steps = [
+        [(SEGMENT_ALLOC, S1, SMALL), (ALLOC, S1, 1024), (ALLOC, S1 + 1024, 512)],
+        [(SEGMENT_ALLOC, S2, LARGE), (ALLOC, S2, LARGE), (FREE_REQUESTED, S1, 1024), (FREE_COMPLETED, S1, 1024)],
+        [(FREE_REQUESTED, S2, LARGE), (FREE_COMPLETED, S2, LARGE), (SEGMENT_FREE, S2, LARGE)],
+    ]
+    drained = []
+    for step, events in enumerate(steps):
+        for action, addr, size in events:
+            tracker.record_for_test(action, 0, addr, size, 7)
+        drained.append(backend.drain(step=step))
+    return drained
+
+
+def test_fragmentation_at_step_ends_from_the_native_stream(tracker, monkeypatch, tmp_path):
+    """No snapshot after the start: each step end's segment map is replayed from the stream."""
+    from fakes import base_meta
+
+    from profiler.analysis import fragmentation, segment_map_at
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.reader import load_trace
+    from profiler.trace.writer import TraceWriter
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    writer = TraceWriter(
+        tmp_path, "native", base_meta(backend="cuda", device="cuda:0", max_allocated_bytes=LARGE + 1536)
+    )
+    for cols in _native_steps(tracker, backend):
+        writer.append("events", cols)
+    backend.stop()
+    trace = load_trace(writer.finalize("complete"))
+    frag = fragmentation(trace).query("point == 'step_end'")
+    assert frag["step"].tolist() == [0, 1, 2]
+    assert frag["reserved_bytes"].tolist() == [SMALL, SMALL + LARGE, SMALL]
+    assert frag["allocated_bytes"].tolist() == [1536, LARGE + 512, 512]
+    # At the end: S1 keeps the 512-byte block, with free space on either side of it.
+    end = segment_map_at(trace, len(trace.events) - 1)
+    assert end[["segment_addr", "block_addr", "size_bytes", "state"]].values.tolist() == [
+        [S1, S1, 1024, "inactive"],
+        [S1, S1 + 1024, 512, "active_allocated"],
+        [S1, S1 + 1536, SMALL - 1536, "inactive"],
+    ]
+    assert frag["largest_free_block_bytes"].tolist()[-1] == SMALL - 1536
