@@ -16,6 +16,24 @@ they classify as parameters rather than as the first op's activations.
 
 The online counters (`allocated`, `peak`) are exactly the replay of the event
 stream: + size at each alloc, - size at each free_requested.
+
+Stacks. Outside autograd's backward an allocation gets the Python stack that made
+it (frames.PythonStacks). In backward it gets the forward stack of the op whose
+gradient is running: each forward op names, on the autograd node of each of its
+inputs (`grad_fn`), the stack that made that input's storage (op_args.note_site);
+in backward, `torch._C._current_autograd_node()` is the node running, and its
+noted stack is the allocation's. It goes in the same `stack_id` column, and the
+phase column says it is a backward allocation. A node with none noted (a
+parameter's AccumulateGrad) falls back to the Python stack, and so does
+recomputation under checkpointing (grad enabled inside backward), whose Python
+stack is the forward code being re-run. A view's node gets its base's stack.
+
+The hot path (after_op) runs on every op, so it does the least Python it can
+(bench/overhead_cpu.py measures it; bench/README.md lists what each change cost):
+argument kinds are looked up by type instead of pytree flattening; a tensor costs
+one storage lookup (no device object, no size for inputs); lists, kwargs and new
+storages take slower paths; a stack frame's site is interned by (code id,
+instruction); timestamps are divided into microseconds at drain time.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from profiler.capture.frames import PythonStacks, StackInterner
+from profiler.capture.op_args import KINDS, OTHER, SITE_KEY, TENSOR, kind_of, note_site, tensors_in
 
 _FRAME_LIMIT = 48
 _PRE_EXISTING_TAG = ""  # no phase, no module, no hint
@@ -107,8 +126,8 @@ class CpuBackend:
     # -- tracking ---------------------------------------------------------------------
     def track(self, t: torch.Tensor, tag: str | None = None) -> None:
         """Record `t`'s storage if it is new (or resized); `tag` None: the thread's tag."""
-        kind = _KINDS.get(type(t))
-        if (kind if kind is not None else _kind(type(t))) != _TENSOR or not t.is_cpu:
+        kind = KINDS.get(type(t))
+        if (kind if kind is not None else kind_of(type(t))) != TENSOR or not t.is_cpu:
             return
         try:
             st = t.untyped_storage()
@@ -124,11 +143,11 @@ class CpuBackend:
         the slower paths. Inputs are never sized: a storage resized in place is an
         output (resize_, set_, out= ops return it) or goes through UntypedStorage.resize_.
         """
-        live, kinds = self._live, _KINDS
+        live, kinds = self._live, KINDS
         grad = _grad_enabled()
         for x in args:
-            if kinds.get(type(x)) != _TENSOR:
-                if kinds.get(type(x)) != _OTHER:
+            if kinds.get(type(x)) != TENSOR:
+                if kinds.get(type(x)) != OTHER:
                     self._inputs(func, (x,), grad)
                 continue
             try:
@@ -141,18 +160,18 @@ class CpuBackend:
             elif grad:
                 fn = x.grad_fn
                 if fn is not None and rec[3] is not None:
-                    _note_site(fn, rec[3])
+                    note_site(fn, rec[3])
         if kwargs:
             self._inputs(func, kwargs.values(), grad)
         kind = kinds.get(type(out))
-        if kind == _TENSOR:
+        if kind == TENSOR:
             self._output(out)
-        elif kind != _OTHER:
-            for x in _tensors((out,), None):
+        elif kind != OTHER:
+            for x in tensors_in((out,), None):
                 self._output(x)
 
     def _inputs(self, func, values, grad: bool) -> None:
-        for x in _tensors(values, None):
+        for x in tensors_in(values, None):
             try:
                 st = x.untyped_storage()
             except (RuntimeError, NotImplementedError):
@@ -161,7 +180,7 @@ class CpuBackend:
             if rec is None or rec[0]() is not st:
                 self._first_use(func, x, st)
             elif grad and x.grad_fn is not None:
-                _note_site(x.grad_fn, rec[3])
+                note_site(x.grad_fn, rec[3])
 
     def _first_use(self, func, x, st) -> None:
         """A storage first seen as an op's input: made before the capture (pre-existing
@@ -187,7 +206,7 @@ class CpuBackend:
                 continue
             rec = self._live.get(id(t.untyped_storage()))
             if rec is not None:
-                _note_site(fn, rec[3])
+                note_site(fn, rec[3])
 
     def _track_storage(self, st, tag: str | None = None) -> None:
         size = st.nbytes()
@@ -289,7 +308,7 @@ class CpuBackend:
         of the op whose node runs (after_op noted it); else the Python stack."""
         node: Any = _current_node()  # a Node: its `metadata` is a dict
         if node is not None and not _grad_enabled():  # grad on in backward: recompute
-            sid = node.metadata.get(_SITE_KEY)
+            sid = node.metadata.get(SITE_KEY)
             if sid is not None:
                 return sid
         return self._walker.stack_id(sys._getframe(2))
@@ -333,54 +352,8 @@ class CpuBackend:
         pass
 
 
-_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
-_SITE_KEY = "vramscope_forward_stack_id"  # in an autograd node's metadata dict
 _grad_enabled = torch.is_grad_enabled
 _current_node = torch._C._current_autograd_node
-
-# What an op's argument is, by its type: a plain tensor (tracked), a list or tuple
-# (looked into, one level: aten takes Tensor[] and Tensor?[]), or anything else.
-_OTHER, _TENSOR, _SEQUENCE = 0, 1, 2
-_KINDS: dict[type, int] = {}
-
-
-def _kind(cls: type) -> int:
-    if issubclass(cls, torch.Tensor):
-        # Subclasses with a dispatch of their own (fake tensors...) hold no storage of ours.
-        kind = _TENSOR if cls.__torch_dispatch__ is _PLAIN_DISPATCH else _OTHER
-    elif issubclass(cls, (list, tuple)):
-        kind = _SEQUENCE
-    else:
-        kind = _OTHER
-    _KINDS[cls] = kind
-    return kind
-
-
-def _tensors(args, kwargs) -> list:
-    """The plain tensors among `args` and `kwargs` values, one level deep."""
-    found = []
-    kinds = _KINDS
-    for group in (args, kwargs.values()) if kwargs else (args,):
-        for x in group:
-            kind = kinds.get(type(x))
-            if kind is None:
-                kind = _kind(type(x))
-            if kind == _TENSOR:
-                found.append(x)
-            elif kind == _SEQUENCE:
-                for y in x:
-                    k = kinds.get(type(y))
-                    if (k if k is not None else _kind(type(y))) == _TENSOR:
-                        found.append(y)
-    return found
-
-
-def _note_site(fn, stack_id: int | None) -> None:
-    """Name the forward stack of autograd node `fn`, once."""
-    if stack_id is not None:
-        meta = fn.metadata
-        if _SITE_KEY not in meta:
-            meta[_SITE_KEY] = stack_id
 
 
 def _dtensor_class():
