@@ -146,8 +146,9 @@ class CpuBackend:
         live, kinds = self._live, KINDS
         grad = _grad_enabled()
         for x in args:
-            if kinds.get(type(x)) != TENSOR:
-                if kinds.get(type(x)) != OTHER:
+            kind = kinds.get(type(x))
+            if kind != TENSOR:
+                if kind != OTHER:  # a list, or a type not seen yet
                     self._inputs(func, (x,), grad)
                 continue
             try:
@@ -373,6 +374,7 @@ class _StorageMode(TorchDispatchMode):
     def __init__(self, backend: CpuBackend):
         super().__init__()
         self.backend = backend
+        self.after_op = backend.after_op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # A DTensor (FSDP2's shards) owns no storage: let it unwrap, and see the ops
@@ -383,10 +385,11 @@ class _StorageMode(TorchDispatchMode):
             unwraps = _UNWRAPS[types] = _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in types)
         if unwraps:
             return NotImplemented
-        out = func(*args, **kwargs) if kwargs else func(*args)
+        # The C++ overload itself: OpOverload.__call__ is one more Python frame per op.
+        out = func._op(*args, **kwargs) if kwargs else func._op(*args)
         if self.backend.failure is None:
             try:
-                self.backend.after_op(func, args, kwargs, out)
+                self.after_op(func, args, kwargs, out)
             except Exception as e:  # noqa: BLE001 - ours: recording stops, the op's result stands
                 self.backend.failure = e  # the session stops the capture at its next drain
         return out
