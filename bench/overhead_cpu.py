@@ -148,6 +148,7 @@ def describe_machine() -> dict:
         torch=torch.__version__,
         python=platform.python_version(),
         intra_op_threads=1,
+        load_average_1min=os.getloadavg()[0],  # other jobs on a shared machine
         model=(
             f"GPT n_layer={CONFIG.n_layer} n_head={CONFIG.n_head} n_embd={CONFIG.n_embd} "
             f"vocab={CONFIG.vocab_size} batch {CONFIG.batch_size}x{CONFIG.seq_len}, AdamW"
