@@ -77,7 +77,7 @@ def test_replay_peak_is_the_trackers_peak_and_no_event_is_lost(varied):
     peak, _ = _replay_live(ev)
     assert peak == backend.peak == trace.meta["max_allocated_bytes"] > 0
     assert len(ev) == backend.events_seen == trace.meta["events_seen"]
-    assert backend.dropped == 0 and trace.meta["events_dropped"] == 0
+    assert backend.failure is None and backend.dropped == 0 and trace.meta["events_dropped"] == 0
     allocs = int((ev["action"] == "alloc").sum())
     frees = int((ev["action"] == "free_requested").sum())
     assert frees == int((ev["action"] == "free_completed").sum())
