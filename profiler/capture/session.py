@@ -63,7 +63,6 @@ class Profiler:
         self._param_names: dict[int, str] = {}  # id(param) -> qualified name
         self._known_states: dict[str, int] = {}  # optimizer state name -> registered addr
         self._capture_s = 0.0  # host time spent in our own step-boundary work
-        self._meta_at = -float("inf")  # perf_counter of the last live meta.json write
         self._hooks_on = False
         self.capturing = False  # entered, not yet left, and not stopped by a failure of ours
         self.failure: str | None = None  # why the capture stopped early (meta.json's capture_error)
@@ -309,19 +308,11 @@ class Profiler:
 
     # -- draining -----------------------------------------------------------------------
     def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
-        """Move new allocator events and buffered rows to the writer; flush the journals.
-
-        The live meta.json is rewritten at most once per drain interval: a rename costs
-        milliseconds on some filesystems, and a running or killed run's steps are read
-        from the journals, not from meta.json."""
+        """Move new allocator events and buffered rows to the writer; flush the journals."""
         run = self._parts
         run.feed.drain(self.step_index, with_segments)
         if flush:
-            now = time.perf_counter()
-            meta = None
-            if now - self._meta_at >= self.options.drain_interval_s:
-                meta, self._meta_at = self._live_meta(), now
-            run.writer.flush(meta)
+            run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
 
     def _live_meta(self) -> dict:
         return run_meta.live_meta(self._parts.backend, self.step_index, self._capture_s)
