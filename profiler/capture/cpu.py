@@ -16,6 +16,24 @@ they classify as parameters rather than as the first op's activations.
 
 The online counters (`allocated`, `peak`) are exactly the replay of the event
 stream: + size at each alloc, - size at each free_requested.
+
+Stacks. Outside autograd's backward an allocation gets the Python stack that made
+it (frames.PythonStacks). In backward it gets the forward stack of the op whose
+gradient is running: each forward op names, on the autograd node of each of its
+inputs (`grad_fn`), the stack that made that input's storage (op_args.note_site);
+in backward, `torch._C._current_autograd_node()` is the node running, and its
+noted stack is the allocation's. It goes in the same `stack_id` column, and the
+phase column says it is a backward allocation. A node with none noted (a
+parameter's AccumulateGrad) falls back to the Python stack, and so does
+recomputation under checkpointing (grad enabled inside backward), whose Python
+stack is the forward code being re-run. A view's node gets its base's stack.
+
+The hot path (after_op) runs on every op, so it does the least Python it can
+(bench/overhead_cpu.py measures it; bench/README.md lists what each change cost):
+argument kinds are looked up by type instead of pytree flattening; a tensor costs
+one storage lookup (no device object, no size for inputs); lists, kwargs and new
+storages take slower paths; a stack frame's site is interned by (code id,
+instruction); timestamps are divided into microseconds at drain time.
 """
 
 from __future__ import annotations
@@ -25,14 +43,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from profiler.capture.frames import StackInterner
+from profiler.capture.frames import PythonStacks, StackInterner
+from profiler.capture.op_args import KINDS, OTHER, SITE_KEY, TENSOR, kind_of, note_site, tensors_in
 
 _FRAME_LIMIT = 48
 _PRE_EXISTING_TAG = ""  # no phase, no module, no hint
@@ -76,7 +93,7 @@ class CpuBackend:
         self._modules_seen: dict[int, weakref.ref] = {}
         self._module_hook = None
         self._saved_resize: Callable[..., Any] | None = None
-        self._own_dir = __file__.rsplit("/", 2)[0]
+        self._walker = PythonStacks(self.interner, skip_prefix=__file__.rsplit("/", 2)[0], limit=_FRAME_LIMIT)
 
     def set_tag(self, tag: str) -> None:
         self._tags.tag = tag
@@ -108,7 +125,9 @@ class CpuBackend:
 
     # -- tracking ---------------------------------------------------------------------
     def track(self, t: torch.Tensor, tag: str | None = None) -> None:
-        if t.device.type != self.device_type or t.is_meta or not _is_plain(type(t)):
+        """Record `t`'s storage if it is new (or resized); `tag` None: the thread's tag."""
+        kind = KINDS.get(type(t))
+        if (kind if kind is not None else kind_of(type(t))) != TENSOR or not t.is_cpu:
             return
         try:
             st = t.untyped_storage()
@@ -116,14 +135,87 @@ class CpuBackend:
             return
         self._track_storage(st, tag)
 
+    def after_op(self, func, args, kwargs, out) -> None:
+        """The hot path: one op ran; record storages it made, and the first use of older ones.
+
+        Written for the common case, an op over a few tensors that allocates little:
+        a tensor argument costs a storage lookup; lists, kwargs and new storages go to
+        the slower paths. Inputs are never sized: a storage resized in place is an
+        output (resize_, set_, out= ops return it) or goes through UntypedStorage.resize_.
+        """
+        live, kinds = self._live, KINDS
+        grad = _grad_enabled()
+        for x in args:
+            kind = kinds.get(type(x))
+            if kind != TENSOR:
+                if kind != OTHER:  # a list, or a type not seen yet
+                    self._inputs(func, (x,), grad)
+                continue
+            try:
+                st = x.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, nested
+                continue
+            rec = live.get(id(st))
+            if rec is None or rec[0]() is not st:
+                self._first_use(func, x, st)
+            elif grad:
+                fn = x.grad_fn
+                if fn is not None and rec[3] is not None:
+                    note_site(fn, rec[3])
+        if kwargs:
+            self._inputs(func, kwargs.values(), grad)
+        kind = kinds.get(type(out))
+        if kind == TENSOR:
+            self._output(out)
+        elif kind != OTHER:
+            for x in tensors_in((out,), None):
+                self._output(x)
+
+    def _inputs(self, func, values, grad: bool) -> None:
+        for x in tensors_in(values, None):
+            try:
+                st = x.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            rec = self._live.get(id(st))
+            if rec is None or rec[0]() is not st:
+                self._first_use(func, x, st)
+            elif grad and x.grad_fn is not None:
+                note_site(x.grad_fn, rec[3])
+
+    def _first_use(self, func, x, st) -> None:
+        """A storage first seen as an op's input: made before the capture (pre-existing
+        state), or by torch.tensor() and kin just now (lift_fresh: the thread's tag)."""
+        if x.is_cpu:
+            self._track_storage(st, None if func.overloadpacket in _FRESH else _PRE_EXISTING_TAG)
+
+    def _output(self, x) -> None:
+        try:
+            st = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        rec = self._live.get(id(st))
+        if (rec is None or rec[0]() is not st or rec[2] != st.nbytes()) and x.is_cpu:
+            self._track_storage(st)
+
+    def note_backward_roots(self, roots) -> None:
+        """Give the roots of a backward the forward stack of their storages: no later
+        forward op reads a loss, so its autograd node is not named by after_op."""
+        for t in roots:
+            fn = getattr(t, "grad_fn", None)
+            if fn is None or not isinstance(t, torch.Tensor) or not t.is_cpu:
+                continue
+            rec = self._live.get(id(t.untyped_storage()))
+            if rec is not None:
+                note_site(fn, rec[3])
+
     def _track_storage(self, st, tag: str | None = None) -> None:
         size = st.nbytes()
         key = id(st)
         rec = self._live.get(key)
         if rec is not None and rec[0]() is st:
-            if rec[2] == size:
-                return
-            self._resized(st, rec, size)
+            if rec[2] != size:
+                self._resized(st, rec, size)
             return
         if size == 0:
             return
@@ -132,7 +224,7 @@ class CpuBackend:
             tag = self._tags.tag
         stack = self._stack() if self.stacks else None
         with self._lock:
-            rec = [None, addr, size]
+            rec = [None, addr, size, stack]
             rec[0] = weakref.ref(st, self._freed_callback(key, rec))
             self._live[key] = rec
             self._alloc_locked(addr, size, tag, stack)
@@ -156,11 +248,11 @@ class CpuBackend:
         self.allocated += size
         if self.allocated > self.peak:
             self.peak = self.allocated
-        self._events.append((time.time_ns() // 1000, "alloc", addr, size, tag, stack))
+        self._events.append((time.time_ns(), "alloc", addr, size, tag, stack))
 
     def _free_locked(self, addr, size, tag) -> None:
         self.allocated -= size
-        ts = time.time_ns() // 1000
+        ts = time.time_ns()
         self._events.extend(
             ((ts, "free_requested", addr, size, tag, None), (ts, "free_completed", addr, size, tag, None))
         )
@@ -213,15 +305,14 @@ class CpuBackend:
         return None
 
     def _stack(self) -> int | None:
-        intern = self.interner
-        f: FrameType | None = sys._getframe(3)
-        ids: list[int] = []
-        while f is not None and len(ids) < _FRAME_LIMIT:
-            code = f.f_code
-            if not code.co_filename.startswith(self._own_dir):
-                ids.append(intern.frame(code.co_filename, f.f_lineno, code.co_name))
-            f = f.f_back
-        return intern.stack(tuple(ids)) if ids else None
+        """The stack of an allocation being made: in autograd's backward, the forward stack
+        of the op whose node runs (after_op noted it); else the Python stack."""
+        node: Any = _current_node()  # a Node: its `metadata` is a dict
+        if node is not None and not _grad_enabled():  # grad on in backward: recompute
+            sid = node.metadata.get(SITE_KEY)
+            if sid is not None:
+                return sid
+        return self._walker.stack_id(sys._getframe(2))
 
     # -- draining -------------------------------------------------------------------
     def drain(self, step: int, with_segments: bool = False) -> dict | None:
@@ -231,7 +322,7 @@ class CpuBackend:
         if not ev:
             return None
         return {
-            "ts_us": [e[0] for e in ev],
+            "ts_us": [e[0] // 1000 for e in ev],
             "action": [e[1] for e in ev],
             "addr": [e[2] for e in ev],
             "size_bytes": [e[3] for e in ev],
@@ -262,8 +353,8 @@ class CpuBackend:
         pass
 
 
-def _is_plain(cls) -> bool:
-    return cls.__torch_dispatch__ is _PLAIN_DISPATCH
+_grad_enabled = torch.is_grad_enabled
+_current_node = torch._C._current_autograd_node
 
 
 def _dtensor_class():
@@ -275,38 +366,30 @@ def _dtensor_class():
         return None
 
 
-_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 _DTENSOR = _dtensor_class()
+_UNWRAPS: dict[tuple, bool] = {}  # an op's `types` -> whether one is a DTensor
 
 
 class _StorageMode(TorchDispatchMode):
     def __init__(self, backend: CpuBackend):
         super().__init__()
         self.backend = backend
+        self.after_op = backend.after_op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # A DTensor (FSDP2's shards) owns no storage: let it unwrap, and see the ops
         # on its local tensors, which come back through this mode. Other subclasses
         # (fake tensors among them) run here, and only plain tensors are tracked.
-        if _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in types):
+        unwraps = _UNWRAPS.get(types)
+        if unwraps is None:
+            unwraps = _UNWRAPS[types] = _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in types)
+        if unwraps:
             return NotImplemented
-        out = func(*args, **(kwargs or {}))
+        # The C++ overload itself: OpOverload.__call__ is one more Python frame per op.
+        out = func._op(*args, **kwargs) if kwargs else func._op(*args)
         if self.backend.failure is None:
             try:
-                self._track(func, args, kwargs, out)
+                self.after_op(func, args, kwargs, out)
             except Exception as e:  # noqa: BLE001 - ours: recording stops, the op's result stands
                 self.backend.failure = e  # the session stops the capture at its next drain
         return out
-
-    def _track(self, func, args, kwargs, out) -> None:
-        track = self.backend.track
-        # Inputs first: a storage made before capture is "allocated" when first used,
-        # as pre-existing state (no phase, no module), not as this op's output. The
-        # exception is lift_fresh, whose input was just made by torch.tensor() and kin.
-        tag = None if func.overloadpacket in _FRESH else _PRE_EXISTING_TAG
-        for x in tree_flatten((args, kwargs))[0]:
-            if isinstance(x, torch.Tensor):
-                track(x, tag)
-        for x in tree_flatten(out)[0]:
-            if isinstance(x, torch.Tensor):
-                track(x)

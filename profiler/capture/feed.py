@@ -23,6 +23,7 @@ class TraceFeed:
         self.writer = writer
         self.events_since_boundary = 0  # events drained since the last step end
         self.last_drain = time.perf_counter()
+        self._meta_at = -float("inf")  # perf_counter of the last live meta.json write
         self._rows: dict[str, list[dict]] = {}  # table -> rows, until the next drain
         self._role_cols: list[dict] = []
 
@@ -36,6 +37,16 @@ class TraceFeed:
     def due(self, interval_s: float) -> bool:
         """True once `interval_s` passed since the last drain."""
         return time.perf_counter() - self.last_drain > interval_s
+
+    def meta_due(self, interval_s: float) -> bool:
+        """Whether to rewrite the live meta.json now: at most once per `interval_s`. A rename
+        costs milliseconds on some filesystems, and a running or killed run's steps are read
+        from its journals, not from meta.json (the final one is written at the end)."""
+        now = time.perf_counter()
+        if now - self._meta_at < interval_s:
+            return False
+        self._meta_at = now
+        return True
 
     def drain(self, step: int, with_segments: bool = False) -> None:
         """Move new events (labelled `step`) and buffered rows to the writer."""

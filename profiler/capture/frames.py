@@ -46,3 +46,42 @@ class StackInterner:
             stacks = {"stack_id": [r[0] for r in s], "frame_ids": [r[1] for r in s]}
             self._new_stacks = []
         return frames, stacks
+
+
+class PythonStacks:
+    """Stack ids of the running Python stack, walked cheaply enough to run per allocation.
+
+    A frame's site is keyed by (id(code), f_lasti): two ints hash fast, where a code
+    object's own hash covers its bytecode and constants, and f_lineno is decoded from
+    the line table. The code object is kept beside its sites, so that an id reused by
+    a new code object (generated code, freed) is told apart. Frames whose file starts
+    with `skip_prefix` (the capture's own) are left out.
+    """
+
+    def __init__(self, interner: StackInterner, skip_prefix: str, limit: int) -> None:
+        self.interner = interner
+        self.skip_prefix = skip_prefix
+        self.limit = limit
+        self._sites: dict[tuple[int, int], tuple[object, int]] = {}  # -> (code, frame id or -1)
+
+    def stack_id(self, frame) -> int | None:
+        """The interned stack from `frame` outwards (None when every frame is skipped)."""
+        sites, limit = self._sites, self.limit
+        ids: list[int] = []
+        while frame is not None:
+            code = frame.f_code
+            key = (id(code), frame.f_lasti)
+            site = sites.get(key)
+            if site is None or site[0] is not code:
+                site = sites[key] = (code, self._site(code, frame.f_lineno))
+            if site[1] >= 0:
+                ids.append(site[1])
+                if len(ids) == limit:
+                    break
+            frame = frame.f_back
+        return self.interner.stack(tuple(ids)) if ids else None
+
+    def _site(self, code, line: int | None) -> int:
+        if code.co_filename.startswith(self.skip_prefix):
+            return -1
+        return self.interner.frame(code.co_filename, line or 0, code.co_name)

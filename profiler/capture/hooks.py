@@ -43,11 +43,16 @@ def patch_backward(
     `keep_stacks()`: a compiled backward runs generated Python code, whose lines
     name its layers (profiler/capture/compiled.py)."""
     original = torch.autograd.backward
+    # A backend that names backward allocations by their forward stack (the CPU one)
+    # learns the roots' nodes here: no forward op reads a loss.
+    note_roots = getattr(backend, "note_backward_roots", None)
 
     def tag_backward(tensors) -> None:
         enter_phase(_BWD)
         backend.set_tag(tracer.tag(_BWD, None))
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors or ())
+        if note_roots is not None:
+            note_roots(roots)
         # Work before the first module's backward (a loss computed outside any
         # module) runs on autograd's thread: stamp it there.
         for t in roots:

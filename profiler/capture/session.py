@@ -285,7 +285,7 @@ class Profiler:
         self._set_phase(None)
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
-            self._drain()
+            self._drain(flush=False)  # the drain below flushes both
         self.step_index += 1
         pos = backend.position(self.step_index)
         row.update(events_seen=backend.events_seen, events_dropped=backend.dropped)
@@ -322,7 +322,7 @@ class Profiler:
         run = self._parts
         run.feed.drain(self.step_index, with_segments)
         if flush:
-            run.writer.flush(self._live_meta())
+            run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
 
     def _live_meta(self) -> dict:
         return run_meta.live_meta(self._parts.backend, self.step_index, self._capture_s)

@@ -320,10 +320,10 @@ def test_the_scripts_own_sigterm_handler_decides(tmp_path):
 def test_a_bug_while_tracking_an_op_stops_the_capture(tmp_path, monkeypatch, capfd):
     from profiler.capture.cpu import CpuBackend
 
-    def broken(self, t, tag=None):
+    def broken(self, func, args, kwargs, out):
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(CpuBackend, "track", broken)
+    monkeypatch.setattr(CpuBackend, "after_op", broken)  # what the dispatch mode calls on every op
     with profiler.profile(out=tmp_path, name="op", backend="cpu") as prof:
         assert _train(3) == 3  # every op returned its result
     assert prof.failure == "KeyError: 'a bug of ours'"
