@@ -23,6 +23,7 @@ from profiler.analysis.compare import ablation_view, differing_columns  # noqa: 
 from profiler.analysis.kv import kv_table
 from profiler.errors import TraceError, one_line
 from profiler.trace import layout
+from profiler.trace.meta import read_meta_lenient
 from profiler.trace.reader import load_trace
 from profiler.trace.summary_cache import load_summary
 
@@ -32,9 +33,11 @@ MAX_POINTS = 4000  # points per drawn line; downsample keeps each bucket's min a
 RUN_COLUMNS = (
     "run",
     "name",
+    "folder",
+    "started",
     "backend",
     "device",
-    "preset",
+    "model",
     "toggles",
     "status",
     "steps",
@@ -72,31 +75,46 @@ def stamp(run) -> tuple:
 # -- the runs table -------------------------------------------------------------------
 
 
-def run_row(run: Path, summary: dict | None = None, error: str | None = None) -> dict:
+def started_at(run: Path) -> pd.Timestamp | None:
+    """When the capture began (meta.json's started_at; a multi-rank run's first rank's), or None."""
+    parts = layout.rank_dirs(run)
+    meta = read_meta_lenient(parts[0] if parts else run) or {}
+    value = meta.get("started_at")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return pd.Timestamp(value, unit="s").floor("s")
+
+
+def run_row(run: Path, summary: dict | None = None, error: str | None = None, root: Path | None = None) -> dict:
     """One Runs-page row; a run that could not be read keeps its path and its one-line error.
-    steps are the completed ones, as `vramscope report` counts them.
+    steps are the completed ones, as `vramscope report` counts them. folder: the run's folder
+    under `root` (what tells two runs of one name apart); model: the config's model where it names
+    one (a preset's model can be overridden), else the preset.
     A multi-rank run's row (summary from layout.run_group_summary) adds world_size, skew and failed ranks."""
     row = dict.fromkeys(RUN_COLUMNS)
-    row.update(run=str(run), name=run.name, error=error)
+    folder = run.parent.relative_to(root).as_posix() if root is not None and run.is_relative_to(root) else ""
+    row.update(run=str(run), name=run.name, folder="" if folder == "." else folder, error=error)
+    row["started"] = started_at(run)
     if summary is None:
         row["status"] = "unreadable"
         return row
     config = dict(summary.get("config") or {})
     preset = config.pop("preset", None)
-    row.update({k: summary.get(k) for k in RUN_COLUMNS if k in summary})
-    row.update(preset=preset, toggles=", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    model = config.pop("model", None) or preset
+    row.update({k: summary.get(k) for k in RUN_COLUMNS if k in summary and k != "folder"})
+    row.update(model=model, toggles=", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     row["failed_ranks"] = ", ".join(map(str, summary.get("failed_ranks") or ())) or None
     row["status"] = layout.shown_status(run, row["status"])  # no final status: running, died or running?
     return row
 
 
-def _summary_row(run: Path, summarise) -> dict:
+def _summary_row(run: Path, summarise, root: Path) -> dict:
     try:
-        return run_row(run, summarise(run))
+        return run_row(run, summarise(run), root=root)
     except TraceError as exc:  # its message names the run
-        return run_row(run, error=one_line(str(exc)))
+        return run_row(run, error=one_line(str(exc)), root=root)
     except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
-        return run_row(run, error=f"{run}: {one_line(exc)}")
+        return run_row(run, error=f"{run}: {one_line(exc)}", root=root)
 
 
 def runs_table(root) -> pd.DataFrame:
@@ -109,13 +127,32 @@ def runs_table(root) -> pd.DataFrame:
     for run in layout.iter_runs(root):
         job = layout.run_root_of(run)
         if job == run or run == root:  # root itself a rank partition: the user asked for that one rank
-            rows.append(_summary_row(run, load_summary))
+            rows.append(_summary_row(run, load_summary, root))
         elif job not in jobs:
             jobs.add(job)
-            row = _summary_row(job, layout.run_group_summary)
+            row = _summary_row(job, layout.run_group_summary, root)
             row["world_size"] = row["world_size"] or len(layout.rank_dirs(job))
             rows.append(row)
-    return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    table["label"] = run_labels(table)
+    return table
+
+
+def run_labels(table: pd.DataFrame) -> list[str]:
+    """What a picker shows for each run: name, folder, device and date, never a path; two runs
+    that would still read alike get #1, #2 in their table order."""
+    labels = []
+    for row in table.itertuples():
+        date = row.started.strftime("%Y-%m-%d %H:%M") if pd.notna(row.started) else None
+        parts = (row.name, row.folder, row.device, date)
+        labels.append("  ·  ".join(str(p) for p in parts if isinstance(p, str) and p))
+    counts = pd.Series(labels).value_counts()
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if counts[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
+            labels[i] = f"{label}  #{seen[label]}"
+    return labels
 
 
 def ablation_losses(root) -> pd.DataFrame:

@@ -49,6 +49,33 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["error"].isna()]
 
 
+def labels(table: pd.DataFrame) -> dict[str, str]:
+    """run path -> what a picker shows (data.run_labels: name, folder, device, date)."""
+    return dict(zip(table["run"], table["label"]))
+
+
+def unreadable_note(table: pd.DataFrame) -> None:
+    """One line for each run that could not be read, so that a page over the others says what it left out."""
+    for label, error in zip(table["label"], table["error"]):
+        if isinstance(error, str):
+            st.warning(f"Left out {label}: {error}", icon=":material/error:")
+
+
+def keyed_multiselect(label: str, options: list, store: str, default: list, format_func, **kwargs) -> list:
+    """A multiselect that never drops a pick: keyed, with its value seeded once from session_state[store]
+    (what another page handed over) or `default`, and never given a default that changes between reruns,
+    which would make Streamlit treat it as a new widget and forget the user's last pick."""
+    widget = f"{store}_widget"
+    if widget not in st.session_state:
+        kept = [o for o in st.session_state.get(store, []) if o in options]
+        st.session_state[widget] = kept or [o for o in default if o in options]
+    else:
+        st.session_state[widget] = [o for o in st.session_state[widget] if o in options]
+    chosen = st.multiselect(label, options, key=widget, format_func=format_func, **kwargs)
+    st.session_state[store] = chosen
+    return chosen
+
+
 def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
     """A selectbox over the readable runs; remembers the choice across pages. A multi-rank run
     gets a second selectbox for its rank (the largest rank first), since these pages show one trace."""
@@ -59,11 +86,11 @@ def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
     if not paths:
         st.info(f"No readable runs under {literal(data.traces_dir())}.")
         return None
-    names = dict(zip(ok["run"], ok["name"]))
+    names = labels(ok)
     current = st.session_state.get(CURRENT)
     job = str(layout.run_root_of(current)) if current else None
     index = paths.index(current) if current in paths else paths.index(job) if job in paths else 0
-    choice = st.selectbox(label, paths, index=index, format_func=lambda p: f"{names[p]}  ({p})")
+    choice = st.selectbox(label, paths, index=index, format_func=names.__getitem__)
     parts = [str(p) for p in layout.rank_dirs(choice)]
     if parts:
         first = data.single_run(choice)
