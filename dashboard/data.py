@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from profiler import analysis
 from profiler.analysis import ranks
+from profiler.analysis.columns import int_column
+from profiler.analysis.modules import PARTS_COLUMNS, module_parts, no_module_at_peak
+from profiler.analysis.stacks import site_breakdown
 
 # The Compare table, under the names the dashboard's callers have used for it.
 from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
@@ -283,3 +287,61 @@ def default_ranks(table: pd.DataFrame, skew: dict, most: int = 4) -> list[int]:
     picks = [0, skew.get("max_rank"), skew.get("min_rank"), *by_peak]
     ok = set(readable["rank"].tolist())
     return [int(r) for r in dict.fromkeys(p for p in picks if p in ok)][:most]
+
+
+# -- cached: what the single-run pages lead with -------------------------------------------
+
+
+def event_axis(trace, spans: pd.DataFrame, axis: str):
+    """event indices -> the x a time axis draws them at: seconds since the first event, the
+    step-aligned position (ranks.step_aligned: step number plus the fraction of its events), or
+    the event numbers themselves."""
+    if axis == "seconds" and len(trace.events):
+        ts = int_column(trace.events, "ts_us")
+        return lambda idx: (ts[np.clip(np.asarray(idx, dtype=np.int64), 0, len(ts) - 1)] - ts[0]) / 1e6
+    if axis == "steps" and len(spans):
+        return lambda idx: ranks.step_aligned(pd.DataFrame({"event_index": np.asarray(idx, dtype=np.int64)}), spans)
+    return lambda idx: np.asarray(idx, dtype=float)
+
+
+def parts_of(table: pd.DataFrame, column: str, remainder: dict | None = None) -> pd.DataFrame:
+    """modules.module_parts of a module_table (empty when the run recorded no modules)."""
+    if table.empty:
+        return pd.DataFrame(columns=PARTS_COLUMNS)
+    return module_parts(analysis.rollup(table), column, remainder)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def cached_peak_story(run: str, files: tuple) -> dict:
+    """What the Overview, Layers, Categories and Stacks pages lead with, computed once per run:
+    the peak, its categories, its parts by module (with the bytes in no module) and its sites."""
+    trace, lt = _cached_trace_keyed(run, files)
+    live = analysis.alive_at_peak(trace, lt)
+    table = analysis.module_table(trace, lt=lt)
+    rest = no_module_at_peak(trace, lt)
+    return {
+        "peak": analysis.peak(trace, lt),
+        "categories": analysis.category_at_peak(trace, lt),
+        "modules": table,
+        "parts": parts_of(table, "peak_contribution_bytes", rest),
+        "no_module": rest,
+        "sites": site_breakdown(live, trace.stacks, trace.frames),
+        "spans": analysis.step_spans(trace, lt),
+    }
+
+
+def peak_story_of(run: str) -> dict:
+    run = single_run(run)
+    return cached_peak_story(run, stamp(run))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_timeline(run: str, files: tuple) -> pd.DataFrame:
+    trace, lt = _cached_trace_keyed(run, files)
+    return analysis.memory_timeline(trace, lt, max_points=MAX_POINTS)
+
+
+def timeline_of(run: str) -> pd.DataFrame:
+    """memory_timeline of the run, downsampled to MAX_POINTS, computed once per run."""
+    run = single_run(run)
+    return cached_timeline(run, stamp(run))

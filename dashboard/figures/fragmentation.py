@@ -6,21 +6,38 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard.figures.base import empty_figure, gib, with_layout
+from dashboard.figures.base import TIME_AXES, byte_unit, empty_figure, in_unit, mark_unit, with_layout
 
 STATE_COLORS = {"active_allocated": "#1f77b4", "active_pending_free": "#ff7f0e", "inactive": "#d9d9d9"}
 
 
-def fragmentation_lines(frag: pd.DataFrame) -> go.Figure:
-    """analysis.fragmentation: byte series in GiB, the ratio on a second axis."""
+FRAGMENTATION_SERIES = {
+    "reserved_minus_allocated_bytes": "reserved - allocated",
+    "inactive_split_bytes": "inactive split",
+    "largest_free_block_bytes": "largest free block",
+}
+
+
+def fragmentation_lines(frag: pd.DataFrame, x_of=None, axis: str = "events") -> go.Figure:
+    """analysis.fragmentation: byte series in a unit that suits them, the ratio on a second axis;
+    x_of maps event indices to the x drawn, as `axis` names it."""
     d = frag[frag["reserved_bytes"].notna()] if len(frag) else frag
     if d.empty:
         return empty_figure("Fragmentation", "no allocator segments (CPU backend)")
-    x = d["event_index"].astype(float).to_numpy()
+    index = d["event_index"].astype(float).to_numpy()
+    x = x_of(d["event_index"].to_numpy(dtype="int64")) if x_of is not None else index
+    unit = byte_unit(*(d[c] for c in FRAGMENTATION_SERIES))
     fig = go.Figure(
         [
-            go.Scatter(x=x, y=gib(d[c]), name=c, mode="lines+markers")
-            for c in ("reserved_minus_allocated_bytes", "inactive_split_bytes", "largest_free_block_bytes")
+            go.Scatter(
+                x=x,
+                y=in_unit(d[c], unit[1]),
+                name=name,
+                mode="lines+markers",
+                customdata=d[c].astype("float").to_numpy(),
+                hovertemplate=f"{name}: %{{customdata:,.0f}} B<extra></extra>",
+            )
+            for c, name in FRAGMENTATION_SERIES.items()
         ]
     )
     fig.add_trace(
@@ -34,7 +51,7 @@ def fragmentation_lines(frag: pd.DataFrame) -> go.Figure:
         )
     )
     fig.update_layout(yaxis2=dict(title="ratio", overlaying="y", side="right", range=[0, 1]))
-    return with_layout(fig, "Fragmentation", "event index")
+    return mark_unit(with_layout(fig, "Fragmentation", TIME_AXES[axis], unit[0]), unit)
 
 
 def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:

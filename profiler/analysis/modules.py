@@ -173,3 +173,45 @@ def rollup(table: pd.DataFrame) -> pd.DataFrame:
     for c in columns:
         out[f"subtree_{c}"] = totals[c]
     return out
+
+
+PARTS_COLUMNS = ["id", "parent", "label", "bytes", "kind"]
+NO_MODULE = "(in no module)"
+
+
+def module_parts(rolled: pd.DataFrame, column: str, remainder: dict | None = None) -> pd.DataFrame:
+    """id, parent, label, bytes, kind: rollup(table)'s `column` as a tree whose leaves add up.
+
+    A module with children that holds bytes of its own gets a leaf for them (kind "itself",
+    labelled "<Class>.forward itself": what its own forward computed, as a root's logits and
+    loss), since a treemap would otherwise show them as an unlabelled gap; `remainder`
+    (name -> bytes, e.g. the peak's bytes in no module, by category) adds NO_MODULE's leaves,
+    so that with it the roots sum to the whole. kind: "module", "itself" or "remainder"."""
+    value = f"subtree_{column}"
+    d = rolled[rolled[value] > 0]
+    known = set(d["module"])
+    rows = []
+    has_children = {p for p in d["parent"] if isinstance(p, str) and p in known}
+    for m, parent, cls, own, total in zip(d["module"], d["parent"], d["class_name"], d[column], d[value]):
+        node = m or "(root)"
+        up = ("(root)" if parent == "" else parent) if isinstance(parent, str) and parent in known else ""
+        rows.append([node, "" if up == node else up, node.rsplit(".", 1)[-1] or node, int(total), "module"])
+        if node in has_children or (m in has_children):
+            if own > 0:
+                rows.append([f"{node} itself", node, f"{cls or node}.forward itself", int(own), "itself"])
+    rest = {k: int(v) for k, v in (remainder or {}).items() if v}
+    if rest:
+        rows.append([NO_MODULE, "", NO_MODULE, sum(rest.values()), "remainder"])
+        rows += [[f"{NO_MODULE}/{k}", NO_MODULE, str(k), v, "remainder"] for k, v in rest.items()]
+    return pd.DataFrame(rows, columns=PARTS_COLUMNS)
+
+
+def no_module_at_peak(trace, lt: Lifetimes | None = None) -> dict[str, int]:
+    """category -> bytes alive at the peak that no module's forward or backward allocated
+    (the optimizer's state, gradients made outside hooks, what the script allocated itself)."""
+    live = alive_at_peak(trace, lt)
+    rest = live[live["module"].isna()]
+    if rest.empty:
+        return {}
+    by = rest.assign(category=rest["category"].astype(object).fillna("unknown")).groupby("category")["size_bytes"]
+    return {str(k): int(v) for k, v in by.sum().sort_values(ascending=False).items()}
