@@ -25,7 +25,7 @@ def _pct(part, whole) -> str:
 
 
 def where_peak(peak) -> str:
-    """"at step 1, backward" (an analysis.Peak)."""
+    """ "at step 1, backward" (an analysis.Peak)."""
     if peak.event_index < 0:
         return "at the start of capture"
     phase = f", {peak.phase}" if peak.phase else ""
@@ -103,7 +103,9 @@ def categories(at_peak: pd.DataFrame, total: int) -> str:
     d = at_peak[at_peak["total_bytes"] > 0]
     if d.empty or not total:
         return "Nothing was allocated at the peak."
-    parts = [f"{r.category} {human_bytes(int(r.total_bytes))} ({_pct(r.total_bytes, total)})" for r in d.head(2).itertuples()]
+    parts = [
+        f"{r.category} {human_bytes(int(r.total_bytes))} ({_pct(r.total_bytes, total)})" for r in d.head(2).itertuples()
+    ]
     return f"At the peak ({human_bytes(total)}): " + ", then ".join(parts) + "."
 
 
@@ -261,7 +263,9 @@ def runs(names: list[str], peaks: list, unreadable: int) -> str:
     if known:
         top, name = max(known, key=lambda t: t[0])
         low, low_name = min(known, key=lambda t: t[0])
-        text += f"; the largest peak is {name}'s {human_bytes(int(top))}, the smallest {low_name}'s {human_bytes(int(low))}"
+        text += (
+            f"; the largest peak is {name}'s {human_bytes(int(top))}, the smallest {low_name}'s {human_bytes(int(low))}"
+        )
     text += "."
     if unreadable:
         text += f" {unreadable} could not be read (below, one line each)."
