@@ -24,6 +24,23 @@ _LIBRARY = re.compile(
 )
 
 
+# Library functions that only pass a call on (module __call__, decorators, dynamo's disable
+# wrapper, vramscope's own hooks): the call a site names is the first frame inside them.
+_WRAPPERS = frozenset(
+    {
+        "_fn",
+        "inner",
+        "_call_impl",
+        "_wrapped_call_impl",
+        "wrapper",
+        "_use_grad",
+        "maybe_fallback",
+        "decorate_context",
+        "__torch_function__",
+    }
+)
+
+
 def is_library_frame(filename) -> bool:
     """A frame of torch, another package, the standard library, generated code or vramscope itself."""
     return bool(_LIBRARY.search(str(filename)))
@@ -42,33 +59,53 @@ def user_frame_ids(frames: pd.DataFrame) -> set[int]:
     return {int(f) for f, file in zip(frames["frame_id"], frames["filename"]) if not is_library_frame(file)}
 
 
-def fold_library(chain: list[int], user: set[int]) -> list[int]:
+def wrapper_frame_ids(frames: pd.DataFrame) -> set[int]:
+    """The library frame_ids that only pass a call on (_WRAPPERS) or are vramscope's own."""
+    return {
+        int(f)
+        for f, file, fn in zip(frames["frame_id"], frames["filename"], frames["function"])
+        if is_library_frame(file) and (fn in _WRAPPERS or "/profiler/" in str(file))
+    }
+
+
+def _library_call(chain: list[int], user: set[int], wrappers: set[int]) -> int | None:
+    """The innermost library frame below the user's innermost one that is not a wrapper: the call that
+    allocated (cross_entropy, linear), or None when the user's own line allocated."""
+    for f in chain:
+        if f in user:
+            return None
+        if f not in wrappers:
+            return f
+    return None
+
+
+def fold_library(chain: list[int], user: set[int], wrappers: set[int] = frozenset()) -> list[int]:
     """A stack (innermost first) with the library frames folded away: the user's frames, after the
-    innermost frame when that is a library's (the call that allocated: cross_entropy, linear)."""
+    library call that allocated (_library_call) where there is one."""
     kept = [f for f in chain if f in user]
-    if chain and chain[0] not in user:
-        kept.insert(0, chain[0])
+    call = _library_call(chain, user, wrappers)
+    if call is not None:
+        kept.insert(0, call)
+    elif chain and not kept:
+        kept = [chain[0]]
     return kept
 
 
 def site_labels(stacks: pd.DataFrame, frames: pd.DataFrame) -> dict[int, str]:
     """stack_id -> the allocation site as a person names it: the innermost frame of the user's
     own code ("model.py:168 forward"), followed by the library call it made where that is where
-    the bytes were allocated ("model.py:168 forward > functional.py:3462 cross_entropy"); a stack
-    with no frame of the user's is named by its innermost frame."""
-    names, user = frame_labels(frames), user_frame_ids(frames)
+    the bytes were allocated ("model.py:168 forward > functional.py:3462 cross_entropy", wrappers
+    such as module __call__ and dynamo's skipped); a stack with neither is named by its innermost frame."""
+    names, user, wrappers = frame_labels(frames), user_frame_ids(frames), wrapper_frame_ids(frames)
     out = {}
     for sid, chain in zip(stacks["stack_id"], stacks["frame_ids"]):
         if chain is None or not len(chain):
             continue
         chain = [int(f) for f in chain]
         mine = next((f for f in chain if f in user), None)
-        if mine is None:
-            out[int(sid)] = names.get(chain[0], f"frame {chain[0]}")
-        elif mine == chain[0]:
-            out[int(sid)] = names.get(mine, f"frame {mine}")
-        else:
-            out[int(sid)] = f"{names.get(mine, f'frame {mine}')} > {names.get(chain[0], f'frame {chain[0]}')}"
+        call = _library_call(chain, user, wrappers)
+        parts = [f for f in (mine, call) if f is not None] or [chain[0]]
+        out[int(sid)] = " > ".join(names.get(f, f"frame {f}") for f in parts)
     return out
 
 
@@ -117,8 +154,8 @@ def stack_tree(
     names = frame_labels(frames)
     chains = {int(s): [int(x) for x in f] for s, f in zip(stacks["stack_id"], stacks["frame_ids"]) if f is not None}
     if fold:
-        user = user_frame_ids(frames)
-        chains = {s: fold_library(c, user) for s, c in chains.items()}
+        user, wrappers = user_frame_ids(frames), wrapper_frame_ids(frames)
+        chains = {s: fold_library(c, user, wrappers) for s, c in chains.items()}
     nodes: dict[str, list] = {}
     for sid, size in by_stack.items():
         chain = chains.get(int(sid), []) if pd.notna(sid) else []

@@ -181,3 +181,27 @@ def test_folded_tree_keeps_the_users_frames_and_the_allocating_call():
     assert (tree["bytes"] == 64).all()
     unfolded = stack_tree(_live([(7, 64)]), LIBRARY_STACKS, LIBRARY_FRAMES)
     assert len(unfolded) == 5 and "modules.py:150 _pre_forward" in unfolded["label"].tolist()
+
+
+def test_wrappers_inside_the_call_are_skipped():
+    """dynamo's disable wrapper and module __call__ frames pass a call on: the site names the call."""
+    from profiler.analysis.stacks import site_labels
+
+    frames = pd.concat(
+        [
+            LIBRARY_FRAMES,
+            pd.DataFrame(
+                {
+                    "frame_id": [6],
+                    "filename": ["/opt/venv/lib/python3.12/site-packages/torch/_dynamo/eval_frame.py"],
+                    "line": [1446],
+                    "function": ["_fn"],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    stacks = pd.DataFrame({"stack_id": [1], "frame_ids": [[6, 1, 3, 2, 5]]})
+    assert site_labels(stacks, frames) == {1: "model.py:168 forward > functional.py:3462 cross_entropy"}
+    tree = stack_tree(_live([(1, 8)]), stacks, frames, fold=True)
+    assert tree["label"].tolist() == ["train.py:40 main", "model.py:168 forward", "functional.py:3462 cross_entropy"]
