@@ -114,7 +114,9 @@ def keyed_multiselect(label: str, options: list, store: str, default: list, form
 
 def pick_run(table: pd.DataFrame, label: str = "Run", only=None) -> str | None:
     """A selectbox over the readable runs; remembers the choice across pages. A multi-rank run
-    gets a second selectbox for its rank (the largest rank first), since these pages show one trace."""
+    gets a second selectbox for its rank (the largest rank first), since these pages show one trace.
+    Runs that could not be read get one line each (unreadable_note) above it."""
+    unreadable_note(table)
     ok = readable(table)
     if only is not None:
         ok = ok[only(ok)]

@@ -17,7 +17,8 @@ trace, _ = loaded
 try:
     table = est.measured_vs_predicted(trace)
 except ValueError as e:  # a config the analytic model does not understand
-    st.info(f"No prediction for this run: {literal(e)}")
+    ui.headline(f"No prediction for this run: {e}")
+    st.info("The analytic model covers the presets' training runs (profiler/estimate.py).")
     st.stop()
 cats = table[table["level"] == "category"]
 peak = cats[cats["name"] == "peak"]

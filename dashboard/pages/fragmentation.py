@@ -14,7 +14,7 @@ if loaded is None:
     st.stop()
 trace, lt = loaded
 if trace.backend == "cpu" or trace.events.empty:
-    st.info("No allocator segments in this run (CPU backend or no events): nothing fragments.")
+    ui.headline("No allocator segments in this run (CPU backend or no events): nothing fragments.")
     st.stop()
 fragmentation_verdict(trace, lt)
 st.subheader("Over the run")

@@ -17,6 +17,7 @@ st.title("Ranks")
 runs = ui.runs()
 jobs = ui.multi_rank_runs(runs)
 if jobs.empty:
+    ui.headline(f"None of the {len(runs)} runs here is a multi-rank run: there is no skew to show.")
     st.info(
         f"No multi-rank run under {ui.data.traces_dir()}. A distributed (torchrun) capture writes one "
         "folder per job with a rank=N partition per rank; such a job shows here."
