@@ -313,9 +313,14 @@ def parts_of(table: pd.DataFrame, column: str, remainder: dict | None = None) ->
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def cached_peak_story(run: str, files: tuple) -> dict:
-    """What the Overview, Layers, Categories and Stacks pages lead with, computed once per run:
-    the peak, its categories, its parts by module (with the bytes in no module) and its sites."""
     trace, lt = _cached_trace_keyed(run, files)
+    return peak_story(trace, lt)
+
+
+def peak_story(trace, lt) -> dict:
+    """What the Overview, Layers, Categories and Stacks pages lead with, computed once per run:
+    the peak, its categories, its parts by module (with the bytes in no module), its sites and
+    the step spans."""
     live = analysis.alive_at_peak(trace, lt)
     table = analysis.module_table(trace, lt=lt)
     rest = no_module_at_peak(trace, lt)
@@ -331,17 +336,32 @@ def cached_peak_story(run: str, files: tuple) -> dict:
 
 
 def peak_story_of(run: str) -> dict:
+    """peak_story of the run as its files are now (cached)."""
     run = single_run(run)
     return cached_peak_story(run, stamp(run))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def cached_timeline(run: str, files: tuple) -> pd.DataFrame:
+def cached_timeline(run: str, files: tuple) -> dict:
+    """The downsampled memory timeline, the phase spans and the per-step counters: what the
+    Overview draws on every rerun, read once."""
     trace, lt = _cached_trace_keyed(run, files)
-    return analysis.memory_timeline(trace, lt, max_points=MAX_POINTS)
+    return timeline_parts(trace, lt)
+
+
+def timeline_parts(trace, lt) -> dict:
+    return {
+        "timeline": analysis.memory_timeline(trace, lt, max_points=MAX_POINTS),
+        "phases": analysis.phase_spans(trace),
+        "counters": analysis.allocator_counters(trace),
+    }
 
 
 def timeline_of(run: str) -> pd.DataFrame:
     """memory_timeline of the run, downsampled to MAX_POINTS, computed once per run."""
+    return timeline_parts_of(run)["timeline"]
+
+
+def timeline_parts_of(run: str) -> dict:
     run = single_run(run)
     return cached_timeline(run, stamp(run))

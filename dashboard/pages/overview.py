@@ -19,7 +19,7 @@ loaded = ui.load(run) if run else None
 if loaded is None:
     st.stop()
 trace, lt = loaded
-s = ui.data.summary_of(run)
+s = ui.data.stored_summary(run)  # summary.json where it is fresh
 story = ui.data.peak_story_of(run)
 p = story["peak"]
 ui.headline(headlines.overview(p, story["categories"], story["parts"], story["sites"]))
@@ -49,10 +49,10 @@ if MOMENT not in st.session_state:
 spans = story["spans"]
 axis = ui.time_axis("overview_axis", has_steps=len(spans) > 0)
 moment = st.slider("Moment (event number): or click a point on the timeline", 0, n - 1, key=MOMENT)
-tl = ui.data.timeline_of(run)
+drawn = ui.data.timeline_parts_of(run)
 x_of = ui.data.event_axis(trace, spans, axis)
 st.plotly_chart(
-    figures.memory_timeline(tl, p, spans, analysis.phase_spans(trace), moment, x_of=x_of, axis=axis),
+    figures.memory_timeline(drawn["timeline"], p, spans, drawn["phases"], moment, x_of=x_of, axis=axis),
     key=TIMELINE,
     on_select="rerun",
     selection_mode="points",
@@ -67,7 +67,7 @@ else:
 st.plotly_chart(figures.breakdown_bar(parts, key, f"Alive after event {moment:,} by {by}", axis=by))
 
 st.subheader("Allocator counters per step")
-counters = analysis.allocator_counters(trace)
+counters = drawn["counters"]
 if counters.empty:
     st.info("No per-step allocator counters in this run.")
 else:
