@@ -90,7 +90,7 @@ def _quiet_streamlit() -> None:
 
 
 def overview(trace) -> dict:
-    from dashboard import data, figures
+    from dashboard import data
     from profiler import analysis, headlines
 
     t = {}
@@ -136,7 +136,7 @@ def layers(trace) -> dict:
     t = {}
     t0 = time.perf_counter()
     lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
-    table = analysis.module_table(trace, lt=lt)
+    table = analysis.module_table(trace, lt=lt)  # data.module_table_of, on a miss
     parts = data.parts_of(table, "peak_contribution_bytes", no_module_at_peak(trace, lt))
     t["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -186,13 +186,12 @@ def page_visits(run: Path, repeat: int) -> dict[str, list[dict]]:
         st.cache_resource.clear()
         at, seconds = visit()
         visits.append({"data": seconds, "figures": 0.0})
-        events = at.slider(key="overview_moment").max
-        for change in (
-            lambda: at.slider(key="overview_moment").set_value(events * (k + 1) // (repeat + 1)),
-            lambda: at.radio(key="overview_axis").set_value("steps"),
-        ):
+        moment = at.slider(key="overview_moment").max * (k + 1) // (repeat + 1)
+        for widget in (at.slider(key="overview_moment").set_value(moment), at.radio(key="overview_axis")):
+            if widget is not None and widget.key == "overview_axis":
+                widget.set_value("steps")
             t0 = time.perf_counter()
-            change().run()
+            at.run()
             reruns.append({"data": time.perf_counter() - t0, "figures": 0.0})
     return {"Overview page": visits, "Overview page rerun": reruns}
 

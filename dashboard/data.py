@@ -19,12 +19,12 @@ import streamlit as st
 from profiler import analysis
 from profiler.analysis import ranks
 from profiler.analysis.columns import int_column
-from profiler.analysis.modules import PARTS_COLUMNS, module_parts, no_module_at_peak
-from profiler.analysis.stacks import site_breakdown
 
 # The Compare table, under the names the dashboard's callers have used for it.
 from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
 from profiler.analysis.kv import kv_table
+from profiler.analysis.modules import PARTS_COLUMNS, module_parts, no_module_at_peak
+from profiler.analysis.stacks import site_breakdown
 from profiler.errors import TraceError, one_line
 from profiler.trace import layout
 from profiler.trace.meta import read_meta_lenient
@@ -140,6 +140,15 @@ def runs_table(root) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     table["label"] = run_labels(table)
     return table
+
+
+def first_pair(table: pd.DataFrame) -> list[str]:
+    """Two runs to compare before the user picks: the first two of the first folder that holds two
+    (runs side by side in a folder are usually one ablation's options), else the first two."""
+    for _, group in table.groupby("folder", sort=False):
+        if len(group) >= 2:
+            return group["run"].head(2).tolist()
+    return table["run"].head(2).tolist()
 
 
 def run_labels(table: pd.DataFrame) -> list[str]:
@@ -322,12 +331,13 @@ def peak_story(trace, lt) -> dict:
     the peak, its categories, its parts by module (with the bytes in no module), its sites and
     the step spans."""
     live = analysis.alive_at_peak(trace, lt)
-    table = analysis.module_table(trace, lt=lt)
+    # The peak's parts need no sums over the run: on a long run those are most of module_table's cost.
+    table = analysis.module_table(trace, lt=lt, peak_only=True)
     rest = no_module_at_peak(trace, lt)
     return {
         "peak": analysis.peak(trace, lt),
         "categories": analysis.category_at_peak(trace, lt),
-        "modules": table,
+        "has_modules": len(table) > 0,
         "parts": parts_of(table, "peak_contribution_bytes", rest),
         "no_module": rest,
         "sites": site_breakdown(live, trace.stacks, trace.frames),
@@ -347,6 +357,18 @@ def cached_timeline(run: str, files: tuple) -> dict:
     Overview draws on every rerun, read once."""
     trace, lt = _cached_trace_keyed(run, files)
     return timeline_parts(trace, lt)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_module_table(run: str, files: tuple) -> pd.DataFrame:
+    trace, lt = _cached_trace_keyed(run, files)
+    return analysis.module_table(trace, lt=lt)
+
+
+def module_table_of(run: str) -> pd.DataFrame:
+    """analysis.module_table of the run (every column), computed once per run."""
+    run = single_run(run)
+    return cached_module_table(run, stamp(run))
 
 
 def timeline_parts(trace, lt) -> dict:

@@ -117,7 +117,8 @@ def stacks(sites: pd.DataFrame, total: int) -> str:
     text = ""
     if len(known):
         top = known.iloc[0]
-        text = f"{top['site']} holds {human_bytes(int(top['total_bytes']))} at the peak ({_pct(top['total_bytes'], total)})."
+        size = int(top["total_bytes"])
+        text = f"{top['site']} holds {human_bytes(size)} at the peak ({_pct(size, total)})."
     missing = int(sites.loc[sites["site"] == NO_STACK, "total_bytes"].sum())
     if missing:
         text += f" {human_bytes(missing)} ({_pct(missing, total)}) has no stack."
@@ -146,7 +147,8 @@ def kv(summaries: dict[str, pd.DataFrame], waste: pd.DataFrame) -> str:
         i = int(lost.to_numpy().argmax())
         if lost.iloc[i] > 0:
             text += (
-                f" Most waste: {waste['run'].iloc[i]} ({waste['cache'].iloc[i]}) holds {human_bytes(round(lost.iloc[i]))}"
+                f" Most waste: {waste['run'].iloc[i]} ({waste['cache'].iloc[i]})"
+                f" holds {human_bytes(round(lost.iloc[i]))}"
                 f" for no token, {_pct(lost.iloc[i], held.iloc[i])} of its cache on average."
             )
         else:
@@ -175,7 +177,9 @@ def run_kind(summary: dict) -> tuple[str, str, int]:
     A run that held no gradient and no optimizer state is inference."""
     own = summary.get("category_peak_bytes") or {}
     training = bool(own.get("gradient") or own.get("optimizer_state"))
-    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        config = {}
     model = config.get("model") or config.get("preset") or "?"
     return ("training" if training else "inference", str(model), world_size_of(summary))
 
@@ -185,7 +189,7 @@ def kind_warning(names: list[str], summaries: list[dict]) -> str | None:
     kinds = [run_kind(s) for s in summaries]
     notes = []
     for i, what in enumerate(("train vs inference", "model", "world size")):
-        values = {}
+        values: dict[str, list[str]] = {}
         for name, k in zip(names, kinds):
             values.setdefault(str(k[i]), []).append(name)
         if len(values) > 1:
@@ -245,10 +249,8 @@ def unchanged(names: list[str], sites: list[pd.DataFrame], least: int = 1 << 20)
     (stacks.site_breakdown of each), largest first; None when there is none of `least` bytes."""
     if len(sites) < 2 or any(s.empty for s in sites):
         return None
-    merged = None
-    for i, s in enumerate(sites):
-        d = s[s["site"] != NO_STACK].set_index("site")["total_bytes"].rename(i)
-        merged = d.to_frame() if merged is None else merged.join(d, how="inner")
+    columns = [s[s["site"] != NO_STACK].set_index("site")["total_bytes"].rename(i) for i, s in enumerate(sites)]
+    merged = pd.concat(columns, axis=1, join="inner")
     same = merged[(merged.nunique(axis=1) == 1) & (merged[0] >= least)][0].sort_values(ascending=False)
     if same.empty:
         return None

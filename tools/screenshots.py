@@ -347,9 +347,10 @@ class Browser:
 
     def texts(self, selector: str) -> list[str]:
         """innerText of every element the CSS selector matches."""
-        return self.evaluate(
-            f"Array.from(document.querySelectorAll({json.dumps(selector)})).map(e => e.textContent)"
-        ) or []
+        return (
+            self.evaluate(f"Array.from(document.querySelectorAll({json.dumps(selector)})).map(e => e.textContent)")
+            or []
+        )
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]

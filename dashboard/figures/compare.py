@@ -25,7 +25,8 @@ def overlay_timelines(lines: dict[str, pd.DataFrame], column: str = "allocated_b
                 mode="lines",
                 name=name,
                 customdata=d[column].astype("float").to_numpy(),
-                hovertemplate=f"{name}: %{{y:.3f}} {unit[0]} (%{{customdata:,.0f}} B) at step %{{x:.2f}}<extra></extra>",
+                hovertemplate=f"{name}: %{{y:.3f}} {unit[0]} (%{{customdata:,.0f}} B)"
+                " at step %{x:.2f}<extra></extra>",
             )
             for name, d in lines.items()
         ]

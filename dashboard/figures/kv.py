@@ -19,7 +19,10 @@ def kv_growth(kvs: dict[str, pd.DataFrame], token_bytes: float | None = None) ->
     unit = byte_unit(*(v["reserved_bytes"] for v in kvs.values()), *(v["token_state_bytes"] for v in kvs.values()))
     fig = go.Figure()
     for name, kv in kvs.items():
-        for col, mode, what in (("token_state_bytes", "markers", "token states"), ("reserved_bytes", "lines", "reserved")):
+        for col, mode, what in (
+            ("token_state_bytes", "markers", "token states"),
+            ("reserved_bytes", "lines", "reserved"),
+        ):
             fig.add_trace(
                 go.Scatter(
                     x=kv["tokens_total"],

@@ -136,7 +136,9 @@ def _vline(x, color: str, dash: str | None = None) -> dict:
     return dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1, line=dict(color=color, width=1, dash=dash))
 
 
-def breakdown_bar(df: pd.DataFrame, by: str, title: str | None = None, top: int = 20, axis: str | None = None) -> go.Figure:
+def breakdown_bar(
+    df: pd.DataFrame, by: str, title: str | None = None, top: int = 20, axis: str | None = None
+) -> go.Figure:
     """Horizontal bars of analysis.breakdown(...) or stacks.site_breakdown: bytes per `by` value,
     largest on top; `axis` titles the bars' axis (default: `by`)."""
     title = title or f"Alive by {by}"

@@ -21,7 +21,7 @@ table = ui.readable(runs)
 ui.unreadable_note(runs)
 names = ui.labels(table)
 chosen = ui.keyed_multiselect(
-    "Runs (pick them on the Runs page or here)", list(names), ui.SELECTED, list(names)[:2], names.__getitem__
+    "Runs (pick them on the Runs page or here)", list(names), ui.SELECTED, ui.data.first_pair(table), names.__getitem__
 )
 if len(chosen) < 2:
     st.info("Pick at least two runs to compare.")
@@ -34,10 +34,9 @@ root = str(ui.data.traces_dir())
 losses = ui.data.cached_ablation_losses(root, ui.data.root_stamp(root))
 view = ablation_view(summaries, baseline, losses, chosen)
 short = list(view["name"])
-ui.headline(headlines.compare(view, summaries, baseline, tolerance))
 warning = headlines.kind_warning(short, summaries)
-if warning:
-    st.warning(warning)
+# Runs of different kinds are not options of one job: naming a best one would mislead.
+ui.headline(warning or headlines.compare(view, summaries, baseline, tolerance))
 sites = [ui.data.peak_story_of(r)["sites"] for r in chosen[:MAX_OVERLAID]]
 same = headlines.unchanged(short[:MAX_OVERLAID], sites)
 if same:

@@ -14,7 +14,7 @@ loaded = ui.load(run) if run else None
 if loaded is None:
     st.stop()
 story = ui.data.peak_story_of(run)
-table = story["modules"]
+table = ui.data.module_table_of(run)
 if table.empty:
     st.info("This run recorded no modules.")
     st.stop()

@@ -6,8 +6,8 @@ from dashboard import figures
 from dashboard.pages import _shared as ui
 from dashboard.text import literal
 from profiler import analysis
-from profiler.trace.meta import RUNNING, RUNNING_ELSEWHERE
 from profiler.headlines import where_peak
+from profiler.trace.meta import RUNNING, RUNNING_ELSEWHERE
 from profiler.units import exact_bytes, human_bytes
 
 st.title("Live")

@@ -29,6 +29,8 @@ for name, failed in zip(table["name"], table["failed_ranks"]):
 
 ok = ui.readable(table)
 names = ui.labels(ok)
-chosen = ui.keyed_multiselect("Runs to compare (first is the baseline)", list(names), ui.SELECTED, [], names.__getitem__)
+chosen = ui.keyed_multiselect(
+    "Runs to compare (first is the baseline)", list(names), ui.SELECTED, [], names.__getitem__
+)
 if chosen:
     st.page_link("pages/compare.py", label=f"Compare {len(chosen)} runs", icon=":material/compare_arrows:")

@@ -21,7 +21,11 @@ story = ui.data.peak_story_of(run)
 sites = story["sites"]
 ui.headline(headlines.stacks(sites, story["peak"].allocated_bytes))
 top = st.slider("Allocation sites", 5, 200, 40)
-st.plotly_chart(figures.breakdown_bar(sites, "site", "Lines of code holding bytes at the peak", top=min(top, 25), axis="file:line function"))
+st.plotly_chart(
+    figures.breakdown_bar(
+        sites, "site", "Lines of code holding bytes at the peak", top=min(top, 25), axis="file:line function"
+    )
+)
 fold = not st.toggle("Show library, torch and vramscope frames", value=False)
 depth = st.slider("Frames per site", 2, 40, 12)
 live = analysis.alive_at_peak(trace, lt)

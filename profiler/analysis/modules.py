@@ -71,8 +71,11 @@ def _allocations(trace, lt: Lifetimes, step: int | None) -> dict[str, pd.Series]
     return out
 
 
-def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) -> pd.DataFrame:
+def module_table(trace, step: int | None = None, lt: Lifetimes | None = None, peak_only: bool = False) -> pd.DataFrame:
     """One row per module (from the modules table and from events), sorted by peak contribution.
+
+    peak_only: leave the sums over the run (forward, backward, recompute, retained) at 0 and
+    compute only the peak's contributions, a fraction of the cost on a long run.
 
     forward/backward/recompute_alloc_bytes: bytes allocated while the module ran in that phase.
     retained_bytes: forward allocations not yet freed (no free requested) when their forward
@@ -80,7 +83,7 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     peak_contribution_bytes: bytes allocated at the peak (live_at's allocated set) that the module allocated.
     """
     lt = lt or lifetimes(trace)
-    sums = _allocations(trace, lt, step)
+    sums = {} if peak_only else _allocations(trace, lt, step)
     live = alive_at_peak(trace, lt)
     live = live[live["module"].notna()]
     sums["peak_contribution_bytes"] = live.groupby("module")["size_bytes"].sum().astype(np.int64)
@@ -101,7 +104,7 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     _place_unknown(table)
     for column in SUMMED:
         src = sums.get(column)
-        values = table["module"].map(src) if src is not None else table.get(column)
+        values = table["module"].map(src) if src is not None else table.get(column, pd.Series(0, index=table.index))
         table[column] = pd.Series(values).fillna(0).astype(np.int64).to_numpy()
     table["depth"] = table["depth"].astype(np.int64)
     table = table[list(TABLE_COLUMNS)]

@@ -68,7 +68,7 @@ def wrapper_frame_ids(frames: pd.DataFrame) -> set[int]:
     }
 
 
-def _library_call(chain: list[int], user: set[int], wrappers: set[int]) -> int | None:
+def _library_call(chain: list[int], user: set[int], wrappers: frozenset[int] | set[int]) -> int | None:
     """The innermost library frame below the user's innermost one that is not a wrapper: the call that
     allocated (cross_entropy, linear), or None when the user's own line allocated."""
     for f in chain:
@@ -79,7 +79,7 @@ def _library_call(chain: list[int], user: set[int], wrappers: set[int]) -> int |
     return None
 
 
-def fold_library(chain: list[int], user: set[int], wrappers: set[int] = frozenset()) -> list[int]:
+def fold_library(chain: list[int], user: set[int], wrappers: frozenset[int] | set[int] = frozenset()) -> list[int]:
     """A stack (innermost first) with the library frames folded away: the user's frames, after the
     library call that allocated (_library_call) where there is one."""
     kept = [f for f in chain if f in user]

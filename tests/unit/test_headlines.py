@@ -130,3 +130,13 @@ def test_ranks_states_the_skew():
     skew = {"max_rank": 1, "min_rank": 0, "max_bytes": 7500, "min_bytes": 3500, "skew_pct": 36.4, "spread_bytes": 4000}
     text = headlines.ranks(skew, 2)
     assert "Rank 1 peaks highest at 7.32 KiB" in text and "+36.4% against the median of 2 ranks" in text
+
+
+def test_peak_only_module_table_has_the_full_tables_peak_contributions(story):
+    trace = story[0]
+    lt = analysis.lifetimes(trace)
+    full = analysis.module_table(trace, lt=lt).set_index("module").sort_index()
+    quick = analysis.module_table(trace, lt=lt, peak_only=True).set_index("module").sort_index()
+    assert quick.index.tolist() == full.index.tolist()
+    assert (quick["peak_contribution_bytes"] == full["peak_contribution_bytes"]).all()
+    assert (quick["param_bytes"] == full["param_bytes"]).all() and (quick["forward_alloc_bytes"] == 0).all()
