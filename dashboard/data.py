@@ -24,7 +24,7 @@ from profiler.analysis.columns import int_column
 from profiler.analysis.compare import ablation_view, differing_columns  # noqa: F401
 from profiler.analysis.kv import kv_table
 from profiler.analysis.modules import PARTS_COLUMNS, module_parts, no_module_at_peak
-from profiler.analysis.stacks import site_breakdown
+from profiler.analysis.stacks import NO_STACK, site_breakdown, site_labels
 from profiler.errors import TraceError, one_line
 from profiler.trace import layout
 from profiler.trace.meta import read_meta_lenient
@@ -387,3 +387,21 @@ def timeline_of(run: str) -> pd.DataFrame:
 def timeline_parts_of(run: str) -> dict:
     run = single_run(run)
     return cached_timeline(run, stamp(run))
+
+
+def blocks_with_owners(layout: pd.DataFrame, live: pd.DataFrame, stacks: pd.DataFrame, frames) -> pd.DataFrame:
+    """analysis.segment_map_at's blocks with what made each one (live.live_at at the same moment,
+    matched by address): module, phase and allocation site, for the segment map's hover."""
+    owners = live.dropna(subset=["addr"]).drop_duplicates("addr").set_index("addr")
+    sites = site_labels(stacks, frames)
+    addr = layout["block_addr"]
+    out = layout.copy()
+    out["module"] = addr.map(owners["module"].astype(object))
+    out["phase"] = addr.map(owners["phase"].astype(object))
+    stack = addr.map(owners["stack_id"].astype("Int64").astype(object))
+    owned = addr.isin(owners.index).to_numpy()
+    out["site"] = [
+        sites.get(int(s), NO_STACK) if s is not None and not pd.isna(s) else NO_STACK if mine else None
+        for s, mine in zip(stack, owned)
+    ]
+    return out

@@ -54,9 +54,19 @@ def fragmentation_lines(frag: pd.DataFrame, x_of=None, axis: str = "events") -> 
     return mark_unit(with_layout(fig, "Fragmentation", TIME_AXES[axis], unit[0]), unit)
 
 
+OWNER = ("category", "module", "phase", "site")  # shown on a block's hover, where the layout has them
+
+
+def _shown(g: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in g:
+        return np.full(len(g), "", dtype=object)
+    return g[column].astype(object).where(g[column].notna(), "").to_numpy()
+
+
 def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
     """analysis.segment_map_at: one bar per segment, its blocks stacked by address, coloured
-    by state or category."""
+    by state or category; a block's hover gives its size, address and (data.blocks_with_owners)
+    category, module, phase and allocation site."""
     if layout.empty:
         return empty_figure("Segment map", "no segments at this moment")
     d = layout.copy()
@@ -73,8 +83,13 @@ def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
                 orientation="h",
                 name=str(key),
                 marker_color=STATE_COLORS.get(str(key)),
-                customdata=np.stack([g["block_addr"].to_numpy(), g["size_bytes"].to_numpy()], axis=1),
-                hovertemplate="0x%{customdata[0]:x}: %{customdata[1]:,} B",
+                customdata=np.stack(
+                    [g["block_addr"].to_numpy(), g["size_bytes"].to_numpy()] + [_shown(g, c) for c in OWNER],
+                    axis=1,
+                ),
+                hovertemplate="%{customdata[1]:,} B at 0x%{customdata[0]:x}<br>"
+                + "<br>".join(f"{c}: %{{customdata[{i + 2}]}}" for i, c in enumerate(OWNER))
+                + "<extra></extra>",
             )
         )
     fig.update_layout(barmode="overlay", height=max(300, 22 * len(seg_ids)))

@@ -28,7 +28,10 @@ ui.show_table(frag)
 p = analysis.peak(trace, lt)
 moment = st.slider("Segment map after event", 0, len(trace.events) - 1, max(p.event_index, 0), key="frag_moment")
 color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
-st.plotly_chart(figures.segment_map(analysis.segment_map_at(trace, moment, lt), color_by))
+blocks = ui.data.blocks_with_owners(
+    analysis.segment_map_at(trace, moment, lt), analysis.live_at(trace, moment, lt), trace.stacks, trace.frames
+)
+st.plotly_chart(figures.segment_map(blocks, color_by))
 
 st.subheader("Allocator settings")
 st.json(

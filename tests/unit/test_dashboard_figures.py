@@ -140,6 +140,19 @@ def test_fragmentation_and_segment_map(loaded):
     drawn = sum(int(sum(t.customdata[:, 1])) for t in seg.data)
     assert drawn == analysis.fragmentation_at_peak(trace, lt)["reserved_bytes"]
     assert "inactive" in {t.name for t in seg.data}
+    # A block's hover says what made it: the owners of the live blocks at that moment.
+    from dashboard import data
+
+    live = analysis.live_at(trace, p.event_index, lt)
+    owned = figures.segment_map(data.blocks_with_owners(layout, live, trace.stacks, trace.frames), "state")
+    allocated = next(t for t in owned.data if t.name == "active_allocated")
+    rows = {int(r[0]): r for r in allocated.customdata}
+    for block in live.dropna(subset=["addr"]).itertuples():
+        row = rows.get(int(block.addr))
+        if row is not None:
+            assert row[3] == (block.module if isinstance(block.module, str) else "")
+    assert "module: %{customdata[3]}" in allocated.hovertemplate
+    assert any(str(r[5]).startswith("model.py:") for r in allocated.customdata)
 
 
 def test_kv_growth_and_waste():
