@@ -8,8 +8,6 @@ reads the same in both. A page shows its headline first and the evidence below i
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from profiler.analysis.compare import memory_saved_pct, world_size_of
@@ -207,36 +205,49 @@ SPEED_SIGN = (
 
 def compare(view: pd.DataFrame, summaries: list[dict], baseline: int, tolerance: float) -> str:
     """The option that saves the most reserved memory (what runs out), with its allocated saving, its
-    speed change and the loss check. view: compare.ablation_view of `summaries` against `baseline`."""
+    speed change and the loss check; where none reserves less, the one that allocates least and what
+    it reserves. Runs whose loss moves by more than `tolerance` are no options.
+    view: compare.ablation_view of `summaries` against `baseline`."""
     base = summaries[baseline]
-    best, best_key = None, -math.inf
+    options = []  # (index, reserved saved %, allocated saved %)
     for i, s in enumerate(summaries):
-        if i == baseline:
-            continue
         loss = view["loss_delta"].iloc[i] if "loss_delta" in view else None
-        if loss is not None and not pd.isna(loss) and abs(loss) > tolerance:
-            continue  # an option that changes the result is no option
+        if i == baseline or (loss is not None and not pd.isna(loss) and abs(loss) > tolerance):
+            continue
         reserved = memory_saved_pct(base.get("peak_reserved_bytes"), s.get("peak_reserved_bytes"))
         allocated = memory_saved_pct(base.get("peak_allocated_bytes"), s.get("peak_allocated_bytes"))
-        key = reserved if reserved is not None else allocated
-        if key is not None and key > best_key:
-            best, best_key = i, key
+        options.append((i, reserved, allocated))
     base_name = view["name"].iloc[baseline]
-    if best is None or best_key <= 0:
-        return f"No run saves memory against {base_name} while keeping its loss."
-    s = summaries[best]
-    text = f"Best option: {view['name'].iloc[best]} saves " + _saving(base, s, "peak_allocated_bytes", "allocated")
-    if s.get("peak_reserved_bytes") is not None and base.get("peak_reserved_bytes") is not None:
+    by_reserved = [o for o in options if o[1] is not None and o[1] > 0]
+    by_allocated = [o for o in options if o[2] is not None and o[2] > 0]
+    if by_reserved:
+        best = max(by_reserved, key=lambda o: o[1])[0]
+        s = summaries[best]
+        text = f"Best option: {view['name'].iloc[best]} saves " + _saving(base, s, "peak_allocated_bytes", "allocated")
         text += " and " + _saving(base, s, "peak_reserved_bytes", "reserved")
+    elif by_allocated:
+        best = max(by_allocated, key=lambda o: o[2])[0]
+        s = summaries[best]
+        text = f"Best option: {view['name'].iloc[best]} saves " + _saving(base, s, "peak_allocated_bytes", "allocated")
+        if s.get("peak_reserved_bytes") is not None and base.get("peak_reserved_bytes") is not None:
+            more = s["peak_reserved_bytes"] - base["peak_reserved_bytes"]
+            text += f" but reserves {human_bytes(more)} more" if more > 0 else " and reserves as much"
+    else:
+        return f"No run here needs less memory than {base_name}" + (
+            f" with its loss within {tolerance:g}." if len(options) < len(summaries) - 1 else "."
+        )
+    return text + _speed_and_loss(view, best, tolerance) + f", against {base_name}."
+
+
+def _speed_and_loss(view: pd.DataFrame, best: int, tolerance: float) -> str:
+    text = ""
     speed = view["speed_change_pct"].iloc[best]
     if speed is not None and not pd.isna(speed):
         text += f", at {speed:+.1f}% speed ({'faster' if speed > 0 else 'slower' if speed < 0 else 'the same'})"
     loss = view["loss_delta"].iloc[best] if "loss_delta" in view else None
     if loss is not None and not pd.isna(loss):
-        text += f"; its loss is within {tolerance:g} of the baseline's ({loss:+.4f})"
-    else:
-        text += "; no loss was recorded to check"
-    return text + f", against {base_name}."
+        return text + f"; its loss is within {tolerance:g} of the baseline's ({loss:+.4f})"
+    return text + "; no loss was recorded to check"
 
 
 def _saving(base: dict, run: dict, key: str, word: str) -> str:

@@ -9,6 +9,13 @@ import plotly.graph_objects as go
 from dashboard.figures.base import TIME_AXES, byte_unit, empty_figure, in_unit, integer_ticks, mark_unit, with_layout
 
 SERIES = (("allocated_bytes", "allocated"), ("active_bytes", "active"), ("reserved_bytes", "reserved"))
+# Drawn last and widest: allocated is the line the peak is on, and active often covers it.
+LINE_STYLE = {
+    "allocated_bytes": dict(width=2.5),
+    "active_bytes": dict(width=1.5, dash="dot"),
+    "reserved_bytes": dict(width=1.5),
+}
+NOTHING = {"module": "(in no module)", "stack_id": "(no stack)", "category": "(no category)"}
 MAX_SPANS = 200  # phase rectangles beyond this make a figure slow to draw and unreadable
 PHASE_FILLS = {
     "forward": "rgba(31,119,180,0.07)",
@@ -64,10 +71,11 @@ def _series_traces(tl: pd.DataFrame, x, unit) -> list[go.Scattergl]:
             y=in_unit(tl[col], unit[1]),
             mode="lines",
             name=name,
+            line=LINE_STYLE[col],
             customdata=np.stack([tl[col].astype("float").to_numpy(), index], axis=1),
             hovertemplate=f"%{{y:.3f}} {unit[0]} (%{{customdata[0]:,.0f}} B) at event %{{customdata[1]:,}}",
         )
-        for col, name in SERIES
+        for col, name in reversed(SERIES)
         if col in tl and tl[col].notna().any()
     ]
 
@@ -146,7 +154,7 @@ def breakdown_bar(
         return empty_figure(title)
     d = df.head(top).iloc[::-1]
     unit = byte_unit(d["total_bytes"])
-    labels = [str(v) if v is not None else "(none)" for v in d[by]]
+    labels = [str(v) if v is not None else NOTHING.get(by, "(none)") for v in d[by]]
     fig = go.Figure(
         go.Bar(
             x=in_unit(d["total_bytes"], unit[1]),

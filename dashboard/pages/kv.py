@@ -45,4 +45,4 @@ token_bytes = st.number_input(
 )
 st.plotly_chart(figures.kv_growth(kvs, token_bytes))
 st.plotly_chart(figures.kv_waste(waste))
-ui.show_table(waste)
+ui.show_table(waste, hide=())  # its run column is the run's name

@@ -140,3 +140,17 @@ def test_peak_only_module_table_has_the_full_tables_peak_contributions(story):
     assert quick.index.tolist() == full.index.tolist()
     assert (quick["peak_contribution_bytes"] == full["peak_contribution_bytes"]).all()
     assert (quick["param_bytes"] == full["param_bytes"]).all() and (quick["forward_alloc_bytes"] == 0).all()
+
+
+def test_compare_without_a_reserved_saving_names_the_allocated_one_and_what_it_reserves():
+    runs = sorted((TRACES / "h100-ablation-kv").glob("ablate-kv-*"))
+    base, int8 = (next(r for r in runs if r.name.startswith(p)) for p in ("ablate-kv-baseline", "ablate-kv-kv-int8"))
+    summaries = [load_summary(base), load_summary(int8)]
+    assert summaries[1]["peak_reserved_bytes"] > summaries[0]["peak_reserved_bytes"]  # the case under test
+    view = ablation_view(summaries, 0, pd.DataFrame({"run": [], "loss": []}), [base, int8])
+    text = headlines.compare(view, summaries, 0, 0.01)
+    more = summaries[1]["peak_reserved_bytes"] - summaries[0]["peak_reserved_bytes"]
+    assert (
+        text.startswith(f"Best option: {view['name'].iloc[1]} saves") and f"reserves {human_bytes(more)} more" in text
+    )
+    assert "no loss was recorded" in text
