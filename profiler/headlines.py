@@ -158,6 +158,8 @@ def ranks(skew: dict, world_size: int) -> str:
     """The largest rank's peak against the median rank's (ranks.rank_skew)."""
     if skew.get("max_rank") is None:
         return f"No rank of the {world_size} could be read."
+    if skew["max_bytes"] == skew["min_bytes"]:
+        return f"All {skew.get('ranks') or world_size} ranks peak at {human_bytes(skew['max_bytes'])}: no skew."
     text = (
         f"Rank {skew['max_rank']} peaks highest at {human_bytes(skew['max_bytes'])}, "
         f"rank {skew['min_rank']} lowest at {human_bytes(skew['min_bytes'])}"

@@ -54,7 +54,10 @@ def words(column: str) -> str:
 def show_table(table: pd.DataFrame, hide=HIDDEN_COLUMNS, **kwargs) -> None:
     """st.dataframe as a person reads it: headers in words, columns with no value dropped, bytes in
     the binary unit that suits each column (the exact bytes are in `vramscope report` and on the
-    charts' hover), microseconds as milliseconds, shares and percentages with one decimal."""
+    charts' hover), microseconds as milliseconds, shares and percentages with one decimal, and
+    no epoch timestamps."""
+    # Timestamps are epoch microseconds: the charts' time axes place a row in time, not these.
+    hide = tuple(hide) + tuple(c for c in table.columns if c.startswith("ts_us"))
     d = table.drop(columns=[c for c in hide if c in table]).dropna(axis=1, how="all")
     d = d.loc[:, [not (d[c].astype(str).isin(["None", "nan", "<NA>", "NaT", ""]).all()) for c in d.columns]]
     config, out = {}, {}

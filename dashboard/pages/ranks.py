@@ -9,7 +9,7 @@ from profiler import headlines
 from profiler.analysis import ranks
 from profiler.analysis.categories import category_names
 from profiler.trace import layout
-from profiler.units import exact_bytes
+from profiler.units import exact_bytes, human_bytes
 
 MAX_WARNINGS = 20  # failed ranks listed one by one; the table holds them all
 
@@ -45,9 +45,14 @@ ui.headline(headlines.ranks(skew, len(table)))
 top, bottom = st.columns(3), st.columns(3)
 top[0].metric("World size", f"{len(table)}", help=f"{skew['ranks']} with a readable peak")
 if skew["max_rank"] is not None:
-    top[1].metric(f"Per-GPU peak (rank {skew['max_rank']})", exact_bytes(skew["max_bytes"]))
-    top[2].metric(f"Smallest peak (rank {skew['min_rank']})", exact_bytes(skew["min_bytes"]))
-    bottom[0].metric("Median peak", exact_bytes(round(skew["median_bytes"])))
+    top[1].metric(
+        f"Per-GPU peak (rank {skew['max_rank']})", human_bytes(skew["max_bytes"]), help=exact_bytes(skew["max_bytes"])
+    )
+    top[2].metric(
+        f"Smallest peak (rank {skew['min_rank']})", human_bytes(skew["min_bytes"]), help=exact_bytes(skew["min_bytes"])
+    )
+    median = round(skew["median_bytes"])
+    bottom[0].metric("Median peak", human_bytes(median), help=exact_bytes(median))
     bottom[1].metric(
         "Max / min",
         "-" if skew["max_min_ratio"] is None else f"{skew['max_min_ratio']:.4f}",

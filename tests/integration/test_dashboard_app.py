@@ -245,7 +245,8 @@ def test_ranks_page_shows_every_rank(tmp_path, monkeypatch):
     assert len(at.get("plotly_chart")) == 3  # peaks, timelines, categories
     assert at.dataframe[0].value["rank"].tolist() == [0, 1]
     shown = {m.label: m.value for m in at.metric}
-    assert shown["Per-GPU peak (rank 1)"] == exact_bytes(7500) and shown["Smallest peak (rank 0)"] == exact_bytes(3500)
+    assert shown["Per-GPU peak (rank 1)"] == human_bytes(7500) and shown["Smallest peak (rank 0)"] == human_bytes(3500)
+    assert {m.label: m.help for m in at.metric}["Per-GPU peak (rank 1)"] == exact_bytes(7500)
     assert shown["Max against median"] == f"{(7500 - 5500) / 5500 * 100:+.2f}%"
     assert at.multiselect[0].value == [0, 1] and not at.warning
     at = page("ranks", tmp_path, monkeypatch, current_job=str(three))

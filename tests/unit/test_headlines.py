@@ -154,3 +154,5 @@ def test_compare_without_a_reserved_saving_names_the_allocated_one_and_what_it_r
         text.startswith(f"Best option: {view['name'].iloc[1]} saves") and f"reserves {human_bytes(more)} more" in text
     )
     assert "no loss was recorded" in text
+    even = {"max_rank": 0, "min_rank": 1, "max_bytes": 4096, "min_bytes": 4096, "skew_pct": 0.0, "ranks": 2}
+    assert headlines.ranks(even, 2) == "All 2 ranks peak at 4.00 KiB: no skew."
