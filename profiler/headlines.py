@@ -223,12 +223,12 @@ def compare(view: pd.DataFrame, summaries: list[dict], baseline: int, tolerance:
     by_reserved = [o for o in options if o[1] is not None and o[1] > 0]
     by_allocated = [o for o in options if o[2] is not None and o[2] > 0]
     if by_reserved:
-        best = max(by_reserved, key=lambda o: o[1])[0]
+        best = max(by_reserved, key=lambda o: o[1] or 0.0)[0]
         s = summaries[best]
         text = f"Best option: {view['name'].iloc[best]} saves " + _saving(base, s, "peak_allocated_bytes", "allocated")
         text += " and " + _saving(base, s, "peak_reserved_bytes", "reserved")
     elif by_allocated:
-        best = max(by_allocated, key=lambda o: o[2])[0]
+        best = max(by_allocated, key=lambda o: o[2] or 0.0)[0]
         s = summaries[best]
         text = f"Best option: {view['name'].iloc[best]} saves " + _saving(base, s, "peak_allocated_bytes", "allocated")
         if s.get("peak_reserved_bytes") is not None and base.get("peak_reserved_bytes") is not None:

@@ -4,7 +4,6 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
-from dashboard.text import literal
 from profiler import estimate as est
 from profiler import headlines
 
