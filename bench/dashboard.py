@@ -9,14 +9,25 @@ The synthetic trace is bench/analysis.py's (built in memory: reading the
 Parquet files is not timed).
 
 - Overview: pairing the lifetimes and the run summary (what data.trace_of and
-  data.summary_of compute on a miss), the peak, the memory timeline with steps
-  and phases, what is alive at the peak by module, the per-step allocator
-  counters, and the three Plotly figures.
-- Layers: the module table, its roll-up, the bar and the treemap.
+  data.summary_of compute on a miss), the peak story (data.peak_story: categories,
+  module parts and allocation sites at the peak) and its headline, the memory
+  timeline with steps, phases and counters (data.timeline_parts), what is alive at
+  the peak by module, and the three Plotly figures.
+- Overview rerun: a widget change (the slider, a click on the timeline, the time
+  axis) with the run's caches warm: what is alive at the new moment, the x axis
+  in seconds, and the figures again.
+- Layers: the module table, its parts (roll-up, the root's own bytes, the bytes in
+  no module), the bar and the treemap.
 - Compare: 8 runs through their summary.json (summary_cache.load_summary, what
   data.stored_summary caches), the ablation losses beside them, data.ablation_view
   and the "differences only" columns.
-Budgets on a 2-core machine: 2 s, 2 s and 3 s.
+Budgets on a 2-core machine: 2 s, 1 s, 2 s and 3 s.
+
+    python bench/dashboard.py --page-run traces/h100-ablation-kv/ablate-kv-vary-kv-concat-...
+
+also runs the Overview page itself (Streamlit's AppTest, no browser) on a run on disk: its
+first visit on a warm server (imports paid, caches empty), then reruns after widget changes
+(the moment, the time axis), with the same budgets.
 """
 
 from __future__ import annotations
@@ -56,7 +67,14 @@ def _trace_with_kv(Trace):
 
 _bench.Trace = _trace_with_kv(_bench.Trace)
 
-BUDGETS = {"Overview": 2.0, "Layers": 2.0, "Compare": 3.0}
+BUDGETS = {
+    "Overview": 2.0,
+    "Overview rerun": 1.0,
+    "Layers": 2.0,
+    "Compare": 3.0,
+    "Overview page": 2.0,
+    "Overview page rerun": 1.0,
+}
 
 
 def _quiet_streamlit() -> None:
@@ -72,43 +90,58 @@ def _quiet_streamlit() -> None:
 
 
 def overview(trace) -> dict:
-    from dashboard import data, figures
-    from profiler import analysis
+    from dashboard import data
+    from profiler import analysis, headlines
 
     t = {}
     t0 = time.perf_counter()
     lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
     s = analysis.run_summary(trace, lt)  # data.summary_of, on a miss
-    p = analysis.peak(trace, lt)
-    tl = analysis.memory_timeline(trace, lt, max_points=data.MAX_POINTS)
-    steps, phases = analysis.step_spans(trace, lt), analysis.phase_spans(trace)
-    moment = max(p.event_index, 0)
-    by_module = analysis.breakdown(analysis.live_at(trace, moment, lt), "module")
-    counters = analysis.allocator_counters(trace)
+    story = data.peak_story(trace, lt)  # data.peak_story_of, on a miss
+    p = story["peak"]
+    headlines.overview(p, story["categories"], story["parts"], story["sites"])
+    drawn = data.timeline_parts(trace, lt)  # data.timeline_parts_of, on a miss
     t["data"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    figures.memory_timeline(tl, p, steps, phases, moment)
-    figures.breakdown_bar(by_module, "module", "alive at the peak")
-    if not counters.empty:
-        figures.allocator_counters(counters)
-    t["figures"] = time.perf_counter() - t0
+    rerun = overview_rerun(trace, lt, story, drawn, max(p.event_index, 0))
+    t["figures"] = rerun["figures"]
+    t["data"] += rerun["data"]
     assert s["peak_allocated_bytes"] == p.allocated_bytes
     return t
 
 
-def layers(trace) -> dict:
-    from dashboard import figures
+def overview_rerun(trace, lt, story: dict, drawn: dict, moment: int) -> dict:
+    """What the Overview computes again on a widget change, its caches warm."""
+    from dashboard import data, figures
     from profiler import analysis
 
     t = {}
     t0 = time.perf_counter()
-    lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
-    table = analysis.module_table(trace, lt=lt)
-    rolled = analysis.rollup(table)
+    x_of = data.event_axis(trace, story["spans"], "seconds")
+    by_module = analysis.breakdown(analysis.live_at(trace, moment, lt), "module")
     t["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    figures.module_bar(table, "peak_contribution_bytes")
-    figures.module_tree(rolled, "peak_contribution_bytes", "treemap")
+    figures.memory_timeline(drawn["timeline"], story["peak"], story["spans"], drawn["phases"], moment, x_of, "seconds")
+    figures.breakdown_bar(by_module, "module", "alive at the moment")
+    if not drawn["counters"].empty:
+        figures.allocator_counters(drawn["counters"])
+    t["figures"] = time.perf_counter() - t0
+    return t
+
+
+def layers(trace) -> dict:
+    from dashboard import data, figures
+    from profiler import analysis
+    from profiler.analysis.modules import no_module_at_peak
+
+    t = {}
+    t0 = time.perf_counter()
+    lt = analysis.lifetimes(trace)  # data.trace_of, on a miss
+    table = analysis.module_table(trace, lt=lt)  # data.module_table_of, on a miss
+    parts = data.parts_of(table, "peak_contribution_bytes", no_module_at_peak(trace, lt))
+    t["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    figures.module_bar(parts, "peak_contribution_bytes")
+    figures.module_tree(parts, "peak_contribution_bytes", "treemap")
     t["figures"] = time.perf_counter() - t0
     return t
 
@@ -128,6 +161,41 @@ def compare(root: Path, runs: list[Path]) -> dict:
     return {"data": time.perf_counter() - t0, "figures": 0.0}
 
 
+def page_visits(run: Path, repeat: int) -> dict[str, list[dict]]:
+    """Seconds of the Overview page's script on `run`: a first visit with the caches empty (after one
+    visit that pays the imports), and reruns after moving the moment and switching the time axis."""
+    import os
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["VRAMSCOPE_TRACES"] = str(run.parent)
+
+    def visit() -> tuple[AppTest, float]:
+        at = AppTest.from_file(str(REPO / "dashboard" / "pages" / "overview.py"), default_timeout=120)
+        at.session_state["current_run"] = str(run)
+        t0 = time.perf_counter()
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at, time.perf_counter() - t0
+
+    visit()  # the imports, once per server process
+    visits, reruns = [], []
+    for k in range(repeat):
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at, seconds = visit()
+        visits.append({"data": seconds, "figures": 0.0})
+        moment = at.slider(key="overview_moment").max * (k + 1) // (repeat + 1)
+        for widget in (at.slider(key="overview_moment").set_value(moment), at.radio(key="overview_axis")):
+            if widget is not None and widget.key == "overview_axis":
+                widget.set_value("steps")
+            t0 = time.perf_counter()
+            at.run()
+            reruns.append({"data": time.perf_counter() - t0, "figures": 0.0})
+    return {"Overview page": visits, "Overview page rerun": reruns}
+
+
 def _load_summary_accepts_load() -> bool:
     import inspect
 
@@ -136,10 +204,10 @@ def _load_summary_accepts_load() -> bool:
     return "load" in inspect.signature(load_summary).parameters
 
 
-def layers_table_tiny():
+def layers_parts_tiny():
     import pandas as pd
 
-    return pd.DataFrame({"module": ["m"], "class_name": ["M"], "depth": [0], "param_bytes": [1]})
+    return pd.DataFrame({"id": ["m"], "parent": [""], "label": ["m"], "bytes": [1], "kind": ["module"]})
 
 
 def main(argv=None) -> int:
@@ -147,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--page-run", type=Path, help="also time the Overview page itself on this run")
     args = parser.parse_args(argv)
     _quiet_streamlit()
 
@@ -163,13 +232,19 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     from dashboard import figures
 
-    figures.module_bar(layers_table_tiny(), "param_bytes")
+    figures.module_bar(layers_parts_tiny(), "param_bytes")
     print(f"server warm-up (plotly's first figure, not counted below): {time.perf_counter() - t:.2f} s")
 
+    from dashboard import data
+    from profiler import analysis
     from profiler.analysis import run_summary
 
+    lt = analysis.lifetimes(trace)
+    story, drawn = data.peak_story(trace, lt), data.timeline_parts(trace, lt)
+    moments = [len(trace.events) * k // (args.repeat + 1) for k in range(1, args.repeat + 1)]
     results = {
         "Overview": [overview(trace) for _ in range(args.repeat)],
+        "Overview rerun": [overview_rerun(trace, lt, story, drawn, m) for m in moments],
         "Layers": [layers(trace) for _ in range(args.repeat)],
     }
     summary = run_summary(trace)
@@ -179,6 +254,8 @@ def main(argv=None) -> int:
         if not _load_summary_accepts_load():
             raise SystemExit("profiler.trace.summary_cache.load_summary takes no load=: update the bench")
         results["Compare"] = [compare(root, runs) for _ in range(args.repeat)]
+    if args.page_run is not None:
+        results.update(page_visits(args.page_run, args.repeat))
 
     print(
         f"\n{'page':<24}{'data s':>8}{'figures s':>11}{'first s':>9}{'median s':>10}{'max s':>8}"
@@ -191,6 +268,7 @@ def main(argv=None) -> int:
         ok = max(totals) <= budget
         failed |= not ok
         label = page if page != "Compare" else f"Compare ({args.runs} runs)"
+        label = label.replace("Overview page", "page: Overview")
         print(
             f"{label:<24}{statistics.median(r['data'] for r in rounds):>8.3f}"
             f"{statistics.median(r['figures'] for r in rounds):>11.3f}{totals[0]:>9.3f}"

@@ -290,8 +290,14 @@ class Browser:
         """Open url and wait until Streamlit has finished the page; returns its state:
         {"ids": {data-testid: count}, "html": outerHTML, "ready": bool, "seconds": float}.
         extra_done: more data-testid markers that count as a finished page."""
-        t0 = time.monotonic()
         self.call("Page.navigate", url=url)
+        return self.wait_done(timeout, settle, extra_done)
+
+    def wait_done(self, timeout: float = 60, settle: float = 1.5, extra_done: tuple = ()) -> dict:
+        """Wait until Streamlit has finished its run (after a navigation or a widget change): no
+        running status, a chart, table, exception or `extra_done` marker there, and the DOM unchanged
+        for `settle` seconds. Returns the page's state, as load() does."""
+        t0 = time.monotonic()
         deadline = t0 + timeout
         stable_since, last, state = None, None, {"ids": {}}
         while time.monotonic() < deadline:
@@ -322,6 +328,29 @@ class Browser:
         state["html"] = self.evaluate("document.documentElement.outerHTML") or ""
         state["seconds"] = time.monotonic() - t0
         return state
+
+    def click_at(self, selector_js: str) -> bool:
+        """A real mouse click (pressed and released) in the middle of the element the JavaScript
+        expression names: widgets that listen for mouse events, not click(), see it as a user's."""
+        box = self.evaluate(
+            f"(() => {{ const el = {selector_js}; if (!el) return null; el.scrollIntoView({{block: 'center'}});"
+            " const r = el.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        if not box:
+            return False
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        return True
+
+    def type_text(self, text: str) -> None:
+        self.call("Input.insertText", text=text)
+
+    def texts(self, selector: str) -> list[str]:
+        """innerText of every element the CSS selector matches."""
+        return (
+            self.evaluate(f"Array.from(document.querySelectorAll({json.dumps(selector)})).map(e => e.textContent)")
+            or []
+        )
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]

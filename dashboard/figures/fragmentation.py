@@ -6,21 +6,38 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard.figures.base import empty_figure, gib, with_layout
+from dashboard.figures.base import TIME_AXES, byte_unit, empty_figure, in_unit, mark_unit, with_layout
 
 STATE_COLORS = {"active_allocated": "#1f77b4", "active_pending_free": "#ff7f0e", "inactive": "#d9d9d9"}
 
 
-def fragmentation_lines(frag: pd.DataFrame) -> go.Figure:
-    """analysis.fragmentation: byte series in GiB, the ratio on a second axis."""
+FRAGMENTATION_SERIES = {
+    "reserved_minus_allocated_bytes": "reserved - allocated",
+    "inactive_split_bytes": "inactive split",
+    "largest_free_block_bytes": "largest free block",
+}
+
+
+def fragmentation_lines(frag: pd.DataFrame, x_of=None, axis: str = "events") -> go.Figure:
+    """analysis.fragmentation: byte series in a unit that suits them, the ratio on a second axis;
+    x_of maps event indices to the x drawn, as `axis` names it."""
     d = frag[frag["reserved_bytes"].notna()] if len(frag) else frag
     if d.empty:
         return empty_figure("Fragmentation", "no allocator segments (CPU backend)")
-    x = d["event_index"].astype(float).to_numpy()
+    index = d["event_index"].astype(float).to_numpy()
+    x = x_of(d["event_index"].to_numpy(dtype="int64")) if x_of is not None else index
+    unit = byte_unit(*(d[c] for c in FRAGMENTATION_SERIES))
     fig = go.Figure(
         [
-            go.Scatter(x=x, y=gib(d[c]), name=c, mode="lines+markers")
-            for c in ("reserved_minus_allocated_bytes", "inactive_split_bytes", "largest_free_block_bytes")
+            go.Scatter(
+                x=x,
+                y=in_unit(d[c], unit[1]),
+                name=name,
+                mode="lines+markers",
+                customdata=d[c].astype("float").to_numpy(),
+                hovertemplate=f"{name}: %{{customdata:,.0f}} B<extra></extra>",
+            )
+            for c, name in FRAGMENTATION_SERIES.items()
         ]
     )
     fig.add_trace(
@@ -34,12 +51,22 @@ def fragmentation_lines(frag: pd.DataFrame) -> go.Figure:
         )
     )
     fig.update_layout(yaxis2=dict(title="ratio", overlaying="y", side="right", range=[0, 1]))
-    return with_layout(fig, "Fragmentation", "event index")
+    return mark_unit(with_layout(fig, "Fragmentation", TIME_AXES[axis], unit[0]), unit)
+
+
+OWNER = ("category", "module", "phase", "site")  # shown on a block's hover, where the layout has them
+
+
+def _shown(g: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in g:
+        return np.full(len(g), "", dtype=object)
+    return g[column].astype(object).where(g[column].notna(), "").to_numpy()
 
 
 def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
     """analysis.segment_map_at: one bar per segment, its blocks stacked by address, coloured
-    by state or category."""
+    by state or category; a block's hover gives its size, address and (data.blocks_with_owners)
+    category, module, phase and allocation site."""
     if layout.empty:
         return empty_figure("Segment map", "no segments at this moment")
     d = layout.copy()
@@ -56,8 +83,13 @@ def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
                 orientation="h",
                 name=str(key),
                 marker_color=STATE_COLORS.get(str(key)),
-                customdata=np.stack([g["block_addr"].to_numpy(), g["size_bytes"].to_numpy()], axis=1),
-                hovertemplate="0x%{customdata[0]:x}: %{customdata[1]:,} B",
+                customdata=np.stack(
+                    [g["block_addr"].to_numpy(), g["size_bytes"].to_numpy()] + [_shown(g, c) for c in OWNER],
+                    axis=1,
+                ),
+                hovertemplate="%{customdata[1]:,} B at 0x%{customdata[0]:x}<br>"
+                + "<br>".join(f"{c}: %{{customdata[{i + 2}]}}" for i, c in enumerate(OWNER))
+                + "<extra></extra>",
             )
         )
     fig.update_layout(barmode="overlay", height=max(300, 22 * len(seg_ids)))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard.figures.base import GIB, empty_figure, gib, with_layout
+from dashboard.figures.base import byte_unit, empty_figure, in_unit, integer_ticks, mark_unit, with_layout
 
 
 def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
@@ -18,10 +18,11 @@ def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
         return empty_figure(title, "no rank could be read")
     peaks = d["peak_allocated_bytes"].to_numpy(dtype=np.int64)
     colors = np.where(d["is_max"].to_numpy(dtype=bool), "#d62728", "#1f77b4")
+    unit = byte_unit(peaks)
     fig = go.Figure(
         go.Bar(
             x=d["rank"].to_numpy(),
-            y=peaks / GIB,
+            y=peaks / unit[1],
             marker_color=colors,
             name="peak allocated",
             customdata=np.stack([peaks, d["skew_pct"].to_numpy(dtype=float)], axis=1),
@@ -30,7 +31,7 @@ def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
         )
     )
     if skew.get("median_bytes") is not None:
-        median = skew["median_bytes"] / GIB
+        median = skew["median_bytes"] / unit[1]
         fig.update_layout(
             shapes=[
                 dict(
@@ -60,7 +61,7 @@ def rank_peaks(table: pd.DataFrame, skew: dict) -> go.Figure:
         )
     # Ranks are names, not quantities: a category axis labels each bar and leaves no gaps.
     fig.update_xaxes(type="category")
-    return with_layout(fig, title, "rank").update_layout(hovermode="closest")
+    return mark_unit(with_layout(fig, title, "rank", unit[0]).update_layout(hovermode="closest"), unit)
 
 
 def rank_timelines(df: pd.DataFrame) -> go.Figure:
@@ -68,20 +69,22 @@ def rank_timelines(df: pd.DataFrame) -> go.Figure:
     title = "Allocated bytes per rank, aligned by step"
     if df.empty:
         return empty_figure(title)
+    unit = byte_unit(df["allocated_bytes"])
     fig = go.Figure(
         [
             go.Scattergl(
                 x=g["x"],
-                y=gib(g["allocated_bytes"]),
+                y=in_unit(g["allocated_bytes"], unit[1]),
                 mode="lines",
                 name=f"rank {rank}",
                 customdata=g["allocated_bytes"].to_numpy(dtype=float),
-                hovertemplate="%{y:.3f} GiB (%{customdata:,.0f} B)",
+                hovertemplate=f"%{{y:.3f}} {unit[0]} (%{{customdata:,.0f}} B)",
             )
             for rank, g in df.groupby("rank", sort=True)
         ]
     )
-    return with_layout(fig, title, "step")
+    integer_ticks(fig, float(df["x"].max()))
+    return mark_unit(with_layout(fig, title, "step", unit[0]), unit)
 
 
 def rank_categories(df: pd.DataFrame, categories: list[str]) -> go.Figure:
@@ -91,11 +94,12 @@ def rank_categories(df: pd.DataFrame, categories: list[str]) -> go.Figure:
     if df.empty or not cats:
         return empty_figure(title)
     ranks = df["rank"].to_numpy()
+    unit = byte_unit(df[cats].sum(axis=1))
     fig = go.Figure(
         [
             go.Bar(
                 x=ranks,
-                y=gib(df[c]),
+                y=in_unit(df[c], unit[1]),
                 name=c,
                 customdata=df[c].to_numpy(dtype=float),
                 hovertemplate=f"rank %{{x}} {c}: %{{customdata:,.0f}} B<extra></extra>",
@@ -104,4 +108,5 @@ def rank_categories(df: pd.DataFrame, categories: list[str]) -> go.Figure:
         ]
     )
     fig.update_xaxes(type="category")
-    return with_layout(fig.update_layout(barmode="stack"), title, "rank").update_layout(hovermode="closest")
+    fig = with_layout(fig.update_layout(barmode="stack"), title, "rank", unit[0]).update_layout(hovermode="closest")
+    return mark_unit(fig, unit)

@@ -16,8 +16,8 @@ def fragmentation_verdict(trace, lt) -> None:
     from profiler.report_explain import PART_LABELS, explanation_facts
 
     f = explanation_facts(explain(trace, lt), top=20)
-    st.subheader("Verdict")
-    st.markdown(f["verdict"])
+    with st.container(key="headline", border=True):  # the page's headline, as every page has one
+        st.markdown(f["verdict"])
     parts = pd.DataFrame(
         {
             "cause": [PART_LABELS[p] for p in f["parts"]],
@@ -48,7 +48,8 @@ def growth_view(trace, lt) -> None:
 
     g = leaks(trace, lt)
     f = growth_facts(g, top=20)
-    st.markdown(f["verdict"])
+    with st.container(key="headline", border=True):  # the page's headline, as every page has one
+        st.markdown(f["verdict"])
     for title, key in (("Leaks", "leaks"), ("Grew, then stopped or still filling a cache", "other_growth")):
         if f[key]:
             st.subheader(title)

@@ -1,32 +1,28 @@
-"""Layers: per-module forward/backward/retained bytes and contribution to the peak."""
+"""Layers: which module holds the peak (a module's own bytes and the bytes in no module included,
+so that the parts add up), and per-module forward/backward/retained bytes."""
 
 import streamlit as st
 
 from dashboard import figures
+from dashboard.figures.layers import COLUMN_NAMES
 from dashboard.pages import _shared as ui
-from profiler import analysis
-
-COLUMNS = [
-    "peak_contribution_bytes",
-    "retained_bytes",
-    "forward_alloc_bytes",
-    "backward_alloc_bytes",
-    "recompute_alloc_bytes",
-    "param_bytes",
-]
+from profiler import headlines
 
 st.title("Layers")
 run = ui.pick_run(ui.runs())
 loaded = ui.load(run) if run else None
 if loaded is None:
     st.stop()
-trace, lt = loaded
-table = analysis.module_table(trace, lt=lt)
+story = ui.data.peak_story_of(run)
+table = ui.data.module_table_of(run)
 if table.empty:
     st.info("This run recorded no modules.")
     st.stop()
-column = st.selectbox("Size by", COLUMNS)
+ui.headline(headlines.layers(story["parts"], story["peak"].allocated_bytes))
+column = st.selectbox("Size by", list(COLUMN_NAMES), format_func=COLUMN_NAMES.__getitem__)
 kind = st.radio("Hierarchy as", ["treemap", "icicle"], horizontal=True)
-st.plotly_chart(figures.module_bar(table, column))
-st.plotly_chart(figures.module_tree(analysis.rollup(table), column, kind))
-st.dataframe(table, hide_index=True)
+# Only the bytes at the peak have a whole to add up to: the other columns sum over the run.
+parts = story["parts"] if column == "peak_contribution_bytes" else ui.data.parts_of(table, column)
+st.plotly_chart(figures.module_bar(parts, column))
+st.plotly_chart(figures.module_tree(parts, column, kind))
+ui.show_table(table)

@@ -6,8 +6,9 @@ from dashboard import figures
 from dashboard.pages import _shared as ui
 from dashboard.text import literal
 from profiler import analysis
+from profiler.headlines import where_peak
 from profiler.trace.meta import RUNNING, RUNNING_ELSEWHERE
-from profiler.units import exact_bytes
+from profiler.units import exact_bytes, human_bytes
 
 st.title("Live")
 table = ui.runs()
@@ -28,6 +29,10 @@ def _live(run: str) -> None:
     if trace.status != "running":
         st.success(f"The run finished with status {literal(trace.status)}.")
     p = analysis.peak(trace, lt)
+    ui.headline(
+        f"{'Capturing' if trace.status == 'running' else 'Finished'}: {len(trace.events):,} events in "
+        f"{len(trace.steps):,} steps so far; the peak so far is {human_bytes(p.allocated_bytes)} {where_peak(p)}."
+    )
     cols = st.columns(3)
     cols[0].metric("Events so far", f"{len(trace.events):,}")
     cols[1].metric("Steps so far", f"{len(trace.steps):,}")

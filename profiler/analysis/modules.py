@@ -71,8 +71,11 @@ def _allocations(trace, lt: Lifetimes, step: int | None) -> dict[str, pd.Series]
     return out
 
 
-def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) -> pd.DataFrame:
+def module_table(trace, step: int | None = None, lt: Lifetimes | None = None, peak_only: bool = False) -> pd.DataFrame:
     """One row per module (from the modules table and from events), sorted by peak contribution.
+
+    peak_only: leave the sums over the run (forward, backward, recompute, retained) at 0 and
+    compute only the peak's contributions, a fraction of the cost on a long run.
 
     forward/backward/recompute_alloc_bytes: bytes allocated while the module ran in that phase.
     retained_bytes: forward allocations not yet freed (no free requested) when their forward
@@ -80,7 +83,7 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     peak_contribution_bytes: bytes allocated at the peak (live_at's allocated set) that the module allocated.
     """
     lt = lt or lifetimes(trace)
-    sums = _allocations(trace, lt, step)
+    sums = {} if peak_only else _allocations(trace, lt, step)
     live = alive_at_peak(trace, lt)
     live = live[live["module"].notna()]
     sums["peak_contribution_bytes"] = live.groupby("module")["size_bytes"].sum().astype(np.int64)
@@ -101,7 +104,7 @@ def module_table(trace, step: int | None = None, lt: Lifetimes | None = None) ->
     _place_unknown(table)
     for column in SUMMED:
         src = sums.get(column)
-        values = table["module"].map(src) if src is not None else table.get(column)
+        values = table["module"].map(src) if src is not None else table.get(column, pd.Series(0, index=table.index))
         table[column] = pd.Series(values).fillna(0).astype(np.int64).to_numpy()
     table["depth"] = table["depth"].astype(np.int64)
     table = table[list(TABLE_COLUMNS)]
@@ -173,3 +176,45 @@ def rollup(table: pd.DataFrame) -> pd.DataFrame:
     for c in columns:
         out[f"subtree_{c}"] = totals[c]
     return out
+
+
+PARTS_COLUMNS = ["id", "parent", "label", "bytes", "kind"]
+NO_MODULE = "(in no module)"
+
+
+def module_parts(rolled: pd.DataFrame, column: str, remainder: dict | None = None) -> pd.DataFrame:
+    """id, parent, label, bytes, kind: rollup(table)'s `column` as a tree whose leaves add up.
+
+    A module with children that holds bytes of its own gets a leaf for them (kind "itself",
+    labelled "<Class>.forward itself": what its own forward computed, as a root's logits and
+    loss), since a treemap would otherwise show them as an unlabelled gap; `remainder`
+    (name -> bytes, e.g. the peak's bytes in no module, by category) adds NO_MODULE's leaves,
+    so that with it the roots sum to the whole. kind: "module", "itself" or "remainder"."""
+    value = f"subtree_{column}"
+    d = rolled[rolled[value] > 0]
+    known = set(d["module"])
+    rows = []
+    has_children = {p for p in d["parent"] if isinstance(p, str) and p in known}
+    for m, parent, cls, own, total in zip(d["module"], d["parent"], d["class_name"], d[column], d[value]):
+        node = m or "(root)"
+        up = ("(root)" if parent == "" else parent) if isinstance(parent, str) and parent in known else ""
+        rows.append([node, "" if up == node else up, node.rsplit(".", 1)[-1] or node, int(total), "module"])
+        if node in has_children or (m in has_children):
+            if own > 0:
+                rows.append([f"{node} itself", node, f"{cls or node}.forward itself", int(own), "itself"])
+    rest = {k: int(v) for k, v in (remainder or {}).items() if v}
+    if rest:
+        rows.append([NO_MODULE, "", NO_MODULE, sum(rest.values()), "remainder"])
+        rows += [[f"{NO_MODULE}/{k}", NO_MODULE, str(k), v, "remainder"] for k, v in rest.items()]
+    return pd.DataFrame(rows, columns=PARTS_COLUMNS)
+
+
+def no_module_at_peak(trace, lt: Lifetimes | None = None) -> dict[str, int]:
+    """category -> bytes alive at the peak that no module's forward or backward allocated
+    (the optimizer's state, gradients made outside hooks, what the script allocated itself)."""
+    live = alive_at_peak(trace, lt)
+    rest = live[live["module"].isna()]
+    if rest.empty:
+        return {}
+    by = rest.assign(category=rest["category"].astype(object).fillna("unknown")).groupby("category")["size_bytes"]
+    return {str(k): int(v) for k, v in by.sum().sort_values(ascending=False).items()}

@@ -66,6 +66,9 @@ def streamlit_command(traces: Path, port: int, host: str) -> tuple[list[str], di
         "false",
         "--global.developmentMode",
         "false",
+        # A reader's dashboard: no Deploy button or developer menu.
+        "--client.toolbarMode",
+        "viewer",
     ]
     env = dict(os.environ)
     env[ENV_TRACES] = str(traces)

@@ -22,9 +22,10 @@ pytest.importorskip("streamlit")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from dashboard import data  # noqa: E402
 from profiler.report import build_report  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
-from profiler.units import exact_bytes  # noqa: E402
+from profiler.units import exact_bytes, human_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = REPO / "dashboard" / "pages"
@@ -41,7 +42,7 @@ EXPECTED_CHARTS = {
     "fragmentation": 2,
     "kv": 2,
     "compare": 3,
-    "stacks": 1,
+    "stacks": 2,
 }
 
 
@@ -73,6 +74,11 @@ def _as_read(markdown: str) -> str:
     return re.sub(r"\\(.)", r"\1", markdown)
 
 
+def _said(at: AppTest) -> list[str]:
+    """The page's Markdown as it reads: trace-derived text is shown backslash-escaped (dashboard.text)."""
+    return [re.sub(r"\\(.)", r"\1", m.value) for m in at.markdown]
+
+
 def _ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -89,14 +95,18 @@ def test_page_renders(name, traces, monkeypatch):
 def test_runs_page_lists_every_run(traces, monkeypatch):
     at = page("runs", traces, monkeypatch)
     _ok(at)
-    table = at.dataframe[0].value
-    assert len(table) == 1 + 9 + 3
-    assert table["error"].isna().all()
+    shown = at.dataframe[0].value
+    assert len(shown) == 1 + 9 + 3
+    assert "error" not in shown and "run" not in shown  # no run has one; no absolute path is shown
+    table = data.runs_table(traces)
     row = table[table["name"] == GPT2].iloc[0]
     report = build_report(load_trace(traces / GPT2))
     assert row["peak_allocated_bytes"] == report["peak"]["allocated_bytes"]
     assert row["peak_reserved_bytes"] == report["peak"]["reserved_bytes"]
-    assert row["preset"] == "gpt2-small" and "precision=bf16" in row["toggles"]
+    assert row["model"] == "gpt2-small" and "precision=bf16" in row["toggles"]
+    # shown in GiB, to the digit the unit allows
+    gib = shown.loc[shown["name"] == GPT2, "peak_allocated_bytes"].iloc[0]
+    assert gib == pytest.approx(report["peak"]["allocated_bytes"] / 2**30)
 
 
 def test_app_wires_every_page(traces, monkeypatch):
@@ -121,8 +131,8 @@ def test_a_corrupt_run_is_a_row_with_its_error(tmp_path, monkeypatch):
     (worse / "meta.json").write_text("{nope")
     at = page("runs", tmp_path, monkeypatch)
     assert not at.exception
-    table = at.dataframe[0].value
-    assert len(table) == 4
+    table = data.runs_table(tmp_path)
+    assert len(table) == 4 and len(at.dataframe[0].value) == 4
     errors = table[table["error"].notna()]
     assert sorted(errors["name"]) == ["broken-run", "not-json"]
     assert all("\n" not in e for e in errors["error"])
@@ -138,11 +148,16 @@ def test_overview_peak_numbers_match_the_report(traces, monkeypatch):
     at = page("overview", traces, monkeypatch, current_run=str(run))
     _ok(at)
     report = build_report(load_trace(run))
-    shown = {m.label: m.value for m in at.metric}
-    assert shown["Peak allocated"] == exact_bytes(report["peak"]["allocated_bytes"])
-    assert shown["Active then"] == exact_bytes(report["peak"]["active_bytes"])
-    assert shown["Peak reserved"] == exact_bytes(report["peak"]["reserved_bytes"])
-    assert shown["Allocator max"] == exact_bytes(report["allocator"]["max_allocated_bytes"])
+    shown = {m.label: (m.value, m.help) for m in at.metric}
+    for label, exact in (
+        ("Peak allocated", report["peak"]["allocated_bytes"]),
+        ("Active then", report["peak"]["active_bytes"]),
+        ("Peak reserved", report["peak"]["reserved_bytes"]),
+        ("Allocator max", report["allocator"]["max_allocated_bytes"]),
+    ):
+        assert shown[label][0] == human_bytes(exact) and exact_bytes(exact) in shown[label][1], label
+    headline = [m for m in _said(at) if m.startswith("**Peak ")]
+    assert headline and f"Peak {human_bytes(report['peak']['allocated_bytes'])} allocated" in headline[0]
     assert at.slider(key="overview_moment").value == report["peak"]["event_index"]
 
 
@@ -195,10 +210,16 @@ def test_estimate_page_sets_measured_against_predicted(traces, monkeypatch):
     from profiler.estimate import measured_vs_predicted
 
     expected = measured_vs_predicted(load_trace(run))
-    peak = table[table["name"] == "peak"].iloc[0]
     want = expected[(expected["level"] == "category") & (expected["name"] == "peak")].iloc[0]
-    assert peak["measured_bytes"] == want["measured_bytes"] == load_trace(run).meta["max_allocated_bytes"]
-    assert peak["predicted_bytes"] == want["predicted_bytes"]
+    assert want["measured_bytes"] == load_trace(run).meta["max_allocated_bytes"]
+    peak = table[table["name"] == "peak"].iloc[0]  # shown in GiB
+    assert peak["measured_bytes"] == pytest.approx(want["measured_bytes"] / 2**30)
+    said = [m for m in _said(at) if "analytic model predicts" in m]
+    assert (
+        said
+        and human_bytes(int(want["predicted_bytes"])) in said[0]
+        and human_bytes(int(want["measured_bytes"])) in said[0]
+    )
 
 
 def test_estimate_page_says_when_a_run_is_not_understood(traces, monkeypatch):
@@ -229,7 +250,8 @@ def test_ranks_page_shows_every_rank(tmp_path, monkeypatch):
     assert len(at.get("plotly_chart")) == 3  # peaks, timelines, categories
     assert at.dataframe[0].value["rank"].tolist() == [0, 1]
     shown = {m.label: m.value for m in at.metric}
-    assert shown["Per-GPU peak (rank 1)"] == exact_bytes(7500) and shown["Smallest peak (rank 0)"] == exact_bytes(3500)
+    assert shown["Per-GPU peak (rank 1)"] == human_bytes(7500) and shown["Smallest peak (rank 0)"] == human_bytes(3500)
+    assert {m.label: m.help for m in at.metric}["Per-GPU peak (rank 1)"] == exact_bytes(7500)
     assert shown["Max against median"] == f"{(7500 - 5500) / 5500 * 100:+.2f}%"
     assert at.multiselect[0].value == [0, 1] and not at.warning
     at = page("ranks", tmp_path, monkeypatch, current_job=str(three))
@@ -248,7 +270,8 @@ def test_runs_page_shows_a_job_as_one_row(tmp_path, monkeypatch):
     two, three, single = _jobs(tmp_path)
     at = page("runs", tmp_path, monkeypatch)
     assert not at.exception
-    table = at.dataframe[0].value.set_index("run")
+    assert len(at.dataframe[0].value) == 3
+    table = data.runs_table(tmp_path).set_index("run")
     assert sorted(table.index) == sorted(map(str, (two, three, single)))
     assert table.loc[str(two), "world_size"] == 2 and table.loc[str(two), "peak_allocated_bytes"] == 7500
     assert table.loc[str(three), "world_size"] == 3 and table.loc[str(three), "failed_ranks"] == "2"
@@ -261,11 +284,11 @@ def test_single_run_pages_show_one_rank_of_a_job(tmp_path, monkeypatch):
     at = page("overview", tmp_path, monkeypatch, current_run=str(two / "rank=0"))
     _ok(at)
     assert at.selectbox[0].value == str(two) and at.selectbox[1].value == str(two / "rank=0")
-    assert {m.label: m.value for m in at.metric}["Peak allocated"] == exact_bytes(3500)
+    assert {m.label: m.value for m in at.metric}["Peak allocated"] == human_bytes(3500)
     at = page("overview", tmp_path, monkeypatch, current_run=str(two))  # the job: its largest rank first
     _ok(at)
     assert at.selectbox[1].value == str(two / "rank=1")
-    assert {m.label: m.value for m in at.metric}["Peak allocated"] == exact_bytes(7500)
+    assert {m.label: m.value for m in at.metric}["Peak allocated"] == human_bytes(7500)
 
 
 def test_compare_takes_runs_of_different_world_sizes(tmp_path, monkeypatch):
@@ -274,9 +297,12 @@ def test_compare_takes_runs_of_different_world_sizes(tmp_path, monkeypatch):
     _ok(at)
     table = at.dataframe[0].value
     assert table["world_size"].tolist() == [2, 3, 1]
-    assert table["peak_allocated_bytes"].tolist() == [7500, 1000 + 1500 + 500, 1000 + 500 + 500]
+    kib = [round(v * 1024) for v in table["peak_allocated_bytes"]]  # shown in KiB
+    assert kib == [7500, 1000 + 1500 + 500, 1000 + 500 + 500]
     overlay = at.get("plotly_chart")[0].proto.spec
-    assert "two (world size 2, rank 1)" in overlay and "three (world size 3, rank 1)" in overlay
+    assert "(rank 1 of 2)" in overlay and "(rank 1 of 3)" in overlay
+    said = [m for m in _said(at) if "differ in kind" in m]  # the headline: no best option
+    assert said and "world size" in said[0] and "Best option" not in said[0]
 
 
 def test_the_dashboard_imports_no_cli_and_leaves_the_import_path_alone():

@@ -133,3 +133,4 @@ def test_command_binds_localhost_headless(tmp_path):
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert env["VRAMSCOPE_TRACES"] == str(tmp_path)
+    assert cmd[cmd.index("--client.toolbarMode") + 1] == "viewer"  # no Deploy button

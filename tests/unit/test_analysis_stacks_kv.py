@@ -24,7 +24,7 @@ FRAMES = pd.DataFrame(
 )
 # frame_ids innermost first: both sites are called from main.
 STACKS = pd.DataFrame({"stack_id": [1, 2, 3], "frame_ids": [[10, 11], [12, 11], None]})
-MAIN, ATTN, MLP = "main (train.py:40)", "attn (model.py:5)", "mlp (model.py:9)"
+MAIN, ATTN, MLP = "train.py:40 main", "model.py:5 attn", "model.py:9 mlp"
 
 
 def _live(rows) -> pd.DataFrame:
@@ -132,3 +132,76 @@ def test_kv_of_a_bundled_run(run):
     assert (kv["token_state_bytes"] + kv["unused_bytes"] == kv["reserved_bytes"]).all()
     assert kv_token_bytes(kv) > 0
     assert set(kv_waste({run.name: kv})["cache"]) == set(kv["cache"])
+
+
+LIBRARY_FRAMES = pd.DataFrame(
+    {
+        "frame_id": [1, 2, 3, 4, 5],
+        "filename": [
+            "/opt/venv/lib/python3.12/site-packages/torch/nn/functional.py",
+            "/src/model.py",
+            "/opt/venv/lib/python3.12/site-packages/torch/nn/modules/module.py",
+            "/work/main/profiler/capture/modules.py",
+            "/src/train.py",
+        ],
+        "line": [3462, 168, 1775, 150, 40],
+        "function": ["cross_entropy", "forward", "_call_impl", "_pre_forward", "main"],
+    }
+)
+LIBRARY_STACKS = pd.DataFrame({"stack_id": [7, 8, 9], "frame_ids": [[1, 2, 3, 4, 5], [2, 3, 5], [3, 4]]})
+
+
+def test_sites_name_the_users_line_first_and_the_library_call_it_made():
+    from profiler.analysis.stacks import site_labels
+
+    assert site_labels(LIBRARY_STACKS, LIBRARY_FRAMES) == {
+        7: "model.py:168 forward > functional.py:3462 cross_entropy",
+        8: "model.py:168 forward",
+        9: "module.py:1775 _call_impl",  # no frame of the user's: the innermost one
+    }
+
+
+def test_site_breakdown_sums_sites_and_keeps_bytes_without_a_stack():
+    from profiler.analysis.stacks import site_breakdown
+
+    live = pd.DataFrame({"stack_id": [7, 8, 8, None], "size_bytes": [100, 30, 20, 5], "addr": [1, 2, 3, 4]})
+    out = site_breakdown(live, LIBRARY_STACKS, LIBRARY_FRAMES)
+    assert out["site"].tolist() == [
+        "model.py:168 forward > functional.py:3462 cross_entropy",
+        "model.py:168 forward",
+        NO_STACK,
+    ]
+    assert out["total_bytes"].tolist() == [100, 50, 5] and out["count"].tolist() == [1, 2, 1]
+    assert out["total_bytes"].sum() == live["size_bytes"].sum()
+
+
+def test_folded_tree_keeps_the_users_frames_and_the_allocating_call():
+    tree = stack_tree(_live([(7, 64)]), LIBRARY_STACKS, LIBRARY_FRAMES, fold=True)
+    assert tree["label"].tolist() == ["train.py:40 main", "model.py:168 forward", "functional.py:3462 cross_entropy"]
+    assert (tree["bytes"] == 64).all()
+    unfolded = stack_tree(_live([(7, 64)]), LIBRARY_STACKS, LIBRARY_FRAMES)
+    assert len(unfolded) == 5 and "modules.py:150 _pre_forward" in unfolded["label"].tolist()
+
+
+def test_wrappers_inside_the_call_are_skipped():
+    """dynamo's disable wrapper and module __call__ frames pass a call on: the site names the call."""
+    from profiler.analysis.stacks import site_labels
+
+    frames = pd.concat(
+        [
+            LIBRARY_FRAMES,
+            pd.DataFrame(
+                {
+                    "frame_id": [6],
+                    "filename": ["/opt/venv/lib/python3.12/site-packages/torch/_dynamo/eval_frame.py"],
+                    "line": [1446],
+                    "function": ["_fn"],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    stacks = pd.DataFrame({"stack_id": [1], "frame_ids": [[6, 1, 3, 2, 5]]})
+    assert site_labels(stacks, frames) == {1: "model.py:168 forward > functional.py:3462 cross_entropy"}
+    tree = stack_tree(_live([(1, 8)]), stacks, frames, fold=True)
+    assert tree["label"].tolist() == ["train.py:40 main", "model.py:168 forward", "functional.py:3462 cross_entropy"]

@@ -320,3 +320,31 @@ def test_report_through_the_cli(cpu, capsys):
     assert main(["report", str(cpu.path), "--top", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peak"]["allocated_bytes"] == 14_500
     assert main(["report", str(cpu.path), "--top", "-3"]) == 2
+
+
+@pytest.mark.parametrize("table", ["events.parquet", "frames.parquet"])
+def test_a_summary_is_not_trusted_once_its_trace_is_corrupt(cpu, table):
+    """A table overwritten with garbage after the summary was cached (the summary names a run
+    that can no longer be read): the cache is stale, and recomputing says why."""
+    from profiler.errors import TraceError
+
+    load_summary(cpu.path, load=_counting_loader([]))
+    assert read_summary(cpu.path) is not None
+    path = cpu.path / table
+    st = path.stat()
+    path.write_bytes(b"\0" * st.st_size)  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same time: only the bytes say it
+    assert read_summary(cpu.path) is None
+    if table == "events.parquet":
+        with pytest.raises(TraceError):
+            load_summary(cpu.path)
+
+
+def test_a_summary_is_not_trusted_once_a_table_is_gone_or_rewritten(cpu):
+    load_summary(cpu.path, load=_counting_loader([]))
+    _later(cpu.path / "steps.parquet")  # rewritten since
+    assert read_summary(cpu.path) is None
+    load_summary(cpu.path, load=_counting_loader([]))
+    assert read_summary(cpu.path) is not None
+    (cpu.path / "steps.parquet").unlink()
+    assert read_summary(cpu.path) is None

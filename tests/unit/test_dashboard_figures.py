@@ -46,10 +46,36 @@ def test_memory_timeline_has_series_and_the_analysis_peak(loaded):
         assert _named(fig, name).type == "scattergl"
     star = _named(fig, "peak")
     assert list(star.x) == [p.event_index]
-    assert star.customdata[0] == p.allocated_bytes
-    # Downsampling kept the peak: the drawn line reaches it exactly.
-    assert round(max(_named(fig, "allocated").y) * figures.GIB) == p.allocated_bytes
+    assert list(star.customdata[0]) == [p.allocated_bytes, p.event_index]
+    # Downsampling kept the peak: the drawn line reaches it exactly, in the figure's unit.
+    assert fig.layout.meta["byte_unit"] == "GiB" == fig.layout.yaxis.title.text
+    assert round(max(_named(fig, "allocated").y) * _unit(fig)) == p.allocated_bytes
     assert fig.layout.shapes  # step lines, phase bands and the marker
+    assert {"forward phase", "backward phase"} <= {t.name for t in fig.data}  # the bands' legend
+    assert fig.layout.xaxis.title.text == "event number"
+
+
+def _unit(fig) -> float:
+    return fig.layout.meta["bytes_per_unit"]
+
+
+def test_time_axes_and_byte_units_follow_the_data(loaded):
+    """Seconds from the events' times, steps from their spans (whole-number ticks); a small run in MiB."""
+    from dashboard import data
+
+    trace, lt = loaded
+    p = analysis.peak(trace, lt)
+    spans = analysis.step_spans(trace, lt)
+    tl = analysis.memory_timeline(trace, lt, max_points=500)
+    seconds = figures.memory_timeline(tl, p, spans, x_of=data.event_axis(trace, spans, "seconds"), axis="seconds")
+    ts = trace.events["ts_us"].to_numpy()
+    assert _named(seconds, "peak").x[0] == pytest.approx((ts[p.event_index] - ts[0]) / 1e6)
+    assert seconds.layout.xaxis.title.text == "seconds since capture began"
+    steps = figures.memory_timeline(tl, p, spans, x_of=data.event_axis(trace, spans, "steps"), axis="steps")
+    assert int(_named(steps, "peak").x[0]) == p.step and steps.layout.xaxis.dtick == 1
+    small = tl.assign(allocated_bytes=tl["allocated_bytes"] // 400, active_bytes=tl["active_bytes"] // 400)
+    fig = figures.memory_timeline(small.drop(columns=["reserved_bytes"]))
+    assert fig.layout.yaxis.title.text == "MiB" and _unit(fig) == 2**20
 
 
 def test_breakdown_at_the_peak_sums_to_the_peak(loaded):
@@ -58,22 +84,36 @@ def test_breakdown_at_the_peak_sums_to_the_peak(loaded):
     for by in ("module", "category", "stack_id"):
         fig = figures.breakdown_bar(analysis.breakdown(live, by), by, top=10_000)
         assert sum(fig.data[0].customdata[:, 0]) == analysis.peak(trace, lt).allocated_bytes
+    from profiler.analysis.stacks import site_breakdown
+
+    sites = figures.breakdown_bar(site_breakdown(live, trace.stacks, trace.frames), "site", top=10_000)
+    assert sum(sites.data[0].customdata[:, 0]) == analysis.peak(trace, lt).allocated_bytes
+    assert "model.py:168 forward > functional.py:3504 cross_entropy" in sites.data[0].y  # file:line labels
 
 
 def test_allocator_counters(loaded):
     trace, _ = loaded
     fig = figures.allocator_counters(analysis.allocator_counters(trace))
-    assert {"allocated_bytes", "reserved_bytes"} <= {t.name for t in fig.data}
+    assert {"allocated", "reserved"} <= {t.name for t in fig.data}
+    assert fig.layout.xaxis.dtick == 1  # whole steps
 
 
 def test_module_bar_and_tree(loaded):
     trace, lt = loaded
+    from profiler.analysis.modules import module_parts, no_module_at_peak
+
     table = analysis.module_table(trace, lt=lt)
-    bar = figures.module_bar(table, "peak_contribution_bytes", top=5)
-    assert max(bar.data[0].customdata) == table["peak_contribution_bytes"].max()
-    rolled = analysis.rollup(table)
+    parts = module_parts(analysis.rollup(table), "peak_contribution_bytes", no_module_at_peak(trace, lt))
+    # The roots (the model and the bytes in no module) add up to the peak; the root's own bytes are a box.
+    assert parts.loc[parts["parent"] == "", "bytes"].sum() == analysis.peak(trace, lt).allocated_bytes
+    itself = parts[(parts["kind"] == "itself") & (parts["parent"] == "GPT")]
+    assert itself["label"].tolist() == ["GPT.forward itself"]
+    assert itself["bytes"].iloc[0] == table.loc[table["module"] == "GPT", "peak_contribution_bytes"].iloc[0]
+    bar = figures.module_bar(parts, "peak_contribution_bytes", top=5)
+    assert max(bar.data[0].customdata) == itself["bytes"].iloc[0]
+    assert "GPT.forward itself" in bar.data[0].y
     for kind, cls in (("treemap", "treemap"), ("icicle", "icicle")):
-        tree = figures.module_tree(rolled, "forward_alloc_bytes", kind)
+        tree = figures.module_tree(parts, "peak_contribution_bytes", kind)
         assert tree.data[0].type == cls
         assert len(tree.data[0].ids) == len(set(tree.data[0].ids)) > 1
 
@@ -82,7 +122,7 @@ def test_categories_sum_to_allocated_and_to_the_peak(loaded):
     trace, lt = loaded
     ct = analysis.category_timeline(trace, max_points=400, lt=lt)
     fig = figures.category_area(ct, category_names())
-    stacked = sum(np.asarray(t.y) for t in fig.data) * figures.GIB
+    stacked = sum(np.asarray(t.y) for t in fig.data) * _unit(fig)
     np.testing.assert_allclose(stacked, ct["allocated_bytes"].to_numpy(), rtol=0, atol=1)
     at_peak = analysis.category_at_peak(trace, lt)
     bar = figures.category_peak_bar(at_peak)
@@ -93,13 +133,26 @@ def test_fragmentation_and_segment_map(loaded):
     trace, lt = loaded
     frag = analysis.fragmentation(trace, lt=lt)
     fig = figures.fragmentation_lines(frag)
-    assert {"fragmentation_ratio", "largest_free_block_bytes", "inactive_split_bytes"} <= {t.name for t in fig.data}
+    assert {"fragmentation_ratio", "largest free block", "inactive split"} <= {t.name for t in fig.data}
     p = analysis.peak(trace, lt)
     layout = analysis.segment_map_at(trace, p.event_index, lt)
     seg = figures.segment_map(layout, "state")
     drawn = sum(int(sum(t.customdata[:, 1])) for t in seg.data)
     assert drawn == analysis.fragmentation_at_peak(trace, lt)["reserved_bytes"]
     assert "inactive" in {t.name for t in seg.data}
+    # A block's hover says what made it: the owners of the live blocks at that moment.
+    from dashboard import data
+
+    live = analysis.live_at(trace, p.event_index, lt)
+    owned = figures.segment_map(data.blocks_with_owners(layout, live, trace.stacks, trace.frames), "state")
+    allocated = next(t for t in owned.data if t.name == "active_allocated")
+    rows = {int(r[0]): r for r in allocated.customdata}
+    for block in live.dropna(subset=["addr"]).itertuples():
+        row = rows.get(int(block.addr))
+        if row is not None:
+            assert row[3] == (block.module if isinstance(block.module, str) else "")
+    assert "module: %{customdata[3]}" in allocated.hovertemplate
+    assert any(str(r[5]).startswith("model.py:") for r in allocated.customdata)
 
 
 def test_kv_growth_and_waste():
@@ -112,7 +165,7 @@ def test_kv_growth_and_waste():
     assert len(fig.data) == 2 * len(kvs) + 1
     waste = kv_waste(kvs)
     bars = figures.kv_waste(waste)
-    assert [t.name for t in bars.data] == ["token_state_bytes", "unused_bytes", "extra_bytes"]
+    assert [t.name for t in bars.data] == ["token states", "unused", "extra"]
     kv = next(iter(kvs.values()))
     assert (kv["token_state_bytes"] + kv["unused_bytes"] == kv["reserved_bytes"]).all()
 
@@ -144,7 +197,7 @@ def test_stack_icicle_roots_sum_to_the_peak(loaded):
     "build",
     [
         lambda: figures.memory_timeline(pd.DataFrame(columns=["event_index"])),
-        lambda: figures.module_bar(pd.DataFrame({"module": [], "x": []}), "x"),
+        lambda: figures.module_bar(pd.DataFrame(columns=["id", "parent", "label", "bytes", "kind"]), "x"),
         lambda: figures.kv_growth({}),
         lambda: figures.stack_icicle(pd.DataFrame(columns=["id", "parent", "label", "bytes"])),
         lambda: figures.diff_bar(pd.DataFrame({"k": [], "delta_bytes": []}), "k"),
@@ -167,7 +220,8 @@ def test_rank_figures(tmp_path):
     assert list(bars.data[0].x) == [0, 1, 2]  # the missing rank 3 has no bar
     assert list(bars.data[0].customdata[:, 0]) == [3500, 7500, 4500]
     assert list(bars.data[0].marker.color) == ["#1f77b4", "#d62728", "#1f77b4"]
-    assert bars.layout.shapes[0].y0 * figures.GIB == pytest.approx(4500)  # the median line
+    assert bars.layout.shapes[0].y0 * _unit(bars) == pytest.approx(4500)  # the median line
+    assert bars.layout.yaxis.title.text == "KiB"
     cats = layout.rank_categories(job)
     stacked = figures.rank_categories(cats, category_names())
     assert sum(np.asarray(t.customdata) for t in stacked.data).tolist() == [3500, 7500, 4500]
