@@ -37,14 +37,15 @@ class TraceFeed:
         """True once `interval_s` passed since the last drain."""
         return time.perf_counter() - self.last_drain > interval_s
 
-    def drain(self, step: int, with_segments: bool = False) -> None:
-        """Move new events (labelled `step`) and buffered rows to the writer."""
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        """Move new events (labelled `step`) and buffered rows to the writer; returns the events' columns."""
         cols = self.backend.drain(step, with_segments)
         self.last_drain = time.perf_counter()
         if cols:
             self.events_since_boundary += len(cols["ts_us"])
             self.writer.append("events", cols)
         self.push_rows()
+        return cols
 
     def push_rows(self) -> None:
         """Move new stacks and buffered rows (not events) to the writer."""

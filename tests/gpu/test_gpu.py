@@ -65,7 +65,8 @@ def gpt_run(tmp_path_factory):
     _fresh_gpu()
     model, opt, run = _gpt_step_fn(steps=6)
     out = tmp_path_factory.mktemp("traces")
-    # Steps 0-1 run module hooks; 2-5 borrow attribution from an identical hooked step.
+    # Steps 0-1 run module hooks (and a step after a new peak); the rest borrow attribution
+    # from a hooked step with the same allocation sites.
     with profiler.profile(out=out, name="gpt2-small-bf16", hooked_steps=(2, 50)) as prof:
         run()
     torch_peak = torch.cuda.max_memory_allocated()
@@ -142,12 +143,55 @@ def test_backward_allocations_carry_their_module(gpt_run):
     run_dir, _ = gpt_run
     ev, _ = load_events(run_dir)
     roles = pq.read_table(run_dir / "roles.parquet").to_pandas()
+    steps = pq.read_table(run_dir / "steps.parquet").to_pandas()
+    unhooked = int(steps["step"][~steps["modules_hooked"].astype(bool) & (steps["step"] < 5)].max())
     checked = wrong = 0
-    for step in (0, 4):  # a hooked step and one attributed from a template
+    for step in (0, unhooked):  # a hooked step and one attributed from a template
         c, w = _check_gradient_modules(ev, roles, step)
         checked, wrong = checked + c, wrong + w
     _save("backward_attribution", dict(gradients_checked=checked, wrong=wrong))
     assert checked > 200 and wrong == 0
+
+
+def test_a_longer_batch_outside_the_hooked_steps_is_attributed(tmp_path):
+    """The tiny GPT on CUDA, accumulating 2 micro-batches; step 7's are 4x longer and set the
+    peak. Hooks run in steps 0-2 and in step 8 (after the new peak): step 7 takes its modules
+    from a hooked step with the same allocation sites, as a fully hooked run has them."""
+    import profiler
+    from profiler.analysis.live import alive_at_peak
+    from profiler.trace.reader import load_trace
+    from workloads.model import GPT, preset
+
+    def capture(hooked_steps):
+        _fresh_gpu()
+        torch.manual_seed(0)
+        cfg = preset("tiny")
+        model = GPT(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        with profiler.profile(out=tmp_path, name="long-batch", hooked_steps=hooked_steps) as prof:
+            for step in range(10):
+                for _ in range(2):
+                    idx = torch.randint(cfg.vocab_size, (4, 64 if step == 7 else 16), device="cuda", generator=g)
+                    (model(idx, idx)[1] / 2).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return load_trace(prof.run_dir)
+
+    sampled, full = capture((3, 50)), capture(None)
+    hooked = sampled.steps["modules_hooked"].tolist()[:10]
+    live = alive_at_peak(sampled)
+    named = live["module"].notna() | (live["phase"] == "optimizer")
+    named |= live["category"].isin(["parameter", "gradient", "optimizer_state"])
+    share = float(live["size_bytes"][named].sum() / live["size_bytes"].sum())
+    by_module = [alive_at_peak(t).groupby("module", dropna=False)["size_bytes"].sum() for t in (sampled, full)]
+    forward_steps = sorted(set(sampled.phases[sampled.phases["phase"] == "forward"]["step"].tolist()))
+    _save("sampled_peak", dict(hooked=hooked, share=share, aligned=sampled.meta["steps_aligned_to_template"]))
+    assert hooked == [True] * 3 + [False] * 5 + [True, False]
+    assert sampled.meta["steps_without_template"] == 0
+    assert share >= 0.99
+    assert by_module[0].to_dict() == by_module[1].to_dict()
+    assert forward_steps[:10] == list(range(10))
 
 
 def _check_gradient_modules(ev, roles, step):
