@@ -131,6 +131,7 @@ def test_unhooked_steps_take_modules_from_templates():
         "steps_without_template": 0,
         "steps_aligned_to_template": 0,
         "events_without_template": 0,
+        "template_steps": [1],
     }
 
 

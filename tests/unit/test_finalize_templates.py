@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from profiler.trace.finalize.templates import align, by_occurrence, fill_from_templates, phase_runs
+from profiler.trace.finalize.templates import align, fill_from_templates, phase_runs, unambiguous
 
 # Codes into each part's values; -1 is none. Step 0 is hooked; step 1 repeats it exactly (with a
 # segment event, which is not a block event and takes no part); step 2 differs in one size.
@@ -33,13 +33,14 @@ def _codes(step0: list[int]) -> np.ndarray:
     return np.array(step0 + [-1] * 7)
 
 
-def _fill(step, action, size, stack, hooked, module, phase, hint=None, kept=None, skip=None):
+def _fill(step, action, size, stack, hooked, module, phase, hint=None, kept=None, skip=None, addr=None):
     n = len(step)
     return fill_from_templates(
         step=np.asarray(step),
         action=np.asarray(action, dtype=object),
         size=np.asarray(size),
         stack=np.asarray(stack),
+        addr=np.arange(n) if addr is None else np.asarray(addr),
         hooked_steps=hooked,
         module=module,
         phase=phase,
@@ -51,20 +52,23 @@ def _fill(step, action, size, stack, hooked, module, phase, hint=None, kept=None
 
 def test_a_repeated_step_is_filled_event_by_event():
     module, phase, hint = _codes([0, 1, 1]), _codes([0, 0, 1]), _codes([-1, 2, -1])
-    fill = _fill(STEP, ACTION, SIZE, NO_STACK, {0}, module, phase, hint)
+    addr = [1, 2, 1, 3, 0, 4, 3, 5, 6, 5]  # each step frees its first block
+    fill = _fill(STEP, ACTION, SIZE, NO_STACK, {0}, module, phase, hint, addr=addr)
     # Step 2 differs in a size only; without stacks its sites are its actions, the same as step 0's.
     assert fill.counts() == {
         "steps_from_template": 2,
         "steps_without_template": 0,
         "steps_aligned_to_template": 1,
-        "events_without_template": 0,
+        "events_without_template": 1,
+        "template_steps": [1, 2],
     }
     assert fill.filled_steps == {1, 2}
     # Step 1's block events (3, 5, 6) are step 0's (0, 1, 2); its segment event takes the
-    # phase of the event before it, and no module.
-    assert module.tolist() == [0, 1, 1, 0, -1, 1, 1, 0, 1, 1]
-    assert phase.tolist() == [0, 0, 1, 0, 0, 0, 1, 0, 0, 1]
-    assert hint.tolist() == [-1, 2, -1, -1, -1, 2, -1, -1, 2, -1]
+    # phase of the events around it, and no module. Step 2's 2048-byte block outlives its step
+    # and has no stack: nothing shows it is step 0's 1024-byte one, so it takes no label.
+    assert module.tolist() == [0, 1, 1, 0, -1, 1, 1, 0, -1, 1]
+    assert phase.tolist() == [0, 0, 1, 0, 0, 0, 1, 0, -1, 1]
+    assert hint.tolist() == [-1, 2, -1, -1, -1, 2, -1, -1, -1, -1]
 
 
 def test_different_stacks_are_different_sites():
@@ -91,108 +95,193 @@ def test_events_in_any_order_group_by_step():
     assert [filled[i] for i in (3, 4, 5, 6)] == [5, -1, 6, 7]
 
 
-def _training_step(sizes_scale=1, extra_at=None):
-    """A hand-built step: forward allocs at sites 1, 3 and 5 (3 and 5 once per layer, the
-    same sites for another module), then stackless backward allocs and frees.
-    Returns (action, size, stack, module, phase)."""
-    rows = [
-        ("alloc", 100, 1, 10, 0),
-        ("alloc", 300, 3, 11, 0),  # layer 0
-        ("alloc", 200, 5, 12, 0),
-        ("alloc", 300, 3, 13, 0),  # layer 1: the same sites, other modules
-        ("alloc", 200, 5, 14, 0),
-        ("alloc", 50, -1, 13, 1),  # backward: no stacks
-        ("free_completed", 300, -1, 13, 1),
-        ("alloc", 60, -1, 12, 1),
-        ("free_completed", 300, -1, 12, 1),
-        ("alloc", 70, -1, 11, 1),
-    ]
-    if extra_at is not None:  # e.g. a DataLoader batch rebuilt in the middle of the step
-        rows.insert(extra_at, ("alloc", 8, 99, -1, -1))
-    action, size, stack, module, phase = (np.array(c) for c in zip(*rows))
-    return action.astype(object), size * sizes_scale, stack, module, phase
+F, B = 0, 1  # phase codes
 
 
-def _two_steps(unhooked):
-    """Step 0 hooked (labels known), step 1 as given (labels unknown: -1, backward stays 1)."""
-    a0, s0, k0, m0, p0 = _training_step()
-    a1, s1, k1, m1, p1 = unhooked
-    step = np.r_[np.zeros(len(a0), int), np.ones(len(a1), int)]
-    truth = m1.copy()
-    raw_phase = np.where(p1 == 1, 1, -1)
-    module = np.r_[m0, np.full(len(a1), -1)]
-    phase = np.r_[p0, raw_phase]
-    return step, np.r_[a0, a1], np.r_[s0, s1], np.r_[k0, k1], module, phase, truth
+def _training_step(scale=1, layers=3, skip_layer=None):
+    """A hand-built training step as CUDA records it: forward allocations with stacks (site 1 the
+    input, sites 3 and 5 once per layer: the same sites for another module), then backward
+    allocations without stacks (a gradient that outlives the step, an input gradient, a
+    temporary) and frees that carry their allocation's stack. Rows are
+    (action, size, stack, module, phase, block)."""
+    rows = [("alloc", 100 * scale, 1, 10, F, "x")]
+    run = [lyr for lyr in range(layers) if lyr != skip_layer]
+    for lyr in run:
+        m = 20 + lyr
+        rows += [("alloc", 300 * scale, 3, m, F, f"h{lyr}"), ("alloc", 200 * scale, 5, m, F, f"t{lyr}")]
+        rows += [("free_completed", 200 * scale, 5, m, F, f"t{lyr}")]
+    above = None  # the input gradient of the layer above, freed once this layer's is made
+    for lyr in reversed(run):
+        m = 20 + lyr
+        rows += [("alloc", 64, -1, m, B, f"g{lyr}"), ("alloc", 300 * scale, -1, m, B, f"d{lyr}")]
+        rows += [("free_completed", 300 * scale, 3, m, B, f"h{lyr}"), ("alloc", 40 * scale, -1, m, B, f"w{lyr}")]
+        rows += [("free_completed", 40 * scale, -1, m, B, f"w{lyr}")]
+        if above is not None:
+            rows.append(("free_completed", 300 * scale, -1, m, B, f"d{above}"))
+        above = lyr
+    rows.append(("free_completed", 300 * scale, -1, 20 + run[0], B, f"d{above}"))
+    return rows
+
+
+def _two_steps(unhooked_rows):
+    """Step 0 hooked (labels known), step 1 the given rows (labels unknown: no module, and the
+    backward phase the capture records without hooks). Returns the arrays and step 1's truth."""
+    hooked = _training_step()
+    rows = hooked + unhooked_rows
+    step = np.r_[np.zeros(len(hooked), int), np.ones(len(unhooked_rows), int)]
+    action, size, stack, module, phase, block = (np.array(c, dtype=object) for c in zip(*rows))
+    addr = np.array([hash((int(s), b)) % (1 << 40) for s, b in zip(step, block)])
+    truth = module[step == 1].astype(np.int64), phase[step == 1].astype(np.int64)
+    module = np.where(step == 0, module, -1).astype(np.int64)
+    phase = np.where((step == 0) | (phase == B), phase, -1).astype(np.int64)
+    return dict(step=step, action=action, size=size.astype(np.int64), stack=stack.astype(np.int64), addr=addr), (
+        module,
+        phase,
+        truth,
+    )
+
+
+def _fill_two(unhooked_rows):
+    cols, (module, phase, truth) = _two_steps(unhooked_rows)
+    fill = _fill(cols["step"], cols["action"], cols["size"], cols["stack"], {0}, module, phase, addr=cols["addr"])
+    one = cols["step"] == 1
+    return fill, module[one], phase[one], truth
+
+
+def _never_wrong(got, truth):
+    """Every label is the truth or none."""
+    wrong = (got >= 0) & (got != truth)
+    assert not wrong.any(), [(int(i), int(got[i]), int(truth[i])) for i in np.flatnonzero(wrong)]
 
 
 def test_a_longer_batch_takes_its_template_by_position():
-    step, action, size, stack, module, phase, truth = _two_steps(_training_step(sizes_scale=4))
-    fill = _fill(step, action, size, stack, {0}, module, phase)
-    assert fill.counts()["steps_aligned_to_template"] == 1
-    assert module[step == 1].tolist() == truth.tolist()
-    assert phase[step == 1].tolist() == [0] * 5 + [1] * 5
+    fill, module, phase, (truth_module, truth_phase) = _fill_two(_training_step(scale=4))
+    assert fill.counts()["steps_aligned_to_template"] == 1 and fill.counts()["events_without_template"] == 0
+    assert module.tolist() == truth_module.tolist()
+    assert phase.tolist() == truth_phase.tolist()
 
 
-def test_an_inserted_event_is_aligned_around():
-    step, action, size, stack, module, phase, truth = _two_steps(_training_step(sizes_scale=4, extra_at=2))
-    fill = _fill(step, action, size, stack, {0}, module, phase)
-    counts = fill.counts()
-    assert counts["steps_aligned_to_template"] == 1 and counts["events_without_template"] == 1
-    got = module[step == 1]
-    # Every event but the inserted one has its module; the inserted one has none, and takes
-    # the phase of the event before it.
-    assert got.tolist() == truth.tolist()
-    assert phase[step == 1].tolist() == [0] * 6 + [1] * 5
+def test_a_one_off_without_a_stack_takes_no_neighbours_label():
+    """A workspace made on the first matmul of backward's thread: no stack, never freed."""
+    rows = _training_step(scale=4)
+    at = next(i for i, r in enumerate(rows) if r[5] == "d1") + 1
+    rows.insert(at, ("alloc", 32 << 20, -1, 21, B, "workspace"))
+    fill, module, phase, (truth_module, truth_phase) = _fill_two(rows)
+    _never_wrong(module, truth_module)
+    _never_wrong(phase, truth_phase)
+    # No site, no certain pair: the workspace, and every allocation without a stack (any of
+    # them could be the extra one), stay unnamed; the input keeps its name.
+    assert module[at] == -1 and module[0] == 10
 
 
-def test_a_missing_event_leaves_the_rest_paired():
-    a, s, k, m, p = _training_step(sizes_scale=2)
-    keep = np.arange(len(a)) != 2  # layer 0's site-5 alloc is gone; layer 1's must still be layer 1
-    step, action, size, stack, module, phase, truth = _two_steps((a[keep], s[keep], k[keep], m[keep], p[keep]))
-    _fill(step, action, size, stack, {0}, module, phase)
-    assert module[step == 1].tolist() == truth.tolist()
+def test_a_one_off_temporary_among_repeating_events_takes_no_label():
+    """An allocation freed at once, without a stack, in a stretch of such pairs: every event
+    around it could be aligned one place on, so none of them takes a label from a neighbour."""
+    rows = _training_step(scale=2)
+    at = next(i for i, r in enumerate(rows) if r[5] == "w1")
+    rows[at:at] = [("alloc", 40 * 2, -1, 21, B, "extra"), ("free_completed", 40 * 2, -1, 21, B, "extra")]
+    _, module, phase, (truth_module, truth_phase) = _fill_two(rows)
+    _never_wrong(module, truth_module)
+    _never_wrong(phase, truth_phase)
+
+
+def test_a_skipped_layer_never_names_another_layer():
+    """Layer 1 did not run (a layer drop): layer 2's events have the keys layer 1's had."""
+    _, module, phase, (truth_module, truth_phase) = _fill_two(_training_step(scale=2, skip_layer=1))
+    _never_wrong(module, truth_module)
+    _never_wrong(phase, truth_phase)
+
+
+def test_an_unpaired_event_takes_the_one_label_its_site_had():
+    """A second input (site 1, always module 10 when hooked) and an extra allocation at site 3
+    (modules 20, 21 and 22 when hooked): the first is named, the second stays unnamed."""
+    rows = _training_step(scale=3)
+    rows[1:1] = [("alloc", 7, 1, 10, F, "x2")]
+    rows.insert(3, ("alloc", 9, 3, 20, F, "extra"))
+    _, module, _, (truth_module, _) = _fill_two(rows)
+    assert module[1] == 10 and module[3] == -1
+    _never_wrong(module, truth_module)
+
+
+def test_mutated_steps_never_get_a_wrong_label():
+    """One-offs (with and without stacks, kept or freed), missing temporaries, skipped layers
+    and longer batches, at random: each label of the unhooked step is right or absent."""
+    rng = np.random.default_rng(0)
+    labelled = 0
+    for _ in range(200):
+        rows = _training_step(scale=int(rng.choice([1, 2, 4])), skip_layer=rng.choice([None, 0, 1, 2]))
+        for k in range(int(rng.integers(0, 4))):
+            stack = int(rng.choice([-1, 1, 3, 5]))
+            size = int(rng.choice([64, 40, 300, 32 << 20]))
+            if stack < 0:  # without a stack: backward's thread, anywhere
+                at = int(rng.integers(1, len(rows)))
+                module, phase = rows[at - 1][3], rows[at - 1][4]
+            else:  # a forward line: in the forward, in the module whose code it is
+                at = int(rng.integers(1, 1 + sum(r[4] == F for r in rows)))
+                module, phase = (10 if stack == 1 or at == 1 else rows[at - 1][3]), F
+            new = [("alloc", size, stack, module, phase, f"one-off{k}")]
+            if rng.random() < 0.5:
+                new.append(("free_completed", size, stack, module, phase, f"one-off{k}"))
+            rows[at:at] = new
+        if rng.random() < 0.3:
+            gone = {r[5] for r in rows if r[5].startswith("w")}.pop()
+            rows = [r for r in rows if r[5] != gone]
+        _, module, phase, (truth_module, truth_phase) = _fill_two(rows)
+        _never_wrong(module, truth_module)
+        _never_wrong(phase, truth_phase)
+        labelled += int((module >= 0).sum())
+    assert labelled > 200  # and labels are not all gone
 
 
 def test_a_step_that_pairs_less_than_half_keeps_its_own_labels():
-    a, s, _, m, p = _training_step()
-    other = (a, s, np.arange(20, 30), m, p)  # every site differs; without stacks the frees would pair
-    step, action, size, stack, module, phase, _ = _two_steps(other)
-    action[step == 1] = "alloc"  # no key in common at all
-    fill = _fill(step, action, size, stack, {0}, module, phase)
+    rows = [(a, s, 40 + i, m, p, b) for i, (a, s, _, m, p, b) in enumerate(_training_step())]
+    fill, module, _, _ = _fill_two([("alloc", *r[1:]) for r in rows])  # other sites, and no key in common
     assert fill.counts()["steps_without_template"] == 1
-    assert (module[step == 1] == -1).all()
+    assert (module == -1).all()
 
 
 def test_kept_phases_and_markers_stay():
-    step, action, size, stack, module, phase, _ = _two_steps(_training_step(sizes_scale=3, extra_at=3))
-    # A marker (phase 9, module 42) just before step 1's unpaired extra event.
-    at = int(np.flatnonzero(step == 1)[0]) + 3
-    step, action, size, stack, module, phase = (
-        np.insert(a, at, v)
-        for a, v in ((step, 1), (action, "alloc"), (size, 512), (stack, -1), (module, 42), (phase, 9))
-    )
-    last = len(step) - 1
+    cols, (module, phase, _) = _two_steps(_training_step(scale=3))
+    first = int(np.flatnonzero(cols["step"] == 1)[0])
+    last = len(phase) - 1
     phase[last] = 7  # e.g. optimizer: its own phase holds without hooks
+    marker = first + 2
+    module[marker], phase[marker] = 42, 9  # a marker is neither paired nor relabelled
     kept = (phase == 7) | (phase == 9)
-    _fill(step, action, size, stack, {0}, module, phase, kept=kept, skip=np.arange(len(step)) == at)
-    assert phase[last] == 7 and module[last] == 11  # the module still comes from the template
-    assert (phase[at], module[at]) == (9, 42)  # the marker is neither paired nor relabelled
-    assert (phase[at + 1], module[at + 1]) == (0, -1)  # the unpaired event: the forward before it
+    skip = np.arange(len(phase)) == marker
+    _fill(
+        cols["step"],
+        cols["action"],
+        cols["size"],
+        cols["stack"],
+        {0},
+        module,
+        phase,
+        kept=kept,
+        skip=skip,
+        addr=cols["addr"],
+    )
+    assert phase[last] == 7 and module[last] == 20  # the module still comes from the template
+    assert (phase[marker], module[marker]) == (9, 42)
 
 
-def test_align_pairs_heads_tails_and_differing_stretches():
+def test_align_pairs_heads_tails_and_equal_stretches_only():
     a = np.array([1, 2, 3, 9, 4, 5, 6])
     b = np.array([1, 2, 3, 4, 5, 8, 6])
     ia, ib = align(a, b)
     assert list(zip(ia.tolist(), ib.tolist())) == [(0, 0), (1, 1), (2, 2), (4, 3), (5, 4), (6, 6)]
-    # A stretch that differs on both sides pairs by key occurrence inside it.
+    # Inside a stretch that differs on both sides nothing pairs.
     ia, ib = align(np.array([1, 7, 7, 2]), np.array([1, 7, 9, 7, 2]))
     assert list(zip(ia.tolist(), ib.tolist())) == [(0, 0), (1, 1), (2, 3), (3, 4)]
 
 
-def test_by_occurrence_pairs_the_kth_with_the_kth():
-    ia, ib = by_occurrence(np.array([5, 6, 5, 5]), np.array([6, 5, 5]))
-    assert list(zip(ia.tolist(), ib.tolist())) == [(0, 1), (1, 0), (2, 2)]
+def test_unambiguous_drops_pairs_a_gap_could_slide_over():
+    # One 7 inserted into a run of 7s: it could be any of the three.
+    ia, ib = unambiguous(np.array([1, 7, 7, 7, 2]), np.array([1, 7, 7, 2]))
+    assert list(zip(ia.tolist(), ib.tolist())) == [(0, 0), (4, 3)]
+    # A period (3, 5) missing from three: either of the two left could be either of three.
+    ia, ib = unambiguous(np.array([1, 3, 5, 3, 5, 2]), np.array([1, 3, 5, 3, 5, 3, 5, 2]))
+    assert list(zip(ia.tolist(), ib.tolist())) == [(0, 0), (5, 7)]
 
 
 def test_phase_runs_skip_events_not_considered():

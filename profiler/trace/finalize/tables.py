@@ -250,6 +250,7 @@ def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table) -> tuple[list
         action=action,
         size=_column_np(ev, "size_bytes"),
         stack=_column_np(ev, "stack_id", fill=-1),
+        addr=_column_np(ev, "addr"),
         hooked_steps=hooked,
         module=module_codes,
         phase=phase_codes,

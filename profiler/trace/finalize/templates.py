@@ -3,37 +3,47 @@
 Module hooks cost Python work per module per step, so the session hooks only some
 steps (profiler/capture/sampling.py says which). Each other step borrows its labels
 (module, phase, category hint) from a hooked step, its *template*, event by event.
-Only block events (alloc, free_requested, free_completed) are paired, never the
-capture's position markers. The rule, first that applies:
+A wrong label is worse than none, so the rule is: an event inherits a label only when
+it is paired with certainty; an event left unpaired never takes a neighbour's label.
 
-1. identical: a hooked step with the same sequence of (action, requested bytes);
-   the i-th event of one is the i-th of the other.
-2. same sites: a hooked step with the same sequence of (action, stack id), sizes
-   aside (a longer batch runs the same code on bigger tensors); paired by position.
-3. aligned: the hooked step sharing the most (action, stack id) keys with it. The
-   common head and tail of the two key sequences pair by position; between them,
-   difflib.SequenceMatcher's equal stretches pair as they are, and inside a stretch
-   that differs on both sides the k-th event with a key pairs with the k-th event
-   with that key there. Keys that make up over 1% of a long step (events without a
-   stack: backward on CUDA, where stacks are paused, frees on CPU, every event of a
-   capture without stacks) start no stretch (SequenceMatcher's autojunk) but extend
-   one, so they pair by order between events that have a stack. A step counts as
-   aligned when at least half its allocations pair. Against fully hooked runs with
-   events deleted, inserted and swapped, this gave more allocations their right
-   module than pairing by key occurrence alone, where one missing event shifts
-   every later event with its key.
+Proposing pairs (only block events: alloc, free_requested, free_completed; never the
+capture's position markers), first rule that applies:
+
+1. identical: a hooked step with the same sequence of (action, stack id, requested
+   bytes); the i-th event of one is the i-th of the other.
+2. same sites: a hooked step with the same sequence of (action, stack id), sizes aside
+   (a longer batch runs the same code on bigger tensors); paired by position.
+3. aligned: the hooked step sharing the most (action, stack id) keys with it. The common
+   head and tail of the two key sequences, and the equal stretches that
+   difflib.SequenceMatcher finds between them, pair by position. Events in stretches that
+   differ are not proposed: a position there says nothing. Nor are events next to such a
+   gap where the keys repeat so that the gap could sit a few places on with as many pairs
+   (`unambiguous`): a one-off among backward's stackless allocations, a layer skipped
+   among layers run by one loop. Nor are events whose key occurs more often in one step
+   than in the other, or that are not the k-th occurrence of their key in both: any
+   occurrence could be the extra one. The step counts as aligned when at least half its
+   allocations end up paired.
 4. none: the step keeps what it had (backward and optimizer phases, no modules).
 
-A paired event takes its template's module, its own category hint when it has one
-(hints are stamped without module hooks) and else the template's, and its
-template's phase, except where its own phase holds without module hooks (optimizer,
-a user's phase, a marker). In a step that got a template, an event left unpaired
-keeps such a phase too; otherwise it takes the phase of the event before it in the
-step: without hooks, "backward" lingers into the next micro-batch's forward, and
-a missing phase would cut a forward span in two.
+Certainty (finalize/pairing.py): a proposed pair holds only when the two blocks'
+lifetimes agree (freed inside their steps by frees that pair too, or both outliving
+them) and their sizes are equal or the event has a recorded site (a stack). On CUDA,
+backward allocations have no stack and share one key, and one-off allocations
+(cuBLAS workspaces made on a handle's first matmul, buffers made lazily for a new
+shape, caching-allocator segments) appear in some steps only: a one-off shifts the
+positions of what follows it, and the lifetime check rejects the shifted pairs.
 
-Stack ids match across hooked and unhooked steps because both backends leave
-vramscope's own frames out of recorded stacks.
+A held pair gives its event the template's module, its own category hint when it has
+one (hints are stamped without module hooks) and else the template's, and the
+template's phase, except where its own phase holds without module hooks (optimizer, a
+user's phase, a marker). An event of an unhooked step that holds no pair takes, for each
+label, the one value its allocation site (stack id) had in every hooked step, if it is an
+allocation (a free's labels tell when it ran, not where its block was made),
+and nothing where the site had several values, no stack, or never ran hooked. Its phase,
+if still unknown, is the phase of the paired events around it when those before and
+after it agree (phases are spans of time), else none. Such events are counted
+(`events_without_template`), and the steps filled from templates are listed
+(`template_steps`), so the report can say why bytes at the peak have no module.
 
 numpy and difflib only: this runs at finalize time in the profiled process.
 """
@@ -45,6 +55,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from profiler.trace.finalize.pairing import SiteLabels, block_links, certain
 
 _BLOCK_ACTIONS = ("alloc", "free_requested", "free_completed")
 _MIN_PAIRED = 0.5  # the share of a step's allocations that must pair for it to count as aligned
@@ -67,6 +79,7 @@ class TemplateFill:
             "steps_without_template": self.unmatched,
             "steps_aligned_to_template": self.same_sites + self.aligned,
             "events_without_template": self.unpaired_events,
+            "template_steps": sorted(self.filled_steps),
         }
 
 
@@ -87,6 +100,7 @@ def fill_from_templates(
     action: np.ndarray,
     size: np.ndarray,
     stack: np.ndarray,
+    addr: np.ndarray,
     hooked_steps: set[int],
     module: np.ndarray,
     phase: np.ndarray,
@@ -96,18 +110,26 @@ def fill_from_templates(
 ) -> TemplateFill:
     """Fill module/phase/hint codes (-1: none) in place for unhooked steps (see the module doc).
 
-    `stack` is the stack id per event (-1: none); `phase_kept` marks events whose own
-    phase holds without module hooks; `skip` marks events never paired nor relabelled (markers).
+    `stack` is the stack id per event (-1: none); `addr` the block address; `phase_kept`
+    marks events whose own phase holds without module hooks; `skip` marks events never
+    paired nor relabelled (markers).
     """
     code = (action == "alloc") * 0 + (action == "free_requested") * 1 + (action == "free_completed") * 2
     skip = np.zeros(len(step), bool) if skip is None else skip
-    paired = np.isin(action, _BLOCK_ACTIONS) & ~skip
-    whole, steps = _by_step(step, paired, (stack.astype(np.int64) + 1) * 3 + code, skip)
+    block = np.isin(action, _BLOCK_ACTIONS) & ~skip
+    keys = (stack.astype(np.int64) + 1) * 3 + code
+    whole, steps = _by_step(step, block, keys, skip)
+    is_alloc = code == 0
+    links = block_links(step, is_alloc, addr, block)
+    hooked = sorted(hooked_steps & steps.keys())
+    with_site = np.concatenate([steps[s].idx for s in hooked] + [np.array([], np.int64)])
+    # A free's labels say when it ran, not where its block was made: sites are allocations'.
+    sites = SiteLabels(keys, (module, phase, hint), with_site[(stack[with_site] >= 0) & is_alloc[with_site]])
     by_size: dict[bytes, np.ndarray] = {}
     by_sites: dict[bytes, _Step] = {}
-    for s in sorted(hooked_steps & steps.keys()):
+    for s in hooked:
         t = steps[s]
-        by_size.setdefault(_size_digest(code, size, t.idx), t.idx)
+        by_size.setdefault(_size_digest(t.keys, size, t.idx), t.idx)
         by_sites.setdefault(t.sites_digest(), t)
     matcher = _Matcher(list(by_sites.values()))
     labels = (module, phase, hint)
@@ -115,23 +137,32 @@ def fill_from_templates(
     for s, u in steps.items():
         if s in hooked_steps or len(u.idx) == 0:
             continue
-        same = by_size.get(_size_digest(code, size, u.idx))
-        if same is not None:
-            fill.identical += 1
-            pairs = (u.idx, same)
-        elif (site_twin := by_sites.get(u.sites_digest())) is not None:
-            fill.same_sites += 1
-            pairs = (u.idx, site_twin.idx)
-        else:
-            pairs = matcher.pairs(u)
-            if not _enough(u, pairs[0]):
-                fill.unmatched += 1
-                continue
-            fill.aligned += 1
-        fill.unpaired_events += int(len(u.idx) - len(pairs[0]))
+        dst, src, rule = _proposed(u, size, by_size, by_sites, matcher)
+        keep = certain(dst, src, is_alloc=is_alloc, size=size, stack=stack, links=links)
+        dst, src = dst[keep], src[keep]
+        if rule == "aligned" and not _enough(u, dst):
+            fill.unmatched += 1
+            _from_sites(labels, phase_kept, u.idx, keys, sites, phases=False)
+            continue
+        setattr(fill, rule, getattr(fill, rule) + 1)
+        fill.unpaired_events += int(len(u.idx) - len(dst))
         fill.filled_steps.add(s)
-        _copy(labels, phase_kept, pairs, whole[s])
+        rest = _copy(labels, phase_kept, (dst, src), whole[s])
+        rest = rest[block[rest]]
+        site_phased = _from_sites(labels, phase_kept, rest, keys, sites)
+        _bracket_phases(phase, phase_kept, whole[s], np.concatenate([dst, site_phased]))
     return fill
+
+
+def _proposed(u: _Step, size, by_size: dict, by_sites: dict, matcher: _Matcher):
+    """(events of u, events of its template, the rule) proposed as pairs by the first rule that applies."""
+    same = by_size.get(_size_digest(u.keys, size, u.idx))
+    if same is not None:
+        return u.idx, same, "identical"
+    site_twin = by_sites.get(u.sites_digest())
+    if site_twin is not None:
+        return u.idx, site_twin.idx, "same_sites"
+    return (*matcher.pairs(u), "aligned")
 
 
 def _by_step(step: np.ndarray, paired: np.ndarray, keys: np.ndarray, skip: np.ndarray) -> tuple[dict, dict[int, _Step]]:
@@ -155,30 +186,55 @@ def _enough(u: _Step, paired: np.ndarray) -> bool:
     return int(np.isin(u.idx[is_alloc], paired).sum()) >= _MIN_PAIRED * int(is_alloc.sum())
 
 
-def _size_digest(code: np.ndarray, size: np.ndarray, idx: np.ndarray) -> bytes:
-    h = hashlib.blake2b(code[idx].astype(np.int8).tobytes(), digest_size=16)
+def _size_digest(keys: np.ndarray, size: np.ndarray, idx: np.ndarray) -> bytes:
+    h = hashlib.blake2b(keys.astype(np.int64).tobytes(), digest_size=16)
     h.update(size[idx].astype(np.int64).tobytes())
     return h.digest()
 
 
-def _copy(labels: tuple, phase_kept: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], step_idx: np.ndarray) -> None:
-    """Copy the template's labels onto the paired events; unpaired events of the step take phases."""
+def _copy(labels: tuple, phase_kept: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], step_idx: np.ndarray):
+    """Copy the template's labels onto the paired events; returns the step's other events."""
     module, phase, hint = labels
     dst, src = pairs
     module[dst] = module[src]
     hint[dst] = np.where(hint[dst] >= 0, hint[dst], hint[src])
     take = ~phase_kept[dst]
     phase[dst[take]] = phase[src[take]]
-    # Every other event of the step, in stream order: a kept phase stays, the rest
-    # carries the phase of the event before it forward.
-    is_paired = np.zeros(len(phase), dtype=bool)
-    is_paired[dst] = True
+    return step_idx[~np.isin(step_idx, dst)]
+
+
+def _bracket_phases(phase: np.ndarray, phase_kept: np.ndarray, step_idx: np.ndarray, known: np.ndarray) -> None:
+    """Events of the step whose phase is neither `known` nor kept take the phase of the known
+    events around them where the one before and the one after agree, and none elsewhere:
+    phases are spans of time, so an event between two of one phase is in it."""
     ordered = np.sort(step_idx)
-    anchor = is_paired[ordered] | phase_kept[ordered]
-    pos = np.where(anchor, np.arange(len(ordered)), -1)
-    np.maximum.accumulate(pos, out=pos)
-    has = pos >= 0
-    phase[ordered[has]] = phase[ordered[pos[has]]]
+    n = len(ordered)
+    anchor = np.isin(ordered, known) | phase_kept[ordered]
+    pos = np.arange(n)
+    before = np.maximum.accumulate(np.where(anchor, pos, -1))
+    after = np.minimum.accumulate(np.where(anchor, pos, n)[::-1])[::-1]
+    p_before = np.where(before >= 0, phase[ordered[np.maximum(before, 0)]], -1)
+    p_after = np.where(after < n, phase[ordered[np.minimum(after, n - 1)]], -1)
+    loose = ~anchor
+    phase[ordered[loose]] = np.where(p_before[loose] == p_after[loose], p_before[loose], -1)
+
+
+def _from_sites(
+    labels: tuple, phase_kept: np.ndarray, events: np.ndarray, keys: np.ndarray, sites: SiteLabels, phases: bool = True
+) -> np.ndarray:
+    """Give events with no module (no hint, no kept phase) their site's one value; returns
+    the events whose phase came from their site (none unless `phases`)."""
+    module, phase, hint = labels
+    k = keys[events]
+    site_module, site_hint = sites.lookup(k, 0), sites.lookup(k, 2)
+    module[events] = np.where(module[events] >= 0, module[events], site_module)
+    hint[events] = np.where(hint[events] >= 0, hint[events], site_hint)
+    if not phases:
+        return np.array([], np.int64)
+    site_phase = sites.lookup(k, 1)
+    got = (site_phase >= 0) & ~phase_kept[events]
+    phase[events[got]] = site_phase[got]
+    return events[got]
 
 
 class _Matcher:
@@ -196,7 +252,7 @@ class _Matcher:
         found = self._done.get(digest)
         if found is None:
             which = int(np.argmax([_shared(u.keys, t.keys) for t in self.templates]))
-            found = (which, *align(u.keys, self.templates[which].keys))
+            found = (which, *unambiguous(u.keys, self.templates[which].keys))
             self._done[digest] = found
         which, iu, it = found
         return u.idx[iu], self.templates[which].idx[it]
@@ -210,11 +266,69 @@ def _shared(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.minimum(ca, cb).sum())
 
 
+def unambiguous(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """align(a, b) less every pair another alignment as good could make differently.
+
+    Events left unpaired form gaps. Where the keys repeat around a gap (a one-off among
+    events of one key, a layer skipped among layers run by one loop), part of the gap could
+    sit further left or right with as many pairs: the events it could slide over have no
+    certain partner, so their pairs are dropped.
+    """
+    ia, ib = align(a, b)
+    drop_a = np.zeros(len(a), bool)
+    drop_b = np.zeros(len(b), bool)
+    ends_a = np.r_[-1, ia, len(a)]
+    ends_b = np.r_[-1, ib, len(b)]
+    for k in np.flatnonzero((np.diff(ends_a) > 1) | (np.diff(ends_b) > 1)).tolist():
+        _mark_slides(a, ends_a[k] + 1, ends_a[k + 1], drop_a)
+        _mark_slides(b, ends_b[k] + 1, ends_b[k + 1], drop_b)
+    keep = ~drop_a[ia] & ~drop_b[ib] & _same_occurrence(a, b, ia, ib)
+    return ia[keep], ib[keep]
+
+
+def _same_occurrence(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Per pair: whether its key occurs as often in a as in b, and the pair joins its k-th
+    occurrence in a with its k-th in b. Where a key occurs more often in one step, any of
+    its occurrences could be the extra one."""
+    values, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    count_a = np.bincount(inverse[: len(a)], minlength=len(values))
+    count_b = np.bincount(inverse[len(a) :], minlength=len(values))
+    key = inverse[ia]
+    return (count_a[key] == count_b[key]) & (_occurrence(a)[ia] == _occurrence(b)[ib])
+
+
+def _occurrence(keys: np.ndarray) -> np.ndarray:
+    """For each position, how many earlier positions hold the same key."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    return rank
+
+
+def _mark_slides(keys: np.ndarray, g0: int, g1: int, drop: np.ndarray) -> None:
+    """Mark the events that the gap keys[g0:g1], or a part of it, could slide over."""
+    if g1 <= g0:
+        return
+    left = max(_common_run(keys[:p][::-1], keys[:g0][::-1]) for p in range(g0 + 1, g1 + 1))
+    right = max(_common_run(keys[p:], keys[g1:]) for p in range(g0, g1))
+    drop[g0 - left : g0] = True
+    drop[g1 : g1 + right] = True
+
+
+def _common_run(x: np.ndarray, y: np.ndarray) -> int:
+    """How many leading elements x and y have in common."""
+    n = min(len(x), len(y))
+    differ = x[:n] != y[:n]
+    return int(np.argmax(differ)) if differ.any() else n
+
+
 def align(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions (ia, ib) pairing two key sequences, in the order of `a`.
 
     The common head and tail pair directly; between them difflib.SequenceMatcher finds
-    equal stretches, and inside stretches that differ events pair by key occurrence.
+    equal stretches. Events in stretches that differ do not pair.
     """
     n = min(len(a), len(b))
     head = int(np.argmax(a[:n] != b[:n])) if n and (a[:n] != b[:n]).any() else n
@@ -236,7 +350,7 @@ def align(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _align_middle(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs between two key sequences that differ from their first to their last position:
-    SequenceMatcher's equal stretches, and by key occurrence inside stretches that differ."""
+    SequenceMatcher's equal stretches."""
     matcher = difflib.SequenceMatcher(None, a.tolist(), b.tolist())
     ia: list[np.ndarray] = [np.array([], np.int64)]
     ib: list[np.ndarray] = [np.array([], np.int64)]
@@ -244,35 +358,7 @@ def _align_middle(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         if tag == "equal":
             ia.append(np.arange(a0, a1))
             ib.append(np.arange(b0, b1))
-        elif tag == "replace":
-            pa_, pb_ = by_occurrence(a[a0:a1], b[b0:b1])
-            ia.append(pa_ + a0)
-            ib.append(pb_ + b0)
     return np.concatenate(ia), np.concatenate(ib)
-
-
-def by_occurrence(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (ia, ib): the k-th occurrence of a key in `a` with the k-th occurrence in `b`.
-
-    Returned in the order of `a`; positions in `b` need not increase.
-    """
-    bits = max(len(a), len(b)).bit_length()  # room for any occurrence count
-    ta = (a << bits) + _occurrence(a)
-    tb = (b << bits) + _occurrence(b)
-    _, ia, ib = np.intersect1d(ta, tb, assume_unique=True, return_indices=True)
-    order = np.argsort(ia, kind="stable")
-    return ia[order].astype(np.int64), ib[order].astype(np.int64)
-
-
-def _occurrence(keys: np.ndarray) -> np.ndarray:
-    """For each position, how many earlier positions hold the same key."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    run_start = np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
-    rank = np.empty(len(keys), np.int64)
-    rank[order] = np.arange(len(keys)) - run_start
-    return rank
 
 
 def phase_runs(
