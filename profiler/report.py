@@ -130,6 +130,9 @@ def _with_warnings(report: dict, trace, lt) -> dict:
 
 WARN_SHARE = 0.01  # a reason warns once it explains this share of the bytes at the peak
 _WHY = {
+    "unpaired": "{steps} ran unhooked, and these allocations pair with no hooked one for certain "
+    "(a one-off buffer, or an allocation site that repeats or has no stack); "
+    "rerun with --hooked-steps all (hooked_steps=None)",
     "unhooked": "{steps} ran unhooked and no hooked step matched these allocations; "
     "rerun with --hooked-steps all (hooked_steps=None)",
     "modules_off": "this capture ran without module hooks (modules=False)",

@@ -8,6 +8,9 @@ are unattributed, for one of these reasons:
     modules_off     the capture ran without module hooks (modules=False)
     unhooked        made in a step that ran without module hooks, and no hooked step
                     matched those allocations (profiler/trace/finalize/templates.py)
+    unpaired        made in a step filled from a hooked step, but no hooked allocation
+                    pairs with them for certain (a one-off such as a workspace, or a site
+                    that repeats or has no stack) and their site had no single module
     outside_module  made in a hooked step outside any module (the input batch, a loss
                     computed outside the model)
     before_capture  allocated before the capture began
@@ -29,7 +32,7 @@ _NAMED = frozenset(c.value for c in Category) - {
     Category.OTHER.value,
 }
 _HOOK_PHASES = frozenset({Phase.FORWARD.value, Phase.BACKWARD.value, Phase.RECOMPUTE.value})
-REASONS = ("unhooked", "modules_off", "outside_module", "before_capture")
+REASONS = ("unpaired", "unhooked", "modules_off", "outside_module", "before_capture")
 
 
 def unattributed_at_peak(trace, lt: Lifetimes | None = None) -> dict:
@@ -53,6 +56,9 @@ def unattributed_at_peak(trace, lt: Lifetimes | None = None) -> dict:
     step = np.where(alloc >= 0, steps[np.maximum(alloc, 0)] if len(steps) else -1, -1)
     reason = np.full(len(alloc), "outside_module", dtype=object)
     reason[_unhooked(trace, step)] = "modules_off" if _modules_off(trace) else "unhooked"
+    filled = trace.meta.get("template_steps")
+    if isinstance(filled, list) and filled:
+        reason[np.isin(step, filled) & (reason == "unhooked")] = "unpaired"
     reason[alloc < 0] = "before_capture"
     reasons = []
     for name in REASONS:
