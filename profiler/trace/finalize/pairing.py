@@ -10,9 +10,9 @@ later pair. `certain` keeps a proposed pair only when the blocks' lifetimes agre
 
 - an allocation pairs when both blocks are freed inside their steps and the two frees
   were proposed as a pair too, or both are first freed the same number of steps later,
-  or neither is ever freed; and when their sizes are equal, or the allocation has a
-  recorded site (a stack: the same code, on tensors of another size), or its paired
-  free vouches for it;
+  or neither is ever freed (or the capture ended before the template's lifetime would);
+  and when their sizes are equal, or the allocation has a recorded site (a stack: the
+  same code, on tensors of another size), or its paired free vouches for it;
 - a free pairs when the allocations of both blocks paired, or both blocks come from
   before their steps and the sizes are equal or the free has a recorded site.
 
@@ -42,7 +42,8 @@ def block_links(step: np.ndarray, is_alloc: np.ndarray, addr: np.ndarray, block:
     lifetime = np.full(n, -1, np.int64)
     idx = np.flatnonzero(block)
     if not len(idx):
-        return freed_by, made_by, lifetime
+        return freed_by, made_by, lifetime, lifetime
+    steps_left = int(step.max()) - step  # a block still alive at the end may be freed after it
     order = idx[np.lexsort((idx, addr[idx]))]  # by address, then in stream order
     alloc = is_alloc[order]
     pos = np.arange(len(order))
@@ -59,7 +60,7 @@ def block_links(step: np.ndarray, is_alloc: np.ndarray, addr: np.ndarray, block:
     lifetime[a] = step[f] - step[a]
     same = step[a] == step[f]
     freed_by[a[same]] = f[same]
-    return freed_by, made_by, lifetime
+    return freed_by, made_by, lifetime, steps_left
 
 
 def certain(
@@ -69,14 +70,16 @@ def certain(
     is_alloc: np.ndarray,
     size: np.ndarray,
     stack: np.ndarray,
-    links: tuple[np.ndarray, np.ndarray, np.ndarray],
+    links: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> np.ndarray:
     """Which proposed pairs (dst[i] in the unhooked step, src[i] in its template) hold (module doc)."""
-    freed_by, made_by, steps_alive = links
+    freed_by, made_by, steps_alive, steps_left = links
     proposed = _Partner(dst, src)
     fu, ft = freed_by[dst], freed_by[src]
     both = (fu >= 0) & (ft >= 0)
-    lifetime = (steps_alive[dst] == steps_alive[src]) & (~both | (proposed.of(fu) == ft))
+    # A block the capture ended on may be freed later, as its template's was.
+    cut_short = (steps_alive[dst] < 0) & (steps_alive[src] > steps_left[dst])
+    lifetime = ((steps_alive[dst] == steps_alive[src]) | cut_short) & (~both | (proposed.of(fu) == ft))
     sized = (size[dst] == size[src]) | (stack[dst] >= 0)
     ok_alloc = is_alloc[dst] & lifetime & (sized | both)
     paired = _Partner(dst[ok_alloc], src[ok_alloc])
