@@ -39,10 +39,11 @@ def block_links(step: np.ndarray, is_alloc: np.ndarray, addr: np.ndarray, block:
     n = len(step)
     freed_by = np.full(n, -1, np.int64)
     made_by = np.full(n, -1, np.int64)
+    made_by_any = np.full(n, -1, np.int64)
     lifetime = np.full(n, -1, np.int64)
     idx = np.flatnonzero(block)
     if not len(idx):
-        return freed_by, made_by, lifetime, lifetime
+        return freed_by, made_by, lifetime, lifetime, made_by_any
     steps_left = int(step.max()) - step  # a block still alive at the end may be freed after it
     order = idx[np.lexsort((idx, addr[idx]))]  # by address, then in stream order
     alloc = is_alloc[order]
@@ -52,6 +53,7 @@ def block_links(step: np.ndarray, is_alloc: np.ndarray, addr: np.ndarray, block:
     last_alloc = np.maximum.accumulate(np.where(alloc, pos, -1))
     is_free = ~alloc & (last_alloc >= group_start)
     frees, allocs = order[is_free], order[last_alloc[is_free]]
+    made_by_any[frees] = allocs
     same = step[frees] == step[allocs]
     made_by[frees[same]] = allocs[same]
     # An allocation's first free is the next event at its address.
@@ -60,7 +62,7 @@ def block_links(step: np.ndarray, is_alloc: np.ndarray, addr: np.ndarray, block:
     lifetime[a] = step[f] - step[a]
     same = step[a] == step[f]
     freed_by[a[same]] = f[same]
-    return freed_by, made_by, lifetime, steps_left
+    return freed_by, made_by, lifetime, steps_left, made_by_any
 
 
 def certain(
@@ -70,10 +72,10 @@ def certain(
     is_alloc: np.ndarray,
     size: np.ndarray,
     stack: np.ndarray,
-    links: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    links: tuple[np.ndarray, ...],
 ) -> np.ndarray:
     """Which proposed pairs (dst[i] in the unhooked step, src[i] in its template) hold (module doc)."""
-    freed_by, made_by, steps_alive, steps_left = links
+    freed_by, made_by, steps_alive, steps_left = links[:4]
     proposed = _Partner(dst, src)
     fu, ft = freed_by[dst], freed_by[src]
     both = (fu >= 0) & (ft >= 0)

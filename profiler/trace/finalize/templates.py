@@ -117,10 +117,11 @@ def fill_from_templates(
     code = (action == "alloc") * 0 + (action == "free_requested") * 1 + (action == "free_completed") * 2
     skip = np.zeros(len(step), bool) if skip is None else skip
     block = np.isin(action, _BLOCK_ACTIONS) & ~skip
-    keys = (stack.astype(np.int64) + 1) * 3 + code
-    whole, steps = _by_step(step, block, keys, skip)
     is_alloc = code == 0
     links = block_links(step, is_alloc, addr, block)
+    stack = _frees_take_their_allocations_stack(stack.astype(np.int64), links[4])
+    keys = (stack + 1) * 3 + code
+    whole, steps = _by_step(step, block, keys, skip)
     hooked = sorted(hooked_steps & steps.keys())
     with_site = np.concatenate([steps[s].idx for s in hooked] + [np.array([], np.int64)])
     # A free's labels say when it ran, not where its block was made: sites are allocations'.
@@ -152,6 +153,17 @@ def fill_from_templates(
         site_phased = _from_sites(labels, phase_kept, rest, keys, sites)
         _bracket_phases(phase, phase_kept, whole[s], np.concatenate([dst, site_phased]))
     return fill
+
+
+def _frees_take_their_allocations_stack(stack: np.ndarray, made_by_any: np.ndarray) -> np.ndarray:
+    """A free without a stack (on CPU) gets its block's allocation stack, as CUDA records it:
+    frees then have sites of their own rather than all sharing one key."""
+    take = (stack < 0) & (made_by_any >= 0)
+    if not take.any():
+        return stack
+    stack = stack.copy()
+    stack[take] = stack[made_by_any[take]]
+    return stack
 
 
 def _proposed(u: _Step, size, by_size: dict, by_sites: dict, matcher: _Matcher):
