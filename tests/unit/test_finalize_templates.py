@@ -169,9 +169,10 @@ def test_a_one_off_without_a_stack_takes_no_neighbours_label():
     fill, module, phase, (truth_module, truth_phase) = _fill_two(rows)
     _never_wrong(module, truth_module)
     _never_wrong(phase, truth_phase)
-    # No site, no certain pair: the workspace, and every allocation without a stack (any of
-    # them could be the extra one), stay unnamed; the input keeps its name.
-    assert module[at] == -1 and module[0] == 10
+    # No site, no certain pair: the workspace stays unnamed, and so do the allocations without
+    # a stack between the anchors around it (any of them could be the extra one); the rest keep
+    # their names.
+    assert module[at] == -1 and (module >= 0).mean() > 0.8
 
 
 def test_a_one_off_temporary_among_repeating_events_takes_no_label():
@@ -230,7 +231,7 @@ def test_mutated_steps_never_get_a_wrong_label():
         _never_wrong(module, truth_module)
         _never_wrong(phase, truth_phase)
         labelled += int((module >= 0).sum())
-    assert labelled > 200  # and labels are not all gone
+    assert labelled > 200 * 5  # and most labels stay
 
 
 def test_a_step_that_pairs_less_than_half_keeps_its_own_labels():

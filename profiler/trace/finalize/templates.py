@@ -21,8 +21,10 @@ capture's position markers), first rule that applies:
    (`unambiguous`): a one-off among backward's stackless allocations, a layer skipped
    among layers run by one loop. Nor are events whose key occurs more often in one step
    than in the other, or that are not the k-th occurrence of their key in both: any
-   occurrence could be the extra one. The step counts as aligned when at least half its
-   allocations end up paired.
+   occurrence could be the extra one. Pairs of keys that pass this over the whole steps
+   anchor windows, and a key that fails it over the whole steps may still pair inside a
+   window where it passes, so a one-off costs labels only between the anchors around it.
+   The step counts as aligned when at least half its allocations end up paired.
 4. none: the step keeps what it had (backward and optimizer phases, no modules).
 
 Certainty (finalize/pairing.py): a proposed pair holds only when the two blocks'
@@ -294,7 +296,15 @@ def unambiguous(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for k in np.flatnonzero((np.diff(ends_a) > 1) | (np.diff(ends_b) > 1)).tolist():
         _mark_slides(a, ends_a[k] + 1, ends_a[k + 1], drop_a)
         _mark_slides(b, ends_b[k] + 1, ends_b[k + 1], drop_b)
-    keep = ~drop_a[ia] & ~drop_b[ib] & _same_occurrence(a, b, ia, ib)
+    keep = ~drop_a[ia] & ~drop_b[ib]
+    ia, ib = ia[keep], ib[keep]
+    # Pairs whose key occurs as often in both steps anchor windows; inside each window
+    # between two anchors, a key must occur as often on both sides.
+    anchor = _same_occurrence(a, b, ia, ib)
+    wa = np.searchsorted(ia[anchor], np.arange(len(a)), side="right")
+    wb = np.searchsorted(ib[anchor], np.arange(len(b)), side="right")
+    span = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    keep = anchor | _same_occurrence(wa * span + a, wb * span + b, ia, ib)
     return ia[keep], ib[keep]
 
 
@@ -302,6 +312,8 @@ def _same_occurrence(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarra
     """Per pair: whether its key occurs as often in a as in b, and the pair joins its k-th
     occurrence in a with its k-th in b. Where a key occurs more often in one step, any of
     its occurrences could be the extra one."""
+    if not len(ia):
+        return np.zeros(0, bool)
     values, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
     count_a = np.bincount(inverse[: len(a)], minlength=len(values))
     count_b = np.bincount(inverse[len(a) :], minlength=len(values))
