@@ -10,7 +10,9 @@ are unattributed, for one of these reasons:
                     matched those allocations (profiler/trace/finalize/templates.py)
     unpaired        made in a step filled from a hooked step, but no hooked allocation
                     pairs with them for certain (a one-off such as a workspace, or a site
-                    that repeats or has no stack) and their site had no single module
+                    that repeats or has no stack) and their site had no single module;
+                    an allocation whose stack allocated only outside modules in hooked
+                    steps counts as outside_module instead
     outside_module  made in a hooked step outside any module (the input batch, a loss
                     computed outside the model)
     before_capture  allocated before the capture began
@@ -58,7 +60,10 @@ def unattributed_at_peak(trace, lt: Lifetimes | None = None) -> dict:
     reason[_unhooked(trace, step)] = "modules_off" if _modules_off(trace) else "unhooked"
     filled = trace.meta.get("template_steps")
     if isinstance(filled, list) and filled:
-        reason[np.isin(step, filled) & (reason == "unhooked")] = "unpaired"
+        in_filled = np.isin(step, filled) & (reason == "unhooked")
+        outside = _sites_always_outside(trace, alloc[in_filled])
+        reason[np.flatnonzero(in_filled)[outside]] = "outside_module"
+        reason[np.flatnonzero(in_filled)[~outside]] = "unpaired"
     reason[alloc < 0] = "before_capture"
     reasons = []
     for name in REASONS:
@@ -67,6 +72,20 @@ def unattributed_at_peak(trace, lt: Lifetimes | None = None) -> dict:
             made_in = sorted(int(s) for s in np.unique(step[mine]) if s >= 0)
             reasons.append({"reason": name, "bytes": int(size[mine].sum()), "steps": made_in})
     return {"allocated_bytes": total, "unattributed_bytes": int(size.sum()), "reasons": reasons}
+
+
+def _sites_always_outside(trace, alloc: np.ndarray) -> np.ndarray:
+    """Per allocation (event index): whether its stack allocated in hooked steps, always
+    outside any module (then a template step's copy is outside one too, not unpaired)."""
+    ev = trace.events
+    stack = int_column(ev, "stack_id", fill=-1)
+    hooked = ~_unhooked(trace, int_column(ev, "step", fill=-1))
+    allocs = (ev["action"].astype(str) == "alloc").to_numpy() & hooked & (stack >= 0)
+    named = ev["module"].notna().to_numpy()
+    seen = np.unique(stack[allocs])
+    ever_named = np.unique(stack[allocs & named])
+    mine = stack[alloc]
+    return np.isin(mine, seen) & ~np.isin(mine, ever_named)
 
 
 def _modules_off(trace) -> bool:
