@@ -21,9 +21,11 @@ capture's position markers), first rule that applies:
    (`unambiguous`): a one-off among backward's stackless allocations, a layer skipped
    among layers run by one loop. Nor are events whose key occurs more often in one step
    than in the other, or that are not the k-th occurrence of their key in both: any
-   occurrence could be the extra one. Pairs of keys that pass this over the whole steps
-   anchor windows, and a key that fails it over the whole steps may still pair inside a
-   window where it passes, so a one-off costs labels only between the anchors around it.
+   occurrence could be the extra one. Nor are events whose surrounding keys (4 on each
+   side) differ between the steps. Pairs that pass both over the whole steps, and pairs
+   whose surrounding keys occur once in each step, anchor windows; a key that fails the
+   count over the whole steps may still pair inside a window where it passes, so a
+   one-off costs labels only between the anchors around it.
    The step counts as aligned when at least half its allocations end up paired.
 4. none: the step keeps what it had (backward and optimizer phases, no modules).
 
@@ -300,12 +302,35 @@ def unambiguous(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ia, ib = ia[keep], ib[keep]
     # Pairs whose key occurs as often in both steps anchor windows; inside each window
     # between two anchors, a key must occur as often on both sides.
-    anchor = _same_occurrence(a, b, ia, ib)
+    alike, unique = _context(a, b, ia, ib)
+    anchor = (_same_occurrence(a, b, ia, ib) & alike) | unique
     wa = np.searchsorted(ia[anchor], np.arange(len(a)), side="right")
     wb = np.searchsorted(ib[anchor], np.arange(len(b)), side="right")
     span = int(max(a.max(initial=0), b.max(initial=0))) + 1
-    keep = anchor | _same_occurrence(wa * span + a, wb * span + b, ia, ib)
+    keep = anchor | (_same_occurrence(wa * span + a, wb * span + b, ia, ib) & alike)
     return ia[keep], ib[keep]
+
+
+_CONTEXT = 4  # events on each side of a pair that must match for its context to count
+
+
+def _context(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: whether the keys around it (_CONTEXT each side, fewer at the ends) are the
+    same in both steps; and whether that stretch also occurs nowhere else in either step."""
+    width = 2 * _CONTEXT + 1
+    pad = np.full(_CONTEXT, -1, np.int64)
+    pa, pb = np.concatenate([pad, a, pad]), np.concatenate([pad, b, pad])  # steps start and end alike
+    windows = np.concatenate([np.lib.stride_tricks.sliding_window_view(x, width) for x in (pa, pb)])
+    if not len(ia):
+        return np.zeros(0, bool), np.zeros(0, bool)
+    _, ids = np.unique(windows, axis=0, return_inverse=True)
+    ids = ids.reshape(-1)
+    ida, idb = ids[: len(a)], ids[len(a) :]
+    count_a = np.bincount(ida, minlength=int(ids.max()) + 1)
+    count_b = np.bincount(idb, minlength=int(ids.max()) + 1)
+    x, y = ida[ia], idb[ib]
+    alike = x == y
+    return alike, alike & (count_a[x] == 1) & (count_b[x] == 1)
 
 
 def _same_occurrence(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
@@ -342,10 +367,17 @@ def _mark_slides(keys: np.ndarray, g0: int, g1: int, drop: np.ndarray) -> None:
 
 
 def _common_run(x: np.ndarray, y: np.ndarray) -> int:
-    """How many leading elements x and y have in common."""
+    """How many leading elements x and y have in common (compared in growing chunks: runs are
+    mostly short, and a gap tries this once per event in it)."""
     n = min(len(x), len(y))
-    differ = x[:n] != y[:n]
-    return int(np.argmax(differ)) if differ.any() else n
+    start, chunk = 0, 16
+    while start < n:
+        end = min(n, start + chunk)
+        differ = x[start:end] != y[start:end]
+        if differ.any():
+            return start + int(np.argmax(differ))
+        start, chunk = end, chunk * 4
+    return n
 
 
 def align(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
