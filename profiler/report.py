@@ -67,7 +67,7 @@ _RUN_KEYS = ("run_id", "name", "backend", "device", "torch_version", "status", "
 
 
 def build_report(trace, top: int = 10) -> dict:
-    """Everything the report shows, as plain JSON-ready values (ints stay exact)."""
+    """Everything the report shows, as plain JSON-ready values (ints stay exact); see _with_warnings."""
     from profiler.analysis.categories import category_at_peak
     from profiler.analysis.explain import explain
     from profiler.analysis.fragmentation import fragmentation_at_peak
@@ -86,12 +86,8 @@ def build_report(trace, top: int = 10) -> dict:
     p = peak(trace, lt)
     modules = module_table(trace, lt=lt)
     check_module_peaks(trace, modules, p.allocated_bytes)
-    busy = (
-        modules[
-            ["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "peak_contribution_bytes"]
-        ].sum(axis=1)
-        > 0
-    )
+    allocating = ["forward_alloc_bytes", "backward_alloc_bytes", "recompute_alloc_bytes", "peak_contribution_bytes"]
+    busy = modules[allocating].sum(axis=1) > 0
     cats = category_at_peak(trace, lt)
     allocator_max = s["allocator_max_allocated_bytes"]
     report = plain(
@@ -123,9 +119,7 @@ def build_report(trace, top: int = 10) -> dict:
     )
     if not trace.kv.empty:  # only runs with KV caches have the section
         report["kv"] = kv_caches(trace)
-    if warnings:  # only a trace that does not add up has them
-        report["warnings"] = warnings
-    return report
+    return _with_warnings(report, trace, lt, warnings)
 
 
 def kv_caches(trace) -> list[dict]:
@@ -135,6 +129,58 @@ def kv_caches(trace) -> list[dict]:
     from profiler.analysis.kv import kv_summary, kv_table
 
     return plain(kv_summary(kv_table(trace), trace.meta.get("kv_shapes")).to_dict("records"))
+
+
+def _with_warnings(report: dict, trace, lt, integrity: list[str]) -> dict:
+    """The report with "warnings" added when something warrants one: the trace's own
+    inconsistencies (profiler.analysis.integrity), then bytes at the peak that no
+    label explains (attribution_warnings)."""
+    from profiler.analysis.attribution import unattributed_at_peak
+
+    warnings = [dict(reason="integrity", message=m) for m in integrity]
+    warnings += attribution_warnings(unattributed_at_peak(trace, lt), report["peak"]["step"])
+    return report | {"warnings": plain(warnings)} if warnings else report
+
+
+WARN_SHARE = 0.01  # a reason warns once it explains this share of the bytes at the peak
+_WHY = {
+    "unpaired": "{steps} ran unhooked, and these allocations pair with no hooked one for certain "
+    "(a one-off buffer, or an allocation site that repeats or has no stack); "
+    "rerun with --hooked-steps all (hooked_steps=None)",
+    "unhooked": "{steps} ran unhooked and no hooked step matched these allocations; "
+    "rerun with --hooked-steps all (hooked_steps=None)",
+    "modules_off": "this capture ran without module hooks (modules=False)",
+    "outside_module": "made outside any module in {steps} (an input batch, or a loss computed outside the model)",
+    "before_capture": "allocated before the capture began",
+}
+
+
+def attribution_warnings(unattributed: dict, peak_step: int | None) -> list[dict]:
+    """One warning per reason (profiler.analysis.attribution) that leaves at least WARN_SHARE
+    of the bytes at the peak with no module, no role and no optimizer or user phase."""
+    total = unattributed["allocated_bytes"]
+    out = []
+    for r in unattributed["reasons"]:
+        share = r["bytes"] / total if total else 0.0
+        if share < WARN_SHARE:
+            continue
+        at = "" if peak_step is None else f" (step {peak_step})"
+        why = _WHY[r["reason"]].format(steps=step_ranges(r["steps"]))
+        message = f"{100 * share:.0f}% of bytes at the peak{at} have no module: {why}"
+        out.append(dict(reason=r["reason"], bytes=r["bytes"], share=share, steps=r["steps"], message=message))
+    return out
+
+
+def step_ranges(steps: list[int]) -> str:
+    """ "step 7", "steps 3-5, 9": runs of consecutive steps as ranges."""
+    runs: list[list[int]] = []
+    for s in steps:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return ("step " if len(steps) == 1 else "steps ") + text if steps else "steps before the first"
 
 
 # -- the text -------------------------------------------------------------------------
@@ -286,7 +332,7 @@ def _kv(r: dict) -> list[str]:
 
 def render(report: dict) -> str:
     """The report as aligned plain text."""
-    header = _header(report) + [f"  warning: {w}" for w in report.get("warnings", [])]
+    header = _header(report) + [f"  warning: {w['message']}" for w in report.get("warnings", [])]
     sections = [header, _peak(report), _modules(report), _categories(report), _fragmentation(report)]
     if report.get("explanation", {}).get("has_segments"):
         sections.append(render_explanation(report["explanation"]))

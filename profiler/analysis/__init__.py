@@ -11,6 +11,7 @@ Nothing here prints, plots or opens a file: profiler.trace reads a run into a Tr
     live            what is alive at a moment, and breakdowns of it
     modules         per-module forward / backward / retained / peak bytes, and subtree roll-ups
     categories      bytes per category over time, at the peak, and each category's own peak
+    attribution     bytes at the peak that no module, role or phase explains, and why
     fragmentation   the allocator's address space replayed: free space, splits, largest free block
     summary         one run's headline facts (profiler.trace.summary_cache keeps them in summary.json)
     compare         the differences between runs, from their summaries; memory saved and speed change

@@ -177,7 +177,7 @@ class CudaBackend:
     def _stack_ids(self, trace: list) -> list:
         # Frame lists arrive as distinct objects; a tuple of their frame dicts' ids is a
         # cheap key within one snapshot, and content is interned once per new key.
-        by_ids: dict[tuple, int] = {}
+        by_ids: dict[tuple, int | None] = {}
         out: list[int | None] = []
         intern = self.interner
         compiled = self.compiled
@@ -187,11 +187,10 @@ class CudaBackend:
                 out.append(None)
                 continue
             key = tuple(map(id, frames))
-            sid = by_ids.get(key)
-            if sid is None:
-                sid = intern.stack(tuple(intern.frame(f["filename"], f["line"], f["name"]) for f in frames))
-                by_ids[key] = sid
-                if compiled is not None:
+            sid = by_ids.get(key, -1)
+            if sid == -1:
+                sid = by_ids[key] = intern.stack_of_frames(frames)
+                if compiled is not None and sid is not None:
                     compiled.see_stack(sid, frames)
             out.append(sid)
         return out
@@ -266,11 +265,7 @@ class CudaBackend:
                 continue
             for blk in seg["blocks"]:
                 frames = blk.get("frames") if self.stacks else None
-                sid = None
-                if frames:
-                    sid = self.interner.stack(
-                        tuple(self.interner.frame(f["filename"], f["line"], f["name"]) for f in frames)
-                    )
+                sid = self.interner.stack_of_frames(frames) if frames else None
                 for k, v in (
                     ("snapshot", kind),
                     ("ts_us", ts_us),

@@ -48,8 +48,8 @@ class TraceFeed:
         self._meta_at = now
         return True
 
-    def drain(self, step: int, with_segments: bool = False) -> None:
-        """Move new events (labelled `step`) and buffered rows to the writer."""
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        """Move new events (labelled `step`) and buffered rows to the writer; returns the events' columns."""
         failure = getattr(self.backend, "failure", None)
         if failure is not None:  # the backend stopped recording on an error of ours: so does the capture
             raise failure
@@ -59,6 +59,7 @@ class TraceFeed:
             self.events_since_boundary += len(cols["ts_us"])
             self.writer.append("events", cols)
         self.push_rows()
+        return cols
 
     def push_rows(self) -> None:
         """Move new stacks and buffered rows (not events) to the writer."""

@@ -6,6 +6,12 @@ New frames and stacks since the last call are handed to the writer in batches.
 
 from __future__ import annotations
 
+import os
+
+# vramscope's own frames (the module-hook wrapper around every module call) are left out
+# of stacks, so that an allocation's stack is the same whether or not hooks ran.
+OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class StackInterner:
     def __init__(self) -> None:
@@ -28,6 +34,11 @@ class StackInterner:
             sid = self._stack_ids[frame_ids] = len(self._stack_ids)
             self._new_stacks.append((sid, list(frame_ids)))
         return sid
+
+    def stack_of_frames(self, frames: list[dict]) -> int | None:
+        """The stack id of torch's frame dicts (filename, line, name), without vramscope's own frames."""
+        ids = tuple(self.frame(f["filename"], f["line"], f["name"]) for f in frames if not _own(f["filename"]))
+        return self.stack(ids) if ids else None
 
     def take_new(self) -> tuple[dict | None, dict | None]:
         """Columns of frames and stacks added since the last call (None when none)."""
@@ -85,3 +96,7 @@ class PythonStacks:
         if code.co_filename.startswith(self.skip_prefix):
             return -1
         return self.interner.frame(code.co_filename, line or 0, code.co_name)
+
+
+def _own(filename: str) -> bool:
+    return filename.startswith(OWN_DIR + os.sep)

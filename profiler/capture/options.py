@@ -34,8 +34,9 @@ class CaptureOptions:
     modules: bool = True
     """Module hooks: False is cheaper, and allocations then carry phases but no module."""
     hooked_steps: tuple[int, int] | None = (3, 50)
-    """(first, every): module hooks run in the first `first` steps and every `every`-th
-    step after; other steps borrow their modules from an identical hooked step
+    """(first, every): module hooks run in the first `first` steps, every `every`-th step,
+    and the step after one that was new or set a new peak (profiler/capture/sampling.py);
+    other steps borrow their modules and phases from a hooked step
     (profiler/trace/finalize/templates.py). None hooks every step."""
     max_entries: int = 1_000_000
     """Size of the CUDA allocator's history ring between two drains."""

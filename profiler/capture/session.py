@@ -27,6 +27,7 @@ from profiler.capture.modules import user_path
 from profiler.capture.options import CaptureOptions
 from profiler.capture.parts import CaptureParts, open_parts
 from profiler.capture.roles import named_grads, named_states
+from profiler.capture.sampling import HookSampling
 from profiler.trace.schema import Phase, SnapshotKind
 from profiler.trace.writer import TraceWriter
 
@@ -66,6 +67,7 @@ class Profiler:
         self._hooks_on = False
         self.capturing = False  # entered, not yet left, and not stopped by a failure of ours
         self.failure: str | None = None  # why the capture stopped early (meta.json's capture_error)
+        self._sampling = HookSampling(self.options, steps_exact=True)  # made again for the backend at start
         self._run: CaptureParts | None = None  # made by _start
         self._remove_optimizer_hooks = self._restore_backward = self._restore_signals = lambda: None
 
@@ -99,7 +101,8 @@ class Profiler:
         self._awaiting_dist_facts = rank is not None
         run = self._run = open_parts(self, opts, rank, make_backend)
         self.run_dir = run.writer.run_dir
-        self._set_module_hooks(opts.modules)
+        self._sampling = HookSampling(opts, steps_exact=run.backend.positions_need_drain)  # drains per step
+        self._set_module_hooks(self._sampling.hooks(0))
         self._remove_optimizer_hooks = hook_optimizer_steps(self._on_optimizer_start, self._on_optimizer_end)
         self._restore_backward = patch_backward(self.enter_phase, run.tracer, run.backend, keep_stacks=dynamo_compiled)
         run.install()
@@ -286,20 +289,19 @@ class Profiler:
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
             self._drain(flush=False)  # the drain below flushes both
+        self._sampling.step_ended(self.step_index, self._hooks_on, row.get("max_allocated_bytes"))
         self.step_index += 1
         pos = backend.position(self.step_index)
         row.update(events_seen=backend.events_seen, events_dropped=backend.dropped)
         feed.buffer("steps", **row)
-        # Once dynamo has compiled, hooks stay as they are: its guards cover the tracer's
-        # wrapper, so each change would recompile every compiled graph.
-        opts = self.options
-        hooked = opts.modules and opts.hooks_step(self.step_index)
-        self._set_module_hooks(self._hooks_on if dynamo_compiled() else hooked)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        run.tracer.retag()
         if backend.drain_every_step or feed.due(self.options.drain_interval_s):
-            self._drain()
+            self._drain()  # before deciding: the sampling learns from the drained steps
+        # Once dynamo compiled, hooks stay: its guards cover them, a change would recompile.
+        hooked = self._sampling.hooks(self.step_index)
+        self._set_module_hooks(self._hooks_on if dynamo_compiled() else hooked)
+        run.tracer.retag()
         self._capture_s += time.perf_counter() - t0
         return pos
 
@@ -320,7 +322,7 @@ class Profiler:
     def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
         """Move new allocator events and buffered rows to the writer; flush the journals."""
         run = self._parts
-        run.feed.drain(self.step_index, with_segments)
+        self._sampling.observe(run.feed.drain(self.step_index, with_segments))
         if flush:
             run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
 
@@ -349,7 +351,7 @@ class Profiler:
     def _unhook(self) -> None:
         """Take out every hook but the optimizer's (failure.stop_capture says why)."""
         self._restore_backward()
-        self._set_module_hooks(False)
+        self._parts.tracer.remove()  # _hooks_on stays: the last step's row says whether it was hooked
         self._parts.uninstall()
 
     def _finish(self, status: str, exc) -> None:
@@ -385,15 +387,14 @@ def profile(
 ) -> Profiler:
     """Capture memory events into a trace directory under `out`.
 
-    `name` labels the run, `config` records what the run toggled (shown in
-    comparisons). `backend` is "auto" (CUDA when available), "cuda" or "cpu".
-    `stacks` records Python stacks for allocations; `modules=False` skips module
-    hooks (cheaper; allocations then carry phases but no module). `hooked_steps=(first,
-    every)` runs module hooks in the first steps and every `every`-th step; the
-    other steps take their modules from an identical hooked step (None: every step).
-    `**kw`: the other fields of CaptureOptions (run_id, subdir, extra_meta).
-    Use as `with profile(...) as prof:` or as a decorator. Steps end at optimizer steps, at
-    no_grad forwards (capture/inference.py) or at `prof.step()`. Bad options raise CaptureOptionError here.
+    `name` labels the run, `config` records what the run toggled (shown in comparisons).
+    `backend` is "auto" (CUDA when available), "cuda" or "cpu". `stacks` records Python
+    stacks; `modules=False` skips module hooks (allocations then carry phases, no module).
+    `hooked_steps=(first, every)` hooks modules in the first steps, every `every`-th step and
+    the step after a new kind of step or a new peak (capture/sampling.py); other steps take
+    modules and phases from a hooked step (None: every step). `**kw`: CaptureOptions' other
+    fields. Use as `with profile(...) as prof:` or as a decorator. Steps end at optimizer
+    steps, no_grad forwards or `prof.step()`. Bad options raise CaptureOptionError here.
     """
     named = {k: v for k, v in locals().items() if k != "kw"}  # the arguments above, by name
     return Profiler(**named, **kw)

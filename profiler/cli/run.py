@@ -52,6 +52,15 @@ def add_arguments(parser) -> None:
         "--no-stacks", action="store_true", help="do not record Python stacks (cheaper, no Stacks view)"
     )
     parser.add_argument(
+        "--hooked-steps",
+        type=hooked_steps,
+        default=(3, 50),
+        metavar="all|FIRST,EVERY",
+        help="which steps run module hooks: all, or the first FIRST steps and every EVERY-th "
+        "(plus, adaptively, the step after a new kind of step or a new peak); the others take "
+        "modules and phases from a hooked step (default: 3,50)",
+    )
+    parser.add_argument(
         "--config",
         action="append",
         default=[],
@@ -68,6 +77,20 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "target", nargs=argparse.REMAINDER, metavar="script.py [ARGS]", help="the script to run, then its arguments"
     )
+
+
+def hooked_steps(text: str) -> tuple[int, int] | None:
+    """`all` (None: every step hooked) or `FIRST,EVERY`, two ints >= 0."""
+    if text.strip() == "all":
+        return None
+    first, sep, every = text.partition(",")
+    try:
+        value = (int(first), int(every))
+    except ValueError:
+        value = None
+    if not sep or value is None or min(value) < 0:
+        raise argparse.ArgumentTypeError(f"expected all or FIRST,EVERY (two ints >= 0), not {text!r}")
+    return value
 
 
 def _parse_config(items: list[str]) -> dict:
@@ -223,6 +246,7 @@ def run(args) -> int:
             config=config,
             backend=args.backend,
             stacks=not args.no_stacks,
+            hooked_steps=args.hooked_steps,
             extra_meta=dict(command=target.command),
         )
         try:

@@ -185,7 +185,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
             "modules_hooked",
             pa.bool_(),
             "whether module hooks ran in this step; when they did not, "
-            "modules and phases come from an identical hooked step (finalize/templates.py)",
+            "modules and phases come from a hooked step (finalize/templates.py)",
             required=False,
         ),
     ),

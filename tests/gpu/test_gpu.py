@@ -65,7 +65,8 @@ def gpt_run(tmp_path_factory):
     _fresh_gpu()
     model, opt, run = _gpt_step_fn(steps=6)
     out = tmp_path_factory.mktemp("traces")
-    # Steps 0-1 run module hooks; 2-5 borrow attribution from an identical hooked step.
+    # Steps 0-1 run module hooks (and a step after a new peak); the rest borrow attribution
+    # from a hooked step with the same allocation sites.
     with profiler.profile(out=out, name="gpt2-small-bf16", hooked_steps=(2, 50)) as prof:
         run()
     torch_peak = torch.cuda.max_memory_allocated()
@@ -142,12 +143,71 @@ def test_backward_allocations_carry_their_module(gpt_run):
     run_dir, _ = gpt_run
     ev, _ = load_events(run_dir)
     roles = pq.read_table(run_dir / "roles.parquet").to_pandas()
+    steps = pq.read_table(run_dir / "steps.parquet").to_pandas()
+    unhooked = int(steps["step"][~steps["modules_hooked"].astype(bool) & (steps["step"] < 5)].max())
     checked = wrong = 0
-    for step in (0, 4):  # a hooked step and one attributed from a template
+    for step in (0, unhooked):  # a hooked step and one attributed from a template
         c, w = _check_gradient_modules(ev, roles, step)
         checked, wrong = checked + c, wrong + w
     _save("backward_attribution", dict(gradients_checked=checked, wrong=wrong))
     assert checked > 200 and wrong == 0
+
+
+def test_a_longer_batch_outside_the_hooked_steps_is_attributed(tmp_path):
+    """The tiny GPT on CUDA, accumulating 2 micro-batches; step 7's are 4x longer and set the
+    peak. The same loop runs sampled and fully hooked, each in a fresh process (so lazily made
+    cuBLAS workspaces come in both alike): per (module, phase, category), the bytes alive at the
+    peak must agree, or the sampled run's must have no module. Never a label the full run lacks."""
+    import pandas as pd
+
+    from profiler.trace.reader import load_trace
+
+    script = tmp_path / "long_batch.py"
+    script.write_text(_LONG_BATCH_SCRIPT)
+    runs = {}
+    for name, hooked in (("sampled", "3,50"), ("full", "all")):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "profiler.cli", "run", "--out", str(out), "--hooked-steps", hooked, str(script)]
+        subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+        (run_dir,) = [p.parent for p in out.rglob("meta.json")]
+        runs[name] = load_trace(run_dir)
+    mine, truth = (_bytes_by_label(runs[n]) for n in ("sampled", "full"))
+    diff = pd.concat({"sampled": mine, "full": truth}, axis=1).fillna(0).astype("int64")
+    differ = diff[diff["sampled"] != diff["full"]]
+    named = float(mine[mine.index.get_level_values("module") != "-"].sum() / mine.sum())
+    _save("sampled_peak", dict(named_share=named, differing=differ.reset_index().to_dict("records")))
+    print(f"\nbytes at the peak per (module, phase, category) that differ:\n{differ.to_string()}")
+    gained = differ[differ["sampled"] > differ["full"]]
+    assert set(gained.index.get_level_values("module")) <= {"-"}, differ.to_string()
+    assert int(mine.sum()) == int(truth.sum())
+
+
+_LONG_BATCH_SCRIPT = """
+import torch
+from workloads.model import GPT, preset
+
+torch.manual_seed(0)
+cfg = preset("tiny")
+model = GPT(cfg).cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+g = torch.Generator(device="cuda").manual_seed(1)
+for step in range(10):
+    for _ in range(2):
+        idx = torch.randint(cfg.vocab_size, (4, 64 if step == 7 else 16), device="cuda", generator=g)
+        (model(idx, idx)[1] / 2).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+"""
+
+
+def _bytes_by_label(trace):
+    """Bytes alive at the peak per (module, phase, category); "-" for none."""
+    from profiler.analysis.live import alive_at_peak
+
+    live = alive_at_peak(trace)[["module", "phase", "category", "size_bytes"]].copy()
+    for c in ("module", "phase", "category"):
+        live[c] = live[c].astype(object).where(live[c].notna(), "-")
+    return live.groupby(["module", "phase", "category"])["size_bytes"].sum()
 
 
 def _check_gradient_modules(ev, roles, step):

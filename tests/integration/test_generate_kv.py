@@ -178,12 +178,11 @@ def test_sampled_hooks_come_back_inside_a_decode_step(tmp_path):
     assert hooked == [True, True, False, False, True, False]
     ev = trace.events
     kv_allocs = ev[(ev["action"] == "alloc") & (ev["category"] == "kv_cache")]
-    for step, on in enumerate(hooked):
+    for step in range(len(hooked)):
+        # Hooks installed at the step's start, inside the model's call, still see its layers; an
+        # unhooked step takes them from a hooked step with the same allocation sites.
         modules = kv_allocs[kv_allocs["step"] == step]["module"]
-        if on:  # hooks installed at the step's start, inside the model's call, still see its layers
-            assert modules.astype(str).str.fullmatch(r"model\.layers\.\d\.self_attn").all(), step
-        else:
-            assert modules.isna().all(), step
+        assert len(modules) and modules.astype(str).str.fullmatch(r"model\.layers\.\d\.self_attn").all(), step
     assert (trace.modules["depth"] == 0).sum() == 1  # no layer was taken for a root
 
 

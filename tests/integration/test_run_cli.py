@@ -247,6 +247,9 @@ def test_module_sees_what_python_dash_m_gives(tmp_path):
         (["run", "--config", "novalue", "SCRIPT"], "--config expects KEY=VALUE"),
         (["run", "-m"], "-m needs a module"),
         (["run", "-m", "no_such_module_xyz", "--flag"], "no module named no_such_module_xyz"),
+        (["run", "--hooked-steps", "3", "SCRIPT"], "--hooked-steps: expected all or FIRST,EVERY"),
+        (["run", "--hooked-steps", "3,-1", "SCRIPT"], "--hooked-steps: expected all or FIRST,EVERY"),
+        (["run", "--hooked-steps", "some", "SCRIPT"], "--hooked-steps: expected all or FIRST,EVERY"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, third_party, args, message):
@@ -258,3 +261,22 @@ def test_bad_arguments_are_one_line_errors(tmp_path, third_party, args, message)
     assert len(lines) == 1 and lines[0].startswith("vramscope: error: "), proc.stderr
     assert message in lines[0]
     assert not out.exists()  # nothing captured
+
+
+# 1,3: steps 0 and 3, and step 2, after step 1 ran unhooked code no step ran before
+# (Adam's state exists from step 1 on).
+@pytest.mark.parametrize("value, hooked", [("all", [True] * 5), ("1,3", [True, False, True, True, False])])
+def test_hooked_steps_choose_the_steps_with_module_hooks(tmp_path, third_party, value, hooked):
+    out = tmp_path / "traces"
+    args = ("run", "--backend", "cpu", "--out", out, "--hooked-steps", value, third_party, "--steps", "5")
+    proc = _vramscope(*args, "--out", tmp_path / "seen.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    trace = load_trace(_only_run(out))
+    assert trace.meta["capture"]["hooked_steps"] == (None if value == "all" else [1, 3])
+    assert trace.steps["modules_hooked"].tolist()[:5] == hooked
+    # Every step, hooked or not, has its modules and its forward.
+    for s in range(5):
+        phases = trace.phases[trace.phases["step"] == s]["phase"].astype(str).tolist()
+        assert phases == ["forward", "backward", "optimizer"], (s, phases)
+        allocs = trace.events[(trace.events["step"] == s) & (trace.events["action"] == "alloc")]
+        assert {"encoder.0", "head"} <= set(allocs["module"].dropna().astype(str)), s

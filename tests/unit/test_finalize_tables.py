@@ -126,7 +126,55 @@ def test_unhooked_steps_take_modules_from_templates():
     facts: dict = {}
     out = tables.finalize_tables(_raw(events, steps=steps), {"backend": "cpu"}, facts)
     assert out["events"].column("module").to_pylist() == ["l1", "l1"]
-    assert facts == {"steps_from_template": 1, "steps_without_template": 0}
+    assert facts == {
+        "steps_from_template": 1,
+        "steps_without_template": 0,
+        "steps_aligned_to_template": 0,
+        "events_without_template": 0,
+        "template_steps": [1],
+    }
+
+
+def test_a_template_filled_step_gets_forward_rows_in_the_phases_table():
+    """Step 1 ran unhooked with bigger tensors: its events take step 0's phases and
+    modules, and its phase rows are rebuilt from them (the capture saw one long backward)."""
+    f0, b0 = make_tag("forward", "l1"), make_tag("backward", "l1")
+    f1, b1 = make_tag(None, None), make_tag("backward", None)  # no hooks: no module, no forward
+    events = [
+        ("alloc", 0x10, 100, 0, f0),  # ts 0
+        ("alloc", 0x20, 100, 0, f0),
+        ("free_completed", 0x20, 100, 0, f0),
+        ("alloc", 0x30, 100, 0, b0),  # ts 3
+        ("free_completed", 0x10, 100, 0, b0),
+        ("free_completed", 0x30, 100, 0, b0),
+        ("alloc", 0x10, 400, 1, f1),  # ts 6
+        ("alloc", 0x20, 400, 1, f1),
+        ("free_completed", 0x20, 400, 1, f1),
+        ("alloc", 0x30, 400, 1, b1),  # ts 9
+        ("free_completed", 0x10, 400, 1, b1),
+        ("free_completed", 0x30, 400, 1, b1),
+    ]
+    steps = [
+        dict(step=0, ts_us=5, allocated_bytes=0, modules_hooked=True),
+        dict(step=1, ts_us=11, allocated_bytes=0, modules_hooked=False),
+    ]
+    raw = _raw(events, steps=steps)
+    raw["events"] = raw["events"].set_column(7, "stack_id", pa.array([1, 2, 2, 3, 1, 3] * 2, pa.int64()))
+    captured = [(0, "forward", 0, 3), (0, "backward", 3, 5), (1, "backward", 9, 11)]
+    raw["phases"] = pa.table(
+        dict(zip(("step", "phase", "ts_us_start", "ts_us_end"), map(list, zip(*captured)))),
+        schema=schema.JOURNALS["phases"],
+    )
+    facts: dict = {}
+    out = tables.finalize_tables(raw, {"backend": "cpu"}, facts)
+    assert facts["steps_aligned_to_template"] == 1 and facts["steps_without_template"] == 0
+    assert out["events"].column("module").to_pylist() == ["l1"] * 12
+    assert out["events"].column("phase").to_pylist() == (["forward"] * 3 + ["backward"] * 3) * 2
+    rows = out["phases"].to_pylist()
+    assert [(r["step"], r["phase"], r["ts_us_start"], r["ts_us_end"]) for r in rows] == captured[:2] + [
+        (1, "forward", 6, 8),
+        (1, "backward", 9, 11),
+    ]
 
 
 def test_helpers():

@@ -4,7 +4,7 @@
                 the reader for a run that never finished
     markers     step boundaries and role positions from markers in the event stream
     blocks      allocator block sizes, replayed from requests and segments
-    templates   modules and phases for unhooked steps, from identical hooked steps
+    templates   modules and phases for unhooked steps, from hooked steps with the same allocation sites
     classify    each allocation's category
 
 Each step is a function over whole columns; none of them opens a file.

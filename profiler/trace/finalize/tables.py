@@ -19,8 +19,8 @@ from profiler.trace import schema
 from profiler.trace.finalize import markers
 from profiler.trace.finalize.blocks import AllocatorRules, BlockReplay, block_sizes
 from profiler.trace.finalize.classify import CATEGORY_VALUES, classify_events
-from profiler.trace.finalize.templates import fill_from_templates
-from profiler.trace.schema import STR
+from profiler.trace.finalize.templates import TemplateFill, fill_from_templates, phase_runs
+from profiler.trace.schema import STR, Phase
 from profiler.trace.tags import MARKER_PHASE, parse_tag
 
 
@@ -141,6 +141,10 @@ def _fill_markers(phase: np.ndarray) -> np.ndarray:
     return filled
 
 
+# Phases that module hooks decide; without hooks, "backward" lingers past its end.
+_HOOK_PHASES = (None, Phase.FORWARD.value, Phase.BACKWARD.value, Phase.RECOMPUTE.value)
+
+
 def _hooked_steps(steps: pa.Table) -> set[int] | None:
     """Steps whose module hooks ran; None when every step was hooked."""
     if not steps.num_rows or "modules_hooked" not in steps.column_names:
@@ -165,9 +169,14 @@ def finalize_tables(
     raw["events"], raw["roles"] = markers.resolve(raw["events"], raw["roles"])
     ev = raw["events"]
     action = _strings(ev, "action") if ev.num_rows else np.array([], object)
-    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = _event_tags(
-        ev, action, raw["steps"], facts
-    )
+    parts, fill = _event_tags(ev, action, raw["steps"])
+    (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = parts
+    if fill is not None:
+        facts.update(fill.counts())
+        # The tail after the last completed step (teardown) is no step the script ran: no spans.
+        completed = meta.get("steps_completed")
+        spans_for = {s for s in fill.filled_steps if not isinstance(completed, int) or s < completed}
+        raw["phases"] = _phases_with_templates(raw["phases"], ev, spans_for, phase_values, phase_codes)
     segments = raw["segments"]
     start = _start_snapshot(segments)
     block_bytes = _block_bytes(ev, action, start, meta, facts)
@@ -220,30 +229,71 @@ def _baseline_addresses(start: pa.Table) -> np.ndarray:
     return _column_np(start_live, "block_addr") if start_live.num_rows else np.array([], np.int64)
 
 
-def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table, facts: dict) -> list[tuple[list, np.ndarray]]:
-    """(values, per-event codes) of phase, module and hint, with unhooked steps filled from templates."""
+def _event_tags(ev: pa.Table, action: np.ndarray, steps: pa.Table) -> tuple[list, TemplateFill | None]:
+    """(values, per-event codes) of phase, module and hint, with unhooked steps filled from
+    templates; and what filling did (None when every step was hooked)."""
     if not ev.num_rows:
-        return [([], np.array([], np.int64)) for _ in range(3)]
+        return [([], np.array([], np.int64)) for _ in range(3)], None
     parts = _tag_parts(ev.column("tag"))
     hooked = _hooked_steps(steps)
     if hooked is None:
-        return parts
-    # Steps captured without module hooks borrow them from an identical hooked step.
+        return parts, None
+    # Steps captured without module hooks borrow them from a hooked step.
     (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = [
         (values, np.array(codes, copy=True)) for values, codes in parts
     ]
-    facts.update(
-        fill_from_templates(
-            step=_column_np(ev, "step"),
-            action=action,
-            size=_column_np(ev, "size_bytes"),
-            hooked_steps=hooked,
-            module=module_codes,
-            phase=phase_codes,
-            hint=hint_codes,
-        )
+    # Phases the capture sets without module hooks, and that do not linger into a forward.
+    own = [i for i, v in enumerate(phase_values) if v not in _HOOK_PHASES]
+    marker = phase_values.index(MARKER_PHASE) if MARKER_PHASE in phase_values else -2
+    fill = fill_from_templates(
+        step=_column_np(ev, "step"),
+        action=action,
+        size=_column_np(ev, "size_bytes"),
+        stack=_column_np(ev, "stack_id", fill=-1),
+        addr=_column_np(ev, "addr"),
+        hooked_steps=hooked,
+        module=module_codes,
+        phase=phase_codes,
+        hint=hint_codes,
+        phase_kept=np.isin(phase_codes, own),
+        skip=phase_codes == marker,
     )
-    return [(phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes)]
+    return [(phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes)], fill
+
+
+def _phases_with_templates(
+    phases: pa.Table, ev: pa.Table, filled: set[int], phase_values: list, phase_codes: np.ndarray
+) -> pa.Table:
+    """The phases table with the forward, backward and recompute spans of template-filled steps
+    rebuilt from their events' phases (the capture saw no forward there, only a long backward)."""
+    if not filled:
+        return phases
+    hook_codes = [i for i, v in enumerate(phase_values) if v in _HOOK_PHASES]
+    marker = phase_values.index(MARKER_PHASE) if MARKER_PHASE in phase_values else -2
+    step, code, start, end = phase_runs(
+        _column_np(ev, "step"),
+        _column_np(ev, "ts_us"),
+        phase_codes,
+        emit=np.isin(phase_codes, hook_codes),
+        considered=(phase_codes != marker) & (phase_codes >= 0),  # events with no phase split no span
+        steps=filled,
+    )
+    rows = pa.table(
+        {
+            "step": pa.array(step, pa.int32()),
+            "phase": pa.array([phase_values[c] for c in code.tolist()], pa.string()),
+            "ts_us_start": pa.array(start, pa.int64()),
+            "ts_us_end": pa.array(end, pa.int64()),
+        }
+    )
+    if phases.num_rows:
+        kept = [
+            not (s in filled and p in _HOOK_PHASES)
+            for s, p in zip(phases.column("step").to_pylist(), phases.column("phase").to_pylist())
+        ]
+        phases = phases.filter(pa.array(kept)).select(rows.column_names).cast(rows.schema)
+        rows = pa.concat_tables([phases, rows])
+    return rows.take(pc.sort_indices(rows, [("ts_us_start", "ascending")]))
 
 
 def _classify(

@@ -1,0 +1,144 @@
+"""Which steps run module hooks.
+
+Module hooks cost Python work per module call, so a capture with `hooked_steps=(first,
+every)` runs them only in some steps; finalize gives the other steps modules and phases
+from a hooked step (profiler/trace/finalize/templates.py). The rule (`hooks`): a step
+runs module hooks when
+
+1. it is one of `hooked_steps`: one of the first `first` steps, or a multiple of `every`;
+2. or the last step whose events were drained ran unhooked, and ran a sequence of
+   allocation sites that no earlier step ran (its block events' (action, stack id),
+   sizes aside): the step after it is hooked, so that this kind of step has a
+   template when it comes again. Each new sequence does this once, so steps that
+   alternate between two kinds hook once, not every other step;
+3. or the last step that ended set a new high-water mark of allocated bytes (its
+   max_allocated_bytes at the boundary passed every earlier boundary's): the steps
+   after a new peak are often alike, and each that is again new or again a peak
+   hooks the one after it.
+
+A step that already ran cannot be hooked after the fact: finalize labels it from a
+template. On CPU a step's events are drained when it ends, so rule 2 applies to the
+very next step; on CUDA they are drained on a timer, and rule 2 applies after that drain.
+
+Work happens per drain and per step end, over whole columns, never per allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from profiler.trace.finalize.markers import PREFIX as MARKER_PREFIX
+from profiler.trace.finalize.markers import parse_marker
+
+if TYPE_CHECKING:
+    from profiler.capture.options import CaptureOptions
+
+_CODES = {"alloc": 0, "free_requested": 1, "free_completed": 2}
+
+
+class HookSampling:
+    """The rule above, fed with drained event columns and step ends."""
+
+    def __init__(self, options: CaptureOptions, steps_exact: bool) -> None:
+        self.options = options
+        self.hooked_steps = options.hooked_steps
+        # True: drained events carry their own step (CPU drains before the index moves);
+        # False: steps come from the position markers in the stream (CUDA).
+        self._steps_exact = steps_exact
+        self._open: dict[int, hashlib.blake2b] = {}  # step -> digest of its sites so far
+        self._hooked: dict[int, bool] = {}  # ended steps not judged yet -> whether hooks ran
+        self._step = 0  # step of the latest drained event
+        self._complete_through = -1  # every event of steps up to here has been drained
+        self._seen: set[bytes] = set()
+        self._high_water: int | None = None
+        self._pending = False  # the next step is hooked by rule 2 or 3
+        self._failed = False  # a bug of ours turns rules 2 and 3 off, never the user's job
+
+    def hooks(self, step: int) -> bool:
+        """Whether module hooks run in `step`, about to start (see the module doc)."""
+        pending, self._pending = self._pending and not self._failed, False
+        return self.options.modules and (self.options.hooks_step(step) or pending)
+
+    def step_ended(self, step: int, hooked: bool, max_allocated_bytes: int | None) -> None:
+        """`step` ended (with module hooks or not), with the allocator's high-water mark then."""
+        if self.hooked_steps is None or self._failed:
+            return
+        try:
+            self._step_ended(step, hooked, max_allocated_bytes)
+        except Exception:  # noqa: BLE001 - see _failed
+            self._failed = True
+
+    def observe(self, cols: dict | None) -> None:
+        """Events just drained (writer columns): add them to their steps' site sequences."""
+        if self.hooked_steps is None or self._failed or not cols:
+            return
+        try:
+            self._observe(cols)
+        except Exception:  # noqa: BLE001 - see _failed
+            self._failed = True
+
+    def _step_ended(self, step: int, hooked: bool, max_allocated_bytes: int | None) -> None:
+        self._hooked[step] = hooked
+        if max_allocated_bytes is not None:
+            if self._high_water is not None and max_allocated_bytes > self._high_water:
+                self._pending = True
+            self._high_water = max(max_allocated_bytes, self._high_water or 0)
+        if self._steps_exact:
+            self._complete(step)
+
+    def _observe(self, cols: dict) -> None:
+        action = cols["action"]
+        n = len(action)
+        stacks = cols.get("stack_id")
+        stack = np.full(n, -1, np.int64) if stacks is None else _ints(stacks)
+        code = np.fromiter(map(_CODES.get, action, itertools.repeat(-1)), np.int8, n)  # -1: no block event
+        if self._steps_exact:
+            step = np.asarray(cols["step"], dtype=np.int64)
+        else:
+            step, is_marker = self._marker_steps(cols["tag"], n)
+            code[is_marker] = -1
+        keys = (stack + 1) * 3 + code
+        block = code >= 0
+        step, keys = step[block], keys[block]
+        cuts = np.flatnonzero(np.diff(step)) + 1
+        for part_step, part in zip(step[np.r_[0, cuts]].tolist() if len(step) else [], np.split(keys, cuts)):
+            digest = self._open.get(part_step)
+            if digest is None:
+                digest = self._open[part_step] = hashlib.blake2b(digest_size=16)
+            digest.update(part.tobytes())
+        if not self._steps_exact:
+            self._complete(self._step - 1)
+
+    def _marker_steps(self, tags, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(step of each event, whether it is a marker's): events belong to the last marker before them."""
+        is_marker = np.fromiter(map(str.startswith, tags, itertools.repeat(MARKER_PREFIX)), bool, n)
+        step = np.full(n, self._step, np.int64)
+        for i in np.flatnonzero(is_marker).tolist():
+            parsed = parse_marker(tags[i])
+            if parsed is not None and parsed[1] != self._step:
+                self._step = parsed[1]
+                step[i:] = self._step
+        return step, is_marker
+
+    def _complete(self, through: int) -> None:
+        """Judge every step up to `through`: an unhooked one with sites not seen before hooks the next step."""
+        if through <= self._complete_through:
+            return
+        self._complete_through = through
+        for s in [s for s in self._open if s <= through]:
+            digest = self._open.pop(s).digest()
+            if digest not in self._seen:
+                self._seen.add(digest)
+                self._pending |= not self._hooked.get(s, True)
+        for s in [s for s in self._hooked if s <= through]:
+            del self._hooked[s]
+
+
+def _ints(values) -> np.ndarray:
+    """int64 array of ids, -1 for None (through float: None becomes NaN in C)."""
+    as_float = np.array(values, dtype=np.float64)
+    return np.where(np.isnan(as_float), -1, as_float).astype(np.int64)

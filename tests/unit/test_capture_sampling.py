@@ -1,0 +1,97 @@
+"""capture/sampling.py: which steps run module hooks, fed with hand-built drained columns; and
+capture/frames.py: stacks leave vramscope's own frames out, so hooks do not change a stack."""
+
+from __future__ import annotations
+
+import os
+
+from profiler.capture.frames import OWN_DIR, StackInterner
+from profiler.capture.options import CaptureOptions
+from profiler.capture.sampling import HookSampling
+from profiler.trace.finalize.markers import marker_tag
+
+SITES = [("alloc", 1), ("alloc", 2), ("free_requested", 1), ("free_completed", 1)]
+
+
+def _cols(step: int, sites=SITES, tags=None) -> dict:
+    n = len(sites)
+    return {
+        "action": [a for a, _ in sites],
+        "stack_id": [s for _, s in sites],
+        "step": [step] * n,
+        "tag": tags or [""] * n,
+    }
+
+
+def _cpu(hooked_steps=(2, 0)) -> HookSampling:
+    return HookSampling(CaptureOptions(hooked_steps=hooked_steps), steps_exact=True)
+
+
+def _run(sampling: HookSampling, steps: list, peaks=None) -> list[bool]:
+    """Drive a capture as the session does on CPU: decide, drain, end; returns hooks per step."""
+    hooked = []
+    for s, sites in enumerate(steps):
+        on = sampling.hooks(s)
+        hooked.append(on)
+        sampling.observe(_cols(s, sites))
+        sampling.step_ended(s, on, None if peaks is None else peaks[s])
+    return hooked
+
+
+def test_a_new_unhooked_step_hooks_the_next_once():
+    other = SITES + [("alloc", 9)]
+    # Steps 0-1 hooked (first=2); 3 is new and unhooked: 4 is hooked; 6 is like 3: no more.
+    steps = [SITES, SITES, SITES, other, other, SITES, other, other]
+    assert _run(_cpu(), steps) == [True, True, False, False, True, False, False, False]
+
+
+def test_sizes_aside_a_longer_batch_is_no_new_step_but_a_new_peak_hooks_the_next():
+    peaks = [100, 100, 100, 100, 400, 400, 400]
+    assert _run(_cpu(), [SITES] * 7, peaks) == [True, True, False, False, False, True, False]
+
+
+def test_a_hooked_new_step_is_a_template_not_a_reason():
+    other = SITES + [("alloc", 9)]
+    assert _run(_cpu((1, 0)), [SITES, other, SITES]) == [True, False, True]  # 1 was new, unhooked
+    assert _run(_cpu((2, 0)), [SITES, other, other, SITES]) == [True, True, False, False]
+
+
+def test_every_step_or_none():
+    assert _run(_cpu(None), [SITES] * 3) == [True] * 3
+    never = HookSampling(CaptureOptions(modules=False), steps_exact=True)
+    assert _run(never, [SITES, SITES + [("alloc", 5)], SITES]) == [False] * 3
+
+
+def test_steps_from_markers_are_judged_once_their_successor_is_drained():
+    """CUDA: events carry the drain's step; each step begins at a marker tagged with it."""
+    sampling = HookSampling(CaptureOptions(hooked_steps=(1, 0)), steps_exact=False)
+    marker = [("alloc", None), ("free_completed", None)]
+    assert sampling.hooks(0)
+    sampling.step_ended(0, True, None)
+    assert not sampling.hooks(1)
+    sampling.step_ended(1, False, None)  # step 1 ran other code, not drained yet
+    assert not sampling.hooks(2)
+    # One drain holds step 0, step 1 (new: an extra site) and the start of step 2.
+    sites = SITES + marker + SITES + [("alloc", 9)] + marker + SITES[:1]
+    tags = [""] * 4 + [marker_tag(1, 1)] * 2 + [""] * 5 + [marker_tag(2, 2)] * 2 + [""]
+    sampling.observe(_cols(2, sites, tags))
+    sampling.step_ended(2, False, None)
+    assert sampling.hooks(3)
+
+
+def test_a_bug_turns_adaptive_hooking_off_and_never_raises():
+    sampling = _cpu()
+    sampling.observe({"action": ["alloc"], "stack_id": [1]})  # no step column: our bug, not the user's
+    sampling.step_ended(0, False, 5)
+    sampling.step_ended(1, False, 10)  # a new peak, but the rule is off now
+    assert not sampling.hooks(3)
+
+
+def test_stacks_leave_vramscope_frames_out():
+    interner = StackInterner()
+    user = {"filename": "/home/me/train.py", "line": 3, "name": "main"}
+    ours = {"filename": os.path.join(OWN_DIR, "capture", "modules.py"), "line": 90, "name": "_call_impl"}
+    torch_frame = {"filename": "/site-packages/torch/nn/modules/module.py", "line": 1778, "name": "_call_impl"}
+    hooked = interner.stack_of_frames([torch_frame, ours, user])
+    assert hooked == interner.stack_of_frames([torch_frame, user])
+    assert interner.stack_of_frames([ours]) is None
