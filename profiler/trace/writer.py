@@ -179,7 +179,9 @@ class TraceWriter:
             journal.close()
         raw = {t: read_journal(self.run_dir / schema.journal_name(t), s) for t, s in self._schemas.items()}
         facts: dict = {}
-        final = finalize_tables(raw, self.meta, facts)
+        # The final facts (steps_completed) decide which steps get phase spans; the live
+        # meta.json may lag them by a drain interval.
+        final = finalize_tables(raw, self.meta | (meta_updates or {}), facts)
         for table, tbl in final.items():
             write_parquet(self.run_dir / schema.parquet_name(table), tbl)
         for table in self._schemas:

@@ -56,13 +56,14 @@ def _batches(cfg, workers: int | None):
         yield from DataLoader(_Tokens(cfg.vocab_size), batch_size=BATCH, num_workers=workers)
 
 
-def _train(out, hooked_steps, workers=None):
+def _train(out, hooked_steps, workers=None, drain_interval_s=0.5):
     torch.manual_seed(0)
     cfg = preset("tiny")
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = _batches(cfg, workers)
-    with profiler.profile(out=out, name="sampled", backend="cpu", hooked_steps=hooked_steps) as prof:
+    opts = dict(hooked_steps=hooked_steps, drain_interval_s=drain_interval_s)
+    with profiler.profile(out=out, name="sampled", backend="cpu", **opts) as prof:
         for _ in range(STEPS):
             for _ in range(ACCUMULATE):
                 idx, targets = next(batches)
@@ -176,3 +177,15 @@ def test_allocations_no_hooked_step_matches_are_reported(tmp_path):
         "rerun with --hooked-steps all (hooked_steps=None)"
     )
     assert f"warning: {warning['message']}" in render(report)
+
+
+def test_filled_steps_get_phase_spans_when_the_live_meta_lags(tmp_path):
+    """A drain interval longer than the run: the live meta.json's steps_completed stays at its
+    first value, and the spans of every filled step still come from the final count."""
+    sampled, *_ = _train(tmp_path, (3, 50), drain_interval_s=3600.0)
+    filled = sampled.meta["template_steps"]
+    assert filled and max(filled) == STEPS - 1
+    ph = sampled.phases
+    for step in filled:
+        mine = ph[ph["step"] == step]["phase"].astype(str).tolist()
+        assert mine == ["forward", "backward"] * ACCUMULATE + ["optimizer"], (step, mine)
