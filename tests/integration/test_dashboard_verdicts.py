@@ -40,7 +40,6 @@ def _page(name: str, root: Path, monkeypatch) -> AppTest:
 def test_the_fragmentation_page_leads_with_the_explanation(traces, monkeypatch):
     at = _page("fragmentation", traces, monkeypatch)
     e = explain(load_trace(traces / BASELINE.name))
-    assert at.subheader[0].value == "Verdict"
     assert at.markdown[0].value == e.verdict
     parts = at.dataframe[0].value
     assert [int(v.replace(",", "")) for v in parts["exact bytes"]] == list(e.parts.values())
