@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from profiler.trace.finalize.templates import align, fill_from_templates, phase_runs, unambiguous
+from profiler.trace.finalize.alignment import align, unambiguous
+from profiler.trace.finalize.templates import fill_from_templates, phase_runs
 
 # Codes into each part's values; -1 is none. Step 0 is hooked; step 1 repeats it exactly (with a
 # segment event, which is not a block event and takes no part); step 2 differs in one size.
