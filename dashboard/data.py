@@ -3,8 +3,7 @@
 The `cached_` functions wrap readers in st.cache_data / st.cache_resource, keyed by the
 run's path and a stamp of its files, so that a live run that keeps writing is read again
 while a finished one is read once. The numbers come from profiler.analysis; what is
-defined here is where runs are, the shape of the Runs table's rows, and which ranks the
-Ranks page draws first.
+defined here is where runs are and the shape of the Runs table's rows.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ def run_row(run: Path, summary: dict | None = None, error: str | None = None, ro
     one (a preset's model can be overridden), else the preset.
     A multi-rank run's row (summary from layout.run_group_summary) adds world_size, skew and failed ranks."""
     row = dict.fromkeys(RUN_COLUMNS)
-    folder = run.parent.relative_to(root).as_posix() if root is not None and run.is_relative_to(root) else ""
+    folder = run.parent.relative_to(root).as_posix() if root is not None and run.parent.is_relative_to(root) else ""
     row.update(run=str(run), name=run.name, folder="" if folder == "." else folder, error=error)
     row["started"] = started_at(run)
     if summary is None:
@@ -287,15 +286,6 @@ def cached_rank_timelines(run: str, chosen: tuple, files: tuple) -> pd.DataFrame
 
 def rank_timelines_of(run: str, chosen) -> pd.DataFrame:
     return cached_rank_timelines(run, tuple(int(r) for r in chosen), stamp(run))
-
-
-def default_ranks(table: pd.DataFrame, skew: dict, most: int = 4) -> list[int]:
-    """Ranks worth overlaying first: rank 0, the largest and the smallest peak, then the next largest."""
-    readable = table[table["replayed_peak_bytes"].notna()]
-    by_peak = readable.sort_values("peak_allocated_bytes", ascending=False, kind="stable")["rank"].tolist()
-    picks = [0, skew.get("max_rank"), skew.get("min_rank"), *by_peak]
-    ok = set(readable["rank"].tolist())
-    return [int(r) for r in dict.fromkeys(p for p in picks if p in ok)][:most]
 
 
 # -- cached: what the single-run pages lead with -------------------------------------------

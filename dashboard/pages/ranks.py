@@ -76,7 +76,7 @@ chosen = ui.keyed_multiselect(
     f"Ranks to overlay (up to {ui.data.MAX_RANK_LINES})",
     readable,
     f"ranks_of_{job}",
-    ui.data.default_ranks(table, skew),
+    ranks.ranks_to_overlay(table, skew),
     str,
     max_selections=ui.data.MAX_RANK_LINES,
 )

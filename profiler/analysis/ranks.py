@@ -338,3 +338,12 @@ def run_group_summary_of(records: list[RankRecord], root) -> dict:
         peak_spread_bytes=skew["spread_bytes"],
     )
     return out
+
+
+def ranks_to_overlay(table: pd.DataFrame, skew: dict, most: int = 4) -> list[int]:
+    """Ranks worth overlaying first: rank 0, the largest and the smallest peak, then the next largest."""
+    readable = table[table["replayed_peak_bytes"].notna()]
+    by_peak = readable.sort_values("peak_allocated_bytes", ascending=False, kind="stable")["rank"].tolist()
+    picks = [0, skew.get("max_rank"), skew.get("min_rank"), *by_peak]
+    ok = set(readable["rank"].tolist())
+    return [int(r) for r in dict.fromkeys(p for p in picks if p in ok)][:most]

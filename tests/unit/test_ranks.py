@@ -225,8 +225,8 @@ def test_ablation_view_has_world_sizes(data, tmp_path, two_ranks):
 
 def test_default_ranks_to_overlay(data, four_ranks_two_failed):
     table = layout.rank_table(four_ranks_two_failed)
-    assert data.default_ranks(table, ranks.rank_skew(table)) == [0, 1, 2]
-    assert data.default_ranks(table, ranks.rank_skew(table), most=2) == [0, 1]
+    assert ranks.ranks_to_overlay(table, ranks.rank_skew(table)) == [0, 1, 2]
+    assert ranks.ranks_to_overlay(table, ranks.rank_skew(table), most=2) == [0, 1]
 
 
 def test_report_on_a_job_lists_its_ranks_then_the_largest_one(tmp_path, capsys):
