@@ -1,6 +1,6 @@
 """One-process probe of the two CUDA capture paths (torch's history vs the native tracker).
 
-    OUT=/some/dir python gpu_probe.py        # env: PROBE_ROUNDS (3), PROBE_STEPS (20)
+    OUT=/some/dir python bench/gpu_probe.py        # env: PROBE_ROUNDS (3), PROBE_STEPS (20)
 
 Builds the tracker, then on gpt2-small (bf16 autocast, fused AdamW, B8x1024), eager and
 torch.compile'd: step times with no capture / python path / native path in
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import profiler  # noqa: E402
 from workloads.model import preset  # noqa: E402
