@@ -13,7 +13,7 @@ next alloc there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -69,6 +69,9 @@ class Lifetimes:
     baseline: pd.DataFrame
     allocated_bytes: np.ndarray
     active_bytes: np.ndarray
+    # live_at's answers for this pairing, by (event index, active): a report asks for the
+    # set alive at the peak from several sections.
+    live_sets: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,18 @@ def live_at(trace, event_index: int, lt: Lifetimes | None = None, active: bool =
     """
     lt = lt or lifetimes(trace)
     k = _check_index(event_index, lt.n_events)
+    known_set = lt.live_sets.get((k, active))
+    if known_set is None:
+        if len(lt.live_sets) >= _LIVE_SETS_KEPT:  # a dashboard's moments come and go: keep the last few
+            del lt.live_sets[next(iter(lt.live_sets))]
+        known_set = lt.live_sets[(k, active)] = _live_set(trace, lt, k, active)
+    return known_set.copy()  # callers add columns to it
+
+
+_LIVE_SETS_KEPT = 4
+
+
+def _live_set(trace, lt: Lifetimes, k: int, active: bool) -> pd.DataFrame:
     parts = [p for p in (_baseline_alive(lt, k, active), _captured_alive(trace, lt, k, active)) if len(p)]
     known = sum(int(p["size_bytes"].sum()) for p in parts)
     if k >= 0:
