@@ -234,6 +234,22 @@ def _row(trace, lt: Lifetimes, segments: _Segments | None, point: str, k: int) -
     return row
 
 
+def replay_at(trace, event_indices, lt: Lifetimes | None = None) -> pd.DataFrame:
+    """reserved, inactive split and largest free block bytes just after each of `event_indices`
+    (ascending; -1 is the start), from the replayed address space; no rows on the CPU backend."""
+    columns = ("event_index", "reserved_bytes", "inactive_split_bytes", "largest_free_block_bytes")
+    if is_cpu(trace):
+        return pd.DataFrame({c: pd.Series([], dtype="Int64") for c in columns})
+    lt = lt or lifetimes(trace)
+    segments, rows = _Segments(trace), []
+    for k in event_indices:
+        segments.advance_to(k)
+        starts, ends = segments.arrays()
+        stats = _stats(_layout(starts, ends, _occupied(trace, lt, k)), int((ends - starts).sum()), 0)
+        rows.append([k] + [stats[c] for c in columns[1:]])
+    return pd.DataFrame(rows, columns=list(columns), dtype="Int64")
+
+
 def fragmentation(trace, every_n_events: int | None = None, lt: Lifetimes | None = None) -> pd.DataFrame:
     """One row per step boundary, at the peak, and every N events if asked (FRAGMENTATION_COLUMNS).
 
