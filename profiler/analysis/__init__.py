@@ -13,6 +13,7 @@ Nothing here prints, plots or opens a file: profiler.trace reads a run into a Tr
     categories      bytes per category over time, at the peak, and each category's own peak
     attribution     bytes at the peak that no module, role or phase explains, and why
     fragmentation   the allocator's address space replayed: free space, splits, largest free block
+    slack           cached-but-free, split, largest free block and retries at every step end; which matters
     summary         one run's headline facts (profiler.trace.summary_cache keeps them in summary.json)
     compare         the differences between runs, from their summaries; memory saved and speed change
     stacks          allocation sites as a tree of frames
@@ -48,6 +49,7 @@ from profiler.analysis.fragmentation import allocator_counters, fragmentation, f
 from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste
 from profiler.analysis.live import Lifetimes, alive_at_peak, breakdown, lifetimes, live_at
 from profiler.analysis.modules import module_table, rollup
+from profiler.analysis.slack import collapse_segments, segment_slack, slack_by_step, slack_verdict
 from profiler.analysis.stacks import stack_tree
 from profiler.analysis.summary import run_summary
 from profiler.analysis.timeline import (
@@ -73,6 +75,7 @@ __all__ = [
     "category_at_peak",
     "category_peaks",
     "category_timeline",
+    "collapse_segments",
     "compare",
     "compare_categories",
     "compare_many",
@@ -96,6 +99,9 @@ __all__ = [
     "rollup",
     "run_summary",
     "segment_map_at",
+    "segment_slack",
+    "slack_by_step",
+    "slack_verdict",
     "speed_change_pct",
     "stack_tree",
     "step_spans",

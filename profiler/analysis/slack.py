@@ -149,8 +149,9 @@ def slack_verdict(by_step: pd.DataFrame) -> SlackVerdict:
             "inactive_split_bytes",
             row["step"],
             row,
-            f"Inactive split matters: {where} {split_text}, of {human_bytes(free)} cached but free, and serves"
-            f" only requests that fit between them;{largest_text} no allocation retried.",
+            f"Inactive split matters: {where} {human_bytes(split)} ({100 * split / free:.0f}%) of the"
+            f" {human_bytes(free)} cached but free lies between live blocks and serves only requests that"
+            f" fit there;{largest_text} no allocation retried.",
         )
     return SlackVerdict(
         "cached_free_bytes",
