@@ -9,7 +9,7 @@ One module per dashboard page and base.py for what they share; the pages import 
 from dashboard.figures.base import GIB
 from dashboard.figures.categories import category_area, category_peak_bar
 from dashboard.figures.compare import diff_bar, overlay_timelines
-from dashboard.figures.fragmentation import STATE_COLORS, fragmentation_lines, segment_map
+from dashboard.figures.fragmentation import STATE_COLORS, segment_map, slack_panels
 from dashboard.figures.kv import kv_growth, kv_waste
 from dashboard.figures.layers import module_bar, module_tree
 from dashboard.figures.overview import MAX_SPANS, SERIES, allocator_counters, breakdown_bar, memory_timeline
@@ -26,7 +26,6 @@ __all__ = [
     "category_area",
     "category_peak_bar",
     "diff_bar",
-    "fragmentation_lines",
     "kv_growth",
     "kv_waste",
     "measured_vs_predicted",
@@ -38,5 +37,6 @@ __all__ = [
     "rank_peaks",
     "rank_timelines",
     "segment_map",
+    "slack_panels",
     "stack_icicle",
 ]

@@ -1,57 +1,48 @@
-"""The Fragmentation page: the allocator's slack over time and one moment's segment map."""
+"""The Fragmentation page: the allocator's slack at every step end and one moment's segment map."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from dashboard.figures.base import TIME_AXES, byte_unit, empty_figure, in_unit, mark_unit, with_layout
+from dashboard.figures.base import byte_unit, empty_figure, integer_ticks, mark_unit, with_layout
 
 STATE_COLORS = {"active_allocated": "#1f77b4", "active_pending_free": "#ff7f0e", "inactive": "#d9d9d9"}
 
 
-FRAGMENTATION_SERIES = {
-    "reserved_minus_allocated_bytes": "reserved - allocated",
-    "inactive_split_bytes": "inactive split",
-    "largest_free_block_bytes": "largest free block",
-}
-
-
-def fragmentation_lines(frag: pd.DataFrame, x_of=None, axis: str = "events") -> go.Figure:
-    """analysis.fragmentation: byte series in a unit that suits them, the ratio on a second axis;
-    x_of maps event indices to the x drawn, as `axis` names it."""
-    d = frag[frag["reserved_bytes"].notna()] if len(frag) else frag
-    if d.empty:
-        return empty_figure("Fragmentation", "no allocator segments (CPU backend)")
-    index = d["event_index"].astype(float).to_numpy()
-    x = x_of(d["event_index"].to_numpy(dtype="int64")) if x_of is not None else index
-    unit = byte_unit(*(d[c] for c in FRAGMENTATION_SERIES))
-    fig = go.Figure(
-        [
+def slack_panels(by_step: pd.DataFrame, names: dict[str, str]) -> go.Figure:
+    """analysis.slack_by_step: one panel per quantity in `names` (column: name) that the run
+    recorded, over the step ends; bytes in one unit that suits them all, exact bytes on hover,
+    retries as counts."""
+    shown = [c for c in names if c in by_step and by_step[c].notna().any()]
+    if by_step.empty or not shown:
+        return empty_figure("Slack at every step end", "no allocator counters per step in this run")
+    byte_columns = [c for c in shown if c.endswith("_bytes")]
+    unit = byte_unit(*(by_step[c] for c in byte_columns))
+    fig = make_subplots(rows=len(shown), cols=1, shared_xaxes=True, subplot_titles=[names[c] for c in shown])
+    steps = by_step["step"].astype("int64").to_numpy()
+    for row, c in enumerate(shown, start=1):
+        exact = by_step[c].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+        is_bytes = c in byte_columns
+        fig.add_trace(
             go.Scatter(
-                x=x,
-                y=in_unit(d[c], unit[1]),
-                name=name,
+                x=steps,
+                y=exact / unit[1] if is_bytes else exact,
+                name=names[c],
                 mode="lines+markers",
-                customdata=d[c].astype("float").to_numpy(),
-                hovertemplate=f"{name}: %{{customdata:,.0f}} B<extra></extra>",
-            )
-            for c, name in FRAGMENTATION_SERIES.items()
-        ]
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=d["fragmentation_ratio"],
-            name="fragmentation_ratio",
-            yaxis="y2",
-            mode="lines+markers",
-            line=dict(dash="dash"),
+                customdata=exact,
+                hovertemplate=f"step %{{x}}: %{{customdata:,.0f}}{' B' if is_bytes else ''}<extra>{names[c]}</extra>",
+            ),
+            row=row,
+            col=1,
         )
-    )
-    fig.update_layout(yaxis2=dict(title="ratio", overlaying="y", side="right", range=[0, 1]))
-    return mark_unit(with_layout(fig, "Fragmentation", TIME_AXES[axis], unit[0]), unit)
+        fig.update_yaxes(title_text=unit[0] if is_bytes else "count", rangemode="tozero", row=row, col=1)
+    fig.update_xaxes(title_text="step", row=len(shown), col=1)
+    fig.update_layout(height=180 * len(shown) + 80, showlegend=False, title="Slack at every step end")
+    fig.update_layout(margin=dict(t=60, l=10, r=10), hovermode="closest")
+    return mark_unit(integer_ticks(fig, int(steps.max()) if len(steps) else None), unit)
 
 
 OWNER = ("category", "module", "phase", "site")  # shown on a block's hover, where the layout has them
@@ -92,5 +83,7 @@ def segment_map(layout: pd.DataFrame, color_by: str = "state") -> go.Figure:
                 + "<extra></extra>",
             )
         )
+    # The first segment in `layout` (the most free bytes, when ranked) is drawn at the top.
+    fig.update_yaxes(categoryorder="array", categoryarray=list(seg_ids.values())[::-1])
     fig.update_layout(barmode="overlay", height=max(300, 22 * len(seg_ids)))
     return with_layout(fig, "Segment map", "MiB from segment start", "segment").update_layout(hovermode="closest")

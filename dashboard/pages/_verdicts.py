@@ -40,6 +40,25 @@ def fragmentation_verdict(trace, lt) -> None:
             st.dataframe(holes[["size", "bytes", "holes", "module", "site"]], hide_index=True)
 
 
+def slack_view(trace, lt):
+    """The allocator's slack at every step end: which part matters and why, a line for each part the
+    run did not record, one panel per part, and the numbers (analysis.slack). Returns the verdict
+    and the table it was drawn from."""
+    from dashboard import figures
+    from dashboard.pages._shared import show_table
+    from profiler.analysis.slack import SLACK_NAMES, not_recorded, slack_by_step, slack_verdict
+
+    by_step = slack_by_step(trace, lt)
+    verdict = slack_verdict(by_step)
+    with st.container(key="slack_verdict", border=True):
+        st.markdown(verdict.sentence)
+    for name in not_recorded(by_step):
+        st.caption(f"{name.capitalize()}: not recorded at the step ends of this run, so not drawn.")
+    st.plotly_chart(figures.slack_panels(by_step, SLACK_NAMES), key="slack_panels")
+    show_table(by_step.drop(columns="event_index"))
+    return verdict, by_step
+
+
 def growth_view(trace, lt) -> None:
     """What keeps growing from step to step: the verdict, the leaks and other growth, and the
     bytes per step end of the groups that grew."""

@@ -1,11 +1,16 @@
-"""Fragmentation: free space inside reserved memory over time, and the segment map at a moment."""
+"""Fragmentation: why reserved exceeds allocated, the allocator's slack at every step end, and the
+segments that hold the free bytes at a chosen moment."""
 
 import streamlit as st
 
 from dashboard import figures
 from dashboard.pages import _shared as ui
-from dashboard.pages._verdicts import fragmentation_verdict
+from dashboard.pages._verdicts import fragmentation_verdict, slack_view
 from profiler import analysis
+from profiler.units import human_bytes
+
+TOP_SEGMENTS = 10  # segments drawn until "show all" is on: the ones holding the most free bytes
+ANOTHER = "another event..."
 
 st.title("Fragmentation")
 run = ui.pick_run(ui.runs())
@@ -17,21 +22,36 @@ if trace.backend == "cpu" or trace.events.empty:
     ui.headline("No allocator segments in this run (CPU backend or no events): nothing fragments.")
     st.stop()
 fragmentation_verdict(trace, lt)
-st.subheader("Over the run")
-story = ui.data.peak_story_of(run)
-axis = ui.time_axis("fragmentation_axis", has_steps=len(story["spans"]) > 0)
-every = st.number_input("Also sample every N events (0: step ends and the peak only)", 0, value=0, step=1000)
-frag = analysis.fragmentation(trace, every_n_events=int(every) or None, lt=lt)
-st.plotly_chart(figures.fragmentation_lines(frag, ui.data.event_axis(trace, story["spans"], axis), axis))
-ui.show_table(frag)
+st.subheader("Over the run, at every step end")
+verdict, by_step = slack_view(trace, lt)
 
+st.subheader("The segments that hold the free bytes")
+# The moment the verdict judged comes first, so that the map shows the bytes the sentence names.
 p = analysis.peak(trace, lt)
-moment = st.slider("Segment map after event", 0, len(trace.events) - 1, max(p.event_index, 0), key="frag_moment")
-color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
-blocks = ui.data.blocks_with_owners(
-    analysis.segment_map_at(trace, moment, lt), analysis.live_at(trace, moment, lt), trace.stacks, trace.frames
+moments = {f"end of step {s} (event {k})": int(k) for s, k in zip(by_step["step"], by_step["event_index"])}
+moments[f"the allocated peak (event {p.event_index})"] = p.event_index
+judged = next((label for label, k in moments.items() if k == verdict.at_step.get("event_index")), None)
+options = list(moments) + [ANOTHER]
+chosen = st.selectbox("Segment map at", options, index=options.index(judged) if judged else 0, key="frag_at")
+if chosen == ANOTHER:
+    moment = st.slider("After event", 0, len(trace.events) - 1, max(p.event_index, 0), key="frag_moment")
+else:
+    moment = moments[chosen]
+layout = analysis.segment_map_at(trace, moment, lt)
+ranked = analysis.segment_slack(layout)
+show_all = st.toggle(f"Show all {len(ranked)} segments", key="frag_all_segments")
+kept = ranked if show_all else ranked.head(TOP_SEGMENTS)
+st.caption(
+    f"{len(kept)} of {len(ranked)} segments, those with the most free bytes between live blocks first:"
+    f" they hold {human_bytes(int(kept['inactive_split_bytes'].sum()))} of the"
+    f" {human_bytes(int(ranked['inactive_split_bytes'].sum()))} inactive split and"
+    f" {human_bytes(int(kept['free_bytes'].sum()))} of the {human_bytes(int(ranked['free_bytes'].sum()))}"
+    " free bytes at this moment."
 )
-st.plotly_chart(figures.segment_map(blocks, color_by))
+color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
+shown = analysis.collapse_segments(layout, None if show_all else TOP_SEGMENTS)
+blocks = ui.data.blocks_with_owners(shown, analysis.live_at(trace, moment, lt), trace.stacks, trace.frames)
+st.plotly_chart(figures.segment_map(blocks, color_by), key="segment_map")
 
 st.subheader("Allocator settings")
 st.json(

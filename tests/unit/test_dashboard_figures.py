@@ -17,6 +17,7 @@ from profiler import analysis  # noqa: E402
 from profiler.analysis.categories import category_names  # noqa: E402
 from profiler.analysis.kv import kv_table, kv_token_bytes, kv_waste  # noqa: E402
 from profiler.analysis.ranks import step_aligned  # noqa: E402
+from profiler.analysis.slack import SLACK_NAMES  # noqa: E402
 from profiler.analysis.stacks import stack_tree  # noqa: E402
 from profiler.trace.reader import load_trace  # noqa: E402
 
@@ -131,9 +132,24 @@ def test_categories_sum_to_allocated_and_to_the_peak(loaded):
 
 def test_fragmentation_and_segment_map(loaded):
     trace, lt = loaded
-    frag = analysis.fragmentation(trace, lt=lt)
-    fig = figures.fragmentation_lines(frag)
-    assert {"fragmentation_ratio", "largest free block", "inactive split"} <= {t.name for t in fig.data}
+    by_step = analysis.slack_by_step(trace, lt)
+    fig = figures.slack_panels(by_step, SLACK_NAMES)
+    assert [t.name for t in fig.data] == list(SLACK_NAMES.values())
+    # Every step end, each panel on its own axis, read back in bytes equal to the allocator's counters.
+    steps = trace.steps.sort_values("step")
+    for t in fig.data:
+        assert list(t.x) == steps["step"].tolist()
+    # The hover's exact bytes are the counters; the drawn values are the same bytes in the axis unit.
+    drawn = {t.name: np.asarray(t.customdata, dtype=float).astype("int64").tolist() for t in fig.data}
+    for t in fig.data[:3]:
+        np.testing.assert_allclose(np.asarray(t.y, dtype=float) * _unit(fig), t.customdata, rtol=1e-12)
+    assert drawn["cached but free"] == (steps["reserved_bytes"] - steps["active_bytes"]).tolist()
+    assert drawn["inactive split"] == steps["inactive_split_bytes"].tolist()
+    assert list(fig.data[3].y) == steps["num_alloc_retries"].tolist()
+    assert drawn["largest free block"] == analysis.slack_by_step(trace, lt)["largest_free_block_bytes"].tolist()
+    assert fig.layout.xaxis4.dtick == 1 and fig.layout.xaxis4.title.text == "step"
+    cpu_like = by_step.assign(largest_free_block_bytes=pd.NA, num_alloc_retries=pd.NA)
+    assert [t.name for t in figures.slack_panels(cpu_like, SLACK_NAMES).data] == ["cached but free", "inactive split"]
     p = analysis.peak(trace, lt)
     layout = analysis.segment_map_at(trace, p.event_index, lt)
     seg = figures.segment_map(layout, "state")
