@@ -88,12 +88,12 @@ def not_recorded(by_step: pd.DataFrame) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class SlackVerdict:
     matters: str  # a SLACK_NAMES key, or "" where there is nothing to judge
-    step: int | None  # the step boundary judged: where reserved bytes first reach their maximum
+    step: int | None  # the step end judged: the first at the most reserved bytes
     at_step: dict  # SLACK_COLUMNS at that step (None where not recorded)
     sentence: str
 
 
-def _at_reserved_peak(by_step: pd.DataFrame) -> dict | None:
+def _most_reserved_step_end(by_step: pd.DataFrame) -> dict | None:
     known = by_step.dropna(subset=["reserved_bytes", "cached_free_bytes"])
     if known.empty:
         return None
@@ -110,25 +110,25 @@ def _retried(by_step: pd.DataFrame, where: str, row: dict) -> SlackVerdict | Non
         "num_alloc_retries",
         row["step"],
         row,
-        f"Allocator retries matter: {int(retries.max())} by the last step end, the first by step {first}:"
+        f"Allocator retries matter: {int(retries.max())} by the last step end, the first in step {first}:"
         " no cached block fitted a request, so the allocator released its cache and retried (a synchronizing"
         f" cudaFree each time); {where} {human_bytes(row['cached_free_bytes'])} is cached but free.",
     )
 
 
 def slack_verdict(by_step: pd.DataFrame) -> SlackVerdict:
-    """Which of the four quantities matters, and why, from slack_by_step at the reserved peak.
+    """Which of the four quantities matters, and why, from slack_by_step at the first step end with the most reserved.
 
     Retries matter whenever there are any: the allocator failed to find a block and released its
     cache to retry. Else the inactive split matters when it is over SPLIT_MATTERS_SHARE of the
     cached-but-free bytes: most free bytes sit between live blocks. Else the cached-but-free bytes
     matter: free blocks kept for reuse, the cache and not fragmentation.
     """
-    row = _at_reserved_peak(by_step)
+    row = _most_reserved_step_end(by_step)
     if row is None:
         return SlackVerdict("", None, {}, "No allocator counters at the step ends of this run: nothing to judge.")
     reserved = human_bytes(row["reserved_bytes"])
-    where = f"at the end of step {row['step']}, where reserved first reaches its peak ({reserved}),"
+    where = f"at the end of step {row['step']}, the first step end at the most reserved ({reserved}),"
     retried = _retried(by_step, where, row)
     if retried is not None:
         return retried

@@ -54,7 +54,7 @@ def test_every_step_end_with_the_counters_and_the_replayed_largest_block(tmp_pat
     # 4,188,160 of 6,285,312 cached-but-free bytes (67%) lie between live blocks.
     assert (v.matters, v.step, v.at_step["cached_free_bytes"]) == ("inactive_split_bytes", 0, 6_285_312)
     assert v.sentence == (
-        "Inactive split matters: at the end of step 0, where reserved first reaches its peak (6.00 MiB),"
+        "Inactive split matters: at the end of step 0, the first step end at the most reserved (6.00 MiB),"
         " 3.99 MiB (67%) of the 5.99 MiB cached but free lies between live blocks and serves only requests"
         " that fit there; the largest free block is 2.00 MiB; no allocation retried."
     )
@@ -69,7 +69,7 @@ def test_retries_matter_and_a_step_the_replay_does_not_reproduce_has_no_largest_
     assert by_step["largest_free_block_bytes"].tolist() == [SEG, SEG - 1536, pd.NA]
     v = slack_verdict(by_step)
     assert (v.matters, v.step) == ("num_alloc_retries", 0)
-    assert v.sentence.startswith("Allocator retries matter: 2 by the last step end, the first by step 2:")
+    assert v.sentence.startswith("Allocator retries matter: 2 by the last step end, the first in step 2:")
     assert v.sentence.endswith(f"({human_bytes(3 * SEG)}), {human_bytes(3 * SEG - 6144)} is cached but free.")
 
 
@@ -90,7 +90,7 @@ def test_cached_but_free_matters_when_little_of_it_is_split():
     v = slack_verdict(by_step)
     assert (v.matters, v.step, v.at_step["cached_free_bytes"]) == ("cached_free_bytes", 1, 805_306_368)
     assert v.sentence == (
-        "Cached but free matters: at the end of step 1, where reserved first reaches its peak (1.00 GiB),"
+        "Cached but free matters: at the end of step 1, the first step end at the most reserved (1.00 GiB),"
         " 768.00 MiB is cached but free and 64.00 MiB (8%) of it is split between live blocks; the largest"
         " free block is 512.00 MiB; no allocation retried, so this is the cache keeping freed blocks for"
         " reuse, not fragmentation."
