@@ -7,6 +7,7 @@ from dashboard import figures
 from dashboard.pages import _shared as ui
 from dashboard.pages._verdicts import fragmentation_verdict, slack_view
 from profiler import analysis
+from profiler.analysis.slack import ranking_for
 from profiler.units import human_bytes
 
 TOP_SEGMENTS = 10  # segments drawn until "show all" is on: the ones holding the most free bytes
@@ -38,18 +39,20 @@ if chosen == ANOTHER:
 else:
     moment = moments[chosen]
 layout = analysis.segment_map_at(trace, moment, lt)
-ranked = analysis.segment_slack(layout)
+by = ranking_for(verdict)
+ranked = analysis.segment_slack(layout, by)
 show_all = st.toggle(f"Show all {len(ranked)} segments", key="frag_all_segments")
 kept = ranked if show_all else ranked.head(TOP_SEGMENTS)
+first = "free bytes between live blocks" if by == "inactive_split_bytes" else "free bytes"
 st.caption(
-    f"{len(kept)} of {len(ranked)} segments, those with the most free bytes between live blocks first:"
+    f"{len(kept)} of {len(ranked)} segments, those with the most {first} first (what the verdict names):"
     f" they hold {human_bytes(int(kept['inactive_split_bytes'].sum()))} of the"
     f" {human_bytes(int(ranked['inactive_split_bytes'].sum()))} inactive split and"
     f" {human_bytes(int(kept['free_bytes'].sum()))} of the {human_bytes(int(ranked['free_bytes'].sum()))}"
     " free bytes at this moment."
 )
 color_by = st.radio("Colour blocks by", ["state", "category"], horizontal=True)
-shown = analysis.collapse_segments(layout, None if show_all else TOP_SEGMENTS)
+shown = analysis.collapse_segments(layout, None if show_all else TOP_SEGMENTS, by)
 blocks = ui.data.blocks_with_owners(shown, analysis.live_at(trace, moment, lt), trace.stacks, trace.frames)
 st.plotly_chart(figures.segment_map(blocks, color_by), key="segment_map")
 

@@ -172,9 +172,10 @@ SEGMENT_SLACK_COLUMNS = (
 )
 
 
-def segment_slack(layout: pd.DataFrame) -> pd.DataFrame:
-    """fragmentation.segment_map_at's blocks summed per segment (SEGMENT_SLACK_COLUMNS), the segments
-    holding the most inactive split bytes first, then the most free bytes, then the largest."""
+def segment_slack(layout: pd.DataFrame, by: str = "inactive_split_bytes") -> pd.DataFrame:
+    """fragmentation.segment_map_at's blocks summed per segment (SEGMENT_SLACK_COLUMNS), the most
+    `by` first ("inactive_split_bytes" or "free_bytes", ranking_for gives the one a verdict
+    asks for), then the most free bytes, then the largest segment."""
     if layout.empty:
         return pd.DataFrame({c: pd.Series([], dtype="int64") for c in SEGMENT_SLACK_COLUMNS})
     free = layout["state"].to_numpy() == BlockState.INACTIVE.value
@@ -194,17 +195,24 @@ def segment_slack(layout: pd.DataFrame) -> pd.DataFrame:
     per["largest_free_block_bytes"] = d[free].groupby("segment_addr")["free_bytes"].max()
     per["largest_free_block_bytes"] = per["largest_free_block_bytes"].fillna(0).astype("int64")
     per = per.reset_index().sort_values(
-        ["inactive_split_bytes", "free_bytes", "segment_bytes", "segment_addr"],
+        [by, "free_bytes", "segment_bytes", "segment_addr"],
         ascending=[False, False, False, True],
         kind="stable",
     )
     return per[list(SEGMENT_SLACK_COLUMNS)].reset_index(drop=True)
 
 
-def collapse_segments(layout: pd.DataFrame, top: int | None) -> pd.DataFrame:
-    """The blocks of the `top` segments segment_slack ranks first (all where top is None), in that
-    order, each segment's blocks by address."""
-    ranked = segment_slack(layout)["segment_addr"]
+def ranking_for(verdict: SlackVerdict) -> str:
+    """The segment_slack column that holds what the verdict names: the split bytes where it is the
+    inactive split, else all free bytes (wholly free segments included: the cache, or the blocks a
+    retried request found too small)."""
+    return "inactive_split_bytes" if verdict.matters == "inactive_split_bytes" else "free_bytes"
+
+
+def collapse_segments(layout: pd.DataFrame, top: int | None, by: str = "inactive_split_bytes") -> pd.DataFrame:
+    """The blocks of the `top` segments segment_slack ranks first by `by` (all where top is None),
+    in that order, each segment's blocks by address."""
+    ranked = segment_slack(layout, by)["segment_addr"]
     kept = ranked if top is None else ranked.iloc[:top]
     rank = pd.Series(np.arange(len(kept)), index=kept.to_numpy())
     out = layout[layout["segment_addr"].isin(kept)].copy()

@@ -101,12 +101,14 @@ def test_the_segment_map_shows_the_segments_holding_the_split_at_the_judged_step
         free = sum(int(row[1]) for t in bars for row in _values(t["customdata"]))  # every free block shown
         return {y for t in _spec(at, "segment_map")["data"] for y in _values(t["y"])}, free
 
-    segments, _ = drawn(at)
-    assert len(segments) == 10
+    segments, free = drawn(at)
+    layout = segment_map_at(trace, verdict.at_step["event_index"])
+    # The verdict names the cached-but-free bytes: the 10 segments holding the most free bytes are drawn.
+    by_free = segment_slack(layout, "free_bytes")
+    assert len(segments) == 10 and free == int(by_free["free_bytes"].head(10).sum())
     at.toggle(key="frag_all_segments").set_value(True).run()
     assert not at.exception
     segments, free = drawn(at)
-    layout = segment_map_at(trace, verdict.at_step["event_index"])
     assert len(segments) == layout["segment_addr"].nunique()
     # All of the map's free bytes: the split the allocator counted plus the wholly free segments.
     ranked = segment_slack(layout)

@@ -11,8 +11,10 @@ from profiler.analysis import segment_map_at
 from profiler.analysis.fragmentation import fragmentation_at_peak
 from profiler.analysis.slack import (
     SLACK_COLUMNS,
+    SlackVerdict,
     collapse_segments,
     not_recorded,
+    ranking_for,
     segment_slack,
     slack_by_step,
     slack_verdict,
@@ -119,3 +121,21 @@ def test_segments_ranked_by_the_free_bytes_they_hold(cuda):
     assert top["size_bytes"].sum() == 2 * SEG
     assert top[top["segment_addr"] == S1]["block_addr"].is_monotonic_increasing
     assert len(collapse_segments(layout, None)) == len(layout)
+
+
+def test_segments_ranked_by_what_the_verdict_names(cuda):
+    # Step 0's end: S2 is wholly free (its pending block completed at event 3), S1 and S3 split.
+    layout = segment_map_at(cuda, 4)
+    assert segment_slack(layout)["segment_addr"].tolist() == [S1, S3, S2]
+    by_free = segment_slack(layout, "free_bytes")
+    assert by_free[["segment_addr", "free_bytes", "inactive_split_bytes"]].values.tolist() == [
+        [S2, SEG, 0],
+        [S1, SEG - 2048, SEG - 2048],
+        [S3, SEG - 4096, SEG - 4096],
+    ]
+    assert collapse_segments(layout, 1, "free_bytes")[["block_addr", "size_bytes", "state"]].values.tolist() == [
+        [S2, SEG, "inactive"]
+    ]
+    split = SlackVerdict("inactive_split_bytes", 0, {}, "")
+    assert ranking_for(split) == "inactive_split_bytes"
+    assert ranking_for(SlackVerdict("cached_free_bytes", 0, {}, "")) == "free_bytes"
