@@ -55,7 +55,9 @@ def slack_view(trace, lt):
     for name in not_recorded(by_step):
         st.caption(f"{name.capitalize()}: not recorded at the step ends of this run, so not drawn.")
     st.plotly_chart(figures.slack_panels(by_step, SLACK_NAMES), key="slack_panels")
-    show_table(by_step.drop(columns="event_index"))
+    # Headers as the panels name them: "cached but free (GiB)", "allocator retries".
+    named = {"cached_free_bytes": "cached_but_free_bytes", "num_alloc_retries": "allocator_retries"}
+    show_table(by_step.drop(columns="event_index").rename(columns=named))
     return verdict, by_step
 
 
