@@ -187,3 +187,21 @@ def cuda(tmp_path) -> Trace:
         max_reserved_bytes=3 * SEG,
     )
     return load(run)
+
+
+def cuda_run_with_steps(out_dir, steps: list[dict]) -> Path:
+    """The CUDA run written with `steps` as its steps table (step ends at events 4 and 10), the
+    counters in each dict as an allocator would have reported them; ts_us and the peak are filled in."""
+    rows = [dict(ts_us=5_000 + s["step"], allocated_bytes=0, max_allocated_bytes=6656) | s for s in steps]
+    return write_trace(
+        out_dir,
+        CUDA_EVENTS,
+        name="cuda",
+        segments=CUDA_SEGMENTS,
+        step_of=cuda_step,
+        steps=rows,
+        backend="cuda",
+        device="cuda:0",
+        baseline_allocated_bytes=CUDA_BASELINE,
+        max_allocated_bytes=6656,
+    )

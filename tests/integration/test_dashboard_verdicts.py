@@ -118,26 +118,11 @@ def test_the_segment_map_shows_the_segments_holding_the_free_bytes_at_the_judged
 
 def test_a_quantity_not_recorded_per_step_is_one_line_not_a_panel(tmp_path, monkeypatch):
     # The hand-built CUDA run, its steps table without inactive split or retries (an older capture's).
-    from analysis_runs import CUDA_EVENTS, CUDA_SEGMENTS, SEG, cuda_step
-    from fakes import write_trace
+    from analysis_runs import SEG, cuda_run_with_steps
 
     counted = ((0, 5632, 3 * SEG, 6144), (1, 3584, 2 * SEG, 3584))  # step, allocated, reserved, active at its end
-    steps = [
-        dict(step=s, ts_us=5_000 + s, allocated_bytes=a, reserved_bytes=r, active_bytes=act, max_allocated_bytes=6656)
-        for s, a, r, act in counted
-    ]
-    run = write_trace(
-        tmp_path / "traces",
-        CUDA_EVENTS,
-        name="old",
-        segments=CUDA_SEGMENTS,
-        step_of=cuda_step,
-        steps=steps,
-        backend="cuda",
-        device="cuda:0",
-        baseline_allocated_bytes=1536,
-        max_allocated_bytes=6656,
-    )
+    steps = [dict(step=s, allocated_bytes=a, reserved_bytes=r, active_bytes=act) for s, a, r, act in counted]
+    run = cuda_run_with_steps(tmp_path / "traces", steps)
     monkeypatch.setenv("VRAMSCOPE_TRACES", str(tmp_path / "traces"))
     at = AppTest.from_file(str(REPO / "dashboard" / "pages" / "fragmentation.py"), default_timeout=90)
     at.session_state["current_run"] = str(run)

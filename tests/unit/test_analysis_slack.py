@@ -4,8 +4,7 @@ steps table written as the allocator would have counted it, and the verdict on s
 from __future__ import annotations
 
 import pandas as pd
-from analysis_runs import CUDA_EVENTS, CUDA_SEGMENTS, S1, S2, S3, SEG, cpu, cuda, cuda_step, load  # noqa: F401
-from fakes import write_trace
+from analysis_runs import S1, S2, S3, SEG, cpu, cuda, cuda_run_with_steps, load  # noqa: F401
 
 from profiler.analysis import segment_map_at
 from profiler.analysis.fragmentation import fragmentation_at_peak
@@ -27,20 +26,7 @@ STEP1 = dict(step=1, reserved_bytes=2 * SEG, active_bytes=3584, inactive_split_b
 
 
 def _run(tmp_path, steps: list[dict]):
-    rows = [dict(ts_us=5_000 + s["step"], allocated_bytes=0, max_allocated_bytes=6656, **s) for s in steps]
-    return load(
-        write_trace(
-            tmp_path,
-            CUDA_EVENTS,
-            name="cuda",
-            segments=CUDA_SEGMENTS,
-            step_of=cuda_step,
-            steps=rows,
-            backend="cuda",
-            device="cuda:0",
-            baseline_allocated_bytes=1536,
-        )
-    )
+    return load(cuda_run_with_steps(tmp_path, steps))
 
 
 def test_every_step_end_with_the_counters_and_the_replayed_largest_block(tmp_path):
