@@ -245,6 +245,7 @@ def replay_at(trace, event_indices, lt: Lifetimes | None = None) -> pd.DataFrame
     for k in event_indices:
         segments.advance_to(k)
         starts, ends = segments.arrays()
+        # Allocated bytes (0 here) enter only the columns this function leaves out.
         stats = _stats(_layout(starts, ends, _occupied(trace, lt, k)), int((ends - starts).sum()), 0)
         rows.append([k] + [stats[c] for c in columns[1:]])
     return pd.DataFrame(rows, columns=list(columns), dtype="Int64")
