@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from profiler.errors import TraceError, UsageError
+from profiler.interop.memviz.entries import Entries
 from profiler.trace import schema
 
 _BLOCK_STATES = {s.value for s in schema.BlockState}
@@ -128,9 +129,11 @@ def load_snapshot(path, on_read: Callable[[int], None] | None = None) -> dict:
     return snap
 
 
-def check_snapshot(snap, where="snapshot") -> None:
+def check_snapshot(snap, where="snapshot", frames_type: type = list) -> None:
     """Raise a one-line TraceError unless `snap` is a snapshot whose every field the import
-    reads has the right type and range, and whose entries, segments and blocks are within caps."""
+    reads has the right type and range, and whose entries, segments and blocks are within caps.
+    `frames_type` is what a frames value is: a list, or (streaming reader) a stack handle; a
+    device trace the streaming reader read is columns it has checked as _entry_problem does."""
     if not isinstance(snap, dict):
         raise TraceError(f"{where}: not a torch memory snapshot (a pickled {type(snap).__name__}, not a dict)")
     if "segments" not in snap and "device_traces" not in snap:
@@ -139,11 +142,11 @@ def check_snapshot(snap, where="snapshot") -> None:
     segs, traces = snap.get("segments", []), snap.get("device_traces", [])
     if not isinstance(segs, list) or not isinstance(traces, list):
         raise TraceError(f"{where}: not a torch memory snapshot (segments and device_traces must be lists)")
-    _check_segments(segs, where)
+    _check_segments(segs, where, frames_type)
     _check_traces(traces, where)
 
 
-def _check_segments(segs: list, where) -> None:
+def _check_segments(segs: list, where, frames_type: type) -> None:
     if len(segs) > MAX_SEGMENTS:
         raise TraceError(f"{where}: {len(segs):,} segments is more than a snapshot holds (at most {MAX_SEGMENTS:,})")
     checked: set[int] = set()  # ids of segments already checked: the list keeps them alive
@@ -159,7 +162,7 @@ def _check_segments(segs: list, where) -> None:
         if problem:
             raise TraceError(f"{where}: malformed segment in snapshot ({problem}): {show(seg)}")
         for b in seg.get("blocks", []):
-            problem = _block_problem(b)
+            problem = _block_problem(b, frames_type)
             if problem:
                 raise TraceError(f"{where}: malformed block in snapshot ({problem}): {show(b)}")
 
@@ -169,12 +172,14 @@ def _check_traces(traces: list, where) -> None:
         raise TraceError(f"{where}: {len(traces):,} device traces (at most {MAX_DEVICES})")
     entries = 0
     for dev in traces:
-        if not isinstance(dev, list):
+        if not isinstance(dev, (list, Entries)):
             raise TraceError(f"{where}: malformed device trace (a {type(dev).__name__}, not a list)")
         entries += len(dev)
         if entries > MAX_ENTRIES:
             raise TraceError(f"{where}: more than {MAX_ENTRIES:,} trace entries in the snapshot")
     for dev in traces:
+        if isinstance(dev, Entries):
+            continue  # columns of the streaming reader
         for e in dev:
             problem = _entry_problem(e)
             if problem:
@@ -195,7 +200,7 @@ def _segment_problem(seg) -> str | None:
     )
 
 
-def _block_problem(b) -> str | None:
+def _block_problem(b, frames_type: type) -> str | None:
     if not isinstance(b, dict):
         return "not a dict"
     if b.get("state") not in _BLOCK_STATES:
@@ -204,7 +209,7 @@ def _block_problem(b) -> str | None:
         _int_problem(b, "size", required=True)
         or _int_problem(b, "address")
         or _int_problem(b, "requested_size")
-        or _type_problem(b, "frames", list)
+        or _type_problem(b, "frames", frames_type)
     )
 
 

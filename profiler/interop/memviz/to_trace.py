@@ -16,96 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from profiler.errors import TraceError
-from profiler.interop.memviz.load import (
-    is_int,
-    load_snapshot,
-    pick_device,
-    pickle_size,
-    plain_settings,
-    show,
-    snapshot_devices,
-)
+from profiler.interop.memviz.entries import MAX_TEXT, Entries, tag_of
+from profiler.interop.memviz.load import pick_device, pickle_size, plain_settings, show, snapshot_devices
 from profiler.interop.memviz.rewind import Rewind
+from profiler.interop.memviz.stacks import MAX_STACK_DEPTH, Interner, StreamStacks
+from profiler.interop.memviz.stream import read_snapshot
 from profiler.interop.memviz.window import Bound, entry_range
 from profiler.trace import schema
-from profiler.trace.finalize import markers
 from profiler.trace.finalize.blocks import AllocatorRules, BlockReplay, block_sizes
-from profiler.trace.tags import TAG_SEP, make_tag
+
+__all__ = ["import_snapshot", "tag_of", "MAX_STACK_DEPTH", "MAX_TEXT"]
 
 _INACTIVE = schema.BlockState.INACTIVE.value
 Progress = Callable[[str, int, int], None]
-MAX_STACK_DEPTH = 1024  # frames kept per stack, innermost first
-MAX_TEXT = 4096  # characters kept of a file or function name
 
 
-class _Interner:
-    """Ids for distinct frames and stacks, as the frames and stacks tables hold them.
-
-    torch builds each distinct frame dict once and each distinct traceback's list once, and
-    pickle keeps that sharing, so a list or dict met again is looked up by identity and never
-    walked twice (the snapshot keeps them alive, so their ids stay theirs). A stack keeps its
-    innermost MAX_STACK_DEPTH frames; `truncated` counts the stacks cut."""
-
-    def __init__(self):
-        self.frame_ids: dict[tuple, int] = {}
-        self.stack_ids: dict[tuple, int] = {}
-        self._frame_of: dict[int, int] = {}  # id(frame dict) -> frame id
-        self._stack_of: dict[int, int | None] = {}  # id(frames list) -> stack id
-        self.truncated = 0
-
-    def stack(self, frames) -> int | None:
-        if not frames or not isinstance(frames, list):
-            return None
-        known = self._stack_of.get(id(frames), -1)
-        if known != -1:
-            return known
-        if len(frames) > MAX_STACK_DEPTH:
-            self.truncated += 1
-        key = tuple(self._frame(f) for f in frames[:MAX_STACK_DEPTH] if isinstance(f, dict))
-        sid = self.stack_ids.setdefault(key, len(self.stack_ids)) if key else None
-        self._stack_of[id(frames)] = sid
-        return sid
-
-    def _frame(self, f: dict) -> int:
-        fid = self._frame_of.get(id(f))
-        if fid is None:
-            key = (_text(f.get("filename")), _line(f.get("line")), _text(f.get("name")))
-            fid = self._frame_of[id(f)] = self.frame_ids.setdefault(key, len(self.frame_ids))
-        return fid
-
-    def tables(self) -> tuple[dict, dict]:
-        frames = sorted((fid, k) for k, fid in self.frame_ids.items())
-        stacks = sorted((sid, k) for k, sid in self.stack_ids.items())  # ids are dense: already in order
-        return (
-            {
-                "frame_id": [f[0] for f in frames],
-                "filename": [f[1][0] for f in frames],
-                "line": [f[1][1] for f in frames],
-                "function": [f[1][2] for f in frames],
-            },
-            {"stack_id": [s[0] for s in stacks], "frame_ids": [s[1] for s in stacks]},
-        )
-
-
-def _text(v) -> str:
-    return v[:MAX_TEXT] if isinstance(v, str) else "?"
-
-
-def _line(v) -> int:
-    return v if is_int(v) and -(1 << 31) <= v < (1 << 31) else 0
-
-
-def tag_of(user_metadata) -> str:
-    """A vramscope tag for an entry's user_metadata: taken whole if it is one, else the module."""
-    if not user_metadata or not isinstance(user_metadata, str):
-        return ""
-    user_metadata = user_metadata[:MAX_TEXT]
-    if user_metadata.startswith(markers.PREFIX) or user_metadata.count(TAG_SEP) == 2:
-        return user_metadata
-    return make_tag(None, user_metadata, None)
-
-
-def _segment_rows(segments: list[dict], kind: str, ts_us: int, event_index: int, interner: _Interner) -> dict:
+def _segment_rows(segments: list[dict], kind: str, ts_us: int, event_index: int) -> dict:
+    """Rows of the segments table; "stack_id" holds each block's frames until ids are assigned."""
     cols: dict[str, list] = {
         k: []
         for k in (
@@ -141,7 +68,7 @@ def _segment_rows(segments: list[dict], kind: str, ts_us: int, event_index: int,
                 b["size"],
                 b.get("requested_size"),
                 b["state"],
-                interner.stack(b.get("frames")),
+                b.get("frames"),
             )
             for k, v in zip(cols, row):
                 cols[k].append(v)
@@ -175,10 +102,11 @@ def import_snapshot(
     from profiler.trace.writer import TraceWriter  # pyarrow only when importing
 
     size = pickle_size(path)
-    snap = load_snapshot(path, (lambda done: progress("reading", done, size)) if progress else None)
+    read = read_snapshot(path, (lambda done: progress("reading", done, size)) if progress else None)
+    snap = read.snap
     dev = pick_device(snap, device)
     traces = snap.get("device_traces", [])
-    entries = traces[dev] if dev < len(traces) else []
+    entries: Entries = traces[dev] if dev < len(traces) else Entries.from_dicts([])
     seg_end = [s for s in snap.get("segments", []) if (s.get("device", 0) or 0) == dev]
     settings = plain_settings(snap.get("allocator_settings"))
     try:
@@ -186,13 +114,13 @@ def import_snapshot(
     except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{path}: allocator_settings are not torch's: {show(settings)}") from None
 
-    first, end = entry_range([e.get("time_us") or 0 for e in entries], since, until)
+    first, end = entry_range(entries.time_us.tolist(), since, until)
     rw = Rewind.from_segments(seg_end, rules)
     _undo(rw, entries, end, len(entries), progress)
     if end < len(entries):  # the window ends before the dump: its end state is the rewind's there
         seg_end = rw.segment_list()[0]
     _undo(rw, entries, first, end, progress)
-    entries = entries[first:end]
+    entries = entries.window(first, end)
     seg_start, orphans = rw.segment_list()
     replay = _replay(entries, seg_start, orphans, rules)
 
@@ -207,30 +135,31 @@ def import_snapshot(
         start_blocks_outside_segments=len(orphans),
         trace_starts_mid_run=_starts_mid_run(entries),
         forward_replay_misses=replay.misses,
+        reader=read.reader,
     )
     name = name or Path(path).stem or "imported"
     writer = TraceWriter(out_dir, name, _meta(snap, dev, settings, replay, facts))
-    facts["stacks_truncated"] = _write_tables(writer, entries, seg_start, seg_end)
-    status = schema.Status.OOM.value if any(e["action"] == "oom" for e in entries) else schema.Status.COMPLETE.value
+    facts["stacks_truncated"] = _write_tables(writer, entries, seg_start, seg_end, read.stacks)
+    status = schema.Status.OOM.value if "oom" in entries.action else schema.Status.COMPLETE.value
     # The tables are on disk: let the snapshot's objects go before finalizing reads them back,
     # so that the two never take memory at once.
     writer.flush()
-    del snap, traces, entries, seg_end, seg_start, orphans, rw
+    del snap, traces, entries, seg_end, seg_start, orphans, rw, read
     gc.collect()
     run_dir = writer.finalize(status)
     return run_dir, facts
 
 
-def _undo(rw: Rewind, entries: list, first: int, end: int, progress: Progress | None) -> None:
+def _undo(rw: Rewind, entries: Entries, first: int, end: int, progress: Progress | None) -> None:
     """Undo entries[first:end], newest first."""
     step = 1 << 16
     for i in range(end - 1, first - 1, -1):
-        rw.undo(entries[i])
+        rw.undo(entries.entry(i))
         if progress and i % step == 0:
             progress("rewinding", len(entries) - i, len(entries))
 
 
-def _replay(entries: list[dict], seg_start: list[dict], orphans: list, rules: AllocatorRules) -> _Replay:
+def _replay(entries: Entries, seg_start: list[dict], orphans: list, rules: AllocatorRules) -> _Replay:
     """Replay forward from the rebuilt start, as finalize will, for the peaks."""
     replay = BlockReplay(rules)
     replay.load_segments(
@@ -238,10 +167,9 @@ def _replay(entries: list[dict], seg_start: list[dict], orphans: list, rules: Al
         for s in seg_start
         for b in s["blocks"]
     )
-    actions = [e["action"] for e in entries]
-    addrs = [e.get("addr") or 0 for e in entries]
-    sizes = [e.get("size") or 0 for e in entries]
-    bsizes = block_sizes(actions, addrs, sizes, replay)
+    actions = entries.action
+    sizes = entries.size.tolist()
+    bsizes = block_sizes(actions, entries.addr.tolist(), sizes, replay)
     baseline = sum(b["size"] for s in seg_start for b in s["blocks"] if b["state"] != _INACTIVE)
     baseline += sum(rules.round_size(b.requested) for b in orphans)
     reserved = sum(s["total_size"] for s in seg_start)
@@ -260,11 +188,10 @@ def _replay(entries: list[dict], seg_start: list[dict], orphans: list, rules: Al
     return _Replay(baseline, peak, reserved, peak_r, replay.misses)
 
 
-def _starts_mid_run(entries: list[dict]) -> bool:
+def _starts_mid_run(entries: Entries) -> bool:
     """A wrapped ring (or history enabled mid-run): frees of blocks the trace never allocated."""
     seen_alloc: set[int] = set()
-    for e in entries:
-        a, addr = e["action"], e.get("addr") or 0
+    for a, addr in zip(entries.action, entries.addr.tolist()):
         if a == "alloc":
             seen_alloc.add(addr)
         elif a in ("free_requested", "free_completed") and addr not in seen_alloc:
@@ -273,11 +200,12 @@ def _starts_mid_run(entries: list[dict]) -> bool:
 
 
 def _meta(snap: dict, dev: int, settings: dict, replay: _Replay, facts: dict) -> dict:
+    version = snap.get("torch_version")
     return dict(
         backend=schema.Backend.CUDA.value,
         device="imported from snapshot",
         device_index=dev,
-        torch_version=_text(snap.get("torch_version")) if snap.get("torch_version") else "unknown",
+        torch_version=(version[:MAX_TEXT] if isinstance(version, str) else "?") if version else "unknown",
         config={},
         allocator_settings=settings,
         baseline_allocated_bytes=int(replay.baseline_allocated),
@@ -293,31 +221,33 @@ def _meta(snap: dict, dev: int, settings: dict, replay: _Replay, facts: dict) ->
     )
 
 
-def _write_tables(writer, entries: list[dict], seg_start: list[dict], seg_end: list[dict]) -> int:
+def _write_tables(
+    writer, entries: Entries, seg_start: list[dict], seg_end: list[dict], stacks: Interner | StreamStacks
+) -> int:
     """The start segment map, the events, the end segment map, then the frames and stacks they use;
     returns how many stacks were cut to MAX_STACK_DEPTH."""
-    interner = _Interner()
-    t0 = entries[0].get("time_us", 0) if entries else 0
-    t_end = entries[-1].get("time_us", 0) if entries else 0
-    writer.append("segments", _segment_rows(seg_start, schema.SnapshotKind.START.value, int(t0 or 0), 0, interner))
-    if entries:
-        writer.append(
-            "events",
-            {
-                "ts_us": [int(e.get("time_us", 0) or 0) for e in entries],
-                "action": [e["action"] for e in entries],
-                "addr": [int(e.get("addr", 0) or 0) for e in entries],
-                "size_bytes": [int(e.get("size", 0) or 0) for e in entries],
-                "stream": [int(e.get("stream", 0) or 0) for e in entries],
-                "step": [0] * len(entries),
-                "tag": [tag_of(e.get("user_metadata")) for e in entries],
-                "stack_id": [interner.stack(e.get("frames")) for e in entries],
-            },
-        )
-    writer.append(
-        "segments", _segment_rows(seg_end, schema.SnapshotKind.END.value, int(t_end or 0), len(entries), interner)
+    n = len(entries)
+    t0 = int(entries.time_us[0]) if n else 0
+    t_end = int(entries.time_us[-1]) if n else 0
+    start = _segment_rows(seg_start, schema.SnapshotKind.START.value, t0, 0)
+    end = _segment_rows(seg_end, schema.SnapshotKind.END.value, t_end, n)
+    start["stack_id"], event_stacks, end["stack_id"] = stacks.assign(
+        [start["stack_id"], entries.frames, end["stack_id"]]
     )
-    frames, stacks = interner.tables()
-    writer.append("frames", frames)
-    writer.append("stacks", stacks)
-    return interner.truncated
+    writer.append("segments", start)
+    writer.append(
+        "events",
+        {
+            "ts_us": entries.time_us,
+            "action": entries.action,
+            "addr": entries.addr,
+            "size_bytes": entries.size,
+            "stream": entries.stream,
+            "step": [0] * n,
+            "tag": entries.tags,
+            "stack_id": event_stacks,
+        },
+    )
+    writer.append("segments", end)
+    stacks.write(writer)
+    return stacks.truncated
