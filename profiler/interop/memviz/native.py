@@ -27,7 +27,17 @@ _loaded: list[tuple[object | None, str | None]] = []
 def _command(name: str, out: Path) -> list[str]:
     from torch.utils import cpp_extension
 
-    cmd = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCES[0]), "-o", str(out)]
+    cmd = [
+        os.environ.get("CXX", "c++"),
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",
+        str(_SOURCES[0]),
+        "-o",
+        str(out),
+    ]
     cmd += [f"-DTORCH_EXTENSION_NAME={name}"]
     cmd += [f"-I{d}" for d in [*cpp_extension.include_paths()[:1], sysconfig.get_paths()["include"]]]
     return cmd

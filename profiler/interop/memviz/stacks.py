@@ -56,7 +56,7 @@ class Interner:
         self._stack_of: dict[int, int | None] = {}  # id(frames list) -> stack id
         self.truncated = 0
 
-    def assign(self, parts: Sequence[Sequence]) -> list[list]:
+    def assign(self, parts: Sequence) -> list[list]:
         """Stack ids (None for none) of each part's frame lists, parts in the order written."""
         return [[self.stack(frames) for frames in part] for part in parts]
 
@@ -100,7 +100,7 @@ class StreamStacks:
         self._stacks = 0
         self.truncated = 0
 
-    def assign(self, parts: Sequence[Sequence]) -> list[pa.Array]:
+    def assign(self, parts: Sequence) -> list[pa.Array]:
         arrays = [np.asarray([h or 0 for h in p] if isinstance(p, list) else p, dtype=np.int64) for p in parts]
         order = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
         ids, self._frame_order, self.truncated, self._stacks = self._scan.finish(order, self._ckey)
@@ -117,5 +117,7 @@ class StreamStacks:
             end = min(first + STACKS_PER_BATCH, self._stacks)
             offsets, values = self._scan.stacks(first, end)
             frame_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-            writer.append("stacks", {"stack_id": pa.array(np.arange(first, end, dtype=np.int32)), "frame_ids": frame_ids})
+            writer.append(
+                "stacks", {"stack_id": pa.array(np.arange(first, end, dtype=np.int32)), "frame_ids": frame_ids}
+            )
             writer.flush()  # a part at a time: the whole table is never queued beside the reader's copy

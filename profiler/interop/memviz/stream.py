@@ -54,7 +54,7 @@ def _stream(path, on_read) -> Read | str:
     module, why = native.load()
     if module is None:
         return f"no streaming reader: {why}"
-    scan = module.Scan()
+    scan = module.Scan()  # type: ignore[attr-defined]
     why = scan.run(str(path), on_read, MAX_ENTRIES)
     if why or scan.top_dict_check():
         return why or "not a dict"
