@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,7 @@ class TraceWriter:
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
         self._journals: dict[str, JournalWriter] = {}
         self._abandoned = False  # abandon(): no more rows
+        self._published: set[str] = set()  # tables publish() wrote
         self.finalized = False
 
     # -- capture-time -----------------------------------------------------------------
@@ -123,15 +125,27 @@ class TraceWriter:
         """Queue rows given as {column: sequence}; they reach disk at the next flush()."""
         if self._abandoned:
             return  # a new journal would replace the one the failed capture left
-        sch = self._schemas[table]
-        n = next((len(v) for v in columns.values() if v is not None), 0)
-        if not n:
-            return
-        arrays = []
-        for field in sch:
-            values = columns.get(field.name)
-            arrays.append(pa.nulls(n, field.type) if values is None else _to_arrow(values, field.type))
-        self._pending[table].append(pa.RecordBatch.from_arrays(arrays, schema=sch))
+        batch = _record_batch(self._schemas[table], columns)
+        if batch is not None:
+            self._pending[table].append(batch)
+
+    def publish(self, table: str, parts: Iterable[dict]) -> None:
+        """Write a table's Parquet file now, one part ({column: sequence}) at a time, instead
+        of through its journal at finalize, which holds every table whole at once: for a table
+        that is large and complete before the others (an imported snapshot's stacks). finalize
+        then leaves that file as it is."""
+        sch = schema.TABLES[table]
+        options = parquet_options(sch)
+        options.pop("row_group_size")
+        with (
+            atomic_path(self.run_dir / schema.parquet_name(table)) as tmp,
+            pq.ParquetWriter(tmp, sch, **options) as out,
+        ):
+            for columns in parts:
+                batch = _record_batch(sch, columns)
+                if batch is not None:
+                    out.write_batch(batch)
+        self._published.add(table)
 
     def flush(self, meta_updates: dict | None = None) -> None:
         for table, batches in self._pending.items():
@@ -183,6 +197,8 @@ class TraceWriter:
         # meta.json may lag them by a drain interval.
         final = finalize_tables(raw, self.meta | (meta_updates or {}), facts)
         for table, tbl in final.items():
+            if table in self._published:
+                continue
             write_parquet(self.run_dir / schema.parquet_name(table), tbl)
         for table in self._schemas:
             (self.run_dir / schema.journal_name(table)).unlink(missing_ok=True)
@@ -192,6 +208,18 @@ class TraceWriter:
         write_meta(self.run_dir, self.meta)
         self.finalized = True
         return self.run_dir
+
+
+def _record_batch(sch: pa.Schema, columns: dict) -> pa.RecordBatch | None:
+    """A batch of `columns` ({column: sequence}; a missing column is nulls), None if no rows."""
+    n = next((len(v) for v in columns.values() if v is not None), 0)
+    if not n:
+        return None
+    arrays = []
+    for field in sch:
+        values = columns.get(field.name)
+        arrays.append(pa.nulls(n, field.type) if values is None else _to_arrow(values, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=sch)
 
 
 def _to_arrow(values, type_: pa.DataType) -> pa.Array:

@@ -24,9 +24,16 @@ _BUILD_TIMEOUT_S = 300
 _loaded: list[tuple[object | None, str | None]] = []
 
 
-def _command(name: str, out: Path) -> list[str]:
-    from torch.utils import cpp_extension
+def _torch_include() -> str:
+    """torch's header folder (pybind11 is in it), found without importing torch: importing it
+    would cost the import as much memory as a large snapshot's reader."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("torch is not installed (its headers bring pybind11)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "include")
 
+
+def _command(name: str, out: Path) -> list[str]:
     cmd = [
         os.environ.get("CXX", "c++"),
         "-O2",
@@ -39,20 +46,21 @@ def _command(name: str, out: Path) -> list[str]:
         str(out),
     ]
     cmd += [f"-DTORCH_EXTENSION_NAME={name}"]
-    cmd += [f"-I{d}" for d in [*cpp_extension.include_paths()[:1], sysconfig.get_paths()["include"]]]
+    cmd += [f"-I{d}" for d in [_torch_include(), sysconfig.get_paths()["include"]]]
     return cmd
 
 
 def _build():
-    from profiler.capture.native import _cache_dir
-
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise FileNotFoundError("no C++ compiler (c++) on PATH")
     h = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES))
     h.update(" ".join(_command("x", Path("x"))[6:]).encode())
     h.update(sys.version.encode())
     name = f"vramscope_pickle_scan_{h.hexdigest()[:16]}"
-    ext_dir = _cache_dir()
+    ext_dir = Path(
+        os.environ.get("VRAMSCOPE_EXT_DIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramscope", "ext")
+    )
     ext_dir.mkdir(parents=True, exist_ok=True)
     so = ext_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     if not so.exists():

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <malloc.h>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -42,6 +44,43 @@ struct Obj {
   std::vector<Val> items;  // DICT: key, value, key, value...
 };
 enum Key : int8_t { K_OTHER, K_ACTION, K_ADDR, K_SIZE, K_STREAM, K_TIME, K_FRAMES, K_META };
+
+// A growing array of frame ordinals in fixed chunks: no reallocation holds an old copy beside
+// the new one (a vector's doubling would, for the largest thing read: every stack's frames).
+// Two bytes a value while every ordinal fits (a snapshot of up to 65,536 distinct frames),
+// widened to four once one does not.
+class Chunked {
+ public:
+  void push_back(uint32_t v) {
+    if (!wide_ && v > 0xffff) widen();
+    if (n_ % kChunk == 0) wide_ ? new_chunk(wide32_) : new_chunk(narrow_);
+    wide_ ? wide32_.back().push_back(v) : narrow_.back().push_back(static_cast<uint16_t>(v));
+    ++n_;
+  }
+  uint32_t operator[](size_t j) const { return wide_ ? wide32_[j / kChunk][j % kChunk] : narrow_[j / kChunk][j % kChunk]; }
+  size_t size() const { return n_; }
+
+ private:
+  static constexpr size_t kChunk = 1 << 20;
+  template <class T>
+  static void new_chunk(std::vector<std::vector<T>>& chunks) {
+    chunks.emplace_back();
+    chunks.back().reserve(kChunk);
+  }
+  void widen() {
+    for (auto& c : narrow_) {  // a chunk at a time: the old one goes as the new one comes
+      new_chunk(wide32_);
+      wide32_.back().assign(c.begin(), c.end());
+      std::vector<uint16_t>().swap(c);
+    }
+    narrow_.clear();
+    wide_ = true;
+  }
+  bool wide_ = false;
+  std::vector<std::vector<uint16_t>> narrow_;
+  std::vector<std::vector<uint32_t>> wide32_;
+  size_t n_ = 0;
+};
 
 struct Stop {
   std::string why;
@@ -185,6 +224,13 @@ class Scan {
 
   int64_t read_bytes() const { return done_; }
 
+  // Everything read goes (finish's stack ids too), and the freed heap back to the system:
+  // the many small vectors of a large pickle otherwise stay resident as free heap.
+  void release() {
+    *this = Scan();
+    malloc_trim(0);
+  }
+
  private:
   // -- reading ----------------------------------------------------------------------------
   const char* take(size_t n) {
@@ -284,13 +330,13 @@ class Scan {
   int64_t done_ = 0, max_entries_ = 0;
   std::vector<Val> stack_, memo_;
   std::vector<size_t> marks_;
-  std::vector<Obj> objs_;
+  std::deque<Obj> objs_;  // a deque: growing never copies what is there
   std::vector<std::string> strs_;
   std::vector<Key> keys_;
   Val result_{NONE, 0};
   // Stacks: handle h's frame ordinals are values_[offsets_[h-1]..offsets_[h]); cut_: deeper than kMaxDepth.
   std::vector<uint64_t> offsets_{0};
-  std::vector<uint32_t> values_;
+  Chunked values_;
   std::vector<uint8_t> cut_{0};
   std::vector<uint32_t> frame_objs_;  // ordinal -> object
   std::vector<int64_t> fid_of_ckey_, ckey_;
@@ -315,5 +361,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("frame_dicts", &Scan::frame_dicts)
       .def("finish", &Scan::finish)
       .def("stacks", &Scan::stacks)
-      .def("read_bytes", &Scan::read_bytes);
+      .def("read_bytes", &Scan::read_bytes)
+      .def("release", &Scan::release);
 }

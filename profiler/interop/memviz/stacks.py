@@ -8,7 +8,7 @@ streaming reader's stack handles, and both give the same tables for the same sna
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,7 @@ from profiler.interop.memviz.entries import MAX_TEXT
 from profiler.interop.memviz.load import is_int
 
 MAX_STACK_DEPTH = 1024  # frames kept per stack, innermost first
-STACKS_PER_BATCH = 1 << 16  # stacks queued at once: the table is written a part at a time
+STACKS_PER_BATCH = 1 << 16  # stacks per part of the table written (one row group each)
 
 
 def _text(v) -> str:
@@ -81,7 +81,7 @@ class Interner:
 
     def write(self, writer) -> None:
         writer.append("frames", _frames_table(list(self.frame_ids)))  # dicts keep insertion (id) order
-        writer.append("stacks", {"stack_id": list(range(len(self.stack_ids))), "frame_ids": list(self.stack_ids)})
+        writer.publish("stacks", [{"stack_id": list(range(len(self.stack_ids))), "frame_ids": list(self.stack_ids)}])
 
 
 class StreamStacks:
@@ -113,11 +113,14 @@ class StreamStacks:
 
     def write(self, writer) -> None:
         writer.append("frames", _frames_table([self._keys[c] for c in self._frame_order]))
+        writer.publish("stacks", self._parts())
+        self._scan.release()  # the stacks are on disk: the reader's copy goes before finalizing
+
+    def _parts(self) -> Iterator[dict]:
         for first in range(0, self._stacks, STACKS_PER_BATCH):
             end = min(first + STACKS_PER_BATCH, self._stacks)
             offsets, values = self._scan.stacks(first, end)
-            frame_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-            writer.append(
-                "stacks", {"stack_id": pa.array(np.arange(first, end, dtype=np.int32)), "frame_ids": frame_ids}
-            )
-            writer.flush()  # a part at a time: the whole table is never queued beside the reader's copy
+            yield {
+                "stack_id": pa.array(np.arange(first, end, dtype=np.int32)),
+                "frame_ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values)),
+            }
