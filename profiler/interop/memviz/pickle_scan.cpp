@@ -19,6 +19,7 @@
 #include <cstring>
 #include <deque>
 #include <malloc.h>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -91,9 +92,11 @@ class Scan {
   // "" when the whole file was read, else why the standard reader must read it.
   std::string run(const std::string& path, py::object progress, int64_t max_entries) {
     max_entries_ = max_entries;
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) return "cannot open";
-    file_ = f;
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+    if (!f || std::fseek(f.get(), 0, SEEK_END) != 0) return "cannot open";
+    file_size_ = std::ftell(f.get());
+    std::rewind(f.get());
+    file_ = f.get();
     std::string why;
     try {
       loop(progress);
@@ -102,12 +105,9 @@ class Scan {
     } catch (const std::bad_alloc&) {
       why = "out of memory";
     }
-    std::fclose(f);
     file_ = nullptr;
-    buf_.clear();
-    buf_.shrink_to_fit();
-    stack_.clear();
-    stack_.shrink_to_fit();
+    std::vector<char>().swap(buf_);
+    std::vector<Val>().swap(stack_);
     marks_.clear();
     return why;
   }
@@ -234,6 +234,8 @@ class Scan {
  private:
   // -- reading ----------------------------------------------------------------------------
   const char* take(size_t n) {
+    // Never more than the file holds: a length field is read before what it counts.
+    if (n > static_cast<uint64_t>(file_size_ - done_)) throw Stop{"the pickle ends early"};
     if (len_ - pos_ < n) refill(n);
     const char* p = buf_.data() + pos_;
     pos_ += n;
@@ -327,7 +329,7 @@ class Scan {
   FILE* file_ = nullptr;
   std::vector<char> buf_;
   size_t pos_ = 0, len_ = 0;
-  int64_t done_ = 0, max_entries_ = 0;
+  int64_t done_ = 0, file_size_ = 0, max_entries_ = 0;
   std::vector<Val> stack_, memo_;
   std::vector<size_t> marks_;
   std::deque<Obj> objs_;  // a deque: growing never copies what is there

@@ -10,7 +10,10 @@ void Scan::loop(py::object progress) {
     unsigned char op = static_cast<unsigned char>(*take(1));
     switch (op) {
       case 0x80: if (le(1) > 5) throw Stop{"an unknown protocol"}; break;  // PROTO
-      case 0x95: take(8); break;                            // FRAME: a length hint
+      case 0x95: {  // FRAME: the unpickler reads the whole frame first, so it must be there
+        if (le(8) > static_cast<uint64_t>(file_size_ - done_)) throw Stop{"a frame longer than the file"};
+        break;
+      }
       case '.': result_ = pop(); return;                    // STOP
       case '(': marks_.push_back(stack_.size()); break;     // MARK
       case '}': stack_.push_back(new_obj(DICT)); break;     // EMPTY_DICT
@@ -87,6 +90,8 @@ void Scan::set_items(size_t from) {
   for (size_t j = from; j < stack_.size(); j += 2) {
     Val& value = stack_[j + 1];
     const Val& key = stack_[j];
+    // A container key is refused by the unpickler (unhashable); a tuple may hold one.
+    if (key.k == OBJ) throw Stop{"a dict key that is a container"};
     if (key.k == STR && keys_[key.i] == K_FRAMES && value.k == OBJ && objs_[value.i].k == LIST) {
       uint32_t h = intern(objs_[value.i]);
       objs_[value.i].k = STACK;
@@ -181,6 +186,7 @@ void Scan::sequence(int64_t h, std::vector<int32_t>& seq, std::vector<int64_t>* 
   seq.clear();
   for (uint64_t j = offsets_[h - 1]; j < offsets_[h]; ++j) {
     int64_t c = ckey_[values_[j]];
+    if (c < 0 || c >= static_cast<int64_t>(fid_of_ckey_.size())) throw py::value_error("a frame key out of range");
     if (fid_of_ckey_[c] < 0) {
       fid_of_ckey_[c] = frame_order ? static_cast<int64_t>(frame_order->size()) : -1;
       if (frame_order) frame_order->push_back(c);

@@ -17,7 +17,7 @@ from profiler.interop.memviz.entries import MAX_TEXT
 from profiler.interop.memviz.load import is_int
 
 MAX_STACK_DEPTH = 1024  # frames kept per stack, innermost first
-STACKS_PER_BATCH = 1 << 16  # stacks per part of the table written (one row group each)
+STACKS_PER_BATCH = 1 << 14  # stacks per part of the table written (one row group each)
 
 
 def _text(v) -> str:
