@@ -1,6 +1,6 @@
 """Import time, peak memory and the Overview's open time for a big torch memory snapshot.
 
-    python bench/import_big.py [--entries 1000000] [--keep DIR]
+    python bench/import_big.py [--entries 1000000] [--keep DIR] [--unpickler]
 
 Writes a snapshot in the shape `torch.cuda.memory._dump_snapshot` gives it, then runs
 `vramscope import` on it in a child process (wall time and the child's peak RSS), then times
@@ -110,13 +110,28 @@ def _segment(addr: int) -> dict:
     }
 
 
-def import_in_child(pickle_path: Path, out: Path) -> dict:
-    """`vramscope import` in a child process: wall seconds and the child's peak RSS."""
-    code = "import sys; from profiler.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+# The child's own peak, from its memory map: a child's ru_maxrss also counts the parent's
+# pages from before exec (a vfork'd child exec's from the parent's map), which here is the
+# generator's whole snapshot.
+_CHILD = """import sys
+from profiler.cli import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write(f"peak_rss_kib {peak.split()[1]}\\n")
+sys.exit(rc)
+"""
+
+
+def import_in_child(pickle_path: Path, out: Path, stream: bool = True) -> dict:
+    """`vramscope import` in a child process: wall and CPU seconds, and the child's peak RSS.
+    `stream=False` reads the pickle with the standard unpickler (VRAMSCOPE_STREAM_IMPORT=0)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VRAMSCOPE_STREAM_IMPORT": "1" if stream else "0"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, "import", str(pickle_path), "--out", str(out), "--name", "big"],
+        [sys.executable, "-c", _CHILD, "import", str(pickle_path), "--out", str(out), "--name", "big"],
         capture_output=True,
         text=True,
         env=env,
@@ -125,10 +140,12 @@ def import_in_child(pickle_path: Path, out: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"import failed: {done.stderr.strip()}")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kib = int(done.stderr.rsplit("peak_rss_kib ", 1)[1].split()[0])
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
     return {
         "import_s": round(seconds, 2),
-        "import_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),  # apart from waiting on a busy machine
-        "import_peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
+        "import_cpu_s": round(cpu, 2),  # apart from waiting on a busy machine
+        "import_peak_rss_bytes": peak_kib * 1024,
         "output": done.stdout.strip(),
     }
 
@@ -165,6 +182,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="write the pickle and the run here (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--unpickler",
+        action="store_true",
+        help="also import with the standard unpickler (VRAMSCOPE_STREAM_IMPORT=0), the reader before streaming",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         where = args.keep or Path(tmp)
@@ -179,6 +201,12 @@ def main(argv=None) -> int:
         facts["generate_s"] = round(time.perf_counter() - t0, 1)
         facts.update(import_in_child(pickle_path, where / "runs"))
         facts["rss_over_pickle"] = round(facts["import_peak_rss_bytes"] / facts["pickle_bytes"], 2)
+        if args.unpickler:
+            facts["unpickler"] = import_in_child(pickle_path, where / "runs-unpickler", stream=False)
+            facts["unpickler"]["rss_over_pickle"] = round(
+                facts["unpickler"]["import_peak_rss_bytes"] / facts["pickle_bytes"], 2
+            )
+        facts["load_average"] = os.getloadavg()  # other jobs share the machine: they slow the wall figures
         (run,) = (where / "runs").iterdir()
         facts.update(overview_open(run))
     print(json.dumps(facts, indent=1))
