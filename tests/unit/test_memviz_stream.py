@@ -172,3 +172,50 @@ def _list_changed_after_use() -> bytes:
         + b"h\x00h\x01a0"  # frames list again, its frame appended a second time, popped
         + b"."
     )
+
+
+# Bytes no pickler writes, aimed at the reader's own bookkeeping. Each must end as the
+# unpickler ends it: a one-line error (exit 2), or the same import.
+_PROTO = b"\x80\x04"
+_RAW = {
+    "frame past the end": _PROTO + b"\x95" + (1 << 40).to_bytes(8, "little") + b"}.",
+    "string past the end": _PROTO + b"\x8d" + (1 << 35).to_bytes(8, "little") + b"ab",
+    "memo far past the end": _PROTO + b"}r\xff\xff\xff\x7f.",
+    "memo never stored": _PROTO + b"j\x05\x00\x00\x00.",
+    "setitem on a list": _PROTO + b"]NNs.",
+    "append past a mark": _PROTO + b"](Na.",
+    "tuple past a mark": _PROTO + b"N(\x86.",
+    "a list as a key": _PROTO + b"}]Ns.",
+    "unknown protocol": b"\x80\x09}.",
+    "global": _PROTO + b"\x8c\x02os\x8c\x06system\x93.",
+    "nested 10,000 deep": _PROTO + b"}\x8c\x08segments" + b"]" * 10_000 + b"a" * 9_999 + b"s.",
+    "not UTF-8": _PROTO + b"}\x8c\x02\xff\xfeNs.",
+    "truncated entry list": pickle.dumps(_snapshot(), protocol=4)[:-300],
+}
+
+
+@pytest.mark.parametrize("name", _RAW)
+def test_raw_bytes_fail_as_the_unpickler_fails(tmp_path, monkeypatch, capsys, name):
+    path = tmp_path / "raw.pickle"
+    path.write_bytes(_RAW[name])
+    codes = []
+    for streamed in (True, False):
+        monkeypatch.setenv(STREAM_ENV, "1" if streamed else "0")
+        codes.append(main(["import", str(path), "--out", str(tmp_path / "runs")]))
+        out = capsys.readouterr()
+        codes.append(out.err)
+    assert codes[0] == codes[2] == 2
+    assert codes[1] == codes[3] and codes[1].count("\n") == 1
+
+
+def test_reading_progress_reaches_the_end(tmp_path, monkeypatch):
+    from profiler.interop.memviz import import_snapshot
+
+    monkeypatch.setenv(STREAM_ENV, "1")
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps(_bench_snapshot(40_000), protocol=4))  # over one 16 MiB report step
+    seen: list[tuple[str, int, int]] = []
+    _, facts = import_snapshot(path, out_dir=tmp_path / "runs", progress=lambda *a: seen.append(a))
+    reading = [done for stage, done, total in seen if stage == "reading"]
+    assert facts["reader"] == "streaming"
+    assert len(reading) >= 2 and reading == sorted(reading) and reading[-1] == path.stat().st_size

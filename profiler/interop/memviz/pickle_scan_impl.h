@@ -14,7 +14,10 @@ void Scan::loop(py::object progress) {
         if (le(8) > static_cast<uint64_t>(file_size_ - done_)) throw Stop{"a frame longer than the file"};
         break;
       }
-      case '.': result_ = pop(); return;                    // STOP
+      case '.':  // STOP
+        result_ = pop();
+        if (!progress.is_none()) progress(done_);
+        return;
       case '(': marks_.push_back(stack_.size()); break;     // MARK
       case '}': stack_.push_back(new_obj(DICT)); break;     // EMPTY_DICT
       case ']': stack_.push_back(new_obj(LIST)); break;     // EMPTY_LIST
