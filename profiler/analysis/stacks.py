@@ -115,8 +115,9 @@ def site_breakdown(live: pd.DataFrame, stacks: pd.DataFrame, frames: pd.DataFram
     are NO_STACK."""
     if live.empty:
         return pd.DataFrame(columns=SITE_COLUMNS)
-    labels = site_labels(stacks, frames)
     sids = live["stack_id"].astype("Int64")
+    # Only the live set's stacks are named: an imported snapshot holds hundreds of thousands.
+    labels = site_labels(stacks[stacks["stack_id"].isin(sids.dropna().unique())], frames)
     site = pd.Series([labels.get(int(s), NO_STACK) if pd.notna(s) else NO_STACK for s in sids], index=live.index)
     is_block = live["addr"].notna() if "addr" in live else pd.Series(True, index=live.index)
     g = pd.DataFrame({"site": site, "size_bytes": live["size_bytes"], "block": is_block}).groupby("site", sort=False)
