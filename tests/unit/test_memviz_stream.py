@@ -35,6 +35,19 @@ def test_reader_builds():
     assert native.load()[0] is not None, native.load()[1]
 
 
+def test_without_the_reader_the_unpickler_reads(tmp_path, monkeypatch, capsys):
+    """No compiler (or no torch headers): the import still works, and says which reader read."""
+    monkeypatch.setattr(native, "_loaded", [(None, "FileNotFoundError: no C++ compiler (c++) on PATH")])
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps(_snapshot(), protocol=4))
+    monkeypatch.setenv(STREAM_ENV, "1")
+    assert main(["import", str(path), "--out", str(tmp_path / "runs")]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    reader = json.loads((run / "meta.json").read_text())["imported"]["reader"]
+    assert reader == "unpickler (no streaming reader: FileNotFoundError: no C++ compiler (c++) on PATH)"
+    capsys.readouterr()
+
+
 def _bench_snapshot(entries: int) -> dict:
     spec = importlib.util.spec_from_file_location("import_big", REPO / "bench" / "import_big.py")
     assert spec is not None and spec.loader is not None

@@ -123,27 +123,37 @@ def _build(cuda: bool, frames: bool):
         raise FileNotFoundError("no C++ compiler (c++) on PATH")
     probe = _command(cuda, frames, "x", Path("x"))
     name = f"vramscope_tracker_{_key(probe)}"
-    cmd = _command(cuda, frames, name, Path("x"))
+    module, seconds = build_and_load(_command(cuda, frames, name, Path("x")), name)
+    if seconds is not None:
+        last_build_s = seconds
+    return module
+
+
+def build_and_load(cmd: list[str], name: str, timeout_s: float = _BUILD_TIMEOUT_S) -> tuple[object, float | None]:
+    """(module `name`, seconds its compile took or None if cached): compiled by `cmd` (whose -o
+    argument is replaced) into the cache folder unless there already, then imported."""
     ext_dir = _cache_dir()
     ext_dir.mkdir(parents=True, exist_ok=True)
     so = ext_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    seconds = None
     if not so.exists():
         tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+        cmd = list(cmd)
         cmd[cmd.index("-o") + 1] = str(tmp)
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise RuntimeError(f"compile failed: {(done.stderr or done.stdout).strip()[-2000:]}")
         os.replace(tmp, so)  # another process building the same file wins or loses whole
-        last_build_s = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     spec = importlib.util.spec_from_file_location(name, so)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {so}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module, seconds
 
 
 def load(cuda: bool = True) -> tuple[object | None, str | None]:

@@ -1,7 +1,7 @@
 """The streaming snapshot reader (pickle_scan.cpp), compiled on first use and cached.
 
 Built with the system's C++ compiler against pybind11 (shipped in torch's headers), no torch
-library linked: one shared object per source, Python and torch version, kept beside the
+library linked: one shared object per source and Python version, kept beside the
 capture's tracker under $VRAMSCOPE_EXT_DIR or ~/.cache/vramscope/ext. `load()` never raises:
 without a compiler (or torch) it returns None and the reason, and the import reads the
 snapshot with the standard unpickler instead.
@@ -9,18 +9,15 @@ snapshot with the standard unpickler instead.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 _SOURCES = [Path(__file__).with_name("pickle_scan.cpp"), Path(__file__).with_name("pickle_scan_impl.h")]
-_BUILD_TIMEOUT_S = 300
 _loaded: list[tuple[object | None, str | None]] = []
 
 
@@ -51,32 +48,15 @@ def _command(name: str, out: Path) -> list[str]:
 
 
 def _build():
+    from profiler.capture.native import build_and_load  # no torch import: only its cache and compile
+
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise FileNotFoundError("no C++ compiler (c++) on PATH")
     h = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES))
     h.update(" ".join(_command("x", Path("x"))[6:]).encode())
     h.update(sys.version.encode())
     name = f"vramscope_pickle_scan_{h.hexdigest()[:16]}"
-    ext_dir = Path(
-        os.environ.get("VRAMSCOPE_EXT_DIR")
-        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramscope", "ext")
-    )
-    ext_dir.mkdir(parents=True, exist_ok=True)
-    so = ext_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-    if not so.exists():
-        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        done = subprocess.run(_command(name, tmp), capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise RuntimeError(f"compile failed: {(done.stderr or done.stdout).strip()[-2000:]}")
-        os.replace(tmp, so)  # another process building the same file wins or loses whole
-    spec = importlib.util.spec_from_file_location(name, so)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {so}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return build_and_load(_command(name, Path("x")), name)[0]
 
 
 def load() -> tuple[object | None, str | None]:
