@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         notes.append(
             f"{facts['stacks_truncated']:,} stack(s) deeper than the import keeps were cut to their innermost frames"
         )
+    if facts["reader"] != "streaming" and pickle_size(args.snapshot) >= PROGRESS_MIN_BYTES:
+        # The unpickler's objects take several times the file: say why it was not streamed.
+        notes.append(f"read by the standard unpickler, not streamed ({facts['reader'].removeprefix('unpickler (')}")
     if facts["start_blocks_outside_segments"]:
         notes.append(f"{facts['start_blocks_outside_segments']:,} start block(s) lie in no known segment")
     for n in notes:

@@ -149,10 +149,14 @@ def test_h100_snapshot_streams(tmp_path, monkeypatch, capsys):
 
 
 def test_text_protocol_is_read_by_the_unpickler(tmp_path, monkeypatch, capsys):
+    from profiler.cli import import_
+
+    monkeypatch.setattr(import_, "PROGRESS_MIN_BYTES", 0)  # a file this small says nothing otherwise
     data = pickle.dumps(_snapshot(), protocol=0)
     # DICT ("d"), after a MARK: protocol 0 builds a dict from a marked run, not EMPTY_DICT.
     assert _same(tmp_path, monkeypatch, data, []) == "unpickler (opcode 0x64 at byte 1)"
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "note: read by the standard unpickler, not streamed (opcode 0x64 at byte 1)\n" in out
 
 
 def test_traceback_changed_after_use_is_read_by_the_unpickler(tmp_path, monkeypatch, capsys):

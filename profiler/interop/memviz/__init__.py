@@ -1,6 +1,7 @@
 """To and from torch's memory snapshot: the pickle of `torch.cuda.memory._dump_snapshot`.
 
-load reads a snapshot pickle without running code; rewind rebuilds the allocator
+stream reads a snapshot pickle without building its objects (pickle_scan.cpp), or else
+load, with the standard unpickler, both without running code; rewind rebuilds the allocator
 state at the start of its history; to_trace writes a vramscope trace from it
 (`vramscope import`); to_snapshot writes a run back as a snapshot that
 https://pytorch.org/memory_viz reads (`vramscope export`).
