@@ -105,21 +105,9 @@ def import_snapshot(
     read = read_snapshot(path, (lambda done: progress("reading", done, size)) if progress else None)
     snap = read.snap
     dev = pick_device(snap, device)
-    traces = snap.get("device_traces", [])
-    entries: Entries = traces[dev] if dev < len(traces) else Entries.from_dicts([])
-    seg_end = [s for s in snap.get("segments", []) if (s.get("device", 0) or 0) == dev]
-    settings = plain_settings(snap.get("allocator_settings"))
-    try:
-        rules = AllocatorRules.from_settings(settings)
-    except (TypeError, ValueError, OverflowError):
-        raise TraceError(f"{path}: allocator_settings are not torch's: {show(settings)}") from None
-
+    entries, seg_end, settings, rules = _device_part(snap, dev, path)
     first, end = entry_range(entries.time_us.tolist(), since, until)
-    rw = Rewind.from_segments(seg_end, rules)
-    _undo(rw, entries, end, len(entries), progress)
-    if end < len(entries):  # the window ends before the dump: its end state is the rewind's there
-        seg_end = rw.segment_list()[0]
-    _undo(rw, entries, first, end, progress)
+    rw, seg_end = _rewind(entries, seg_end, rules, first, end, progress)
     entries = entries.window(first, end)
     seg_start, orphans = rw.segment_list()
     replay = _replay(entries, seg_start, orphans, rules)
@@ -144,10 +132,35 @@ def import_snapshot(
     # The tables are on disk: let the snapshot's objects go before finalizing reads them back,
     # so that the two never take memory at once.
     writer.flush()
-    del snap, traces, entries, seg_end, seg_start, orphans, rw, read
+    del snap, entries, seg_end, seg_start, orphans, rw, read
     gc.collect()
     run_dir = writer.finalize(status)
     return run_dir, facts
+
+
+def _device_part(snap: dict, dev: int, path) -> tuple[Entries, list[dict], dict, AllocatorRules]:
+    """The device's entries and dump-time segments, and the allocator's settings and rules."""
+    traces = snap.get("device_traces", [])
+    entries: Entries = traces[dev] if dev < len(traces) else Entries.from_dicts([])
+    seg_end = [s for s in snap.get("segments", []) if (s.get("device", 0) or 0) == dev]
+    settings = plain_settings(snap.get("allocator_settings"))
+    try:
+        rules = AllocatorRules.from_settings(settings)
+    except (TypeError, ValueError, OverflowError):
+        raise TraceError(f"{path}: allocator_settings are not torch's: {show(settings)}") from None
+    return entries, seg_end, settings, rules
+
+
+def _rewind(
+    entries: Entries, seg_end: list[dict], rules: AllocatorRules, first: int, end: int, progress: Progress | None
+) -> tuple[Rewind, list[dict]]:
+    """The allocator state rewound to entry `first`, and the segment map at entry `end`."""
+    rw = Rewind.from_segments(seg_end, rules)
+    _undo(rw, entries, end, len(entries), progress)
+    if end < len(entries):  # the window ends before the dump: its end state is the rewind's there
+        seg_end = rw.segment_list()[0]
+    _undo(rw, entries, first, end, progress)
+    return rw, seg_end
 
 
 def _undo(rw: Rewind, entries: Entries, first: int, end: int, progress: Progress | None) -> None:
