@@ -223,6 +223,22 @@ def _record_batch(sch: pa.Schema, columns: dict) -> pa.RecordBatch | None:
 
 
 def _to_arrow(values, type_: pa.DataType) -> pa.Array:
+    try:
+        return _to_arrow_as_given(values, type_)
+    except UnicodeEncodeError:  # a lone surrogate (a file name, an imported snapshot's metadata)
+        return _to_arrow_as_given([_utf8(v) for v in values], type_)
+
+
+def _utf8(value):
+    """`value` with characters UTF-8 cannot hold (lone surrogates) written as escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_utf8(v) for v in value]
+    return value
+
+
+def _to_arrow_as_given(values, type_: pa.DataType) -> pa.Array:
     if isinstance(values, pa.Array):
         return values if values.type == type_ else values.cast(type_)
     if pa.types.is_dictionary(type_):

@@ -89,6 +89,21 @@ def test_frame_list_shared_two_million_times_imports_without_hanging(tmp_path):
     assert trace.events["stack_id"].nunique() == 1  # one list, walked once (the segment's block has its own)
 
 
+@pytest.mark.parametrize("stream", ["1", "0"], ids=["streamed", "unpickled"])
+def test_lone_surrogates_in_a_snapshot_are_kept_as_escapes(tmp_path, capsys, monkeypatch, stream):
+    """Strings UTF-8 cannot hold (a lone surrogate in a file name, a function, user metadata)
+    import as backslash escapes, not as a traceback from Arrow."""
+    monkeypatch.setenv("VRAMSCOPE_STREAM_IMPORT", stream)
+    frame = {"filename": "a\udcffb.py", "line": 3, "name": "f\udcff"}
+    snap = hp._snap(entries=[hp._entry(user_metadata="\udcff"), hp._entry(frames=[frame])])
+    rc, err = _import(tmp_path, capsys, snap)
+    assert rc == 0, err
+    (run,) = (tmp_path / "out").iterdir()
+    frames = load_trace(run, tables=("frames",)).frames
+    assert {"a\\udcffb.py", "f\\udcff"} <= set(frames["filename"]) | set(frames["function"])
+    assert main(["report", str(run)]) == 0
+
+
 def test_segment_shared_two_million_times_is_refused_at_once(tmp_path, capsys):
     rc, err = _import(tmp_path, capsys, hp.hostile_snapshots()["segment_shared_2m"])
     assert rc == 2 and "2,000,000 segments" in _one_error_line(err)
