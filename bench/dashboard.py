@@ -25,9 +25,10 @@ Budgets on a 2-core machine: 2 s, 1 s, 2 s and 3 s.
 
     python bench/dashboard.py --page-run traces/h100-ablation-kv/ablate-kv-vary-kv-concat-...
 
-also runs the Overview page itself (Streamlit's AppTest, no browser) on a run on disk: its
-first visit on a warm server (imports paid, caches empty), then reruns after widget changes
-(the moment, the time axis), with the same budgets.
+also runs the Overview and Fragmentation pages themselves (Streamlit's AppTest, no browser) on
+a run on disk: each first visit on a warm server (imports paid, caches empty), then reruns after
+widget changes (Overview: the moment, the time axis; Fragmentation: the whole segment map, the
+map at another moment), with the same budgets.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ BUDGETS = {
     "Compare": 3.0,
     "Overview page": 2.0,
     "Overview page rerun": 1.0,
+    "Fragmentation page": 2.0,
+    "Fragmentation page rerun": 1.0,
 }
 
 
@@ -162,8 +165,37 @@ def compare(root: Path, runs: list[Path]) -> dict:
 
 
 def page_visits(run: Path, repeat: int) -> dict[str, list[dict]]:
-    """Seconds of the Overview page's script on `run`: a first visit with the caches empty (after one
-    visit that pays the imports), and reruns after moving the moment and switching the time axis."""
+    """Seconds of the Overview and Fragmentation pages' scripts on `run`: a first visit with the
+    caches empty (after one visit that pays the imports), and reruns after widget changes
+    (Overview: the moment and the time axis; Fragmentation: the whole segment map, then the
+    segment map at another moment)."""
+    out: dict[str, list[dict]] = {}
+    for page, label, changes in (
+        ("overview", "Overview page", _overview_changes),
+        ("fragmentation", "Fragmentation page", _fragmentation_changes),
+    ):
+        out[label], out[label + " rerun"] = _page_visits(run, page, repeat, changes)
+    return out
+
+
+def _overview_changes(at, k: int, repeat: int) -> list:
+    moment = at.slider(key="overview_moment").max * (k + 1) // (repeat + 1)
+    return [
+        lambda: at.slider(key="overview_moment").set_value(moment),
+        lambda: at.radio(key="overview_axis").set_value("steps"),
+    ]
+
+
+def _fragmentation_changes(at, k: int, repeat: int) -> list:
+    options = at.selectbox(key="frag_at").options
+    other = options[(k + 1) % len(options)]
+    return [
+        lambda: at.toggle(key="frag_all_segments").set_value(True),
+        lambda: at.selectbox(key="frag_at").set_value(other),
+    ]
+
+
+def _page_visits(run: Path, page: str, repeat: int, changes) -> tuple[list[dict], list[dict]]:
     import os
 
     import streamlit as st
@@ -172,7 +204,7 @@ def page_visits(run: Path, repeat: int) -> dict[str, list[dict]]:
     os.environ["VRAMSCOPE_TRACES"] = str(run.parent)
 
     def visit() -> tuple[AppTest, float]:
-        at = AppTest.from_file(str(REPO / "dashboard" / "pages" / "overview.py"), default_timeout=120)
+        at = AppTest.from_file(str(REPO / "dashboard" / "pages" / f"{page}.py"), default_timeout=120)
         at.session_state["current_run"] = str(run)
         t0 = time.perf_counter()
         at.run()
@@ -186,14 +218,13 @@ def page_visits(run: Path, repeat: int) -> dict[str, list[dict]]:
         st.cache_resource.clear()
         at, seconds = visit()
         visits.append({"data": seconds, "figures": 0.0})
-        moment = at.slider(key="overview_moment").max * (k + 1) // (repeat + 1)
-        for widget in (at.slider(key="overview_moment").set_value(moment), at.radio(key="overview_axis")):
-            if widget is not None and widget.key == "overview_axis":
-                widget.set_value("steps")
+        for change in changes(at, k, repeat):
+            change()
             t0 = time.perf_counter()
             at.run()
+            assert not at.exception, [e.value for e in at.exception]
             reruns.append({"data": time.perf_counter() - t0, "figures": 0.0})
-    return {"Overview page": visits, "Overview page rerun": reruns}
+    return visits, reruns
 
 
 def _load_summary_accepts_load() -> bool:
@@ -215,7 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runs", type=int, default=8)
-    parser.add_argument("--page-run", type=Path, help="also time the Overview page itself on this run")
+    parser.add_argument("--page-run", type=Path, help="also time the Overview and Fragmentation pages on this run")
     args = parser.parse_args(argv)
     _quiet_streamlit()
 
@@ -268,7 +299,7 @@ def main(argv=None) -> int:
         ok = max(totals) <= budget
         failed |= not ok
         label = page if page != "Compare" else f"Compare ({args.runs} runs)"
-        label = label.replace("Overview page", "page: Overview")
+        label = label.replace("Overview page", "page: Overview").replace("Fragmentation page", "page: Fragmentation")
         print(
             f"{label:<24}{statistics.median(r['data'] for r in rounds):>8.3f}"
             f"{statistics.median(r['figures'] for r in rounds):>11.3f}{totals[0]:>9.3f}"
