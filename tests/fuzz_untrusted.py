@@ -42,7 +42,11 @@ import hostile_pickles  # noqa: E402
 from profiler.cli import main  # noqa: E402
 
 BASE = TESTS.parent / "traces" / "gpt2-small-bf16-h100"
-CASE_SECONDS = 20
+# A case that spins for 20 s of its own CPU time hangs; one that waits 120 s of wall time
+# hangs too. CPU time, not wall time, for the first: a loaded machine must not turn a slow
+# case into a hang.
+CASE_CPU_SECONDS = 20
+CASE_WALL_SECONDS = 120
 EDGES = [-1, 0, 1, 7, 1000, 2**31, 2**62, 2**63 - 1, -(2**63), None]
 META_KEYS = ["baseline_allocated_bytes", "max_allocated_bytes", "max_reserved_bytes", "events_dropped", "status"]
 META_VALUES = [-1, 0, 2**63, 2**63 - 1, 2**64, 1.5, "x", None, True, [], {}]
@@ -306,6 +310,7 @@ def _alarm(signum, frame):
 
 def run_all(first: int, count: int, pickles: tuple[int, int]) -> dict:
     signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGPROF, _alarm)
     failures: dict[str, list[str]] = {"traceback": [], "hang": [], "wrong": []}
     cases = 0
     named = list(hostile_pickles.hostile_snapshots().items())[pickles[0] : pickles[1]]
@@ -314,7 +319,8 @@ def run_all(first: int, count: int, pickles: tuple[int, int]) -> dict:
     for job in jobs:
         with tempfile.TemporaryDirectory() as tmp:
             cases += 1
-            signal.alarm(CASE_SECONDS)
+            signal.setitimer(signal.ITIMER_PROF, CASE_CPU_SECONDS)
+            signal.alarm(CASE_WALL_SECONDS)
             try:
                 label, problems = job(t=Path(tmp))
                 failures["wrong"] += [f"{label}: {p}" for p in problems]
@@ -323,6 +329,7 @@ def run_all(first: int, count: int, pickles: tuple[int, int]) -> dict:
             except BaseException:  # noqa: BLE001 - anything escaping main is a failure to report
                 failures["traceback"].append(traceback.format_exc(limit=-3))
             finally:
+                signal.setitimer(signal.ITIMER_PROF, 0)
                 signal.alarm(0)
     return {"cases": cases, "mutations": count, "pickles": len(named), "exits": EXITS, **failures}
 

@@ -39,7 +39,8 @@ class CaptureOptions:
     other steps borrow their modules and phases from a hooked step
     (profiler/trace/finalize/templates.py). None hooks every step."""
     max_entries: int = 1_000_000
-    """Size of the CUDA allocator's history ring between two drains."""
+    """Size of torch's history ring between two drains (capture_path "python"): entries past it
+    are lost and counted in meta.json. The native tracker has no ring and keeps every entry."""
     drain_interval_s: float = 0.5
     """Longest time between drains while no step ends (inference loops may never step)."""
     run_id: str | None = None

@@ -325,19 +325,40 @@ def test_oom_under_vramscope_run(tmp_path):
     assert any(line.startswith("  out of memory: ") for line in report.render(facts).splitlines()[:6])
 
 
+def _replayed_peak(run_dir) -> int:
+    ev, meta = load_events(run_dir)
+    return int(replay(ev, meta["baseline_allocated_bytes"])[0])
+
+
 def test_full_ring_is_counted_not_silent(tmp_path):
-    """A ring too small for the interval between drains: the drops are counted in meta."""
+    """torch's history (capture_path python) keeps `max_entries` between drains: a ring too small
+    for the interval loses entries, and meta counts them. The native tracker has no ring: with
+    the same settings it keeps every entry, and the replay stays exact."""
     import profiler
 
-    _fresh_gpu()
-    model, opt, run = _gpt_step_fn(steps=1)
-    with profiler.profile(out=tmp_path, name="tiny-ring", max_entries=500, drain_interval_s=3600) as prof:
-        run()
-    del model, opt, run
-    _fresh_gpu()
-    meta = json.loads((prof.run_dir / "meta.json").read_text())
-    _save("ring_drops", dict(max_entries=500, events_kept=meta["event_count"], events_dropped=meta["events_dropped"]))
-    assert meta["events_dropped"] > 0
+    kept = {}
+    for path in ("python", "native"):
+        _fresh_gpu()
+        model, opt, run = _gpt_step_fn(steps=1)
+        with profiler.profile(
+            out=tmp_path, name=f"tiny-ring-{path}", max_entries=500, drain_interval_s=3600, capture_path=path
+        ) as prof:
+            run()
+        torch_peak = torch.cuda.max_memory_allocated()
+        del model, opt, run
+        _fresh_gpu()
+        meta = json.loads((prof.run_dir / "meta.json").read_text())
+        kept[path] = dict(
+            capture_path=meta["capture_path"],
+            events_kept=meta["event_count"],
+            events_dropped=meta["events_dropped"],
+            replay_peak=_replayed_peak(prof.run_dir),
+            torch_peak=torch_peak,
+        )
+    _save("ring_drops", dict(max_entries=500, **kept))
+    assert kept["python"]["capture_path"] == "python" and kept["python"]["events_dropped"] > 0
+    assert kept["native"]["capture_path"] == "native" and kept["native"]["events_dropped"] == 0
+    assert kept["native"]["events_kept"] > 500 and kept["native"]["replay_peak"] == kept["native"]["torch_peak"]
 
 
 # -- torch.compile: layer names from inductor's generated code -------------------------
