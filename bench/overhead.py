@@ -74,7 +74,10 @@ def run_row(name: str, args) -> dict:
         else:
             got = rows.generate(args.tokens, args.rounds, out, args.capture_path)
         plain, captured = got.pop("plain"), got.pop("captured")
-        return dict(ratios(plain, captured), **got)
+        # Every step's time, to find which steps a ratio comes from (hooked steps, drains).
+        rounds = dict(plain=plain, captured=captured)
+        step_ms = {k: [[round(t * 1e3, 3) for t in r] for r in v] for k, v in rounds.items()}
+        return dict(ratios(plain, captured), **got, step_ms=step_ms)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         gc.collect()

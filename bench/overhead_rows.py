@@ -30,7 +30,8 @@ def _capture(out: Path, name: str, capture_path: str):
 
 def _run_facts(prof) -> dict:
     meta = json.loads((Path(prof.run_dir) / "meta.json").read_text())
-    return {k: meta.get(k) for k in ("capture_path", "capture_path_error", "events_dropped", "status")}
+    keys = ("capture_path", "capture_path_error", "events_dropped", "status", "steps_completed", "steps_from_template")
+    return {k: meta.get(k) for k in keys}
 
 
 def alternate(run_round: RoundFn, rounds: int, out: Path, name: str, capture_path: str) -> dict:
