@@ -63,6 +63,11 @@ def gpt_run(tmp_path_factory):
     import profiler
 
     _fresh_gpu()
+    # Once dynamo has compiled in a process, the capture keeps module hooks as they are (a
+    # change would recompile): forget earlier tests' compiles, so that this eager run samples.
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     model, opt, run = _gpt_step_fn(steps=6)
     out = tmp_path_factory.mktemp("traces")
     # Steps 0-1 run module hooks (and a step after a new peak); the rest borrow attribution
