@@ -26,10 +26,11 @@ Work happens per drain and per step end, over whole columns, never per allocatio
 from __future__ import annotations
 
 import hashlib
-import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from profiler.trace.finalize.markers import PREFIX as MARKER_PREFIX
 from profiler.trace.finalize.markers import parse_marker
@@ -91,11 +92,12 @@ class HookSampling:
             self._complete(step)
 
     def _observe(self, cols: dict) -> None:
-        action = cols["action"]
-        n = len(action)
+        action_words, action_index = _distinct(cols["action"])
+        n = len(action_index)
         stacks = cols.get("stack_id")
         stack = np.full(n, -1, np.int64) if stacks is None else _ints(stacks)
-        code = np.fromiter(map(_CODES.get, action, itertools.repeat(-1)), np.int8, n)  # -1: no block event
+        # -1: not a block event
+        code = np.array([_CODES.get(w, -1) for w in action_words] + [-1], np.int8)[action_index]
         if self._steps_exact:
             step = np.asarray(cols["step"], dtype=np.int64)
         else:
@@ -115,12 +117,14 @@ class HookSampling:
 
     def _marker_steps(self, tags, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(step of each event, whether it is a marker's): events belong to the last marker before them."""
-        is_marker = np.fromiter(map(str.startswith, tags, itertools.repeat(MARKER_PREFIX)), bool, n)
+        words, index = _distinct(tags)
+        marker_step = [parsed[1] if parsed is not None else -1 for parsed in map(parse_marker, words)]
+        is_marker = np.array([isinstance(w, str) and w.startswith(MARKER_PREFIX) for w in words] + [False])[index]
         step = np.full(n, self._step, np.int64)
         for i in np.flatnonzero(is_marker).tolist():
-            parsed = parse_marker(tags[i])
-            if parsed is not None and parsed[1] != self._step:
-                self._step = parsed[1]
+            marked = marker_step[index[i]]
+            if marked >= 0 and marked != self._step:
+                self._step = marked
                 step[i:] = self._step
         return step, is_marker
 
@@ -138,7 +142,31 @@ class HookSampling:
             del self._hooked[s]
 
 
+def _distinct(values) -> tuple[list, np.ndarray]:
+    """(distinct values, each element's index into them) of a column: an Arrow array
+    (dictionary-encoded or not) or a sequence. A null's index is len(distinct values).
+    Arrow columns are never walked per element in Python (a drain holds tens of thousands)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        if not pa.types.is_dictionary(values.type):
+            values = values.dictionary_encode()
+        words = values.dictionary.to_pylist()
+        index = pc.fill_null(values.indices, len(words)).to_numpy(zero_copy_only=False).astype(np.int64)
+        return words, index
+    seen: dict = {}
+    index = np.fromiter((seen.setdefault(v, len(seen)) for v in values), np.int64, len(values))
+    words = list(seen)
+    if None in seen:  # nulls take the index past the last word, as for Arrow columns
+        null_at = seen[None]
+        words.pop(null_at)
+        index = np.where(index == null_at, len(words), index - (index > null_at))
+    return words, index
+
+
 def _ints(values) -> np.ndarray:
-    """int64 array of ids, -1 for None (through float: None becomes NaN in C)."""
-    as_float = np.array(values, dtype=np.float64)
+    """int64 array of ids, -1 for None."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return pc.fill_null(values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    as_float = np.array(values, dtype=np.float64)  # through float: None becomes NaN in C
     return np.where(np.isnan(as_float), -1, as_float).astype(np.int64)

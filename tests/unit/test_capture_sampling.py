@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+import pytest
+
 from profiler.capture.frames import OWN_DIR, StackInterner
 from profiler.capture.options import CaptureOptions
 from profiler.capture.sampling import HookSampling
@@ -62,8 +65,20 @@ def test_every_step_or_none():
     assert _run(never, [SITES, SITES + [("alloc", 5)], SITES]) == [False] * 3
 
 
-def test_steps_from_markers_are_judged_once_their_successor_is_drained():
-    """CUDA: events carry the drain's step; each step begins at a marker tagged with it."""
+def _as_native_drain(cols: dict) -> dict:
+    """The columns as the native CUDA backend drains them: Arrow dictionary arrays, null stacks."""
+    return dict(
+        cols,
+        action=pa.array(cols["action"]).dictionary_encode(),
+        tag=pa.array(cols["tag"]).dictionary_encode(),
+        stack_id=pa.array(cols["stack_id"], pa.int32()),
+    )
+
+
+@pytest.mark.parametrize("columns", ["lists", "arrow"])
+def test_steps_from_markers_are_judged_once_their_successor_is_drained(columns):
+    """CUDA: events carry the drain's step; each step begins at a marker tagged with it. The
+    python path drains lists, the native path Arrow arrays: both are read the same way."""
     sampling = HookSampling(CaptureOptions(hooked_steps=(1, 0)), steps_exact=False)
     marker = [("alloc", None), ("free_completed", None)]
     assert sampling.hooks(0)
@@ -74,8 +89,10 @@ def test_steps_from_markers_are_judged_once_their_successor_is_drained():
     # One drain holds step 0, step 1 (new: an extra site) and the start of step 2.
     sites = SITES + marker + SITES + [("alloc", 9)] + marker + SITES[:1]
     tags = [""] * 4 + [marker_tag(1, 1)] * 2 + [""] * 5 + [marker_tag(2, 2)] * 2 + [""]
-    sampling.observe(_cols(2, sites, tags))
+    cols = _cols(2, sites, tags)
+    sampling.observe(cols if columns == "lists" else _as_native_drain(cols))
     sampling.step_ended(2, False, None)
+    assert not sampling._failed
     assert sampling.hooks(3)
 
 
