@@ -62,7 +62,7 @@ class Profiler:
         self._awaiting_dist_facts = False
         self._oom_info: dict | None = None
         self._param_names: dict[int, str] = {}  # id(param) -> qualified name
-        self._known_states: dict[str, int] = {}  # optimizer state name -> registered addr
+        self._known_states: dict[tuple, int] = {}  # (param id, state key) -> registered data pointer
         self._capture_s = 0.0  # host time spent in our own step-boundary work
         self._hooks_on = False
         self.capturing = False  # entered, not yet left, and not stopped by a failure of ours
@@ -272,7 +272,7 @@ class Profiler:
         # Gradients and states are alive right now, at the boundary's position.
         names = self._param_names
         self.register_roles(named_grads(optimizer, names), "gradient", pos, step)
-        self.register_roles(named_states(optimizer, names), "optimizer_state", pos, step, known=self._known_states)
+        self.register_roles(named_states(optimizer, names, self._known_states), "optimizer_state", pos, step)
         self._capture_s += time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------
