@@ -37,7 +37,7 @@ class StackInterner:
 
     def stack_of_frames(self, frames: list[dict]) -> int | None:
         """The stack id of torch's frame dicts (filename, line, name), without vramscope's own frames."""
-        ids = tuple(self.frame(f["filename"], f["line"], f["name"]) for f in frames if not _own(f["filename"]))
+        ids = tuple(self.frame(f["filename"], f["line"], f["name"]) for f in frames if not own_frame(f["filename"]))
         return self.stack(ids) if ids else None
 
     def take_new(self) -> tuple[dict | None, dict | None]:
@@ -98,5 +98,6 @@ class PythonStacks:
         return self.interner.frame(code.co_filename, line or 0, code.co_name)
 
 
-def _own(filename: str) -> bool:
+def own_frame(filename: str) -> bool:
+    """Whether a frame of `filename` is vramscope's own."""
     return filename.startswith(OWN_DIR + os.sep)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from profiler.capture.cuda import CudaBackend, _all
+from profiler.capture.frames import own_frame
 
 # c10's TraceEntry::Action, in its order.
 ACTIONS = (
@@ -116,18 +117,21 @@ class NativeCudaBackend(CudaBackend):
     def _take_stacks(self, frames: list, stacks: list) -> None:
         intern = self.interner
         for filename, line, name in frames:
-            self._frame_of.append(intern.frame(filename, line, name))
+            # vramscope's own frames (module hooks) are left out, as on the other paths: a
+            # stack is then the same whether or not hooks ran (frames.py).
+            self._frame_of.append(-1 if own_frame(filename) else intern.frame(filename, line, name))
             self._frames_text.append((filename, line, name))
         if not stacks:
             return
         new = np.empty(len(stacks), dtype=np.int32)
         for i, frame_ids in enumerate(stacks):
-            sid = intern.stack(tuple(self._frame_of[f] for f in frame_ids))
+            kept = [f for f in frame_ids if self._frame_of[f] >= 0]
+            sid = intern.stack(tuple(self._frame_of[f] for f in kept)) if kept else -1
             new[i] = sid
-            if self.compiled is not None:
+            if self.compiled is not None and sid >= 0:
                 self.compiled.see_stack(
                     sid,
-                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, frame_ids)],
+                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, kept)],
                 )
         self._stack_of = np.concatenate([self._stack_of, new])
 

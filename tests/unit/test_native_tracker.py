@@ -150,6 +150,35 @@ def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
     backend.stop()
 
 
+def test_vramscope_frames_are_left_out_of_native_stacks(tracker, monkeypatch):
+    """A hooked step's allocations pass through the module-hook wrapper: their stacks must
+    equal the unhooked step's, as on the other paths, or every step after a hooked one
+    looks new to the sampling and no template matches."""
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    import operator
+    import os
+
+    from profiler.capture.frames import OWN_DIR
+    from profiler.capture.native_cuda import NativeCudaBackend
+
+    _FakeCuda(monkeypatch)
+    ours: dict = {}  # a function whose frames say they are vramscope's module-hook wrapper
+    exec(compile("def call(f, *a):\n    return f(*a)\n", os.path.join(OWN_DIR, "capture", "modules.py"), "exec"), ours)
+    backend = NativeCudaBackend(tracker, stacks=True)
+    backend.start()
+
+    def allocate(wrap, addr):
+        wrap(_allocate_here, tracker, addr)  # one line: only the wrapper differs
+
+    for wrap, addr in ((operator.call, 100), (ours["call"], 200)):  # operator.call: C, no frame
+        allocate(wrap, addr)
+    cols = backend.drain(step=0)
+    plain, hooked = cols["stack_id"].to_pylist()
+    assert plain is not None and plain == hooked
+    backend.stop()
+
+
 def test_build_failure_gives_a_reason_not_an_exception(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("VRAMSCOPE_EXT_DIR", str(tmp_path))
