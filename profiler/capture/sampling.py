@@ -12,9 +12,11 @@ runs module hooks when
    template when it comes again. Each new sequence does this once, so steps that
    alternate between two kinds hook once, not every other step;
 3. or the last step that ended set a new high-water mark of allocated bytes (its
-   max_allocated_bytes at the boundary passed every earlier boundary's): the steps
-   after a new peak are often alike, and each that is again new or again a peak
-   hooks the one after it.
+   max_allocated_bytes at the boundary passed every earlier boundary's) by more than
+   PEAK_GROWTH over the mark at which this rule last fired: the steps after a new peak
+   are often alike, and each that is again new or again a clear peak hooks the one
+   after it. A mark that creeps up by a little each step (a KV cache that grows by a
+   token per decode step) hooks one step per PEAK_GROWTH of growth, not every step.
 
 A step that already ran cannot be hooked after the fact: finalize labels it from a
 template. On CPU a step's events are drained when it ends, so rule 2 applies to the
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from profiler.capture.options import CaptureOptions
 
 _CODES = {"alloc": 0, "free_requested": 1, "free_completed": 2}
+PEAK_GROWTH = 0.05  # rule 3: how far a new high-water mark must pass the last one that hooked
 
 
 class HookSampling:
@@ -56,6 +59,7 @@ class HookSampling:
         self._complete_through = -1  # every event of steps up to here has been drained
         self._seen: set[bytes] = set()
         self._high_water: int | None = None
+        self._peak_mark: int | None = None  # the high-water mark when rule 3 last fired (or the first)
         self._pending = False  # the next step is hooked by rule 2 or 3
         self._failed = False  # a bug of ours turns rules 2 and 3 off, never the user's job
 
@@ -86,7 +90,11 @@ class HookSampling:
         self._hooked[step] = hooked
         if max_allocated_bytes is not None:
             if self._high_water is not None and max_allocated_bytes > self._high_water:
-                self._pending = True
+                if self._peak_mark is None or max_allocated_bytes > self._peak_mark * (1 + PEAK_GROWTH):
+                    self._pending = True
+                    self._peak_mark = max_allocated_bytes
+            elif self._high_water is None:
+                self._peak_mark = max_allocated_bytes
             self._high_water = max(max_allocated_bytes, self._high_water or 0)
         if self._steps_exact:
             self._complete(step)

@@ -53,6 +53,14 @@ def test_sizes_aside_a_longer_batch_is_no_new_step_but_a_new_peak_hooks_the_next
     assert _run(_cpu(), [SITES] * 7, peaks) == [True, True, False, False, False, True, False]
 
 
+def test_a_peak_that_creeps_up_hooks_once_per_growth_step_not_every_step():
+    """A KV cache growing by a token per decode step raises the peak at every step."""
+    peaks = [1000 + 3 * s for s in range(40)] + [2000] * 3  # +0.3% a step, then a jump
+    hooked = _run(_cpu((1, 0)), [SITES] * len(peaks), peaks)
+    # Step 17 passes 1000 by 5% (1051), step 35 passes 1051 by 5% (1105); step 40 jumps.
+    assert [s for s, on in enumerate(hooked) if on] == [0, 18, 36, 41]
+
+
 def test_a_hooked_new_step_is_a_template_not_a_reason():
     other = SITES + [("alloc", 9)]
     assert _run(_cpu((1, 0)), [SITES, other, SITES]) == [True, False, True]  # 1 was new, unhooked
