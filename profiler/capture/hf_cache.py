@@ -41,8 +41,9 @@ _compiling = torch.compiler.is_compiling
 class CacheWatch:
     """Wraps transformers' Cache for one capture; buffers the kv rows of the caches it meets."""
 
-    def __init__(self, category: Callable, feed, meta: dict) -> None:
-        self._category = category  # the session's category(name) context
+    def __init__(self, tracer, still_on: Callable[[], bool], feed, meta: dict) -> None:
+        self._tracer = tracer  # stamps the kv_cache hint (the session's category, per call)
+        self._still_on = still_on  # whether the capture is still the active one
         self._feed = feed
         self._meta = meta  # the writer's meta.json dict
         self._tried = False
@@ -50,6 +51,7 @@ class CacheWatch:
         self._caches: dict[int, tuple[weakref.ref, str]] = {}  # id(cache) -> (ref, name)
         self._dirty: set[int] = set()  # updated since last measured
         self._rows: dict[int, dict] = {}  # measured in the current step, by id(cache)
+        self._shaped: dict[str, tuple] = {}  # cache name -> (batch, layers) its kv_shapes were taken at
 
     # -- wrapping -------------------------------------------------------------------------
     def install(self) -> None:
@@ -80,17 +82,16 @@ class CacheWatch:
                 setattr(cls, name, original)
 
     def _wrap(self, original, remember: bool):
-        watch, category = self, self._category
+        watch, tracer, still_on = self, self._tracer, self._still_on
 
         @functools.wraps(original)
         def wrapper(cache, *args, **kwargs):
-            if _compiling():  # inside a graph being traced: stay out of it
+            if _compiling() or not still_on():  # inside a graph being traced, or after the capture
                 return original(cache, *args, **kwargs)
             try:
                 if remember:
                     watch.remember(cache)
-                ctx = category(_KV)
-                ctx.__enter__()
+                previous = tracer.push_hint(_KV)  # runs per layer per token: no context manager
             except Exception as e:  # ours: the update itself must still happen
                 _warn(e)
                 return original(cache, *args, **kwargs)
@@ -98,7 +99,7 @@ class CacheWatch:
                 return original(cache, *args, **kwargs)
             finally:
                 with contextlib.suppress(Exception):
-                    ctx.__exit__(None, None, None)
+                    tracer.pop_hint(previous, still_on)
 
         return wrapper
 
@@ -140,9 +141,13 @@ class CacheWatch:
             if row is None:
                 continue
             self._rows[key] = dict(row, ts_us=time.time_ns() // 1000)
-            shapes = kv_shapes(cache)
-            if shapes is not None:
-                self._meta.setdefault("kv_shapes", {})[name] = shapes
+            # The formula's shapes change with the batch or the layers only (not per token).
+            shaped = (row["batch"], len(getattr(cache, "layers", None) or ()))
+            if self._shaped.get(name) != shaped:
+                shapes = kv_shapes(cache)
+                if shapes is not None:
+                    self._meta.setdefault("kv_shapes", {})[name] = shapes
+                    self._shaped[name] = shaped
 
     def step_ends(self, step: int) -> None:
         """Buffer this step's rows (measuring what changed since) as the kv rows of `step`."""

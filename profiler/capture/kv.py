@@ -40,13 +40,13 @@ def kv_row(cache, name: str | None = None) -> dict | None:
     if not layers:
         return None
     token_state = reserved = tokens = 0
-    storages: set[tuple[str, int]] = set()
+    storages: set[tuple[int, int]] = set()
     for k, v, filled in layers:
         tokens = max(tokens, filled)
         for t in (k, v):
             token_state += filled * _position_bytes(t)
             storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
+            key = (t.get_device(), storage.data_ptr())  # get_device: an int, cheaper than str(device)
             if key not in storages:  # K and V of one layer never share, but views might
                 storages.add(key)
                 reserved += storage.nbytes()

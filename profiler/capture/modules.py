@@ -189,15 +189,25 @@ class ModuleTracer:
     def hinted(self, name: str, still_on: Callable[[], bool]):
         """Stamp allocations made inside the block with the category hint `name`; the tag is
         restored after it while `still_on()` (the capture may have ended inside the block)."""
-        local = self.local
-        previous, local.hint = local.hint, name
-        self.retag()
+        previous = self.push_hint(name)
         try:
             yield
         finally:
-            local.hint = previous
-            if still_on():
-                self.retag()
+            self.pop_hint(previous, still_on)
+
+    def push_hint(self, name: str) -> str | None:
+        """Stamp this thread's allocations with the category hint `name`; returns the hint
+        it replaces, for pop_hint. (hinted() without a generator, for per-call wrappers.)"""
+        local = self.local
+        previous, local.hint = local.hint, name
+        self.retag()
+        return previous
+
+    def pop_hint(self, previous: str | None, still_on: Callable[[], bool]) -> None:
+        """Put back the hint push_hint replaced; re-tag while `still_on()`."""
+        self.local.hint = previous
+        if still_on():
+            self.retag()
 
     # -- naming -------------------------------------------------------------------
     def _discover(self, module: nn.Module) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from profiler.capture import distributed, placement
+from profiler.capture import api, distributed, placement
 from profiler.capture.backend import Backend
 from profiler.capture.compiled import CompiledTags, CompileHook
 from profiler.capture.feed import TraceFeed
@@ -116,7 +116,7 @@ def open_parts(session, opts, rank, make_backend) -> CaptureParts:
     tracer = ModuleTracer(session, backend.set_tag, backend.get_tag)
     fsdp = FsdpInstrumentation(session, backend)
     inference = InferenceSteps(tracer, session._boundary, session.enter_phase, live=not opts.explicit_steps)
-    caches = CacheWatch(session.category, feed, writer.meta)
+    caches = CacheWatch(tracer, lambda: api.active() is session, feed, writer.meta)
     run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook(), inference, caches)
     run.compiled.install()
     backend.attribute_compiled(CompiledTags(tracer.compiled_child))

@@ -119,6 +119,19 @@ def test_kv_rows_follow_the_formula_at_every_step(dynamic):
     }
 
 
+def test_kv_shapes_follow_a_new_batch_in_the_same_capture(tmp_path):
+    """The formula's shapes are taken again when a cache of the same name comes with another
+    batch (they are not re-read per token)."""
+    model = tiny_llama()
+    with profiler.profile(out=tmp_path, name="two", backend="cpu") as prof:
+        for batch in (BATCH, BATCH + 1):
+            ids = torch.randint(0, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    trace = load_trace(prof.run_dir)
+    assert trace.meta["kv_shapes"]["DynamicCache"]["batch"] == BATCH + 1
+    assert set(trace.kv["batch"]) == {BATCH, BATCH + 1}
+
+
 def test_kv_cache_allocations_are_the_cache(dynamic):
     trace, output = dynamic
     ev = trace.events
