@@ -1,7 +1,7 @@
 """What capture costs, for every workload of the capture-cost goals, in one process.
 
-    python bench/overhead.py [--json bench/results/overhead.json] [--steps 30] [--rounds 5]
-                             [--tokens 128] [--capture-path auto] [--rows train compiled ...]
+    python bench/overhead.py [--json bench/results/overhead.json] [--steps 50] [--rounds 5]
+                             [--tokens 256] [--capture-path auto] [--rows train compiled ...]
 
 Rows (bench/overhead_rows.py): gpt2-small bf16 fused AdamW B8x1024 with full capture,
 eager and torch.compile'd; KV decode of gpt2-small at B32 with a preallocated and a
@@ -9,7 +9,9 @@ concat cache; transformers' generate() on a Llama-style model, B16, per token; t
 backend (bench/overhead_cpu.py, "not run" where that module is absent).
 
 Each row alternates uncaptured and captured rounds (a fresh capture per round, after
-one untimed warm captured round), so drift hits both. Ratios are captured over
+one untimed warm captured round), so drift hits both. A round is as long as the stretch
+in which a long capture hooks modules once (`hooked_steps` every 50th step; 256 tokens
+of a generate() loop), so that its share of hooked steps is no smaller than a long run's. Ratios are captured over
 uncaptured: the median step, the mean step (the total time a user feels), and the
 worst step over the uncaptured median. The first step of every round is left out of
 all three (a capture's start is paid once per run, not per step) and reported alone.
@@ -123,9 +125,9 @@ def print_row(name: str, row: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench/results/overhead.json", help="where the results go")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per round")
+    ap.add_argument("--steps", type=int, default=50, help="training steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per row")
-    ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode or generate round")
+    ap.add_argument("--tokens", type=int, default=256, help="new tokens per decode or generate round")
     ap.add_argument("--capture-path", default="auto", choices=("auto", "native", "python"))
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     args = ap.parse_args(argv)
