@@ -181,6 +181,20 @@ class Profiler:
         return self._parts.tracer.hinted(name, still_on=lambda: api.active() is self)
 
     @guarded
+    def push_category(self, name: str) -> str | None:
+        """profiler.category's entry: stamp this thread's allocations with `name`; returns the
+        hint it replaced, for pop_category."""
+        return self._parts.tracer.push_hint(name)
+
+    @guarded
+    def pop_category(self, previous: str | None) -> None:
+        """profiler.category's exit: put back the hint push_category replaced."""
+        self._parts.tracer.pop_hint(previous, still_on=self._is_active)
+
+    def _is_active(self) -> bool:
+        return api.active() is self
+
+    @guarded
     def position(self) -> int:
         """An exact stream position for roles registered now (see profiler.trace.finalize.markers).
 
