@@ -67,6 +67,47 @@ def test_stacks_read_without_the_gil(tracker):
     assert cols["stack"][1] == cols["stack"][0]  # a free carries its allocation's stack
 
 
+def test_a_new_capture_reads_stacks_afresh(tracker):
+    """Frame and stack ids start again with each capture: a walk remembered from the last
+    capture (the thread keeps its previous walk) must not hand out the old ids."""
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    drained = []
+    for _ in range(2):
+        tracker.start(0, True, 64)
+        for addr in (100, 200):  # the same site twice: the second walk equals the first
+            _allocate_here(tracker, addr)
+        got, cols = _drained(tracker)
+        drained.append((got, cols))
+    for got, cols in drained:
+        assert cols["stack"] == [0, 0]
+        assert got["new_stacks"] and got["new_frames"][got["new_stacks"][0][0]][2] == "_allocate_here"
+
+
+def test_stacks_of_sites_that_share_outer_frames(tracker):
+    """Walks that differ only in their inner frames, interleaved: each keeps its own stack."""
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    tracker.start(0, True, 64)
+
+    def site_a(addr):
+        _allocate_here(tracker, addr)
+
+    def site_b(addr):
+        _allocate_here(tracker, addr)
+
+    for i in range(3):
+        site_a(10 + i)
+        site_b(20 + i)
+    got, cols = _drained(tracker)
+    frames, stacks = got["new_frames"], got["new_stacks"]
+    callers = [frames[stacks[s][1]][2] for s in cols["stack"]]
+    assert callers == ["site_a", "site_b"] * 3
+    assert len(set(cols["stack"])) == 2
+    outer_a, outer_b = (stacks[cols["stack"][i]][3:] for i in (0, 1))
+    assert outer_a == outer_b  # outside this test's frame (its line differs), the same frames
+
+
 def test_backward_gets_the_forward_stack_of_its_node(tracker):
     if not tracker.reads_frames:
         pytest.skip("this build does not read Python frames")

@@ -38,6 +38,7 @@
 #undef Py_BUILD_CORE
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -123,6 +124,7 @@ struct State {
   std::unordered_map<uint64_t, int32_t> alive_stack;  // block addr -> its alloc's stack
   std::vector<SeqSlot> seq_ring = std::vector<SeqSlot>(kSeqRing);
   std::vector<int32_t> walk;  // scratch: frame ids of the stack being read
+  uint64_t generation = 0;     // bumped by start(): frame ids of earlier captures mean nothing now
   int64_t allocs = 0;
 };
 
@@ -231,24 +233,92 @@ int32_t frame_id(State& st, PyCodeObject* code, int lasti) {
   return id;
 }
 
+// Where a frame stands, read from the interpreter frame alone: no code object is touched,
+// whose memory is usually out of cache by the time an op allocates.
+struct RawSpot {
+  const void* frame;
+  const void* code;   // f_code, or f_executable from 3.13
+  const void* instr;  // the instruction pointer: the code's address and the offset in one
+  bool operator==(const RawSpot& o) const { return frame == o.frame && code == o.code && instr == o.instr; }
+};
+
+inline RawSpot raw_spot(_PyInterpreterFrame* f) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return RawSpot{f, f->f_executable, f->instr_ptr};
+#else
+  return RawSpot{f, f->f_code, f->prev_instr};
+#endif
+}
+
+// A thread's walks, the previous one and the one being read, by turns. Consecutive
+// allocations share their outer frames (the script, the training loop, the model's
+// forward): frames equal to the previous walk's, counted from the outer end, keep its
+// frame ids without reading their code or looking them up, and a walk equal to the
+// previous one keeps its stack id. A frame is the same when the frame, its code and its
+// instruction pointer are: its code cannot have been freed and another put at that
+// address while the frame stood at the same instruction. Plain arrays: thread-local
+// storage with a destructor could be gone while the allocator still calls us as a
+// thread ends.
+constexpr int kRawCap = 160;  // frames read per walk at most (complete or not)
+struct Walk {
+  int n;
+  int32_t stack;
+  RawSpot spots[kRawCap];
+  int32_t ids[kRawCap];  // frame id; -1: a frame that has not started its code yet
+};
+thread_local Walk tl_walks[2];
+thread_local int tl_previous = 0;
+thread_local uint64_t tl_generation = ~0ull;
+
 // The allocating thread's Python stack as a stack id, innermost frame first (-1: none).
 int32_t python_stack(State& st) {
   PyThreadState* ts = PyGILState_GetThisThreadState();
   if (ts == nullptr) return -1;
   int depth = g_max_depth.load(std::memory_order_relaxed);
+  int limit = std::min(depth + 16, kRawCap);  // room for a few incomplete frames
+  Walk& last = tl_walks[tl_previous];
+  Walk& now = tl_walks[1 - tl_previous];
+  int n = 0;
+  for (_PyInterpreterFrame* f = top_frame(ts); f != nullptr && n < limit; f = f->previous) {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (f->owner == FRAME_OWNED_BY_CSTACK) continue;
+#endif
+    now.spots[n++] = raw_spot(f);
+  }
+  if (n == 0) return -1;
+  if (tl_generation != st.generation) {  // a new capture: frame ids start again
+    last.n = 0;
+    tl_generation = st.generation;
+  }
+  int m = last.n, same = 0;
+  while (same < n && same < m && now.spots[n - 1 - same] == last.spots[m - 1 - same]) {
+    now.ids[n - 1 - same] = last.ids[m - 1 - same];
+    ++same;
+  }
+  if (same == n && n == m) return last.stack;
+  for (int i = 0; i < n - same; ++i) {
+    auto* f = static_cast<_PyInterpreterFrame*>(const_cast<void*>(now.spots[i].frame));
+    now.ids[i] = incomplete(f) ? -1 : frame_id(st, code_of(f), _PyInterpreterFrame_LASTI(f));
+  }
   auto& walk = st.walk;
   walk.clear();
-  for (_PyInterpreterFrame* f = top_frame(ts); f != nullptr && static_cast<int>(walk.size()) < depth;
-       f = f->previous) {
-    if (incomplete(f)) continue;
-    walk.push_back(frame_id(st, code_of(f), _PyInterpreterFrame_LASTI(f)));
+  for (int i = 0; i < n && static_cast<int>(walk.size()) < depth; ++i) {
+    if (now.ids[i] >= 0) walk.push_back(now.ids[i]);
   }
-  if (walk.empty()) return -1;
-  auto it = st.stack_ids.find(walk);
-  if (it != st.stack_ids.end()) return it->second;
-  auto id = static_cast<int32_t>(st.stacks.size());
-  st.stack_ids.emplace(walk, id);
-  st.stacks.push_back(walk);
+  int32_t id = -1;
+  if (!walk.empty()) {
+    auto it = st.stack_ids.find(walk);
+    if (it != st.stack_ids.end()) {
+      id = it->second;
+    } else {
+      id = static_cast<int32_t>(st.stacks.size());
+      st.stack_ids.emplace(walk, id);
+      st.stacks.push_back(walk);
+    }
+  }
+  now.n = n;
+  now.stack = id;
+  tl_previous = 1 - tl_previous;
   return id;
 }
 constexpr bool kFrames = true;
@@ -366,6 +436,7 @@ void start(int device, bool stacks, int max_depth) {
     st.alive_stack.clear();
     std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
     st.allocs = 0;
+    ++st.generation;
   }
   g_device.store(device);
   g_stacks.store(stacks);
