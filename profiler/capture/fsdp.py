@@ -29,6 +29,7 @@ import functools
 import sys
 from typing import TYPE_CHECKING
 
+from profiler.capture import api
 from profiler.trace.schema import Category
 
 if TYPE_CHECKING:
@@ -94,11 +95,9 @@ class FsdpInstrumentation:
         self._saved = {}
 
     def _with_hint(self, original, hint: str):
-        category = self.capture.category
-
         @functools.wraps(original)
         def method(group, *args, **kwargs):
-            with category(hint):
+            with api.category(hint):  # stamps only while a capture is active
                 return original(group, *args, **kwargs)
 
         return method

@@ -22,7 +22,6 @@ the graph allocates.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -185,26 +184,17 @@ class ModuleTracer:
         name = self.names.get(module)
         return name if name is not None else self._discover(module)
 
-    @contextlib.contextmanager
-    def hinted(self, name: str, still_on: Callable[[], bool]):
-        """Stamp allocations made inside the block with the category hint `name`; the tag is
-        restored after it while `still_on()` (the capture may have ended inside the block)."""
-        previous = self.push_hint(name)
-        try:
-            yield
-        finally:
-            self.pop_hint(previous, still_on)
-
     def push_hint(self, name: str) -> str | None:
         """Stamp this thread's allocations with the category hint `name`; returns the hint
-        it replaces, for pop_hint. (hinted() without a generator, for per-call wrappers.)"""
+        it replaces, for pop_hint."""
         local = self.local
         previous, local.hint = local.hint, name
         self.retag()
         return previous
 
     def pop_hint(self, previous: str | None, still_on: Callable[[], bool]) -> None:
-        """Put back the hint push_hint replaced; re-tag while `still_on()`."""
+        """Put back the hint push_hint replaced; re-tag while `still_on()` (the capture may
+        have ended inside the block)."""
         self.local.hint = previous
         if still_on():
             self.retag()

@@ -126,7 +126,8 @@ class Profiler:
     def _end(self, status: str, exc) -> None:
         self.capturing = False
         try:
-            self._teardown()
+            self._remove_optimizer_hooks()
+            self._unhook()
             self._finish(status, exc)
         except Exception as e:  # never let our failure replace the user's outcome
             meta = run_meta.unfinalized_meta(status, e, self.run_dir, self.step_index)
@@ -173,12 +174,6 @@ class Profiler:
         """Start a user-defined phase (until the next mark, forward, or step)."""
         self.enter_phase(phase)
         self._parts.tracer.retag()
-
-    def category(self, name: str):
-        """Stamp allocations made inside the block with a category (see profiler.category)."""
-        if api.active() is not self:
-            return contextlib.nullcontext()
-        return self._parts.tracer.hinted(name, still_on=lambda: api.active() is self)
 
     @guarded
     def push_category(self, name: str) -> str | None:
@@ -294,8 +289,9 @@ class Profiler:
     def _boundary(self, auto=False) -> int:
         """End the current step; returns the stream position of the boundary."""
         t0 = time.perf_counter()
-        if self._awaiting_dist_facts:
-            self._record_dist_facts()
+        if self._awaiting_dist_facts and (facts := distributed.late_facts()):
+            self._parts.writer.meta.update(facts)
+            self._awaiting_dist_facts = False
         run = self._parts
         backend, feed = run.backend, run.feed
         row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
@@ -318,12 +314,6 @@ class Profiler:
         run.tracer.retag()
         self._capture_s += time.perf_counter() - t0
         return pos
-
-    def _record_dist_facts(self) -> None:
-        facts = distributed.late_facts()
-        if facts:
-            self._parts.writer.meta.update(facts)
-            self._awaiting_dist_facts = False
 
     def _set_module_hooks(self, on: bool) -> None:
         if on and not self._hooks_on:
@@ -358,10 +348,6 @@ class Profiler:
     capture_failed = failure.stop_capture  # an error of ours: the capture stops, the script runs on
 
     # -- the end ------------------------------------------------------------------------
-    def _teardown(self) -> None:
-        self._remove_optimizer_hooks()
-        self._unhook()
-
     def _unhook(self) -> None:
         """Take out every hook but the optimizer's (failure.stop_capture says why)."""
         self._restore_backward()
