@@ -410,18 +410,30 @@ def _gib(n) -> str:
 def _attribution_at_peak(trace) -> dict:
     """Bytes alive at the peak that carry a module and a phase, or are parameters and
     optimizer state (which carry their category and the optimizer phase)."""
+    import pandas as pd
+
     from profiler.analysis.live import alive_at_peak, breakdown
+    from profiler.analysis.stacks import site_labels
 
     live = alive_at_peak(trace)
     total = int(live["size_bytes"].sum())
     kept = live["category"].isin(["parameter", "optimizer_state"]) | (live["phase"] == "optimizer")
     named = live["module"].notna() & live["phase"].notna()
     top = breakdown(live[named], "module").head(8)
+    # What the share misses, grouped so that a failure names its cause: the phase and
+    # category the blocks carry, the step that made them and where (innermost user site).
+    rest = live[~(named | kept)].copy()
+    sites = site_labels(trace.stacks, trace.frames) if trace.stacks is not None else {}
+    rest["site"] = [sites.get(int(s)) if pd.notna(s) else None for s in rest["stack_id"]]
+    steps = trace.events["step"].to_numpy()
+    rest["step"] = [int(steps[i]) if i >= 0 else None for i in rest["alloc_index"]]
+    missed = breakdown(rest, ["phase", "category", "module", "step", "site"]).head(12)
     return dict(
         blocks=len(live),
         share=float(live["size_bytes"][named | kept].sum()) / total,
         root_share=float(live["size_bytes"][live["module"] == "GPT"].sum()) / total,
         top={str(m): int(b) for m, b in zip(top["module"], top["total_bytes"])},
+        missed=missed.drop(columns="share").to_dict("records"),
     )
 
 
@@ -459,6 +471,7 @@ def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
     print(f"compile: transformer.h.5 allocated in step 10: {block}")
     print(f"compile: [frames, graphs] compiled by step 1 and by the end: {delta}")
     print(f"compile: hook {meta.get('compile_attribution')} errors {meta.get('compile_attribution_errors')}")
+    print("compile: not attributed at the peak: " + json.dumps(at_peak["missed"], default=str))
     _save("compiled_attribution", dict(at_peak, block=block, compiles=delta, peak=replay_peak, torch_peak=torch_peak))
     assert replay_peak == torch_peak
     assert at_peak["share"] >= 0.99
