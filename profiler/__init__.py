@@ -8,6 +8,9 @@ Analyse:   profiler.analysis
 
 from __future__ import annotations
 
+import os
+
+from profiler.capture.import_hooks import INDUCTOR_GRAPH, when_imported
 from profiler.errors import TraceError, UsageError, VramscopeError
 from profiler.trace.schema import SCHEMA_VERSION, Action, Category, Phase
 
@@ -27,6 +30,19 @@ __all__ = [
     "register_model",
     "step",
 ]
+
+
+def _record_lowerings(graph_module) -> None:  # inductor is being imported: torch is loaded
+    from profiler.capture.compiled import patch_lowering
+
+    patch_lowering(graph_module)
+
+
+# Graphs that inductor compiles from now on get line maps: a model compiled before a
+# capture begins keeps its layer names in it (profiler/capture/compiled.py).
+# VRAMSCOPE_COMPILE_MAPS=0 leaves it to the captures (graphs compiled inside them only).
+if os.environ.get("VRAMSCOPE_COMPILE_MAPS", "1") != "0":
+    when_imported(INDUCTOR_GRAPH, _record_lowerings)
 
 
 def __getattr__(name):

@@ -10,30 +10,31 @@ drain time a stack that passes through such a line renames its allocations.
 
 The hook wraps `GraphLowering._compile_to_module_lines` (older releases:
 `compile_to_module`), which writes and imports the wrapper once per graph; it
-changes no graph and no config that a cache key or a dynamo guard sees. It is put
-in place only while a capture runs, and without importing inductor: if
-`torch._inductor.graph` is not imported yet, a meta-path finder patches it as it
-is imported. Inductor's FX-graph and AOTAutograd caches are bypassed while the
-hook is in, since a cache hit skips the lowering that the map comes from. Any
-failure is kept (meta.json `compile_attribution_errors`), never raised.
+changes no graph and no config that a cache key or a dynamo guard sees. It goes in
+when vramscope is imported (import_hooks.watch_inductor), without importing
+inductor: a meta-path finder patches `torch._inductor.graph` as it is imported. A
+model compiled before the capture began thus keeps its names, and the capture
+causes no recompile. Inductor's FX-graph and AOTAutograd caches are bypassed while a
+capture runs, since a cache hit skips the lowering that the map comes from (a graph
+compiled from those caches before the capture has no map: its allocations keep the
+compiled model's name). Any failure is kept (meta.json
+`compile_attribution_errors`), never raised.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from profiler.capture import compiled_store, dynamo_frames, import_hooks
 from profiler.capture.compiled_lines import LineInfo, line_infos
 from profiler.trace.finalize.markers import PREFIX as MARKER_PREFIX
 from profiler.trace.schema import Phase
 from profiler.trace.tags import make_tag, parse_tag
 
-_GRAPH_MODULE = "torch._inductor.graph"
 # Cache switches set off while the hook is in: (module, attribute).
 _CACHES = (
     ("torch._inductor.config", "fx_graph_cache"),
@@ -45,15 +46,9 @@ _CACHES = (
 _MAPPED_PHASES = (None, Phase.FORWARD.value, Phase.BACKWARD.value)
 _RECOMPUTE = Phase.RECOMPUTE.value
 
+_INDUCTOR_CODE = "torch._inductor.codecache"  # loaded before any generated code can run
 _lock = threading.Lock()
 _maps: dict[str, dict[int, LineInfo]] = {}  # generated file (real path) -> line -> info, for the process
-
-
-def dynamo_compiled() -> bool:
-    """Whether dynamo has compiled any frame in this process (no import of dynamo)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    frames = getattr(utils, "counters", {}).get("frames") if utils is not None else None
-    return bool(frames and frames.get("total", 0))
 
 
 def mapped_files() -> set[str]:
@@ -64,7 +59,13 @@ def mapped_files() -> set[str]:
 def file_map(filename: str) -> dict[int, LineInfo] | None:
     """The map of a generated file, by the name a frame gives it."""
     m = _maps.get(filename)
-    return m if m is not None else _maps.get(os.path.realpath(filename))
+    if m is None:
+        real = os.path.realpath(filename)
+        m = _maps.get(real)
+        if m is None and (m := compiled_store.load(real)) is not None:  # compiled from inductor's cache
+            with _lock:
+                _maps[real] = m
+    return m
 
 
 def lookup(filename: str, line: int) -> LineInfo | None:
@@ -72,35 +73,106 @@ def lookup(filename: str, line: int) -> LineInfo | None:
     return None if m is None else m.get(line)
 
 
+def patch_lowering(graph_module) -> None:
+    """Wrap inductor's lowering, once per process, to record each graph's line map.
+
+    The wrapper stays for the process's life: a graph compiled before a capture is
+    named in it too. Failures are kept (the active captures' `errors`), never raised."""
+    global _lowering_patched
+    with _lock:
+        if _lowering_patched:
+            return
+        _lowering_patched = True
+    try:
+        cls = graph_module.GraphLowering
+        name = "_compile_to_module_lines" if hasattr(cls, "_compile_to_module_lines") else "compile_to_module"
+        setattr(cls, name, _with_line_map(getattr(cls, name), with_lines=name == "_compile_to_module_lines"))
+    except Exception as e:  # an inductor we do not know: compile as usual, unnamed
+        _report_error(f"install: {e!r}")
+    for hook in list(_hooks):  # captures that started before inductor was imported
+        hook.bypass_caches()
+
+
+_lowering_patched = False
+_hooks: list[CompileHook] = []  # the captures running now
+_errors: list[str] = []  # failures while no capture ran, for the next capture's meta
+
+
+def _report_error(message: str) -> None:
+    with _lock:
+        targets = [h.errors for h in _hooks] or [_errors]
+    for errors in targets:
+        if len(errors) < 20:
+            errors.append(message)
+
+
+def _with_line_map(original: Callable, with_lines: bool) -> Callable:
+    def compile_with_line_map(graph, *args, **kwargs):
+        code = args[0] if with_lines and args else None
+        try:
+            lines_before = code.value.count("\n") if code is not None else 0
+        except Exception:
+            lines_before = 0
+        module = original(graph, *args, **kwargs)
+        _record(graph, module, code, lines_before)
+        return module
+
+    return compile_with_line_map
+
+
+def _record(graph, module, code, lines_before: int) -> None:
+    t0 = time.perf_counter()
+    try:
+        path = module.__file__
+        if code is not None:  # a compile-time autotuning block may have been prepended
+            source, line_map, shift = code.value, code.line_map, code.value.count("\n") - lines_before
+        else:
+            with open(path) as f:
+                source, line_map, shift = f.read(), None, 0
+        infos = line_infos(graph, source, line_map, shift)
+        real = os.path.realpath(path)
+        with _lock:
+            _maps[real] = infos
+            hooks = list(_hooks)
+        compiled_store.save(real, infos)
+        for hook in hooks:
+            hook.graphs += 1
+            hook.lines += len(infos)
+            hook.seconds += time.perf_counter() - t0
+    except Exception as e:  # never break compilation
+        _report_error(f"record: {e!r}")
+
+
 class CompileHook:
-    """Inductor's wrapper compilation, hooked for one capture."""
+    """One capture's view of inductor: the lowering records line maps (patch_lowering, put
+    in place now if vramscope's import did not), and inductor's FX-graph and AOTAutograd
+    caches are bypassed while the capture runs, since a cache hit skips the lowering."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.graphs = 0
         self.lines = 0
         self.seconds = 0.0
-        self._finder: _PatchOnImport | None = None
-        self._patched: tuple[type, str, Callable] | None = None
+        self.maps_before = 0  # graphs mapped in this process before the capture began
+        self._loaded_before = 0  # maps read from the store before it began
         self._saved_config: list[tuple[object, str, object]] = []
 
     def install(self) -> None:
-        graph_module = sys.modules.get(_GRAPH_MODULE)
-        if graph_module is not None:
-            self._patch(graph_module)
-        else:
-            self._finder = _PatchOnImport(self._patch)
-            sys.meta_path.insert(0, self._finder)
+        with _lock:
+            _hooks.append(self)
+            self.errors.extend(_errors)
+            _errors.clear()
+            self.maps_before = len(_maps)
+            self._loaded_before = compiled_store.loaded
+        import_hooks.when_imported(import_hooks.INDUCTOR_GRAPH, patch_lowering)
+        if import_hooks.INDUCTOR_GRAPH in sys.modules:
+            self.bypass_caches()
 
     def remove(self) -> None:
-        if self._finder is not None:
-            if self._finder in sys.meta_path:
-                sys.meta_path.remove(self._finder)
-            self._finder = None
-        if self._patched is not None:
-            cls, name, original = self._patched
-            setattr(cls, name, original)
-            self._patched = None
+        with _lock:
+            if self in _hooks:
+                _hooks.remove(self)
+        import_hooks.cancel(import_hooks.INDUCTOR_GRAPH, patch_lowering)  # import_hooks.watch_inductor's stays
         for module, attr, value in self._saved_config:
             setattr(module, attr, value)
         self._saved_config = []
@@ -108,24 +180,23 @@ class CompileHook:
     def meta(self) -> dict:
         """meta.json fields: what the hook mapped, and its errors (none when nothing compiled)."""
         out: dict = {}
-        if self.graphs:
-            out["compile_attribution"] = dict(graphs=self.graphs, lines=self.lines, seconds=round(self.seconds, 3))
-        if self.errors:
-            out["compile_attribution_errors"] = list(self.errors[:20])
+        stored = compiled_store.loaded - self._loaded_before
+        if self.graphs or self.maps_before or stored:
+            out["compile_attribution"] = dict(
+                graphs=self.graphs,
+                lines=self.lines,
+                seconds=round(self.seconds, 3),
+                graphs_before=self.maps_before,
+                graphs_stored=stored,
+            )
+        errors = self.errors + dynamo_frames.errors
+        if errors:
+            out["compile_attribution_errors"] = errors[:20]
         return out
 
-    def _patch(self, graph_module) -> None:
-        try:
-            cls = graph_module.GraphLowering
-            name = "_compile_to_module_lines" if hasattr(cls, "_compile_to_module_lines") else "compile_to_module"
-            original = getattr(cls, name)
-            setattr(cls, name, self._wrap(original, with_lines=name == "_compile_to_module_lines"))
-            self._patched = (cls, name, original)
-            self._bypass_caches()
-        except Exception as e:  # an inductor we do not know: compile as usual, unnamed
-            self.errors.append(f"install: {e!r}")
-
-    def _bypass_caches(self) -> None:
+    def bypass_caches(self) -> None:
+        if self._saved_config:
+            return
         for module_name, attr in _CACHES:
             module = sys.modules.get(module_name)
             if module is None:
@@ -135,70 +206,6 @@ class CompileHook:
                 setattr(module, attr, False)
                 if getattr(module, attr):  # forced on through its environment variable
                     self.errors.append(f"{module_name}.{attr} is forced on: graphs it caches are not named")
-
-    def _wrap(self, original: Callable, with_lines: bool) -> Callable:
-        hook = self
-
-        def compile_with_line_map(graph, *args, **kwargs):
-            code = args[0] if with_lines and args else None
-            try:
-                lines_before = code.value.count("\n") if code is not None else 0
-            except Exception:
-                lines_before = 0
-            module = original(graph, *args, **kwargs)
-            hook._record(graph, module, code, lines_before)
-            return module
-
-        return compile_with_line_map
-
-    def _record(self, graph, module, code, lines_before: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            path = module.__file__
-            if code is not None:  # a compile-time autotuning block may have been prepended
-                source, line_map, shift = code.value, code.line_map, code.value.count("\n") - lines_before
-            else:
-                with open(path) as f:
-                    source, line_map, shift = f.read(), None, 0
-            infos = line_infos(graph, source, line_map, shift)
-            with _lock:
-                _maps[os.path.realpath(path)] = infos
-            self.graphs += 1
-            self.lines += len(infos)
-        except Exception as e:  # never break compilation
-            self.errors.append(f"record: {e!r}")
-        self.seconds += time.perf_counter() - t0
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches torch._inductor.graph right after it is imported."""
-
-    def __init__(self, patch: Callable) -> None:
-        self.patch = patch
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _GRAPH_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenPatch(spec.loader, self.patch)
-        return spec
-
-
-class _ThenPatch(importlib.abc.Loader):
-    def __init__(self, loader, patch: Callable) -> None:
-        self._loader = loader
-        self._patch = patch
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        self._patch(module)
-
-    def __getattr__(self, name):  # get_source, get_filename, ... as the real loader
-        return getattr(self._loader, name)
 
 
 class CompiledTags:
@@ -218,8 +225,8 @@ class CompiledTags:
 
     def see_stack(self, stack_id: int, frames) -> None:
         """Once per new stack: the first frame (innermost first) on a mapped line."""
-        if stack_id in self._seen or not _maps:
-            return
+        if stack_id in self._seen or (not _maps and _INDUCTOR_CODE not in sys.modules):
+            return  # no generated code has run: no stack passes through any
         self._seen.add(stack_id)
         files = self._files
         if self._maps_size != len(_maps):

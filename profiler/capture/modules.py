@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from profiler.capture import module_calls
 from profiler.trace.schema import Phase
 from profiler.trace.tags import make_tag
 
@@ -101,59 +102,25 @@ class ModuleTracer:
         # references are dropped when the root forward returns, and at most
         # _RECENT_MAX are held, so no graph outlives its own lifetime by much.
         self._recent: dict[int, object] = {}
-        self._original_call_impl: Callable[..., Any] | None = None
-        self._installed_call_impl: Callable[..., Any] | None = None
+        self._hooks: tuple | None = None  # (pre, post, unwind, failed) while installed
 
     # -- lifecycle ----------------------------------------------------------------
     def install(self) -> None:
-        """Wrap Module._call_impl.
-
-        Global forward hooks would do, but they send every module call in the
-        process through _call_impl's generic hook path; one lean wrapper is
-        cheaper, and modules with hooks of their own still run them inside it.
-        """
-        original = nn.Module._call_impl
-        pre, post, unwind = self._pre_forward, self._post_forward, self._unwind
-        compiling = torch.compiler.is_compiling
-        failed = self._failed
-
-        # An error of ours stops the capture (profiler/capture/failure.py); the module runs on.
-        def _call_impl(module, *args, **kwargs):
-            if compiling():  # inside a graph being traced: hooks would only break it
-                return original(module, *args, **kwargs)
-            try:
-                pre(module, args)
-            except Exception as e:  # noqa: BLE001
-                failed(e)
-            try:
-                out = original(module, *args, **kwargs)
-            except BaseException:
-                try:
-                    unwind()
-                except Exception as e:  # noqa: BLE001 - the script's exception is the one to raise
-                    failed(e)
-                raise
-            try:
-                post(module, args, out)
-            except Exception as e:  # noqa: BLE001
-                failed(e)
-            return out
-
-        self._original_call_impl = original
-        self._installed_call_impl = _call_impl
-        nn.Module._call_impl = _call_impl  # type: ignore[method-assign, assignment]  # patched for the capture only
+        """Run this tracer's hooks around every module call (module_calls.py)."""
+        self._hooks = (self._pre_forward, self._post_forward, self._unwind, self._failed)
+        module_calls.wrap(self._hooks)
 
     def _failed(self, error: Exception) -> None:
         self.recorder.capture_failed(error)
 
     @property
     def installed(self) -> bool:
-        return self._original_call_impl is not None
+        return self._hooks is not None
 
     def remove(self) -> None:
-        if self._original_call_impl is not None and nn.Module._call_impl is self._installed_call_impl:
-            nn.Module._call_impl = self._original_call_impl  # type: ignore[method-assign]
-        self._original_call_impl = None
+        if self._hooks is not None:
+            module_calls.unwrap(self._hooks)
+        self._hooks = None
 
     def _unwind(self) -> None:
         """A forward raised: leave its module, so the stack stays true for the caller."""

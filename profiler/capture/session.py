@@ -20,7 +20,7 @@ from pathlib import Path
 from profiler.capture import api, distributed, failure, run_meta, signals
 from profiler.capture.api import active, category, mark, record_kv, register_model, step
 from profiler.capture.backend import make_backend
-from profiler.capture.compiled import dynamo_compiled
+from profiler.capture.dynamo_frames import dynamo_compiled
 from profiler.capture.failure import guarded
 from profiler.capture.hooks import hook_optimizer_steps, patch_backward
 from profiler.capture.modules import user_path

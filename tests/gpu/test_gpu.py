@@ -446,7 +446,8 @@ def _block_bytes(ev, block: str, step: int) -> dict:
 
 
 def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
-    """A plain compiled model first, then a fresh one under the capture, in one process."""
+    """A plain compiled model first, then a fresh one under the capture, in one process:
+    the capture's layer names come from the line maps of the plain run's compile."""
     from profiler.analysis.timeline import peak
     from profiler.trace.reader import load_trace
 
@@ -478,8 +479,13 @@ def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
     assert not {m for m in modules if "_orig_mod" in m or "OptimizedModule" in m}
     assert {"transformer.h.0.attn.c_attn", "transformer.h.11.mlp.c_fc", "lm_head"} <= modules
     assert block["forward"] > 0 and block["backward"] > 0
-    assert delta["captured"] == delta["plain"] and delta["captured"][:2] == delta["captured"][2:]
-    assert "compile_attribution_errors" not in meta and meta["compile_attribution"]["graphs"] >= 2
+    # The captured model is a fresh one of the same code: dynamo may reuse the plain run's
+    # compile, and the capture adds none (nothing after step 1, no more than the plain run).
+    assert delta["captured"][:2] == delta["captured"][2:]
+    assert all(c <= p for c, p in zip(delta["captured"], delta["plain"]))
+    attribution = meta["compile_attribution"]  # maps made in the capture, before it, or from the store
+    assert "compile_attribution_errors" not in meta
+    assert attribution["graphs"] + attribution["graphs_before"] + attribution["graphs_stored"] >= 2
 
 
 def _kv_alive_after(events, step: int | None = None) -> int:

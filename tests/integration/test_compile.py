@@ -9,6 +9,7 @@ out; the module tracer, the hooks and the steps are the session's own.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,29 +113,34 @@ class _DispatchFreeBackend(CpuBackend):
         pass
 
 
-def _compile_counts(steps: int, capture_dir=None, **options) -> dict:
+def _compile_counts(steps: int, capture_dir=None, after: int = 0, **options) -> dict:
+    """Compile counts of `steps` steps of a fresh compiled model (under a capture when
+    `capture_dir` is given), then `after` more steps once the capture has ended."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model, opt = _model()
+    cmodel = torch.compile(model, backend="aot_eager")
     inputs, targets = batch(model)
     if capture_dir is None:
-        train(torch.compile(model, backend="aot_eager"), opt, steps, inputs, targets)
+        train(cmodel, opt, steps, inputs, targets)
     else:
         with profiler.profile(out=capture_dir, backend="cpu", **options) as prof:
-            train(torch.compile(model, backend="aot_eager"), opt, steps, inputs, targets)
+            train(cmodel, opt, steps, inputs, targets)
         options["hooked"] = load_trace(prof.run_dir).steps["modules_hooked"].tolist()
+    train(cmodel, opt, after, inputs, targets)
     return dict(frames=dict(counters["frames"]), graphs=counters["stats"]["unique_graphs"], **options)
 
 
 @pytest.mark.parametrize("hooked_steps", [(3, 50), (1, 2)])
 def test_the_capture_causes_no_recompile(tmp_path, monkeypatch, hooked_steps):
     """Module hooks stop after the first steps; dynamo guards on the tracer's wrapper, so
-    once dynamo has compiled they stay in: the compile counts match a run without capture."""
+    once dynamo has compiled they stay in, and the wrapper stays after the capture: the
+    compile counts, in the capture and after it, match a run without capture."""
     monkeypatch.setattr(session, "make_backend", lambda *a, **k: _DispatchFreeBackend(stacks=True))
-    plain = _compile_counts(6)
-    captured = _compile_counts(6, tmp_path, hooked_steps=hooked_steps)
+    plain = _compile_counts(8)
+    captured = _compile_counts(6, tmp_path, after=2, hooked_steps=hooked_steps)
     print(f"compiles: plain {plain} | captured {captured}")
     assert plain["graphs"] == captured["graphs"] == 1
     assert plain["frames"] == captured["frames"]
@@ -142,35 +148,37 @@ def test_the_capture_causes_no_recompile(tmp_path, monkeypatch, hooked_steps):
 
 
 _HOOK_LIFECYCLE = """
-import sys, tempfile, torch, profiler
+import os, sys, tempfile, torch, profiler
+from profiler.capture import import_hooks
 
-def finders():
-    return [f for f in sys.meta_path if type(f).__module__ == "profiler.capture.compiled"]
-
+watching = os.environ.get("VRAMSCOPE_COMPILE_MAPS") != "0"
+assert import_hooks.waiting() == ({"torch._inductor.graph": 1} if watching else {})
 with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):
-    assert len(finders()) == 1
+    assert "torch._inductor.graph" in import_hooks.waiting()
     torch.nn.Linear(2, 2)(torch.randn(1, 2)).sum().backward()
 assert "torch._inductor.graph" not in sys.modules, "the capture imported inductor"
-assert not finders()
+assert import_hooks.waiting() == ({"torch._inductor.graph": 1} if watching else {})
 with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.graph import GraphLowering
     assert GraphLowering._compile_to_module_lines.__name__ == "compile_with_line_map"
     assert inductor_config.fx_graph_cache is False and functorch_config.enable_autograd_cache is False
-assert GraphLowering._compile_to_module_lines.__name__ == "_compile_to_module_lines"
+    assert not import_hooks.waiting()
+# The lowering keeps recording (a later capture names what is compiled now); caches are back.
+assert GraphLowering._compile_to_module_lines.__name__ == "compile_with_line_map"
 assert inductor_config.fx_graph_cache is True and functorch_config.enable_autograd_cache is True
-assert not finders()
 with profiler.profile(out=tempfile.mkdtemp(), backend="cpu"):  # inductor imported already
-    assert not finders() and GraphLowering._compile_to_module_lines.__name__ == "compile_with_line_map"
-assert GraphLowering._compile_to_module_lines.__name__ == "_compile_to_module_lines"
+    assert inductor_config.fx_graph_cache is False and not import_hooks.waiting()
+assert inductor_config.fx_graph_cache is True and not import_hooks.waiting()
 print("ok")
 """
 
 
-def test_the_hook_waits_for_inductor_and_leaves_with_the_capture(tmp_path):
+@pytest.mark.parametrize("watch", ["1", "0"])
+def test_the_hook_waits_for_inductor_and_bypasses_its_caches_only_in_a_capture(tmp_path, watch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}  # caches on by default
-    env["PYTHONPATH"] = str(REPO)
+    env.update(PYTHONPATH=str(REPO), VRAMSCOPE_COMPILE_MAPS=watch, VRAMSCOPE_MAP_DIR=str(tmp_path / "maps"))
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(_HOOK_LIFECYCLE)], env=env, capture_output=True)
     assert out.returncode == 0, out.stderr.decode()[-3000:]
     assert out.stdout.decode().strip() == "ok"
@@ -229,3 +237,68 @@ def _allocation_lines(modules, run) -> list[tuple[str, int]]:
         for mod, original in saved:
             mod.empty_strided_cpu = original
     return seen
+
+
+_COMPILED_BEFORE = """
+import json, os, sys, tempfile
+sys.path[:0] = [os.environ["TESTS"], os.path.join(os.environ["TESTS"], "integration")]
+import torch
+import profiler
+from torch._dynamo.utils import counters
+from torch._inductor.codecache import PyCodeCache
+from nanogpt import batch, train
+from profiler.capture import compiled, session
+from test_compile import _DispatchFreeBackend, _allocation_lines, _model
+
+session.make_backend = lambda *a, **k: _DispatchFreeBackend(stacks=True)
+model, opt = _model()
+cmodel = torch.compile(model)
+inputs, targets = batch(model)
+train(cmodel, opt, 2, inputs, targets)  # compiled, forward and backward, before any capture
+before = [counters["frames"]["total"], counters["stats"]["unique_graphs"]]
+with profiler.profile(out=tempfile.mkdtemp(), backend="cpu") as prof:
+    files = [m for m in PyCodeCache.modules if compiled.file_map(m.__file__)]
+    seen = _allocation_lines(files, lambda: train(cmodel, opt, 2, inputs, targets))
+after = [counters["frames"]["total"], counters["stats"]["unique_graphs"]]
+infos = [compiled.lookup(f, line) for f, line in seen]
+meta = json.loads((prof.run_dir / "meta.json").read_text())
+print(json.dumps(dict(
+    compiles=[before, after], generated=len(PyCodeCache.modules), mapped=len(files), allocations=len(seen),
+    named=sorted({(i.phase, i.module) for i in infos if i is not None}), unnamed=infos.count(None),
+    attribution=meta.get("compile_attribution"),
+)))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_compiled_before_the_capture_keeps_its_code_and_its_layer_names(tmp_path):
+    """Compiled and trained before the capture, in a process that imported vramscope: the
+    capture compiles nothing (no frame, no graph), and every allocation the generated code
+    makes in it is on a line mapped to the user's module. A second process compiles from
+    inductor's warm cache, which skips the lowering: the maps come from vramscope's store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "VRAMSCOPE_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        TESTS=str(REPO / "tests"),
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+        VRAMSCOPE_MAP_DIR=str(tmp_path / "maps"),
+    )
+    runs = []
+    for _ in ("cold inductor cache", "warm inductor cache"):
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILED_BEFORE)], env=env, capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()[-3000:]
+        runs.append(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+    print(runs)
+    cold, warm = runs
+    for run in runs:
+        (frames, graphs), after = run["compiles"]
+        assert (frames, graphs) == (1, 1) and after == [1, 1]  # dynamo's one graph; none added by the capture
+        assert run["generated"] == run["mapped"] == 2  # inductor's forward and backward
+        assert run["allocations"] > 0 and run["unnamed"] == 0
+        named = {tuple(n) for n in run["named"]}
+        for phase in ("forward", "backward"):
+            assert {(phase, "transformer.h.0.attn.c_attn"), (phase, "lm_head")} <= named
+    assert cold["named"] == warm["named"]
+    assert cold["attribution"]["graphs_before"] == 2 and cold["attribution"]["graphs"] == 0
+    assert warm["attribution"]["graphs_before"] == 0 and warm["attribution"]["graphs_stored"] == 2
+    assert len(list((tmp_path / "maps").glob("*.json"))) == 2

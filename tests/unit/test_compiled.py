@@ -187,12 +187,17 @@ def test_the_cuda_drain_renames_allocations_made_on_mapped_lines(generated, monk
     assert cols["stack_id"][0] == cols["stack_id"][2] != cols["stack_id"][1]
 
 
-def test_the_hook_keeps_its_failures_and_never_raises():
+def test_the_hook_keeps_its_failures_and_never_raises(monkeypatch):
     hook = compiled.CompileHook()
-    hook._patch(SimpleNamespace())  # an inductor without GraphLowering
+    monkeypatch.setattr(compiled, "_lowering_patched", False)
+    monkeypatch.setattr(compiled, "_hooks", [hook])  # a capture running
+    compiled.patch_lowering(SimpleNamespace())  # an inductor without GraphLowering
     broken = SimpleNamespace()  # a "generated module" without __file__
-    wrapped = hook._wrap(lambda graph, code: broken, with_lines=True)
+    wrapped = compiled._with_line_map(lambda graph, code: broken, with_lines=True)
     assert wrapped(SimpleNamespace(), SimpleNamespace(value="x\n", line_map=[])) is broken
     assert len(hook.errors) == 2 and hook.errors[0].startswith("install:") and hook.errors[1].startswith("record:")
     assert hook.meta() == {"compile_attribution_errors": hook.errors}
-    hook.remove()  # nothing was patched: nothing to restore
+    monkeypatch.setattr(compiled, "_hooks", [])  # no capture: the next one reports it
+    monkeypatch.setattr(compiled, "_errors", [])
+    wrapped(SimpleNamespace(), SimpleNamespace(value="x\n", line_map=[]))
+    assert len(compiled._errors) == 1 and compiled._errors[0].startswith("record:")
