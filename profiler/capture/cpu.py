@@ -1,4 +1,4 @@
-"""CPU backend: the same events, from tensor storages instead of an allocator.
+"""CPU capture path "python", where native_cpu.py cannot run: events from tensor storages.
 
 A TorchDispatchMode sees every op's inputs and outputs. A storage seen for the
 first time is an "alloc" (its bytes, the thread's current tag), and a weakref
@@ -71,6 +71,8 @@ class CpuBackend:
     drain_every_step = True
     positions_need_drain = True
     start_segments: dict | None = None  # no allocator, no segments
+    capture_path = "python"  # meta.json's capture_path (native_cpu.py is "native")
+    capture_path_error: str | None = None  # why the native path did not run, if it was tried
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 0):
         self.device_type = "cpu"
@@ -111,7 +113,9 @@ class CpuBackend:
     def start(self) -> dict:
         self._mode.__enter__()
         self._patch_storage_resize()
-        return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
+        facts = dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
+        why = {"capture_path_error": self.capture_path_error} if self.capture_path_error else {}
+        return dict(facts, capture_path=self.capture_path, **why)
 
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)

@@ -16,12 +16,17 @@ like any other (profiler/analysis/fragmentation.py replays them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import torch
 
 from profiler.capture.cuda import CudaBackend, _all
-from profiler.capture.frames import own_frame
+from profiler.capture.frames import StackInterner, own_frame
+
+if TYPE_CHECKING:
+    from profiler.capture.compiled import CompiledTags
 
 # c10's TraceEntry::Action, in its order.
 ACTIONS = (
@@ -39,20 +44,92 @@ _ACTIONS = pa.array(ACTIONS, pa.string())
 _MAX_DEPTH = 64  # innermost Python frames kept per stack
 
 
-class NativeCudaBackend(CudaBackend):
+class NativeColumns:
+    """What the tracker's backends share (CUDA here, CPU in native_cpu.py): its labels,
+    frames and stacks turned into the writer's tag and stack_id columns."""
+
+    interner: StackInterner
+    compiled: CompiledTags | None
+    stacks: bool
+
+    def set_tag(self, tag: str) -> None:  # each instance calls the tracker's own instead
+        self.tracker.set_tag(tag)
+
+    def get_tag(self) -> str:
+        return self.tracker.get_tag()
+
+    def _take_tracker(self, tracker) -> None:
+        self.tracker = tracker
+        self.set_tag = tracker.set_tag  # type: ignore[method-assign]  # no Python layer per call
+        self.get_tag = tracker.get_tag  # type: ignore[method-assign]
+        self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
+        self._frame_of: list[int] = []  # tracker frame id -> interner frame id
+        self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
+        self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
+
+    def _interned_stacks(self, stack: np.ndarray) -> np.ndarray:
+        """Tracker stack ids as interner stack ids (-1: none)."""
+        known = stack >= 0
+        return np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
+
+    def _columns(self, got: dict, step: int) -> dict:
+        """A drain's arrays as writer columns (labels taken first)."""
+        n = len(got["ts_us"])
+        self._labels.extend(self.tracker.labels_from(len(self._labels)))
+        stack_ids = self._interned_stacks(got["stack"])
+        return {
+            "ts_us": got["ts_us"],
+            "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
+            "addr": got["addr"],
+            "size_bytes": got["size"],
+            "stream": got["stream"],
+            "step": np.full(n, step, dtype=np.int32),
+            "tag": self._tag_column(got["label"], stack_ids),
+            "stack_id": pa.array(stack_ids.astype(np.int32), mask=stack_ids < 0) if self.stacks else None,
+        }
+
+    def _take_stacks(self, frames: list, stacks: list) -> None:
+        intern = self.interner
+        for filename, line, name in frames:
+            # vramscope's own frames (module hooks) are left out, as on the other paths: a
+            # stack is then the same whether or not hooks ran (frames.py).
+            self._frame_of.append(-1 if own_frame(filename) else intern.frame(filename, line, name))
+            self._frames_text.append((filename, line, name))
+        if not stacks:
+            return
+        new = np.empty(len(stacks), dtype=np.int32)
+        for i, frame_ids in enumerate(stacks):
+            kept = [f for f in frame_ids if self._frame_of[f] >= 0]
+            sid = intern.stack(tuple(self._frame_of[f] for f in kept)) if kept else -1
+            new[i] = sid
+            if self.compiled is not None and sid >= 0:
+                self.compiled.see_stack(
+                    sid,
+                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, kept)],
+                )
+        self._stack_of = np.concatenate([self._stack_of, new])
+
+    def _tag_column(self, label: np.ndarray, stack_ids: np.ndarray) -> pa.Array:
+        """Labels as a dictionary column of the tags in use; compiled code's renamed per stack."""
+        compiled = self.compiled
+        if compiled is None or not compiled.renames():
+            used, codes = np.unique(label, return_inverse=True)
+            words = [self._labels[i] for i in used]
+        else:
+            key = (label.astype(np.int64) << 32) | (stack_ids.astype(np.int64) & 0xFFFFFFFF)
+            used, codes = np.unique(key, return_inverse=True)
+            words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+
+
+class NativeCudaBackend(NativeColumns, CudaBackend):
     """CudaBackend whose events come from the tracker module `tracker` (see load())."""
 
     capture_path = "native"
 
     def __init__(self, tracker, device=None, stacks: bool = True, max_entries: int = 1_000_000):
         super().__init__(device=device, stacks=stacks, max_entries=max_entries)
-        self.tracker = tracker
-        self.set_tag = tracker.set_tag
-        self.get_tag = tracker.get_tag
-        self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
-        self._frame_of: list[int] = []  # tracker frame id -> interner frame id
-        self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
-        self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
+        self._take_tracker(tracker)
         self._last_segments: list = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -98,54 +175,7 @@ class NativeCudaBackend(CudaBackend):
         if not n:
             return None
         self.events_seen += n
-        labels = self.tracker.labels_from(len(self._labels))
-        self._labels.extend(labels)
-        stack = got["stack"]
-        known = stack >= 0
-        stack_ids = np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
-        return {
-            "ts_us": got["ts_us"],
-            "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
-            "addr": got["addr"],
-            "size_bytes": got["size"],
-            "stream": got["stream"],
-            "step": np.full(n, step, dtype=np.int32),
-            "tag": self._tag_column(got["label"], stack_ids),
-            "stack_id": pa.array(stack_ids.astype(np.int32), mask=stack_ids < 0) if self.stacks else None,
-        }
-
-    def _take_stacks(self, frames: list, stacks: list) -> None:
-        intern = self.interner
-        for filename, line, name in frames:
-            # vramscope's own frames (module hooks) are left out, as on the other paths: a
-            # stack is then the same whether or not hooks ran (frames.py).
-            self._frame_of.append(-1 if own_frame(filename) else intern.frame(filename, line, name))
-            self._frames_text.append((filename, line, name))
-        if not stacks:
-            return
-        new = np.empty(len(stacks), dtype=np.int32)
-        for i, frame_ids in enumerate(stacks):
-            kept = [f for f in frame_ids if self._frame_of[f] >= 0]
-            sid = intern.stack(tuple(self._frame_of[f] for f in kept)) if kept else -1
-            new[i] = sid
-            if self.compiled is not None and sid >= 0:
-                self.compiled.see_stack(
-                    sid,
-                    [dict(filename=t[0], line=t[1], name=t[2]) for t in map(self._frames_text.__getitem__, kept)],
-                )
-        self._stack_of = np.concatenate([self._stack_of, new])
-
-    def _tag_column(self, label: np.ndarray, stack_ids: np.ndarray) -> pa.Array:
-        """Labels as a dictionary column of the tags in use; compiled code's renamed per stack."""
-        compiled = self.compiled
-        if compiled is None or not compiled.renames():
-            used, codes = np.unique(label, return_inverse=True)
-            words = [self._labels[i] for i in used]
-        else:
-            key = (label.astype(np.int64) << 32) | (stack_ids.astype(np.int64) & 0xFFFFFFFF)
-            used, codes = np.unique(key, return_inverse=True)
-            words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
-        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+        return self._columns(got, step)
 
 
 def make_native_backend(device=None, stacks: bool = True, max_entries: int = 1_000_000):
