@@ -15,14 +15,21 @@ allocated then with no phase and no module, and whose later free is reported. Al
 in OpenMP's intra-op worker threads are not reported by c10 (they do not inherit the
 debug info), nor are their frees. A forked child (a DataLoader worker) records nothing.
 
+The reporter sits in the thread's profiler slot, as a profiler state that says it is
+disabled: torch's profiler cannot start on the capturing thread while it is there
+("Profiler is already enabled on this thread"; capture_path="python" can run under
+it), and where torch's profiler already runs, make_backend takes the python path.
+
 The tracker's counters are the replay of its events: `allocated` is + size at each
 alloc and - size at each free_requested, under the lock that appends them.
 
 Stacks are read from the allocating thread's frames without the GIL, vramscope's own
 frames left out during the walk. CPU autograd runs on the calling thread: an
 allocation made while a backward node runs gets the stack of the forward op that made
-the node, and a node without one (a parameter's AccumulateGrad, a view's node) the
-Python stack, which is the backward() call.
+the node; a node without one (a parameter's AccumulateGrad, a view's node) works on
+the gradient the node before it made, and takes the stack that one's allocation took
+(the Python stack, the backward() call, before any). A node that runs Python (a
+custom Function's backward, compiled code's) has the stack of its own frames.
 """
 
 from __future__ import annotations
@@ -57,6 +64,17 @@ class NativeCpuBackend(NativeColumns):
         self.events_seen = 0
         self.dropped = 0  # the tracker appends every report it is handed
         self._take_tracker(tracker)
+
+    failure: Exception | None = None  # no Python runs per op here: nothing of ours can fail there
+
+    @property
+    def allocated(self) -> int:
+        """Bytes allocated now, by the events recorded so far (as CpuBackend.allocated)."""
+        return int(self.tracker.cpu_counters()[0])
+
+    @property
+    def peak(self) -> int:
+        return int(self.tracker.cpu_counters()[1])
 
     def pause_stacks(self, paused: bool) -> None:
         pass  # backward allocations take their forward op's stack; walks never take the GIL
@@ -106,7 +124,7 @@ class NativeCpuBackend(NativeColumns):
         return dict(allocated_bytes=allocated, active_bytes=allocated, max_allocated_bytes=peak)
 
     def peaks(self) -> dict:
-        return dict(max_allocated_bytes=self.tracker.cpu_counters()[1], max_reserved_bytes=None)
+        return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
 
     def segments_now(self, kind, ts_us, event_index):
         return None  # no caching allocator, no segments
@@ -127,6 +145,8 @@ def make_native_cpu_backend(stacks: bool = True):
     stacks are asked for and this build cannot read Python frames."""
     from profiler.capture import native
 
+    if torch._C._autograd._profiler_enabled():
+        return None, "torch's profiler is running on this thread: it holds the slot c10 reports CPU memory to"
     tracker, error = native.load(cuda=False)
     if tracker is None:
         return None, error

@@ -29,6 +29,7 @@
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -48,6 +49,8 @@
 #endif
 
 #include <algorithm>
+#include <cstring>
+#include <typeinfo>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -441,7 +444,9 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 //
 // Backward: CPU autograd runs on the calling thread, whose Python frames are those of
 // the backward() call; an allocation made while a node runs (grad mode off: not a
-// recomputation) takes the stack of the forward op that made the node, as on CUDA.
+// recomputation) takes the stack of the forward op that made the node, as on CUDA, and
+// one made by a node that has none the stack the backward allocation before it took;
+// a node that runs Python (a custom Function, compiled code) keeps its own frames.
 
 struct CpuBlock {
   int64_t size;
@@ -452,6 +457,7 @@ struct CpuState {
   std::unordered_map<uint64_t, CpuBlock> alive;
   int64_t allocated = 0, peak = 0;
   int32_t last_stack = -1;  // the latest allocation's stack from a thread with Python frames
+  int32_t last_backward = -1;  // the latest stack a backward allocation took from its node
 };
 
 CpuState& cpu_state() {
@@ -489,18 +495,46 @@ void cpu_free_locked(State& st, CpuState& cs, uint64_t addr, int32_t label, int6
   append_locked(st, kFreeCompleted, addr, b.size, label, b.stack, -1, -1, ts);
 }
 
+// The node being run: its sequence number, or kNoNode, kNodeNoSeq (a C++ node without
+// one: a parameter's AccumulateGrad) or kPythonNode (a custom Function's or compiled
+// code's backward, whose own Python frames say more than its forward's stack).
+constexpr int64_t kNoNode = -1, kNodeNoSeq = -2, kPythonNode = -3;
+
+// torch::autograd::PyNode, told by its type's name: libtorch_python does not export
+// its type info, so no dynamic_cast can name it. The match is remembered by address.
+std::atomic<const std::type_info*> g_py_node_type{nullptr};
+bool is_python_node(const torch::autograd::Node& node) {
+  const std::type_info& type = typeid(node);
+  if (&type == g_py_node_type.load(std::memory_order_relaxed)) return true;
+  const char* name = type.name();
+  if (std::strcmp(name + (*name == '*'), "N5torch8autograd6PyNodeE") != 0) return false;
+  g_py_node_type.store(&type, std::memory_order_relaxed);
+  return true;
+}
+int64_t node_seq() {
+  auto node = torch::autograd::get_current_node();
+  if (!node) return kNoNode;
+  if (is_python_node(*node)) return kPythonNode;
+  uint64_t seq = node->sequence_nr();
+  return seq > static_cast<uint64_t>(INT64_MAX) ? kNodeNoSeq : static_cast<int64_t>(seq);
+}
+
 // The stack of a CPU allocation; the caller holds st.mu.
 int32_t cpu_stack(State& st, CpuState& cs, int64_t fwd_seq, int64_t bwd_seq, bool python) {
   if (!g_stacks.load(std::memory_order_relaxed)) return -1;
-  if (bwd_seq >= 0 && !at::GradMode::is_enabled()) {
+  if ((bwd_seq >= 0 || bwd_seq == kNodeNoSeq) && !at::GradMode::is_enabled()) {
     const SeqSlot& slot = st.seq_ring[static_cast<size_t>(bwd_seq) & (kSeqRing - 1)];
-    if (slot.seq == bwd_seq && slot.stack >= 0) return slot.stack;
+    if (bwd_seq >= 0 && slot.seq == bwd_seq && slot.stack >= 0) return cs.last_backward = slot.stack;
+    // A node no forward op allocated after (a view's) or none made (a parameter's
+    // AccumulateGrad, which sums a tied weight's gradients): its work is on the
+    // gradient the node before it made, whose stack is the latest taken.
+    if (cs.last_backward >= 0) return cs.last_backward;
   }
   if (!python) return cs.last_stack;
   int32_t s = python_stack(st);
   if (s < 0) return s;
   cs.last_stack = s;
-  if (bwd_seq < 0 && fwd_seq > 0) {
+  if (bwd_seq == kNoNode && fwd_seq > 0) {
     // The first allocation after a node was made belongs to the op that made it.
     SeqSlot& slot = st.seq_ring[static_cast<size_t>(fwd_seq - 1) & (kSeqRing - 1)];
     if (slot.seq != fwd_seq - 1) slot = SeqSlot{fwd_seq - 1, s};
@@ -521,7 +555,7 @@ void record_cpu(void* ptr, int64_t delta) {
     return;
   }
   int64_t fwd_seq = static_cast<int64_t>(at::sequence_number::peek());
-  int64_t bwd_seq = current_node_seq();
+  int64_t bwd_seq = node_seq();
   std::lock_guard<std::mutex> lock(st.mu);
   int64_t ts = now_us();
   // Still alive here: its free was made where c10 did not report it (a thread without
@@ -534,7 +568,16 @@ void record_cpu(void* ptr, int64_t delta) {
   append_locked(st, kAllocAction, addr, delta, label, stack, fwd_seq, bwd_seq, ts);
 }
 
-struct CpuReporter : c10::MemoryReportingInfoBase {
+// torch reads whatever is in the PROFILER_STATE slot as its own profiler's state
+// (ProfilerStateBase: profilerEnabled(), getProfilerConfig()), so ours is one: a
+// profiler state whose config says disabled, that only takes memory reports.
+struct CpuReporter : torch::profiler::impl::ProfilerStateBase {
+  CpuReporter()
+      : torch::profiler::impl::ProfilerStateBase(
+            torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::Disabled)) {}
+  torch::profiler::impl::ActiveProfilerType profilerType() override {
+    return torch::profiler::impl::ActiveProfilerType::NONE;
+  }
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t, size_t, c10::Device device) override {
     if (device.type() != c10::DeviceType::CPU) return;
     try {
@@ -698,12 +741,16 @@ void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
     CpuState& cs = cpu_state();
     cs.alive.clear();
     cs.allocated = cs.peak = 0;
-    cs.last_stack = -1;
+    cs.last_stack = cs.last_backward = -1;
   }
   g_stacks.store(stacks);
   g_max_depth.store(max_depth);
   g_main_label.store(tl_label);
   if (!tl_capturing) {
+    if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
+      // torch's profiler holds the slot: ours on top would hide its state from its callbacks.
+      throw std::runtime_error("torch's profiler is running on this thread");
+    }
     g_reporter = std::make_shared<CpuReporter>();
     c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, g_reporter);
     tl_capturing = true;
