@@ -49,6 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from profiler.capture.frames import PythonStacks, StackInterner
+from profiler.capture.host import HostMemory
 from profiler.capture.op_args import KINDS, OTHER, SITE_KEY, TENSOR, kind_of, note_site, tensors_in
 
 _FRAME_LIMIT = 48
@@ -62,15 +63,9 @@ class _Tags(threading.local):
     tag = ""
 
 
-class CpuBackend:
+class CpuBackend(HostMemory):
     """The Backend (profiler/capture/backend.py) over tensor storages."""
 
-    name = "cpu"
-    # The events are this backend's own list: draining is cheap, and the count of
-    # drained events is an exact position.
-    drain_every_step = True
-    positions_need_drain = True
-    start_segments: dict | None = None  # no allocator, no segments
     capture_path = "python"  # meta.json's capture_path (native_cpu.py is "native")
     capture_path_error: str | None = None  # why the native path did not run, if it was tried
 
@@ -342,19 +337,6 @@ class CpuBackend:
 
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
-
-    def segments_now(self, kind, ts_us, event_index):
-        return None  # no allocator, no segments
-
-    def position(self, step: int) -> int:
-        """The count of drained events: exact once the caller has drained."""
-        return self.events_seen
-
-    def install_oom_observer(self, callback) -> None:
-        pass  # host memory has no allocator observer
-
-    def remove_oom_observer(self) -> None:
-        pass
 
 
 _grad_enabled = torch.is_grad_enabled

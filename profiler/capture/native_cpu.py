@@ -4,8 +4,8 @@ c10's CPU allocator reports each allocation and free to the memory reporter in t
 thread's debug info, when one is there and says memory profiling is on. The tracker
 (tracker.cpp, "CPU allocator reports") pushes its own on the capturing thread at start
 and appends each report to the same columns as on CUDA: an allocation is an "alloc",
-a free a "free_requested" then a "free_completed" with the same time, address, size
-and stack. With no caching allocator, reserved and segment columns stay null.
+a free a "free_requested" then a "free_completed" with the same time, address and
+size, and no stack (as on the python path). With no caching allocator, reserved and segment columns stay null.
 
 What it sees differs from the dispatch-mode backend (cpu.py, capture_path "python"):
 every block the allocator hands out, an op's internal temporaries included, and no
@@ -13,7 +13,9 @@ tensor that does not own a block of it. Blocks made before the capture are not s
 except parameters and buffers of the modules the capture meets (adopt), recorded as
 allocated then with no phase and no module, and whose later free is reported. Allocations
 in OpenMP's intra-op worker threads are not reported by c10 (they do not inherit the
-debug info), nor are their frees. A forked child (a DataLoader worker) records nothing.
+debug info), nor are frees made there: a block of ours freed on such a thread is freed
+in the trace when its address is next allocated. A forked child (a DataLoader worker)
+records nothing.
 
 The reporter sits in the thread's profiler slot, as a profiler state that says it is
 disabled: torch's profiler cannot start on the capturing thread while it is there
@@ -39,22 +41,17 @@ import os
 import torch
 
 from profiler.capture.frames import OWN_DIR, StackInterner
+from profiler.capture.host import HostMemory
 from profiler.capture.native_cuda import NativeColumns
 
 _MAX_DEPTH = 64  # innermost Python frames kept per stack
 _OWN_PREFIX = OWN_DIR + os.sep  # the walk leaves out frames of files under it
 
 
-class NativeCpuBackend(NativeColumns):
+class NativeCpuBackend(HostMemory, NativeColumns):
     """The Backend (profiler/capture/backend.py) over c10's CPU allocator reports."""
 
-    name = "cpu"
     capture_path = "native"
-    # The events are the tracker's own buffers: draining is cheap, and the count of
-    # drained events is an exact position.
-    drain_every_step = True
-    positions_need_drain = True
-    start_segments: dict | None = None  # no caching allocator, no segments
 
     def __init__(self, tracker, device=None, stacks: bool = True, max_entries: int = 0):
         self.device_type = "cpu"
@@ -111,13 +108,7 @@ class NativeCpuBackend(NativeColumns):
 
     # -- draining -------------------------------------------------------------------
     def drain(self, step: int, with_segments: bool = False) -> dict | None:
-        got = self.tracker.drain()
-        self._take_stacks(got["new_frames"], got["new_stacks"])
-        n = len(got["ts_us"])
-        if not n:
-            return None
-        self.events_seen += n
-        return self._columns(got, step)
+        return self._columns(self.tracker.drain(), step)
 
     def stats_row(self) -> dict:
         allocated, peak = self.tracker.cpu_counters()
@@ -125,19 +116,6 @@ class NativeCpuBackend(NativeColumns):
 
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
-
-    def segments_now(self, kind, ts_us, event_index):
-        return None  # no caching allocator, no segments
-
-    def position(self, step: int) -> int:
-        """The count of drained events: exact once the caller has drained."""
-        return self.events_seen
-
-    def install_oom_observer(self, callback) -> None:
-        pass  # host memory has no allocator observer
-
-    def remove_oom_observer(self) -> None:
-        pass
 
 
 def make_native_cpu_backend(stacks: bool = True):

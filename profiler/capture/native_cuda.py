@@ -51,6 +51,7 @@ class NativeColumns:
     interner: StackInterner
     compiled: CompiledTags | None
     stacks: bool
+    events_seen: int
 
     def set_tag(self, tag: str) -> None:  # each instance calls the tracker's own instead
         self.tracker.set_tag(tag)
@@ -72,9 +73,14 @@ class NativeColumns:
         known = stack >= 0
         return np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
 
-    def _columns(self, got: dict, step: int) -> dict:
-        """A drain's arrays as writer columns (labels taken first)."""
+    def _columns(self, got: dict, step: int) -> dict | None:
+        """A drain's arrays as writer columns, its new frames and stacks interned (None:
+        no events)."""
+        self._take_stacks(got["new_frames"], got["new_stacks"])
         n = len(got["ts_us"])
+        if not n:
+            return None
+        self.events_seen += n
         self._labels.extend(self.tracker.labels_from(len(self._labels)))
         stack_ids = self._interned_stacks(got["stack"])
         return {
@@ -170,11 +176,6 @@ class NativeCudaBackend(NativeColumns, CudaBackend):
         stats = torch._C._cuda_memoryStats(self.index)
         expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
         self.dropped = max(self.dropped, expected - int(got["allocs"]))
-        self._take_stacks(got["new_frames"], got["new_stacks"])
-        n = len(got["ts_us"])
-        if not n:
-            return None
-        self.events_seen += n
         return self._columns(got, step)
 
 

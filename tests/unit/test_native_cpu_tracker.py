@@ -78,7 +78,7 @@ def test_allocations_and_frees_pair_up(capture):
     ours = [r for r in rows if r[1] == addr]
     assert [r[0] for r in ours] == [ALLOC, FREE_REQUESTED, FREE_COMPLETED]
     assert {r[2] for r in ours} == {4000}
-    assert ours[1][4] == ours[2][4] and ours[1][3] == ours[2][3] == ours[0][3] >= 0  # same time; alloc's stack
+    assert ours[1][4] == ours[2][4] and ours[0][3] >= 0 and ours[1][3] == ours[2][3] == -1  # same time; no stack
     assert {labels[r[5]] for r in ours} == {"forward|m|"}
     allocated, peak, live = _replay(rows)
     assert (allocated, peak) == tuple(tracker.cpu_counters()) and not live
@@ -219,3 +219,23 @@ def test_adopted_blocks_are_allocated_now_and_their_free_is_reported(capture):
         (FREE_COMPLETED, addr, 1200, 0),
     ]
     assert tuple(tracker.cpu_counters()) == (0, 1200)
+
+
+def test_a_block_freed_on_another_thread_is_freed_there(capture):
+    """A thread without the capture's debug info (gloo's, a DataLoader's, any Python
+    thread) drops the last reference: the free is recorded when it happens."""
+    import threading
+
+    tracker = capture()
+    box = [torch.empty(2048)]
+    addr = box[0].data_ptr()
+    freer = threading.Thread(target=box.clear)
+    freer.start()
+    freer.join()
+    _, rows = _events(tracker)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (ALLOC, addr, 8192),
+        (FREE_REQUESTED, addr, 8192),
+        (FREE_COMPLETED, addr, 8192),
+    ]
+    assert tuple(tracker.cpu_counters()) == (0, 8192)

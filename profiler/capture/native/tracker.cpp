@@ -48,18 +48,19 @@
 #undef Py_BUILD_CORE
 #endif
 
+#include <pthread.h>
+
 #include <algorithm>
-#include <cstring>
-#include <typeinfo>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
-#include <pthread.h>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <unordered_map>
 #include <vector>
 
@@ -425,7 +426,6 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
-
 // -- CPU allocator reports --------------------------------------------------------------
 //
 // c10's default CPU allocator reports each allocation (size > 0) and free (size < 0)
@@ -438,8 +438,8 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 // takes the capturing thread's tag and the stack of its latest allocation.
 //
 // Each report is appended under the state's mutex, which also orders the byte counter:
-// `cpu_allocated` and `cpu_peak` are exactly the replay of the appended events. A free
-// is a free_requested then a free_completed, same time, address, size and stack.
+// CpuState's `allocated` and `peak` are exactly the replay of the appended events. A
+// free is a free_requested then a free_completed, same time, address and size.
 // Frees of blocks this capture did not see allocated (made before it) are dropped.
 //
 // Backward: CPU autograd runs on the calling thread, whose Python frames are those of
@@ -448,13 +448,8 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 // one made by a node that has none the stack the backward allocation before it took;
 // a node that runs Python (a custom Function, compiled code) keeps its own frames.
 
-struct CpuBlock {
-  int64_t size;
-  int32_t stack;
-};
-
 struct CpuState {
-  std::unordered_map<uint64_t, CpuBlock> alive;
+  std::unordered_map<uint64_t, int64_t> alive;  // block addr -> size
   int64_t allocated = 0, peak = 0;
   int32_t last_stack = -1;  // the latest allocation's stack from a thread with Python frames
   int32_t last_backward = -1;  // the latest stack a backward allocation took from its node
@@ -488,11 +483,13 @@ void append_locked(State& st, int action, uint64_t addr, int64_t size, int32_t l
 void cpu_free_locked(State& st, CpuState& cs, uint64_t addr, int32_t label, int64_t ts) {
   auto it = cs.alive.find(addr);
   if (it == cs.alive.end()) return;  // allocated before this capture
-  CpuBlock b = it->second;
+  int64_t size = it->second;
   cs.alive.erase(it);
-  cs.allocated -= b.size;
-  append_locked(st, kFreeRequested, addr, b.size, label, b.stack, -1, -1, ts);
-  append_locked(st, kFreeCompleted, addr, b.size, label, b.stack, -1, -1, ts);
+  cs.allocated -= size;
+  // No stack, as on the python path: a step's site sequence (hook sampling) is then its
+  // own allocations', not those of the steps whose blocks it frees.
+  append_locked(st, kFreeRequested, addr, size, label, -1, -1, -1, ts);
+  append_locked(st, kFreeCompleted, addr, size, label, -1, -1, -1, ts);
 }
 
 // The node being run: its sequence number, or kNoNode, kNodeNoSeq (a C++ node without
@@ -562,10 +559,70 @@ void record_cpu(void* ptr, int64_t delta) {
   // our debug info). The address is free again now, so the block was freed before.
   cpu_free_locked(st, cs, addr, label, ts);
   int32_t stack = cpu_stack(st, cs, fwd_seq, bwd_seq, python);
-  cs.alive[addr] = CpuBlock{delta, stack};
+  cs.alive[addr] = delta;
   cs.allocated += delta;
   cs.peak = std::max(cs.peak, cs.allocated);
   append_locked(st, kAllocAction, addr, delta, label, stack, fwd_seq, bwd_seq, ts);
+}
+
+// Frees on any thread. c10 reports a free only on a thread that holds our debug info,
+// but a block may be freed elsewhere: by gloo's threads when a collective's work ends,
+// by a DataLoader's pin thread, by a garbage collection another thread runs. While a
+// capture runs, the CPU allocator is wrapped: a block of c10's default allocator gets a
+// deleter of ours that records its free (on whatever thread) and then frees it as c10
+// would. The block keeps that deleter after the capture (it then only frees), so the
+// wrapper is never destroyed; it is put back to the allocator it wrapped at stop.
+void free_on_any_thread(void* ptr);
+
+struct FreeWatch final : c10::Allocator {
+  c10::Allocator* inner = nullptr;           // c10's default CPU allocator
+  c10::DeleterFnPtr inner_deleter = nullptr;  // its deleter
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr p = inner->allocate(n);
+    if (!g_cpu_on.load(std::memory_order_relaxed) || p.get_deleter() != inner_deleter || p.get() != p.get_context()) {
+      return p;
+    }
+    void* data = p.release_context();
+    return c10::DataPtr(data, data, &free_on_any_thread, p.device());
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_on_any_thread; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { inner->copy_data(dest, src, count); }
+};
+
+FreeWatch& free_watch() {
+  static FreeWatch* w = new FreeWatch();  // never destroyed: blocks keep its deleter
+  return *w;
+}
+
+void free_on_any_thread(void* ptr) {
+  if (g_cpu_on.load(std::memory_order_acquire)) {
+    try {
+      bool python = PyGILState_GetThisThreadState() != nullptr;
+      int32_t label = python ? tl_label : g_main_label.load(std::memory_order_relaxed);
+      State& st = state();
+      std::lock_guard<std::mutex> lock(st.mu);
+      cpu_free_locked(st, cpu_state(), reinterpret_cast<uintptr_t>(ptr), label, now_us());
+    } catch (...) {
+    }
+  }
+  free_watch().inner_deleter(ptr);  // c10's own: it reports the free where it can (we find no block)
+}
+
+// Wraps the CPU allocator where it is c10's default one (another's blocks are not ours to
+// free); false where it is not, and frees are then seen on capturing threads only.
+bool watch_frees(bool on) {
+  FreeWatch& w = free_watch();
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (on) {
+    if (current == &w) return true;
+    if (current != c10::GetDefaultCPUAllocator()) return false;
+    w.inner = current;
+    w.inner_deleter = current->raw_deleter();
+    c10::SetCPUAllocator(&w, 0);
+    return c10::GetCPUAllocator() == &w;
+  }
+  if (current == &w) c10::SetCPUAllocator(w.inner, 0);
+  return false;
 }
 
 // torch reads whatever is in the PROFILER_STATE slot as its own profiler's state
@@ -756,6 +813,7 @@ void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
     tl_capturing = true;
   }
   quiet_c10_log(true);
+  watch_frees(true);
   g_cpu_on.store(true, std::memory_order_release);
 }
 
@@ -764,6 +822,7 @@ void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
 void stop_cpu() {
   g_cpu_on.store(false, std::memory_order_release);
   quiet_c10_log(false);
+  watch_frees(false);
   if (!tl_capturing) return;
   tl_capturing = false;
   try {
@@ -783,7 +842,8 @@ bool adopt(const at::Tensor& t) {
   void* ptr = storage.mutable_data();
   int64_t size = static_cast<int64_t>(storage.nbytes());
   if (ptr == nullptr || size <= 0 ||
-      storage.data_ptr().get_deleter() != c10::GetDefaultCPUAllocator()->raw_deleter()) {
+      (storage.data_ptr().get_deleter() != c10::GetDefaultCPUAllocator()->raw_deleter() &&
+       storage.data_ptr().get_deleter() != &free_on_any_thread)) {
     return false;
   }
   uint64_t addr = reinterpret_cast<uintptr_t>(ptr);
@@ -793,7 +853,7 @@ bool adopt(const at::Tensor& t) {
     std::lock_guard<std::mutex> lock(st.mu);
     if (cs.alive.count(addr)) return false;
     int32_t stack = g_stacks.load(std::memory_order_relaxed) ? python_stack(st) : -1;
-    cs.alive[addr] = CpuBlock{size, stack};
+    cs.alive[addr] = size;
     cs.allocated += size;
     cs.peak = std::max(cs.peak, cs.allocated);
     append_locked(st, kAllocAction, addr, size, 0, stack, -1, -1, now_us());
