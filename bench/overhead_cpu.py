@@ -1,13 +1,15 @@
 """What the CPU backend costs: step time with vs without capture, in one process.
 
-    python bench/overhead_cpu.py [--steps 8] [--rounds 12] [--json bench/results/overhead_cpu.json]
+    python bench/overhead_cpu.py [--steps 8] [--rounds 12] [--capture-path auto|native|python]
+                                 [--json bench/results/overhead_cpu_native.json]
 
 Workload: a nanoGPT-style LM (4 layers, width 128, vocabulary 512, batch 8x64)
 trained with AdamW on the CPU, one intra-op thread (torch.set_num_threads(1)),
 so that one thread does all the work (CPU backward runs on the calling thread)
 and its CPU time is the step's whole cost. Rounds alternate: `steps` plain steps,
 then `steps` steps inside a fresh full capture (events, stacks, modules, phases,
-categories: every default on), then `steps` steps under a dispatch mode that
+categories: every default on; `--capture-path` picks the native tracker or the
+dispatch-mode backend, "python"), then `steps` steps under a dispatch mode that
 only calls each op (the floor any dispatch-mode tracker pays).
 
 Two clocks: wall time (what a user feels on an idle machine) and the training
@@ -85,7 +87,9 @@ def _ratios(base: list[float], captured_rounds: list[list[float]]) -> dict:
     )
 
 
-def cpu_rows(steps: int = 8, rounds: int = 12, clock: str = "thread", warmup: int = 5) -> dict:
+def cpu_rows(
+    steps: int = 8, rounds: int = 12, clock: str = "thread", warmup: int = 5, capture_path: str = "auto"
+) -> dict:
     """Run the comparison; the ratios of `clock` ("thread" or "wall") lead, both are kept."""
     import profiler
 
@@ -107,15 +111,18 @@ def cpu_rows(steps: int = 8, rounds: int = 12, clock: str = "thread", warmup: in
         base: list[tuple[float, float]] = []
         captured: list[list[tuple[float, float]]] = []
         floor: list[tuple[float, float]] = []
+        load_at_start = os.getloadavg()[0]
         events = dropped = 0
+        paths: set[str] = set()
         rss_start = _rss_bytes()
         for _ in range(rounds):
             base += _steps(step, steps)
-            with profiler.profile(out=out, name="overhead-cpu", backend="cpu") as prof:
+            with profiler.profile(out=out, name="overhead-cpu", backend="cpu", capture_path=capture_path) as prof:
                 captured.append(_steps(step, steps))
             meta = json.loads((prof.run_dir / "meta.json").read_text())
             events += int(meta["events_seen"])
             dropped += int(meta["events_dropped"])
+            paths.add(str(meta.get("capture_path")))
             with _CallOnly():
                 floor += _steps(step, steps)
         rss_growth = _rss_bytes() - rss_start
@@ -131,6 +138,8 @@ def cpu_rows(steps: int = 8, rounds: int = 12, clock: str = "thread", warmup: in
             row.update(ratios)
     row.update(
         clock=clock,
+        capture_path=sorted(paths),
+        load_average_1min_at_start=load_at_start,
         steps_per_round=steps,
         rounds=rounds,
         events_per_captured_step=events / (steps * rounds),
@@ -161,14 +170,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps per round and variant")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="thread", help="the clock of the headline ratios")
+    ap.add_argument(
+        "--capture-path",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="the CPU capture path: the native tracker (auto, native) or the dispatch mode (python)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.steps < 2 or args.rounds < 1:
         print("bench/overhead_cpu.py: --steps must be at least 2 and --rounds at least 1", file=sys.stderr)
         return 2
-    row = cpu_rows(args.steps, args.rounds, args.clock)
+    row = cpu_rows(args.steps, args.rounds, args.clock, capture_path=args.capture_path)
     row = dict(describe_machine(), **row)
     print(f"{row['model']}, torch {row['torch']}, {row['cpu_count']} CPUs, 1 intra-op thread")
+    print(f"capture path {', '.join(row['capture_path'])}, load average {row['load_average_1min']:.2f}")
     print(f"{'clock':8s} {'base ms':>8s} {'median':>8s} {'mean':>8s} {'worst':>8s} {'first':>8s} {'floor':>8s}")
     for c in ("thread", "wall"):
         keys = ("median_ratio", "mean_ratio", "worst_step_ratio", "first_step_ratio", "floor_mean_ratio")

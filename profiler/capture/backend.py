@@ -1,11 +1,13 @@
 """What a capture session asks of a backend, and how one is chosen.
 
-Two backends produce the same event stream: `CudaBackend` (profiler/capture/cuda.py)
-drains the CUDA caching allocator's own history; `CpuBackend` (cpu.py) tracks
-tensor storages itself. They differ in where a step boundary sits in the stream:
-the allocator's ring is costly to read, so CUDA drops a marker into the stream
-and drains on a timer; CPU events are the backend's own list, so draining is
-cheap and the number of events drained so far is an exact position.
+Backends produce the same event stream: on CUDA, the caching allocator's entries
+through the tracker (native_cuda.py) or torch's own history (`CudaBackend`, cuda.py);
+on CPU, c10's CPU allocator reports through the tracker (native_cpu.py) or tensor
+storages tracked by a dispatch mode (`CpuBackend`, cpu.py). They differ in where a
+step boundary sits in the stream: the allocator's ring is costly to read, so CUDA
+drops a marker into the stream and drains on a timer; CPU events are the backend's
+own buffers, so draining is cheap and the number of events drained so far is an
+exact position.
 
 `Backend` is a typing.Protocol: structural, checked by type checkers only.
 """
@@ -91,10 +93,12 @@ def make_backend(
 ) -> Backend:
     """The backend called `name` ("auto": CUDA when a device is available).
 
-    On CUDA, `capture_path` picks how events arrive: "native" (the allocator trace
-    tracker, profiler/capture/native_cuda.py) or "python" (torch's memory history);
-    "auto" and "native" use the tracker wherever it builds, else torch's history,
-    and meta.json says which ran (`capture_path`) and why (`capture_path_error`).
+    `capture_path` picks how events arrive: "native", the tracker (profiler/capture/native)
+    fed by the CUDA caching allocator (native_cuda.py) or by c10's CPU allocator
+    (native_cpu.py); or "python", torch's memory history on CUDA, the dispatch mode
+    over tensor storages on CPU (cpu.py). "auto" and "native" use the tracker wherever
+    it builds, else the python path, and meta.json says which ran (`capture_path`) and
+    why (`capture_path_error`).
     """
     import torch
 
@@ -117,5 +121,14 @@ def make_backend(
     if name == "cpu":
         from profiler.capture.cpu import CpuBackend
 
-        return CpuBackend(stacks=stacks)
+        error = None
+        if capture_path != "python":
+            from profiler.capture.native_cpu import make_native_cpu_backend
+
+            native, error = make_native_cpu_backend(stacks=stacks)
+            if native is not None:
+                return native
+        fallback = CpuBackend(stacks=stacks)
+        fallback.capture_path_error = error
+        return fallback
     raise ValueError(f"unknown backend {name!r}: expected auto, cuda or cpu")

@@ -1,4 +1,4 @@
-"""CPU backend: the same events, from tensor storages instead of an allocator.
+"""CPU capture path "python", where native_cpu.py cannot run: events from tensor storages.
 
 A TorchDispatchMode sees every op's inputs and outputs. A storage seen for the
 first time is an "alloc" (its bytes, the thread's current tag), and a weakref
@@ -49,6 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from profiler.capture.frames import PythonStacks, StackInterner
+from profiler.capture.host import HostMemory
 from profiler.capture.op_args import KINDS, OTHER, SITE_KEY, TENSOR, kind_of, note_site, tensors_in
 
 _FRAME_LIMIT = 48
@@ -62,15 +63,11 @@ class _Tags(threading.local):
     tag = ""
 
 
-class CpuBackend:
+class CpuBackend(HostMemory):
     """The Backend (profiler/capture/backend.py) over tensor storages."""
 
-    name = "cpu"
-    # The events are this backend's own list: draining is cheap, and the count of
-    # drained events is an exact position.
-    drain_every_step = True
-    positions_need_drain = True
-    start_segments: dict | None = None  # no allocator, no segments
+    capture_path = "python"  # meta.json's capture_path (native_cpu.py is "native")
+    capture_path_error: str | None = None  # why the native path did not run, if it was tried
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 0):
         self.device_type = "cpu"
@@ -111,7 +108,9 @@ class CpuBackend:
     def start(self) -> dict:
         self._mode.__enter__()
         self._patch_storage_resize()
-        return dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
+        facts = dict(device="cpu", allocator_settings=None, baseline_allocated_bytes=0, baseline_reserved_bytes=None)
+        why = {"capture_path_error": self.capture_path_error} if self.capture_path_error else {}
+        return dict(facts, capture_path=self.capture_path, **why)
 
     def stop(self) -> None:
         self._mode.__exit__(None, None, None)
@@ -338,19 +337,6 @@ class CpuBackend:
 
     def peaks(self) -> dict:
         return dict(max_allocated_bytes=self.peak, max_reserved_bytes=None)
-
-    def segments_now(self, kind, ts_us, event_index):
-        return None  # no allocator, no segments
-
-    def position(self, step: int) -> int:
-        """The count of drained events: exact once the caller has drained."""
-        return self.events_seen
-
-    def install_oom_observer(self, callback) -> None:
-        pass  # host memory has no allocator observer
-
-    def remove_oom_observer(self) -> None:
-        pass
 
 
 _grad_enabled = torch.is_grad_enabled

@@ -16,12 +16,17 @@ like any other (profiler/analysis/fragmentation.py replays them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import torch
 
 from profiler.capture.cuda import CudaBackend, _all
-from profiler.capture.frames import own_frame
+from profiler.capture.frames import StackInterner, own_frame
+
+if TYPE_CHECKING:
+    from profiler.capture.compiled import CompiledTags
 
 # c10's TraceEntry::Action, in its order.
 ACTIONS = (
@@ -39,70 +44,45 @@ _ACTIONS = pa.array(ACTIONS, pa.string())
 _MAX_DEPTH = 64  # innermost Python frames kept per stack
 
 
-class NativeCudaBackend(CudaBackend):
-    """CudaBackend whose events come from the tracker module `tracker` (see load())."""
+class NativeColumns:
+    """What the tracker's backends share (CUDA here, CPU in native_cpu.py): its labels,
+    frames and stacks turned into the writer's tag and stack_id columns."""
 
-    capture_path = "native"
+    interner: StackInterner
+    compiled: CompiledTags | None
+    stacks: bool
+    events_seen: int
 
-    def __init__(self, tracker, device=None, stacks: bool = True, max_entries: int = 1_000_000):
-        super().__init__(device=device, stacks=stacks, max_entries=max_entries)
+    def set_tag(self, tag: str) -> None:  # each instance calls the tracker's own instead
+        self.tracker.set_tag(tag)
+
+    def get_tag(self) -> str:
+        return self.tracker.get_tag()
+
+    def _take_tracker(self, tracker) -> None:
         self.tracker = tracker
-        self.set_tag = tracker.set_tag
-        self.get_tag = tracker.get_tag
+        self.set_tag = tracker.set_tag  # type: ignore[method-assign]  # no Python layer per call
+        self.get_tag = tracker.get_tag  # type: ignore[method-assign]
         self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
         self._frame_of: list[int] = []  # tracker frame id -> interner frame id
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
-        self._last_segments: list = []
 
-    # -- lifecycle ------------------------------------------------------------------
-    def start(self) -> dict:
-        with torch.cuda.device(self.device):
-            torch.cuda.init()
-            self.tracker.attach()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.set_tag("")
-            stats = torch._C._cuda_memoryStats(self.index)
-            self._allocs_at_start = _all(stats, "allocation", "allocated")
-            self.tracker.start(self.index, self.stacks, _MAX_DEPTH)
-            snap = torch._C._cuda_memorySnapshot(None)
-        self.start_segments = self.segment_rows(snap, "start", 0, 0)
-        props = torch.cuda.get_device_properties(self.device)
-        return dict(
-            device=props.name,
-            device_index=self.index,
-            device_total_bytes=int(props.total_memory),
-            allocator_settings=snap.get("allocator_settings") or {},
-            baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
-            baseline_reserved_bytes=_all(stats, "reserved_bytes", "current"),
-            capture_path=self.capture_path,
-        )
+    def _interned_stacks(self, stack: np.ndarray) -> np.ndarray:
+        """Tracker stack ids as interner stack ids (-1: none)."""
+        known = stack >= 0
+        return np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
 
-    def stop(self) -> None:
-        self.tracker.stop()
-        self.set_tag("")
-
-    def pause_stacks(self, paused: bool) -> None:
-        pass  # reading frames never takes the GIL, and autograd's thread has none to read
-
-    # -- draining -------------------------------------------------------------------
-    def drain(self, step: int, with_segments: bool = False) -> dict | None:
-        if with_segments:
-            self._last_segments = torch._C._cuda_memorySnapshot(None)["segments"]
-        got = self.tracker.drain()
-        stats = torch._C._cuda_memoryStats(self.index)
-        expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
-        self.dropped = max(self.dropped, expected - int(got["allocs"]))
+    def _columns(self, got: dict, step: int) -> dict | None:
+        """A drain's arrays as writer columns, its new frames and stacks interned (None:
+        no events)."""
         self._take_stacks(got["new_frames"], got["new_stacks"])
         n = len(got["ts_us"])
         if not n:
             return None
         self.events_seen += n
-        labels = self.tracker.labels_from(len(self._labels))
-        self._labels.extend(labels)
-        stack = got["stack"]
-        known = stack >= 0
-        stack_ids = np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
+        self._labels.extend(self.tracker.labels_from(len(self._labels)))
+        stack_ids = self._interned_stacks(got["stack"])
         return {
             "ts_us": got["ts_us"],
             "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
@@ -146,6 +126,57 @@ class NativeCudaBackend(CudaBackend):
             used, codes = np.unique(key, return_inverse=True)
             words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
         return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+
+
+class NativeCudaBackend(NativeColumns, CudaBackend):
+    """CudaBackend whose events come from the tracker module `tracker` (see load())."""
+
+    capture_path = "native"
+
+    def __init__(self, tracker, device=None, stacks: bool = True, max_entries: int = 1_000_000):
+        super().__init__(device=device, stacks=stacks, max_entries=max_entries)
+        self._take_tracker(tracker)
+        self._last_segments: list = []
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> dict:
+        with torch.cuda.device(self.device):
+            torch.cuda.init()
+            self.tracker.attach()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.set_tag("")
+            stats = torch._C._cuda_memoryStats(self.index)
+            self._allocs_at_start = _all(stats, "allocation", "allocated")
+            self.tracker.start(self.index, self.stacks, _MAX_DEPTH)
+            snap = torch._C._cuda_memorySnapshot(None)
+        self.start_segments = self.segment_rows(snap, "start", 0, 0)
+        props = torch.cuda.get_device_properties(self.device)
+        return dict(
+            device=props.name,
+            device_index=self.index,
+            device_total_bytes=int(props.total_memory),
+            allocator_settings=snap.get("allocator_settings") or {},
+            baseline_allocated_bytes=_all(stats, "allocated_bytes", "current"),
+            baseline_reserved_bytes=_all(stats, "reserved_bytes", "current"),
+            capture_path=self.capture_path,
+        )
+
+    def stop(self) -> None:
+        self.tracker.stop()
+        self.set_tag("")
+
+    def pause_stacks(self, paused: bool) -> None:
+        pass  # reading frames never takes the GIL, and autograd's thread has none to read
+
+    # -- draining -------------------------------------------------------------------
+    def drain(self, step: int, with_segments: bool = False) -> dict | None:
+        if with_segments:
+            self._last_segments = torch._C._cuda_memorySnapshot(None)["segments"]
+        got = self.tracker.drain()
+        stats = torch._C._cuda_memoryStats(self.index)
+        expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
+        self.dropped = max(self.dropped, expected - int(got["allocs"]))
+        return self._columns(got, step)
 
 
 def make_native_backend(device=None, stacks: bool = True, max_entries: int = 1_000_000):

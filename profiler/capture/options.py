@@ -26,8 +26,9 @@ class CaptureOptions:
     backend: str = "auto"
     """"cuda", "cpu", or "auto": CUDA when a device is available."""
     capture_path: str = "auto"
-    """How CUDA events arrive: "native" (an allocator trace tracker compiled on first use),
-    "python" (torch's memory history, drained by snapshot), or "auto": native wherever it
+    """How events arrive: "native" (a tracker compiled on first use, fed by the CUDA caching
+    allocator or by c10's CPU allocator), "python" (torch's memory history on CUDA, drained by
+    snapshot; a dispatch mode over tensor storages on CPU), or "auto": native wherever it
     builds, else python; meta.json says which ran (`capture_path`) and why (`capture_path_error`)."""
     stacks: bool = True
     """Record the Python stack of each allocation."""

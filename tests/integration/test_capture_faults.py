@@ -324,7 +324,7 @@ def test_a_bug_while_tracking_an_op_stops_the_capture(tmp_path, monkeypatch, cap
         raise KeyError("a bug of ours")
 
     monkeypatch.setattr(CpuBackend, "after_op", broken)  # what the dispatch mode calls on every op
-    with profiler.profile(out=tmp_path, name="op", backend="cpu") as prof:
+    with profiler.profile(out=tmp_path, name="op", backend="cpu", capture_path="python") as prof:
         assert _train(3) == 3  # every op returned its result
     assert prof.failure == "KeyError: 'a bug of ours'"
     assert json.loads((prof.run_dir / "meta.json").read_text())["status"] == "capture_failed"

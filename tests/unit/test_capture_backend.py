@@ -12,6 +12,7 @@ import pytest
 from profiler.capture.backend import Backend, make_backend
 from profiler.capture.cpu import CpuBackend
 from profiler.capture.cuda import CudaBackend
+from profiler.capture.native_cpu import NativeCpuBackend
 
 CAPTURE = Path(__file__).resolve().parents[2] / "profiler" / "capture"
 
@@ -35,7 +36,7 @@ def test_cpu_backend_is_a_backend():
     backend.remove_oom_observer()
 
 
-@pytest.mark.parametrize("cls", [CpuBackend, CudaBackend])
+@pytest.mark.parametrize("cls", [CpuBackend, CudaBackend, NativeCpuBackend])
 def test_every_protocol_member_is_defined(cls):
     missing = _protocol_members() - _defined_by(cls)
     assert not missing, f"{cls.__name__} lacks {sorted(missing)}"
@@ -47,10 +48,20 @@ def test_backends_differ_only_in_what_their_members_say():
     assert (cpu.name, cpu.device_type) == ("cpu", "cpu")
     assert not CudaBackend.drain_every_step and not CudaBackend.positions_need_drain
     assert CpuBackend.drain_every_step and CpuBackend.positions_need_drain
+    assert (NativeCpuBackend.name, NativeCpuBackend.drain_every_step, NativeCpuBackend.positions_need_drain) == (
+        "cpu",
+        True,
+        True,
+    )
 
 
 def test_make_backend():
-    assert isinstance(make_backend("cpu", stacks=False, max_entries=1), CpuBackend)
+    from profiler.capture import native
+
+    tracker, _ = native.load(cuda=False)
+    default = make_backend("cpu", stacks=False, max_entries=1)
+    assert isinstance(default, NativeCpuBackend if tracker is not None else CpuBackend)
+    assert isinstance(make_backend("cpu", stacks=False, max_entries=1, capture_path="python"), CpuBackend)
     with pytest.raises(ValueError, match="unknown backend"):
         make_backend("tpu", stacks=False, max_entries=1)
 

@@ -21,6 +21,11 @@ touch no reference count. A backward allocation runs on autograd's thread, which
 has no Python frames: it gets the stack of the forward op whose node is being run,
 found by the node's sequence number.
 
+On CPU (start_cpu; profiler/capture/native_cpu.py) the same columns are fed by c10's
+default CPU allocator, which reports each allocation and free to the memory reporter
+in the thread's profiler slot: the tracker puts its own there on the capturing thread.
+Only the variant built without CUDA (VRAMSCOPE_NO_CUDA) is loaded for that.
+
 Limits: frames are read on Python 3.11 to 3.13 only (the interpreter frame layout
 is private and changes between versions; elsewhere the variant without frames is
 built, and a capture that wants stacks falls back to torch's history); at most 64
@@ -33,7 +38,8 @@ libraries (no ninja, no nvcc): one shared object per source, flags, Python and
 torch version, kept under $VRAMSCOPE_EXT_DIR or ~/.cache/vramscope/ext. The
 variant that reads Python frames is tried first, then one without. `load()` never
 raises: it returns the module or the reason there is none, and the capture falls
-back to torch's own memory history (meta.json's capture_path and capture_path_error).
+back to torch's own memory history on CUDA, to the dispatch mode over tensor storages
+on CPU (meta.json's capture_path and capture_path_error).
 """
 
 from __future__ import annotations

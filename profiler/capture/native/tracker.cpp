@@ -16,11 +16,21 @@
 // The allocator's lock is held while we run: nothing here calls into torch's
 // allocator or takes the GIL. c10 cannot detach a tracker: stopping sets a flag.
 //
-// Built without CUDA (VRAMSCOPE_NO_CUDA) for tests on machines without a GPU:
-// then entries arrive through record_for_test only.
+// The same columns are fed on the CPU by c10's default CPU allocator (start_cpu):
+// see "CPU allocator reports" below.
+//
+// Built without CUDA (VRAMSCOPE_NO_CUDA) for CPU captures and for tests on machines
+// without a GPU: then CUDA entries arrive through record_for_test only.
 
 #include <ATen/SequenceNumber.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Logging.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
+#include <torch/csrc/utils/pybind.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -38,14 +48,19 @@
 #undef Py_BUILD_CORE
 #endif
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <unordered_map>
 #include <vector>
 
@@ -126,6 +141,7 @@ struct State {
   std::vector<int32_t> walk;  // scratch: frame ids of the stack being read
   uint64_t generation = 0;     // bumped by start(): frame ids of earlier captures mean nothing now
   int64_t allocs = 0;
+  std::string skip_prefix;     // frames of files under it are left out of stacks (empty: none)
 };
 
 State& state() {
@@ -222,7 +238,9 @@ int32_t frame_id(State& st, PyCodeObject* code, int lasti) {
                  PyCode_Addr2Line(code, lasti * static_cast<int>(sizeof(_Py_CODEUNIT)))};
   auto found = st.frame_ids.find(text);
   int32_t id;
-  if (found != st.frame_ids.end()) {
+  if (!st.skip_prefix.empty() && text.filename.compare(0, st.skip_prefix.size(), st.skip_prefix) == 0) {
+    id = -1;  // the capture's own frame: left out, and remembered as such for this spot
+  } else if (found != st.frame_ids.end()) {
     id = found->second;
   } else {
     id = static_cast<int32_t>(st.frames.size());
@@ -408,6 +426,246 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
+// -- CPU allocator reports --------------------------------------------------------------
+//
+// c10's default CPU allocator reports each allocation (size > 0) and free (size < 0)
+// to the MemoryReportingInfoBase in the thread's debug info slot PROFILER_STATE, when
+// that one says memory profiling is on. start_cpu pushes ours on the capturing thread;
+// ThreadLocalState carries it into the threads that run work for it (autograd's
+// workers, at::launch); OpenMP's intra-op workers do not inherit it, so what they
+// allocate inside a parallel region is not seen (nor freed: c10 reports the free of a
+// block only if it reported its allocation). A thread without Python frames of its own
+// takes the capturing thread's tag and the stack of its latest allocation.
+//
+// Each report is appended under the state's mutex, which also orders the byte counter:
+// CpuState's `allocated` and `peak` are exactly the replay of the appended events. A
+// free is a free_requested then a free_completed, same time, address and size.
+// Frees of blocks this capture did not see allocated (made before it) are dropped.
+//
+// Backward: CPU autograd runs on the calling thread, whose Python frames are those of
+// the backward() call; an allocation made while a node runs (grad mode off: not a
+// recomputation) takes the stack of the forward op that made the node, as on CUDA, and
+// one made by a node that has none the stack the backward allocation before it took;
+// a node that runs Python (a custom Function, compiled code) keeps its own frames.
+
+struct CpuState {
+  std::unordered_map<uint64_t, int64_t> alive;  // block addr -> size
+  int64_t allocated = 0, peak = 0;
+  int32_t last_stack = -1;  // the latest allocation's stack from a thread with Python frames
+  int32_t last_backward = -1;  // the latest stack a backward allocation took from its node
+};
+
+CpuState& cpu_state() {
+  static CpuState* s = new CpuState();  // guarded by state().mu; never destroyed
+  return *s;
+}
+
+std::atomic<bool> g_cpu_on{false};
+std::atomic<int32_t> g_main_label{0};  // the capturing thread's tag
+thread_local bool tl_capturing = false;
+thread_local bool tl_adopting = false;  // adopt() registers a block: its report is ours
+
+void append_locked(State& st, int action, uint64_t addr, int64_t size, int32_t label, int32_t stack,
+                   int64_t fwd_seq, int64_t bwd_seq, int64_t ts) {
+  Columns& c = st.cols;
+  c.ts_us.push_back(ts);
+  c.action.push_back(static_cast<int8_t>(action));
+  c.addr.push_back(static_cast<int64_t>(addr));
+  c.size.push_back(size);
+  c.stream.push_back(0);
+  c.label.push_back(label);
+  c.stack.push_back(stack);
+  c.fwd_seq.push_back(fwd_seq);
+  c.bwd_seq.push_back(bwd_seq);
+  if (action == kAllocAction) ++st.allocs;
+}
+
+void cpu_free_locked(State& st, CpuState& cs, uint64_t addr, int32_t label, int64_t ts) {
+  auto it = cs.alive.find(addr);
+  if (it == cs.alive.end()) return;  // allocated before this capture
+  int64_t size = it->second;
+  cs.alive.erase(it);
+  cs.allocated -= size;
+  // No stack, as on the python path: a step's site sequence (hook sampling) is then its
+  // own allocations', not those of the steps whose blocks it frees.
+  append_locked(st, kFreeRequested, addr, size, label, -1, -1, -1, ts);
+  append_locked(st, kFreeCompleted, addr, size, label, -1, -1, -1, ts);
+}
+
+// The node being run: its sequence number, or kNoNode, kNodeNoSeq (a C++ node without
+// one: a parameter's AccumulateGrad) or kPythonNode (a custom Function's or compiled
+// code's backward, whose own Python frames say more than its forward's stack).
+constexpr int64_t kNoNode = -1, kNodeNoSeq = -2, kPythonNode = -3;
+
+// torch::autograd::PyNode, told by its type's name: libtorch_python does not export
+// its type info, so no dynamic_cast can name it. The match is remembered by address.
+std::atomic<const std::type_info*> g_py_node_type{nullptr};
+bool is_python_node(const torch::autograd::Node& node) {
+  const std::type_info& type = typeid(node);
+  if (&type == g_py_node_type.load(std::memory_order_relaxed)) return true;
+  const char* name = type.name();
+  if (std::strcmp(name + (*name == '*'), "N5torch8autograd6PyNodeE") != 0) return false;
+  g_py_node_type.store(&type, std::memory_order_relaxed);
+  return true;
+}
+int64_t node_seq() {
+  auto node = torch::autograd::get_current_node();
+  if (!node) return kNoNode;
+  if (is_python_node(*node)) return kPythonNode;
+  uint64_t seq = node->sequence_nr();
+  return seq > static_cast<uint64_t>(INT64_MAX) ? kNodeNoSeq : static_cast<int64_t>(seq);
+}
+
+// The stack of a CPU allocation; the caller holds st.mu.
+int32_t cpu_stack(State& st, CpuState& cs, int64_t fwd_seq, int64_t bwd_seq, bool python) {
+  if (!g_stacks.load(std::memory_order_relaxed)) return -1;
+  if ((bwd_seq >= 0 || bwd_seq == kNodeNoSeq) && !at::GradMode::is_enabled()) {
+    const SeqSlot& slot = st.seq_ring[static_cast<size_t>(bwd_seq) & (kSeqRing - 1)];
+    if (bwd_seq >= 0 && slot.seq == bwd_seq && slot.stack >= 0) return cs.last_backward = slot.stack;
+    // A node no forward op allocated after (a view's) or none made (a parameter's
+    // AccumulateGrad, which sums a tied weight's gradients): its work is on the
+    // gradient the node before it made, whose stack is the latest taken.
+    if (cs.last_backward >= 0) return cs.last_backward;
+  }
+  if (!python) return cs.last_stack;
+  int32_t s = python_stack(st);
+  if (s < 0) return s;
+  cs.last_stack = s;
+  if (bwd_seq == kNoNode && fwd_seq > 0) {
+    // The first allocation after a node was made belongs to the op that made it.
+    SeqSlot& slot = st.seq_ring[static_cast<size_t>(fwd_seq - 1) & (kSeqRing - 1)];
+    if (slot.seq != fwd_seq - 1) slot = SeqSlot{fwd_seq - 1, s};
+  }
+  return s;
+}
+
+void record_cpu(void* ptr, int64_t delta) {
+  if (!g_cpu_on.load(std::memory_order_acquire) || tl_adopting || delta == 0) return;
+  uint64_t addr = reinterpret_cast<uintptr_t>(ptr);
+  bool python = PyGILState_GetThisThreadState() != nullptr;
+  int32_t label = python ? tl_label : g_main_label.load(std::memory_order_relaxed);
+  State& st = state();
+  CpuState& cs = cpu_state();
+  if (delta < 0) {
+    std::lock_guard<std::mutex> lock(st.mu);
+    cpu_free_locked(st, cs, addr, label, now_us());
+    return;
+  }
+  int64_t fwd_seq = static_cast<int64_t>(at::sequence_number::peek());
+  int64_t bwd_seq = node_seq();
+  std::lock_guard<std::mutex> lock(st.mu);
+  int64_t ts = now_us();
+  // Still alive here: its free was made where c10 did not report it (a thread without
+  // our debug info). The address is free again now, so the block was freed before.
+  cpu_free_locked(st, cs, addr, label, ts);
+  int32_t stack = cpu_stack(st, cs, fwd_seq, bwd_seq, python);
+  cs.alive[addr] = delta;
+  cs.allocated += delta;
+  cs.peak = std::max(cs.peak, cs.allocated);
+  append_locked(st, kAllocAction, addr, delta, label, stack, fwd_seq, bwd_seq, ts);
+}
+
+// Frees on any thread. c10 reports a free only on a thread that holds our debug info,
+// but a block may be freed elsewhere: by gloo's threads when a collective's work ends,
+// by a DataLoader's pin thread, by a garbage collection another thread runs. While a
+// capture runs, the CPU allocator is wrapped: a block of c10's default allocator gets a
+// deleter of ours that records its free (on whatever thread) and then frees it as c10
+// would. The block keeps that deleter after the capture (it then only frees), so the
+// wrapper is never destroyed; it is put back to the allocator it wrapped at stop.
+void free_on_any_thread(void* ptr);
+
+struct FreeWatch final : c10::Allocator {
+  c10::Allocator* inner = nullptr;           // c10's default CPU allocator
+  c10::DeleterFnPtr inner_deleter = nullptr;  // its deleter
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr p = inner->allocate(n);
+    if (!g_cpu_on.load(std::memory_order_relaxed) || p.get_deleter() != inner_deleter || p.get() != p.get_context()) {
+      return p;
+    }
+    void* data = p.release_context();
+    return c10::DataPtr(data, data, &free_on_any_thread, p.device());
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_on_any_thread; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { inner->copy_data(dest, src, count); }
+};
+
+FreeWatch& free_watch() {
+  static FreeWatch* w = new FreeWatch();  // never destroyed: blocks keep its deleter
+  return *w;
+}
+
+void free_on_any_thread(void* ptr) {
+  if (g_cpu_on.load(std::memory_order_acquire)) {
+    try {
+      bool python = PyGILState_GetThisThreadState() != nullptr;
+      int32_t label = python ? tl_label : g_main_label.load(std::memory_order_relaxed);
+      State& st = state();
+      std::lock_guard<std::mutex> lock(st.mu);
+      cpu_free_locked(st, cpu_state(), reinterpret_cast<uintptr_t>(ptr), label, now_us());
+    } catch (...) {
+    }
+  }
+  free_watch().inner_deleter(ptr);  // c10's own: it reports the free where it can (we find no block)
+}
+
+// Wraps the CPU allocator where it is c10's default one (another's blocks are not ours to
+// free); false where it is not, and frees are then seen on capturing threads only.
+bool watch_frees(bool on) {
+  FreeWatch& w = free_watch();
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (on) {
+    if (current == &w) return true;
+    if (current != c10::GetDefaultCPUAllocator()) return false;
+    w.inner = current;
+    w.inner_deleter = current->raw_deleter();
+    c10::SetCPUAllocator(&w, 0);
+    return c10::GetCPUAllocator() == &w;
+  }
+  if (current == &w) c10::SetCPUAllocator(w.inner, 0);
+  return false;
+}
+
+// torch reads whatever is in the PROFILER_STATE slot as its own profiler's state
+// (ProfilerStateBase: profilerEnabled(), getProfilerConfig()), so ours is one: a
+// profiler state whose config says disabled, that only takes memory reports.
+struct CpuReporter : torch::profiler::impl::ProfilerStateBase {
+  CpuReporter()
+      : torch::profiler::impl::ProfilerStateBase(
+            torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::Disabled)) {}
+  torch::profiler::impl::ActiveProfilerType profilerType() override {
+    return torch::profiler::impl::ActiveProfilerType::NONE;
+  }
+  void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t, size_t, c10::Device device) override {
+    if (device.type() != c10::DeviceType::CPU) return;
+    try {
+      record_cpu(ptr, alloc_size);
+    } catch (...) {
+      // Out of host memory for our buffers: the event is lost.
+    }
+  }
+  bool memoryProfilingEnabled() const override { return g_cpu_on.load(std::memory_order_relaxed); }
+};
+
+std::shared_ptr<c10::DebugInfoBase> g_reporter;  // ours while pushed on the capturing thread
+
+// c10 logs a warning at the first free (then one in a thousand) of a block it did not
+// see allocated, such as every tensor made before the capture: expected here, so c10's
+// log shows errors only while a CPU capture runs (torch's Python warnings are not these).
+constexpr int kLogErrorsOnly = 2;  // c10's GLOG_ERROR
+int g_saved_log_level = 0;
+bool g_log_quieted = false;
+
+void quiet_c10_log(bool quiet) {
+  if (quiet && !g_log_quieted) {
+    g_saved_log_level = FLAGS_caffe2_log_level;
+    FLAGS_caffe2_log_level = std::max(g_saved_log_level, kLogErrorsOnly);
+    g_log_quieted = true;
+  } else if (!quiet && g_log_quieted) {
+    if (FLAGS_caffe2_log_level == std::max(g_saved_log_level, kLogErrorsOnly)) FLAGS_caffe2_log_level = g_saved_log_level;
+    g_log_quieted = false;
+  }
+}
+
 // -- Python API ------------------------------------------------------------------------
 
 bool attach() {
@@ -422,21 +680,27 @@ bool attach() {
 #endif
 }
 
-void start(int device, bool stacks, int max_depth) {
+// Everything a capture starts afresh; the caller holds st.mu.
+void reset_locked(State& st, const std::string& skip_prefix) {
+  st.cols.clear();
+  st.spots.clear();
+  st.frame_ids.clear();
+  st.frames.clear();
+  st.stack_ids.clear();
+  st.stacks.clear();
+  st.frames_reported = st.stacks_reported = 0;
+  st.alive_stack.clear();
+  std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
+  st.allocs = 0;
+  st.skip_prefix = skip_prefix;
+  ++st.generation;
+}
+
+void start(int device, bool stacks, int max_depth, const std::string& skip_prefix) {
   State& st = state();
   {
     std::lock_guard<std::mutex> lock(st.mu);
-    st.cols.clear();
-    st.spots.clear();
-    st.frame_ids.clear();
-    st.frames.clear();
-    st.stack_ids.clear();
-    st.stacks.clear();
-    st.frames_reported = st.stacks_reported = 0;
-    st.alive_stack.clear();
-    std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
-    st.allocs = 0;
-    ++st.generation;
+    reset_locked(st, skip_prefix);
   }
   g_device.store(device);
   g_stacks.store(stacks);
@@ -453,6 +717,7 @@ void set_tag(py::handle tag) {
   auto hit = g_label_by_obj.find(obj);
   if (hit != g_label_by_obj.end()) {
     tl_label = hit->second;
+    if (tl_capturing) g_main_label.store(tl_label, std::memory_order_relaxed);
     return;
   }
   std::string text = py::cast<std::string>(tag);
@@ -474,6 +739,7 @@ void set_tag(py::handle tag) {
     if (g_label_objs[id] == obj) g_label_by_obj.emplace(obj, id);
   }
   tl_label = id;
+  if (tl_capturing) g_main_label.store(id, std::memory_order_relaxed);
 }
 
 py::object get_tag() {
@@ -521,6 +787,92 @@ py::dict drain() {
   return out;
 }
 
+
+// -- CPU API ---------------------------------------------------------------------------
+
+void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
+  State& st = state();
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    reset_locked(st, skip_prefix);
+    CpuState& cs = cpu_state();
+    cs.alive.clear();
+    cs.allocated = cs.peak = 0;
+    cs.last_stack = cs.last_backward = -1;
+  }
+  g_stacks.store(stacks);
+  g_max_depth.store(max_depth);
+  g_main_label.store(tl_label);
+  if (!tl_capturing) {
+    if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
+      // torch's profiler holds the slot: ours on top would hide its state from its callbacks.
+      throw std::runtime_error("torch's profiler is running on this thread");
+    }
+    g_reporter = std::make_shared<CpuReporter>();
+    c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, g_reporter);
+    tl_capturing = true;
+  }
+  quiet_c10_log(true);
+  watch_frees(true);
+  g_cpu_on.store(true, std::memory_order_release);
+}
+
+// Recording stops at once; our debug info is taken off the capturing thread where it is
+// still the latest pushed (elsewhere it stays, saying profiling is off).
+void stop_cpu() {
+  g_cpu_on.store(false, std::memory_order_release);
+  quiet_c10_log(false);
+  watch_frees(false);
+  if (!tl_capturing) return;
+  tl_capturing = false;
+  try {
+    if (c10::ThreadLocalDebugInfo::_peek(c10::DebugInfoKind::PROFILER_STATE) == g_reporter) {
+      c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+    }
+  } catch (...) {
+  }
+}
+
+// A block that pre-dates the capture (a parameter, a buffer) recorded as allocated now,
+// and registered with c10's reporter so that its free is reported. Only blocks of the
+// default CPU allocator: another's deleter never reports. False: not recorded.
+bool adopt(const at::Tensor& t) {
+  if (!g_cpu_on.load(std::memory_order_acquire) || !t.defined() || !t.is_cpu() || !t.has_storage()) return false;
+  const c10::Storage& storage = t.storage();
+  void* ptr = storage.mutable_data();
+  int64_t size = static_cast<int64_t>(storage.nbytes());
+  if (ptr == nullptr || size <= 0 ||
+      (storage.data_ptr().get_deleter() != c10::GetDefaultCPUAllocator()->raw_deleter() &&
+       storage.data_ptr().get_deleter() != &free_on_any_thread)) {
+    return false;
+  }
+  uint64_t addr = reinterpret_cast<uintptr_t>(ptr);
+  State& st = state();
+  CpuState& cs = cpu_state();
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    if (cs.alive.count(addr)) return false;
+    int32_t stack = g_stacks.load(std::memory_order_relaxed) ? python_stack(st) : -1;
+    cs.alive[addr] = size;
+    cs.allocated += size;
+    cs.peak = std::max(cs.peak, cs.allocated);
+    append_locked(st, kAllocAction, addr, size, 0, stack, -1, -1, now_us());
+  }
+  tl_adopting = true;  // c10 reports it to us: already recorded
+  c10::profiledCPUMemoryReporter().New(ptr, static_cast<size_t>(size));
+  tl_adopting = false;
+  return true;
+}
+
+py::tuple cpu_counters() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  CpuState& cs = cpu_state();
+  return py::make_tuple(cs.allocated, cs.peak);
+}
+
+void cpu_off_in_child() { g_cpu_on.store(false, std::memory_order_relaxed); }
+
 void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64_t stream) {
   py::gil_scoped_release release;  // as the allocator calls us: inside an op, GIL released
   record(action, device, addr, size, stream);
@@ -530,7 +882,7 @@ void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attach", &attach, "attach the tracker to the CUDA caching allocator (once per process)");
-  m.def("start", &start, py::arg("device"), py::arg("stacks"), py::arg("max_depth"));
+  m.def("start", &start, py::arg("device"), py::arg("stacks"), py::arg("max_depth"), py::arg("skip_prefix") = "");
   m.def("stop", &stop);
   m.def("set_stacks", &set_stacks);
   m.def("set_tag", &set_tag);
@@ -538,5 +890,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("labels_from", &labels_from);
   m.def("drain", &drain);
   m.def("record_for_test", &record_for_test);
+  m.def("start_cpu", &start_cpu, py::arg("stacks"), py::arg("max_depth"), py::arg("skip_prefix"));
+  m.def("stop_cpu", &stop_cpu);
+  m.def("adopt", &adopt, "record a tensor's block that pre-dates the CPU capture");
+  m.def("cpu_counters", &cpu_counters, "(allocated, peak) bytes: the replay of the CPU events");
   m.attr("reads_frames") = kFrames;
+  m.attr("has_cpu") = true;
+  // A forked child (a DataLoader worker) records nothing: its allocations are not ours.
+  pthread_atfork(nullptr, nullptr, &cpu_off_in_child);
 }
