@@ -24,8 +24,8 @@ from workloads.train import build, make_batch, train_step
 RoundFn = Callable[[object | None], list[float]]
 
 
-def _capture(out: Path, name: str, capture_path: str):
-    return profiler.profile(out=str(out), name=name, capture_path=capture_path)
+def _capture(out: Path, name: str, capture_path: str, options: dict | None = None):
+    return profiler.profile(out=str(out), name=name, capture_path=capture_path, **(options or {}))
 
 
 def _run_facts(prof) -> dict:
@@ -34,10 +34,12 @@ def _run_facts(prof) -> dict:
     return {k: meta.get(k) for k in keys}
 
 
-def alternate(run_round: RoundFn, rounds: int, out: Path, name: str, capture_path: str) -> dict:
+def alternate(
+    run_round: RoundFn, rounds: int, out: Path, name: str, capture_path: str, options: dict | None = None
+) -> dict:
     """Alternating plain and captured rounds; one warm captured round first (tracker build,
-    first snapshot), which is not timed."""
-    with _capture(out, f"{name}-warm", capture_path) as prof:
+    first snapshot), which is not timed. `options`: profile()'s other arguments."""
+    with _capture(out, f"{name}-warm", capture_path, options) as prof:
         run_round(prof)
     plain: list[list[float]] = []
     captured: list[list[float]] = []
@@ -45,7 +47,7 @@ def alternate(run_round: RoundFn, rounds: int, out: Path, name: str, capture_pat
     rss0 = rss_mb()
     for _ in range(rounds):
         plain.append(run_round(None))
-        with _capture(out, name, capture_path) as prof:
+        with _capture(out, name, capture_path, options) as prof:
             captured.append(run_round(prof))
         facts.append(_run_facts(prof))
     # After the warm round, all that is new over the rounds is what captures kept.
@@ -123,7 +125,7 @@ def _sync() -> None:
 
 
 # -- decode ----------------------------------------------------------------------------------
-def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str) -> dict:
+def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str, options: dict | None = None) -> dict:
     """gpt2-small KV decode at B32 after a 128-token prompt, SDPA pinned to flash/efficient;
     each decode step is one profiler step and records the cache (profiler.record_kv)."""
     cfg = InferConfig.from_toggles(
@@ -155,11 +157,11 @@ def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str) -> d
         return times
 
     round_(None)  # kernels
-    return alternate(round_, rounds, out, f"decode-{kv}", capture_path)
+    return alternate(round_, rounds, out, f"decode-{kv}", capture_path, options)
 
 
 # -- generate ----------------------------------------------------------------------------------
-def generate(tokens: int, rounds: int, out: Path, capture_path: str) -> dict:
+def generate(tokens: int, rounds: int, out: Path, capture_path: str, options: dict | None = None) -> dict:
     """transformers' generate() on a Llama-style model the size of gpt2-small (random weights,
     bf16), B16, greedy, `tokens` new tokens; timed per token. No profiler steps: the capture
     drains on its timer, as it must for a loop that never steps."""
@@ -196,7 +198,7 @@ def generate(tokens: int, rounds: int, out: Path, capture_path: str) -> dict:
         return [b - a for a, b in zip(clock.marks, clock.marks[1:])]  # the prefill is not a token step
 
     round_(None)
-    return alternate(round_, rounds, out, "generate", capture_path)
+    return alternate(round_, rounds, out, "generate", capture_path, options)
 
 
 def cpu(steps: int, rounds: int) -> dict:
