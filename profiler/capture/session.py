@@ -308,9 +308,7 @@ class Profiler:
         feed.events_since_boundary = 0
         if backend.drain_every_step or feed.due(self.options.drain_interval_s):
             self._drain()  # before deciding: the sampling learns from the drained steps
-        # Once dynamo compiled, hooks stay: its guards cover them, a change would recompile.
-        hooked = self._sampling.hooks(self.step_index)
-        self._set_module_hooks(self._hooks_on if dynamo_compiled() else hooked)
+        self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
         self._capture_s += time.perf_counter() - t0
         return pos

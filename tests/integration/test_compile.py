@@ -135,16 +135,17 @@ def _compile_counts(steps: int, capture_dir=None, after: int = 0, **options) -> 
 
 @pytest.mark.parametrize("hooked_steps", [(3, 50), (1, 2)])
 def test_the_capture_causes_no_recompile(tmp_path, monkeypatch, hooked_steps):
-    """Module hooks stop after the first steps; dynamo guards on the tracer's wrapper, so
-    once dynamo has compiled they stay in, and the wrapper stays after the capture: the
-    compile counts, in the capture and after it, match a run without capture."""
+    """Module hooks run in the first steps and in sampled ones only, also for a compiled
+    model (dynamo runs the wrapper as it is, so turning them off changes nothing it guards
+    on), and the wrapper stays after the capture: the compile counts, in the capture and
+    after it, match a run without capture."""
     monkeypatch.setattr(session, "make_backend", lambda *a, **k: _DispatchFreeBackend(stacks=True))
     plain = _compile_counts(8)
     captured = _compile_counts(6, tmp_path, after=2, hooked_steps=hooked_steps)
     print(f"compiles: plain {plain} | captured {captured}")
     assert plain["graphs"] == captured["graphs"] == 1
     assert plain["frames"] == captured["frames"]
-    assert all(captured["hooked"])
+    assert captured["hooked"][0] and not all(captured["hooked"])
 
 
 _HOOK_LIFECYCLE = """
