@@ -126,14 +126,16 @@ class HookSampling:
     def _marker_steps(self, tags, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(step of each event, whether it is a marker's): events belong to the last marker before them."""
         words, index = _distinct(tags)
-        marker_step = [parsed[1] if parsed is not None else -1 for parsed in map(parse_marker, words)]
+        marked = np.array([parsed[1] if parsed is not None else -1 for parsed in map(parse_marker, words)] + [-1])
         is_marker = np.array([isinstance(w, str) and w.startswith(MARKER_PREFIX) for w in words] + [False])[index]
-        step = np.full(n, self._step, np.int64)
-        for i in np.flatnonzero(is_marker).tolist():
-            marked = marker_step[index[i]]
-            if marked >= 0 and marked != self._step:
-                self._step = marked
-                step[i:] = self._step
+        marked = marked[index]
+        # Each marker of a step sets the step from its event on: forward-fill, in O(n).
+        at = np.flatnonzero(is_marker & (marked >= 0))
+        values = np.r_[self._step, marked[at]].astype(np.int64)
+        starts = np.zeros(n, np.int64)
+        starts[at] = 1
+        step = values[np.cumsum(starts)]
+        self._step = int(values[-1])
         return step, is_marker
 
     def _complete(self, through: int) -> None:
