@@ -4,12 +4,13 @@
                                  [--profile-dir DIR]
 
 For the concat-cache decode and the generate() rows of bench/overhead.py, each variant of
-the capture (full; no stacks; no module hooks; neither; no periodic hooked steps) runs in
-alternating rounds against no capture, as overhead.py does, and gives its median, mean
-and worst-step ratios. One captured round of each row then runs under cProfile: the
-Python functions of the capture that take the most time, per call and in all, say
-where the part of the cost that Python pays goes (the rest is the native tracker's, paid
-inside the allocator's calls).
+the capture (full; no stacks; no module hooks; neither; no periodic hooked steps) runs
+against no capture, all of them in each round in a rotating order (a shared machine's
+drift hits them alike), and gives its median, mean and worst-step ratios. One captured
+round of each row then runs under cProfile: the capture's heaviest Python functions, per
+call and in all. The native tracker's own cost, paid inside the allocator's calls, is
+measured apart: nanoseconds per allocator event from a loop of small allocations made at
+a shallow and at a deep Python stack.
 """
 
 from __future__ import annotations
@@ -39,44 +40,95 @@ VARIANTS = {
 }
 
 
-def run_variant(row: str, tokens: int, rounds: int, options: dict) -> dict:
+def round_function(row: str, tokens: int):
+    """The row's own round (one callable taking the profiler or None), its model built and warm."""
+    grabbed = {}
+
+    def grab(run_round, rounds, out, name, capture_path, options=None):
+        grabbed["round"] = run_round
+        return {}
+
+    real, rows.alternate = rows.alternate, grab
+    try:
+        if row == "generate":
+            rows.generate(tokens, 1, rows.trace_dir(), "auto")
+        else:
+            rows.decode(row.removeprefix("decode_"), tokens, 1, rows.trace_dir(), "auto")
+    finally:
+        rows.alternate = real
+    return grabbed["round"]
+
+
+def variants_round_robin(run_round, rounds: int, names: list[str]) -> dict:
+    """Each round runs no capture and every variant once, in a rotating order; one untimed
+    captured round per variant first."""
     out = rows.trace_dir()
-    if row == "generate":
-        got = rows.generate(tokens, rounds, out, "auto", options)
-    else:
-        got = rows.decode(row.removeprefix("decode_"), tokens, rounds, out, "auto", options)
-    r = ratios(got["plain"], got["captured"])
-    r["runs"] = got["runs"]
-    return r
+    for name in names:
+        with rows._capture(out, f"warm-{name}", "auto", VARIANTS[name]) as prof:
+            run_round(prof)
+    order = ["plain", *names]
+    times: dict[str, list] = {name: [] for name in order}
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            if name == "plain":
+                times[name].append(run_round(None))
+                continue
+            with rows._capture(out, name, "auto", VARIANTS[name]) as prof:
+                times[name].append(run_round(prof))
+    return {name: ratios(times["plain"], times[name]) for name in names}
+
+
+def event_cost(iterations: int = 20000) -> dict:
+    """Nanoseconds per allocator event that the native tracker adds, from a loop of small
+    allocations (an alloc, a free_requested and a free_completed each) made at a shallow and
+    at a deep Python stack: without a capture, with one without stacks, with one with stacks."""
+
+    def allocate(n):
+        for _ in range(n):
+            torch.empty(256, device="cuda")
+
+    def at_depth(d, n):
+        return allocate(n) if d == 0 else at_depth(d - 1, n)
+
+    def per_iteration_ns(depth) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            at_depth(depth, iterations)
+            best = min(best, time.perf_counter() - t)
+        return best / iterations * 1e9
+
+    out = rows.trace_dir()
+    got: dict = {}
+    for depth in (2, 40):
+        plain = per_iteration_ns(depth)
+        with rows._capture(out, "events", "auto", dict(stacks=False, modules=False)):
+            no_stacks = per_iteration_ns(depth)
+        with rows._capture(out, "events", "auto", dict(modules=False)) as prof:
+            stacks = per_iteration_ns(depth)
+        got[f"depth_{depth}"] = dict(
+            plain_ns_per_iteration=plain,
+            tracker_ns_per_event=(no_stacks - plain) / 3,
+            tracker_with_stacks_ns_per_event=(stacks - plain) / 3,
+        )
+    got["capture_path"] = rows._run_facts(prof)["capture_path"]
+    return got
 
 
 def profiled_round(row: str, tokens: int, profile_path: Path | None) -> dict:
-    """One captured round under cProfile (after the rows' own warm-up): the capture's heaviest functions."""
-    captured = {}
-
-    class Recording:
-        """Stands in for rows.alternate: runs one warm round, then one profiled captured round."""
-
-        def __call__(self, run_round, rounds, out, name, capture_path, options=None):
-            with rows._capture(out, f"{name}-warm", capture_path) as prof:
-                run_round(prof)
-            prof_py = cProfile.Profile()
-            with rows._capture(out, name, capture_path) as prof:
-                prof_py.enable()
-                t0 = time.perf_counter()
-                times = run_round(prof)
-                captured["seconds"] = time.perf_counter() - t0
-                prof_py.disable()
-            captured["meta"] = json.loads((Path(prof.run_dir) / "meta.json").read_text())
-            captured["times"] = times
-            captured["stats"] = prof_py
-            return dict(plain=[times], captured=[times], runs=[])
-
-    real, rows.alternate = rows.alternate, Recording()
-    try:
-        run_variant(row, tokens, 1, {})
-    finally:
-        rows.alternate = real
+    """One captured round under cProfile (after an untimed one): the capture's heaviest functions."""
+    run_round = round_function(row, tokens)
+    out = rows.trace_dir()
+    with rows._capture(out, "warm", "auto") as prof:
+        run_round(prof)
+    captured: dict = {"stats": cProfile.Profile()}
+    with rows._capture(out, "profiled", "auto") as prof:
+        captured["stats"].enable()
+        t0 = time.perf_counter()
+        captured["times"] = run_round(prof)
+        captured["seconds"] = time.perf_counter() - t0
+        captured["stats"].disable()
+    captured["meta"] = json.loads((Path(prof.run_dir) / "meta.json").read_text())
     stats = pstats.Stats(captured["stats"])
     if profile_path is not None:
         stats.dump_stats(str(profile_path))
@@ -112,7 +164,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench/results/decode_costs.json")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--rows", nargs="+", default=["decode_concat", "generate"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--profile-dir", default=None, help="where each row's cProfile stats are written")
@@ -123,21 +175,22 @@ def main(argv=None) -> int:
     results: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows={})
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    results["event_cost"] = event_cost()
+    print("tracker:", json.dumps(results["event_cost"]), flush=True)
     for row in args.rows:
-        got = results["rows"][row] = {}
-        for name in args.variants:
-            r = run_variant(row, args.tokens, args.rounds, VARIANTS[name])
-            got[name] = r
+        got = results["rows"][row] = variants_round_robin(round_function(row, args.tokens), args.rounds, args.variants)
+        for name, r in got.items():
             print(
                 f"{row:14s} {name:22s} median {r['median_ratio']:.3f}x mean {r['mean_ratio']:.3f}x "
-                f"worst {r['worst_step_ratio']:.2f}x (baseline {r['baseline_median_ms']:.2f} ms)",
+                f"worst {r['worst_step_ratio']:.2f}x (uncaptured {r['baseline_worst_step_ratio']:.2f}x, "
+                f"baseline {r['baseline_median_ms']:.2f} ms)",
                 flush=True,
             )
-            path.write_text(json.dumps(results, indent=1, default=str))
+        path.write_text(json.dumps(results, indent=1, default=str))
         where = Path(args.profile_dir) / f"{row}.pstats" if args.profile_dir else None
         got["profiled"] = prof = profiled_round(row, args.tokens, where)
         print(f"{row}: {prof['events_per_step']:.0f} events per step, {prof['tokens']} tokens", flush=True)
-        for h in prof["capture_functions"][:15]:
+        for h in prof["capture_functions"][:12]:
             print(f"   {h['total_us_per_token']:8.1f} us/token {h['calls']:7d} calls  {h['function']}", flush=True)
         path.write_text(json.dumps(results, indent=1, default=str))
     return 0
