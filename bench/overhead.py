@@ -122,6 +122,16 @@ def print_row(name: str, row: dict) -> None:
             f"RSS +{row.get('rss_growth_mb', 0):.0f} MB)",
             flush=True,
         )
+        gc_time = row.get("garbage_collection")
+        if gc_time:
+            print(
+                "                 garbage collection: "
+                + ", ".join(
+                    f"{k} {v['seconds'] * 1e3:.0f} ms ({v['collections'][2]} full, longest {v['longest_ms']:.0f} ms)"
+                    for k, v in gc_time.items()
+                ),
+                flush=True,
+            )
     else:
         print(f"{name:16s} {row.get('status', 'failed')}: {row.get('error')}", flush=True)
 

@@ -7,6 +7,7 @@ plus what each captured run's meta.json says (capture path, dropped events).
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -44,14 +45,54 @@ def alternate(
     plain: list[list[float]] = []
     captured: list[list[float]] = []
     facts: list[dict] = []
+    gc_time = {"plain": GcClock(), "captured": GcClock()}
     rss0 = rss_mb()
     for _ in range(rounds):
-        plain.append(run_round(None))
-        with _capture(out, name, capture_path, options) as prof:
+        with gc_time["plain"]:
+            plain.append(run_round(None))
+        with _capture(out, name, capture_path, options) as prof, gc_time["captured"]:
             captured.append(run_round(prof))
         facts.append(_run_facts(prof))
     # After the warm round, all that is new over the rounds is what captures kept.
-    return dict(plain=plain, captured=captured, runs=facts, rss_growth_over_rounds_mb=rss_mb() - rss0)
+    return dict(
+        plain=plain,
+        captured=captured,
+        runs=facts,
+        rss_growth_over_rounds_mb=rss_mb() - rss0,
+        garbage_collection={k: v.summary() for k, v in gc_time.items()},
+    )
+
+
+class GcClock:
+    """Python's garbage collections while inside `with`: how many of each generation, and
+    the seconds they took (a full collection of a process holding transformers can take
+    tens of milliseconds, a stall of whatever step it lands in)."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self.longest_s = 0.0
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            took = time.perf_counter() - self._started
+            self.seconds += took
+            self.longest_s = max(self.longest_s, took)
+            self.collections[info.get("generation", 0)] += 1
+            self._started = None
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return dict(collections=self.collections, seconds=self.seconds, longest_ms=self.longest_s * 1e3)
 
 
 def rss_mb() -> float:
