@@ -415,9 +415,14 @@ def _attribution_at_peak(trace) -> dict:
     from profiler.analysis.live import alive_at_peak, breakdown
     from profiler.analysis.stacks import site_labels
 
-    live = alive_at_peak(trace)
+    everything = alive_at_peak(trace)
+    kept = everything["category"].isin(["parameter", "optimizer_state"]) | (everything["phase"] == "optimizer")
+    # Blocks made before the capture that no role names (the batch, tensors an earlier test
+    # left alive) are not the capture's to name: counted apart, so the share does not
+    # depend on what ran before in the process.
+    before = (everything["alloc_index"] < 0) & ~kept
+    live, kept = everything[~before], kept[~before]
     total = int(live["size_bytes"].sum())
-    kept = live["category"].isin(["parameter", "optimizer_state"]) | (live["phase"] == "optimizer")
     named = live["module"].notna() & live["phase"].notna()
     top = breakdown(live[named], "module").head(8)
     # What the share misses, grouped so that a failure names its cause: the phase and
@@ -430,6 +435,7 @@ def _attribution_at_peak(trace) -> dict:
     missed = breakdown(rest, ["phase", "category", "module", "step", "site"]).head(12)
     return dict(
         blocks=len(live),
+        before_capture_bytes=int(everything["size_bytes"][before].sum()),
         share=float(live["size_bytes"][named | kept].sum()) / total,
         root_share=float(live["size_bytes"][live["module"] == "GPT"].sum()) / total,
         top={str(m): int(b) for m, b in zip(top["module"], top["total_bytes"])},
@@ -466,7 +472,8 @@ def test_compiled_gpt_names_its_layers_at_the_peak(tmp_path):
     print(f"\ncompile: peak {_gib(replay_peak)} replayed, {_gib(torch_peak)} max_memory_allocated")
     print(
         f"compile: attributed at the peak {100 * at_peak['share']:.2f}% of {at_peak['blocks']} blocks' bytes "
-        f"(root GPT alone {100 * at_peak['root_share']:.1f}%)"
+        f"(root GPT alone {100 * at_peak['root_share']:.1f}%; {_gib(at_peak['before_capture_bytes'])} made "
+        "before the capture left out)"
     )
     print("compile: top modules at the peak: " + ", ".join(f"{m} {_gib(b)}" for m, b in at_peak["top"].items()))
     print(f"compile: transformer.h.5 allocated in step 10: {block}")
