@@ -37,6 +37,19 @@ from profiler.trace import schema
 from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
 from profiler.trace.journal import JournalWriter, read_journal
+from profiler.units import human_bytes
+
+# Finalizing holds every table whole, with the copies that pairing and classifying make:
+# about 290 bytes per event at its peak (a CPU capture of 3M events, torch 2.13). A run
+# that would take more than FINALIZE_MEMORY_SHARE of the memory the machine has free is
+# left as journals, which readers turn into tables in their own process, rather than have
+# the profiled process killed by the OOM killer as it leaves the capture.
+FINALIZE_BYTES_PER_EVENT = 320
+FINALIZE_MEMORY_SHARE = 0.75
+
+
+class TooLargeToFinalize(MemoryError):
+    """The run's tables would not fit in the memory free now."""
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:
@@ -118,6 +131,7 @@ class TraceWriter:
         self._journals: dict[str, JournalWriter] = {}
         self._abandoned = False  # abandon(): no more rows
         self._published: set[str] = set()  # tables publish() wrote
+        self.rows_written: dict[str, int] = dict.fromkeys(self._schemas, 0)  # journal rows, by table
         self.finalized = False
 
     # -- capture-time -----------------------------------------------------------------
@@ -156,6 +170,7 @@ class TraceWriter:
             taken = batches[:]
             batches.clear()
             self._journal(table).write(taken)
+            self.rows_written[table] += sum(b.num_rows for b in taken)
         if meta_updates:
             self.meta.update(meta_updates)
             write_meta(self.run_dir, self.meta)
@@ -191,23 +206,47 @@ class TraceWriter:
         self.flush()
         for journal in self._journals.values():
             journal.close()
+        self.meta.update(meta_updates or {})  # the final facts, kept beside the journals if finalizing fails
+        check_memory_for(self.rows_written["events"])
         raw = {t: read_journal(self.run_dir / schema.journal_name(t), s) for t, s in self._schemas.items()}
         facts: dict = {}
         # The final facts (steps_completed) decide which steps get phase spans; the live
         # meta.json may lag them by a drain interval.
-        final = finalize_tables(raw, self.meta | (meta_updates or {}), facts)
+        final = finalize_tables(raw, self.meta, facts)
         for table, tbl in final.items():
             if table in self._published:
                 continue
             write_parquet(self.run_dir / schema.parquet_name(table), tbl)
         for table in self._schemas:
             (self.run_dir / schema.journal_name(table)).unlink(missing_ok=True)
-        self.meta.update(meta_updates or {})
         self.meta.update(facts)
         self.meta.update(status=status, ended_at=time.time(), event_count=final["events"].num_rows)
         write_meta(self.run_dir, self.meta)
         self.finalized = True
         return self.run_dir
+
+
+def check_memory_for(events: int) -> None:
+    """Raise TooLargeToFinalize if finalizing `events` events would not fit in free memory."""
+    free = available_memory_bytes()
+    need = events * FINALIZE_BYTES_PER_EVENT
+    if free is not None and need > free * FINALIZE_MEMORY_SHARE:
+        raise TooLargeToFinalize(
+            f"finalizing {events:,} events needs about {human_bytes(need)}, and {human_bytes(free)} are free; "
+            "readers build its tables from the journals"
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says can be had without swapping (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _record_batch(sch: pa.Schema, columns: dict) -> pa.RecordBatch | None:

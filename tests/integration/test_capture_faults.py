@@ -346,3 +346,57 @@ def test_a_handler_the_script_sets_during_the_capture_stays(tmp_path):
     with profiler.profile(out=tmp_path, name="handlers", backend="cpu"):
         pass
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_too_large_to_finalize_in_free_memory_keeps_its_journals(tmp_path, monkeypatch, capfd):
+    """Finalizing holds the whole trace in memory: where the free memory is short of what its
+    events need, the profiled script is not put at risk of the OOM killer. The journals stay,
+    meta.json and one line on stderr say why, and a reader builds the same tables from them."""
+    from profiler.trace import writer as writer_module
+
+    with profiler.profile(out=tmp_path / "fits", name="fits", backend="cpu") as fits:
+        _train(STEPS)
+    free = 1 << 10  # 1 KiB free: the hundreds of events of these steps need more
+    monkeypatch.setattr(writer_module, "available_memory_bytes", lambda: free)
+    with profiler.profile(out=tmp_path / "big", name="big", backend="cpu") as big:
+        done = _train(STEPS)
+    assert done == STEPS
+
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("vramscope:")]
+    assert len(err) == 1 and "could not be finalized" in err[0] and "1.00 KiB are free" in err[0], err
+    meta = json.loads((big.run_dir / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["finalize_error"].startswith("TooLargeToFinalize: finalizing ")
+    assert sorted(p.suffix for p in big.run_dir.glob("*.journal"))  # kept
+    assert not list(big.run_dir.glob("*.parquet"))
+
+    built, finalized = load_trace(big.run_dir), load_trace(fits.run_dir)
+    assert len(built.events) == meta["events_seen"] > 0
+    # Read from journals, the steps table keeps the partial tail after the last step too.
+    assert meta["steps_completed"] == STEPS
+    assert built.steps["step"].tolist()[:STEPS] == finalized.steps["step"].tolist()[:STEPS] == list(range(STEPS))
+    # Both runs did the same work: the same allocations, by size and category.
+    key = ["action", "size_bytes", "category"]
+    assert (
+        built.events[key].astype(str).value_counts().to_dict()
+        == finalized.events[key].astype(str).value_counts().to_dict()
+    )
+
+
+def test_finalizing_checks_free_memory_against_the_events_written(tmp_path, monkeypatch):
+    from profiler.trace import writer as writer_module
+
+    free = writer_module.available_memory_bytes()
+    assert free is None or free > 0  # this machine's MemAvailable (None off Linux)
+    w = TraceWriter(tmp_path, "x", {})
+    w.append("events", {"ts_us": [1, 2], "action": ["alloc", "free_requested"], "addr": [1, 1], "size_bytes": [8, 8]})
+    w.flush()
+    assert w.rows_written["events"] == 2
+    need = 2 * writer_module.FINALIZE_BYTES_PER_EVENT
+    enough = int(need / writer_module.FINALIZE_MEMORY_SHARE) + 1
+    monkeypatch.setattr(writer_module, "available_memory_bytes", lambda: enough)
+    writer_module.check_memory_for(2)  # just fits
+    monkeypatch.setattr(writer_module, "available_memory_bytes", lambda: need)
+    with pytest.raises(writer_module.TooLargeToFinalize, match="finalizing 2 events needs about"):
+        writer_module.check_memory_for(2)
+    monkeypatch.setattr(writer_module, "available_memory_bytes", lambda: None)  # not Linux: no check
+    writer_module.check_memory_for(10**12)
