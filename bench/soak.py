@@ -108,10 +108,11 @@ def main(argv=None) -> int:
         step_mean_ms=statistics.mean(timed) * 1e3,
         worst_step_over_median=max(timed) / med,
         steps_over_2x_median=sum(t > 2 * med for t in timed),
-        events_seen=meta.get("event_count"),
+        events_seen=meta.get("event_count", meta.get("events_seen")),
         events_dropped=meta.get("events_dropped"),
         capture_path=meta.get("capture_path"),
         status=meta.get("status"),
+        finalize_error=meta.get("finalize_error"),
         rss_samples=[(round(t, 1), round(m, 1)) for t, m in samples],
     )
     if not args.keep:
