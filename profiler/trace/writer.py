@@ -11,9 +11,8 @@ Crash safety comes from the layout, not from luck:
 
 The contract is a killed process (SIGKILL, the OOM killer, a crash), not power
 loss: what reached the OS survives the process, so nothing is fsync'ed. The
-profiled process flushes on a timer (every 0.5 s by default, `drain_interval_s`), so a
-killed process loses at most that much, and an fsync would put a disk round trip
-(milliseconds on many disks, more on network file systems) into a training step.
+profiled process flushes as often as every step, and an fsync would put a disk
+round trip (milliseconds on many disks, more on network file systems) into it.
 
 Imports only numpy and pyarrow: this runs inside the profiled process.
 """
