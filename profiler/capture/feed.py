@@ -22,7 +22,7 @@ class TraceFeed:
         self.backend = backend
         self.writer = writer
         self.events_since_boundary = 0  # events drained since the last step end
-        self.last_written = time.perf_counter()  # when drained rows last reached the journals
+        self.last_drain = time.perf_counter()
         self._meta_at = -float("inf")  # perf_counter of the last live meta.json write
         self._rows: dict[str, list[dict]] = {}  # table -> rows, until the next drain
         self._role_cols: list[dict] = []
@@ -35,13 +35,8 @@ class TraceFeed:
             self._role_cols.append(cols)
 
     def due(self, interval_s: float) -> bool:
-        """True once `interval_s` passed since drained rows last reached the journals (a
-        drain for positions, at each CPU step end, writes nothing)."""
-        return time.perf_counter() - self.last_written > interval_s
-
-    def written(self) -> None:
-        """The writer just flushed what was drained."""
-        self.last_written = time.perf_counter()
+        """True once `interval_s` passed since the last drain."""
+        return time.perf_counter() - self.last_drain > interval_s
 
     def meta_due(self, interval_s: float) -> bool:
         """Whether to rewrite the live meta.json now: at most once per `interval_s`. A rename
@@ -59,6 +54,7 @@ class TraceFeed:
         if failure is not None:  # the backend stopped recording on an error of ours: so does the capture
             raise failure
         cols = self.backend.drain(step, with_segments)
+        self.last_drain = time.perf_counter()
         if cols:
             self.events_since_boundary += len(cols["ts_us"])
             self.writer.append("events", cols)

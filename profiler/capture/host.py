@@ -1,14 +1,14 @@
 """What both CPU backends (cpu.py, native_cpu.py) answer alike: host memory has no
 caching allocator, hence no segments and no out-of-memory observer, and their events
-are their own buffers: a step's events are drained as it ends (so they carry their
-step, and the count of drained events is an exact position), and reach the journals
-on the timer, as on CUDA."""
+are their own buffers, so draining is cheap and the count of drained events is an
+exact position."""
 
 from __future__ import annotations
 
 
 class HostMemory:
     name = "cpu"
+    drain_every_step = True
     positions_need_drain = True
     start_segments: dict | None = None  # no caching allocator, no segments
     events_seen: int

@@ -29,9 +29,6 @@ from profiler.trace.writer import TraceWriter
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 DISK_FULL_AT = 4  # the flush of this step's end is the first to fail
-# Journals are written on a timer; at 0 seconds, at every step end, so that a disk filling
-# mid-run is met at a known step.
-EVERY_STEP = dict(drain_interval_s=0)
 
 
 def _train(steps: int, on_step=None) -> int:
@@ -67,7 +64,7 @@ def _fill_disk_from(step_to_fail: int, monkeypatch):
 
 def test_a_full_disk_stops_the_capture_not_the_script(tmp_path, monkeypatch, capfd):
     on_step, original = _fill_disk_from(DISK_FULL_AT, monkeypatch)
-    with profiler.profile(out=tmp_path, name="full", backend="cpu", **EVERY_STEP) as prof:
+    with profiler.profile(out=tmp_path, name="full", backend="cpu") as prof:
         done = _train(STEPS, on_step)
     assert done == STEPS
     assert profiler.capture.api.active() is None  # the module-level calls are no-ops again
@@ -97,7 +94,7 @@ def test_after_a_failure_the_hooks_are_gone(tmp_path, monkeypatch):
     on_step, _ = _fill_disk_from(1, monkeypatch)
     call_impl, backward = nn.Module._call_impl, torch.autograd.backward
     theirs = []  # the script's own global hook, after ours: torch iterates over both as ours fails
-    with profiler.profile(out=tmp_path, name="gone", backend="cpu", **EVERY_STEP) as prof:
+    with profiler.profile(out=tmp_path, name="gone", backend="cpu") as prof:
         handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: theirs.append(1))
         try:
             assert _train(3, on_step) == 3
@@ -127,10 +124,9 @@ def test_a_bug_in_a_hook_stops_the_capture(tmp_path, monkeypatch, capfd):
     assert capfd.readouterr().err.count("vramscope: warning: the capture stopped") == 1
 
 
-# A training script that fills the disk itself, at one step, as the run goes on. Its steps
-# take 0.15 s, so that the capture's timed journal writes (every 0.5 s) meet the full disk.
+# A training script that fills the disk itself, at one step, as the run goes on.
 FILLS_THE_DISK = textwrap.dedent(f"""
-    import errno, os, sys, time
+    import errno, os, sys
     import torch
     from torch import nn
     from profiler.trace.writer import TraceWriter
@@ -147,7 +143,6 @@ FILLS_THE_DISK = textwrap.dedent(f"""
         net(torch.randn(8, 16)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-        time.sleep(0.15)
         print("step", step, flush=True)
     sys.exit(int(sys.argv[1]))
 """)
