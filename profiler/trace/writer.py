@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from profiler.errors import RunDirectoryExists
+from profiler.errors import RunDirectoryExists, VramscopeError
 from profiler.trace import schema
 from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
@@ -48,8 +48,10 @@ FINALIZE_BYTES_PER_EVENT = 320
 FINALIZE_MEMORY_SHARE = 0.75
 
 
-class TooLargeToFinalize(MemoryError):
-    """The run's tables would not fit in the memory free now."""
+class TooLargeToFinalize(VramscopeError, MemoryError):
+    """The run's tables would not fit in the memory free now (`vramscope import`: one line, exit 1)."""
+
+    exit_code = 1
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:
@@ -207,7 +209,7 @@ class TraceWriter:
         for journal in self._journals.values():
             journal.close()
         self.meta.update(meta_updates or {})  # the final facts, kept beside the journals if finalizing fails
-        check_memory_for(self.rows_written["events"])
+        check_memory_for(self.rows_written["events"], self.run_dir)
         raw = {t: read_journal(self.run_dir / schema.journal_name(t), s) for t, s in self._schemas.items()}
         facts: dict = {}
         # The final facts (steps_completed) decide which steps get phase spans; the live
@@ -226,14 +228,14 @@ class TraceWriter:
         return self.run_dir
 
 
-def check_memory_for(events: int) -> None:
+def check_memory_for(events: int, run_dir: Path | None = None) -> None:
     """Raise TooLargeToFinalize if finalizing `events` events would not fit in free memory."""
     free = available_memory_bytes()
     need = events * FINALIZE_BYTES_PER_EVENT
     if free is not None and need > free * FINALIZE_MEMORY_SHARE:
         raise TooLargeToFinalize(
             f"finalizing {events:,} events needs about {human_bytes(need)}, and {human_bytes(free)} are free; "
-            "readers build its tables from the journals"
+            f"readers build its tables from the journals{f' in {run_dir}' if run_dir is not None else ''}"
         )
 
 

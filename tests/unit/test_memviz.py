@@ -513,3 +513,19 @@ def test_h100_snapshot_imports_to_the_allocators_own_peak(tmp_path):
     cols = ["action", "addr", "size_bytes"]
     assert again.events[cols].astype(str).equals(trace.events[cols].astype(str))
     assert again.meta["max_allocated_bytes"] == trace.meta["max_allocated_bytes"]
+
+
+def test_import_too_large_to_finalize_in_free_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """Where free memory cannot hold the finalized tables, the import stops with one line
+    (exit 1) naming the run whose journals it wrote; a reader builds its tables from them."""
+    from profiler.trace import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "available_memory_bytes", lambda: 1024)
+    out = tmp_path / "traces"
+    assert main(["import", str(_dump(tmp_path, _snapshot())), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert err.startswith("vramscope: error: finalizing ") and err.count("\n") == 1, err
+    assert str(run) in err and "1.00 KiB are free" in err
+    monkeypatch.undo()
+    assert len(load_trace(run).events) > 0
