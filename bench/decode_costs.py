@@ -42,21 +42,9 @@ VARIANTS = {
 
 def round_function(row: str, tokens: int):
     """The row's own round (one callable taking the profiler or None), its model built and warm."""
-    grabbed = {}
-
-    def grab(run_round, rounds, out, name, capture_path, options=None):
-        grabbed["round"] = run_round
-        return {}
-
-    real, rows.alternate = rows.alternate, grab
-    try:
-        if row == "generate":
-            rows.generate(tokens, 1, rows.trace_dir(), "auto")
-        else:
-            rows.decode(row.removeprefix("decode_"), tokens, 1, rows.trace_dir(), "auto")
-    finally:
-        rows.alternate = real
-    return grabbed["round"]
+    if row == "generate":
+        return rows.generate_round(tokens)
+    return rows.decode_round(row.removeprefix("decode_"), tokens)
 
 
 def variants_round_robin(run_round, rounds: int, names: list[str]) -> dict:

@@ -167,6 +167,10 @@ def _sync() -> None:
 
 # -- decode ----------------------------------------------------------------------------------
 def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str, options: dict | None = None) -> dict:
+    return alternate(decode_round(kv, tokens), rounds, out, f"decode-{kv}", capture_path, options)
+
+
+def decode_round(kv: str, tokens: int) -> RoundFn:
     """gpt2-small KV decode at B32 after a 128-token prompt, SDPA pinned to flash/efficient;
     each decode step is one profiler step and records the cache (profiler.record_kv)."""
     cfg = InferConfig.from_toggles(
@@ -198,11 +202,15 @@ def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str, opti
         return times
 
     round_(None)  # kernels
-    return alternate(round_, rounds, out, f"decode-{kv}", capture_path, options)
+    return round_
 
 
 # -- generate ----------------------------------------------------------------------------------
 def generate(tokens: int, rounds: int, out: Path, capture_path: str, options: dict | None = None) -> dict:
+    return alternate(generate_round(tokens), rounds, out, "generate", capture_path, options)
+
+
+def generate_round(tokens: int) -> RoundFn:
     """transformers' generate() on a Llama-style model the size of gpt2-small (random weights,
     bf16), B16, greedy, `tokens` new tokens; timed per token. No profiler steps: the capture
     drains on its timer, as it must for a loop that never steps."""
@@ -239,7 +247,7 @@ def generate(tokens: int, rounds: int, out: Path, capture_path: str, options: di
         return [b - a for a, b in zip(clock.marks, clock.marks[1:])]  # the prefill is not a token step
 
     round_(None)
-    return alternate(round_, rounds, out, "generate", capture_path, options)
+    return round_
 
 
 def cpu(steps: int, rounds: int) -> dict:
