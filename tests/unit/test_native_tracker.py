@@ -53,6 +53,29 @@ def test_columns_labels_and_devices(tracker):
     assert len(tracker.drain()["ts_us"]) == 0  # drained once
 
 
+def test_drained_columns_stay_as_they_were_while_held(tracker):
+    """A drain hands its buffers to numpy without a copy, and they are reused once those
+    arrays are gone: arrays still held must keep their values through later drains, and a
+    drain after them must see only its own events."""
+    tracker.start(0, False, 64)
+    held = []
+    for round_ in range(5):
+        for i in range(1000 + round_):
+            tracker.record_for_test(ALLOC, 0, round_ * 10_000 + i, 512, 7)
+        got = tracker.drain()
+        if round_ % 2 == 0:
+            held.append((round_, got))  # kept: its buffers must not be reused
+        else:
+            assert got["addr"].tolist() == [round_ * 10_000 + i for i in range(1000 + round_)]
+            del got  # given back: the next drain may fill these buffers
+    for round_, got in held:
+        assert got["addr"].tolist() == [round_ * 10_000 + i for i in range(1000 + round_)]
+        assert got["action"].tolist() == [ALLOC] * (1000 + round_)
+    tracker.stop()
+    held.clear()
+    assert len(tracker.drain()["addr"]) == 0
+
+
 def test_stacks_read_without_the_gil(tracker):
     if not tracker.reads_frames:
         pytest.skip("this build does not read Python frames")

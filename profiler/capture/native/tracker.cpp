@@ -419,13 +419,6 @@ void on_entry(const c10::cuda::CUDACachingAllocator::TraceEntry& e) {
 }
 #endif
 
-template <typename T>
-py::array_t<T> to_array(const std::vector<T>& v) {
-  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
-  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
-  return out;
-}
-
 // -- CPU allocator reports --------------------------------------------------------------
 //
 // c10's default CPU allocator reports each allocation (size > 0) and free (size < 0)
@@ -681,8 +674,60 @@ bool attach() {
 }
 
 // Everything a capture starts afresh; the caller holds st.mu.
+// -- drained columns ---------------------------------------------------------------------
+//
+// A drain hands the columns over to numpy without a copy: the arrays are views of a
+// Columns that a capsule owns, and when the last of them is gone the Columns goes back
+// to a small pool, emptied but with its capacity, to be swapped in by a later drain.
+// Appends then fill memory that is already mapped. Fresh memory costs a page fault per
+// 4 KiB (microseconds in a VM), and would be taken under the allocator's lock; a copy
+// into new arrays would fault as often, since the C library hands large blocks back to
+// the system when they are freed. The pool is touched under the GIL only (drain, the
+// capsules' destructors, start).
+
+constexpr size_t kPooled = 3;             // Columns kept for reuse at most
+constexpr size_t kKeptEvents = 1 << 16;  // capacity kept: up to 4x max(this, the last drain)
+
+std::vector<Columns*>& column_pool() {
+  static auto* pool = new std::vector<Columns*>();  // never destroyed: arrays may outlive us
+  return *pool;
+}
+size_t g_last_drain_events = 0;
+
+bool capturing() { return g_on.load(std::memory_order_relaxed) || g_cpu_on.load(std::memory_order_relaxed); }
+
+void give_back(void* p) {
+  auto* cols = static_cast<Columns*>(p);
+  auto& pool = column_pool();
+  if (capturing() && pool.size() < kPooled && cols->ts_us.capacity() <= 4 * std::max(g_last_drain_events, kKeptEvents)) {
+    cols->clear();
+    pool.push_back(cols);
+  } else {
+    delete cols;
+  }
+}
+
+Columns* pooled_columns() {
+  auto& pool = column_pool();
+  if (pool.empty()) return new Columns();
+  Columns* cols = pool.back();
+  pool.pop_back();
+  return cols;
+}
+
+void release_pool() {  // a capture's end: nothing is kept for the next one
+  for (Columns* c : column_pool()) delete c;
+  column_pool().clear();
+}
+
+template <typename T>
+py::array_t<T> view_of(std::vector<T>& v, const py::capsule& owner) {
+  if (v.empty()) return py::array_t<T>(0);
+  return py::array_t<T>({static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))}, v.data(), owner);
+}
+
 void reset_locked(State& st, const std::string& skip_prefix) {
-  st.cols.clear();
+  st.cols = Columns();  // a new capture starts small (the pool keeps what drains hand back)
   st.spots.clear();
   st.frame_ids.clear();
   st.frames.clear();
@@ -708,7 +753,10 @@ void start(int device, bool stacks, int max_depth, const std::string& skip_prefi
   g_on.store(true, std::memory_order_release);
 }
 
-void stop() { g_on.store(false, std::memory_order_release); }
+void stop() {
+  g_on.store(false, std::memory_order_release);
+  release_pool();
+}
 
 void set_stacks(bool on) { g_stacks.store(on); }
 
@@ -756,29 +804,32 @@ py::list labels_from(size_t first) {
 
 py::dict drain() {
   State& st = state();
-  Columns cols;
+  Columns* taken = pooled_columns();
   std::vector<FrameText> new_frames;
   std::vector<std::vector<int32_t>> new_stacks;
   int64_t allocs;
   {
     std::lock_guard<std::mutex> lock(st.mu);
-    std::swap(cols, st.cols);
+    std::swap(*taken, st.cols);
     new_frames.assign(st.frames.begin() + static_cast<std::ptrdiff_t>(st.frames_reported), st.frames.end());
     new_stacks.assign(st.stacks.begin() + static_cast<std::ptrdiff_t>(st.stacks_reported), st.stacks.end());
     st.frames_reported = st.frames.size();
     st.stacks_reported = st.stacks.size();
     allocs = st.allocs;
   }
+  g_last_drain_events = taken->ts_us.size();
+  py::capsule owner(taken, give_back);
+  Columns& cols = *taken;
   py::dict out;
-  out["ts_us"] = to_array(cols.ts_us);
-  out["action"] = to_array(cols.action);
-  out["addr"] = to_array(cols.addr);
-  out["size"] = to_array(cols.size);
-  out["stream"] = to_array(cols.stream);
-  out["label"] = to_array(cols.label);
-  out["stack"] = to_array(cols.stack);
-  out["fwd_seq"] = to_array(cols.fwd_seq);
-  out["bwd_seq"] = to_array(cols.bwd_seq);
+  out["ts_us"] = view_of(cols.ts_us, owner);
+  out["action"] = view_of(cols.action, owner);
+  out["addr"] = view_of(cols.addr, owner);
+  out["size"] = view_of(cols.size, owner);
+  out["stream"] = view_of(cols.stream, owner);
+  out["label"] = view_of(cols.label, owner);
+  out["stack"] = view_of(cols.stack, owner);
+  out["fwd_seq"] = view_of(cols.fwd_seq, owner);
+  out["bwd_seq"] = view_of(cols.bwd_seq, owner);
   py::list frames;
   for (auto& f : new_frames) frames.append(py::make_tuple(f.filename, f.line, f.name));
   out["new_frames"] = frames;
@@ -821,6 +872,7 @@ void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
 // still the latest pushed (elsewhere it stays, saying profiling is off).
 void stop_cpu() {
   g_cpu_on.store(false, std::memory_order_release);
+  release_pool();
   quiet_c10_log(false);
   watch_frees(false);
   if (!tl_capturing) return;
