@@ -306,7 +306,8 @@ class Profiler:
         feed.buffer("steps", **row)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        if backend.drain_every_step or feed.due(self.options.drain_interval_s):
+        feed.pacing.step_ended()
+        if backend.drain_every_step or feed.due(self.options.drain_interval_s) or feed.pacing.due():
             self._drain()  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
@@ -323,10 +324,11 @@ class Profiler:
     # -- draining -----------------------------------------------------------------------
     def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
         """Move new allocator events and buffered rows to the writer; flush the journals."""
-        run = self._parts
+        run, t0 = self._parts, time.perf_counter()
         self._sampling.observe(run.feed.drain(self.step_index, with_segments))
         if flush:
             run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
+        run.feed.pacing.drained(time.perf_counter() - t0)
 
     def _live_meta(self) -> dict:
         return run_meta.live_meta(self._parts.backend, self.step_index, self._capture_s)

@@ -140,3 +140,60 @@ def test_a_due_drain_runs_as_the_optimizer_starts_where_markers_give_steps(tmp_p
     after_optimizer = [calls[i + 1] for i, c in enumerate(calls) if c == ("optimizer",)]
     assert after_optimizer == [("drain", 0, False), ("drain", 1, False)]
     assert [c for c in calls if c[0] == "position"] == [("position", 0), ("position", 1), ("position", 2)]
+
+
+def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
+    """A decode loop's tokens are short and make many events: drained on the timer alone,
+    one token would drain half a second of them. Paced, a drain covers as many steps as
+    cost SHARE of a usual step to drain, judged from the drains before."""
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    for _ in range(25):  # 20 ms steps; nothing drained yet: the timer decides
+        clock[0] += 0.020
+        pacing.step_ended()
+        assert not pacing.due()
+    pacing.drained(0.100)  # the timer's drain: 25 steps for 100 ms, 4 ms a step
+    ends = []
+    for i in range(40):
+        clock[0] += 0.020
+        pacing.step_ended()
+        if pacing.due():
+            ends.append(i)
+            covered = pacing.steps
+            pacing.drained(covered * 0.004)
+            clock[0] += covered * 0.004  # the drain is in the next step's time, which is not counted
+    # 0.75 x 20 ms of drain at 4 ms a step: every 4th step drains, 16 ms each.
+    assert ends == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]
+
+
+def test_drain_pacing_drains_short_steps_no_more_often_than_its_gap():
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    for _ in range(3):  # 1 ms steps whose events cost 1 ms a step to drain
+        clock[0] += 0.001
+        pacing.step_ended()
+    pacing.drained(0.003)
+    ends = []
+    for i in range(100):
+        clock[0] += 0.001
+        pacing.step_ended()
+        if pacing.due():
+            ends.append(i)
+            pacing.drained(pacing.steps * 0.001)
+    assert ends[:3] == [19, 39, 59]  # every MIN_GAP_S, not every step
+
+
+def test_drain_pacing_waits_for_what_it_needs_to_know():
+    from profiler.capture.feed import DrainPacing
+
+    pacing = DrainPacing(clock=iter(range(100)).__next__)
+    for _ in range(10):
+        pacing.step_ended()
+    assert not pacing.due()  # no drain measured yet
+    pacing.drained(50.0)  # even a drain far longer than a step: then at most one step per drain
+    pacing.step_ended()
+    assert pacing.due()
