@@ -104,6 +104,35 @@ def test_steps_from_markers_are_judged_once_their_successor_is_drained(columns):
     assert sampling.hooks(3)
 
 
+@pytest.mark.parametrize("columns", ["lists", "arrow"])
+def test_a_drain_judged_in_slices_is_judged_as_a_whole(columns, monkeypatch):
+    """A big drain is read in slices (its temporaries stay small): a step's sites that a
+    slice boundary cuts, and markers at a slice's edge, give the same decisions."""
+    from profiler.capture import sampling as sampling_module
+
+    marker = [("alloc", None), ("free_completed", None)]
+    other = SITES + [("alloc", 9)]
+    sites, tags = [], []
+    for step, kind in enumerate([SITES, SITES, other, SITES, other, SITES, SITES, other]):
+        sites += kind + marker
+        tags += [""] * len(kind) + [marker_tag(step + 1, step + 1)] * 2
+
+    def decisions(slice_size):
+        monkeypatch.setattr(sampling_module, "OBSERVE_SLICE", slice_size)
+        sampling = HookSampling(CaptureOptions(hooked_steps=(1, 0)), steps_exact=False)
+        for step in range(8):  # the steps end, unhooked but the first, before one drain takes them
+            sampling.step_ended(step, step == 0, None)
+        cols = _cols(0, sites, tags)
+        sampling.observe(cols if columns == "lists" else _as_native_drain(cols))
+        assert not sampling._failed
+        return sampling.hooks(9), sorted(sampling._seen), sampling._complete_through
+
+    whole = decisions(10_000)
+    assert whole[0] and len(whole[1]) == 2  # two kinds of step, one new and unhooked: a hook
+    for size in (1, 3, 7):
+        assert decisions(size) == whole
+
+
 def test_a_bug_turns_adaptive_hooking_off_and_never_raises():
     sampling = _cpu()
     sampling.observe({"action": ["alloc"], "stack_id": [1]})  # no step column: our bug, not the user's
