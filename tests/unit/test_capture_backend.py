@@ -102,7 +102,7 @@ class _MarkerLikeBackend(CpuBackend):
         return super().drain(step, with_segments)
 
 
-def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_end(tmp_path, monkeypatch):
+def test_a_backend_that_marks_positions_drains_after_its_first_step_on_the_timer_and_at_the_end(tmp_path, monkeypatch):
     import torch
 
     from profiler.capture import session
@@ -116,8 +116,16 @@ def test_a_backend_that_marks_positions_is_drained_only_on_the_timer_and_at_the_
             model(torch.randn(2, 4)).sum().backward()
             opt.step()
     assert prof.step_index == 3
-    # The root's parameters at step 0, then each step end marks the step it starts.
-    assert backend.calls == [("position", 0), ("position", 1), ("position", 2), ("position", 3), ("drain", 3, True)]
+    # The root's parameters at step 0, then each step end marks the step it starts; the first
+    # step end drains (its new stacks), then nothing is due until the end.
+    assert backend.calls == [
+        ("position", 0),
+        ("position", 1),
+        ("drain", 1, False),
+        ("position", 2),
+        ("position", 3),
+        ("drain", 3, True),
+    ]
 
 
 def test_a_due_drain_runs_as_the_optimizer_starts_where_markers_give_steps(tmp_path, monkeypatch):
@@ -150,7 +158,11 @@ def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
 
     clock = [0.0]
     pacing = DrainPacing(clock=lambda: clock[0])
-    for _ in range(25):  # 20 ms steps; nothing drained yet: the timer decides
+    clock[0] += 0.020
+    pacing.step_ended()
+    assert pacing.due()  # the first step's new stacks
+    pacing.drained(0.050)  # naming them: no measure of later drains
+    for _ in range(25):  # 20 ms steps; no drain measured yet: the timer decides
         clock[0] += 0.020
         pacing.step_ended()
         assert not pacing.due()
@@ -173,6 +185,8 @@ def test_drain_pacing_drains_short_steps_no_more_often_than_its_gap():
 
     clock = [0.0]
     pacing = DrainPacing(clock=lambda: clock[0])
+    pacing.step_ended()
+    pacing.drained(0.001)
     for _ in range(3):  # 1 ms steps whose events cost 1 ms a step to drain
         clock[0] += 0.001
         pacing.step_ended()
@@ -191,6 +205,9 @@ def test_drain_pacing_waits_for_what_it_needs_to_know():
     from profiler.capture.feed import DrainPacing
 
     pacing = DrainPacing(clock=iter(range(100)).__next__)
+    pacing.step_ended()
+    assert pacing.due()
+    pacing.drained(50.0)  # the first step's drain teaches nothing
     for _ in range(10):
         pacing.step_ended()
     assert not pacing.due()  # no drain measured yet
