@@ -8,6 +8,7 @@ import sys
 from profiler.capture import import_hooks
 
 errors: list[str] = []  # dynamo refused a frame strategy (meta.json compile_attribution_errors)
+_waiting: set[tuple] = set()  # code objects whose strategies wait for dynamo's import
 
 
 def dynamo_compiled() -> bool:
@@ -20,7 +21,13 @@ def dynamo_compiled() -> bool:
 def skip_in_dynamo(wrapper, *hooks) -> None:
     """Dynamo runs the frames of code object `wrapper` as they are and compiles the frames
     it calls, and runs the frames of `hooks` and all they call as they are: now, or once
-    dynamo is imported (module_calls.py says why)."""
+    dynamo is imported (module_calls.py says why). The wrapper goes in at every hooked step:
+    until dynamo is imported, one callback per set of code objects waits, not one per step."""
+    key = (wrapper, *hooks)
+    if import_hooks.DYNAMO_EVAL_FRAME not in sys.modules:
+        if key in _waiting:
+            return
+        _waiting.add(key)
 
     def set_strategies(eval_frame) -> None:
         try:

@@ -185,6 +185,34 @@ def test_the_hook_waits_for_inductor_and_bypasses_its_caches_only_in_a_capture(t
     assert out.stdout.decode().strip() == "ok"
 
 
+_WRAPPER_WAITS_ONCE = """
+import sys, tempfile, torch, profiler
+from profiler.capture import import_hooks
+
+model = torch.nn.Linear(2, 2)
+with profiler.profile(out=tempfile.mkdtemp(), backend="cpu", hooked_steps=(1, 2)) as prof:
+    for _ in range(9):  # hooks go on and off at every other step
+        model(torch.randn(1, 2)).sum().backward()
+        prof.step()
+if "torch._dynamo.eval_frame" in sys.modules:
+    print("imported")
+else:
+    print(import_hooks.waiting().get("torch._dynamo.eval_frame"))
+"""
+
+
+def test_the_module_call_wrapper_waits_for_dynamo_once_however_often_it_goes_in():
+    """Until dynamo is imported, the wrapper's frame strategies wait for it: one callback,
+    not one per hooked step of a long capture."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_WRAPPER_WAITS_ONCE)], env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    got = out.stdout.decode().strip()
+    if got == "imported":
+        pytest.skip("this torch imports dynamo with the optimizer or autograd")
+    assert got == "1"
+
+
 @pytest.mark.slow
 def test_inductor_lines_name_forward_and_backward_modules():
     """A real inductor compile on the CPU: every allocation the generated code makes is
