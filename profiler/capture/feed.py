@@ -24,9 +24,10 @@ class DrainPacing:
     So a step end also drains once the steps since the last drain would cost SHARE of a
     step to drain, judged from what earlier drains cost per step they covered and from
     the usual step time (steps that drained left out). Training steps, which make few
-    events for their length, are still drained by the timer alone. Drains are at least
-    MIN_GAP_S apart: each costs a little however few events it takes (0.1-0.3 ms), which
-    short steps would otherwise pay often.
+    events for their length, are still drained by the timer alone. A paced drain waits at
+    least MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that
+    costs the same however few events it takes (torch's history snapshots every live
+    block) would otherwise be paced into every step.
 
     The first step end always drains. Its events hold most of the stacks the capture will
     ever see, and naming new stacks is the dearest part of a drain (a compiled model's
@@ -36,6 +37,7 @@ class DrainPacing:
 
     SHARE = 0.75
     MIN_GAP_S = 0.02
+    DUTY = 10
     _WEIGHT = 0.2  # of the newest measurement, in both running means
 
     def __init__(self, clock=time.perf_counter) -> None:
@@ -45,6 +47,7 @@ class DrainPacing:
         self._drain_s_per_step: float | None = None  # running mean of drain seconds per step covered
         self._last_end: float | None = None
         self._last_drain = clock()
+        self._last_drain_s = 0.0
         self._drained_in_step = False
         self._ends = 0  # step ends in all
 
@@ -62,7 +65,7 @@ class DrainPacing:
             self._drain_s_per_step = _running_mean(self._drain_s_per_step, seconds / self.steps, self._WEIGHT)
         self.steps = 0
         self._drained_in_step = True
-        self._last_drain = self._clock()
+        self._last_drain, self._last_drain_s = self._clock(), seconds
 
     def due(self) -> bool:
         """Whether the steps not drained yet would cost SHARE of a step to drain."""
@@ -70,7 +73,7 @@ class DrainPacing:
             return True
         if self._step_s is None or self._drain_s_per_step is None:
             return False
-        if self._clock() - self._last_drain < self.MIN_GAP_S:
+        if self._clock() - self._last_drain < max(self.MIN_GAP_S, self.DUTY * self._last_drain_s):
             return False
         return self.steps * self._drain_s_per_step >= self.SHARE * self._step_s
 
