@@ -673,7 +673,6 @@ bool attach() {
 #endif
 }
 
-// Everything a capture starts afresh; the caller holds st.mu.
 // -- drained columns ---------------------------------------------------------------------
 //
 // A drain hands the columns over to numpy without a copy: the arrays are views of a
@@ -726,6 +725,7 @@ py::array_t<T> view_of(std::vector<T>& v, const py::capsule& owner) {
   return py::array_t<T>({static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))}, v.data(), owner);
 }
 
+// Everything a capture starts afresh; the caller holds st.mu.
 void reset_locked(State& st, const std::string& skip_prefix) {
   st.cols = Columns();  // a new capture starts small (the pool keeps what drains hand back)
   st.spots.clear();
