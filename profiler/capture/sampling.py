@@ -85,6 +85,9 @@ class HookSampling:
             return
         try:
             n = len(cols["action"])
+            if n <= OBSERVE_SLICE:  # a step's drain on CPU: no slices to copy
+                self._observe(cols)
+                return
             # In slices: whole-drain temporaries (a drain can hold 100,000 events) are fresh
             # memory each time, a page fault per 4 KiB; a slice's are reused.
             for start in range(0, n, OBSERVE_SLICE):
