@@ -41,10 +41,9 @@ class Backend(Protocol):
     """Events lost before a drain could take them (never silently)."""
     start_segments: dict | None
     """The segment map at start as writer columns, once started (None: no segments)."""
-    drain_every_step: bool
-    """Draining is cheap: drain at every step boundary, not only on the timer."""
     positions_need_drain: bool
-    """`position()` counts drained events: drain first to make it exact."""
+    """`position()` counts drained events: drain at every step end (draining is cheap), not
+    only on the timer or when paced."""
 
     # Thread-local tag stamped on every allocation ("phase|module|category").
     def set_tag(self, tag: str) -> None: ...

@@ -51,7 +51,6 @@ class CudaBackend:
     capture_path = "python"  # meta.json's capture_path (native_cuda.py is "native")
     capture_path_error: str | None = None  # why the native path did not run, if it was tried
     # A snapshot costs about 1 us per entry: drain on the timer, and mark steps instead.
-    drain_every_step = False
     positions_need_drain = False
 
     def __init__(self, device=None, stacks: bool = True, max_entries: int = 1_000_000):

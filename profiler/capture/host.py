@@ -8,7 +8,6 @@ from __future__ import annotations
 
 class HostMemory:
     name = "cpu"
-    drain_every_step = True
     positions_need_drain = True
     start_segments: dict | None = None  # no caching allocator, no segments
     events_seen: int

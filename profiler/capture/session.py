@@ -1,12 +1,10 @@
 """The capture session: `profiler.profile(...)`, `prof.step()`, `profiler.mark(...)`.
 
-One session owns a backend (CUDA allocator history or CPU storage tracking),
-the module tracer, and a writer. It decides when a step ends (an optimizer step,
-`prof.step()` once a script calls it, or an inference forward: inference.py),
-drains events there, and records phases, roles (parameters, gradients,
-optimizer states) and counters.
-Everything a capture accumulates is reset when it is entered: one Profiler
-entered twice writes two runs.
+One session owns a backend (backend.py), the module tracer and a writer. It decides when a
+step ends (an optimizer step, `prof.step()` once a script calls it, or an inference forward:
+inference.py), drains events (on CPU at every step end; on CUDA on a timer or paced: feed.py),
+and records phases, roles (parameters, gradients, optimizer states) and counters. Everything
+a capture accumulates is reset when it is entered: one Profiler entered twice writes two runs.
 """
 
 from __future__ import annotations
@@ -298,7 +296,7 @@ class Profiler:
         self._set_phase(None)
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
-            self._drain(flush=False)  # the drain below flushes both
+            self._drain(flush=False)
         self._sampling.step_ended(self.step_index, self._hooks_on, row.get("max_allocated_bytes"))
         self.step_index += 1
         pos = backend.position(self.step_index)
@@ -307,7 +305,9 @@ class Profiler:
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
         feed.pacing.step_ended()
-        if backend.drain_every_step or feed.due(self.options.drain_interval_s) or feed.pacing.due():
+        if backend.positions_need_drain:  # its events were drained above: its rows join them
+            self._drain(events=False, flush=feed.flush_due(self.options.drain_interval_s))
+        elif feed.due(self.options.drain_interval_s) or feed.pacing.due():
             self._drain()  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
@@ -322,10 +322,10 @@ class Profiler:
         self._hooks_on = on
 
     # -- draining -----------------------------------------------------------------------
-    def _drain(self, with_segments: bool = False, flush: bool = True) -> None:
-        """Move new allocator events and buffered rows to the writer; flush the journals."""
+    def _drain(self, with_segments: bool = False, flush: bool = True, events: bool = True) -> None:
+        """Move new allocator events (if `events`) and buffered rows to the writer; flush the journals."""
         run, t0 = self._parts, time.perf_counter()
-        self._sampling.observe(run.feed.drain(self.step_index, with_segments))
+        self._sampling.observe(run.feed.drain(self.step_index, with_segments, events))
         if flush:
             run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
         run.feed.pacing.drained(time.perf_counter() - t0)

@@ -46,13 +46,8 @@ def test_backends_differ_only_in_what_their_members_say():
     assert (CudaBackend.name, CudaBackend.device_type) == ("cuda", "cuda")
     cpu = CpuBackend(stacks=False)
     assert (cpu.name, cpu.device_type) == ("cpu", "cpu")
-    assert not CudaBackend.drain_every_step and not CudaBackend.positions_need_drain
-    assert CpuBackend.drain_every_step and CpuBackend.positions_need_drain
-    assert (NativeCpuBackend.name, NativeCpuBackend.drain_every_step, NativeCpuBackend.positions_need_drain) == (
-        "cpu",
-        True,
-        True,
-    )
+    assert not CudaBackend.positions_need_drain and CpuBackend.positions_need_drain
+    assert (NativeCpuBackend.name, NativeCpuBackend.positions_need_drain) == ("cpu", True)
 
 
 def test_make_backend():
@@ -86,7 +81,6 @@ class _MarkerLikeBackend(CpuBackend):
     """CPU tracking that answers like the CUDA backend: positions without draining,
     drains on the timer only. Records what the session asks of it."""
 
-    drain_every_step = False
     positions_need_drain = False
 
     def __init__(self, **kw):
