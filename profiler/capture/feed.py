@@ -92,7 +92,6 @@ class TraceFeed:
         self.events_since_boundary = 0  # events drained since the last step end
         self.last_drain = time.perf_counter()
         self._meta_at = -float("inf")  # perf_counter of the last live meta.json write
-        self._flushed_at = -float("inf")  # perf_counter of the last journal flush
         self._rows: dict[str, list[dict]] = {}  # table -> rows, until the next drain
         self._role_cols: list[dict] = []
 
@@ -115,16 +114,6 @@ class TraceFeed:
         if now - self._meta_at < interval_s:
             return False
         self._meta_at = now
-        return True
-
-    def flush_due(self, interval_s: float) -> bool:
-        """Whether to write the journals now, where a backend drains at every step end: at
-        most once per `interval_s` (each write is a system call per table, dearer than the
-        drain of a short step), the first step end always. A killed run keeps what was written."""
-        now = time.perf_counter()
-        if now - self._flushed_at < interval_s:
-            return False
-        self._flushed_at = now
         return True
 
     def drain(self, step: int, with_segments: bool = False, events: bool = True) -> dict | None:

@@ -306,7 +306,7 @@ class Profiler:
         feed.events_since_boundary = 0
         feed.pacing.step_ended()
         if backend.positions_need_drain:  # its events were drained above: its rows join them
-            self._drain(events=False, flush=feed.flush_due(self.options.drain_interval_s))
+            self._drain(events=False)
         elif feed.due(self.options.drain_interval_s) or feed.pacing.due():
             self._drain()  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
