@@ -122,6 +122,38 @@ def test_a_backend_that_marks_positions_drains_after_its_first_step_on_the_timer
     ]
 
 
+def test_a_cpu_step_end_drains_its_backend_once_and_writes_its_step_row(tmp_path, monkeypatch):
+    """Positions counted by drained events: the step end drains before the index moves, and
+    after it only the rows (the step's own row among them) go to the journals."""
+    import torch
+
+    from profiler.capture import session
+    from profiler.trace.reader import load_trace
+
+    class CountingCpuBackend(CpuBackend):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.drains = []
+
+        def drain(self, step, with_segments=False):
+            self.drains.append(step)
+            return super().drain(step, with_segments)
+
+    backend = CountingCpuBackend(stacks=False)
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=3600) as prof:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            before = len(backend.drains)
+            opt.step()
+            assert backend.drains[before:] == [prof.step_index - 1]  # one drain, of the step that ended
+    trace = load_trace(prof.run_dir)
+    assert list(trace.steps["step"]) == [0, 1, 2]
+    assert sorted(set(trace.events["step"])) == [0, 1, 2]
+
+
 def test_a_due_drain_runs_as_the_optimizer_starts_where_markers_give_steps(tmp_path, monkeypatch):
     import torch
 
