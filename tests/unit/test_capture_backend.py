@@ -77,23 +77,31 @@ def test_session_asks_no_backend_its_name_and_fsdp_never_imports_the_session():
     assert "profiler.capture.session" not in _imports(CAPTURE / "fsdp.py")
 
 
-class _MarkerLikeBackend(CpuBackend):
-    """CPU tracking that answers like the CUDA backend: positions without draining,
-    drains on the timer only. Records what the session asks of it."""
-
-    positions_need_drain = False
+class _RecordingCpuBackend(CpuBackend):
+    """CPU tracking that records what the session asks of it."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.calls = []
 
-    def position(self, step):
-        self.calls.append(("position", step))
-        return -len(self.calls)
+    @property
+    def drains(self) -> list[int]:
+        return [call[1] for call in self.calls if call[0] == "drain"]
 
     def drain(self, step, with_segments=False):
         self.calls.append(("drain", step, with_segments))
         return super().drain(step, with_segments)
+
+
+class _MarkerLikeBackend(_RecordingCpuBackend):
+    """CPU tracking that answers like the CUDA backend: positions without draining,
+    drains on the timer only."""
+
+    positions_need_drain = False
+
+    def position(self, step):
+        self.calls.append(("position", step))
+        return -len(self.calls)
 
 
 def test_a_backend_that_marks_positions_drains_after_its_first_step_on_the_timer_and_at_the_end(tmp_path, monkeypatch):
@@ -130,16 +138,7 @@ def test_a_cpu_step_end_drains_its_backend_once_and_writes_its_step_row(tmp_path
     from profiler.capture import session
     from profiler.trace.reader import load_trace
 
-    class CountingCpuBackend(CpuBackend):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.drains = []
-
-        def drain(self, step, with_segments=False):
-            self.drains.append(step)
-            return super().drain(step, with_segments)
-
-    backend = CountingCpuBackend(stacks=False)
+    backend = _RecordingCpuBackend(stacks=False)
     monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
