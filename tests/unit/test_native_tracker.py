@@ -131,6 +131,35 @@ def test_stacks_of_sites_that_share_outer_frames(tracker):
     assert outer_a == outer_b  # outside this test's frame (its line differs), the same frames
 
 
+def test_stacks_keep_their_innermost_frames_and_share_an_id_when_those_agree(tracker):
+    """A stack is its `max_depth` innermost frames: callers that differ only beyond them give
+    one stack id, whichever chain of outer frames led there."""
+    if not tracker.reads_frames:
+        pytest.skip("this build does not read Python frames")
+    tracker.start(0, True, 4)
+
+    def recurse(k, addr):
+        if k:
+            recurse(k - 1, addr)
+        else:
+            _allocate_here(tracker, addr)
+
+    def outer_a(addr):
+        recurse(5, addr)
+
+    def outer_b(addr):
+        recurse(5, addr)
+
+    outer_a(1)
+    outer_b(2)
+    outer_a(3)
+    got, cols = _drained(tracker)
+    frames, stacks = got["new_frames"], got["new_stacks"]
+    assert len(set(cols["stack"])) == 1
+    names = [frames[f][2] for f in stacks[cols["stack"][0]]]
+    assert names == ["_allocate_here", "recurse", "recurse", "recurse"]
+
+
 def test_backward_gets_the_forward_stack_of_its_node(tracker):
     if not tracker.reads_frames:
         pytest.skip("this build does not read Python frames")

@@ -28,6 +28,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
+#include <c10/util/flat_hash_map.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <torch/csrc/utils/pybind.h>
@@ -122,6 +123,16 @@ struct CodeSpotValue {
   int32_t frame;
 };
 
+// A node of the tree of call chains: the frame `frame` called from the chain `parent`
+// (-1: the outermost frame read). A walk goes from its outermost frame to its innermost,
+// one child lookup per frame that differs from the previous walk's, so an allocation
+// costs a lookup per changed frame instead of a hash of its whole stack.
+struct ChainNode {
+  int32_t parent;
+  int32_t frame;
+  int32_t stack;  // the stack id of its innermost frames, once an allocation stood here (-1: not yet)
+};
+
 struct SeqSlot {
   int64_t seq = -1;
   int32_t stack = -1;
@@ -130,13 +141,15 @@ struct SeqSlot {
 struct State {
   std::mutex mu;
   Columns cols;
-  std::unordered_map<CodeSpot, CodeSpotValue, CodeSpotHash> spots;
+  ska::flat_hash_map<CodeSpot, CodeSpotValue, CodeSpotHash> spots;
   std::unordered_map<FrameText, int32_t, FrameTextHash> frame_ids;
   std::vector<FrameText> frames;
   std::unordered_map<std::vector<int32_t>, int32_t, VecHash> stack_ids;
   std::vector<std::vector<int32_t>> stacks;
+  ska::flat_hash_map<uint64_t, int32_t> children;  // (parent + 1, frame) -> chain node
+  std::vector<ChainNode> chains;
   size_t frames_reported = 0, stacks_reported = 0;
-  std::unordered_map<uint64_t, int32_t> alive_stack;  // block addr -> its alloc's stack
+  ska::flat_hash_map<uint64_t, int32_t> alive_stack;  // block addr -> its alloc's stack
   std::vector<SeqSlot> seq_ring = std::vector<SeqSlot>(kSeqRing);
   std::vector<int32_t> walk;  // scratch: frame ids of the stack being read
   uint64_t generation = 0;     // bumped by start(): frame ids of earlier captures mean nothing now
@@ -271,7 +284,7 @@ inline RawSpot raw_spot(_PyInterpreterFrame* f) {
 // A thread's walks, the previous one and the one being read, by turns. Consecutive
 // allocations share their outer frames (the script, the training loop, the model's
 // forward): frames equal to the previous walk's, counted from the outer end, keep its
-// frame ids without reading their code or looking them up, and a walk equal to the
+// chain nodes without reading their code or looking them up, and a walk equal to the
 // previous one keeps its stack id. A frame is the same when the frame, its code and its
 // instruction pointer are: its code cannot have been freed and another put at that
 // address while the frame stood at the same instruction. Plain arrays: thread-local
@@ -282,11 +295,44 @@ struct Walk {
   int n;
   int32_t stack;
   RawSpot spots[kRawCap];
-  int32_t ids[kRawCap];  // frame id; -1: a frame that has not started its code yet
+  int32_t chains[kRawCap];  // the chain node of the frames from the outermost to this one (-1: none yet)
 };
 thread_local Walk tl_walks[2];
 thread_local int tl_previous = 0;
 thread_local uint64_t tl_generation = ~0ull;
+
+// The chain node of `frame` called from `parent`.
+int32_t chain_child(State& st, int32_t parent, int32_t frame) {
+  uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(parent + 1)) << 32) | static_cast<uint32_t>(frame);
+  auto it = st.children.find(key);
+  if (it != st.children.end()) return it->second;
+  auto id = static_cast<int32_t>(st.chains.size());
+  st.chains.push_back(ChainNode{parent, frame, -1});
+  st.children.emplace(key, id);
+  return id;
+}
+
+// A chain's stack id: its innermost `depth` frames, innermost first. Chains that differ
+// only beyond those frames share the id.
+int32_t chain_stack(State& st, int32_t chain, int depth) {
+  if (st.chains[chain].stack >= 0) return st.chains[chain].stack;
+  auto& walk = st.walk;
+  walk.clear();
+  for (int32_t at = chain; at >= 0 && static_cast<int>(walk.size()) < depth; at = st.chains[at].parent) {
+    walk.push_back(st.chains[at].frame);
+  }
+  int32_t id;
+  auto it = st.stack_ids.find(walk);
+  if (it != st.stack_ids.end()) {
+    id = it->second;
+  } else {
+    id = static_cast<int32_t>(st.stacks.size());
+    st.stack_ids.emplace(walk, id);
+    st.stacks.push_back(walk);
+  }
+  st.chains[chain].stack = id;
+  return id;
+}
 
 // The allocating thread's Python stack as a stack id, innermost frame first (-1: none).
 int32_t python_stack(State& st) {
@@ -310,30 +356,18 @@ int32_t python_stack(State& st) {
   }
   int m = last.n, same = 0;
   while (same < n && same < m && now.spots[n - 1 - same] == last.spots[m - 1 - same]) {
-    now.ids[n - 1 - same] = last.ids[m - 1 - same];
+    now.chains[n - 1 - same] = last.chains[m - 1 - same];
     ++same;
   }
   if (same == n && n == m) return last.stack;
-  for (int i = 0; i < n - same; ++i) {
+  for (int i = n - 1 - same; i >= 0; --i) {
     auto* f = static_cast<_PyInterpreterFrame*>(const_cast<void*>(now.spots[i].frame));
-    now.ids[i] = incomplete(f) ? -1 : frame_id(st, code_of(f), _PyInterpreterFrame_LASTI(f));
+    // An incomplete frame, or one of the capture's own files (frame id -1), adds nothing.
+    int32_t frame = incomplete(f) ? -1 : frame_id(st, code_of(f), _PyInterpreterFrame_LASTI(f));
+    int32_t parent = i + 1 < n ? now.chains[i + 1] : -1;
+    now.chains[i] = frame < 0 ? parent : chain_child(st, parent, frame);
   }
-  auto& walk = st.walk;
-  walk.clear();
-  for (int i = 0; i < n && static_cast<int>(walk.size()) < depth; ++i) {
-    if (now.ids[i] >= 0) walk.push_back(now.ids[i]);
-  }
-  int32_t id = -1;
-  if (!walk.empty()) {
-    auto it = st.stack_ids.find(walk);
-    if (it != st.stack_ids.end()) {
-      id = it->second;
-    } else {
-      id = static_cast<int32_t>(st.stacks.size());
-      st.stack_ids.emplace(walk, id);
-      st.stacks.push_back(walk);
-    }
-  }
+  int32_t id = now.chains[0] < 0 ? -1 : chain_stack(st, now.chains[0], depth);
   now.n = n;
   now.stack = id;
   tl_previous = 1 - tl_previous;
@@ -442,7 +476,7 @@ void on_entry(const c10::cuda::CUDACachingAllocator::TraceEntry& e) {
 // a node that runs Python (a custom Function, compiled code) keeps its own frames.
 
 struct CpuState {
-  std::unordered_map<uint64_t, int64_t> alive;  // block addr -> size
+  ska::flat_hash_map<uint64_t, int64_t> alive;  // block addr -> size
   int64_t allocated = 0, peak = 0;
   int32_t last_stack = -1;  // the latest allocation's stack from a thread with Python frames
   int32_t last_backward = -1;  // the latest stack a backward allocation took from its node
@@ -733,6 +767,8 @@ void reset_locked(State& st, const std::string& skip_prefix) {
   st.frames.clear();
   st.stack_ids.clear();
   st.stacks.clear();
+  st.children.clear();
+  st.chains.clear();
   st.frames_reported = st.stacks_reported = 0;
   st.alive_stack.clear();
   std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
