@@ -106,7 +106,9 @@ def open_parts(session, opts, rank, make_backend) -> CaptureParts:
     )
     facts = backend.start()
     try:
-        writer = placement.open_writer(opts, where, backend.name, facts)
+        writer = placement.open_writer(
+            opts, where, backend.name, facts, large_event_batches=not backend.positions_need_drain
+        )
     except BaseException:
         backend.stop()
         raise

@@ -38,8 +38,11 @@ def place(options: CaptureOptions, rank: distributed.RankInfo | None) -> Placeme
     return Placement(run_id, rank.partition, {**rank.meta(), **extra_meta}, config)
 
 
-def open_writer(options: CaptureOptions, place: Placement, backend_name: str, facts: dict) -> TraceWriter:
-    """Make the run directory and its first meta.json; `facts` are the started backend's."""
+def open_writer(
+    options: CaptureOptions, place: Placement, backend_name: str, facts: dict, large_event_batches: bool = False
+) -> TraceWriter:
+    """Make the run directory and its first meta.json; `facts` are the started backend's;
+    `large_event_batches`: the backend drains on a timer, not at every step (TraceWriter)."""
     meta = dict(
         backend=backend_name,
         torch_version=torch.__version__,
@@ -59,4 +62,11 @@ def open_writer(options: CaptureOptions, place: Placement, backend_name: str, fa
     meta.setdefault("allocator_settings", None)
     meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     assert options.name is not None  # CaptureOptions fills in "run"
-    return TraceWriter(options.out, options.name, meta, run_id=place.run_id, subdir=place.subdir)
+    return TraceWriter(
+        options.out,
+        options.name,
+        meta,
+        run_id=place.run_id,
+        subdir=place.subdir,
+        large_event_batches=large_event_batches,
+    )

@@ -113,8 +113,16 @@ class TraceWriter:
     """Owns a run directory for the duration of one capture."""
 
     def __init__(
-        self, out_dir: str | os.PathLike, name: str, meta: dict, run_id: str | None = None, subdir: str | None = None
+        self,
+        out_dir: str | os.PathLike,
+        name: str,
+        meta: dict,
+        run_id: str | None = None,
+        subdir: str | None = None,
+        large_event_batches: bool = False,
     ):
+        """`large_event_batches`: events arrive tens of thousands at a time (a capture that
+        drains on a timer), and their journal compresses each batch on Arrow's threads."""
         self.run_id, self.run_dir = _new_run_dir(Path(out_dir), name, run_id, subdir)
         self.meta = dict(meta)
         self.meta.update(
@@ -132,6 +140,7 @@ class TraceWriter:
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
         self._journals: dict[str, JournalWriter] = {}
         self._abandoned = False  # abandon(): no more rows
+        self._parallel_journals = {"events"} if large_event_batches else set()
         self._published: set[str] = set()  # tables publish() wrote
         self.rows_written: dict[str, int] = dict.fromkeys(self._schemas, 0)  # journal rows, by table
         self.finalized = False
@@ -185,7 +194,9 @@ class TraceWriter:
     def _journal(self, table: str) -> JournalWriter:
         journal = self._journals.get(table)
         if journal is None:
-            journal = JournalWriter(self.run_dir / schema.journal_name(table), self._schemas[table])
+            journal = JournalWriter(
+                self.run_dir / schema.journal_name(table), self._schemas[table], table in self._parallel_journals
+            )
             self._journals[table] = journal
         return journal
 

@@ -38,10 +38,11 @@ def _events(batch: int, n: int) -> dict:
     }
 
 
-@pytest.fixture
-def journal(tmp_path):
-    """(path, bytes, batch ends): a killed run's events journal, its ends measured per flush."""
-    w = TraceWriter(tmp_path, "journal", base_meta())
+@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+def journal(tmp_path, request):
+    """(path, bytes, batch ends): a killed run's events journal, its ends measured per flush;
+    compressed on the calling thread or on Arrow's pool (large_event_batches)."""
+    w = TraceWriter(tmp_path, "journal", base_meta(), large_event_batches=request.param)
     path = w.run_dir / schema.journal_name("events")
     ends = []
     for b, n in enumerate(BATCH_ROWS):
@@ -75,6 +76,24 @@ def test_whole_journal_reads_back(journal):
     assert tbl.column("step").to_pylist() == [b for b, n in enumerate(BATCH_ROWS) for _ in range(n)]
     assert tbl.column("tag").null_count == sum(-(-n // 4) for n in BATCH_ROWS)
     assert [c.num_chunks for c in tbl.columns] == [1] * tbl.num_columns
+
+
+def test_only_the_events_journal_of_a_timer_drained_capture_compresses_on_threads(tmp_path, monkeypatch):
+    opened = {}
+    new_stream = journal_module.ipc.new_stream
+
+    def recording(sink, sch, options):
+        opened[sch.names[0]] = options.use_threads
+        return new_stream(sink, sch, options=options)
+
+    monkeypatch.setattr(journal_module.ipc, "new_stream", recording)
+    for large in (False, True):
+        opened.clear()
+        w = TraceWriter(tmp_path, f"large-{large}", base_meta(), large_event_batches=large)
+        w.append("events", _events(0, 4))
+        w.append("steps", {"step": [0], "ts_us": [1]})
+        w.flush()
+        assert opened == {RAW_EVENTS.names[0]: large, schema.JOURNALS["steps"].names[0]: False}
 
 
 def test_truncated_journal_keeps_every_whole_batch(journal):
