@@ -106,9 +106,10 @@ def open_parts(session, opts, rank, make_backend) -> CaptureParts:
     )
     facts = backend.start()
     try:
-        writer = placement.open_writer(
-            opts, where, backend.name, facts, large_event_batches=not backend.positions_need_drain
-        )
+        # A backend that drains on a timer hands over tens of thousands of events at a time,
+        # whose writing would stall the step that drains; one that drains every step keeps
+        # its journals written at each step's end (what a killed process leaves).
+        writer = placement.open_writer(opts, where, backend.name, facts, write_behind=not backend.positions_need_drain)
     except BaseException:
         backend.stop()
         raise

@@ -39,10 +39,10 @@ def place(options: CaptureOptions, rank: distributed.RankInfo | None) -> Placeme
 
 
 def open_writer(
-    options: CaptureOptions, place: Placement, backend_name: str, facts: dict, large_event_batches: bool = False
+    options: CaptureOptions, place: Placement, backend_name: str, facts: dict, write_behind: bool = False
 ) -> TraceWriter:
     """Make the run directory and its first meta.json; `facts` are the started backend's;
-    `large_event_batches`: the backend drains on a timer, not at every step (TraceWriter)."""
+    `write_behind`: the journals are written by a thread of the writer's own (TraceWriter)."""
     meta = dict(
         backend=backend_name,
         torch_version=torch.__version__,
@@ -63,10 +63,5 @@ def open_writer(
     meta["alloc_conf_env"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     assert options.name is not None  # CaptureOptions fills in "run"
     return TraceWriter(
-        options.out,
-        options.name,
-        meta,
-        run_id=place.run_id,
-        subdir=place.subdir,
-        large_event_batches=large_event_batches,
+        options.out, options.name, meta, run_id=place.run_id, subdir=place.subdir, write_behind=write_behind
     )

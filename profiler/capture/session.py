@@ -341,7 +341,7 @@ class Profiler:
         try:
             self._drain(with_segments=True)
             self._parts.append_segments(SnapshotKind.OOM.value)
-            self._parts.writer.flush(dict(self._live_meta(), oom=oom))
+            self._parts.writer.flush(dict(self._live_meta(), oom=oom), wait=True)  # the process may not outlive it
         except Exception as e:  # the user's OOM error matters more than ours
             oom["capture_error"] = repr(e)
 

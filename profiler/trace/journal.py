@@ -19,10 +19,8 @@ import pyarrow.ipc as ipc
 
 # lz4 frames: writing a 3000-event batch takes ~0.2 ms, zstd ~0.5 ms (for 7 rather than
 # 14 bytes an event; journals are deleted at finalize, so their size matters little).
-# Threads (Arrow's pool compresses a batch's buffers side by side) only for journals that
-# take large batches: a 48,000-event batch took 4.5 ms alone and 3.1 ms with threads on two
-# cores, a 3,000-event one 0.24 ms alone and 0.39 ms with them.
-_IPC_OPTIONS = {parallel: ipc.IpcWriteOptions(compression="lz4", use_threads=parallel) for parallel in (False, True)}
+# No threads: for batches this small, handing buffers to the pool costs more than it saves.
+_IPC_OPTIONS = ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 _JOURNAL_BUFFER = 1 << 20  # a flush reaches the OS in one write
 
 # What reading corrupt or torn IPC bytes can raise; any of them ends the readable prefix.
@@ -40,12 +38,11 @@ _TEAR_ERRORS = (
 
 
 class JournalWriter:
-    """Appends record batches of one schema to a new journal file; `parallel`: compress each
-    batch's buffers on Arrow's thread pool (for batches of tens of thousands of rows)."""
+    """Appends record batches of one schema to a new journal file."""
 
-    def __init__(self, path: str | os.PathLike, sch: pa.Schema, parallel: bool = False):
+    def __init__(self, path: str | os.PathLike, sch: pa.Schema):
         self._file = pa.BufferedOutputStream(pa.OSFile(str(path), "wb"), _JOURNAL_BUFFER)
-        self._stream = ipc.new_stream(self._file, sch, options=_IPC_OPTIONS[parallel])
+        self._stream = ipc.new_stream(self._file, sch, options=_IPC_OPTIONS)
 
     def write(self, batches: list[pa.RecordBatch]) -> None:
         """Append `batches` and pass them to the OS (no fsync: see profiler.trace.files)."""

@@ -38,16 +38,16 @@ def _events(batch: int, n: int) -> dict:
     }
 
 
-@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+@pytest.fixture(params=[False, True], ids=["here", "behind"])
 def journal(tmp_path, request):
     """(path, bytes, batch ends): a killed run's events journal, its ends measured per flush;
-    compressed on the calling thread or on Arrow's pool (large_event_batches)."""
-    w = TraceWriter(tmp_path, "journal", base_meta(), large_event_batches=request.param)
+    written by the flushing thread or by the writer's own (write_behind)."""
+    w = TraceWriter(tmp_path, "journal", base_meta(), write_behind=request.param)
     path = w.run_dir / schema.journal_name("events")
     ends = []
     for b, n in enumerate(BATCH_ROWS):
         w.append("events", _events(b, n))
-        w.flush({"steps_completed": b})
+        w.flush({"steps_completed": b}, wait=True)
         ends.append(path.stat().st_size)
     return path, path.read_bytes(), ends
 
@@ -76,24 +76,6 @@ def test_whole_journal_reads_back(journal):
     assert tbl.column("step").to_pylist() == [b for b, n in enumerate(BATCH_ROWS) for _ in range(n)]
     assert tbl.column("tag").null_count == sum(-(-n // 4) for n in BATCH_ROWS)
     assert [c.num_chunks for c in tbl.columns] == [1] * tbl.num_columns
-
-
-def test_only_the_events_journal_of_a_timer_drained_capture_compresses_on_threads(tmp_path, monkeypatch):
-    opened = {}
-    new_stream = journal_module.ipc.new_stream
-
-    def recording(sink, sch, options):
-        opened[sch.names[0]] = options.use_threads
-        return new_stream(sink, sch, options=options)
-
-    monkeypatch.setattr(journal_module.ipc, "new_stream", recording)
-    for large in (False, True):
-        opened.clear()
-        w = TraceWriter(tmp_path, f"large-{large}", base_meta(), large_event_batches=large)
-        w.append("events", _events(0, 4))
-        w.append("steps", {"step": [0], "ts_us": [1]})
-        w.flush()
-        assert opened == {RAW_EVENTS.names[0]: large, schema.JOURNALS["steps"].names[0]: False}
 
 
 def test_truncated_journal_keeps_every_whole_batch(journal):
@@ -244,3 +226,74 @@ def test_an_abandoned_writer_keeps_its_journals_as_they_are(tmp_path):
     w.flush()
     assert path.stat().st_size == size
     assert read_journal(path, RAW_EVENTS).num_rows == 5
+
+
+# -- write-behind -------------------------------------------------------------------------------
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Journal writes that wait for `gate` (a threading.Event) to open."""
+    import threading
+
+    gate = threading.Event()
+    write = journal_module.JournalWriter.write
+
+    def gated(self, batches):
+        assert gate.wait(30)
+        write(self, batches)
+
+    monkeypatch.setattr(journal_module.JournalWriter, "write", gated)
+    return gate
+
+
+def test_write_behind_flushes_return_before_the_write_and_keep_its_order(tmp_path, slow_writes):
+    w = TraceWriter(tmp_path, "behind", base_meta(), write_behind=True)
+    for b, n in enumerate(BATCH_ROWS[:3]):
+        w.append("events", _events(b, n))
+        w.flush()  # returns while the first write waits at the gate
+    path = w.run_dir / schema.journal_name("events")
+    assert not path.exists() or read_journal(path, RAW_EVENTS).num_rows == 0
+    slow_writes.set()
+    w.flush(wait=True)
+    tbl = read_journal(path, RAW_EVENTS)
+    assert tbl.column("step").to_pylist() == [b for b, n in enumerate(BATCH_ROWS[:3]) for _ in range(n)]
+    w.finalize("complete")
+    assert w.rows_written["events"] == sum(BATCH_ROWS[:3])
+
+
+def test_after_a_write_behind_error_nothing_more_is_written(tmp_path, monkeypatch):
+    import errno
+
+    w = TraceWriter(tmp_path, "behind-full", base_meta(), write_behind=True)
+    w.append("events", _events(0, 5))
+    w.flush(wait=True)
+    write = journal_module.JournalWriter.write
+
+    def full_disk(self, batches):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal_module.JournalWriter, "write", full_disk)
+    w.append("events", _events(1, 7))
+    with pytest.raises(OSError, match="No space left"):
+        w.flush(wait=True)
+    monkeypatch.setattr(journal_module.JournalWriter, "write", write)  # the disk has room again
+    # As a failed capture does (profiler.capture.failure.stop): flush, abandon, then finalize.
+    w.append("events", _events(2, 3))
+    w.flush()
+    w.abandon()
+    path = w.run_dir / schema.journal_name("events")
+    assert read_journal(path, RAW_EVENTS).num_rows == 5
+    w.finalize("capture_failed")  # no thread left to wait for: it neither hangs nor writes
+    assert w.finalized
+
+
+def test_finalize_raises_a_write_behind_error_left_unseen(tmp_path, monkeypatch):
+    w = TraceWriter(tmp_path, "behind-late", base_meta(), write_behind=True)
+
+    def broken(self, batches):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(journal_module.JournalWriter, "write", broken)
+    w.append("events", _events(0, 5))
+    w.flush()
+    with pytest.raises(OSError, match="went away"):
+        w.finalize("complete")
