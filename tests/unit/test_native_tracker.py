@@ -53,6 +53,26 @@ def test_columns_labels_and_devices(tracker):
     assert len(tracker.drain()["ts_us"]) == 0  # drained once
 
 
+def test_event_times_are_unix_microseconds_in_order(tracker):
+    """Events are stamped with clock ticks, turned into Unix microseconds at each drain: each
+    time lies between the system clock's readings around its event (1 ms of slack)."""
+    import time
+
+    tracker.start(0, False, 64)
+    drained = []
+    for batch in range(3):
+        bounds = []
+        for i in range(3):
+            before = time.time_ns() // 1000
+            tracker.record_for_test(ALLOC, 0, 1000 * batch + i, 512, 7)
+            bounds.append((before, time.time_ns() // 1000))
+            time.sleep(0.01)
+        ts = tracker.drain()["ts_us"].tolist()
+        assert all(lo - 1000 <= t <= hi + 1000 for t, (lo, hi) in zip(ts, bounds)), (ts, bounds)
+        drained += ts
+    assert drained == sorted(drained) and len(drained) == 9
+
+
 def test_drained_columns_stay_as_they_were_while_held(tracker):
     """A drain hands its buffers to numpy without a copy, and they are reused once those
     arrays are gone: arrays still held must keep their values through later drains, and a

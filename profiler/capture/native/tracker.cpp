@@ -26,6 +26,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/ApproximateClock.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <c10/util/flat_hash_map.h>
@@ -133,6 +134,13 @@ struct ChainNode {
   int32_t stack;  // the stack id of its innermost frames, once an allocation stood here (-1: not yet)
 };
 
+// Event times are ticks of c10's approximate clock (the TSC where there is one): the CUDA
+// allocator stamps each trace entry with one already, and on the CPU one costs less than
+// reading the system clock. A drain turns them into Unix microseconds (ticks_to_us).
+using ClockPair = c10::ApproximateClockToUnixTimeConverter::UnixAndApproximateTimePair;
+
+inline int64_t now_ticks() { return static_cast<int64_t>(c10::getApproximateTime()); }
+
 struct SeqSlot {
   int64_t seq = -1;
   int32_t stack = -1;
@@ -155,6 +163,7 @@ struct State {
   uint64_t generation = 0;     // bumped by start(): frame ids of earlier captures mean nothing now
   int64_t allocs = 0;
   std::string skip_prefix;     // frames of files under it are left out of stacks (empty: none)
+  ClockPair clock_start{};     // (Unix ns, ticks) when the capture started
 };
 
 State& state() {
@@ -176,10 +185,6 @@ std::vector<PyObject*> g_label_objs{nullptr};
 std::unordered_map<std::string, int32_t> g_label_ids{{"", 0}};
 std::unordered_map<PyObject*, int32_t> g_label_by_obj;
 
-int64_t now_us() {
-  using namespace std::chrono;
-  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
-}
 
 #if defined(VRAMSCOPE_FRAMES)
 // A str's text as UTF-8 without the GIL: read from its canonical buffer, never from
@@ -409,7 +414,7 @@ int32_t stack_for(State& st, int action, uint64_t addr, int64_t fwd_seq, int64_t
   return s;
 }
 
-void record(int action, int device, uint64_t addr, uint64_t size, int64_t stream) {
+void record(int action, int device, uint64_t addr, uint64_t size, int64_t stream, int64_t ticks) {
   if (!g_on.load(std::memory_order_acquire) || device != g_device.load(std::memory_order_relaxed) ||
       action == kSnapshotAction) {
     return;
@@ -420,7 +425,7 @@ void record(int action, int device, uint64_t addr, uint64_t size, int64_t stream
   std::lock_guard<std::mutex> lock(st.mu);
   int32_t stack = stack_for(st, action, addr, fwd_seq, bwd_seq);
   Columns& c = st.cols;
-  c.ts_us.push_back(now_us());
+  c.ts_us.push_back(ticks);
   c.action.push_back(static_cast<int8_t>(action));
   c.addr.push_back(static_cast<int64_t>(addr));
   c.size.push_back(static_cast<int64_t>(size));
@@ -442,10 +447,20 @@ int64_t stream_id(const S& s) {
   }
 }
 
+// The entry's own time, where torch's TraceEntry carries it as approximate-clock ticks.
+template <typename E>
+auto entry_ticks(const E& e, int) -> decltype(static_cast<int64_t>(e.time_.approx_t_)) {
+  return static_cast<int64_t>(e.time_.approx_t_);
+}
+template <typename E>
+int64_t entry_ticks(const E&, long) {
+  return now_ticks();
+}
+
 void on_entry(const c10::cuda::CUDACachingAllocator::TraceEntry& e) {
   try {
     record(static_cast<int>(e.action_), static_cast<int>(e.device_), static_cast<uint64_t>(e.addr_),
-           static_cast<uint64_t>(e.size_), stream_id(e.stream_));
+           static_cast<uint64_t>(e.size_), stream_id(e.stream_), entry_ticks(e, 0));
   } catch (...) {
     // Out of host memory for our buffers: the entry is lost, and the allocator's own
     // counters, compared at each drain, count it as dropped.
@@ -575,13 +590,13 @@ void record_cpu(void* ptr, int64_t delta) {
   CpuState& cs = cpu_state();
   if (delta < 0) {
     std::lock_guard<std::mutex> lock(st.mu);
-    cpu_free_locked(st, cs, addr, label, now_us());
+    cpu_free_locked(st, cs, addr, label, now_ticks());
     return;
   }
   int64_t fwd_seq = static_cast<int64_t>(at::sequence_number::peek());
   int64_t bwd_seq = node_seq();
   std::lock_guard<std::mutex> lock(st.mu);
-  int64_t ts = now_us();
+  int64_t ts = now_ticks();
   // Still alive here: its free was made where c10 did not report it (a thread without
   // our debug info). The address is free again now, so the block was freed before.
   cpu_free_locked(st, cs, addr, label, ts);
@@ -628,7 +643,7 @@ void free_on_any_thread(void* ptr) {
       int32_t label = python ? tl_label : g_main_label.load(std::memory_order_relaxed);
       State& st = state();
       std::lock_guard<std::mutex> lock(st.mu);
-      cpu_free_locked(st, cpu_state(), reinterpret_cast<uintptr_t>(ptr), label, now_us());
+      cpu_free_locked(st, cpu_state(), reinterpret_cast<uintptr_t>(ptr), label, now_ticks());
     } catch (...) {
     }
   }
@@ -774,6 +789,7 @@ void reset_locked(State& st, const std::string& skip_prefix) {
   std::fill(st.seq_ring.begin(), st.seq_ring.end(), SeqSlot{});
   st.allocs = 0;
   st.skip_prefix = skip_prefix;
+  st.clock_start = c10::ApproximateClockToUnixTimeConverter::measurePair();
   ++st.generation;
 }
 
@@ -838,21 +854,37 @@ py::list labels_from(size_t first) {
   return out;
 }
 
+// Ticks to Unix microseconds: at the tick rate measured from the capture's start to now
+// (the longer the span, the truer), counted from now's pair.
+void ticks_to_us(std::vector<int64_t>& ts, const ClockPair& start, const ClockPair& now) {
+  auto span = static_cast<double>(static_cast<int64_t>(static_cast<uint64_t>(now.approx_t_) -
+                                                       static_cast<uint64_t>(start.approx_t_)));
+  double ns_per_tick = span > 0 ? static_cast<double>(now.t_ - start.t_) / span : 1.0;
+  for (auto& t : ts) {
+    auto since = static_cast<int64_t>(static_cast<uint64_t>(t) - static_cast<uint64_t>(now.approx_t_));
+    t = (now.t_ + static_cast<int64_t>(static_cast<double>(since) * ns_per_tick)) / 1000;
+  }
+}
+
 py::dict drain() {
   State& st = state();
   Columns* taken = pooled_columns();
   std::vector<FrameText> new_frames;
   std::vector<std::vector<int32_t>> new_stacks;
   int64_t allocs;
+  ClockPair start, now;
   {
     std::lock_guard<std::mutex> lock(st.mu);
     std::swap(*taken, st.cols);
+    start = st.clock_start;
+    now = c10::ApproximateClockToUnixTimeConverter::measurePair();  // after every event taken
     new_frames.assign(st.frames.begin() + static_cast<std::ptrdiff_t>(st.frames_reported), st.frames.end());
     new_stacks.assign(st.stacks.begin() + static_cast<std::ptrdiff_t>(st.stacks_reported), st.stacks.end());
     st.frames_reported = st.frames.size();
     st.stacks_reported = st.stacks.size();
     allocs = st.allocs;
   }
+  ticks_to_us(taken->ts_us, start, now);
   g_last_drain_events = taken->ts_us.size();
   py::capsule owner(taken, give_back);
   Columns& cols = *taken;
@@ -944,7 +976,7 @@ bool adopt(const at::Tensor& t) {
     cs.alive[addr] = size;
     cs.allocated += size;
     cs.peak = std::max(cs.peak, cs.allocated);
-    append_locked(st, kAllocAction, addr, size, 0, stack, -1, -1, now_us());
+    append_locked(st, kAllocAction, addr, size, 0, stack, -1, -1, now_ticks());
   }
   tl_adopting = true;  // c10 reports it to us: already recorded
   c10::profiledCPUMemoryReporter().New(ptr, static_cast<size_t>(size));
@@ -963,7 +995,7 @@ void cpu_off_in_child() { g_cpu_on.store(false, std::memory_order_relaxed); }
 
 void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64_t stream) {
   py::gil_scoped_release release;  // as the allocator calls us: inside an op, GIL released
-  record(action, device, addr, size, stream);
+  record(action, device, addr, size, stream, now_ticks());
 }
 
 }  // namespace
