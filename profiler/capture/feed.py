@@ -32,10 +32,14 @@ class DrainPacing:
     The first step end always drains. Its events hold most of the stacks the capture will
     ever see, and naming new stacks is the dearest part of a drain (a compiled model's
     first timer drain took 2.4x a step); the first step already pays the capture's start.
-    That drain teaches nothing about later ones.
+    That drain teaches nothing about later ones, nor sets the wait before the next. The
+    PROBE_STEPS-th step end after it drains too, MIN_GAP_S after it at least: a small drain
+    that measures what one costs per step, before the timer's first drain takes half a
+    second of a decode loop's events (4-5x a token, seen on the CPU).
     """
 
-    SHARE = 0.75
+    SHARE = 0.5
+    PROBE_STEPS = 2
     MIN_GAP_S = 0.02
     DUTY = 10
     _WEIGHT = 0.2  # of the newest measurement, in both running means
@@ -61,19 +65,22 @@ class DrainPacing:
 
     def drained(self, seconds: float) -> None:
         """A drain took `seconds`; it covered the steps that ended since the last one."""
-        if self.steps and self._ends > 1:
+        first = self._ends <= 1
+        if self.steps and not first:
             self._drain_s_per_step = _running_mean(self._drain_s_per_step, seconds / self.steps, self._WEIGHT)
         self.steps = 0
         self._drained_in_step = True
-        self._last_drain, self._last_drain_s = self._clock(), seconds
+        self._last_drain, self._last_drain_s = self._clock(), 0.0 if first else seconds
 
     def due(self) -> bool:
         """Whether the steps not drained yet would cost SHARE of a step to drain."""
         if self._ends == 1 and self.steps == 1:
             return True
-        if self._step_s is None or self._drain_s_per_step is None:
-            return False
         if self._clock() - self._last_drain < max(self.MIN_GAP_S, self.DUTY * self._last_drain_s):
+            return False
+        if self._drain_s_per_step is None:  # the probe
+            return self._ends > 1 and self.steps >= self.PROBE_STEPS
+        if self._step_s is None:
             return False
         return self.steps * self._drain_s_per_step >= self.SHARE * self._step_s
 

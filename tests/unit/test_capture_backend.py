@@ -178,7 +178,8 @@ def test_a_due_drain_runs_as_the_optimizer_starts_where_markers_give_steps(tmp_p
 def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
     """A decode loop's tokens are short and make many events: drained on the timer alone,
     one token would drain half a second of them. Paced, a drain covers as many steps as
-    cost SHARE of a usual step to drain, judged from the drains before."""
+    cost SHARE of a usual step to drain, judged from the drains before; the first of
+    those is a probe, PROBE_STEPS step ends after the first drain."""
     from profiler.capture.feed import DrainPacing
 
     clock = [0.0]
@@ -186,12 +187,15 @@ def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
     clock[0] += 0.020
     pacing.step_ended()
     assert pacing.due()  # the first step's new stacks
-    pacing.drained(0.050)  # naming them: no measure of later drains
-    for _ in range(25):  # 20 ms steps; no drain measured yet: the timer decides
-        clock[0] += 0.020
-        pacing.step_ended()
-        assert not pacing.due()
-    pacing.drained(0.030)  # the timer's drain: 25 steps for 30 ms, 1.2 ms a step
+    pacing.drained(0.050)  # naming them: no measure of later drains, nor a wait after it
+    clock[0] += 0.020
+    pacing.step_ended()
+    assert not pacing.due()
+    clock[0] += 0.020
+    pacing.step_ended()
+    assert pacing.due() and pacing.steps == 2  # the probe: 2 steps for 2.4 ms, 1.2 ms a step
+    pacing.drained(0.0024)
+    clock[0] += 0.0024
     ends = []
     for i in range(80):
         clock[0] += 0.020
@@ -201,9 +205,8 @@ def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
             covered = pacing.steps
             pacing.drained(covered * 0.0012)
             clock[0] += covered * 0.0012  # the drain is in the next step's time, which is not counted
-    # 0.75 x 20 ms of drain at 1.2 ms a step: every 13th step drains, 15.6 ms each; the
-    # first waits until 10x the timer's 30 ms drain have passed.
-    assert ends == [14, 27, 40, 53, 66, 79]
+    # 0.5 x 20 ms of drain at 1.2 ms a step: every 9th step drains, 10.8 ms each.
+    assert ends == [8, 17, 26, 35, 44, 53, 62, 71]
 
 
 def test_drain_pacing_drains_short_steps_no_more_often_than_its_gap():
@@ -234,14 +237,16 @@ def test_drain_pacing_waits_for_what_it_needs_to_know():
     pacing.step_ended()
     assert pacing.due()  # the first step end
     pacing.drained(0.5)  # which teaches nothing
-    for _ in range(10):
-        pacing.step_ended()
-        assert not pacing.due()  # no drain measured yet: the timer decides
+    pacing.step_ended()
+    assert not pacing.due()  # no drain measured yet, and one step: too few to probe
+    pacing.step_ended()
+    assert pacing.due()  # the probe
 
 
 def test_drain_pacing_leaves_a_drain_of_fixed_cost_to_the_timer():
     """torch's history (the python path) snapshots every live block at each drain: a drain
-    costs about the same however few steps it covers. Pacing must not drain every step."""
+    costs about the same however few steps it covers. Pacing must not drain every step:
+    after the probe, the timer drains."""
     from profiler.capture.feed import DrainPacing
 
     clock = [0.0]
@@ -256,4 +261,4 @@ def test_drain_pacing_leaves_a_drain_of_fixed_cost_to_the_timer():
             paced += pacing.due()
             pacing.drained(0.100)
             clock[0] += 0.100
-    assert paced == 0
+    assert paced == 1  # the probe
