@@ -24,6 +24,8 @@ import torch
 
 from profiler.capture.cuda import CudaBackend, _all
 from profiler.capture.frames import StackInterner, own_frame
+from profiler.trace.finalize.markers import PREFIX as MARKER_PREFIX
+from profiler.trace.finalize.markers import parse_marker
 
 if TYPE_CHECKING:
     from profiler.capture.compiled import CompiledTags
@@ -64,6 +66,8 @@ class NativeColumns:
         self.set_tag = tracker.set_tag  # type: ignore[method-assign]  # no Python layer per call
         self.get_tag = tracker.get_tag  # type: ignore[method-assign]
         self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
+        # label id -> the step of the marker it is, -1 for no marker, -2 for one that names no step
+        self._marker_step = np.zeros(0, dtype=np.int64)
         self._frame_of: list[int] = []  # tracker frame id -> interner frame id
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
@@ -81,8 +85,12 @@ class NativeColumns:
         if not n:
             return None
         self.events_seen += n
-        self._labels.extend(self.tracker.labels_from(len(self._labels)))
+        new_labels = self.tracker.labels_from(len(self._labels))
+        self._labels.extend(new_labels)
+        if new_labels:
+            self._marker_step = np.concatenate([self._marker_step, _marker_steps(new_labels)])
         stack_ids = self._interned_stacks(got["stack"])
+        action = got["action"]
         return {
             "ts_us": got["ts_us"],
             "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
@@ -92,6 +100,13 @@ class NativeColumns:
             "step": np.full(n, step, dtype=np.int32),
             "tag": self._tag_column(got["label"], stack_ids),
             "stack_id": pa.array(stack_ids.astype(np.int32), mask=stack_ids < 0) if self.stacks else None,
+            # What hook sampling reads (profiler/capture/sampling.py), as arrays: no column of
+            # the writer's, whose Arrow columns it would otherwise decode again.
+            "sites": dict(
+                code=np.where(action < 3, action, -1).astype(np.int8),  # alloc, free_requested, free_completed
+                stack=stack_ids,
+                marker_step=self._marker_step[got["label"]],
+            ),
         }
 
     def _take_stacks(self, frames: list, stacks: list) -> None:
@@ -133,6 +148,15 @@ class NativeColumns:
             used, codes = np.unique(key, return_inverse=True)
             words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
         return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+
+
+def _marker_steps(labels: list[str]) -> np.ndarray:
+    """Each label's marker step: the step it names, -1 if it is no marker, -2 if it names none."""
+    steps = []
+    for label in labels:
+        parsed = parse_marker(label)
+        steps.append(parsed[1] if parsed is not None else -2 if label.startswith(MARKER_PREFIX) else -1)
+    return np.array(steps, dtype=np.int64)
 
 
 class NativeCudaBackend(NativeColumns, CudaBackend):

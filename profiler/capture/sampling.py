@@ -80,18 +80,28 @@ class HookSampling:
             self._failed = True
 
     def observe(self, cols: dict | None) -> None:
-        """Events just drained (writer columns): add them to their steps' site sequences."""
+        """Events just drained (writer columns): add them to their steps' site sequences.
+
+        A native backend's columns carry `sites`, the same facts as arrays (code: 0 alloc,
+        1 free_requested, 2 free_completed, -1 other; stack: stack id or -1; marker_step:
+        the step a marker's tag names, -1 for no marker, -2 for a marker naming none)."""
         if self.hooked_steps is None or self._failed or not cols:
             return
         try:
-            n = len(cols["action"])
+            sites = cols.get("sites")
+            if sites is not None:
+                cols = dict(sites, step=cols["step"])
+                judge, keys = self._observe_sites, ("code", "stack", "marker_step", "step")
+            else:
+                judge, keys = self._observe, _OBSERVED
+            n = len(cols["step"])
             if n <= OBSERVE_SLICE:  # a step's drain on CPU: no slices to copy
-                self._observe(cols)
+                judge(cols)
                 return
             # In slices: whole-drain temporaries (a drain can hold 100,000 events) are fresh
             # memory each time, a page fault per 4 KiB; a slice's are reused.
             for start in range(0, n, OBSERVE_SLICE):
-                self._observe({k: cols[k][start : start + OBSERVE_SLICE] for k in _OBSERVED if k in cols})
+                judge({k: cols[k][start : start + OBSERVE_SLICE] for k in keys if k in cols})
         except Exception:  # noqa: BLE001 - see _failed
             self._failed = True
 
@@ -120,6 +130,20 @@ class HookSampling:
         else:
             step, is_marker = self._marker_steps(cols["tag"], n)
             code[is_marker] = -1
+        self._add_sites(step, stack, code)
+
+    def _observe_sites(self, sites: dict) -> None:
+        code = sites["code"].astype(np.int64)
+        if self._steps_exact:
+            step = np.asarray(sites["step"], dtype=np.int64)
+        else:
+            marked = sites["marker_step"]
+            step = self._forward_fill(marked)
+            code[marked != -1] = -1
+        self._add_sites(step, sites["stack"].astype(np.int64), code)
+
+    def _add_sites(self, step: np.ndarray, stack: np.ndarray, code: np.ndarray) -> None:
+        """Add each block event's site ((stack + 1) * 3 + code; code -1: not one) to its step's digest."""
         keys = (stack + 1) * 3 + code
         block = code >= 0
         step, keys = step[block], keys[block]
@@ -138,14 +162,18 @@ class HookSampling:
         marked = np.array([parsed[1] if parsed is not None else -1 for parsed in map(parse_marker, words)] + [-1])
         is_marker = np.array([isinstance(w, str) and w.startswith(MARKER_PREFIX) for w in words] + [False])[index]
         marked = marked[index]
+        return self._forward_fill(np.where(is_marker, marked, -1)), is_marker
+
+    def _forward_fill(self, marked: np.ndarray) -> np.ndarray:
+        """Each event's step: that of the last marker (marked >= 0) before it, or of the drain before."""
         # Each marker of a step sets the step from its event on: forward-fill, in O(n).
-        at = np.flatnonzero(is_marker & (marked >= 0))
+        at = np.flatnonzero(marked >= 0)
         values = np.r_[self._step, marked[at]].astype(np.int64)
-        starts = np.zeros(n, np.int64)
+        starts = np.zeros(len(marked), np.int64)
         starts[at] = 1
         step = values[np.cumsum(starts)]
         self._step = int(values[-1])
-        return step, is_marker
+        return step
 
     def _complete(self, through: int) -> None:
         """Judge every step up to `through`: an unhooked one with sites not seen before hooks the next step."""

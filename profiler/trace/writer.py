@@ -337,8 +337,9 @@ def available_memory_bytes() -> int | None:
 
 
 def _record_batch(sch: pa.Schema, columns: dict) -> pa.RecordBatch | None:
-    """A batch of `columns` ({column: sequence}; a missing column is nulls), None if no rows."""
-    n = next((len(v) for v in columns.values() if v is not None), 0)
+    """A batch of `columns` ({column: sequence}; a missing column is nulls, keys that are no
+    column are left out), None if no rows."""
+    n = next((len(columns[f.name]) for f in sch if columns.get(f.name) is not None), 0)
     if not n:
         return None
     arrays = []

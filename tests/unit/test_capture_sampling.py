@@ -83,7 +83,29 @@ def _as_native_drain(cols: dict) -> dict:
     )
 
 
-@pytest.mark.parametrize("columns", ["lists", "arrow"])
+def _with_sites(cols: dict) -> dict:
+    """The native backends' drain: Arrow columns, and `sites` as arrays for the sampling."""
+    import numpy as np
+
+    from profiler.trace.finalize.markers import PREFIX, parse_marker
+
+    codes = {"alloc": 0, "free_requested": 1, "free_completed": 2}
+    marker_steps = [
+        parsed[1] if (parsed := parse_marker(t)) is not None else -2 if t.startswith(PREFIX) else -1
+        for t in cols["tag"]
+    ]
+    sites = dict(
+        code=np.array([codes.get(a, -1) for a in cols["action"]], np.int8),
+        stack=np.array([-1 if s is None else s for s in cols["stack_id"]], np.int32),
+        marker_step=np.array(marker_steps, np.int64),
+    )
+    return dict(_as_native_drain(cols), sites=sites)
+
+
+_DRAINED = {"lists": lambda cols: cols, "arrow": _as_native_drain, "sites": _with_sites}
+
+
+@pytest.mark.parametrize("columns", sorted(_DRAINED))
 def test_steps_from_markers_are_judged_once_their_successor_is_drained(columns):
     """CUDA: events carry the drain's step; each step begins at a marker tagged with it. The
     python path drains lists, the native path Arrow arrays: both are read the same way."""
@@ -98,13 +120,13 @@ def test_steps_from_markers_are_judged_once_their_successor_is_drained(columns):
     sites = SITES + marker + SITES + [("alloc", 9)] + marker + SITES[:1]
     tags = [""] * 4 + [marker_tag(1, 1)] * 2 + [""] * 5 + [marker_tag(2, 2)] * 2 + [""]
     cols = _cols(2, sites, tags)
-    sampling.observe(cols if columns == "lists" else _as_native_drain(cols))
+    sampling.observe(_DRAINED[columns](cols))
     sampling.step_ended(2, False, None)
     assert not sampling._failed
     assert sampling.hooks(3)
 
 
-@pytest.mark.parametrize("columns", ["lists", "arrow"])
+@pytest.mark.parametrize("columns", sorted(_DRAINED))
 def test_a_drain_judged_in_slices_is_judged_as_a_whole(columns, monkeypatch):
     """A big drain is read in slices (its temporaries stay small): a step's sites that a
     slice boundary cuts, and markers at a slice's edge, give the same decisions."""
@@ -117,13 +139,13 @@ def test_a_drain_judged_in_slices_is_judged_as_a_whole(columns, monkeypatch):
         sites += kind + marker
         tags += [""] * len(kind) + [marker_tag(step + 1, step + 1)] * 2
 
-    def decisions(slice_size):
+    def decisions(slice_size, drained=columns):
         monkeypatch.setattr(sampling_module, "OBSERVE_SLICE", slice_size)
         sampling = HookSampling(CaptureOptions(hooked_steps=(1, 0)), steps_exact=False)
         for step in range(8):  # the steps end, unhooked but the first, before one drain takes them
             sampling.step_ended(step, step == 0, None)
         cols = _cols(0, sites, tags)
-        sampling.observe(cols if columns == "lists" else _as_native_drain(cols))
+        sampling.observe(_DRAINED[drained](cols))
         assert not sampling._failed
         return sampling.hooks(9), sorted(sampling._seen), sampling._complete_through
 
@@ -131,6 +153,7 @@ def test_a_drain_judged_in_slices_is_judged_as_a_whole(columns, monkeypatch):
     assert whole[0] and len(whole[1]) == 2  # two kinds of step, one new and unhooked: a hook
     for size in (1, 3, 7):
         assert decisions(size) == whole
+    assert whole == decisions(10_000, "lists")  # the same site sequences, however they were drained
 
 
 def test_a_bug_turns_adaptive_hooking_off_and_never_raises():
