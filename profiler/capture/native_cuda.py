@@ -66,8 +66,9 @@ class NativeColumns:
         self.set_tag = tracker.set_tag  # type: ignore[method-assign]  # no Python layer per call
         self.get_tag = tracker.get_tag  # type: ignore[method-assign]
         self._labels: list[str] = []  # label id -> tag text, as the tracker numbers them
-        # label id -> the step of the marker it is, -1 for no marker, -2 for one that names no step
-        self._marker_step = np.zeros(0, dtype=np.int64)
+        # label id -> the step of the marker it is, -1 for no marker, -2 for one that names no
+        # step; its first len(self._labels) entries (a label a step: grown by doubling)
+        self._marker_step = np.zeros(64, dtype=np.int64)
         self._frame_of: list[int] = []  # tracker frame id -> interner frame id
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
@@ -85,10 +86,14 @@ class NativeColumns:
         if not n:
             return None
         self.events_seen += n
-        new_labels = self.tracker.labels_from(len(self._labels))
+        known = len(self._labels)
+        new_labels = self.tracker.labels_from(known)
         self._labels.extend(new_labels)
-        if new_labels:
-            self._marker_step = np.concatenate([self._marker_step, _marker_steps(new_labels)])
+        if len(self._labels) > len(self._marker_step):
+            grown = np.empty(max(2 * len(self._marker_step), len(self._labels)), dtype=np.int64)
+            grown[:known] = self._marker_step[:known]
+            self._marker_step = grown
+        self._marker_step[known : len(self._labels)] = _marker_steps(new_labels)
         stack_ids = self._interned_stacks(got["stack"])
         action = got["action"]
         return {

@@ -263,6 +263,29 @@ def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
     backend.stop()
 
 
+def test_native_drains_name_each_events_marker_step_for_the_sampling(tracker, monkeypatch):
+    """Markers make a label a step: across many drains (the table of labels grows), each
+    event's marker step is the step its marker's tag names, -1 off markers."""
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.finalize.markers import marker_tag
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    for step in range(150):
+        backend.set_tag(marker_tag(step, step))
+        tracker.record_for_test(ALLOC, 0, 100, 512, 7)
+        backend.set_tag(f"forward|layer{step % 3}|")
+        tracker.record_for_test(ALLOC, 0, 200 + step, 512, 7)
+        if step % 7 == 6 or step == 149:
+            cols = backend.drain(step=step)
+            marked = cols["sites"]["marker_step"].tolist()
+            assert marked[::2] == list(range(step - len(marked) // 2 + 1, step + 1))
+            assert marked[1::2] == [-1] * (len(marked) // 2)
+            assert cols["sites"]["code"].tolist() == [0] * len(marked)
+    backend.stop()
+
+
 def test_vramscope_frames_are_left_out_of_native_stacks(tracker, monkeypatch):
     """A hooked step's allocations pass through the module-hook wrapper: their stacks must
     equal the unhooked step's, as on the other paths, or every step after a hooked one
