@@ -44,6 +44,17 @@ ACTIONS = (
 )
 _ACTIONS = pa.array(ACTIONS, pa.string())
 _MAX_DEPTH = 64  # innermost Python frames kept per stack
+# The tracker's device_counters, in its order (the first eight; the ninth is allocations made).
+_COUNTER_NAMES = (
+    "allocated_bytes",
+    "reserved_bytes",
+    "active_bytes",
+    "inactive_split_bytes",
+    "max_allocated_bytes",
+    "max_reserved_bytes",
+    "num_alloc_retries",
+    "num_ooms",
+)
 
 
 class NativeColumns:
@@ -173,6 +184,7 @@ class NativeCudaBackend(NativeColumns, CudaBackend):
         super().__init__(device=device, stacks=stacks, max_entries=max_entries)
         self._take_tracker(tracker)
         self._last_segments: list = []
+        self._counters = getattr(tracker, "device_counters", None)  # absent where built without CUDA
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> dict:
@@ -204,13 +216,23 @@ class NativeCudaBackend(NativeColumns, CudaBackend):
     def pause_stacks(self, paused: bool) -> None:
         pass  # reading frames never takes the GIL, and autograd's thread has none to read
 
+    def stats_row(self) -> dict:
+        """CudaBackend's row from the tracker's direct read of the same counters."""
+        if self._counters is None:
+            return super().stats_row()
+        c = self._counters(self.index)
+        return dict(zip(_COUNTER_NAMES, c[:8]))
+
     # -- draining -------------------------------------------------------------------
     def drain(self, step: int, with_segments: bool = False) -> dict | None:
         if with_segments:
             self._last_segments = torch._C._cuda_memorySnapshot(None)["segments"]
         got = self.tracker.drain()
-        stats = torch._C._cuda_memoryStats(self.index)
-        expected = _all(stats, "allocation", "allocated") - self._allocs_at_start
+        if self._counters is not None:
+            made = int(self._counters(self.index)[8])
+        else:
+            made = _all(torch._C._cuda_memoryStats(self.index), "allocation", "allocated")
+        expected = made - self._allocs_at_start
         self.dropped = max(self.dropped, expected - int(got["allocs"]))
         return self._columns(got, step)
 

@@ -366,6 +366,35 @@ def test_full_ring_is_counted_not_silent(tmp_path):
     assert kept["native"]["events_kept"] > 500 and kept["native"]["replay_peak"] == kept["native"]["torch_peak"]
 
 
+def test_native_step_counters_are_the_allocators_and_event_times_unix_microseconds():
+    """A step row's counters, read by the tracker, equal torch's memory_stats at the same point;
+    event times (the allocator's clock ticks, turned at the drain) fall inside the wall-clock
+    readings around them."""
+    import time
+
+    from profiler.capture.cuda import CudaBackend
+    from profiler.capture.native_cuda import make_native_backend
+
+    backend, error = make_native_backend(stacks=True)
+    if backend is None:
+        pytest.skip(f"the native tracker does not build here: {error}")
+    backend.start()
+    try:
+        before = time.time_ns() // 1000
+        kept = [torch.empty(1 << 20, device="cuda") for _ in range(4)]
+        del kept[1]
+        after = time.time_ns() // 1000
+        native, torch_row = backend.stats_row(), CudaBackend.stats_row(backend)
+        cols = backend.drain(step=0)
+    finally:
+        backend.stop()
+    _save("native_counters", dict(native=native, torch=torch_row, ts_us=[before, after]))
+    assert native == torch_row
+    ts = cols["ts_us"].tolist()
+    assert len(ts) >= 6 and all(before - 1000 <= t <= after + 1000 for t in ts) and ts == sorted(ts)
+    assert backend.dropped == 0
+
+
 # -- torch.compile: layer names from inductor's generated code -------------------------
 
 

@@ -457,6 +457,18 @@ int64_t entry_ticks(const E&, long) {
   return now_ticks();
 }
 
+// The allocator's counters that a step row keeps, read without building torch's dict of
+// every statistic (torch._C._cuda_memoryStats: about 24 us a call): allocated, reserved,
+// active and inactive-split bytes now, allocated and reserved peaks, alloc retries, OOMs,
+// and allocations made, all for the aggregate pool.
+py::tuple device_counters(int device) {
+  auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  constexpr size_t all = 0;  // StatType::AGGREGATE
+  return py::make_tuple(s.allocated_bytes[all].current, s.reserved_bytes[all].current, s.active_bytes[all].current,
+                        s.inactive_split_bytes[all].current, s.allocated_bytes[all].peak, s.reserved_bytes[all].peak,
+                        s.num_alloc_retries, s.num_ooms, s.allocation[all].allocated);
+}
+
 void on_entry(const c10::cuda::CUDACachingAllocator::TraceEntry& e) {
   try {
     record(static_cast<int>(e.action_), static_cast<int>(e.device_), static_cast<uint64_t>(e.addr_),
@@ -1002,6 +1014,9 @@ void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attach", &attach, "attach the tracker to the CUDA caching allocator (once per process)");
+#ifndef VRAMSCOPE_NO_CUDA
+  m.def("device_counters", &device_counters, "the CUDA allocator's counters a step row keeps (a tuple)");
+#endif
   m.def("start", &start, py::arg("device"), py::arg("stacks"), py::arg("max_depth"), py::arg("skip_prefix") = "");
   m.def("stop", &stop);
   m.def("set_stacks", &set_stacks);
