@@ -132,15 +132,15 @@ class HookSampling:
             code[is_marker] = -1
         self._add_sites(step, stack, code)
 
-    def _observe_sites(self, sites: dict) -> None:
-        code = sites["code"].astype(np.int64)
+    def _observe_sites(self, cols: dict) -> None:
+        code = cols["code"].astype(np.int64)
         if self._steps_exact:
-            step = np.asarray(sites["step"], dtype=np.int64)
+            step = np.asarray(cols["step"], dtype=np.int64)
         else:
-            marked = sites["marker_step"]
+            marked = cols["marker_step"]
             step = self._forward_fill(marked)
             code[marked != -1] = -1
-        self._add_sites(step, sites["stack"].astype(np.int64), code)
+        self._add_sites(step, cols["stack"].astype(np.int64), code)
 
     def _add_sites(self, step: np.ndarray, stack: np.ndarray, code: np.ndarray) -> None:
         """Add each block event's site ((stack + 1) * 3 + code; code -1: not one) to its step's digest."""
