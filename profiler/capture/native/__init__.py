@@ -98,6 +98,8 @@ def _command(cuda: bool, frames: bool, name: str, out: Path) -> list[str]:
         cmd.append("-DVRAMSCOPE_FRAMES")
     if not cuda:
         cmd.append("-DVRAMSCOPE_NO_CUDA")
+    if os.environ.get("VRAMSCOPE_TIME_PARTS") == "1":  # bench/tracker_costs.py's timed build
+        cmd.append("-DVRAMSCOPE_TIME_PARTS")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     if cuda:
         cuda_dirs = cuda_include_dirs()

@@ -178,6 +178,35 @@ std::atomic<int> g_max_depth{64};
 std::atomic<bool> g_attached{false};
 thread_local int32_t tl_label = 0;
 
+// Where the tracker's own time goes, part by part, on the calling thread. Built in only with
+// VRAMSCOPE_TIME_PARTS (bench/tracker_costs.py): each timed part adds two clock reads.
+#if defined(VRAMSCOPE_TIME_PARTS)
+enum Part { kPartEvent, kPartStack, kPartFree, kParts };
+struct PartClock {
+  int64_t ns[kParts] = {};
+  int64_t calls[kParts] = {};
+  int64_t frames_read = 0, frames_looked_up = 0, walks_reused = 0;
+};
+thread_local PartClock tl_parts;
+inline int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+struct TimedPart {
+  Part part;
+  int64_t t0 = steady_ns();
+  ~TimedPart() {
+    tl_parts.ns[part] += steady_ns() - t0;
+    ++tl_parts.calls[part];
+  }
+};
+#define VRAMSCOPE_TIME(part) TimedPart timed_##part{part}
+#define VRAMSCOPE_COUNT(field, n) (tl_parts.field += (n))
+#else
+#define VRAMSCOPE_TIME(part)
+#define VRAMSCOPE_COUNT(field, n)
+#endif
+
 // Labels: id -> text and the first str object seen for it (held, and handed back by
 // get_tag so that set_tag(get_tag()) finds it by pointer). Touched under the GIL only.
 std::vector<std::string> g_labels{""};
@@ -341,6 +370,7 @@ int32_t chain_stack(State& st, int32_t chain, int depth) {
 
 // The allocating thread's Python stack as a stack id, innermost frame first (-1: none).
 int32_t python_stack(State& st) {
+  VRAMSCOPE_TIME(kPartStack);
   PyThreadState* ts = PyGILState_GetThisThreadState();
   if (ts == nullptr) return -1;
   int depth = g_max_depth.load(std::memory_order_relaxed);
@@ -364,7 +394,12 @@ int32_t python_stack(State& st) {
     now.chains[n - 1 - same] = last.chains[m - 1 - same];
     ++same;
   }
-  if (same == n && n == m) return last.stack;
+  VRAMSCOPE_COUNT(frames_read, n);
+  VRAMSCOPE_COUNT(frames_looked_up, n - same);
+  if (same == n && n == m) {
+    VRAMSCOPE_COUNT(walks_reused, 1);
+    return last.stack;
+  }
   for (int i = n - 1 - same; i >= 0; --i) {
     auto* f = static_cast<_PyInterpreterFrame*>(const_cast<void*>(now.spots[i].frame));
     // An incomplete frame, or one of the capture's own files (frame id -1), adds nothing.
@@ -394,6 +429,7 @@ int64_t current_node_seq() {
 // The stack of an event: a fresh walk for allocations, the allocation's for frees.
 int32_t stack_for(State& st, int action, uint64_t addr, int64_t fwd_seq, int64_t bwd_seq) {
   if (action == kFreeRequested || action == kFreeCompleted) {
+    VRAMSCOPE_TIME(kPartFree);
     auto it = st.alive_stack.find(addr);
     if (it == st.alive_stack.end()) return -1;
     int32_t s = it->second;
@@ -419,6 +455,7 @@ void record(int action, int device, uint64_t addr, uint64_t size, int64_t stream
       action == kSnapshotAction) {
     return;
   }
+  VRAMSCOPE_TIME(kPartEvent);
   int64_t fwd_seq = static_cast<int64_t>(at::sequence_number::peek());
   int64_t bwd_seq = current_node_seq();
   State& st = state();
@@ -595,6 +632,7 @@ int32_t cpu_stack(State& st, CpuState& cs, int64_t fwd_seq, int64_t bwd_seq, boo
 
 void record_cpu(void* ptr, int64_t delta) {
   if (!g_cpu_on.load(std::memory_order_acquire) || tl_adopting || delta == 0) return;
+  VRAMSCOPE_TIME(kPartEvent);
   uint64_t addr = reinterpret_cast<uintptr_t>(ptr);
   bool python = PyGILState_GetThisThreadState() != nullptr;
   int32_t label = python ? tl_label : g_main_label.load(std::memory_order_relaxed);
@@ -1010,6 +1048,28 @@ void record_for_test(int action, int device, uint64_t addr, uint64_t size, int64
   record(action, device, addr, size, stream, now_ticks());
 }
 
+#if defined(VRAMSCOPE_TIME_PARTS)
+// The calling thread's part clocks since the last call (then zeroed), and what one clock read costs.
+py::dict part_times() {
+  PartClock p = tl_parts;
+  tl_parts = PartClock();
+  int64_t t0 = steady_ns(), sink = 0;
+  constexpr int kReads = 100000;
+  for (int i = 0; i < kReads; ++i) sink ^= steady_ns();
+  py::dict d;
+  d["clock_read_ns"] = static_cast<double>(steady_ns() - t0) / kReads + static_cast<double>(sink & 0);
+  const char* names[kParts] = {"event", "stack", "free"};
+  for (int i = 0; i < kParts; ++i) {
+    d[py::str(std::string(names[i]) + "_ns")] = p.ns[i];
+    d[py::str(std::string(names[i]) + "_calls")] = p.calls[i];
+  }
+  d["frames_read"] = p.frames_read;
+  d["frames_looked_up"] = p.frames_looked_up;
+  d["walks_reused"] = p.walks_reused;
+  return d;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1030,6 +1090,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adopt", &adopt, "record a tensor's block that pre-dates the CPU capture");
   m.def("cpu_counters", &cpu_counters, "(allocated, peak) bytes: the replay of the CPU events");
   m.attr("reads_frames") = kFrames;
+#if defined(VRAMSCOPE_TIME_PARTS)
+  m.def("part_times", &part_times, "the calling thread's time per tracker part since the last call");
+#endif
   m.attr("has_cpu") = true;
   // A forked child (a DataLoader worker) records nothing: its allocations are not ours.
   pthread_atfork(nullptr, nullptr, &cpu_off_in_child);
