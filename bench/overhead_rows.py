@@ -18,7 +18,7 @@ import torch
 
 import profiler
 from workloads.infer import InferConfig, build_model, greedy_decode, make_decoder, make_prompt, sdpa_backends
-from workloads.model import preset
+from workloads.model import GPTConfig, preset
 from workloads.train import build, make_batch, train_step
 
 # (captured or not, per-round callable taking the profiler or None) -> step seconds
@@ -210,18 +210,19 @@ def generate(tokens: int, rounds: int, out: Path, capture_path: str, options: di
     return alternate(generate_round(tokens), rounds, out, "generate", capture_path, options)
 
 
-def generate_round(tokens: int) -> RoundFn:
+def generate_round(tokens: int, device: str = "cuda", shape: GPTConfig | None = None, batch: int = 16) -> RoundFn:
     """transformers' generate() on a Llama-style model the size of gpt2-small (random weights,
-    bf16), B16, greedy, `tokens` new tokens; timed per token. No profiler steps: the capture
-    drains on its timer, as it must for a loop that never steps."""
+    bf16; float32 on the CPU), B16, greedy, `tokens` new tokens; timed per token. No profiler
+    steps: the capture drains on its timer, as it must for a loop that never steps. `shape`:
+    another model's shape (bench/tracker_costs.py's CPU row)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from workloads.llama import build_llama
 
-    gpt = preset("gpt2-small")
+    gpt = shape or preset("gpt2-small")
     torch.manual_seed(0)
-    model = build_llama(gpt, "cuda", torch.bfloat16)
-    ids = torch.randint(gpt.vocab_size, (16, 128), device="cuda")
+    model = build_llama(gpt, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    ids = torch.randint(gpt.vocab_size, (batch, min(128, gpt.block_size // 2)), device=device)
 
     class TokenClock(StoppingCriteria):
         def __init__(self):
@@ -243,7 +244,8 @@ def generate_round(tokens: int) -> RoundFn:
                 pad_token_id=0,
                 stopping_criteria=StoppingCriteriaList([clock]),
             )
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return [b - a for a, b in zip(clock.marks, clock.marks[1:])]  # the prefill is not a token step
 
     round_(None)
