@@ -39,12 +39,13 @@ def kv_row(cache, name: str | None = None) -> dict | None:
     layers = list(_hf_layers(cache))
     if not layers:
         return None
+    # Runs after every decode forward: a few tensor calls per layer (each ~0.1-0.2 us).
     token_state = reserved = tokens = 0
     storages: set[tuple[int, int]] = set()
     for k, v, filled in layers:
         tokens = max(tokens, filled)
         for t in (k, v):
-            token_state += filled * _position_bytes(t)
+            token_state += filled * (t.nbytes // t.shape[-2])  # bytes of one position
             storage = t.untyped_storage()
             key = (t.get_device(), storage.data_ptr())  # get_device: an int, cheaper than str(device)
             if key not in storages:  # K and V of one layer never share, but views might
@@ -79,11 +80,6 @@ def kv_shapes(cache) -> dict | None:
     return dict(layers=len(layers), kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, batch=batch)
 
 
-def _position_bytes(t: torch.Tensor) -> int:
-    """Bytes of one token position of a (..., positions, head_dim) tensor."""
-    return t.numel() // t.shape[-2] * t.element_size()
-
-
 def _states(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0
 
@@ -95,9 +91,9 @@ def _hf_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     if layers is not None:  # transformers >= 4.54: a list of layer caches
         for layer in layers:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and _states(k) and _states(v)):
+            if not (_states(k) and _states(v)):
                 continue
-            positions = int(k.shape[-2])
+            positions = k.shape[-2]
             filled = positions
             if getattr(layer, "max_cache_len", None) is not None:  # preallocated: filled up to its length
                 try:
