@@ -133,22 +133,29 @@ class HookSampling:
         self._add_sites(step, stack, code)
 
     def _observe_sites(self, cols: dict) -> None:
-        code = cols["code"].astype(np.int64)
+        code = cols["code"]
         if self._steps_exact:
             step = np.asarray(cols["step"], dtype=np.int64)
         else:
             marked = cols["marker_step"]
             step = self._forward_fill(marked)
-            code[marked != -1] = -1
-        self._add_sites(step, cols["stack"].astype(np.int64), code)
+            code = np.where(marked != -1, np.int8(-1), code)
+        self._add_sites(step, cols["stack"], code)
 
     def _add_sites(self, step: np.ndarray, stack: np.ndarray, code: np.ndarray) -> None:
         """Add each block event's site ((stack + 1) * 3 + code; code -1: not one) to its step's digest."""
-        keys = (stack + 1) * 3 + code
         block = code >= 0
-        step, keys = step[block], keys[block]
+        # int32 keys: half the bytes to hash of int64 ones (stack ids stay far below 2**31 / 3).
+        keys = (stack[block].astype(np.int32) + 1) * 3 + code[block].astype(np.int32)
+        step = step[block]
         cuts = np.flatnonzero(np.diff(step)) + 1
-        for part_step, part in zip(step[np.r_[0, cuts]].tolist() if len(step) else [], np.split(keys, cuts)):
+        if not len(step):
+            parts = []
+        elif not len(cuts):  # most slices hold one step: no split (np.split and np.r_ cost ~15 us a call)
+            parts = [(int(step[0]), keys)]
+        else:
+            parts = zip(step[np.concatenate(([0], cuts))].tolist(), np.split(keys, cuts))
+        for part_step, part in parts:
             digest = self._open.get(part_step)
             if digest is None:
                 digest = self._open[part_step] = hashlib.blake2b(digest_size=16)
@@ -168,7 +175,7 @@ class HookSampling:
         """Each event's step: that of the last marker (marked >= 0) before it, or of the drain before."""
         # Each marker of a step sets the step from its event on: forward-fill, in O(n).
         at = np.flatnonzero(marked >= 0)
-        values = np.r_[self._step, marked[at]].astype(np.int64)
+        values = np.concatenate(([self._step], marked[at])).astype(np.int64)
         starts = np.zeros(len(marked), np.int64)
         starts[at] = 1
         step = values[np.cumsum(starts)]
