@@ -20,6 +20,7 @@ differ by backend; only their plain K and V tensors (the residual window) are me
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeGuard
 
 import torch
 
@@ -80,7 +81,7 @@ def kv_shapes(cache) -> dict | None:
     return dict(layers=len(layers), kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, batch=batch)
 
 
-def _states(t) -> bool:
+def _states(t) -> TypeGuard[torch.Tensor]:
     return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0
 
 

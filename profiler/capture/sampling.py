@@ -28,6 +28,7 @@ Work happens per drain and per step end, over whole columns, never per allocatio
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -149,6 +150,7 @@ class HookSampling:
         keys = (stack[block].astype(np.int32) + 1) * 3 + code[block].astype(np.int32)
         step = step[block]
         cuts = np.flatnonzero(np.diff(step)) + 1
+        parts: Iterable[tuple[int, np.ndarray]]
         if not len(step):
             parts = []
         elif not len(cuts):  # most slices hold one step: no split (np.split and np.r_ cost ~15 us a call)
