@@ -82,7 +82,10 @@ class CacheWatch:
                 setattr(cls, name, original)
 
     def _wrap(self, original, remember: bool):
-        watch, tracer, still_on = self, self._tracer, self._still_on
+        # Runs once per layer per token, after the layer's own work has pushed this code out of
+        # the CPU's caches (25 us a call measured so on the CPU, against 2.5 us in a warm loop):
+        # each call and lookup saved counts. remember's and the tracer's hint methods are inlined.
+        watch, tracer, still_on, caches, dirty = self, self._tracer, self._still_on, self._caches, self._dirty
 
         @functools.wraps(original)
         def wrapper(cache, *args, **kwargs):
@@ -90,8 +93,15 @@ class CacheWatch:
                 return original(cache, *args, **kwargs)
             try:
                 if remember:
-                    watch.remember(cache)
-                previous = tracer.push_hint(_KV)  # runs per layer per token: no context manager
+                    key = id(cache)
+                    known = caches.get(key)
+                    if known is not None and known[0]() is cache:
+                        dirty.add(key)
+                    else:
+                        watch.remember(cache)
+                local = tracer.local
+                previous, local.hint = local.hint, _KV  # the hint: tracer.push_hint's work
+                tracer.retag()
             except Exception as e:  # ours: the update itself must still happen
                 _warn(e)
                 return original(cache, *args, **kwargs)
