@@ -65,6 +65,7 @@ class NativeColumns:
     compiled: CompiledTags | None
     stacks: bool
     events_seen: int
+    positions_need_drain: bool
 
     def set_tag(self, tag: str) -> None:  # each instance calls the tracker's own instead
         self.tracker.set_tag(tag)
@@ -84,11 +85,6 @@ class NativeColumns:
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
 
-    def _interned_stacks(self, stack: np.ndarray) -> np.ndarray:
-        """Tracker stack ids as interner stack ids (-1: none)."""
-        known = stack >= 0
-        return np.where(known, self._stack_of[np.where(known, stack, 0)] if len(self._stack_of) else -1, -1)
-
     def _columns(self, got: dict, step: int) -> dict | None:
         """A drain's arrays as writer columns, its new frames and stacks interned (None:
         no events)."""
@@ -99,29 +95,40 @@ class NativeColumns:
         self.events_seen += n
         known = len(self._labels)
         new_labels = self.tracker.labels_from(known)
-        self._labels.extend(new_labels)
-        if len(self._labels) > len(self._marker_step):
-            grown = np.empty(max(2 * len(self._marker_step), len(self._labels)), dtype=np.int64)
-            grown[:known] = self._marker_step[:known]
-            self._marker_step = grown
-        self._marker_step[known : len(self._labels)] = _marker_steps(new_labels)
-        stack_ids = self._interned_stacks(got["stack"])
-        action = got["action"]
+        if new_labels:
+            self._labels.extend(new_labels)
+            if len(self._labels) > len(self._marker_step):
+                grown = np.empty(max(2 * len(self._marker_step), len(self._labels)), dtype=np.int64)
+                grown[:known] = self._marker_step[:known]
+                self._marker_step = grown
+            self._marker_step[known : len(self._labels)] = _marker_steps(new_labels)
+        # One pass in the tracker: stack ids, action and tag codes, and the sampling's sites.
+        codes = self.tracker.drain_codes(
+            got["label"],
+            got["stack"],
+            got["action"],
+            self._stack_of,
+            self._marker_step,
+            len(self._labels),
+            not self.positions_need_drain,  # CUDA: markers begin steps; CPU: a drain is one step
+        )
+        stack_ids = codes["stack_id"]
         return {
             "ts_us": got["ts_us"],
-            "action": pa.DictionaryArray.from_arrays(pa.array(got["action"].astype(np.int32)), _ACTIONS),
+            "action": pa.DictionaryArray.from_arrays(codes["action"], _ACTIONS),
             "addr": got["addr"],
             "size_bytes": got["size"],
             "stream": got["stream"],
             "step": np.full(n, step, dtype=np.int32),
-            "tag": self._tag_column(got["label"], stack_ids),
-            "stack_id": pa.array(stack_ids.astype(np.int32), mask=stack_ids < 0) if self.stacks else None,
-            # What hook sampling reads (profiler/capture/sampling.py), as arrays: no column of
-            # the writer's, whose Arrow columns it would otherwise decode again.
+            "tag": self._tag_column(got["label"], stack_ids, codes),
+            "stack_id": pa.array(stack_ids, mask=stack_ids < 0) if self.stacks else None,
+            # What hook sampling reads (profiler/capture/sampling.py): each block event's site,
+            # in runs of one step. No column of the writer's, which it would decode again.
             "sites": dict(
-                code=np.where(action < 3, action, -1).astype(np.int8),  # alloc, free_requested, free_completed
-                stack=stack_ids,
-                marker_step=self._marker_step[got["label"]],
+                keys=codes["site_keys"],
+                starts=codes["site_starts"],
+                steps=codes["site_steps"],
+                last_step=codes["last_step"],
             ),
         }
 
@@ -146,24 +153,17 @@ class NativeColumns:
                 )
         self._stack_of = np.concatenate([self._stack_of, new])
 
-    def _tag_column(self, label: np.ndarray, stack_ids: np.ndarray) -> pa.Array:
+    def _tag_column(self, label: np.ndarray, stack_ids: np.ndarray, codes: dict) -> pa.Array:
         """Labels as a dictionary column of the tags in use; compiled code's renamed per stack."""
         compiled = self.compiled
         if compiled is None or not compiled.renames():
-            # Label ids are dense (0 .. len(labels)): a lookup table numbers the used ones
-            # in O(n), where np.unique would sort a drain's worth of events.
-            seen = np.zeros(len(self._labels), dtype=bool)
-            seen[label] = True
-            used = np.flatnonzero(seen)
-            number = np.zeros(len(self._labels), dtype=np.int32)
-            number[used] = np.arange(len(used), dtype=np.int32)
-            codes = number[label]
-            words = [self._labels[i] for i in used.tolist()]
+            indices, words = codes["tag_code"], [self._labels[i] for i in codes["tag_used"].tolist()]
         else:
             key = (label.astype(np.int64) << 32) | (stack_ids.astype(np.int64) & 0xFFFFFFFF)
-            used, codes = np.unique(key, return_inverse=True)
+            used, indices = np.unique(key, return_inverse=True)
+            indices = indices.astype(np.int32)
             words = [compiled.renamed(self._labels[int(k >> 32)], int(np.int32(k & 0xFFFFFFFF))) for k in used]
-        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(words, pa.string()))
+        return pa.DictionaryArray.from_arrays(indices, pa.array(words, pa.string()))
 
 
 def _marker_steps(labels: list[str]) -> np.ndarray:

@@ -83,26 +83,25 @@ class HookSampling:
     def observe(self, cols: dict | None) -> None:
         """Events just drained (writer columns): add them to their steps' site sequences.
 
-        A native backend's columns carry `sites`, the same facts as arrays (code: 0 alloc,
-        1 free_requested, 2 free_completed, -1 other; stack: stack id or -1; marker_step:
-        the step a marker's tag names, -1 for no marker, -2 for a marker naming none)."""
+        A native backend's columns carry `sites`, its block events' sites worked out in the
+        tracker (NativeColumns._columns): `keys`, in runs of one step that begin at `starts`,
+        whose steps are `steps` (-1: the step the last drain ended in), and `last_step`, the
+        step of the drain's last marker (-1: none)."""
         if self.hooked_steps is None or self._failed or not cols:
             return
         try:
             sites = cols.get("sites")
             if sites is not None:
-                cols = dict(sites, step=cols["step"])
-                judge, keys = self._observe_sites, ("code", "stack", "marker_step", "step")
-            else:
-                judge, keys = self._observe, _OBSERVED
+                self._observe_native(sites, cols["step"])
+                return
             n = len(cols["step"])
             if n <= OBSERVE_SLICE:  # a step's drain on CPU: no slices to copy
-                judge(cols)
+                self._observe(cols)
                 return
             # In slices: whole-drain temporaries (a drain can hold 100,000 events) are fresh
             # memory each time, a page fault per 4 KiB; a slice's are reused.
             for start in range(0, n, OBSERVE_SLICE):
-                judge({k: cols[k][start : start + OBSERVE_SLICE] for k in keys if k in cols})
+                self._observe({k: cols[k][start : start + OBSERVE_SLICE] for k in _OBSERVED if k in cols})
         except Exception:  # noqa: BLE001 - see _failed
             self._failed = True
 
@@ -133,15 +132,18 @@ class HookSampling:
             code[is_marker] = -1
         self._add_sites(step, stack, code)
 
-    def _observe_sites(self, cols: dict) -> None:
-        code = cols["code"]
-        if self._steps_exact:
-            step = np.asarray(cols["step"], dtype=np.int64)
+    def _observe_native(self, sites: dict, step_column) -> None:
+        keys, bounds = sites["keys"], sites["starts"].tolist() + [len(sites["keys"])]
+        if self._steps_exact:  # a drain of one step, which every event carries
+            steps = [int(step_column[0])] * (len(bounds) - 1)
         else:
-            marked = cols["marker_step"]
-            step = self._forward_fill(marked)
-            code = np.where(marked != -1, np.int8(-1), code)
-        self._add_sites(step, cols["stack"], code)
+            steps = [self._step if s < 0 else s for s in sites["steps"].tolist()]
+            if sites["last_step"] >= 0:
+                self._step = int(sites["last_step"])
+        for step, start, end in zip(steps, bounds, bounds[1:]):
+            self._digest(step).update(keys[start:end].tobytes())
+        if not self._steps_exact:
+            self._complete(self._step - 1)
 
     def _add_sites(self, step: np.ndarray, stack: np.ndarray, code: np.ndarray) -> None:
         """Add each block event's site ((stack + 1) * 3 + code; code -1: not one) to its step's digest."""
@@ -158,12 +160,15 @@ class HookSampling:
         else:
             parts = zip(step[np.concatenate(([0], cuts))].tolist(), np.split(keys, cuts))
         for part_step, part in parts:
-            digest = self._open.get(part_step)
-            if digest is None:
-                digest = self._open[part_step] = hashlib.blake2b(digest_size=16)
-            digest.update(part.tobytes())
+            self._digest(part_step).update(part.tobytes())
         if not self._steps_exact:
             self._complete(self._step - 1)
+
+    def _digest(self, step: int) -> hashlib.blake2b:
+        digest = self._open.get(step)
+        if digest is None:
+            digest = self._open[step] = hashlib.blake2b(digest_size=16)
+        return digest
 
     def _marker_steps(self, tags, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(step of each event, whether it is a marker's): events belong to the last marker before them."""

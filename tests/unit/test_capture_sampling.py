@@ -84,21 +84,30 @@ def _as_native_drain(cols: dict) -> dict:
 
 
 def _with_sites(cols: dict) -> dict:
-    """The native backends' drain: Arrow columns, and `sites` as arrays for the sampling."""
+    """The native backends' drain: Arrow columns, and `sites` as the tracker works them out."""
     import numpy as np
 
+    from profiler.capture import native
     from profiler.trace.finalize.markers import PREFIX, parse_marker
 
-    codes = {"alloc": 0, "free_requested": 1, "free_completed": 2}
+    tracker, error = native.load(cuda=False)
+    if tracker is None:
+        pytest.skip(f"no native tracker here: {error}")
+    codes = {"alloc": 0, "free_requested": 1, "free_completed": 2, "segment_alloc": 3}
+    labels = list(dict.fromkeys(cols["tag"]))
     marker_steps = [
-        parsed[1] if (parsed := parse_marker(t)) is not None else -2 if t.startswith(PREFIX) else -1
-        for t in cols["tag"]
+        parsed[1] if (parsed := parse_marker(t)) is not None else -2 if t.startswith(PREFIX) else -1 for t in labels
     ]
-    sites = dict(
-        code=np.array([codes.get(a, -1) for a in cols["action"]], np.int8),
-        stack=np.array([-1 if s is None else s for s in cols["stack_id"]], np.int32),
-        marker_step=np.array(marker_steps, np.int64),
+    got = tracker.drain_codes(
+        np.array([labels.index(t) for t in cols["tag"]], np.int32),
+        np.array([-1 if s is None else s for s in cols["stack_id"]], np.int32),
+        np.array([codes[a] for a in cols["action"]], np.int8),
+        np.arange(100, dtype=np.int32),  # tracker stack id s is interner stack id s
+        np.array(marker_steps, np.int64),
+        len(labels),
+        True,
     )
+    sites = dict(keys=got["site_keys"], starts=got["site_starts"], steps=got["site_steps"], last_step=got["last_step"])
     return dict(_as_native_drain(cols), sites=sites)
 
 
@@ -172,3 +181,29 @@ def test_stacks_leave_vramscope_frames_out():
     hooked = interner.stack_of_frames([torch_frame, ours, user])
     assert hooked == interner.stack_of_frames([torch_frame, user])
     assert interner.stack_of_frames([ours]) is None
+
+
+def test_steps_split_across_drains_give_the_same_sites_however_drained():
+    """A step whose events two drains share (a drain ends mid-step): the native sites carry
+    on the step the drain before ended in, as the Arrow and list readings do."""
+    import random
+
+    rng = random.Random(3)
+    marker = [("alloc", None), ("free_completed", None)]
+    sites, tags = [], []
+    for step in range(12):
+        kind = SITES + [("alloc", rng.choice([7, 8, 9]))] * rng.randint(0, 2)
+        sites += kind + marker
+        tags += [""] * len(kind) + [marker_tag(step + 1, step + 1)] * 2
+    cuts = sorted(rng.sample(range(1, len(sites)), 5))
+
+    def seen(drained):
+        sampling = HookSampling(CaptureOptions(hooked_steps=(1, 0)), steps_exact=False)
+        for step in range(12):
+            sampling.step_ended(step, step == 0, None)
+        for start, end in zip([0, *cuts], [*cuts, len(sites)]):
+            sampling.observe(_DRAINED[drained](_cols(0, sites[start:end], tags[start:end])))
+        assert not sampling._failed
+        return sorted(sampling._seen), sampling._complete_through, sampling.hooks(13)
+
+    assert seen("sites") == seen("lists") == seen("arrow")

@@ -263,9 +263,9 @@ def test_native_backend_drains_writer_columns(tracker, monkeypatch, tmp_path):
     backend.stop()
 
 
-def test_native_drains_name_each_events_marker_step_for_the_sampling(tracker, monkeypatch):
+def test_native_drains_give_the_sampling_each_steps_sites(tracker, monkeypatch):
     """Markers make a label a step: across many drains (the table of labels grows), each
-    event's marker step is the step its marker's tag names, -1 off markers."""
+    drain's block events are sites of the step its last marker named, markers left out."""
     from profiler.capture.native_cuda import NativeCudaBackend
     from profiler.trace.finalize.markers import marker_tag
 
@@ -278,11 +278,12 @@ def test_native_drains_name_each_events_marker_step_for_the_sampling(tracker, mo
         backend.set_tag(f"forward|layer{step % 3}|")
         tracker.record_for_test(ALLOC, 0, 200 + step, 512, 7)
         if step % 7 == 6 or step == 149:
-            cols = backend.drain(step=step)
-            marked = cols["sites"]["marker_step"].tolist()
-            assert marked[::2] == list(range(step - len(marked) // 2 + 1, step + 1))
-            assert marked[1::2] == [-1] * (len(marked) // 2)
-            assert cols["sites"]["code"].tolist() == [0] * len(marked)
+            sites = backend.drain(step=step)["sites"]
+            first = step - len(sites["keys"]) + 1  # one block event a step, after its marker
+            assert sites["steps"].tolist() == list(range(first, step + 1))
+            assert sites["starts"].tolist() == list(range(len(sites["keys"])))
+            assert sites["keys"].tolist() == [0] * len(sites["keys"])  # alloc (0) with no stack: (-1 + 1) * 3 + 0
+            assert sites["last_step"] == step
     backend.stop()
 
 
@@ -418,3 +419,46 @@ def test_fragmentation_at_step_ends_from_the_native_stream(tracker, monkeypatch,
         [S1, S1 + 1536, SMALL - 1536, "inactive"],
     ]
     assert frag["largest_free_block_bytes"].tolist()[-1] == SMALL - 1536
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_drain_codes_give_what_numpy_works_out_from_the_columns(tracker, markers):
+    """drain_codes' one pass against the same columns worked out with numpy, on a drain with
+    markers, stacks the interner does not know yet and every action."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    n, n_labels = 5000, 40
+    label = rng.integers(0, n_labels, n).astype(np.int32)
+    stack = rng.integers(-1, 60, n).astype(np.int32)
+    action = rng.integers(0, 9, n).astype(np.int8)
+    stack_of = rng.permutation(50).astype(np.int32)  # tracker stacks 50 and up: not interned yet
+    marker_step = np.full(n_labels + 8, -1, np.int64)  # room beyond the known labels, as Python keeps it
+    marker_step[[3, 7, 11, 19]] = [5, 6, 6, 9]
+    marker_step[23] = -2  # a marker that names no step
+    got = tracker.drain_codes(label, stack, action, stack_of, marker_step, n_labels, markers)
+
+    known = (stack >= 0) & (stack < len(stack_of))
+    stack_id = np.where(known, stack_of[np.where(known, stack, 0)], -1)
+    used = np.unique(label)
+    marked = marker_step[label] if markers else np.full(n, -1)
+    block = (action < 3) & (marked == -1)
+    filled = np.maximum.accumulate(np.where(marked >= 0, np.arange(n), -1))
+    step = np.where(filled >= 0, marked[np.maximum(filled, 0)], -1)[block]
+    starts = np.flatnonzero(np.r_[True, np.diff(step) != 0]) if len(step) else np.zeros(0, int)
+    assert got["stack_id"].tolist() == stack_id.tolist()
+    assert got["action"].tolist() == action.astype(np.int32).tolist()
+    assert got["tag_used"].tolist() == used.tolist()
+    assert got["tag_code"].tolist() == np.searchsorted(used, label).tolist()
+    assert got["site_keys"].tolist() == ((stack_id + 1) * 3 + action)[block].tolist()
+    assert got["site_starts"].tolist() == starts.tolist()
+    assert got["site_steps"].tolist() == step[starts].tolist()
+    assert got["last_step"] == (int(marked[marked >= 0][-1]) if (marked >= 0).any() else -1)
+
+
+def test_drain_codes_refuse_a_label_python_does_not_know(tracker):
+    import numpy as np
+
+    one = np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="label"):
+        tracker.drain_codes(one + 3, one, one.astype(np.int8), one, np.full(4, -1, np.int64), 2, True)

@@ -968,6 +968,98 @@ py::dict drain() {
 }
 
 
+// -- what a drain's columns become -------------------------------------------------------
+//
+// One pass over a drain's label, stack and action columns for what Python makes of them
+// (NativeColumns._columns in native_cuda.py, and the hook sampling's site sequences in
+// sampling.py). A drain is paid on the profiled thread at a step's end, after the model's
+// work has pushed the capture's code and data out of the CPU's caches: there each of the
+// few dozen numpy calls this replaces costs tens of microseconds whatever its size.
+//
+// In: the tracker's stack ids and label ids of each event, its action; `stack_of` (tracker
+// stack id -> interner stack id), `marker_step` (label id -> the step a marker's tag names,
+// -1 for no marker, -2 for a marker naming none) and `n_labels` (labels Python knows).
+// `markers`: whether markers split the stream into steps (CUDA), or the drain is one step.
+// Out:
+//   stack_id   interner stack id per event (-1: none);
+//   action     the action as int32 (Arrow's dictionary indices);
+//   tag_code   per event, the rank of its label among the labels in use (`tag_used`, ascending);
+//   site_keys  per block event (alloc, free_requested, free_completed; markers aside), its
+//              site (stack id + 1) * 3 + action, in order;
+//   site_starts, site_steps  where each run of block events of one step begins in site_keys,
+//              and that step (-1: the step the drain before ended in, before this drain's first
+//              marker);
+//   last_step  the step of the drain's last marker that names one (-1: none).
+template <typename T>
+using InArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+py::array_t<T> filled_array(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                        owned->data(), owner);
+}
+
+py::dict drain_codes(const InArray<int32_t>& label, const InArray<int32_t>& stack, const InArray<int8_t>& action,
+                     const InArray<int32_t>& stack_of, const InArray<int64_t>& marker_step, int64_t n_labels,
+                     bool markers) {
+  const py::ssize_t n = label.size();
+  if (stack.size() != n || action.size() != n) throw py::value_error("drain columns of different lengths");
+  if (n_labels < 0 || n_labels > marker_step.size()) throw py::value_error("more labels than marker steps");
+  const int32_t* lab = label.data();
+  const int32_t* stk = stack.data();
+  const int8_t* act = action.data();
+  const int32_t* interned = stack_of.data();
+  const py::ssize_t known_stacks = stack_of.size();
+  const int64_t* marked = marker_step.data();
+  std::vector<int32_t> stack_id(static_cast<size_t>(n)), action32(static_cast<size_t>(n)), tag_code(static_cast<size_t>(n));
+  std::vector<int32_t> rank(static_cast<size_t>(n_labels), -1), keys;
+  std::vector<int64_t> starts, steps;
+  keys.reserve(static_cast<size_t>(n));
+  int64_t step = -1, last_step = -1;
+  for (py::ssize_t i = 0; i < n; ++i) {
+    int32_t l = lab[i];
+    if (l < 0 || l >= n_labels) throw py::value_error("a drained label that Python does not know");
+    rank[static_cast<size_t>(l)] = 0;
+    int32_t s = stk[i];
+    int32_t sid = (s >= 0 && s < known_stacks) ? interned[s] : -1;
+    stack_id[static_cast<size_t>(i)] = sid;
+    int32_t a = act[i];
+    action32[static_cast<size_t>(i)] = a;
+    bool block = a == kAllocAction || a == kFreeRequested || a == kFreeCompleted;
+    if (markers) {
+      int64_t m = marked[l];
+      if (m >= 0) step = last_step = m;
+      if (m != -1) block = false;  // a marker's own alloc and free are no site
+    }
+    if (!block) continue;
+    if (starts.empty() || steps.back() != step) {
+      starts.push_back(static_cast<int64_t>(keys.size()));
+      steps.push_back(step);
+    }
+    keys.push_back((sid + 1) * 3 + a);
+  }
+  std::vector<int32_t> used;
+  for (int64_t l = 0; l < n_labels; ++l) {
+    if (rank[static_cast<size_t>(l)] == 0) {
+      rank[static_cast<size_t>(l)] = static_cast<int32_t>(used.size());
+      used.push_back(static_cast<int32_t>(l));
+    }
+  }
+  for (py::ssize_t i = 0; i < n; ++i) tag_code[static_cast<size_t>(i)] = rank[static_cast<size_t>(lab[i])];
+  py::dict out;
+  out["stack_id"] = filled_array(std::move(stack_id));
+  out["action"] = filled_array(std::move(action32));
+  out["tag_code"] = filled_array(std::move(tag_code));
+  out["tag_used"] = filled_array(std::move(used));
+  out["site_keys"] = filled_array(std::move(keys));
+  out["site_starts"] = filled_array(std::move(starts));
+  out["site_steps"] = filled_array(std::move(steps));
+  out["last_step"] = last_step;
+  return out;
+}
+
 // -- CPU API ---------------------------------------------------------------------------
 
 void start_cpu(bool stacks, int max_depth, const std::string& skip_prefix) {
@@ -1095,6 +1187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_tag", &get_tag);
   m.def("labels_from", &labels_from);
   m.def("drain", &drain);
+  m.def("drain_codes", &drain_codes, py::arg("label"), py::arg("stack"), py::arg("action"), py::arg("stack_of"),
+        py::arg("marker_step"), py::arg("n_labels"), py::arg("markers"));
   m.def("record_for_test", &record_for_test);
   m.def("start_cpu", &start_cpu, py::arg("stacks"), py::arg("max_depth"), py::arg("skip_prefix"));
   m.def("stop_cpu", &stop_cpu);
