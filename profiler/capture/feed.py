@@ -145,8 +145,7 @@ class TraceFeed:
         if stacks:
             self.writer.append("stacks", stacks)
         for table, rows in self._rows.items():
-            if rows:
-                self.writer.append(table, {k: [r.get(k) for r in rows] for k in rows[0]})
+            self.writer.append_rows(table, rows)
         self._rows = {}
         for cols in self._role_cols:
             self.writer.append("roles", cols)

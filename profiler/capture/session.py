@@ -130,7 +130,7 @@ class Profiler:
         except Exception as e:  # never let our failure replace the user's outcome
             meta = run_meta.unfinalized_meta(status, e, self.run_dir, self.step_index)
             with contextlib.suppress(Exception):
-                self._parts.writer.flush(meta)
+                self._parts.writer.flush(meta, wait=True)
 
     def __call__(self, fn):
         """Decorator form: each call of `fn` is one capture, with a run of its own."""

@@ -16,7 +16,8 @@ round trip (milliseconds on many disks, more on network file systems) into it.
 
 A writer made with `write_behind` hands each flush to a thread of its own, which
 writes the flushes in order while the profiled thread goes on: compressing a drain
-of tens of thousands of events takes milliseconds (about 100 ns an event with lz4).
+of tens of thousands of events takes milliseconds (about 100 ns an event with lz4),
+and so can the rename of a live meta.json, which goes with the flush it came with.
 On disk there is then always a prefix of the flushes, as a kill between two tables'
 writes leaves anyway; a kill loses the flushes still queued (at most
 WRITE_BEHIND_QUEUE). A write's error is raised by the next flush, or by finalize.
@@ -65,7 +66,11 @@ class TooLargeToFinalize(VramscopeError, MemoryError):
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:
-    atomic_write(run_dir / schema.META_FILE, json.dumps(meta, indent=1, sort_keys=True, default=str))
+    atomic_write(run_dir / schema.META_FILE, _meta_text(meta))
+
+
+def _meta_text(meta: dict) -> str:
+    return json.dumps(meta, indent=1, sort_keys=True, default=str)
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
@@ -163,6 +168,18 @@ class TraceWriter:
         if batch is not None:
             self._pending[table].append(batch)
 
+    def append_rows(self, table: str, rows: list[dict]) -> None:
+        """Queue rows given as dicts (a column missing from one is null there)."""
+        if self._abandoned or not rows:
+            return
+        try:  # in one call: per column, a conversion costs several microseconds
+            batch = pa.RecordBatch.from_pylist(rows, schema=self._schemas[table])
+        except (UnicodeEncodeError, pa.ArrowException):  # a lone surrogate, or not the schema's types
+            sch = self._schemas[table]
+            batch = _record_batch(sch, {f.name: [r.get(f.name) for r in rows] for f in sch})
+        if batch is not None:
+            self._pending[table].append(batch)
+
     def publish(self, table: str, parts: Iterable[dict]) -> None:
         """Write a table's Parquet file now, one part ({column: sequence}) at a time, instead
         of through its journal at finalize, which holds every table whole at once: for a table
@@ -183,32 +200,39 @@ class TraceWriter:
 
     def flush(self, meta_updates: dict | None = None, wait: bool = False) -> None:
         """Write the queued rows to the journals, and `meta_updates` to meta.json; with
-        write_behind, hand the rows to the writing thread (`wait`: until they are written)."""
+        write_behind, hand both to the writing thread (`wait`: until they are written)."""
         # Taken off the queue first: a flush cut short (a signal's exception, a full disk)
         # must not write the same rows again at the next one.
         taken = [(table, batches[:]) for table, batches in self._pending.items() if batches]
         for batches in self._pending.values():
             batches.clear()
-        behind = self._behind
-        if behind is not None and behind.pid == os.getpid():
-            if taken:
-                behind.submit(lambda: self._write(taken))
-            if wait:
-                behind.wait()
-        elif taken:  # written here (a forked child has no writing thread)
-            self._write(taken)
+        meta_text = None
         if meta_updates:
             self.meta.update(meta_updates)
-            write_meta(self.run_dir, self.meta)
+            meta_text = _meta_text(self.meta)  # as it is now: the capture goes on changing it
+        behind = self._behind
+        if behind is not None and behind.pid == os.getpid():
+            # meta.json's rename costs milliseconds on some filesystems: the thread pays it too.
+            if taken or meta_text is not None:
+                behind.submit(lambda: self._write(taken, meta_text))
+            if wait:
+                behind.wait()
+        else:  # written here (a forked child has no writing thread)
+            self._write(taken, meta_text)
 
-    def _write(self, taken: list[tuple[str, list[pa.RecordBatch]]]) -> None:
+    def _write(self, taken: list[tuple[str, list[pa.RecordBatch]]], meta_text: str | None = None) -> None:
         for table, batches in taken:
             self._journal(table).write(batches)
             self.rows_written[table] += sum(b.num_rows for b in batches)
+        if meta_text is not None:
+            atomic_write(self.run_dir / schema.META_FILE, meta_text)
 
     def update_meta(self, updates: dict) -> None:
         """Add `updates` to meta.json now, journals aside."""
         self.meta.update(updates)
+        behind = self._behind
+        if behind is not None and behind.pid == os.getpid():
+            behind.wait(raise_error=False)  # a live meta.json still queued must not land after this one
         write_meta(self.run_dir, self.meta)
 
     def _journal(self, table: str) -> JournalWriter:
@@ -279,10 +303,12 @@ class _WriteBehind:
         self._raise()
         self._queue.put(write)  # waits while WRITE_BEHIND_QUEUE flushes are queued
 
-    def wait(self) -> None:
-        """Until every flush handed over is written; raises a write's error."""
+    def wait(self, raise_error: bool = True) -> None:
+        """Until every flush handed over is written; raises a write's error (or keeps it for
+        the next call that raises)."""
         self._queue.join()
-        self._raise()
+        if raise_error:
+            self._raise()
 
     def stop(self, drop_queued: bool = False) -> None:
         """Write what is queued (or drop it), end the thread; raises a write's error."""

@@ -260,6 +260,25 @@ def test_write_behind_flushes_return_before_the_write_and_keep_its_order(tmp_pat
     assert w.rows_written["events"] == sum(BATCH_ROWS[:3])
 
 
+def test_write_behind_writes_the_live_meta_after_its_rows_and_before_a_later_meta(tmp_path, slow_writes):
+    """The live meta.json goes to the writing thread with the rows it describes; a meta.json
+    written directly after it (update_meta) waits for it, so the later one is what stays."""
+    import json
+    import threading
+
+    w = TraceWriter(tmp_path, "behind-meta", base_meta(), write_behind=True)
+    meta = w.run_dir / schema.META_FILE
+    w.append("events", _events(0, 3))
+    w.flush({"steps_completed": 1})  # returns while the rows' write waits at the gate
+    assert "steps_completed" not in json.loads(meta.read_text())
+    threading.Timer(0.2, slow_writes.set).start()
+    w.update_meta({"framework_steps": {"0": 0}})
+    on_disk = json.loads(meta.read_text())
+    assert on_disk["steps_completed"] == 1 and on_disk["framework_steps"] == {"0": 0}
+    assert read_journal(w.run_dir / schema.journal_name("events"), RAW_EVENTS).num_rows == 3
+    w.finalize("complete")
+
+
 def test_after_a_write_behind_error_nothing_more_is_written(tmp_path, monkeypatch):
     import errno
 
@@ -297,3 +316,17 @@ def test_finalize_raises_a_write_behind_error_left_unseen(tmp_path, monkeypatch)
     w.flush()
     with pytest.raises(OSError, match="went away"):
         w.finalize("complete")
+
+
+def test_rows_as_dicts_become_the_same_batches_as_columns(tmp_path):
+    """append_rows: dicts in one conversion; a lone surrogate or a missing column as append has them."""
+    a = TraceWriter(tmp_path, "rows", base_meta())
+    b = TraceWriter(tmp_path, "columns", base_meta())
+    rows = [dict(step=0, phase="forward", ts_us_start=1, ts_us_end=2), dict(step=1, phase="mine\udcff", ts_us_start=3)]
+    a.append_rows("phases", rows)
+    a.append_rows("phases", rows[:1])
+    b.append("phases", {k: [r.get(k) for r in rows] for k in rows[0]})
+    b.append("phases", {k: [rows[0][k]] for k in rows[0]})
+    assert a._pending["phases"][0].equals(b._pending["phases"][0])
+    assert a._pending["phases"][1].equals(b._pending["phases"][1])
+    assert a._pending["phases"][0].column("ts_us_end").to_pylist() == [2, None]
