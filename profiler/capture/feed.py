@@ -18,37 +18,45 @@ if TYPE_CHECKING:
 class DrainPacing:
     """Which step ends drain, so that no drain makes its step much longer than the others.
 
-    A drain costs a little per drain and about 0.1-0.3 us per event, all of it on the
-    thread that ends the step. Drained only on the timer, a decode loop of 3 ms tokens
-    puts 0.5 s of events (some 100,000) into one token: that token takes 7x the others.
-    So a step end also drains once the steps since the last drain would cost SHARE of a
-    step to drain, judged from what earlier drains cost per step they covered and from
-    the usual step time (steps that drained left out). Training steps, which make few
-    events for their length, are still drained by the timer alone. A paced drain waits at
-    least MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that
-    costs the same however few events it takes (torch's history snapshots every live
-    block) would otherwise be paced into every step.
+    A drain costs a fixed part (a few dozen calls into numpy, pyarrow and the writer: about
+    a millisecond on the CPU machine, measured in a decode loop) and a part per event (tens
+    of nanoseconds), all of it on the thread that ends the step. Drained only on the timer,
+    a decode loop of 3 ms tokens puts 0.5 s of events (some 100,000) into one token: that
+    token takes 7x the others. So a step end also drains once the steps since the last drain
+    would cost SHARE of a step to drain: drain seconds are fitted as fixed + per_step x steps
+    over the last SAMPLES drains (least squares), and set against the usual step time (steps
+    that drained left out). Where the fixed part alone is near SHARE of a step or more, a
+    drain waits until its steps cost as much as the fixed part: each drain is then at most
+    twice its least. A drain covers at most twice the steps of the largest drain measured, so
+    that a fit is never trusted far past what it saw. Training steps, which make few events
+    for their length, are still drained by the timer alone. A paced drain waits at least
+    MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that costs
+    the same however few events it takes (torch's history snapshots every live block) would
+    otherwise be paced into every step.
 
     The first step end always drains. Its events hold most of the stacks the capture will
     ever see, and naming new stacks is the dearest part of a drain (a compiled model's
     first timer drain took 2.4x a step); the first step already pays the capture's start.
     That drain teaches nothing about later ones, nor sets the wait before the next. The
     PROBE_STEPS-th step end after it drains too, MIN_GAP_S after it at least: a small drain
-    that measures what one costs per step, before the timer's first drain takes half a
-    second of a decode loop's events (4-5x a token, seen on the CPU).
+    that measures what one costs, before the timer's first drain takes half a second of a
+    decode loop's events (4-5x a token, seen on the CPU).
     """
 
     SHARE = 0.5
     PROBE_STEPS = 2
     MIN_GAP_S = 0.02
     DUTY = 10
-    _WEIGHT = 0.2  # of the newest measurement, in both running means
+    SAMPLES = 8
+    _WEIGHT = 0.2  # of the newest measurement, in the running mean of the step time
 
     def __init__(self, clock=time.perf_counter) -> None:
         self._clock = clock
         self.steps = 0  # step ends since the last drain
         self._step_s: float | None = None  # running mean of a step without a drain
-        self._drain_s_per_step: float | None = None  # running mean of drain seconds per step covered
+        self._samples: list[tuple[int, float]] = []  # (steps covered, seconds) of the last drains
+        self._fixed_s = 0.0  # the fit: a drain's fixed seconds
+        self._per_step_s: float | None = None  # and its seconds per step covered (None: no drain measured)
         self._last_end: float | None = None
         self._last_drain = clock()
         self._last_drain_s = 0.0
@@ -67,7 +75,8 @@ class DrainPacing:
         """A drain took `seconds`; it covered the steps that ended since the last one."""
         first = self._ends <= 1
         if self.steps and not first:
-            self._drain_s_per_step = _running_mean(self._drain_s_per_step, seconds / self.steps, self._WEIGHT)
+            self._samples = [*self._samples[-(self.SAMPLES - 1) :], (self.steps, seconds)]
+            self._fixed_s, self._per_step_s = _fit(self._samples)
         self.steps = 0
         self._drained_in_step = True
         self._last_drain, self._last_drain_s = self._clock(), 0.0 if first else seconds
@@ -78,11 +87,29 @@ class DrainPacing:
             return True
         if self._clock() - self._last_drain < max(self.MIN_GAP_S, self.DUTY * self._last_drain_s):
             return False
-        if self._drain_s_per_step is None:  # the probe
+        if self._per_step_s is None:  # the probe
             return self._ends > 1 and self.steps >= self.PROBE_STEPS
         if self._step_s is None:
             return False
-        return self.steps * self._drain_s_per_step >= self.SHARE * self._step_s
+        if self.steps >= 2 * max(k for k, _ in self._samples):
+            return True
+        return self.steps * self._per_step_s >= max(self.SHARE * self._step_s - self._fixed_s, self._fixed_s)
+
+
+def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed, per step) seconds of a drain, by least squares over (steps, seconds) samples. Where
+    they cannot tell the two apart (one size of drain, or a fit with a part below zero), all of
+    the cost is read as per step: the reading that drains soonest."""
+    n = len(samples)
+    mean_k = sum(k for k, _ in samples) / n
+    mean_s = sum(s for _, s in samples) / n
+    var = sum((k - mean_k) ** 2 for k, _ in samples)
+    if var > 0:
+        per_step = sum((k - mean_k) * (s - mean_s) for k, s in samples) / var
+        fixed = mean_s - per_step * mean_k
+        if per_step > 0 and fixed >= 0:
+            return fixed, per_step
+    return 0.0, sum(s / k for k, s in samples) / n
 
 
 def _running_mean(mean: float | None, value: float, weight: float) -> float:

@@ -205,8 +205,30 @@ def test_drain_pacing_keeps_each_drain_under_a_share_of_a_step():
             covered = pacing.steps
             pacing.drained(covered * 0.0012)
             clock[0] += covered * 0.0012  # the drain is in the next step's time, which is not counted
-    # 0.5 x 20 ms of drain at 1.2 ms a step: every 9th step drains, 10.8 ms each.
-    assert ends == [8, 17, 26, 35, 44, 53, 62, 71]
+    # 0.5 x 20 ms of drain at 1.2 ms a step: every 9th step drains, 10.8 ms each; the first
+    # two cover 4 and 8 steps, twice the largest drain before (a fit is trusted no further).
+    assert ends == [3, 11, 20, 29, 38, 47, 56, 65, 74]
+
+
+def test_drain_pacing_lets_a_fixed_cost_be_paid_by_more_steps():
+    """A drain that costs 1.2 ms however few events it takes, and 0.03 ms a 5.5 ms step
+    besides (a decode loop on the CPU machine): read as all per step, the probe makes every
+    few steps drain at 1.3-1.5 ms each. Fitted as fixed + per step, drains grow until they
+    cost SHARE of a step: (0.5 x 5.5 - 1.2) / 0.03 = 51 steps, 2.75 ms each."""
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    covered = []
+    for _ in range(600):
+        clock[0] += 0.0055
+        pacing.step_ended()
+        if pacing.due():
+            covered.append(pacing.steps)
+            pacing.drained(0.0012 + 0.00003 * pacing.steps)
+    assert covered[:4] == [1, 4, 8, 16]  # the first step, the probe (MIN_GAP_S after), then twice the largest
+    assert set(covered[-5:]) == {52}  # 0.0012 + 52 x 0.00003 = 2.76 ms: just past 2.75
+    assert max(0.0012 + 0.00003 * k for k in covered) < 0.5 * 0.0055 + 0.00003
 
 
 def test_drain_pacing_drains_short_steps_no_more_often_than_its_gap():
