@@ -20,7 +20,7 @@ of tens of thousands of events takes milliseconds (about 100 ns an event with lz
 and so can the rename of a live meta.json, which goes with the flush it came with.
 On disk there is then always a prefix of the flushes, as a kill between two tables'
 writes leaves anyway; a kill loses the flushes still queued (at most
-WRITE_BEHIND_QUEUE). A write's error is raised by the next flush, or by finalize.
+write_behind.QUEUED). A write's error is raised by the next flush, or by finalize.
 
 Imports only numpy and pyarrow: this runs inside the profiled process.
 """
@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,6 +45,7 @@ from profiler.trace import schema
 from profiler.trace.files import atomic_path, atomic_write
 from profiler.trace.finalize.tables import finalize_tables
 from profiler.trace.journal import JournalWriter, read_journal
+from profiler.trace.write_behind import WriteBehind
 from profiler.units import human_bytes
 
 # Finalizing holds every table whole, with the copies that pairing and classifying make:
@@ -56,7 +55,6 @@ from profiler.units import human_bytes
 # the profiled process killed by the OOM killer as it leaves the capture.
 FINALIZE_BYTES_PER_EVENT = 320
 FINALIZE_MEMORY_SHARE = 0.75
-WRITE_BEHIND_QUEUE = 4  # flushes queued at most: a fifth waits for the first to be written
 
 
 class TooLargeToFinalize(VramscopeError, MemoryError):
@@ -154,7 +152,7 @@ class TraceWriter:
         self._pending: dict[str, list[pa.RecordBatch]] = {t: [] for t in self._schemas}
         self._journals: dict[str, JournalWriter] = {}
         self._abandoned = False  # abandon(): no more rows
-        self._behind = _WriteBehind() if write_behind else None
+        self._behind = WriteBehind() if write_behind else None
         self._published: set[str] = set()  # tables publish() wrote
         self.rows_written: dict[str, int] = dict.fromkeys(self._schemas, 0)  # journal rows, by table
         self.finalized = False
@@ -285,58 +283,6 @@ class TraceWriter:
         write_meta(self.run_dir, self.meta)
         self.finalized = True
         return self.run_dir
-
-
-class _WriteBehind:
-    """One thread that runs the flushes handed to it, in order (TraceWriter's write_behind).
-    After a write fails, the rest are dropped and the error is raised to the caller."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self._queue: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND_QUEUE)
-        self._error: BaseException | None = None
-        self._dropping = False
-        self._thread = threading.Thread(target=self._run, name="vramscope-journals", daemon=True)
-        self._thread.start()
-
-    def submit(self, write) -> None:
-        self._raise()
-        self._queue.put(write)  # waits while WRITE_BEHIND_QUEUE flushes are queued
-
-    def wait(self, raise_error: bool = True) -> None:
-        """Until every flush handed over is written; raises a write's error (or keeps it for
-        the next call that raises)."""
-        self._queue.join()
-        if raise_error:
-            self._raise()
-
-    def stop(self, drop_queued: bool = False) -> None:
-        """Write what is queued (or drop it), end the thread; raises a write's error."""
-        self._dropping = drop_queued
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if not drop_queued:
-            self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._dropping = True  # nothing more is written: the journals end where the error left them
-            raise error
-
-    def _run(self) -> None:
-        while True:
-            write = self._queue.get()
-            try:
-                if write is None:
-                    return
-                if not self._dropping and self._error is None:
-                    write()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller at its next flush
-                self._error = e
-            finally:
-                self._queue.task_done()
 
 
 def check_memory_for(events: int, run_dir: Path | None = None) -> None:
