@@ -84,6 +84,7 @@ class NativeColumns:
         self._frame_of: list[int] = []  # tracker frame id -> interner frame id
         self._frames_text: list[tuple] = []  # tracker frame id -> (filename, line, name)
         self._stack_of = np.zeros(0, dtype=np.int32)  # tracker stack id -> interner stack id
+        self._read_markers: list[int] = []  # label ids of markers the last drain read
 
     def _columns(self, got: dict, step: int) -> dict | None:
         """A drain's arrays as writer columns, its new frames and stacks interned (None:
@@ -113,6 +114,8 @@ class NativeColumns:
             not self.positions_need_drain,  # CUDA: markers begin steps; CPU: a drain is one step
         )
         stack_ids = codes["stack_id"]
+        tag = self._tag_column(got["label"], stack_ids, codes)
+        self._forget_markers(known)
         return {
             "ts_us": got["ts_us"],
             "action": pa.DictionaryArray.from_arrays(codes["action"], _ACTIONS),
@@ -120,7 +123,7 @@ class NativeColumns:
             "size_bytes": got["size"],
             "stream": got["stream"],
             "step": np.full(n, step, dtype=np.int32),
-            "tag": self._tag_column(got["label"], stack_ids, codes),
+            "tag": tag,
             "stack_id": pa.array(stack_ids, mask=stack_ids < 0) if self.stacks else None,
             # What hook sampling reads (profiler/capture/sampling.py): each block event's site,
             # in runs of one step. No column of the writer's, which it would decode again.
@@ -131,6 +134,16 @@ class NativeColumns:
                 last_step=codes["last_step"],
             ),
         }
+
+    def _forget_markers(self, known: int) -> None:
+        """Forget the labels of the markers the drain before this one read, and remember this
+        drain's new ones (labels from `known` on). One drain late: a marker's own free may be
+        the next drain's first event (a drain from the OOM observer, inside the marker's alloc)."""
+        if self._read_markers:
+            for label in self.tracker.forget_labels(self._read_markers):
+                self._labels[label] = ""
+        steps = self._marker_step[known : len(self._labels)]
+        self._read_markers = (np.flatnonzero(steps != -1) + known).tolist()
 
     def _take_stacks(self, frames: list, stacks: list) -> None:
         intern = self.interner

@@ -462,3 +462,35 @@ def test_drain_codes_refuse_a_label_python_does_not_know(tracker):
     one = np.zeros(1, np.int32)
     with pytest.raises(ValueError, match="label"):
         tracker.drain_codes(one + 3, one, one.astype(np.int8), one, np.full(4, -1, np.int64), 2, True)
+
+
+def test_markers_labels_are_forgotten_once_drained_and_their_tags_kept(tracker, monkeypatch):
+    """A step a token makes a marker label a token: the tracker drops each one's text once a
+    drain has read it (one drain late), while the drains hand over every marker's tag."""
+    from profiler.capture.native_cuda import NativeCudaBackend
+    from profiler.trace.finalize.markers import marker_tag, parse_marker
+
+    _FakeCuda(monkeypatch)
+    backend = NativeCudaBackend(tracker, stacks=False)
+    backend.start()
+    first = len(tracker.labels_from(0))  # labels are the process's: earlier tests made some
+    seen_markers = []
+    for drain in range(4):
+        for step in range(drain * 5, drain * 5 + 5):
+            backend.set_tag(marker_tag(step, step))
+            tracker.record_for_test(ALLOC, 0, 100, 512, 7)
+            backend.set_tag("forward|layer|")
+            tracker.record_for_test(ALLOC, 0, 200 + step, 512, 7)
+        cols = backend.drain(step=drain * 5 + 4)
+        tags = cols["tag"].to_pylist()
+        seen_markers += [parse_marker(t)[1] for t in tags if parse_marker(t) is not None]
+    assert seen_markers == list(range(20))
+    texts = tracker.labels_from(first)
+    forgotten = [first + i for i, t in enumerate(texts) if t == ""]
+    assert len(forgotten) == 15  # the first three drains' markers; the last drain's wait for the next
+    assert all(backend._labels[i] == "" for i in forgotten)
+    assert backend.get_tag() == "forward|layer|"
+    backend.set_tag(marker_tag(0, 0))  # a forgotten marker's text again: a label of its own
+    assert backend.get_tag() == marker_tag(0, 0)
+    backend.set_tag("")
+    backend.stop()

@@ -31,7 +31,8 @@ is private and changes between versions; elsewhere the variant without frames is
 built, and a capture that wants stacks falls back to torch's history); at most 64
 innermost frames per stack; forward ops are remembered for their backward in a ring
 of 65,536 sequence numbers, so a backward node made more than 65,536 ops before it
-runs gets no stack; labels are interned for the process's life.
+runs gets no stack; labels are interned for the process's life, except the markers',
+which are forgotten once drained.
 
 Built with the system's C++ compiler straight against torch's headers and
 libraries (no ninja, no nvcc): one shared object per source, flags, Python and

@@ -209,6 +209,7 @@ struct TimedPart {
 
 // Labels: id -> text and the first str object seen for it (held, and handed back by
 // get_tag so that set_tag(get_tag()) finds it by pointer). Touched under the GIL only.
+// Markers' labels are forgotten once read (forget_labels).
 std::vector<std::string> g_labels{""};
 std::vector<PyObject*> g_label_objs{nullptr};
 std::unordered_map<std::string, int32_t> g_label_ids{{"", 0}};
@@ -909,6 +910,29 @@ py::object get_tag() {
   return py::str(g_labels[tl_label]);
 }
 
+// Labels used once, the capture's position markers (one a step, for as long as it runs), are
+// forgotten once Python has read them: their text and str object go, and only their id's slot
+// stays, since drained columns hold the id. A decode loop makes a step a token: kept, their
+// labels grew the process by about 30 MB per 100,000 steps. A label still set on this thread
+// (the caller's) is kept. Returns the ids forgotten.
+std::vector<int32_t> forget_labels(const std::vector<int32_t>& ids) {
+  std::vector<int32_t> forgotten;
+  for (int32_t id : ids) {
+    if (id <= 0 || id >= static_cast<int32_t>(g_labels.size()) || id == tl_label) continue;
+    auto named = g_label_ids.find(g_labels[id]);
+    if (named != g_label_ids.end() && named->second == id) g_label_ids.erase(named);
+    if (PyObject* obj = g_label_objs[id]) {
+      auto held = g_label_by_obj.find(obj);  // before the str can go: its address may be reused
+      if (held != g_label_by_obj.end() && held->second == id) g_label_by_obj.erase(held);
+      g_label_objs[id] = nullptr;
+      Py_DECREF(obj);
+    }
+    std::string().swap(g_labels[id]);
+    forgotten.push_back(id);
+  }
+  return forgotten;
+}
+
 py::list labels_from(size_t first) {
   py::list out;
   for (size_t i = first; i < g_labels.size(); ++i) out.append(py::str(g_labels[i]));
@@ -1186,6 +1210,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_tag", &set_tag);
   m.def("get_tag", &get_tag);
   m.def("labels_from", &labels_from);
+  m.def("forget_labels", &forget_labels, "drop the text of labels used once (markers), keeping their ids");
   m.def("drain", &drain);
   m.def("drain_codes", &drain_codes, py::arg("label"), py::arg("stack"), py::arg("action"), py::arg("stack_of"),
         py::arg("marker_step"), py::arg("n_labels"), py::arg("markers"));
