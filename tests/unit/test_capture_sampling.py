@@ -106,6 +106,7 @@ def _with_sites(cols: dict) -> dict:
         np.array(marker_steps, np.int64),
         len(labels),
         True,
+        9,
     )
     sites = dict(keys=got["site_keys"], starts=got["site_starts"], steps=got["site_steps"], last_step=got["last_step"])
     return dict(_as_native_drain(cols), sites=sites)

@@ -436,7 +436,7 @@ def test_drain_codes_give_what_numpy_works_out_from_the_columns(tracker, markers
     marker_step = np.full(n_labels + 8, -1, np.int64)  # room beyond the known labels, as Python keeps it
     marker_step[[3, 7, 11, 19]] = [5, 6, 6, 9]
     marker_step[23] = -2  # a marker that names no step
-    got = tracker.drain_codes(label, stack, action, stack_of, marker_step, n_labels, markers)
+    got = tracker.drain_codes(label, stack, action, stack_of, marker_step, n_labels, markers, 9)
 
     known = (stack >= 0) & (stack < len(stack_of))
     stack_id = np.where(known, stack_of[np.where(known, stack, 0)], -1)
@@ -456,12 +456,14 @@ def test_drain_codes_give_what_numpy_works_out_from_the_columns(tracker, markers
     assert got["last_step"] == (int(marked[marked >= 0][-1]) if (marked >= 0).any() else -1)
 
 
-def test_drain_codes_refuse_a_label_python_does_not_know(tracker):
+def test_drain_codes_refuse_a_label_python_does_not_know_and_an_action_it_cannot_name(tracker):
     import numpy as np
 
     one = np.zeros(1, np.int32)
     with pytest.raises(ValueError, match="label"):
-        tracker.drain_codes(one + 3, one, one.astype(np.int8), one, np.full(4, -1, np.int64), 2, True)
+        tracker.drain_codes(one + 3, one, one.astype(np.int8), one, np.full(4, -1, np.int64), 2, True, 9)
+    with pytest.raises(ValueError, match="action"):
+        tracker.drain_codes(one, one, (one + 9).astype(np.int8), one, np.full(4, -1, np.int64), 2, True, 9)
 
 
 def test_markers_labels_are_forgotten_once_drained_and_their_tags_kept(tracker, monkeypatch):

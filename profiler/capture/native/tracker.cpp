@@ -1006,7 +1006,7 @@ py::dict drain() {
 // `markers`: whether markers split the stream into steps (CUDA), or the drain is one step.
 // Out:
 //   stack_id   interner stack id per event (-1: none);
-//   action     the action as int32 (Arrow's dictionary indices);
+//   action     the action as int32 (Arrow's dictionary indices: one of `n_actions`, checked);
 //   tag_code   per event, the rank of its label among the labels in use (`tag_used`, ascending);
 //   site_keys  per block event (alloc, free_requested, free_completed; markers aside), its
 //              site (stack id + 1) * 3 + action, in order;
@@ -1027,7 +1027,7 @@ py::array_t<T> filled_array(std::vector<T>&& v) {
 
 py::dict drain_codes(const InArray<int32_t>& label, const InArray<int32_t>& stack, const InArray<int8_t>& action,
                      const InArray<int32_t>& stack_of, const InArray<int64_t>& marker_step, int64_t n_labels,
-                     bool markers) {
+                     bool markers, int n_actions) {
   const py::ssize_t n = label.size();
   if (stack.size() != n || action.size() != n) throw py::value_error("drain columns of different lengths");
   if (n_labels < 0 || n_labels > marker_step.size()) throw py::value_error("more labels than marker steps");
@@ -1050,6 +1050,7 @@ py::dict drain_codes(const InArray<int32_t>& label, const InArray<int32_t>& stac
     int32_t sid = (s >= 0 && s < known_stacks) ? interned[s] : -1;
     stack_id[static_cast<size_t>(i)] = sid;
     int32_t a = act[i];
+    if (a < 0 || a >= n_actions) throw py::value_error("an action the drain has no name for");
     action32[static_cast<size_t>(i)] = a;
     bool block = a == kAllocAction || a == kFreeRequested || a == kFreeCompleted;
     if (markers) {
@@ -1213,7 +1214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forget_labels", &forget_labels, "drop the text of labels used once (markers), keeping their ids");
   m.def("drain", &drain);
   m.def("drain_codes", &drain_codes, py::arg("label"), py::arg("stack"), py::arg("action"), py::arg("stack_of"),
-        py::arg("marker_step"), py::arg("n_labels"), py::arg("markers"));
+        py::arg("marker_step"), py::arg("n_labels"), py::arg("markers"), py::arg("n_actions"));
   m.def("record_for_test", &record_for_test);
   m.def("start_cpu", &start_cpu, py::arg("stacks"), py::arg("max_depth"), py::arg("skip_prefix"));
   m.def("stop_cpu", &stop_cpu);
