@@ -26,8 +26,9 @@ class DrainPacing:
     would cost SHARE of a step to drain: drain seconds are fitted as fixed + per_step x steps
     over the last SAMPLES drains (least squares), and set against the usual step time (steps
     that drained left out). Where the fixed part alone is near SHARE of a step or more, a
-    drain waits until its steps cost as much as the fixed part: each drain is then at most
-    twice its least. A drain covers at most twice the steps of the largest drain measured, so
+    drain waits until its steps cost FLOOR of a step: it then costs the fixed part and little
+    more (waiting until they cost as much as the fixed part made tokens of 2x on a slow H200
+    host). A drain covers at most twice the steps of the largest drain measured, so
     that a fit is never trusted far past what it saw. Training steps, which make few events
     for their length, are still drained by the timer alone. A paced drain waits at least
     MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that costs
@@ -44,6 +45,7 @@ class DrainPacing:
     """
 
     SHARE = 0.5
+    FLOOR = 0.1
     PROBE_STEPS = 2
     MIN_GAP_S = 0.02
     DUTY = 10
@@ -93,7 +95,10 @@ class DrainPacing:
             return False
         if self.steps >= 2 * max(k for k, _ in self._samples):
             return True
-        return self.steps * self._per_step_s >= max(self.SHARE * self._step_s - self._fixed_s, self._fixed_s)
+        # The steps' part of the drain: what SHARE of a step leaves beyond the fixed part, and
+        # at least FLOOR of a step, where the fixed part alone takes most of SHARE.
+        variable = max(self.SHARE * self._step_s - self._fixed_s, self.FLOOR * self._step_s)
+        return self.steps * self._per_step_s >= variable
 
 
 def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:

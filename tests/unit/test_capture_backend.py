@@ -231,6 +231,25 @@ def test_drain_pacing_lets_a_fixed_cost_be_paid_by_more_steps():
     assert max(0.0012 + 0.00003 * k for k in covered) < 0.5 * 0.0055 + 0.00003
 
 
+def test_drain_pacing_adds_little_to_a_fixed_cost_that_takes_most_of_the_share():
+    """A host where a drain's fixed part alone (4 ms) takes most of SHARE of a 5.5 ms step:
+    drains wait only until their steps cost FLOOR of a step, so none costs much more than
+    the fixed part it cannot avoid."""
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    costs = []
+    for _ in range(600):
+        clock[0] += 0.0055
+        pacing.step_ended()
+        if pacing.due():
+            costs.append(0.004 + 0.00003 * pacing.steps)
+            pacing.drained(costs[-1])
+    assert max(costs[2:]) <= 0.004 + DrainPacing.FLOOR * 0.0055 + 0.00003
+    assert len(costs) < 600 / 15  # not every few steps: each drain covers FLOOR's worth (19 steps)
+
+
 def test_drain_pacing_drains_short_steps_no_more_often_than_its_gap():
     from profiler.capture.feed import DrainPacing
 
