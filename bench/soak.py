@@ -3,7 +3,11 @@
     python bench/soak.py [--seconds 1800] [--json bench/results/soak.json] [--device cuda]
 
 gpt2-small, bf16 autocast, fused AdamW, B8x1024 (the train row of bench/overhead.py) on
-CUDA; a small GPT on the CPU (`--device cpu`). One `profiler.profile()` runs for
+CUDA; a small GPT on the CPU (`--device cpu`). `--workload decode`: transformers'
+generate() instead, 64 new tokens a call, every token a step (the generate row of
+bench/overhead.py on CUDA; on the CPU bench/drain_costs.py's model, under a backend that
+marks steps and drains as the CUDA one does, so that a step a token makes a marker a token).
+A "step" below is then one generate() call. One `profiler.profile()` runs for
 `--seconds`; the process's resident set (VmRSS) is sampled every `--every` seconds.
 Reported: RSS growth over the capture and after its warm-up (the first minute, or the
 first quarter of a shorter run: the tracker's interning tables and the first steps'
@@ -48,6 +52,36 @@ def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
     return sum((t - t_mean) * (m - m_mean) for t, m in samples) / var * 60
 
 
+def train_step_of(cuda: bool, device: str):
+    """(one training step, its name), warm."""
+    cfg = preset("gpt2-small") if cuda else preset("tiny")
+    torch.manual_seed(0)
+    model, opt = build(cfg, device=device, fused=True if cuda else None)
+    batch = make_batch(cfg, device=device)
+    dtype = torch.bfloat16 if cuda else None
+    for _ in range(3):  # kernels, optimizer state
+        train_step(model, opt, batch, autocast_dtype=dtype).item()
+    name = "gpt2-small bf16 fused AdamW B8x1024" if cuda else "tiny GPT, AdamW"
+    return (lambda: train_step(model, opt, batch, autocast_dtype=dtype).item()), name
+
+
+def decode_step(cuda: bool, device: str):
+    """(one generate() call of 64 tokens, its name), warm; on the CPU, captures get a backend
+    that marks steps as the CUDA one does."""
+    from bench.drain_costs import cuda_like_backend
+    from bench.overhead_rows import generate_round
+    from bench.tracker_costs import CPU_SHAPE
+    from profiler.capture import session
+
+    if cuda:
+        one_call = generate_round(64)
+        return (lambda: one_call(None)), "generate() B16, a Llama the size of gpt2-small, bf16"
+    torch.set_num_threads(1)
+    session.make_backend = cuda_like_backend()
+    one_call = generate_round(64, device="cpu", shape=CPU_SHAPE, batch=4)
+    return (lambda: one_call(None)), "generate() B4, 12-layer Llama of width 64, CUDA-like capture"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1800, help="how long the capture stays on")
@@ -55,18 +89,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/results/soak.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     ap.add_argument("--keep", action="store_true", help="keep the trace")
+    ap.add_argument("--workload", default="train", choices=("train", "decode"))
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.every <= 0:
         print("--seconds and --every must be positive", file=sys.stderr)
         return 2
     cuda = args.device == "cuda"
-    cfg = preset("gpt2-small") if cuda else preset("tiny")
-    torch.manual_seed(0)
-    model, opt = build(cfg, device=args.device, fused=True if cuda else None)
-    batch = make_batch(cfg, device=args.device)
-    dtype = torch.bfloat16 if cuda else None
-    for _ in range(3):  # kernels, optimizer state
-        train_step(model, opt, batch, autocast_dtype=dtype).item()
+    step, workload = (decode_step if args.workload == "decode" else train_step_of)(cuda, args.device)
     out = Path(tempfile.mkdtemp(prefix="vramscope-soak-"))
     rss0 = rss_mb()
     samples: list[tuple[float, float]] = []
@@ -79,7 +108,7 @@ def main(argv=None) -> int:
                 samples.append((now, rss_mb()))
                 next_sample += args.every
             t = time.perf_counter()
-            train_step(model, opt, batch, autocast_dtype=dtype).item()
+            step()
             steps.append(time.perf_counter() - t)
         samples.append((time.perf_counter() - t_start, rss_mb()))
     rss_after_finalize = rss_mb()
@@ -94,7 +123,8 @@ def main(argv=None) -> int:
         device=torch.cuda.get_device_name() if cuda else "cpu",
         torch=torch.__version__,
         python=sys.version.split()[0],
-        workload="gpt2-small bf16 fused AdamW B8x1024" if cuda else "tiny GPT, AdamW",
+        workload=workload,
+        profiler_steps=meta.get("steps_completed"),
         seconds=samples[-1][0],
         steps=len(steps),
         rss_before_capture_mb=rss0,
