@@ -30,7 +30,7 @@ from profiler.trace.model import Trace
 from profiler.trace.problems import check_regular, reading, trace_error
 
 # finalize_tables derives events and segments categories from these raw tables.
-_CLASSIFY_INPUTS = ("events", "roles", "segments")
+_CLASSIFY_INPUTS = ("events", "roles", "segments", "frames", "stacks")  # stacks: sites.py
 
 
 # -- tables ---------------------------------------------------------------------------

@@ -149,6 +149,42 @@ def test_kv_cache_allocations_are_the_cache(dynamic):
     assert (kv_allocs["phase"] == "forward").all()
 
 
+def test_without_stacks_the_wrap_stamps_what_the_update_allocates(tmp_path):
+    """With stacks, finalize reads kv_cache from the cache code's frames (finalize/sites.py) and
+    the wrap stamps nothing; without them, the wrap's hint gives the same categories."""
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
+    with profiler.profile(out=tmp_path, name="bare", backend="cpu", stacks=False) as prof:
+        kept = model.generate(  # noqa: F841 - its cache stays alive past the capture's end
+            ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+        )
+    ev = load_trace(prof.run_dir).events
+    assert ev["stack_id"].isna().all()
+    kv_allocs = ev[(ev["action"] == "alloc") & (ev["category"] == "kv_cache")]
+    assert len(kv_allocs) == NEW * LAYERS * 2
+    for s in range(NEW):
+        assert kv_alive(ev, upto_step=s) == kv_formula(PROMPT + s), s
+
+
+def test_with_stacks_the_wrap_only_marks_its_cache_changed(tmp_path, monkeypatch):
+    from profiler.capture.modules import ModuleTracer
+
+    retags = []
+    original = ModuleTracer.retag
+
+    def counted(self):
+        retags.append(self.local.hint)
+        original(self)
+
+    monkeypatch.setattr(ModuleTracer, "retag", counted)
+    trace, _ = generate(tmp_path, "stacks")
+    assert "kv_cache" not in retags
+    kv = trace.kv.sort_values("step")
+    assert kv["tokens"].tolist() == [PROMPT + s for s in range(NEW)]  # each update still marked its cache
+    ev = trace.events
+    assert ((ev["action"] == "alloc") & (ev["category"] == "kv_cache")).sum() == NEW * LAYERS * 2
+
+
 def test_the_wrap_ends_with_the_capture(dynamic):
     from transformers.cache_utils import Cache
 

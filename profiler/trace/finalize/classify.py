@@ -4,7 +4,8 @@ Classifying after the fact costs nothing in the profiled process and can use
 the future: whether a forward allocation outlived its phase is only known
 when it is freed. The rules, in order of precedence:
 
-1. a category hint stamped at allocation time (the KV-cache context);
+1. a category hint stamped at allocation time (the KV-cache context), or read from
+   where the allocation was made (sites.py: transformers' cache update);
 2. a registered role: the allocation that is live at `addr` at the role's
    `event_index` is a parameter (or buffer), gradient, optimizer state or KV cache;
 2b. a weak hint: FSDP's collectives stamp what they allocate (all-gather,

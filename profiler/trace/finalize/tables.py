@@ -19,6 +19,7 @@ from profiler.trace import schema
 from profiler.trace.finalize import markers
 from profiler.trace.finalize.blocks import AllocatorRules, BlockReplay, block_sizes
 from profiler.trace.finalize.classify import CATEGORY_VALUES, classify_events
+from profiler.trace.finalize.sites import hints_from_sites
 from profiler.trace.finalize.templates import TemplateFill, fill_from_templates, phase_runs
 from profiler.trace.schema import STR, Phase
 from profiler.trace.tags import MARKER_PHASE, parse_tag
@@ -171,6 +172,9 @@ def finalize_tables(
     action = _strings(ev, "action") if ev.num_rows else np.array([], object)
     parts, fill = _event_tags(ev, action, raw["steps"])
     (phase_values, phase_codes), (module_values, module_codes), (hint_values, hint_codes) = parts
+    if ev.num_rows:  # categories that allocation sites imply (transformers' cache code)
+        stack = _column_np(ev, "stack_id", fill=-1)
+        hint_values, hint_codes = hints_from_sites(stack, hint_values, hint_codes, raw["frames"], raw["stacks"])
     if fill is not None:
         facts.update(fill.counts())
         # The tail after the last completed step (teardown) is no step the script ran: no spans.
