@@ -24,13 +24,14 @@ class DrainPacing:
     a decode loop of 3 ms tokens puts 0.5 s of events (some 100,000) into one token: that
     token takes 7x the others. So a step end also drains once the steps since the last drain
     would cost SHARE of a step to drain: drain seconds are fitted as fixed + per_step x steps
-    over the last SAMPLES drains (least squares), and set against the usual step time (steps
-    that drained left out). Where the fixed part alone is near SHARE of a step or more, a
-    drain waits until its steps cost FLOOR of a step: it then costs the fixed part and little
-    more (waiting until they cost as much as the fixed part made tokens of 2x on a slow H200
-    host). A drain covers at most twice the steps of the largest drain measured, so
-    that a fit is never trusted far past what it saw. Training steps, which make few events
-    for their length, are still drained by the timer alone. A paced drain waits at least
+    over the last SAMPLES drains (median slopes, which one slow drain does not move: _fit),
+    and set against the usual step time (steps that drained left out). Where the fixed part
+    alone is near SHARE of a step or more, a drain waits until its steps cost FLOOR of a step:
+    it then costs the fixed part and little more (waiting until they cost as much as the
+    fixed part made tokens of 2x on a slow H200 host). A drain covers at most twice the
+    steps of the largest drain measured, so that a fit is never trusted far past what it saw.
+    Training steps, which make few events for their length, are still drained by the timer
+    alone. A paced drain waits at least
     MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that costs
     the same however few events it takes (torch's history snapshots every live block) would
     otherwise be paced into every step.
@@ -78,7 +79,11 @@ class DrainPacing:
         first = self._ends <= 1
         if self.steps and not first:
             self._samples = [*self._samples[-(self.SAMPLES - 1) :], (self.steps, seconds)]
-            self._fixed_s, self._per_step_s = _fit(self._samples)
+            fit = _fit(self._samples)
+            if fit is not None:
+                self._fixed_s, self._per_step_s = fit
+            elif self._per_step_s is None:  # one size so far: all of it per step, which drains soonest
+                self._fixed_s, self._per_step_s = 0.0, sum(s / k for k, s in self._samples) / len(self._samples)
         self.steps = 0
         self._drained_in_step = True
         self._last_drain, self._last_drain_s = self._clock(), 0.0 if first else seconds
@@ -101,20 +106,32 @@ class DrainPacing:
         return self.steps * self._per_step_s >= variable
 
 
-def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed, per step) seconds of a drain, by least squares over (steps, seconds) samples. Where
-    they cannot tell the two apart (one size of drain, or a fit with a part below zero), all of
-    the cost is read as per step: the reading that drains soonest."""
-    n = len(samples)
-    mean_k = sum(k for k, _ in samples) / n
-    mean_s = sum(s for _, s in samples) / n
-    var = sum((k - mean_k) ** 2 for k, _ in samples)
-    if var > 0:
-        per_step = sum((k - mean_k) * (s - mean_s) for k, s in samples) / var
-        fixed = mean_s - per_step * mean_k
-        if per_step > 0 and fixed >= 0:
-            return fixed, per_step
-    return 0.0, sum(s / k for k, s in samples) / n
+def _fit(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """(fixed, per step) seconds of a drain, from (steps, seconds) samples, robustly: per step is
+    the median of the slopes between samples whose sizes differ by half or more (Theil-Sen), at
+    least zero, and fixed the median of what each sample leaves. One slow drain (a collection, a
+    busy disk, the first drains' new stacks) moves neither; least squares followed such a drain
+    to a slope below zero, read all the cost as per step, and drained every few steps
+    (bench/README.md). Samples too alike in size to tell the parts apart (drains of a settled
+    size, where a slope between 80 and 81 steps is noise) give None: the fit stays as it was."""
+    slopes = sorted(
+        (s2 - s1) / (k2 - k1)
+        for i, (k1, s1) in enumerate(samples)
+        for k2, s2 in samples[i + 1 :]
+        if max(k1, k2) >= _APART * min(k1, k2)
+    )
+    if not slopes:
+        return None
+    per_step = max(_median(slopes), 0.0)
+    return max(_median(sorted(s - per_step * k for k, s in samples)), 0.0), per_step
+
+
+_APART = 1.5  # sizes of two samples whose slope _fit reads
+
+
+def _median(ordered: list[float]) -> float:
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _running_mean(mean: float | None, value: float, weight: float) -> float:

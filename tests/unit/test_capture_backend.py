@@ -231,6 +231,36 @@ def test_drain_pacing_lets_a_fixed_cost_be_paid_by_more_steps():
     assert max(0.0012 + 0.00003 * k for k in covered) < 0.5 * 0.0055 + 0.00003
 
 
+def test_drain_pacing_is_not_thrown_by_a_slow_drain():
+    """Drains of 0.85 ms + 0.03 ms a step, where every fifth takes 4 ms more (a collection, a
+    busy disk): such a drain once bent a least-squares fit below zero, which read all of the cost
+    as per step and drained every few steps. The median slope keeps drains at their size:
+    (0.5 x 6.5 - 0.85) / 0.03 = 80 steps."""
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    covered = []
+    for _ in range(3000):
+        clock[0] += 0.0065
+        pacing.step_ended()
+        if pacing.due():
+            covered.append(pacing.steps)
+            slow = 0.004 if len(covered) % 5 == 0 else 0.0
+            pacing.drained(0.00085 + 0.00003 * pacing.steps + slow)
+    assert covered[:5] == [1, 4, 8, 16, 32]  # the first step, the probe (MIN_GAP_S after), twice the largest
+    assert min(covered[7:]) == 80 and max(covered[7:]) == 81, covered  # 0.85 + 81 x 0.03 = 3.28 ms
+
+
+def test_drain_pacing_fit_reads_the_median_slope():
+    from profiler.capture.feed import _fit
+
+    fixed, per_step = _fit([(2, 0.0010), (4, 0.0011), (8, 0.0013), (16, 0.0017), (12, 0.0090)])
+    assert abs(per_step - 0.00005) < 1e-9 and abs(fixed - 0.0009) < 1e-9  # the 9 ms drain moves neither
+    assert _fit([(4, 0.002), (8, 0.001)]) == (0.0015, 0.0)  # no slope below zero: the cost is fixed
+    assert _fit([(80, 0.003), (81, 0.007)]) is None  # sizes too alike: a slope of 4 ms a step is noise
+
+
 def test_drain_pacing_adds_little_to_a_fixed_cost_that_takes_most_of_the_share():
     """A host where a drain's fixed part alone (4 ms) takes most of SHARE of a 5.5 ms step:
     drains wait only until their steps cost FLOOR of a step, so none costs much more than
