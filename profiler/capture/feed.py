@@ -63,22 +63,26 @@ class DrainPacing:
         self._last_end: float | None = None
         self._last_drain = clock()
         self._last_drain_s = 0.0
+        self._cap = 0  # steps a drain covers at most: twice the largest sampled
         self._drained_in_step = False
         self._ends = 0  # step ends in all
 
-    def step_ended(self) -> None:
+    def step_ended(self) -> bool:
+        """A step ended; returns due(), read at the same clock."""
         now = self._clock()
         if self._last_end is not None and not self._drained_in_step:
             self._step_s = _running_mean(self._step_s, now - self._last_end, self._WEIGHT)
         self._last_end, self._drained_in_step = now, False
         self.steps += 1
         self._ends += 1
+        return self._due(now)
 
     def drained(self, seconds: float) -> None:
         """A drain took `seconds`; it covered the steps that ended since the last one."""
         first = self._ends <= 1
         if self.steps and not first:
             self._samples = [*self._samples[-(self.SAMPLES - 1) :], (self.steps, seconds)]
+            self._cap = 2 * max(k for k, _ in self._samples)
             fit = _fit(self._samples)
             if fit is not None:
                 self._fixed_s, self._per_step_s = fit
@@ -90,15 +94,18 @@ class DrainPacing:
 
     def due(self) -> bool:
         """Whether the steps not drained yet would cost SHARE of a step to drain."""
+        return self._due(self._clock())
+
+    def _due(self, now: float) -> bool:
         if self._ends == 1 and self.steps == 1:
             return True
-        if self._clock() - self._last_drain < max(self.MIN_GAP_S, self.DUTY * self._last_drain_s):
+        if now - self._last_drain < max(self.MIN_GAP_S, self.DUTY * self._last_drain_s):
             return False
         if self._per_step_s is None:  # the probe
             return self._ends > 1 and self.steps >= self.PROBE_STEPS
         if self._step_s is None:
             return False
-        if self.steps >= 2 * max(k for k, _ in self._samples):
+        if self.steps >= self._cap:
             return True
         # The steps' part of the drain: what SHARE of a step leaves beyond the fixed part, and
         # at least FLOOR of a step, where the fixed part alone takes most of SHARE.
@@ -152,6 +159,10 @@ class TraceFeed:
         self._role_cols: list[dict] = []
 
     def buffer(self, table: str, **row) -> None:
+        self._rows.setdefault(table, []).append(row)
+
+    def buffer_row(self, table: str, row: dict) -> None:
+        """buffer() of a dict that is the caller's no more (the steps row, once a step)."""
         self._rows.setdefault(table, []).append(row)
 
     def buffer_roles(self, cols: dict | None) -> None:

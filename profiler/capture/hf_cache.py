@@ -196,6 +196,8 @@ class CacheWatch:
 
     def step_ends(self, step: int) -> None:
         """Buffer this step's rows (measuring what changed since) as the kv rows of `step`."""
+        if not self._caches:  # none met (no rows either): a step end of every decode loop of its own
+            return
         try:
             self.measure()
         except Exception as e:

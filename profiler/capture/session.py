@@ -292,7 +292,7 @@ class Profiler:
             self._awaiting_dist_facts = False
         run = self._parts
         backend, feed = run.backend, run.feed
-        row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
+        row = dict(backend.stats_row(), step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on)
         self._set_phase(None)
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
@@ -301,13 +301,13 @@ class Profiler:
         self.step_index += 1
         pos = backend.position(self.step_index)
         row.update(events_seen=backend.events_seen, events_dropped=backend.dropped)
-        feed.buffer("steps", **row)
+        feed.buffer_row("steps", row)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        feed.pacing.step_ended()
+        paced = feed.pacing.step_ended()
         if backend.positions_need_drain:  # its events were drained above: its rows join them
             self._drain(events=False)
-        elif feed.due(self.options.drain_interval_s) or feed.pacing.due():
+        elif paced or feed.due(self.options.drain_interval_s):
             self._drain()  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
