@@ -1,0 +1,39 @@
+"""bench/token_costs.py's clocks are wired once each: every Cache.update call counted once,
+whichever wrapper the round has, and every step end either drained or clocked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from bench import token_costs  # noqa: E402
+from bench.tracker_costs import CPU_SHAPE  # noqa: E402
+
+
+def test_each_wrapper_counts_each_update_once(monkeypatch):
+    from profiler.capture import hf_cache, session
+
+    # The clocks patch these classes: put them back after the test.
+    for cls, name in ((session.Profiler, "_boundary"), (session.Profiler, "_drain")):
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    for name in ("measure", "__init__", "install"):
+        monkeypatch.setattr(hf_cache.CacheWatch, name, hf_cache.CacheWatch.__dict__[name])
+    monkeypatch.setattr(session, "make_backend", session.make_backend)
+    tokens, threads = 4, torch.get_num_threads()
+    try:
+        got = token_costs.measure(tokens, rounds=1)
+    finally:
+        torch.set_num_threads(threads)  # measure() pins one thread
+    for wrap in token_costs.WRAPS:
+        parts = got["parts"][wrap]
+        # a forward per new token (the prefill, then each decode), an update per layer and forward
+        assert parts["Cache.update"]["calls"] == CPU_SHAPE.n_layer * tokens, wrap
+        ends = parts["step end (no drain)"]["calls"] + parts["drain"]["calls"]
+        assert tokens - 1 <= ends <= tokens + 2, wrap  # a step a forward; a drain may end a capture
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert token_costs.main(["--tokens", "1"]) == 2
+    assert "--tokens" in capsys.readouterr().err
