@@ -1,5 +1,5 @@
 """bench/token_costs.py's clocks are wired once each: every Cache.update call counted once,
-whichever wrapper the round has, and every step end either drained or clocked."""
+whichever wrapper the round has or with no capture, and every step end either drained or clocked."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_each_wrapper_counts_each_update_once(monkeypatch):
         got = token_costs.measure(tokens, rounds=1)
     finally:
         torch.set_num_threads(threads)  # measure() pins one thread
+    assert got["parts"][token_costs.UNCAPTURED]["Cache.update"]["calls"] == CPU_SHAPE.n_layer * tokens
     for wrap in token_costs.WRAPS:
         parts = got["parts"][wrap]
         # a forward per new token (the prefill, then each decode), an update per layer and forward
@@ -37,3 +38,6 @@ def test_each_wrapper_counts_each_update_once(monkeypatch):
 def test_bad_arguments_exit_2(capsys):
     assert token_costs.main(["--tokens", "1"]) == 2
     assert "--tokens" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert token_costs.main(["--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
