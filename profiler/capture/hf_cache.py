@@ -42,10 +42,13 @@ _compiling = torch.compiler.is_compiling
 class CacheWatch:
     """Wraps transformers' Cache for one capture; buffers the kv rows of the caches it meets."""
 
-    def __init__(self, tracer, still_on: Callable[[], bool], feed, meta: dict, stamp: bool = True) -> None:
+    def __init__(
+        self, tracer, still_on: Callable[[], bool], feed, meta: dict, stamp: bool = True, kv_bytes=None
+    ) -> None:
         self._tracer = tracer  # stamps the kv_cache hint (the session's category, per call)
         self._stamp = stamp  # stamp the hint: events carry no stacks that finalize reads it from
         self.on = False  # wrapped, until uninstall (what the marking wrapper checks: no calls)
+        self._kv_bytes = kv_bytes  # the native tracker's, which measures a cache in one call (kv.py)
         self._still_on = still_on  # whether the capture is still the active one
         self._feed = feed
         self._meta = meta  # the writer's meta.json dict
@@ -182,7 +185,7 @@ class CacheWatch:
             cache = ref() if ref is not None else None
             if cache is None:
                 continue
-            row = kv_row(cache, name)
+            row = kv_row(cache, name, self._kv_bytes)
             if row is None:
                 continue
             self._rows[key] = dict(row, ts_us=time.time_ns() // 1000)

@@ -15,6 +15,10 @@ from their tensors without any change to the model:
 
 Quantized layers keep their states in `_quantized_keys`/`_quantized_values`, in layouts that
 differ by backend; only their plain K and V tensors (the residual window) are measured.
+
+A capture measures each cache at every decode forward's end. Given the native tracker's
+`kv_bytes` (`native=`), the layers' tensors are measured in one C++ call: the same figures
+as the loop here, without its half a dozen Python calls a tensor (bench/README.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import TypeGuard
 import torch
 
 
-def kv_row(cache, name: str | None = None) -> dict | None:
+def kv_row(cache, name: str | None = None, native=None) -> dict | None:
+    """A kv table row for `cache` now, or None (no states yet, not a cache we know).
+    `native`: the tracker's kv_bytes, for transformers' layer lists."""
     stats = getattr(cache, "kv_stats", None)
     if callable(stats):
         s = stats()
@@ -37,6 +43,18 @@ def kv_row(cache, name: str | None = None) -> dict | None:
             reserved_bytes=int(s["reserved_bytes"]),
             extra_bytes=int(s.get("extra_bytes", 0)),
         )
+    if native is not None and getattr(cache, "layers", None) is not None:
+        facts = native([(getattr(x, "keys", None), getattr(x, "values", None), _filled(x)) for x in cache.layers])
+        if facts is not None:  # None: no states, or a tensor without a storage of its own
+            _, batch, tokens, token_state, reserved = facts
+            return dict(
+                cache=name or type(cache).__name__,
+                batch=batch,
+                tokens=tokens,
+                token_state_bytes=token_state,
+                reserved_bytes=reserved,
+                extra_bytes=0,
+            )
     layers = list(_hf_layers(cache))
     if not layers:
         return None
@@ -85,6 +103,16 @@ def _states(t) -> TypeGuard[torch.Tensor]:
     return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.numel() > 0
 
 
+def _filled(layer) -> int:
+    """A preallocated layer's filled positions (get_seq_length), -1 for all of them."""
+    if getattr(layer, "max_cache_len", None) is None:
+        return -1
+    try:
+        return int(layer.get_seq_length())
+    except Exception:  # an unknown layer kind: count it as full
+        return -1
+
+
 def _hf_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(K, V, filled positions) of each layer of a transformers Cache that holds states,
     across its layouts over versions."""
@@ -94,14 +122,8 @@ def _hf_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
             if not (_states(k) and _states(v)):
                 continue
-            positions = k.shape[-2]
-            filled = positions
-            if getattr(layer, "max_cache_len", None) is not None:  # preallocated: filled up to its length
-                try:
-                    filled = min(int(layer.get_seq_length()), positions)
-                except Exception:  # an unknown layer kind: count it as full
-                    filled = positions
-            yield k, v, filled
+            positions, filled = k.shape[-2], _filled(layer)  # preallocated: filled up to its length
+            yield k, v, positions if filled < 0 else min(filled, positions)
         return
     keys, values = getattr(cache, "key_cache", None) or (), getattr(cache, "value_cache", None) or ()
     for k, v in zip(keys, values):  # older DynamicCache

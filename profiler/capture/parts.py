@@ -119,7 +119,10 @@ def open_parts(session, opts, rank, make_backend) -> CaptureParts:
     tracer = ModuleTracer(session, backend.set_tag, backend.get_tag)
     fsdp = FsdpInstrumentation(session, backend)
     inference = InferenceSteps(tracer, session._boundary, session.enter_phase, live=not opts.explicit_steps)
-    caches = CacheWatch(tracer, lambda: api.active() is session, feed, writer.meta, stamp=not backend.stacks)
+    kv_bytes = getattr(getattr(backend, "tracker", None), "kv_bytes", None)  # native backends' tracker
+    caches = CacheWatch(
+        tracer, lambda: api.active() is session, feed, writer.meta, stamp=not backend.stacks, kv_bytes=kv_bytes
+    )
     run = CaptureParts(backend, writer, feed, tracer, fsdp, CompileHook(), inference, caches)
     run.compiled.install()
     backend.attribute_compiled(CompiledTags(tracer.compiled_child))

@@ -31,6 +31,7 @@
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <c10/util/flat_hash_map.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/numpy.h>
@@ -1198,6 +1199,51 @@ py::dict part_times() {
 }
 #endif
 
+// A KV cache's facts in one call (profiler/capture/kv.py's kv_row, once per decode token):
+// each layer as (keys, values, filled), filled -1 for all its positions. A layer counts when
+// both are tensors of 2 or more dimensions with elements, as kv.py's _states says. Returns
+// (layers counted, batch, tokens, token-state bytes, reserved bytes), reserved counting each
+// storage once, or None where a tensor has no memory of its own (a wrapper subclass, a meta
+// tensor): the caller then measures in Python. The same figures as the Python loop, without its half a
+// dozen Python calls a tensor (tests/unit/test_kv_native.py compares the two).
+py::object kv_bytes(const py::list& layers) {
+  int64_t counted = 0, batch = 0, tokens = 0, token_state = 0, reserved = 0;
+  std::vector<std::pair<int64_t, const void*>> seen;  // (device, storage): a few dozen at most
+  for (const py::handle item : layers) {
+    auto entry = item.cast<py::tuple>();
+    PyObject* pair[2] = {entry[0].ptr(), entry[1].ptr()};
+    const int64_t hint = entry[2].cast<int64_t>();
+    bool states = true;
+    for (PyObject* o : pair) {
+      if (!THPVariable_Check(o)) {
+        states = false;
+        break;
+      }
+      const at::Tensor& t = THPVariable_Unpack(o);
+      if (t.dim() < 2 || t.numel() == 0) states = false;
+    }
+    if (!states) continue;
+    const at::Tensor& k = THPVariable_Unpack(pair[0]);
+    const int64_t positions = k.size(-2);
+    const int64_t filled = hint < 0 ? positions : std::min(hint, positions);
+    for (PyObject* o : pair) {
+      const at::Tensor& t = THPVariable_Unpack(o);
+      if (!t.has_storage() || t.storage().data() == nullptr) return py::none();
+      token_state += filled * (static_cast<int64_t>(t.nbytes()) / t.size(-2));
+      const auto& storage = t.storage();
+      const std::pair<int64_t, const void*> key{t.is_cpu() ? -1 : t.get_device(), storage.data()};
+      if (std::find(seen.begin(), seen.end(), key) == seen.end()) {
+        seen.push_back(key);
+        reserved += static_cast<int64_t>(storage.nbytes());
+      }
+    }
+    if (counted++ == 0) batch = k.size(0);
+    tokens = std::max(tokens, filled);
+  }
+  if (counted == 0) return py::none();
+  return py::make_tuple(counted, batch, tokens, token_state, reserved);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1220,6 +1266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stop_cpu", &stop_cpu);
   m.def("adopt", &adopt, "record a tensor's block that pre-dates the CPU capture");
   m.def("cpu_counters", &cpu_counters, "(allocated, peak) bytes: the replay of the CPU events");
+  m.def("kv_bytes", &kv_bytes, "a KV cache's (layers, batch, tokens, token-state bytes, reserved bytes)");
   m.attr("reads_frames") = kFrames;
 #if defined(VRAMSCOPE_TIME_PARTS)
   m.def("part_times", &part_times, "the calling thread's time per tracker part since the last call");
