@@ -31,10 +31,9 @@ class DrainPacing:
     fixed part made tokens of 2x on a slow H200 host). A drain covers at most twice the
     steps of the largest drain measured, so that a fit is never trusted far past what it saw.
     Training steps, which make few events for their length, are still drained by the timer
-    alone. A paced drain waits at least
-    MIN_GAP_S, and DUTY times as long as the last drain took, after it: a drain that costs
-    the same however few events it takes (torch's history snapshots every live block) would
-    otherwise be paced into every step.
+    alone. A paced drain waits at least MIN_GAP_S, and DUTY times as long as the last drain
+    took, after it: a drain that costs the same however few events it takes (torch's history
+    snapshots every live block) would otherwise be paced into every step.
 
     The first step end always drains. Its events hold most of the stacks the capture will
     ever see, and naming new stacks is the dearest part of a drain (a compiled model's
