@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import overhead_rows as rows  # noqa: E402
-from bench.tracker_costs import CPU_SHAPE  # noqa: E402
 
 # (module, class, attribute, name): what is timed, where it is defined
 PIECES = (
@@ -101,7 +100,7 @@ def measure(tokens: int, rounds: int) -> dict:
 
     feed.TraceFeed.drain = counted  # type: ignore[method-assign]
     timed_pieces(seconds)
-    run_round = rows.generate_round(tokens, device="cpu", shape=CPU_SHAPE, batch=4)
+    run_round = rows.generate_round(tokens, device="cpu", shape=rows.CPU_SHAPE, batch=4)
     out = rows.trace_dir()
     with rows._capture(out, "warm", "auto"):
         run_round(None)

@@ -206,6 +206,11 @@ def decode_round(kv: str, tokens: int) -> RoundFn:
 
 
 # -- generate ----------------------------------------------------------------------------------
+# The CPU benches' generate() model (tracker_costs, drain_costs, token_costs, soak): 12 layers
+# as gpt2-small has, each of width 64, so that a token is milliseconds on the CPU machine.
+CPU_SHAPE = GPTConfig(n_layer=12, n_head=2, n_embd=64, vocab_size=256, block_size=512, batch_size=4, seq_len=32)
+
+
 def generate(tokens: int, rounds: int, out: Path, capture_path: str, options: dict | None = None) -> dict:
     return alternate(generate_round(tokens), rounds, out, "generate", capture_path, options)
 

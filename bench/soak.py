@@ -69,8 +69,7 @@ def decode_step(cuda: bool, device: str):
     """(one generate() call of 64 tokens, its name), warm; on the CPU, captures get a backend
     that marks steps as the CUDA one does."""
     from bench.drain_costs import cuda_like_backend
-    from bench.overhead_rows import generate_round
-    from bench.tracker_costs import CPU_SHAPE
+    from bench.overhead_rows import CPU_SHAPE, generate_round
     from profiler.capture import session
 
     if cuda:

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import overhead_rows as rows  # noqa: E402
 from bench.drain_costs import cuda_like_backend  # noqa: E402
-from bench.tracker_costs import CPU_SHAPE  # noqa: E402
 
 WRAPS = ("stamp", "mark", "none")
 UNCAPTURED = "uncaptured"
@@ -128,7 +127,7 @@ def measure(tokens: int, rounds: int, device: str = "cpu") -> dict:
     if device == "cpu":
         torch.set_num_threads(1)
         session.make_backend = cuda_like_backend()
-        run_round = rows.generate_round(tokens, device="cpu", shape=CPU_SHAPE, batch=4)
+        run_round = rows.generate_round(tokens, device="cpu", shape=rows.CPU_SHAPE, batch=4)
     else:
         run_round = rows.generate_round(tokens)
     original = Cache.__dict__["update"]

@@ -35,15 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import profiler  # noqa: E402
 from bench import overhead_rows as rows  # noqa: E402
 from profiler.capture import native  # noqa: E402
-from workloads.model import GPTConfig  # noqa: E402
-
-CPU_SHAPE = GPTConfig(n_layer=12, n_head=2, n_embd=64, vocab_size=256, block_size=512, batch_size=4, seq_len=32)
 
 
 def make_round(row: str, tokens: int, device: str) -> rows.RoundFn:
     if row == "generate":
         if device == "cpu":
-            return rows.generate_round(tokens, device="cpu", shape=CPU_SHAPE, batch=4)
+            return rows.generate_round(tokens, device="cpu", shape=rows.CPU_SHAPE, batch=4)
         return rows.generate_round(tokens)
     return rows.decode_round(row.removeprefix("decode_"), tokens)
 

@@ -3,13 +3,20 @@ whichever wrapper the round has or with no capture, and every step end either dr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from bench import token_costs  # noqa: E402
-from bench.tracker_costs import CPU_SHAPE  # noqa: E402
+from bench.overhead_rows import CPU_SHAPE  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_each_wrapper_counts_each_update_once(monkeypatch):
@@ -33,6 +40,16 @@ def test_each_wrapper_counts_each_update_once(monkeypatch):
         assert parts["Cache.update"]["calls"] == CPU_SHAPE.n_layer * tokens, wrap
         ends = parts["step end (no drain)"]["calls"] + parts["drain"]["calls"]
         assert tokens - 1 <= ends <= tokens + 2, wrap  # a step a forward; a drain may end a capture
+
+
+def test_the_benches_of_the_plain_tracker_do_not_ask_for_the_timed_build():
+    """Only bench/tracker_costs.py builds the tracker with its part clocks (VRAMSCOPE_TIME_PARTS):
+    the benches that share its CPU model measure the tracker a capture really has."""
+    check = "import os, bench.token_costs, bench.drain_costs, bench.soak; print(os.environ.get('VRAMSCOPE_TIME_PARTS'))"
+    env = {k: v for k, v in os.environ.items() if k != "VRAMSCOPE_TIME_PARTS"}
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None"
 
 
 def test_bad_arguments_exit_2(capsys):
