@@ -172,7 +172,9 @@ def decode(kv: str, tokens: int, rounds: int, out: Path, capture_path: str, opti
 
 def decode_round(kv: str, tokens: int) -> RoundFn:
     """gpt2-small KV decode at B32 after a 128-token prompt, SDPA pinned to flash/efficient;
-    each decode step is one profiler step and records the cache (profiler.record_kv)."""
+    each decode step is one profiler step and records the cache (profiler.record_kv). A token
+    is timed from one step's end to the next, so that the step's record_kv and prof.step() (and
+    a drain at that step end) count, as they do in the user's loop."""
     cfg = InferConfig.from_toggles(
         "gpt2-small", {"kv": kv, "batch": 32, "prompt_len": 128}, steps=tokens, device="cuda"
     )
@@ -180,7 +182,7 @@ def decode_round(kv: str, tokens: int) -> RoundFn:
     prompt = make_prompt(cfg)
 
     def round_(prof):
-        times: list[float] = []
+        ends: list[float] = []
         with torch.no_grad(), sdpa_backends(cfg.device):
             cache, forward = make_decoder(cfg, model)
 
@@ -189,17 +191,10 @@ def decode_round(kv: str, tokens: int) -> RoundFn:
                     if cache is not None:
                         profiler.record_kv(cache)
                     prof.step()
+                ends.append(time.perf_counter())
 
-            greedy_decode(
-                forward,
-                prompt,
-                tokens,
-                recompute=False,
-                after_step=after_step,
-                times=times,
-                sync=torch.cuda.synchronize,
-            )
-        return times
+            greedy_decode(forward, prompt, tokens, recompute=False, after_step=after_step, sync=torch.cuda.synchronize)
+        return [b - a for a, b in zip(ends, ends[1:])]  # the prefill's step is not a token
 
     round_(None)  # kernels
     return round_
