@@ -152,7 +152,7 @@ class TraceFeed:
         self.writer = writer
         self.pacing = DrainPacing()
         self.events_since_boundary = 0  # events drained since the last step end
-        self.last_drain = time.perf_counter()
+        self.last_full_drain = time.perf_counter()  # rows and journals too (due() counts from it)
         self._meta_at = -float("inf")  # perf_counter of the last live meta.json write
         self._rows: dict[str, list[dict]] = {}  # table -> rows, until the next drain
         self._role_cols: list[dict] = []
@@ -169,8 +169,8 @@ class TraceFeed:
             self._role_cols.append(cols)
 
     def due(self, interval_s: float) -> bool:
-        """True once `interval_s` passed since the last drain."""
-        return time.perf_counter() - self.last_drain > interval_s
+        """True once `interval_s` passed since the last full drain (rows too)."""
+        return time.perf_counter() - self.last_full_drain > interval_s
 
     def meta_due(self, interval_s: float) -> bool:
         """Whether to rewrite the live meta.json now: at most once per `interval_s`. A rename
@@ -182,18 +182,23 @@ class TraceFeed:
         self._meta_at = now
         return True
 
-    def drain(self, step: int, with_segments: bool = False, events: bool = True) -> dict | None:
-        """Move new events (labelled `step`; none if not `events`) and buffered rows to the
-        writer; returns the events' columns."""
+    def drain(self, step: int, with_segments: bool = False, events: bool = True, rows: bool = True) -> dict | None:
+        """Move new events (labelled `step`; none if not `events`) and, if `rows`, the buffered
+        rows and new stacks to the writer; returns the events' columns. A drain without rows
+        is a paced one (or a CPU step's): a few rows a step cost as much to convert as a
+        drain's events (three small tables, 130 us each on the CPU machine), so they wait for
+        the timer's drain, which also flushes. Nothing reaches disk in between, so the
+        journals still agree at every flush."""
         failure = getattr(self.backend, "failure", None)
         if failure is not None:  # the backend stopped recording on an error of ours: so does the capture
             raise failure
         cols = self.backend.drain(step, with_segments) if events else None
-        self.last_drain = time.perf_counter()
         if cols:
             self.events_since_boundary += len(cols["ts_us"])
             self.writer.append("events", cols)
-        self.push_rows()
+        if rows:
+            self.last_full_drain = time.perf_counter()
+            self.push_rows()
         return cols
 
     def push_rows(self) -> None:

@@ -195,7 +195,7 @@ class Profiler:
         """
         backend = self._parts.backend
         if backend.positions_need_drain:
-            self._drain(flush=False)
+            self._drain(full=False)
         return backend.position(self.step_index)
 
     @guarded
@@ -296,7 +296,7 @@ class Profiler:
         self._set_phase(None)
         run.step_ends(self.step_index)
         if backend.positions_need_drain:  # drained before the index moves: events keep their step
-            self._drain(flush=False)
+            self._drain(full=False)
         self._sampling.step_ended(self.step_index, self._hooks_on, row.get("max_allocated_bytes"))
         self.step_index += 1
         pos = backend.position(self.step_index)
@@ -304,11 +304,10 @@ class Profiler:
         feed.buffer_row("steps", row)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        paced = feed.pacing.step_ended()
-        if backend.positions_need_drain:  # its events were drained above: its rows join them
-            self._drain(events=False)
-        elif paced or feed.due(self.options.drain_interval_s):
-            self._drain()  # before deciding: the sampling learns from the drained steps
+        paced, timed = feed.pacing.step_ended(), feed.due(self.options.drain_interval_s)
+        events = not backend.positions_need_drain  # else drained above, and rows go on the timer
+        if timed or paced and events:  # before deciding: the sampling learns from the drained steps
+            self._drain(full=timed, events=events)
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
         self._capture_s += time.perf_counter() - t0
@@ -322,11 +321,11 @@ class Profiler:
         self._hooks_on = on
 
     # -- draining -----------------------------------------------------------------------
-    def _drain(self, with_segments: bool = False, flush: bool = True, events: bool = True) -> None:
-        """Move new allocator events (if `events`) and buffered rows to the writer; flush the journals."""
+    def _drain(self, with_segments: bool = False, full: bool = True, events: bool = True) -> None:
+        """Move new allocator events (if `events`) to the writer; `full`: rows too, and flush (feed.py)."""
         run, t0 = self._parts, time.perf_counter()
-        self._sampling.observe(run.feed.drain(self.step_index, with_segments, events))
-        if flush:
+        self._sampling.observe(run.feed.drain(self.step_index, with_segments, events, rows=full))
+        if full:
             run.writer.flush(self._live_meta() if run.feed.meta_due(self.options.drain_interval_s) else None)
         run.feed.pacing.drained(time.perf_counter() - t0)
 
@@ -358,7 +357,7 @@ class Profiler:
         run = self._parts
         backend, feed = run.backend, run.feed
         run.caches.step_ends(self.step_index)
-        self._drain(with_segments=True, flush=False)
+        self._drain(with_segments=True, full=False)  # rows below, once the last ones are buffered
         if feed.events_since_boundary or self.step_index == 0:
             row = dict(step=self.step_index, ts_us=_now_us(), modules_hooked=self._hooks_on, **backend.stats_row())
             feed.buffer("steps", events_seen=backend.events_seen, events_dropped=backend.dropped, **row)

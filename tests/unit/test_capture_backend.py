@@ -333,3 +333,44 @@ def test_drain_pacing_leaves_a_drain_of_fixed_cost_to_the_timer():
             pacing.drained(0.100)
             clock[0] += 0.100
     assert paced == 1  # the probe
+
+
+def test_a_paced_drain_moves_events_and_leaves_rows_and_the_journals_to_the_timer(tmp_path, monkeypatch):
+    """A paced drain converts events only: the few rows a step buffers cost a conversion a
+    table, so they go with the timer's drain, which flushes. Nothing reaches disk in between,
+    and every step's row and every event reach the trace."""
+    import torch
+
+    from profiler.capture import feed, session
+    from profiler.trace.reader import load_trace
+    from profiler.trace.writer import TraceWriter
+
+    backend = _MarkerLikeBackend(stacks=False)
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(feed.DrainPacing, "step_ended", lambda self: True)  # every step end drains
+    writes = []
+    for name in ("append_rows", "flush"):
+        original = getattr(TraceWriter, name)
+
+        def recorded(self, *args, _original=original, _name=name, **kwargs):
+            writes.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TraceWriter, name, recorded)
+    model = torch.nn.Linear(4, 4)
+    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=3600) as prof:
+        started = len(writes)
+        for _ in range(4):
+            model(torch.randn(2, 4))
+            prof.step()
+        during = writes[started:]
+        prof._parts.feed.last_full_drain = -float("inf")  # the timer is due at the next step end
+        model(torch.randn(2, 4))
+        prof.step()
+        timed = writes[started + len(during) :]
+    assert backend.drains == [1, 2, 3, 4, 5, 5]  # each step end, then the end's
+    assert during == []
+    assert "append_rows" in timed and timed[-1] == "flush"
+    trace = load_trace(prof.run_dir)
+    assert list(trace.steps["step"]) == [0, 1, 2, 3, 4, 5]
+    assert len(trace.events) == backend.events_seen
