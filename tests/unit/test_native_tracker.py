@@ -466,6 +466,26 @@ def test_drain_codes_refuse_a_label_python_does_not_know_and_an_action_it_cannot
         tracker.drain_codes(one, one, (one + 9).astype(np.int8), one, np.full(4, -1, np.int64), 2, True, 9)
 
 
+def test_drain_codes_rank_each_drains_labels_alone(tracker):
+    """The labels' ranks are kept between drains and reset after each, a refused one too: a
+    drain's tag codes name only its own labels, however many came before it."""
+    import numpy as np
+
+    def codes(labels, n_labels):
+        label = np.array(labels, np.int32)
+        zeros = np.zeros(len(label), np.int32)
+        got = tracker.drain_codes(
+            label, zeros, zeros.astype(np.int8), zeros, np.full(n_labels, -1, np.int64), n_labels, True, 9
+        )
+        return got["tag_used"].tolist(), got["tag_code"].tolist()
+
+    assert codes([5, 2, 5, 9], 10) == ([2, 5, 9], [1, 0, 1, 2])
+    with pytest.raises(ValueError, match="label"):
+        codes([3, 7, 12], 10)  # 3 and 7 ranked before 12 is refused
+    assert codes([7, 1, 7], 10) == ([1, 7], [1, 0, 1])
+    assert codes([40_000, 3], 50_000) == ([3, 40_000], [1, 0])  # more labels than any drain before
+
+
 def test_markers_labels_are_forgotten_once_drained_and_their_tags_kept(tracker, monkeypatch):
     """A step a token makes a marker label a token: the tracker drops each one's text once a
     drain has read it (one drain late), while the drains hand over every marker's tag."""

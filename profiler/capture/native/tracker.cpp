@@ -1039,14 +1039,29 @@ py::dict drain_codes(const InArray<int32_t>& label, const InArray<int32_t>& stac
   const py::ssize_t known_stacks = stack_of.size();
   const int64_t* marked = marker_step.data();
   std::vector<int32_t> stack_id(static_cast<size_t>(n)), action32(static_cast<size_t>(n)), tag_code(static_cast<size_t>(n));
-  std::vector<int32_t> rank(static_cast<size_t>(n_labels), -1), keys;
+  std::vector<int32_t> keys, used;
   std::vector<int64_t> starts, steps;
+  // Label id -> its rank among the labels in use, -1 outside a call: kept between calls (under
+  // the GIL) and reset label by label. Made afresh, it was a pass over every label ever made
+  // (markers make one a step), so each drain of a long decode loop grew with the steps behind it.
+  static std::vector<int32_t> rank;
+  if (rank.size() < static_cast<size_t>(n_labels)) rank.resize(static_cast<size_t>(n_labels), -1);
+  struct Reset {
+    std::vector<int32_t>& rank;
+    std::vector<int32_t>& used;
+    ~Reset() {
+      for (int32_t l : used) rank[static_cast<size_t>(l)] = -1;
+    }
+  } reset{rank, used};
   keys.reserve(static_cast<size_t>(n));
   int64_t step = -1, last_step = -1;
   for (py::ssize_t i = 0; i < n; ++i) {
     int32_t l = lab[i];
     if (l < 0 || l >= n_labels) throw py::value_error("a drained label that Python does not know");
-    rank[static_cast<size_t>(l)] = 0;
+    if (rank[static_cast<size_t>(l)] < 0) {
+      rank[static_cast<size_t>(l)] = 0;
+      used.push_back(l);
+    }
     int32_t s = stk[i];
     int32_t sid = (s >= 0 && s < known_stacks) ? interned[s] : -1;
     stack_id[static_cast<size_t>(i)] = sid;
@@ -1066,19 +1081,15 @@ py::dict drain_codes(const InArray<int32_t>& label, const InArray<int32_t>& stac
     }
     keys.push_back((sid + 1) * 3 + a);
   }
-  std::vector<int32_t> used;
-  for (int64_t l = 0; l < n_labels; ++l) {
-    if (rank[static_cast<size_t>(l)] == 0) {
-      rank[static_cast<size_t>(l)] = static_cast<int32_t>(used.size());
-      used.push_back(static_cast<int32_t>(l));
-    }
-  }
+  std::sort(used.begin(), used.end());
+  for (size_t r = 0; r < used.size(); ++r) rank[static_cast<size_t>(used[r])] = static_cast<int32_t>(r);
   for (py::ssize_t i = 0; i < n; ++i) tag_code[static_cast<size_t>(i)] = rank[static_cast<size_t>(lab[i])];
+  std::vector<int32_t> used_out(used);  // `used` itself resets `rank` on the way out
   py::dict out;
   out["stack_id"] = filled_array(std::move(stack_id));
   out["action"] = filled_array(std::move(action32));
   out["tag_code"] = filled_array(std::move(tag_code));
-  out["tag_used"] = filled_array(std::move(used));
+  out["tag_used"] = filled_array(std::move(used_out));
   out["site_keys"] = filled_array(std::move(keys));
   out["site_starts"] = filled_array(std::move(starts));
   out["site_steps"] = filled_array(std::move(steps));
