@@ -184,11 +184,10 @@ class TraceFeed:
 
     def drain(self, step: int, with_segments: bool = False, events: bool = True, rows: bool = True) -> dict | None:
         """Move new events (labelled `step`; none if not `events`) and, if `rows`, the buffered
-        rows and new stacks to the writer; returns the events' columns. A drain without rows
-        is a paced one (or a CPU step's): a few rows a step cost as much to convert as a
-        drain's events (three small tables, 130 us each on the CPU machine), so they wait for
-        the timer's drain, which also flushes. Nothing reaches disk in between, so the
-        journals still agree at every flush."""
+        rows and new stacks to the writer; returns the events' columns. A paced drain takes no
+        rows: the few rows of its steps cost as much to convert as its events (three small
+        tables, 130 us each on the CPU machine), so they wait for the timer's drain, which
+        also flushes. Nothing reaches disk in between, so the journals agree at every flush."""
         failure = getattr(self.backend, "failure", None)
         if failure is not None:  # the backend stopped recording on an error of ours: so does the capture
             raise failure

@@ -304,10 +304,11 @@ class Profiler:
         feed.buffer_row("steps", row)
         self._last_boundary_auto = auto
         feed.events_since_boundary = 0
-        paced, timed = feed.pacing.step_ended(), feed.due(self.options.drain_interval_s)
-        events = not backend.positions_need_drain  # else drained above, and rows go on the timer
-        if timed or paced and events:  # before deciding: the sampling learns from the drained steps
-            self._drain(full=timed, events=events)
+        paced = feed.pacing.step_ended()
+        if backend.positions_need_drain:  # its events were drained above: its rows join them
+            self._drain(events=False)
+        elif (timed := feed.due(self.options.drain_interval_s)) or paced:
+            self._drain(full=timed)  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
         self._capture_s += time.perf_counter() - t0
