@@ -29,7 +29,6 @@ from profiler.trace.writer import TraceWriter
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 DISK_FULL_AT = 4  # the flush of this step's end is the first to fail
-EVERY_STEP = 0  # drain_interval_s at which every step end flushes (else the timer's ends do, 0.5 s apart)
 
 
 def _train(steps: int, on_step=None) -> int:
@@ -65,7 +64,7 @@ def _fill_disk_from(step_to_fail: int, monkeypatch):
 
 def test_a_full_disk_stops_the_capture_not_the_script(tmp_path, monkeypatch, capfd):
     on_step, original = _fill_disk_from(DISK_FULL_AT, monkeypatch)
-    with profiler.profile(out=tmp_path, name="full", backend="cpu", drain_interval_s=EVERY_STEP) as prof:
+    with profiler.profile(out=tmp_path, name="full", backend="cpu") as prof:
         done = _train(STEPS, on_step)
     assert done == STEPS
     assert profiler.capture.api.active() is None  # the module-level calls are no-ops again
@@ -95,7 +94,7 @@ def test_after_a_failure_the_hooks_are_gone(tmp_path, monkeypatch):
     on_step, _ = _fill_disk_from(1, monkeypatch)
     call_impl, backward = nn.Module._call_impl, torch.autograd.backward
     theirs = []  # the script's own global hook, after ours: torch iterates over both as ours fails
-    with profiler.profile(out=tmp_path, name="gone", backend="cpu", drain_interval_s=EVERY_STEP) as prof:
+    with profiler.profile(out=tmp_path, name="gone", backend="cpu") as prof:
         handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: theirs.append(1))
         try:
             assert _train(3, on_step) == 3
@@ -125,10 +124,9 @@ def test_a_bug_in_a_hook_stops_the_capture(tmp_path, monkeypatch, capfd):
     assert capfd.readouterr().err.count("vramscope: warning: the capture stopped") == 1
 
 
-# A training script that fills the disk itself, at one step, as the run goes on. Its steps take
-# 0.1 s, so that the drain timer's flushes (every 0.5 s) come during the run.
+# A training script that fills the disk itself, at one step, as the run goes on.
 FILLS_THE_DISK = textwrap.dedent(f"""
-    import errno, os, sys, time
+    import errno, os, sys
     import torch
     from torch import nn
     from profiler.trace.writer import TraceWriter
@@ -143,7 +141,6 @@ FILLS_THE_DISK = textwrap.dedent(f"""
         if step == {DISK_FULL_AT}:
             TraceWriter.flush = full_disk
         net(torch.randn(8, 16)).square().mean().backward()
-        time.sleep(0.1)
         opt.step()
         opt.zero_grad()
         print("step", step, flush=True)
