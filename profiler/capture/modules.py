@@ -151,20 +151,28 @@ class ModuleTracer:
         name = self.names.get(module)
         return name if name is not None else self._discover(module)
 
+    # push_hint and pop_hint do retag's work inline: a category block runs in hot loops (a KV
+    # cache's update, a layer a token), where each Python frame is a cold one, a few
+    # microseconds in place (bench/README.md).
     def push_hint(self, name: str) -> str | None:
         """Stamp this thread's allocations with the category hint `name`; returns the hint
         it replaces, for pop_hint."""
-        local = self.local
-        previous, local.hint = local.hint, name
-        self.retag()
+        st = self.local
+        previous, st.hint = st.hint, name
+        key = (self.recorder.phase, st.stack[-1] if st.stack else None, name)
+        tag = self._tags.get(key)
+        self.set_tag(tag if tag is not None else self.tag(*key))
         return previous
 
-    def pop_hint(self, previous: str | None, still_on: Callable[[], bool]) -> None:
-        """Put back the hint push_hint replaced; re-tag while `still_on()` (the capture may
-        have ended inside the block)."""
-        self.local.hint = previous
-        if still_on():
-            self.retag()
+    def pop_hint(self, previous: str | None, still_on: bool) -> None:
+        """Put back the hint push_hint replaced; re-tag if `still_on` (the capture may have
+        ended inside the block)."""
+        st = self.local
+        st.hint = previous
+        if still_on:
+            key = (self.recorder.phase, st.stack[-1] if st.stack else None, previous)
+            tag = self._tags.get(key)
+            self.set_tag(tag if tag is not None else self.tag(*key))
 
     # -- naming -------------------------------------------------------------------
     def _discover(self, module: nn.Module) -> str:

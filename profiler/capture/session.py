@@ -182,10 +182,7 @@ class Profiler:
     @guarded
     def pop_category(self, previous: str | None) -> None:
         """profiler.category's exit: put back the hint push_category replaced."""
-        self._parts.tracer.pop_hint(previous, still_on=self._is_active)
-
-    def _is_active(self) -> bool:
-        return api.active() is self
+        self._parts.tracer.pop_hint(previous, still_on=api.active() is self)
 
     @guarded
     def position(self) -> int:

@@ -261,6 +261,23 @@ def test_category_stamps_kv_cache(tmp_path):
     assert len(other) == 1 and other["category"].iloc[0] != "kv_cache"
 
 
+def test_nested_categories_restore_the_outer_one_and_a_block_may_outlive_its_capture(tmp_path):
+    with profiler.profile(out=tmp_path, name="nested", backend="cpu") as prof:
+        with profiler.category("kv_cache"):
+            outer = torch.zeros(7, 64)  # 1,792 B
+            with profiler.category("temporary"):
+                inner = torch.zeros(9, 64)  # 2,304 B
+            after = torch.zeros(11, 64)  # 2,816 B: the outer category again
+        block = profiler.category("kv_cache")
+        block.__enter__()
+    block.__exit__(None, None, None)  # the capture ended inside the block: a no-op, no error
+    assert prof.failure is None
+    ev = load_trace(prof.run_dir).events
+    allocs = ev[ev["action"] == "alloc"].set_index("size_bytes")["category"].astype(str)
+    assert (allocs[7 * 64 * 4], allocs[9 * 64 * 4], allocs[11 * 64 * 4]) == ("kv_cache", "temporary", "kv_cache")
+    del outer, inner, after
+
+
 def test_decorator_form(tmp_path):
     cfg = preset("tiny")
     torch.manual_seed(0)
