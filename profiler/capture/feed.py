@@ -1,8 +1,10 @@
 """What a capture gathered, on its way to the writer.
 
 The backend's events, the stacks they refer to, and the small tables (steps,
-phases, modules, roles, kv) move to the writer together at each drain, so the
-journals on disk always agree with one another.
+phases, modules, roles, kv) reach the journals together at each full drain (the
+timer's, and a CPU step's), so the journals on disk always agree with one another.
+A paced drain in between moves events alone to the writer, which holds them until
+the next full drain flushes.
 """
 
 from __future__ import annotations
