@@ -66,22 +66,27 @@ def cuda_like_backend():
     return make
 
 
+def clock(seconds: dict[str, list[float]], cls: type, attr: str, name: str) -> None:
+    """Wrap cls.attr (as the class's method resolution finds it) in a clock that appends its
+    seconds to seconds[name]."""
+    original = getattr(cls, attr)
+
+    def clocked(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[name].append(time.perf_counter() - t0)
+
+    setattr(cls, attr, clocked)
+
+
 def timed_pieces(seconds: dict[str, list[float]]) -> None:
     """Wrap each of PIECES in a clock that appends its seconds to seconds[name]."""
     import importlib
 
     for module, cls_name, attr, name in PIECES:
-        cls = getattr(importlib.import_module(module), cls_name)
-        original = getattr(cls, attr)
-
-        def clocked(*args, _original=original, _name=name, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                seconds[_name].append(time.perf_counter() - t0)
-
-        setattr(cls, attr, clocked)
+        clock(seconds, getattr(importlib.import_module(module), cls_name), attr, name)
 
 
 def measure(tokens: int, rounds: int) -> dict:

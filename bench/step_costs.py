@@ -14,9 +14,9 @@ figures: each token from one step's end to the next; each `profiler.record_kv` a
 `prof.step()` of the loop; inside the step end, each of its parts (the counters' row, the
 phase row, the KV rows and the inference rule, hook sampling, the position marker, the steps
 row, pacing, the drain timer, the hooks' decision, the re-tag) and each drain, wherever they
-run: the position marker also once a capture (the model's parameters, at its first forward),
-the re-tag also around each `profiler.category` block (the concat cache's update, a layer a
-token). A part's clock counts its own reads (tens of nanoseconds) and its wrapper's call.
+run: the position marker also once a capture (the model's parameters, at its first forward).
+A `profiler.category` block re-tags inline, not through the clocked re-tag. A part's clock
+counts its own reads (tens of nanoseconds) and its wrapper's call.
 
 Printed and written, per cache kind: the token's median and mean with and without capture,
 and per part calls a token, median and mean microseconds a call, microseconds a token.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import profiler  # noqa: E402
 from bench import overhead_rows as rows  # noqa: E402
-from bench.drain_costs import cuda_like_backend  # noqa: E402
+from bench.drain_costs import clock, cuda_like_backend  # noqa: E402
 
 KINDS = ("prealloc", "concat")
 RECORD_KV, STEP, TOKEN = "profiler.record_kv", "prof.step()", "token"
@@ -74,12 +74,12 @@ def install(device: str) -> None:
         return
     _installed.append(device)
     for module, cls_name, attr, name in SHARED_PARTS:
-        clock(getattr(importlib.import_module(module), cls_name), attr, name)
+        clock(SECONDS, getattr(importlib.import_module(module), cls_name), attr, name)
     if device == "cuda":
         from profiler.capture.native_cuda import NativeCudaBackend
 
         for attr, name in BACKEND_PARTS:
-            clock(NativeCudaBackend, attr, name)
+            clock(SECONDS, NativeCudaBackend, attr, name)
         return
     torch.set_num_threads(1)
     make = cuda_like_backend()
@@ -90,24 +90,10 @@ def install(device: str) -> None:
         if "_step_clocks" not in cls.__dict__:  # one class for every backend `make` gives
             cls._step_clocks = True
             for attr, name in BACKEND_PARTS:
-                clock(cls, attr, name)
+                clock(SECONDS, cls, attr, name)
         return backend
 
     session.make_backend = make_clocked
-
-
-def clock(cls: type, attr: str, name: str) -> None:
-    """Wrap cls.attr (as the class's method resolution finds it) in a clock."""
-    inner = getattr(cls, attr)
-
-    def clocked(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            SECONDS[name].append(time.perf_counter() - t0)
-
-    setattr(cls, attr, clocked)
 
 
 def decode_round(kv: str, tokens: int, device: str):
