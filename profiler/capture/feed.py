@@ -9,6 +9,7 @@ the next full drain flushes.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,10 @@ class DrainPacing:
     token takes 7x the others. So a step end also drains once the steps since the last drain
     would cost SHARE of a step to drain: drain seconds are fitted as fixed + per_step x steps
     over the last SAMPLES drains (median slopes, which one slow drain does not move: _fit),
-    and set against the usual step time (steps that drained left out). Where the fixed part
+    and set against the usual step time (steps that drained left out). Until sizes _APART
+    apart have given a fit, the cost is read as all per step, and each drain, while the last
+    kept within SHARE, covers _APART times the largest before it at least: drains of one size
+    never tell the parts apart. Where the fixed part
     alone is near SHARE of a step or more, a drain waits until its steps cost FLOOR of a step:
     it then costs the fixed part and little more (waiting until they cost as much as the
     fixed part made tokens of 2x on a slow H200 host). A drain covers at most twice the
@@ -61,6 +65,7 @@ class DrainPacing:
         self._samples: list[tuple[int, float]] = []  # (steps covered, seconds) of the last drains
         self._fixed_s = 0.0  # the fit: a drain's fixed seconds
         self._per_step_s: float | None = None  # and its seconds per step covered (None: no drain measured)
+        self._fitted = False  # whether samples of sizes apart have told the two parts apart
         self._last_end: float | None = None
         self._last_drain = clock()
         self._last_drain_s = 0.0
@@ -87,6 +92,7 @@ class DrainPacing:
             fit = _fit(self._samples)
             if fit is not None:
                 self._fixed_s, self._per_step_s = fit
+                self._fitted = True
             elif self._per_step_s is None:  # one size so far: all of it per step, which drains soonest
                 self._fixed_s, self._per_step_s = 0.0, sum(s / k for k, s in self._samples) / len(self._samples)
         self.steps = 0
@@ -108,6 +114,13 @@ class DrainPacing:
             return False
         if self.steps >= self._cap:
             return True
+        if not self._fitted and self._samples[-1][1] <= self.SHARE * self._step_s:
+            # Read as all per step, drains whose fixed part takes most of SHARE would stay at one
+            # size, and samples of one size never tell the parts apart. While the last drain kept
+            # within SHARE, the next covers _APART times the largest at least: if its cost is all
+            # per step after all, that is _APART x SHARE of a step.
+            if self.steps < math.ceil(_APART * max(k for k, _ in self._samples)):
+                return False
         # The steps' part of the drain: what SHARE of a step leaves beyond the fixed part, and
         # at least FLOOR of a step, where the fixed part alone takes most of SHARE.
         variable = max(self.SHARE * self._step_s - self._fixed_s, self.FLOOR * self._step_s)

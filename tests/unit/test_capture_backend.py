@@ -231,6 +231,29 @@ def test_drain_pacing_lets_a_fixed_cost_be_paid_by_more_steps():
     assert max(0.0012 + 0.00003 * k for k in covered) < 0.5 * 0.0055 + 0.00003
 
 
+def test_drain_pacing_tells_a_fixed_part_from_per_step_when_one_size_would_repeat():
+    """A drain of 1.5 ms + 0.018 ms a step in a loop of 3.4 ms steps. After the probe, read as
+    all per step, the budget allowed 7 steps, which cost as much: every drain stayed at 7 steps,
+    and drains of one size never tell the parts apart (233 us a step). While no fit is made,
+    each drain covers 1.5 times the largest before, until sizes apart give one: then FLOOR of a
+    step beyond the fixed part, (0.1 x 3.4) / 0.018 = 19 steps (97 us a step)."""
+    from profiler.capture.feed import DrainPacing
+
+    clock = [0.0]
+    pacing = DrainPacing(clock=lambda: clock[0])
+    covered = []
+    for _ in range(400):
+        clock[0] += 0.0034
+        pacing.step_ended()
+        if pacing.due():
+            covered.append(pacing.steps)
+            cost = 0.0015 + 0.000018 * pacing.steps
+            pacing.drained(cost)
+            clock[0] += cost
+    assert covered[:4] == [1, 6, 9, 18]  # the first step, the probe (MIN_GAP_S after), 1.5x, then the fit
+    assert set(covered[4:]) == {19}
+
+
 def test_drain_pacing_is_not_thrown_by_a_slow_drain():
     """Drains of 0.85 ms + 0.03 ms a step, where every fifth takes 4 ms more (a collection, a
     busy disk): such a drain once bent a least-squares fit below zero, which read all of the cost
@@ -374,3 +397,38 @@ def test_a_paced_drain_moves_events_and_leaves_rows_and_the_journals_to_the_time
     trace = load_trace(prof.run_dir)
     assert list(trace.steps["step"]) == [0, 1, 2, 3, 4, 5]
     assert len(trace.events) == backend.events_seen
+
+
+def test_a_paced_drain_past_half_the_timers_interval_flushes_in_its_place(tmp_path, monkeypatch):
+    """The timer's drain pays a drain's fixed part again a few steps after a paced one: past
+    half the interval, the paced drain takes the rows and flushes, and the timer starts over."""
+    import time
+
+    import torch
+
+    from profiler.capture import feed, session
+    from profiler.trace.writer import TraceWriter
+
+    backend = _MarkerLikeBackend(stacks=False)
+    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
+    paced = [False]
+    monkeypatch.setattr(feed.DrainPacing, "step_ended", lambda self: paced[0])
+    flushes = []
+    original = TraceWriter.flush
+    monkeypatch.setattr(TraceWriter, "flush", lambda self, *a, **k: (flushes.append(1), original(self, *a, **k))[1])
+    model = torch.nn.Linear(4, 4)
+    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=100) as prof:
+        model(torch.randn(2, 4))
+        prof.step()
+        run = prof._parts
+        run.feed.last_full_drain = time.perf_counter() - 40  # under half the interval
+        paced[0] = True
+        before = len(flushes), len(backend.drains)
+        model(torch.randn(2, 4))
+        prof.step()
+        assert (len(flushes), len(backend.drains)) == (before[0], before[1] + 1)  # events only
+        run.feed.last_full_drain = time.perf_counter() - 60  # past half of it
+        model(torch.randn(2, 4))
+        prof.step()
+        assert (len(flushes), len(backend.drains)) == (before[0] + 1, before[1] + 2)
+        assert time.perf_counter() - run.feed.last_full_drain < 1  # the timer counts from it
