@@ -6,8 +6,8 @@
 profiler/capture/feed.py's DrainPacing and the session's timer rule, driven by a clock that
 moves by --step-ms a step, and by a drain's cost when one runs: --fixed-ms plus --per-step-us
 for each step it covers (the first step end's drain costs --first-ms: it names the capture's
-stacks). The timer drains --interval-s after the last full drain; a paced drain past half the
-interval is a full one (Profiler._boundary). No model and no capture run: this is the schedule
+stacks). The timer drains --interval-s after the last timed drain (Profiler._boundary). No model
+and no capture run: this is the schedule
 that the pacing's own rules make for those costs, and what it costs a token, for comparing two
 commits' pacing on the same cost model. The costs to feed it come from in-place clocks:
 `bench/drain_costs.py` fits a drain's fixed and per-event parts, `bench/step_costs.py` and
@@ -45,7 +45,7 @@ def schedule(step_s: float, fixed_s: float, per_step_s: float, tokens: int, inte
         now[0] += seconds
         pacing.drained(seconds)
         drains.append((step, covered, seconds, timed))
-        if timed or now[0] - last_full > interval_s / 2:
+        if timed:
             last_full = now[0]
     later = [d for d in drains if d[0] > 0]
     return dict(

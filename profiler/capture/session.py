@@ -304,9 +304,8 @@ class Profiler:
         paced = feed.pacing.step_ended()
         if backend.positions_need_drain:  # its events were drained above: its rows join them
             self._drain(events=False)
-        elif (timed := feed.due(self.options.drain_interval_s)) or paced:  # before deciding: sampling learns
-            # Past half the interval a paced drain flushes too, or the timer's would follow it within steps.
-            self._drain(full=timed or feed.due(self.options.drain_interval_s / 2))
+        elif (timed := feed.due(self.options.drain_interval_s)) or paced:
+            self._drain(full=timed)  # before deciding: the sampling learns from the drained steps
         self._set_module_hooks(self._sampling.hooks(self.step_index))
         run.tracer.retag()
         self._capture_s += time.perf_counter() - t0

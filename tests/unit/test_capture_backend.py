@@ -398,37 +398,3 @@ def test_a_paced_drain_moves_events_and_leaves_rows_and_the_journals_to_the_time
     assert list(trace.steps["step"]) == [0, 1, 2, 3, 4, 5]
     assert len(trace.events) == backend.events_seen
 
-
-def test_a_paced_drain_past_half_the_timers_interval_flushes_in_its_place(tmp_path, monkeypatch):
-    """The timer's drain pays a drain's fixed part again a few steps after a paced one: past
-    half the interval, the paced drain takes the rows and flushes, and the timer starts over."""
-    import time
-
-    import torch
-
-    from profiler.capture import feed, session
-    from profiler.trace.writer import TraceWriter
-
-    backend = _MarkerLikeBackend(stacks=False)
-    monkeypatch.setattr(session, "make_backend", lambda *a, **k: backend)
-    paced = [False]
-    monkeypatch.setattr(feed.DrainPacing, "step_ended", lambda self: paced[0])
-    flushes = []
-    original = TraceWriter.flush
-    monkeypatch.setattr(TraceWriter, "flush", lambda self, *a, **k: (flushes.append(1), original(self, *a, **k))[1])
-    model = torch.nn.Linear(4, 4)
-    with session.profile(out=tmp_path, backend="cpu", drain_interval_s=100) as prof:
-        model(torch.randn(2, 4))
-        prof.step()
-        run = prof._parts
-        run.feed.last_full_drain = time.perf_counter() - 40  # under half the interval
-        paced[0] = True
-        before = len(flushes), len(backend.drains)
-        model(torch.randn(2, 4))
-        prof.step()
-        assert (len(flushes), len(backend.drains)) == (before[0], before[1] + 1)  # events only
-        run.feed.last_full_drain = time.perf_counter() - 60  # past half of it
-        model(torch.randn(2, 4))
-        prof.step()
-        assert (len(flushes), len(backend.drains)) == (before[0] + 1, before[1] + 2)
-        assert time.perf_counter() - run.feed.last_full_drain < 1  # the timer counts from it
