@@ -397,4 +397,3 @@ def test_a_paced_drain_moves_events_and_leaves_rows_and_the_journals_to_the_time
     trace = load_trace(prof.run_dir)
     assert list(trace.steps["step"]) == [0, 1, 2, 3, 4, 5]
     assert len(trace.events) == backend.events_seen
-
