@@ -67,6 +67,42 @@ def ratios(plain: list[list[float]], captured: list[list[float]]) -> dict:
     )
 
 
+def per_round_mean_ratios(plain: list[list[float]], captured: list[list[float]]) -> list[float]:
+    """Each captured round's mean step over the plain round before it (first steps apart): a
+    host that slows for a while shows as one round apart from the others."""
+    return [statistics.mean(c[1:]) / statistics.mean(p[1:]) for p, c in zip(plain, captured)]
+
+
+def hooked_split(
+    plain: list[list[float]], captured: list[list[float]], runs: list[dict], first_step: int
+) -> dict | None:
+    """Captured steps split by whether module hooks ran in them (each run's `hooked_steps`, from its
+    trace), first steps apart: how many ran hooks, the mean of each kind, and what the hooked ones
+    add to the mean step over the unhooked ones. A round's i-th time is step first_step + i (1
+    where the prefill's step is not timed). None where a run's hooked steps are unknown."""
+    hooked, unhooked = [], []
+    for times, run in zip(captured, runs):
+        steps = run.get("hooked_steps")
+        if steps is None:
+            return None
+        on = set(steps)
+        for i, t in enumerate(times[1:], 1):
+            (hooked if first_step + i in on else unhooked).append(t)
+    if not unhooked:
+        return None
+    base = statistics.mean(t for r in plain for t in r[1:])
+    rest = statistics.mean(unhooked)
+    added = sum(t - rest for t in hooked) / (len(hooked) + len(unhooked))
+    return dict(
+        hooked_steps=len(hooked),
+        unhooked_steps=len(unhooked),
+        hooked_mean_ms=statistics.mean(hooked) * 1e3 if hooked else None,
+        unhooked_mean_ms=rest * 1e3,
+        # of the mean step's ratio, the part that hooked steps add
+        hooked_part_of_mean_ratio=added / base,
+    )
+
+
 def run_row(name: str, args) -> dict:
     out = rows.trace_dir()
     try:
@@ -84,7 +120,14 @@ def run_row(name: str, args) -> dict:
         # Every step's time, to find which steps a ratio comes from (hooked steps, drains).
         rounds = dict(plain=plain, captured=captured)
         step_ms = {k: [[round(t * 1e3, 3) for t in r] for r in v] for k, v in rounds.items()}
-        return dict(ratios(plain, captured), **got, step_ms=step_ms)
+        first_step = 0 if name in ("train", "compiled") else 1  # decode and generate: the prefill's step
+        return dict(
+            ratios(plain, captured),
+            per_round_mean_ratios=per_round_mean_ratios(plain, captured),
+            by_hooks=hooked_split(plain, captured, got.get("runs", []), first_step),
+            **got,
+            step_ms=step_ms,
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
         gc.collect()
@@ -124,6 +167,13 @@ def print_row(name: str, row: dict) -> None:
             f"RSS +{row.get('rss_growth_mb', 0):.0f} MB)",
             flush=True,
         )
+        if row.get("per_round_mean_ratios"):
+            print("                 mean by round: " + ", ".join(f"{r:.3f}x" for r in row["per_round_mean_ratios"]))
+        hooks = row.get("by_hooks")
+        if hooks:
+            steps = hooks["hooked_steps"] + hooks["unhooked_steps"]
+            added = hooks["hooked_part_of_mean_ratio"]
+            print(f"                 {hooks['hooked_steps']} hooked steps of {steps} add {added:.3f} to the mean ratio")
         gc_time = row.get("garbage_collection")
         if gc_time:
             print(

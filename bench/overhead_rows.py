@@ -32,7 +32,20 @@ def _capture(out: Path, name: str, capture_path: str, options: dict | None = Non
 def _run_facts(prof) -> dict:
     meta = json.loads((Path(prof.run_dir) / "meta.json").read_text())
     keys = ("capture_path", "capture_path_error", "events_dropped", "status", "steps_completed", "steps_from_template")
-    return {k: meta.get(k) for k in keys}
+    facts = {k: meta.get(k) for k in keys}
+    facts["hooked_steps"] = _hooked_steps(Path(prof.run_dir))
+    return facts
+
+
+def _hooked_steps(run_dir: Path) -> list[int] | None:
+    """The steps that ran module hooks, from the trace's steps table (None: not readable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        steps = pq.read_table(run_dir / "steps.parquet", columns=["step", "modules_hooked"]).to_pydict()
+    except (OSError, KeyError, ValueError):
+        return None
+    return [s for s, on in zip(steps["step"], steps["modules_hooked"]) if on]
 
 
 def alternate(
