@@ -39,13 +39,14 @@ def _run_facts(prof) -> dict:
 
 def _hooked_steps(run_dir: Path) -> list[int] | None:
     """The steps that ran module hooks, from the trace's steps table (None: not readable)."""
-    import pyarrow.parquet as pq
+    from profiler.errors import TraceError
+    from profiler.trace.reader import load_trace
 
     try:
-        steps = pq.read_table(run_dir / "steps.parquet", columns=["step", "modules_hooked"]).to_pydict()
-    except (OSError, KeyError, ValueError):
+        steps = load_trace(run_dir, tables=("steps",)).steps
+    except TraceError:
         return None
-    return [s for s, on in zip(steps["step"], steps["modules_hooked"]) if on]
+    return [int(s) for s in steps.loc[steps["modules_hooked"].astype(bool), "step"]]
 
 
 def alternate(
